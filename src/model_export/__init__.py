@@ -1,0 +1,56 @@
+"""model-export: turn a LoRA fine-tuning run into optimized, validated deployment artifacts.
+
+The public API mirrors the CLI: each subcommand calls the function of the same name.
+Heavy backends (torch, onnx, gguf) are imported only when a stage needs them.
+"""
+
+from .base_model import BaseModelInfo, inspect_base_model, resolve_base_model
+from .checkpoint_detector import CheckpointDetector, Detection, detect
+from .checkpoint_validator import CheckpointReport, check, validate_checkpoint
+from .config import ExportConfiguration, ConfigProblem, init_config, load_config
+from .config_validator import check_config, validate_config
+from .doctor import DoctorReport, doctor
+from .errors import (
+    BaseModelError,
+    CheckpointValidationError,
+    ConfigError,
+    ExportError,
+    ExportFormatError,
+    MergeError,
+    MissingDependencyError,
+    ResourceError,
+    ValidationError,
+)
+from .i18n import set_language
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaseModelError",
+    "BaseModelInfo",
+    "CheckpointDetector",
+    "CheckpointReport",
+    "CheckpointValidationError",
+    "ConfigError",
+    "ConfigProblem",
+    "Detection",
+    "DoctorReport",
+    "ExportConfiguration",
+    "ExportError",
+    "ExportFormatError",
+    "MergeError",
+    "MissingDependencyError",
+    "ResourceError",
+    "ValidationError",
+    "check",
+    "check_config",
+    "detect",
+    "doctor",
+    "init_config",
+    "inspect_base_model",
+    "load_config",
+    "resolve_base_model",
+    "set_language",
+    "validate_checkpoint",
+    "validate_config",
+]

@@ -1,0 +1,128 @@
+"""Where the base model is, and what it looks like, read from config.json and safetensors headers only.
+
+A base model is a local directory or a hub id. A hub id is looked up in the local Hugging Face
+cache first (so HF_HUB_OFFLINE=1 works); it is downloaded only when online, from HF_ENDPOINT
+when that is set. No weights are loaded here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import i18n
+from .errors import BaseModelError
+from .tensor_io import SafetensorsFormatError, TensorInfo, read_header
+
+__all__ = ["BaseModelInfo", "resolve_base_model", "inspect_base_model", "hub_cache_dir", "is_offline"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass
+class BaseModelInfo:
+    name: str
+    path: Path
+    config: dict
+    tensors: dict[str, TensorInfo]
+    shards: list[Path]
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return any((self.path / f).is_file() for f in TOKENIZER_FILES)
+
+
+def is_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as huggingface_hub reads it, checked at call time."""
+    values = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return any(v.strip().upper() in ("1", "ON", "YES", "TRUE") for v in values)
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, from HF_HUB_CACHE, HF_HOME or the default, read at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def resolve_base_model(name: str) -> Path:
+    """The local directory of base model ``name`` (a path or a hub id). Raises BaseModelError (ME301, ME303)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise BaseModelError("base_model_invalid", path=name, problem=i18n.ui("reason_not_a_dir"))
+        return path
+    if not _HUB_ID.match(name) or name.startswith((".", "~")):
+        raise BaseModelError("base_model_not_found", name=name, reason=i18n.ui("reason_no_dir"))
+    return _from_hub(name)
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    cache = hub_cache_dir()
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - any lookup failure means "not in the cache"
+        cached_error = exc
+    if is_offline():
+        raise BaseModelError("base_model_not_found", name=repo_id,
+                             reason=i18n.ui("reason_offline_not_cached", cache=cache)) from cached_error
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=_DOWNLOAD_PATTERNS,
+                                      endpoint=os.environ.get("HF_ENDPOINT") or None))
+    except Exception as exc:  # noqa: BLE001 - network, auth and missing repos all end here
+        raise BaseModelError("base_model_not_found", name=repo_id,
+                             reason=i18n.ui("reason_download_failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])) from exc
+
+
+def inspect_base_model(name: str) -> BaseModelInfo:
+    """Resolve ``name`` and read its config.json and safetensors headers (no weights).
+
+    Raises BaseModelError: not found (ME301) or not a usable model directory (ME303).
+    """
+    path = resolve_base_model(name)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise BaseModelError("base_model_invalid", path=str(path), problem=i18n.ui("reason_no_config"))
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BaseModelError("base_model_invalid", path=str(path), problem=f"config.json: {exc}") from None
+    shards = _shards(path)
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        try:
+            tensors.update(read_header(shard).tensors)
+        except (OSError, SafetensorsFormatError) as exc:
+            raise BaseModelError("base_model_invalid", path=str(path), problem=f"{shard.name}: {exc}") from None
+    return BaseModelInfo(name, path, config, tensors, shards)
+
+
+def _shards(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, KeyError, json.JSONDecodeError) as exc:
+            raise BaseModelError("base_model_invalid", path=str(path), problem=f"{index.name}: {exc}") from None
+        shards = [path / f for f in dict.fromkeys(weight_map.values())]
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise BaseModelError("base_model_invalid", path=str(path),
+                                 problem=i18n.ui("reason_missing_shards", shards=", ".join(missing)))
+        return shards
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise BaseModelError("base_model_invalid", path=str(path), problem=i18n.ui("reason_no_safetensors"))
+    return shards

@@ -1,0 +1,284 @@
+"""Whether a checkpoint is sound and fits its base model, without loading base weights.
+
+Checks, in order: the directory and its files exist; adapter_config.json is valid JSON for a
+LoRA adapter; the safetensors header is consistent (or a .bin adapter is a weights-only pickle);
+every adapter tensor is finite; lora_A and lora_B ranks agree with each other and the config;
+and every adapted module exists in the base model with matching shapes (from the base model's
+config.json and safetensors headers).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import i18n
+from .base_model import TOKENIZER_FILES, BaseModelInfo, inspect_base_model
+from .errors import BaseModelError, CheckpointValidationError
+from .monitoring import Progress, logger
+from .tensor_io import SafetensorsFormatError, iter_tensors, read_header
+
+__all__ = ["check", "validate_checkpoint", "quick_check", "read_adapter_config", "CheckpointReport",
+           "ADAPTER_CONFIG", "ADAPTER_WEIGHT_FILES", "TRAINING_ARTIFACTS", "parse_adapter_key"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+TRAINING_ARTIFACTS = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin")
+SUPPORTED_PEFT_TYPES = ("LORA",)
+_PREFIX = "base_model.model."
+_KINDS = {  # suffix of a saved adapter key -> (kind, role)
+    ".lora_A.weight": ("linear", "A"), ".lora_B.weight": ("linear", "B"),
+    ".lora_embedding_A": ("embedding", "A"), ".lora_embedding_B": ("embedding", "B"),
+    ".lora_magnitude_vector": ("dora", "m"), ".lora_magnitude_vector.weight": ("dora", "m"),
+    ".lora_B.bias": ("linear", "bias"),
+}
+
+
+@dataclass
+class CheckpointReport:
+    path: str
+    peft_type: str
+    rank: int
+    lora_alpha: float
+    use_rslora: bool
+    use_dora: bool
+    target_modules: Any
+    weights_file: str
+    adapter_bytes: int
+    num_tensors: int
+    num_modules: int
+    full_tensors: list[str]
+    base_model: str | None = None
+    base_model_path: str | None = None
+    fit_checked: bool = False
+    training_artifacts: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_adapter_key(key: str) -> tuple[str, str, str]:
+    """Split a saved adapter key into (module, kind, role); kind 'full' for whole tensors such as modules_to_save."""
+    name = key.removeprefix(_PREFIX)
+    for suffix, (kind, role) in _KINDS.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)], kind, role
+    for wrapper in (".base_layer", ".modules_to_save", ".original_module"):
+        name = name.replace(wrapper, "")
+    return name, "full", "weight"
+
+
+def read_adapter_config(directory: Path) -> dict[str, Any]:
+    """Parse adapter_config.json. Raises CheckpointValidationError (ME202 missing, ME204 invalid with line and column)."""
+    file = directory / ADAPTER_CONFIG
+    if not file.is_file():
+        raise _missing(directory, ADAPTER_CONFIG)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointValidationError("adapter_config_invalid", path=str(file), line=exc.lineno, column=exc.colno, problem=exc.msg) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointValidationError("adapter_config_invalid", path=str(file), line=0, column=0, problem=str(exc)) from None
+    if not isinstance(data, dict):
+        raise CheckpointValidationError("adapter_config_invalid", path=str(file), line=1, column=1, problem="not a JSON object")
+    return data
+
+
+def _missing(directory: Path, name: str) -> CheckpointValidationError:
+    example = directory / "checkpoint-30" if not directory.name.startswith("checkpoint-") else directory.parent / "checkpoint-30"
+    return CheckpointValidationError("missing_file", name=name, directory=str(directory), example=str(example))
+
+
+def weights_file(directory: Path) -> Path:
+    for name in ADAPTER_WEIGHT_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    raise _missing(directory, ADAPTER_WEIGHT_FILES[0])
+
+
+def quick_check(directory: str | Path) -> Path:
+    """The cheap completeness check the detector uses: config readable, weights present, non-empty, header sound.
+
+    Returns the weights file. Raises CheckpointValidationError.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointValidationError("checkpoint_not_found", path=str(directory), cwd=str(Path.cwd()))
+    read_adapter_config(directory)
+    file = weights_file(directory)
+    if file.stat().st_size == 0:
+        raise CheckpointValidationError("safetensors_corrupt", path=str(file), problem=i18n.ui("reason_empty_file"))
+    if file.suffix == ".safetensors":
+        _header(file)
+    return file
+
+
+def _header(file: Path):
+    try:
+        return read_header(file)
+    except SafetensorsFormatError as exc:
+        raise CheckpointValidationError("safetensors_corrupt", path=str(file), problem=str(exc)) from None
+    except OSError as exc:
+        raise CheckpointValidationError("adapter_unreadable", path=str(file), problem=str(exc)) from None
+
+
+def _load_bin(file: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointValidationError("unsafe_pickle", path=str(file), problem=str(exc).splitlines()[0][:300]) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged zip or pickle
+        raise CheckpointValidationError("adapter_unreadable", path=str(file), problem=f"{type(exc).__name__}: {exc}"[:300]) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointValidationError("adapter_unreadable", path=str(file), problem="not a dict of tensors")
+    return state
+
+
+def _tensors(file: Path, progress: bool) -> Iterator[tuple[str, Any]]:
+    """Adapter tensors one at a time, logging 'Processing checkpoint: N% complete' as bytes are read."""
+    if file.suffix == ".safetensors":
+        header = _header(file)
+        items: Iterator[tuple[str, Any]] = iter_tensors(header)
+        total = header.data_bytes
+    else:
+        state = _load_bin(file)
+        items, total = iter(state.items()), sum(t.numel() * t.element_size() for t in state.values())
+    meter = Progress("Processing checkpoint", total, enabled=progress)
+    for name, tensor in items:
+        meter.advance(tensor.numel() * tensor.element_size())
+        yield name, tensor
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def validate_checkpoint(checkpoint: str | Path, base_model: str | None = None, *, progress: bool = True) -> CheckpointReport:
+    """Check a checkpoint completely; with a base model (or the one adapter_config.json names), check the fit too.
+
+    Raises CheckpointValidationError (ME201-ME213) and BaseModelError (ME301-ME303).
+    """
+    directory = Path(checkpoint)
+    file = quick_check(directory)
+    config = read_adapter_config(directory)
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type not in SUPPORTED_PEFT_TYPES:
+        raise CheckpointValidationError("unsupported_peft_type", peft_type=config.get("peft_type"), path=str(directory / ADAPTER_CONFIG),
+                                        supported="LORA (including rsLoRA and DoRA)")
+    shapes, nonfinite = {}, []
+    import torch
+
+    for name, tensor in _tensors(file, progress):
+        shapes[name] = tuple(tensor.shape)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            nonfinite.append(name)
+    if nonfinite:
+        raise CheckpointValidationError("nonfinite_weights", count=len(nonfinite), tensor=nonfinite[0], path=str(file))
+    modules = _check_ranks(shapes, config)
+    report = CheckpointReport(
+        path=str(directory), peft_type=peft_type, rank=int(config.get("r", 8)), lora_alpha=float(config.get("lora_alpha", 8)),
+        use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")),
+        target_modules=config.get("target_modules"), weights_file=file.name, adapter_bytes=file.stat().st_size,
+        num_tensors=len(shapes), num_modules=len(modules),
+        full_tensors=sorted(parse_adapter_key(k)[0] for k in shapes if parse_adapter_key(k)[1] == "full"),
+        training_artifacts=[a for a in TRAINING_ARTIFACTS if (directory / a).exists()])
+    base_name = base_model or config.get("base_model_name_or_path")
+    if base_name:
+        base = inspect_base_model(base_name)
+        _check_fit(shapes, modules, config, base)
+        if not base.has_tokenizer and not _has_tokenizer(directory):
+            raise BaseModelError("base_tokenizer_missing", name=base_name, path=str(base.path))
+        report.base_model, report.base_model_path, report.fit_checked = base_name, str(base.path), True
+    else:
+        report.warnings.append(i18n.ui("warn_fit_unchecked"))
+        logger.warning(report.warnings[-1])
+    return report
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    """A tokenizer saved with the adapter, or beside the checkpoint-N folders (Trainer's output root)."""
+    return any((d / f).is_file() for d in (directory, directory.parent) for f in TOKENIZER_FILES)
+
+
+def _check_ranks(shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Group LoRA tensors by module and check that A and B ranks agree with each other and the config."""
+    modules: dict[str, dict[str, Any]] = {}
+    for key, shape in shapes.items():
+        module, kind, role = parse_adapter_key(key)
+        if kind in ("linear", "embedding", "dora"):
+            entry = modules.setdefault(module, {"kind": kind})
+            if kind != "dora":
+                entry["kind"] = kind
+            entry[role] = shape
+    expected_default = int(config.get("r", 8))
+    for module, entry in modules.items():
+        if "A" not in entry or "B" not in entry:
+            present, absent = ("lora_A", "lora_B") if "A" in entry else ("lora_B", "lora_A")
+            raise CheckpointValidationError("rank_mismatch", module=module, problem=i18n.ui("rank_partner_missing", present=present, absent=absent))
+        rank_a, rank_b = entry["A"][0], entry["B"][-1]
+        if rank_a != rank_b:
+            raise CheckpointValidationError("rank_mismatch", module=module, problem=i18n.ui("rank_a_b", rank_a=rank_a, rank_b=rank_b))
+        expected = int(pattern_value(config.get("rank_pattern"), module, expected_default))
+        if rank_a != expected:
+            raise CheckpointValidationError("rank_mismatch", module=module, problem=i18n.ui("rank_config", rank=rank_a, expected=expected))
+    return modules
+
+
+def _base_shape(base: BaseModelInfo, module: str) -> tuple[int, ...] | None:
+    info = base.tensors.get(f"{module}.weight")
+    if info is None and module.endswith("lm_head") and base.config.get("tie_word_embeddings", True):
+        info = next((t for n, t in base.tensors.items() if n.endswith("embed_tokens.weight")), None)
+    return info.shape if info is not None else None
+
+
+def _check_fit(shapes: dict, modules: dict, config: dict, base: BaseModelInfo) -> None:
+    problems = []
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    for module, entry in sorted(modules.items()):
+        base_shape = _base_shape(base, module)
+        if base_shape is None:
+            problems.append(i18n.ui("fit_no_module", module=module))
+            continue
+        if entry["kind"] == "embedding":
+            want = (entry["A"][1], entry["B"][0])
+            ok = want[1] == base_shape[1] and want[0] >= base_shape[0]
+        else:
+            want = (entry["B"][0], entry["A"][1])
+            if fan_in_fan_out:
+                want = want[::-1]
+            ok = want == tuple(base_shape)
+        if not ok:
+            problems.append(i18n.ui("fit_shape", module=module, adapter=list(want), base=list(base_shape)))
+    for key, shape in shapes.items():
+        module, kind, _ = parse_adapter_key(key)
+        if kind != "full":
+            continue
+        base_shape = _base_shape(base, module.removesuffix(".weight"))
+        if base_shape is None and module.endswith(".bias"):
+            base_shape = base.tensors[module].shape if module in base.tensors else None
+        if base_shape is None:
+            problems.append(i18n.ui("fit_no_module", module=module))
+        elif tuple(shape[1:]) != tuple(base_shape[1:]) or shape[0] < base_shape[0]:
+            problems.append(i18n.ui("fit_shape", module=module, adapter=list(shape), base=list(base_shape)))
+    if problems:
+        shown = "; ".join(problems[:5]) + (i18n.ui("and_more", count=len(problems) - 5) if len(problems) > 5 else "")
+        raise CheckpointValidationError("adapter_base_mismatch", base=base.name, problem=shown,
+                                        trained_on=config.get("base_model_name_or_path") or "?")
+
+
+def check(checkpoint: str | Path, base_model: str | None = None, selection: str = "latest", *, progress: bool = True) -> CheckpointReport:
+    """Detect the checkpoint under ``checkpoint`` (see checkpoint_detector.detect), then validate it fully."""
+    from .checkpoint_detector import detect
+
+    return validate_checkpoint(detect(checkpoint, selection).path, base_model, progress=progress)

@@ -1,0 +1,199 @@
+"""The model-export command line: one subcommand per public function, nothing more.
+
+Exit codes: 0 success; 1 a failure the tool explains (ExportError); 2 a usage or configuration
+error. Only ExportError is caught: anything else is a bug and shows its traceback. With --debug,
+an ExportError shows its traceback too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from . import i18n
+from .errors import ExportError
+from .monitoring import setup_logging
+
+_STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--lang", choices=i18n.LANGUAGES, default=argparse.SUPPRESS, help="message language (default: from the locale)")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    common.add_argument("--log-file", default=argparse.SUPPRESS, help="also write the log to this file")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(prog="model-export", parents=[common],
+                                     description="Turn a LoRA fine-tuning run into validated deployment artifacts.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable, help: str, json_flag: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("doctor", _doctor, "check Python, packages, GPU, disk space, checkpoint and hub access")
+    p.add_argument("--checkpoint", help="training output or adapter directory to check as well")
+    p.add_argument("--base", help="base model (local directory or hub id) for the disk estimate and fit check")
+    p.add_argument("--output-dir", default=".", help="where artifacts would be written (for free space)")
+
+    p = command("detect", _detect, "find the checkpoint to export in a training output directory")
+    p.add_argument("path")
+    p.add_argument("--selection", choices=["latest", "best"], default="latest")
+
+    p = command("check", _check, "validate a checkpoint and its fit to the base model, without loading base weights")
+    p.add_argument("checkpoint")
+    p.add_argument("--base", help="base model: local directory or hub id (default: the one adapter_config.json names)")
+    p.add_argument("--selection", choices=["latest", "best"], default="latest")
+
+    p = command("validate-config", _validate_config, "report every problem of a YAML or JSON configuration")
+    p.add_argument("file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    p = command("init-config", _init_config, "write a commented example configuration", json_flag=False)
+    p.add_argument("path", nargs="?", default="model-export.yaml")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    p = command("demo", _demo, "build the tiny demo model and training run, then run model-export on it")
+    p.add_argument("--workdir", default="export-demo")
+    return parser
+
+
+def _emit(args: argparse.Namespace, data: Any, human: Callable[[Console], None]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, ensure_ascii=False, indent=2, default=str))
+    else:
+        human(Console(highlight=False))
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import doctor
+
+    report = doctor(checkpoint=args.checkpoint, base_model=args.base, output_dir=args.output_dir)
+
+    def human(console: Console) -> None:
+        table = Table(title=i18n.ui("doctor_title"))
+        for column in ("doctor_check", "doctor_status", "doctor_detail"):
+            table.add_column(i18n.ui(column), overflow="fold")
+        for c in report.checks:
+            table.add_row(c.name, f"[{_STATUS_STYLE[c.status]}]{c.status}[/]", c.detail)
+        console.print(table)
+        console.print(i18n.ui("doctor_summary", failed=report.count("fail"), warned=report.count("warn"), passed=report.count("ok")))
+
+    _emit(args, report.to_dict(), human)
+    return 1 if report.failed else 0
+
+
+def _detect(args: argparse.Namespace) -> int:
+    from .checkpoint_detector import detect
+
+    result = detect(args.path, args.selection)
+
+    def human(console: Console) -> None:
+        for c in result.candidates:
+            if not c.complete:
+                console.print("[yellow]" + i18n.ui("skipped", path=c.path, reason=c.reason) + "[/]")
+        console.print(i18n.ui("detected", path=result.selected))
+
+    _emit(args, result.to_dict(), human)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .checkpoint_validator import check
+
+    report = check(args.checkpoint, args.base, args.selection)
+
+    def human(console: Console) -> None:
+        console.print("[green]" + i18n.ui("check_ok", path=report.path) + "[/]")
+        console.print(i18n.ui("check_summary", rank=report.rank, alpha=report.lora_alpha, modules=report.num_modules,
+                              tensors=report.num_tensors, file=report.weights_file))
+        if report.fit_checked:
+            console.print(i18n.ui("check_fit", base=report.base_model))
+        for warning in report.warnings:
+            console.print(f"[yellow]{warning}[/]")
+
+    _emit(args, report.to_dict(), human)
+    return 0
+
+
+def _validate_config(args: argparse.Namespace) -> int:
+    from .config import apply_overrides, read_config_file
+    from .config_validator import validate_config
+
+    data, _ = read_config_file(args.file)
+    if "lang" not in vars(args) and data.get("lang") in i18n.LANGUAGES:
+        i18n.set_language(data["lang"])
+    problems = validate_config(apply_overrides(data, args.overrides)) if args.overrides else validate_config(args.file)
+
+    def human(console: Console) -> None:
+        if not problems:
+            console.print("[green]" + i18n.ui("config_ok", path=args.file) + "[/]")
+        for p in problems:
+            console.print(f"[red]{args.file}:[/] {p.render()}", soft_wrap=True)
+
+    _emit(args, {"file": args.file, "ok": not problems, "problems": [p.to_dict() for p in problems]}, human)
+    return 2 if problems else 0
+
+
+def _init_config(args: argparse.Namespace) -> int:
+    from .config import init_config
+
+    path = init_config(args.path, force=args.force)
+    print(i18n.ui("config_written", path=path))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo.run import demo
+
+    result = demo(args.workdir)
+    _emit(args, result, lambda console: None)
+    return 0
+
+
+def _print_error(exc: ExportError, args: argparse.Namespace) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(exc.to_dict(), ensure_ascii=False, indent=2))
+        return
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err.print(f"[bold red]{type(exc).__name__}[/]: {exc.render()}", markup=True)
+    err.print(f"  {i18n.ui('error_code')}: {exc.code}")
+    err.print(f"  {i18n.ui('error_hint')}: {exc.hint()}")
+    if not getattr(args, "debug", False):
+        err.print(f"  [dim]{i18n.ui('debug_hint')}[/]")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "lang", None):
+        i18n.set_language(args.lang)
+    setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_file", None))
+    try:
+        return args.func(args)
+    except ExportError as exc:
+        if getattr(args, "debug", False):
+            import traceback
+
+            traceback.print_exc()
+        _print_error(exc, args)
+        return exc.exit_code
+    finally:
+        i18n.set_language(None)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""ExportConfiguration: every setting of a run, loaded from YAML or JSON.
+
+Field checks (types, ranges, unknown keys) happen when a configuration is built and are reported
+all at once as one ConfigError; rules that involve several fields live in
+``config_validator.validate_config``, which returns every problem instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from . import i18n
+from .errors import ConfigError
+
+__all__ = ["ExportConfiguration", "ConfigProblem", "load_config", "config_from_dict", "init_config", "example_yaml",
+           "parse_size", "EXPORT_FORMATS"]
+
+EXPORT_FORMATS = ("safetensors", "pytorch", "onnx", "gguf", "tensorrt")
+QUANTIZATION_LEVELS = ("none", "bf16", "fp16", "int8", "int4")
+
+ExportFormat = Literal["safetensors", "pytorch", "onnx", "gguf", "tensorrt"]
+QuantizationLevel = Literal["none", "bf16", "fp16", "int8", "int4"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a text such as ``5GB``, ``500MB`` or ``2GiB`` (as transformers' max_shard_size)."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"not a size: {value!r} (write e.g. 5GB, 500MB or 2GiB)")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "B").lower()])
+
+
+def _default_dynamic_axes() -> dict[str, dict[int, str]]:
+    axes = {0: "batch_size", 1: "sequence_length"}
+    return {"input_ids": dict(axes), "attention_mask": dict(axes), "position_ids": dict(axes)}
+
+
+class ExportConfiguration(BaseModel):
+    """Every setting of an export run. Keys are the ones the troubleshooting guide uses."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- input -----------------------------------------------------------------------------
+    checkpoint_path: str = Field(
+        "./qwen3-finetuned",
+        description="Training output directory (with checkpoint-N folders) or one adapter folder "
+        "holding adapter_config.json and adapter_model.safetensors.")
+    checkpoint_selection: Literal["latest", "best"] = Field(
+        "latest",
+        description="Which checkpoint-N to use: the highest step ('latest') or the Trainer's "
+        "best_model_checkpoint from trainer_state.json ('best').")
+    base_model_name: str | None = Field(
+        None,
+        description="Base model: a local directory or a hub id such as Qwen/Qwen3-4B-Thinking-2507. "
+        "Empty: the base_model_name_or_path recorded in adapter_config.json.")
+    base_model_load_in_4bit: bool = Field(
+        False, description="Load the base model in 4-bit (bitsandbytes, needs a GPU) for reference and verification runs.")
+    base_model_load_in_8bit: bool = Field(
+        False, description="Load the base model in 8-bit (bitsandbytes, needs a GPU) for reference and verification runs.")
+    device_map: Literal["cpu", "cuda", "auto"] = Field(
+        "auto", description="Where models run: cpu, cuda, or auto (the GPU when there is one, else the CPU).")
+    batch_size: int = Field(1, gt=0, description="Samples per forward pass in verification and benchmarks.")
+    max_sequence_length: int = Field(
+        2048, gt=0, description="Longest sequence used in verification, benchmarks and the ONNX/GGUF metadata.")
+    use_memory_mapping: bool = Field(
+        True, description="Memory-map weight files when a whole model is loaded (reference runs); the streaming "
+        "merge reads one tensor at a time either way.")
+
+    # --- output ----------------------------------------------------------------------------
+    output_dir: str = Field("./export", description="Where artifacts, the run manifest, the log and the report go.")
+    export_formats: list[ExportFormat] = Field(
+        default_factory=lambda: ["safetensors"],
+        description="Artifacts to produce: safetensors, pytorch (.bin), onnx, gguf, tensorrt (experimental).")
+    export_onnx: bool | None = Field(
+        None, description="Shortcut: true adds onnx to export_formats, false removes it; empty leaves export_formats as written.")
+    max_shard_size: str = Field("5GB", description="Largest weight shard written (e.g. 5GB, 500MB, 2GiB).")
+    quantization_level: QuantizationLevel = Field(
+        "none", description="Weight precision of the artifacts: none (the base model's dtype), bf16, fp16, int8, int4.")
+    calibration_data: str | None = Field(
+        None, description="Text (.txt) or JSON Lines (.jsonl, a 'text' field per line) for quantizers that use "
+        "calibration; empty: data-free quantization.")
+    compress_weights: bool = Field(
+        True, description="Never upcast, keep the base dtype unless quantization_level asks otherwise, and store "
+        "shared (tied) tensors once.")
+    remove_training_artifacts: bool = Field(
+        True, description="Keep optimizer, scheduler, RNG state, trainer state and training args out of every artifact.")
+
+    # --- ONNX --------------------------------------------------------------------------------
+    onnx_backend: Literal["auto", "builder", "torch"] = Field(
+        "auto", description="ONNX exporter: builder (streams the graph from the weights; Qwen3, Qwen2, Llama, "
+        "Mistral), torch (torch.onnx.export of the transformers model), or auto (builder when it supports the model).")
+    onnx_opset_version: int = Field(17, ge=7, description="ONNX opset of the exported graph.")
+    onnx_optimize_graph: bool = Field(
+        True, description="Also save onnxruntime's offline-optimized graph beside the plain one.")
+    onnx_dynamic_axes: dict[str, dict[int, str]] | None = Field(
+        default_factory=_default_dynamic_axes,
+        description="Dynamic axes per ONNX input/output name, e.g. {input_ids: {0: batch_size, 1: sequence_length}}; "
+        "empty (null): every shape fixed.")
+
+    # --- verification ------------------------------------------------------------------------
+    run_validation_tests: bool = Field(True, description="Verify every artifact against the unmerged base + adapter.")
+    validation_tolerance: float = Field(
+        1e-3, gt=0, description="Largest absolute logit difference allowed for full-precision artifacts.")
+    test_input_samples: list[str] = Field(
+        default_factory=lambda: ["Hello", "简单测试", "Write a haiku about autumn."],
+        description="Prompts used to verify and benchmark the artifacts (formatted with the chat template).")
+
+    # --- logging and housekeeping -------------------------------------------------------------
+    log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
+    log_file: str | None = Field(
+        None, description="Log file; empty: export.log in output_dir for runs, none for single commands.")
+    enable_progress_monitoring: bool = Field(True, description="Log 'Processing ...: N% complete' progress lines.")
+    memory_monitoring: bool = Field(False, description="Log 'Memory usage: used / total (percent)' lines during long steps.")
+    memory_monitoring_interval: float = Field(5.0, gt=0, description="Seconds between memory usage lines.")
+    cleanup_temp_files: bool = Field(True, description="Delete temporary files when a step finishes.")
+    save_intermediate_results: bool = Field(False, description="Keep each step's intermediate outputs for debugging.")
+    lang: Literal["en", "zh"] | None = Field(None, description="Message language: en or zh; empty: from the locale (zh_* gives zh).")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as exc:
+            raise ConfigError("config_invalid", problems=problems_from_pydantic(exc), where="") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except pydantic.ValidationError as exc:
+            raise ConfigError("config_invalid", problems=problems_from_pydantic(exc), where="") from None
+        except (AttributeError, ValueError) as exc:  # unknown attribute
+            if name in type(self).model_fields:
+                raise
+            raise ConfigError("config_invalid", problems=[unknown_key_problem(name)], where="") from exc
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _check_size(cls, value: str) -> str:
+        if parse_size(value) <= 0:
+            raise ValueError("must be larger than 0")
+        return value
+
+    @field_validator("export_formats")
+    @classmethod
+    def _dedupe(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+    @property
+    def max_shard_size_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
+
+    @property
+    def formats(self) -> list[str]:
+        """export_formats after the export_onnx shortcut."""
+        formats = list(self.export_formats)
+        if self.export_onnx is True and "onnx" not in formats:
+            formats.append("onnx")
+        if self.export_onnx is False and "onnx" in formats:
+            formats.remove("onnx")
+        return formats
+
+
+@dataclass
+class ConfigProblem:
+    """One problem with one key. ``kind`` names its entry in the ``problems`` section of messages.yaml."""
+
+    key: str
+    kind: str
+    params: dict[str, Any] = field(default_factory=dict)
+    line: int | None = None
+
+    def message(self, lang: str | None = None) -> str:
+        return i18n.render("problems", self.kind, lang=lang, key=self.key, **self.params)
+
+    def fix(self, lang: str | None = None) -> str:
+        return i18n.render("problems", self.kind, "fix", lang=lang, key=self.key, **self.params)
+
+    def render(self, lang: str | None = None) -> str:
+        where = f"line {self.line}: " if self.line else ""
+        return f"{where}{self.key}: {self.message(lang)} -> {self.fix(lang)}"
+
+    def __str__(self) -> str:
+        return self.render()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "line": self.line, "message": self.message(), "fix": self.fix()}
+
+
+def unknown_key_problem(key: str, line: int | None = None) -> ConfigProblem:
+    head = key.split(".")[0]
+    close = difflib.get_close_matches(head, list(ExportConfiguration.model_fields), n=1, cutoff=0.6)
+    suggestion = i18n.render("problems", "did_you_mean", candidate=close[0]) if close else ""
+    return ConfigProblem(key, "unknown_key", {"suggestion": suggestion}, line)
+
+
+def problems_from_pydantic(exc: pydantic.ValidationError, lines: Mapping[str, int] | None = None) -> list[ConfigProblem]:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        line = (lines or {}).get(str(err["loc"][0])) if err["loc"] else None
+        if err["type"] == "extra_forbidden":
+            problems.append(unknown_key_problem(key, line))
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(ConfigProblem(key, "field_invalid", {"problem": f"{message} (got {err.get('input')!r})"}, line))
+    return problems
+
+
+def check_dict(data: Mapping[str, Any], lines: Mapping[str, int] | None = None) -> tuple[ExportConfiguration | None, list[ConfigProblem]]:
+    """Build a configuration from ``data``; return it (or None) and every field problem found."""
+    try:
+        return ExportConfiguration.model_validate(dict(data)), []
+    except pydantic.ValidationError as exc:
+        return None, problems_from_pydantic(exc, lines)
+
+
+def config_from_dict(data: Mapping[str, Any], source: str | None = None, lines: Mapping[str, int] | None = None) -> ExportConfiguration:
+    """Build a configuration; raise ConfigError (ME101) listing every field problem at once."""
+    config, problems = check_dict(data, lines)
+    if problems:
+        raise ConfigError("config_invalid", problems=problems, where=f" ({source})" if source else "")
+    return config
+
+
+def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Parse a YAML or JSON file safely; return its mapping and the line of each top-level key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config_not_found", path=str(path))
+    if path.suffix.lower() not in (".yaml", ".yml", ".json"):
+        raise ConfigError("config_unsupported_suffix", path=str(path))
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("config_parse", path=str(path), line=exc.lineno, column=exc.colno, problem=exc.msg) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise ConfigError("config_parse", path=str(path), line=mark.line + 1 if mark else 0,
+                          column=mark.column + 1 if mark else 0, problem=exc.problem or str(exc)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("config_parse", path=str(path), line=0, column=0, problem=str(exc)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("config_not_mapping", path=str(path), found=type(data).__name__)
+    return data, _key_lines(text)
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``--set key=value`` overrides; values are read as YAML (``2``, ``true``, ``[onnx,gguf]``)."""
+    data = dict(data)
+    for text in overrides:
+        key, sep, raw = text.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError("config_bad_override", text=text)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        parts = key.split(".")
+        target = data
+        for part in parts[:-1]:
+            child = target.get(part)
+            target[part] = child = dict(child) if isinstance(child, dict) else {}
+            target = child
+        target[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExportConfiguration:
+    """Load a configuration from YAML or JSON (or the defaults when ``path`` is None), then apply overrides.
+
+    Raises ConfigError: the file is missing or unparsable (ME102 names line and column), or its
+    keys or values are invalid (ME101 lists every problem at once).
+    """
+    data, lines = read_config_file(path) if path is not None else ({}, {})
+    data = apply_overrides(data, overrides)
+    return config_from_dict(data, source=str(path) if path is not None else None, lines=lines)
+
+
+def example_yaml() -> str:
+    """A commented YAML of every key with its default, generated from the schema."""
+    lines = ["# model-export configuration. Every key is optional; the value shown is the default.",
+             "# Check it with: model-export validate-config FILE", ""]
+    defaults = ExportConfiguration().model_dump(mode="json")
+    for name, info in ExportConfiguration.model_fields.items():
+        lines.append(f"# {info.description}")
+        dumped = yaml.safe_dump({name: defaults[name]}, allow_unicode=True, default_flow_style=None, sort_keys=False)
+        lines.extend(dumped.rstrip("\n").splitlines())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def init_config(path: str | Path = "model-export.yaml", force: bool = False) -> Path:
+    """Write example_yaml() to ``path``. Raises ConfigError if the file exists and ``force`` is false."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise ConfigError("config_exists", path=str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(example_yaml(), encoding="utf-8")
+    return path

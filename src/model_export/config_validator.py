@@ -1,0 +1,153 @@
+"""validate_config: every problem of a configuration at once, each naming the key and the fix.
+
+    from model_export.config_validator import validate_config
+    errors = validate_config(config)      # [] when the configuration is sound
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import extras, i18n
+from .config import ConfigProblem, ExportConfiguration, check_dict, read_config_file
+from .errors import ConfigError
+
+__all__ = ["validate_config", "check_config", "FORMAT_QUANTIZATION", "ONNX_MIN_OPSET", "ONNX_IO_RANKS"]
+
+# Which quantization levels each format can hold (see docs/configuration.md for the why).
+FORMAT_QUANTIZATION: dict[str, tuple[str, ...]] = {
+    "safetensors": ("none", "bf16", "fp16", "int8", "int4"),  # int8/int4: compressed-tensors
+    "pytorch": ("none", "bf16", "fp16"),                       # plain state dict, no packed ints
+    "onnx": ("none", "fp16", "int8", "int4"),                  # bf16 has no CPU kernels in onnxruntime
+    "gguf": ("none", "bf16", "fp16", "int8", "int4"),          # f16/bf16/q8_0/q4_0
+    "tensorrt": ("none", "fp16"),                              # int8/int4 need TensorRT's own calibration
+}
+
+# The lowest opset each ONNX export path needs, and why.
+ONNX_MIN_OPSET: dict[str, tuple[int, str]] = {
+    "builder": (14, "attention with a KV cache (aten::scaled_dot_product_attention, Trilu)"),
+    "torch": (18, "torch.onnx.export with dynamo=True"),
+}
+
+# Names of the exported decoder's inputs and outputs, with their rank.
+ONNX_IO_RANKS: dict[str, int] = {
+    "input_ids": 2, "attention_mask": 2, "position_ids": 2, "logits": 3,
+    r"past_key_values\.\d+\.(key|value)": 4, r"present\.\d+\.(key|value)": 4,
+}
+
+
+def validate_config(config: ExportConfiguration | Mapping[str, Any] | str | Path) -> list[ConfigProblem]:
+    """Return every problem of ``config`` (a configuration, a mapping, or a YAML/JSON path); [] when sound.
+
+    Raises ConfigError only when a file cannot be read or parsed at all.
+    """
+    lines: dict[str, int] = {}
+    if isinstance(config, (str, Path)):
+        config, lines = read_config_file(config)
+    if not isinstance(config, ExportConfiguration):
+        built, problems = check_dict(config, lines)
+        if built is None:
+            return problems
+        config = built
+    problems = []
+    for rule in _RULES:
+        problems.extend(rule(config))
+    for problem in problems:
+        problem.line = problem.line or lines.get(problem.key.split(".")[0])
+    return problems
+
+
+def check_config(config: ExportConfiguration, source: str | None = None) -> ExportConfiguration:
+    """Raise ConfigError (ME101) listing every problem of ``config``; return it when sound."""
+    problems = validate_config(config)
+    if problems:
+        raise ConfigError("config_invalid", problems=problems, where=f" ({source})" if source else "")
+    return config
+
+
+def _load_in_bits(config: ExportConfiguration) -> list[ConfigProblem]:
+    if config.base_model_load_in_4bit and config.base_model_load_in_8bit:
+        return [ConfigProblem("base_model_load_in_8bit", "both_4bit_8bit")]
+    return []
+
+
+def _quantization(config: ExportConfiguration) -> list[ConfigProblem]:
+    level = config.quantization_level
+    return [
+        ConfigProblem("quantization_level", "quant_format",
+                      {"level": level, "format": fmt, "allowed": ", ".join(FORMAT_QUANTIZATION[fmt])})
+        for fmt in config.formats if level not in FORMAT_QUANTIZATION[fmt]
+    ]
+
+
+def _opset(config: ExportConfiguration) -> list[ConfigProblem]:
+    if "onnx" not in config.formats:
+        return []
+    backend = "torch" if config.onnx_backend == "torch" else "builder"
+    minimum, reason = ONNX_MIN_OPSET[backend]
+    opset = config.onnx_opset_version
+    problems = []
+    if opset < minimum:
+        problems.append(ConfigProblem("onnx_opset_version", "opset_too_low", {"opset": opset, "reason": reason, "minimum": minimum}))
+    if extras.is_available("onnx"):
+        import onnx
+
+        maximum = onnx.defs.onnx_opset_version()
+        if opset > maximum:
+            problems.append(ConfigProblem("onnx_opset_version", "opset_too_high",
+                                          {"opset": opset, "version": onnx.__version__, "maximum": maximum}))
+    return problems
+
+
+def _dynamic_axes(config: ExportConfiguration) -> list[ConfigProblem]:
+    problems = []
+    known = ", ".join(p.replace(r"\.\d+\.", ".{i}.").replace("(key|value)", "key/value") for p in ONNX_IO_RANKS)
+    for name, axes in (config.onnx_dynamic_axes or {}).items():
+        rank = next((r for pattern, r in ONNX_IO_RANKS.items() if re.fullmatch(pattern, name)), None)
+        key = f"onnx_dynamic_axes.{name}"
+        if rank is None:
+            problems.append(ConfigProblem(key, "dynamic_axes_unknown_input", {"name": name, "known": known}))
+            continue
+        for axis in axes:
+            if not 0 <= axis < rank:
+                problems.append(ConfigProblem(key, "dynamic_axes_bad_axis", {"name": name, "axis": axis, "rank": rank, "last": rank - 1}))
+    return problems
+
+
+def _output_dir(config: ExportConfiguration) -> list[ConfigProblem]:
+    output = Path(config.output_dir).expanduser().resolve()
+    inputs = [("what_checkpoint", config.checkpoint_path)]
+    if config.base_model_name and Path(config.base_model_name).expanduser().is_dir():
+        inputs.append(("what_base", config.base_model_name))
+    problems = []
+    for what, raw in inputs:
+        path = Path(raw).expanduser().resolve()
+        if output == path or output.is_relative_to(path):
+            relation = i18n.render("problems", "relation_equal" if output == path else "relation_inside")
+            problems.append(ConfigProblem("output_dir", "output_inside_input", {
+                "output": config.output_dir, "relation": relation,
+                "what": i18n.render("problems", what), "input": raw}))
+    return problems
+
+
+def _formats(config: ExportConfiguration) -> list[ConfigProblem]:
+    formats = config.formats
+    if not formats:
+        return [ConfigProblem("export_formats", "no_formats")]
+    if "tensorrt" in formats and "onnx" not in formats:
+        return [ConfigProblem("export_formats", "tensorrt_needs_onnx")]
+    return []
+
+
+def _samples_and_data(config: ExportConfiguration) -> list[ConfigProblem]:
+    problems = []
+    if config.run_validation_tests and not config.test_input_samples:
+        problems.append(ConfigProblem("test_input_samples", "no_test_samples"))
+    if config.calibration_data and not Path(config.calibration_data).expanduser().is_file():
+        problems.append(ConfigProblem("calibration_data", "calibration_missing", {"path": config.calibration_data}))
+    return problems
+
+
+_RULES = (_load_in_bits, _quantization, _opset, _dynamic_axes, _output_dir, _formats, _samples_and_data)

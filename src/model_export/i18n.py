@@ -1,0 +1,74 @@
+"""Message catalogue and language choice (English by default, Chinese with --lang zh or a zh_* locale).
+
+All texts live in ``messages.yaml`` beside this module, so that a message is written once
+in each language and the documentation test can find every one of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import string
+from importlib import resources
+from typing import Any
+
+import yaml
+
+LANGUAGES = ("en", "zh")
+_forced: str | None = None
+
+
+def set_language(lang: str | None) -> None:
+    """Force the language of every message (``"en"`` or ``"zh"``); ``None`` goes back to the locale."""
+    global _forced
+    if lang is not None and lang not in LANGUAGES:
+        raise ValueError(f"language must be one of {LANGUAGES}, got {lang!r}")
+    _forced = lang
+
+
+def current_language() -> str:
+    """The forced language, else ``zh`` when the locale (LC_ALL, LC_MESSAGES, LANG, LANGUAGE) is zh_*."""
+    if _forced:
+        return _forced
+    for var in ("LC_ALL", "LC_MESSAGES", "LANG", "LANGUAGE"):
+        value = os.environ.get(var, "")
+        if value:
+            return "zh" if value.lower().startswith("zh") else "en"
+    return "en"
+
+
+@functools.cache
+def catalogue() -> dict[str, dict[str, Any]]:
+    text = resources.files("model_export").joinpath("messages.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+def format_number(value: Any) -> Any:
+    """Floats as people write them: 1e-5 rather than 1e-05, 0.001 rather than 0.0010000."""
+    if not isinstance(value, float):
+        return value
+    text = f"{value:.6g}"
+    return re.sub(r"e([+-])0*(\d)", lambda m: "e" + ("-" if m.group(1) == "-" else "") + m.group(2), text)
+
+
+class _Formatter(string.Formatter):
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        return super().format_field(format_number(value) if not format_spec else value, format_spec)
+
+
+_FORMATTER = _Formatter()
+
+
+def render(section: str, key: str, field: str | None = None, lang: str | None = None, **params: Any) -> str:
+    """Render ``section.key`` (or its sub-field such as ``hint``) in ``lang`` with ``params``."""
+    entry = catalogue()[section][key]
+    if field is not None:
+        entry = entry[field]
+    template = entry[lang or current_language()]
+    return _FORMATTER.format(template, **params)
+
+
+def ui(key: str, **params: Any) -> str:
+    """A CLI or log text from the ``ui`` section."""
+    return render("ui", key, **params)

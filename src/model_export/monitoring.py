@@ -1,0 +1,121 @@
+"""Logging as the guide shows it: progress lines, memory usage lines and step durations.
+
+    INFO - Memory usage: 4.2GB / 8.0GB (52.5%)
+    INFO - Processing checkpoint: 50% complete
+    INFO - Step check finished (duration 0.42 s)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+
+from . import i18n
+
+__all__ = ["setup_logging", "Progress", "MemoryMonitor", "timed_step", "memory_line", "logger"]
+
+logger = logging.getLogger("model_export")
+LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+_OUR_HANDLER = "_model_export_handler"
+
+
+def setup_logging(level: str = "INFO", log_file: str | Path | None = None, console: bool = True) -> None:
+    """Configure the ``model_export`` logger: console (stderr) and, when given, a log file. Idempotent."""
+    logger.setLevel(level)
+    for handler in [h for h in logger.handlers if getattr(h, _OUR_HANDLER, False)]:
+        logger.removeHandler(handler)
+        handler.close()
+    handlers: list[logging.Handler] = [logging.StreamHandler()] if console else []
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        setattr(handler, _OUR_HANDLER, True)
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f}GB"
+
+
+def memory_line() -> str:
+    """``Memory usage: 4.2GB / 8.0GB (52.5%)``: this process's resident memory against the machine's total."""
+    rss = psutil.Process().memory_info().rss
+    total = psutil.virtual_memory().total
+    return i18n.ui("memory_line", used=_gb(rss), total=_gb(total), percent=f"{100 * rss / total:.1f}%")
+
+
+class MemoryMonitor:
+    """Logs memory_line() every ``interval`` seconds from a daemon thread and tracks the peak RSS."""
+
+    def __init__(self, interval: float = 5.0, enabled: bool = True) -> None:
+        self.interval, self.enabled = interval, enabled
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> int:
+        rss = psutil.Process().memory_info().rss
+        self.peak_rss = max(self.peak_rss, rss)
+        return rss
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+            logger.info(memory_line())
+
+    def __enter__(self) -> "MemoryMonitor":
+        self.sample()
+        if self.enabled:
+            logger.info(memory_line())
+            self._thread = threading.Thread(target=self._loop, name="memory-monitor", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()
+        if self.enabled:
+            logger.info(memory_line())
+
+
+class Progress:
+    """Logs ``<label>: N% complete`` each time another ``step`` percent of ``total`` is done."""
+
+    def __init__(self, label: str, total: float, enabled: bool = True, step: int = 10) -> None:
+        self.label, self.total, self.enabled, self.step = label, max(total, 1), enabled, step
+        self.done = 0.0
+        self._last = 0
+
+    def advance(self, amount: float = 1) -> None:
+        self.done += amount
+        percent = min(100, int(100 * self.done / self.total))
+        bucket = percent // self.step * self.step
+        if self.enabled and bucket > self._last:
+            self._last = bucket
+            logger.info(i18n.ui("progress_line", label=self.label, percent=bucket))
+
+
+@contextlib.contextmanager
+def timed_step(step: str) -> Iterator[dict]:
+    """Time a step and log its duration; the yielded dict receives ``seconds`` when the step ends."""
+    record: dict = {"step": step}
+    start = time.perf_counter()
+    try:
+        yield record
+    except BaseException as exc:
+        record["seconds"] = time.perf_counter() - start
+        logger.error(i18n.ui("step_failed", step=step, seconds=record["seconds"], error=exc))
+        raise
+    record["seconds"] = time.perf_counter() - start
+    logger.info(i18n.ui("step_done", step=step, seconds=record["seconds"]))
