@@ -106,9 +106,9 @@ def quick_check(directory: str | Path) -> Path:
 
     Returns the weights file. Raises CheckpointValidationError.
     """
-    directory = Path(directory)
+    shown, directory = str(directory), Path(directory)  # keep the user's spelling (./run) in messages
     if not directory.is_dir():
-        raise CheckpointValidationError("checkpoint_not_found", path=str(directory), cwd=str(Path.cwd()))
+        raise CheckpointValidationError("checkpoint_not_found", path=shown, cwd=str(Path.cwd()))
     read_adapter_config(directory)
     file = weights_file(directory)
     if file.stat().st_size == 0:
@@ -133,7 +133,10 @@ def _load_bin(file: Path) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointValidationError("unsafe_pickle", path=str(file), problem=str(exc).splitlines()[0][:300]) from None
+        # torch's text advises weights_only=False, which is exactly what must not be done: keep only the cause.
+        cause = re.search(r"WeightsUnpickler error: ([^\n]*)", str(exc))
+        raise CheckpointValidationError("unsafe_pickle", path=str(file),
+                                        problem=cause.group(1)[:200] if cause else "refused by the weights-only unpickler") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged zip or pickle
         raise CheckpointValidationError("adapter_unreadable", path=str(file), problem=f"{type(exc).__name__}: {exc}"[:300]) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -170,7 +173,7 @@ def validate_checkpoint(checkpoint: str | Path, base_model: str | None = None, *
     Raises CheckpointValidationError (ME201-ME213) and BaseModelError (ME301-ME303).
     """
     directory = Path(checkpoint)
-    file = quick_check(directory)
+    file = quick_check(checkpoint)
     config = read_adapter_config(directory)
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type not in SUPPORTED_PEFT_TYPES:

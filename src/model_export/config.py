@@ -209,25 +209,26 @@ def unknown_key_problem(key: str, line: int | None = None) -> ConfigProblem:
     return ConfigProblem(key, "unknown_key", {"suggestion": suggestion}, line)
 
 
-def problems_from_pydantic(exc: pydantic.ValidationError, lines: Mapping[str, int] | None = None) -> list[ConfigProblem]:
+def problems_from_pydantic(exc: pydantic.ValidationError) -> list[ConfigProblem]:
     problems = []
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"]) or "(top level)"
-        line = (lines or {}).get(str(err["loc"][0])) if err["loc"] else None
-        if err["type"] == "extra_forbidden":
-            problems.append(unknown_key_problem(key, line))
+        if err["type"] in ("extra_forbidden", "no_such_attribute"):
+            problems.append(unknown_key_problem(key))
         else:
             message = err["msg"].removeprefix("Value error, ")
-            problems.append(ConfigProblem(key, "field_invalid", {"problem": f"{message} (got {err.get('input')!r})"}, line))
+            problems.append(ConfigProblem(key, "field_invalid", {"problem": f"{message} (got {err.get('input')!r})"}))
     return problems
 
 
 def check_dict(data: Mapping[str, Any], lines: Mapping[str, int] | None = None) -> tuple[ExportConfiguration | None, list[ConfigProblem]]:
     """Build a configuration from ``data``; return it (or None) and every field problem found."""
     try:
-        return ExportConfiguration.model_validate(dict(data)), []
-    except pydantic.ValidationError as exc:
-        return None, problems_from_pydantic(exc, lines)
+        return ExportConfiguration(**dict(data)), []
+    except ConfigError as exc:
+        for problem in exc.problems:
+            problem.line = (lines or {}).get(problem.key.split(".")[0])
+        return None, exc.problems
 
 
 def config_from_dict(data: Mapping[str, Any], source: str | None = None, lines: Mapping[str, int] | None = None) -> ExportConfiguration:
@@ -285,7 +286,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
-        parts = key.split(".")
+        parts = [int(p) if p.isdigit() else p for p in key.split(".")]
         target = data
         for part in parts[:-1]:
             child = target.get(part)
@@ -313,7 +314,7 @@ def example_yaml() -> str:
     defaults = ExportConfiguration().model_dump(mode="json")
     for name, info in ExportConfiguration.model_fields.items():
         lines.append(f"# {info.description}")
-        dumped = yaml.safe_dump({name: defaults[name]}, allow_unicode=True, default_flow_style=None, sort_keys=False)
+        dumped = yaml.safe_dump({name: defaults[name]}, allow_unicode=True, default_flow_style=False, sort_keys=False)
         lines.extend(dumped.rstrip("\n").splitlines())
         lines.append("")
     return "\n".join(lines)

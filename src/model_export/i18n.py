@@ -60,15 +60,15 @@ class _Formatter(string.Formatter):
 _FORMATTER = _Formatter()
 
 
-def render(section: str, key: str, field: str | None = None, lang: str | None = None, **params: Any) -> str:
-    """Render ``section.key`` (or its sub-field such as ``hint``) in ``lang`` with ``params``."""
-    entry = catalogue()[section][key]
+def render(section: str, name: str, field: str | None = None, /, lang: str | None = None, **params: Any) -> str:
+    """Render ``section.name`` (or its sub-field such as ``hint``) in ``lang`` with ``params``."""
+    entry = catalogue()[section][name]
     if field is not None:
         entry = entry[field]
     template = entry[lang or current_language()]
     return _FORMATTER.format(template, **params)
 
 
-def ui(key: str, **params: Any) -> str:
+def ui(name: str, /, **params: Any) -> str:
     """A CLI or log text from the ``ui`` section."""
-    return render("ui", key, **params)
+    return render("ui", name, **params)

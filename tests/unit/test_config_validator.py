@@ -1,0 +1,100 @@
+"""validate_config: every cross-field problem at once, each naming the key and the fix."""
+
+import onnx
+import pytest
+import yaml
+
+from model_export import ConfigError, ExportConfiguration, check_config, i18n, validate_config
+
+
+def kinds(problems):
+    return sorted((p.key, p.kind) for p in problems)
+
+
+def test_a_sound_configuration_has_no_problems(tmp_path):
+    assert validate_config(ExportConfiguration(checkpoint_path=str(tmp_path / "run"), output_dir=str(tmp_path / "out"))) == []
+
+
+def test_4bit_and_8bit_together():
+    problems = validate_config(ExportConfiguration(base_model_load_in_4bit=True, base_model_load_in_8bit=True))
+    assert kinds(problems) == [("base_model_load_in_8bit", "both_4bit_8bit")]
+    assert "keep at most one of them true" in problems[0].render()
+
+
+@pytest.mark.parametrize("fmt,level", [("pytorch", "int4"), ("onnx", "bf16"), ("tensorrt", "int8")])
+def test_quantization_level_a_format_cannot_hold(fmt, level):
+    formats = [fmt, "onnx"] if fmt == "tensorrt" else [fmt]
+    problems = validate_config(ExportConfiguration(export_formats=formats, quantization_level=level))
+    assert ("quantization_level", "quant_format") in kinds(problems)
+    text = next(p for p in problems if p.kind == "quant_format").render()
+    assert f"quantization_level {level} cannot be stored in the {fmt} format" in text
+
+
+def test_opset_too_low_states_the_minimum():
+    problems = validate_config(ExportConfiguration(export_formats=["onnx"], onnx_opset_version=11))
+    assert kinds(problems) == [("onnx_opset_version", "opset_too_low")]
+    assert "needs at least 14" in problems[0].render() and "set onnx_opset_version: 14 or higher" in problems[0].render()
+    problems = validate_config(ExportConfiguration(export_formats=["onnx"], onnx_backend="torch", onnx_opset_version=17))
+    assert "needs at least 18" in problems[0].render()
+    assert validate_config(ExportConfiguration(export_formats=["safetensors"], onnx_opset_version=11)) == []
+
+
+def test_opset_newer_than_installed_onnx():
+    too_new = onnx.defs.onnx_opset_version() + 1
+    problems = validate_config(ExportConfiguration(export_formats=["onnx"], onnx_opset_version=too_new))
+    assert kinds(problems) == [("onnx_opset_version", "opset_too_high")]
+
+
+def test_dynamic_axes_must_name_real_inputs_and_axes():
+    axes = {"input_ids": {0: "b", 2: "x"}, "pixel_values": {0: "b"}, "past_key_values.3.key": {2: "past"}, "present.0.value": {5: "y"}}
+    problems = validate_config(ExportConfiguration(onnx_dynamic_axes=axes))
+    assert kinds(problems) == [("onnx_dynamic_axes.input_ids", "dynamic_axes_bad_axis"),
+                               ("onnx_dynamic_axes.pixel_values", "dynamic_axes_unknown_input"),
+                               ("onnx_dynamic_axes.present.0.value", "dynamic_axes_bad_axis")]
+    assert "past_key_values.{i}.key/value" in problems[1].render()
+
+
+def test_non_positive_numbers_are_reported_from_files(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("batch_size: 0\nmax_sequence_length: -5\nvalidation_tolerance: 0\n")
+    problems = validate_config(path)
+    assert [(p.key, p.line) for p in problems] == [("batch_size", 1), ("max_sequence_length", 2), ("validation_tolerance", 3)]
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_output_dir_inside_an_input(tmp_path, tiny_base, inside):
+    run = tmp_path / "run"
+    run.mkdir()
+    output = run / "export" if inside else run
+    problems = validate_config(ExportConfiguration(checkpoint_path=str(run), output_dir=str(output)))
+    assert kinds(problems) == [("output_dir", "output_inside_input")]
+    assert ("inside" if inside else "the same directory as") in problems[0].render()
+    problems = validate_config(ExportConfiguration(checkpoint_path=str(run), base_model_name=str(tiny_base),
+                                                   output_dir=str(tiny_base / "out")))
+    assert "base model directory" in problems[0].render()
+
+
+def test_formats_samples_and_calibration(tmp_path):
+    config = ExportConfiguration(export_formats=["tensorrt"], test_input_samples=[], calibration_data=str(tmp_path / "none.txt"))
+    assert kinds(validate_config(config)) == [("calibration_data", "calibration_missing"), ("export_formats", "tensorrt_needs_onnx"),
+                                              ("test_input_samples", "no_test_samples")]
+    assert kinds(validate_config(ExportConfiguration(export_formats=["onnx"], export_onnx=False))) == [("export_formats", "no_formats")]
+
+
+def test_every_problem_at_once_from_a_file(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    data = {"checkpoint_path": str(run), "output_dir": str(run), "base_model_load_in_4bit": True, "base_model_load_in_8bit": True,
+            "export_formats": ["pytorch", "onnx"], "quantization_level": "int4", "onnx_opset_version": 9,
+            "onnx_dynamic_axes": {"inputs": {0: "b"}}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    problems = validate_config(path)
+    assert len(problems) == 5
+    assert all(p.line for p in problems)
+    with pytest.raises(ConfigError) as err:
+        check_config(ExportConfiguration(**data), "c.yaml")
+    assert err.value.code == "ME101" and str(err.value).startswith("The configuration (c.yaml) has 5 problem(s):")
+    i18n.set_language("zh")
+    assert str(err.value).startswith("配置参数存在问题 (c.yaml)，共 5 项:")
+    assert "最多只启用其中一个" in str(err.value)
