@@ -75,7 +75,7 @@ def _emit(args: argparse.Namespace, data: Any, human: Callable[[Console], None])
     if getattr(args, "json", False):
         print(json.dumps(data, ensure_ascii=False, indent=2, default=str))
     else:
-        human(Console(highlight=False))
+        human(Console(highlight=False, soft_wrap=True))
 
 
 def _doctor(args: argparse.Namespace) -> int:

@@ -328,3 +328,17 @@ def init_config(path: str | Path = "model-export.yaml", force: bool = False) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(example_yaml(), encoding="utf-8")
     return path
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: a table of every key, generated from the schema (scripts/gen_config_docs.py)."""
+    lines = ["# Configuration reference", "",
+             "Generated from `ExportConfiguration` by `python scripts/gen_config_docs.py`; do not edit by hand.",
+             "Cross-key rules are checked by `model-export validate-config FILE` (see troubleshooting.en.md).", "",
+             "| key | type | default | description |", "|---|---|---|---|"]
+    defaults = ExportConfiguration().model_dump(mode="json")
+    for name, info in ExportConfiguration.model_fields.items():
+        kind = str(info.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("|", "or")
+        default = json.dumps(defaults[name], ensure_ascii=False).replace("|", "\\|")
+        lines.append(f"| `{name}` | {kind} | `{default}` | {info.description} |")
+    return "\n".join(lines) + "\n"

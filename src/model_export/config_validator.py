@@ -46,12 +46,16 @@ def validate_config(config: ExportConfiguration | Mapping[str, Any] | str | Path
     lines: dict[str, int] = {}
     if isinstance(config, (str, Path)):
         config, lines = read_config_file(config)
+    problems: list[ConfigProblem] = []
     if not isinstance(config, ExportConfiguration):
         built, problems = check_dict(config, lines)
         if built is None:
-            return problems
+            # Drop the keys with field problems and check the rest, so one pass shows everything.
+            bad = {p.key.split(".")[0] for p in problems}
+            built, _ = check_dict({k: v for k, v in config.items() if k not in bad})
+            if built is None:
+                return problems
         config = built
-    problems = []
     for rule in _RULES:
         problems.extend(rule(config))
     for problem in problems:

@@ -7,7 +7,9 @@ and a vocabulary padded beyond the tokenizer's token count.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -118,7 +120,8 @@ def build_training_run(base: str | Path, out: str | Path, *, steps: int = 30, sa
         metric_for_best_model="eval_loss", greater_is_better=False, report_to="none", use_cpu=True, seed=seed,
         save_total_limit=None, disable_tqdm=True, dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:4], data_collator=_collate(tokenizer))
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; keep stdout for --json
+        trainer.train()
     tokenizer.save_pretrained(str(out))
     return Path(out)
 

@@ -1,0 +1,10 @@
+"""Write docs/configuration.md from the ExportConfiguration schema."""
+
+from pathlib import Path
+
+from model_export.config import reference_markdown
+
+if __name__ == "__main__":
+    target = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    target.write_text(reference_markdown(), encoding="utf-8")
+    print(f"wrote {target}")

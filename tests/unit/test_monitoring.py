@@ -1,0 +1,68 @@
+"""Log lines as the guide shows them: memory usage, progress, step durations, and a log file."""
+
+import logging
+import re
+import time
+
+import pytest
+
+from model_export import validate_checkpoint
+from model_export.monitoring import MemoryMonitor, Progress, memory_line, setup_logging, timed_step
+
+
+def test_memory_line_has_the_guides_shape():
+    assert re.fullmatch(r"Memory usage: \d+\.\dGB / \d+\.\dGB \(\d+\.\d%\)", memory_line())
+
+
+def test_memory_monitor_logs_periodically_and_tracks_the_peak(caplog):
+    with caplog.at_level(logging.INFO, logger="model_export"):
+        with MemoryMonitor(interval=0.05) as monitor:
+            block = bytearray(50_000_000)
+            time.sleep(0.3)
+            del block
+    lines = [r.message for r in caplog.records if r.message.startswith("Memory usage:")]
+    assert len(lines) >= 4 and monitor.peak_rss > 50_000_000
+
+
+def test_progress_lines_every_ten_percent(caplog):
+    with caplog.at_level(logging.INFO, logger="model_export"):
+        progress = Progress("Processing checkpoint", 200)
+        for _ in range(8):
+            progress.advance(25)
+    # 25 of 200 per call: 12.5%, 25%, 37.5%, ... each line names the last ten-percent mark passed
+    assert [r.message for r in caplog.records] == [f"Processing checkpoint: {p}% complete" for p in (10, 20, 30, 50, 60, 70, 80, 100)]
+
+
+def test_checkpoint_validation_logs_progress(caplog, adapter):
+    with caplog.at_level(logging.INFO, logger="model_export"):
+        validate_checkpoint(adapter)
+    progress = [r.message for r in caplog.records if r.message.startswith("Processing checkpoint")]
+    assert progress[-1] == "Processing checkpoint: 100% complete" and len(progress) >= 5
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="model_export"):
+        validate_checkpoint(adapter, progress=False)
+    assert not [r for r in caplog.records if r.message.startswith("Processing checkpoint")]
+
+
+def test_timed_step_logs_duration_and_failures(caplog):
+    with caplog.at_level(logging.INFO, logger="model_export"):
+        with timed_step("check") as record:
+            time.sleep(0.01)
+        with pytest.raises(RuntimeError), timed_step("merge"):
+            raise RuntimeError("CUDA out of memory")
+    assert record["seconds"] >= 0.01
+    assert re.fullmatch(r"Step check finished \(duration 0\.\d\d s\)", caplog.records[0].message)
+    assert caplog.records[1].levelname == "ERROR" and "Step merge failed" in caplog.records[1].message
+
+
+def test_log_file_uses_the_guides_format(tmp_path):
+    log = tmp_path / "export.log"
+    setup_logging("DEBUG", log, console=False)
+    try:
+        logging.getLogger("model_export").debug("hello")
+        logging.getLogger("model_export").info(memory_line())
+    finally:
+        setup_logging("INFO", None)
+    lines = log.read_text().splitlines()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d [\d:,]+ - model_export - DEBUG - hello", lines[0])
+    assert " - INFO - Memory usage: " in lines[1]
