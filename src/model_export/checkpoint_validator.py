@@ -280,8 +280,19 @@ def _check_fit(shapes: dict, modules: dict, config: dict, base: BaseModelInfo) -
                                         trained_on=config.get("base_model_name_or_path") or "?")
 
 
-def check(checkpoint: str | Path, base_model: str | None = None, selection: str = "latest", *, progress: bool = True) -> CheckpointReport:
-    """Detect the checkpoint under ``checkpoint`` (see checkpoint_detector.detect), then validate it fully."""
-    from .checkpoint_detector import detect
+def check(checkpoint: str | Path | None = None, base_model: str | None = None, selection: str | None = None, *,
+          config: "ExportConfiguration | None" = None, progress: bool | None = None) -> CheckpointReport:
+    """Detect the checkpoint under ``checkpoint`` (see checkpoint_detector.detect), then validate it fully.
 
-    return validate_checkpoint(detect(checkpoint, selection).path, base_model, progress=progress)
+    Arguments left as None come from ``config`` (checkpoint_path, base_model_name, checkpoint_selection,
+    enable_progress_monitoring, memory_monitoring). Raises CheckpointValidationError and BaseModelError.
+    """
+    from .checkpoint_detector import detect
+    from .config import ExportConfiguration
+    from .monitoring import MemoryMonitor
+
+    config = config or ExportConfiguration(checkpoint_path=str(checkpoint or "./qwen3-finetuned"))
+    progress = config.enable_progress_monitoring if progress is None else progress
+    with MemoryMonitor(config.memory_monitoring_interval, enabled=config.memory_monitoring):
+        found = detect(checkpoint or config.checkpoint_path, selection or config.checkpoint_selection)
+        return validate_checkpoint(found.path, base_model or config.base_model_name, progress=progress)

@@ -50,13 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=".", help="where artifacts would be written (for free space)")
 
     p = command("detect", _detect, "find the checkpoint to export in a training output directory")
-    p.add_argument("path")
-    p.add_argument("--selection", choices=["latest", "best"], default="latest")
+    p.add_argument("path", nargs="?", help="training output or adapter directory (default: checkpoint_path of --config)")
+    _config_options(p)
 
     p = command("check", _check, "validate a checkpoint and its fit to the base model, without loading base weights")
-    p.add_argument("checkpoint")
-    p.add_argument("--base", help="base model: local directory or hub id (default: the one adapter_config.json names)")
-    p.add_argument("--selection", choices=["latest", "best"], default="latest")
+    p.add_argument("checkpoint", nargs="?", help="training output or adapter directory (default: checkpoint_path of --config)")
+    p.add_argument("--base", help="base model: local directory or hub id (default: base_model_name, else adapter_config.json's)")
+    _config_options(p)
 
     p = command("validate-config", _validate_config, "report every problem of a YAML or JSON configuration")
     p.add_argument("file")
@@ -69,6 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", _demo, "build the tiny demo model and training run, then run model-export on it")
     p.add_argument("--workdir", default="export-demo")
     return parser
+
+
+def _config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--selection", choices=["latest", "best"], help="default: checkpoint_selection (latest)")
+    p.add_argument("--config", help="YAML or JSON configuration to take defaults and logging settings from")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _load(args: argparse.Namespace):
+    """The configuration named by --config/--set (defaults otherwise); its lang and logging apply unless flags say else."""
+    from .config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if config.lang and "lang" not in vars(args):
+        i18n.set_language(config.lang)
+    setup_logging(getattr(args, "log_level", config.log_level), getattr(args, "log_file", config.log_file))
+    return config
 
 
 def _emit(args: argparse.Namespace, data: Any, human: Callable[[Console], None]) -> None:
@@ -99,7 +116,8 @@ def _doctor(args: argparse.Namespace) -> int:
 def _detect(args: argparse.Namespace) -> int:
     from .checkpoint_detector import detect
 
-    result = detect(args.path, args.selection)
+    config = _load(args)
+    result = detect(args.path or config.checkpoint_path, args.selection or config.checkpoint_selection)
 
     def human(console: Console) -> None:
         for c in result.candidates:
@@ -114,7 +132,7 @@ def _detect(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from .checkpoint_validator import check
 
-    report = check(args.checkpoint, args.base, args.selection)
+    report = check(args.checkpoint, args.base, args.selection, config=_load(args))
 
     def human(console: Console) -> None:
         console.print("[green]" + i18n.ui("check_ok", path=report.path) + "[/]")
@@ -160,7 +178,19 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo.run import demo
 
     result = demo(args.workdir)
-    _emit(args, result, lambda console: None)
+
+    def human(console: Console) -> None:
+        table = Table(title="model-export demo", show_header=False)
+        check = result["check"]
+        table.add_row(i18n.ui("demo_row_checkpoint"), result["detection"]["selected"])
+        table.add_row(i18n.ui("demo_row_base"), str(check["base_model"]))
+        table.add_row(i18n.ui("demo_row_adapter"), i18n.ui("check_summary", rank=check["rank"], alpha=check["lora_alpha"],
+                                                            modules=check["num_modules"], tensors=check["num_tensors"], file=check["weights_file"]))
+        table.add_row(i18n.ui("demo_row_config"), result["config"])
+        console.print(table)
+        console.print(i18n.ui("demo_next", config=result["config"], run=result["detection"]["root"]))
+
+    _emit(args, result, human)
     return 0
 
 

@@ -28,7 +28,7 @@ from .errors import ExportError
 __all__ = ["doctor", "DoctorReport", "Check", "MIN_PYTHON"]
 
 MIN_PYTHON = (3, 10)
-CORE = ("torch", "transformers", "peft", "safetensors", "huggingface_hub", "pydantic", "PyYAML", "numpy")
+CORE = ("torch", "transformers", "peft", "accelerate", "safetensors", "huggingface_hub", "pydantic", "PyYAML", "numpy")
 OPTIONAL = {"onnx": "onnx", "onnxruntime": "onnx", "gguf": "gguf", "bitsandbytes": "gpu", "llama-cpp-python": "llamacpp"}
 DISK_MIN_FACTOR, DISK_RECOMMENDED_FACTOR = 3, 5
 

@@ -115,3 +115,21 @@ def test_console_script_is_installed():
     assert out.returncode == 0
     for command in ("doctor", "detect", "check", "validate-config", "init-config", "demo"):
         assert command in out.stdout
+
+
+def test_check_takes_its_settings_from_a_config_file(capsys, make_run, tiny_base, tmp_path):
+    root = make_run([10, 20], best=10)
+    log = tmp_path / "export.log"
+    path = tmp_path / "export.yaml"
+    path.write_text(f"checkpoint_path: {root}\nbase_model_name: {tiny_base}\ncheckpoint_selection: best\n"
+                    f"memory_monitoring: true\nlog_file: {log}\nlang: zh\n")
+    code, out, _ = run(capsys, "check", "--config", str(path))
+    assert code == 0 and f"Checkpoint {root / 'checkpoint-10'} 验证通过" in out
+    text = log.read_text(encoding="utf-8")
+    assert " - INFO - Memory usage: " in text and "Processing checkpoint: 100% complete" in text
+    code, out, _ = run(capsys, "check", "--config", str(path), "--set", "enable_progress_monitoring=false", "--set", "checkpoint_selection=latest",
+                       "--lang", "en")
+    assert code == 0 and f"Checkpoint {root / 'checkpoint-20'} is valid" in out
+    assert text.count("Processing checkpoint: 100% complete") == log.read_text(encoding="utf-8").count("Processing checkpoint: 100% complete")
+    code, out, _ = run(capsys, "detect", "--config", str(path), "--json")
+    assert json.loads(out)["selected"] == str(root / "checkpoint-10")
