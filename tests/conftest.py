@@ -72,3 +72,13 @@ def tree_digest(path: Path) -> str:
         if file.is_file():
             digest.update(file.read_bytes())
     return digest.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def bf16_base(tmp_path_factory) -> Path:
+    return build_base_model(tmp_path_factory.mktemp("bf16") / "tiny-qwen3-bf16", dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
+def untied_base(tmp_path_factory) -> Path:
+    return build_base_model(tmp_path_factory.mktemp("untied") / "tiny-qwen3-untied", tie_word_embeddings=False)

@@ -22,6 +22,7 @@ from .errors import (
     ValidationError,
 )
 from .i18n import set_language
+from .model_merger import MergeResult, ModelMerger, merge
 
 __version__ = "0.1.0"
 
@@ -39,7 +40,9 @@ __all__ = [
     "ExportError",
     "ExportFormatError",
     "MergeError",
+    "MergeResult",
     "MissingDependencyError",
+    "ModelMerger",
     "ResourceError",
     "ValidationError",
     "check",
@@ -49,6 +52,7 @@ __all__ = [
     "init_config",
     "inspect_base_model",
     "load_config",
+    "merge",
     "resolve_base_model",
     "set_language",
     "validate_checkpoint",

@@ -20,7 +20,7 @@ from . import i18n
 from .base_model import TOKENIZER_FILES, BaseModelInfo, inspect_base_model
 from .errors import BaseModelError, CheckpointValidationError
 from .monitoring import Progress, logger
-from .tensor_io import SafetensorsFormatError, iter_tensors, read_header
+from .tensor_io import SafetensorsFormatError, iter_tensors, read_header, read_tensor
 
 __all__ = ["check", "validate_checkpoint", "quick_check", "read_adapter_config", "CheckpointReport",
            "ADAPTER_CONFIG", "ADAPTER_WEIGHT_FILES", "TRAINING_ARTIFACTS", "parse_adapter_key"]
@@ -68,6 +68,8 @@ def parse_adapter_key(key: str) -> tuple[str, str, str]:
     for suffix, (kind, role) in _KINDS.items():
         if name.endswith(suffix):
             return name[: -len(suffix)], kind, role
+    if ".lora_" in name or "trainable_tokens" in name:  # a LoRA variant's tensor this tool does not know
+        return name, "unknown", "unknown"
     for wrapper in (".base_layer", ".modules_to_save", ".original_module"):
         name = name.replace(wrapper, "")
     return name, "full", "weight"
@@ -159,6 +161,30 @@ def _tensors(file: Path, progress: bool) -> Iterator[tuple[str, Any]]:
         yield name, tensor
 
 
+def load_adapter_state(directory: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """The adapter's LoRA tensors in memory (they are small), its whole tensors (modules_to_save, saved
+    embeddings) as (header entry, file) to stream from disk, and the weights file."""
+    from .merge_math import MemoryTensor
+
+    file = weights_file(directory)
+    lora, full = {}, {}
+    if file.suffix == ".safetensors":
+        header = _header(file)
+        with file.open("rb") as fh:
+            for name, info in header.tensors.items():
+                if parse_adapter_key(name)[1] == "full":
+                    full[name] = (info, file)
+                else:
+                    lora[name] = read_tensor(fh, info)
+    else:
+        for name, tensor in _load_bin(file).items():
+            if parse_adapter_key(name)[1] == "full":
+                full[name] = (MemoryTensor(name, tensor), None)
+            else:
+                lora[name] = tensor
+    return lora, full, file
+
+
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module name."""
     for key, value in (patterns or {}).items():
@@ -196,6 +222,9 @@ def validate_checkpoint(checkpoint: str | Path, base_model: str | None = None, *
         num_tensors=len(shapes), num_modules=len(modules),
         full_tensors=sorted(parse_adapter_key(k)[0] for k in shapes if parse_adapter_key(k)[1] == "full"),
         training_artifacts=[a for a in TRAINING_ARTIFACTS if (directory / a).exists()])
+    unknown = [k for k in shapes if parse_adapter_key(k)[1] == "unknown"]
+    if unknown:
+        report.warnings.append(i18n.ui("warn_unknown_tensors", count=len(unknown), first=unknown[0]))
     base_name = base_model or config.get("base_model_name_or_path")
     if base_name:
         base = inspect_base_model(base_name)

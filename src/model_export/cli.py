@@ -58,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model: local directory or hub id (default: base_model_name, else adapter_config.json's)")
     _config_options(p)
 
+    p = command("merge", _merge, "merge a LoRA adapter into its base model, streaming tensor by tensor")
+    p.add_argument("--adapter", help="adapter or training output directory (default: checkpoint_path of --config)")
+    p.add_argument("--base", help="base model: local directory or hub id (default: base_model_name, else adapter_config.json's)")
+    p.add_argument("--out", help="output directory (default: <output_dir>/merge)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="output dtype (auto: the base's)")
+    p.add_argument("--max-shard-size", help="largest shard, e.g. 5GB (default: max_shard_size)")
+    p.add_argument("--format", choices=["safetensors", "pytorch"], default="safetensors")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where the update math runs (default: device_map)")
+    _config_options(p)
+
     p = command("validate-config", _validate_config, "report every problem of a YAML or JSON configuration")
     p.add_argument("file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -144,6 +154,28 @@ def _check(args: argparse.Namespace) -> int:
             console.print(f"[yellow]{warning}[/]")
 
     _emit(args, report.to_dict(), human)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .model_merger import ModelMerger
+
+    config = _load(args)
+    options = {"dtype": args.dtype, "format": args.format, "device": args.device or config.device_map}
+    if args.max_shard_size:
+        options["max_shard_size"] = args.max_shard_size
+    if args.selection:
+        options["selection"] = args.selection
+    result = ModelMerger(config, **options).merge(args.adapter, args.base, args.out)
+
+    def human(console: Console) -> None:
+        key = "merge_nothing_to_do" if result.already_complete else "merge_done"
+        console.print("[green]" + i18n.ui(key, out=result.output_dir, shards=len(result.shards), gb=result.bytes / 1e9,
+                                          seconds=result.seconds) + "[/]")
+        if result.untied_embeddings:
+            console.print(i18n.ui("merge_untied"))
+
+    _emit(args, result.to_dict(), human)
     return 0
 
 

@@ -112,8 +112,8 @@ class BaseModelError(ExportError, OSError):
         return self.render()
 
 
-class ResourceError(ExportError, MemoryError):
-    """Memory or disk space ran out."""
+class ResourceError(ExportError, MemoryError, RuntimeError):
+    """Memory or disk space ran out (a RuntimeError too, as torch's CUDA out-of-memory is)."""
 
 
 class MissingDependencyError(ExportError, ImportError):

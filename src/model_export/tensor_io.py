@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-__all__ = ["SafetensorsFormatError", "TensorInfo", "SafetensorsHeader", "read_header", "read_tensor", "iter_tensors", "DTYPE_SIZES"]
+__all__ = ["SafetensorsFormatError", "TensorInfo", "SafetensorsHeader", "read_header", "read_tensor", "iter_tensors", "DTYPE_SIZES",
+           "PlannedTensor", "ShardPlan", "plan_shards", "header_bytes", "ShardWriter", "file_sha256"]
 
 MAX_HEADER_BYTES = 100_000_000
 
@@ -144,3 +146,138 @@ def iter_tensors(header: SafetensorsHeader) -> Iterator[tuple[str, "object"]]:
     with header.path.open("rb") as fh:
         for info in sorted(header.tensors.values(), key=lambda t: t.start):
             yield info.name, read_tensor(fh, info)
+
+
+# ---- writing -------------------------------------------------------------------------------------
+
+TORCH_TO_SAFETENSORS = {v: k for k, v in _TORCH_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor the writer will receive: its name, safetensors dtype and shape, known before any data."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+@dataclass
+class ShardPlan:
+    filename: str
+    tensors: list[PlannedTensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_size: int, stem: str = "model", suffix: str = "safetensors") -> list[ShardPlan]:
+    """Split tensors, in order, into shards of at most ``max_shard_size`` bytes (a larger tensor gets its own),
+    named as transformers names them: model.safetensors, or model-00001-of-00003.safetensors and so on."""
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if groups[-1] and size + tensor.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(tensor)
+        size += tensor.nbytes
+    if len(groups) == 1:
+        return [ShardPlan(f"{stem}.{suffix}", groups[0])]
+    total = len(groups)
+    return [ShardPlan(f"{stem}-{i:05d}-of-{total:05d}.{suffix}", group) for i, group in enumerate(groups, 1)]
+
+
+def header_bytes(tensors: list[PlannedTensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors header for ``tensors`` laid out in order, padded to 8 bytes as safetensors pads it."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """Writes one safetensors shard whose layout is fixed up front; data arrives in order, in chunks.
+
+    The file carries a temporary name until every byte is written, then is renamed, so a killed
+    run never leaves a file that looks complete. ``sha256`` covers the whole file.
+    """
+
+    def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None) -> None:
+        import hashlib
+
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.expected = sum(t.nbytes for t in tensors)
+        self.written = 0
+        self._hash = hashlib.sha256()
+        self._fh = self.partial.open("wb")
+        self._emit(header_bytes(tensors, metadata))
+
+    def _emit(self, data) -> None:
+        self._fh.write(data)
+        self._hash.update(data)
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        if self.written + len(view) > self.expected:
+            raise ValueError(f"{self.path.name}: more data than planned ({self.written + len(view)} > {self.expected} bytes)")
+        self._emit(view)
+        self.written += len(view)
+
+    def close(self) -> str:
+        """Flush, check that every planned byte came, rename to the final name; return the file's sha256."""
+        if self.written != self.expected:
+            self.abort()
+            raise ValueError(f"{self.path.name}: {self.written} of {self.expected} planned bytes written")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.replace(self.partial, self.path)
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_rows(fh: BinaryIO, info: TensorInfo, start: int, stop: int):
+    """Rows ``start:stop`` of a tensor (dimension 0), read with explicit I/O; the rest stays on disk."""
+    import torch
+
+    row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+    buffer = bytearray(row * (stop - start))
+    fh.seek(info.start + row * start)
+    if fh.readinto(buffer) != len(buffer):
+        raise SafetensorsFormatError(f"tensor {info.name!r}: the file ended before its data did")
+    dtype = getattr(torch, _TORCH_DTYPES[info.dtype])
+    if not buffer:
+        return torch.empty((stop - start, *info.shape[1:]), dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(stop - start, *info.shape[1:])
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a safetensors dtype name (BF16 -> torch.bfloat16)."""
+    import torch
+
+    return getattr(torch, _TORCH_DTYPES[name])

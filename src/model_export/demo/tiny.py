@@ -55,7 +55,7 @@ def build_tokenizer(out: str | Path, vocab_size: int = 384) -> Any:
 
 def build_base_model(out: str | Path, *, seed: int = 0, vocab_size: int | None = None, tie_word_embeddings: bool = True,
                      num_hidden_layers: int = 2, hidden_size: int = 64, dtype: str = "float32", tokenizer: bool = True,
-                     max_shard_size: str | None = None) -> Path:
+                     max_shard_size: str | None = None, **config_overrides: Any) -> Path:
     """Save a seeded random Qwen3 model (and, by default, a tokenizer) to ``out``; return ``out``."""
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
@@ -69,7 +69,7 @@ def build_base_model(out: str | Path, *, seed: int = 0, vocab_size: int | None =
         num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
         max_position_embeddings=512, tie_word_embeddings=tie_word_embeddings,
         bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>") if tok else None,
-        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>") if tok else None)
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>") if tok else None, **config_overrides)
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config).to(getattr(torch, dtype))
     with torch.no_grad():  # random init is near zero; spread weights so outputs differ across inputs
@@ -94,7 +94,7 @@ def build_adapter(base: str | Path, out: str | Path, *, seed: int = 1, base_name
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_B" in name or "lora_embedding_B" in name:
+            if "lora_B" in name or "lora_embedding" in name:  # PEFT starts B (and embedding A) at zero
                 param.normal_(0, 0.05)
     peft_model.peft_config["default"].base_model_name_or_path = base_name or str(base)
     peft_model.save_pretrained(str(out))

@@ -1,0 +1,93 @@
+"""The Hugging Face folder around merged weights: config, generation config, tokenizer, model card, index.
+
+Every file is written under a temporary name and renamed, so a killed run leaves no half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .base_model import TOKENIZER_FILES
+from .checkpoint_validator import TRAINING_ARTIFACTS
+
+__all__ = ["write_atomic", "write_config", "copy_tokenizer", "copy_generation_config", "write_index", "write_model_card",
+           "copy_training_artifacts", "TOKENIZER_SET"]
+
+# Files that make up a tokenizer; they are copied together from one place, never mixed.
+TOKENIZER_SET = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                 "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+_DROP_CONFIG_KEYS = ("quantization_config", "pretraining_tp_quantized")
+_TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    os.replace(partial, path)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    partial = dst.with_name(dst.name + ".partial")
+    shutil.copyfile(src, partial)
+    os.replace(partial, dst)
+
+
+def write_config(out: Path, config: dict[str, Any], weight_dtype: str) -> None:
+    """config.json with the output dtype, no quantization settings, and the plan's tie flag and vocab size."""
+    config = {k: v for k, v in config.items() if k not in _DROP_CONFIG_KEYS}
+    name = _TORCH_NAMES.get(weight_dtype, "float32")
+    present = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype", "torch_dtype"]
+    for key in present:
+        config[key] = name
+    write_atomic(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def tokenizer_source(candidates: list[Path]) -> Path | None:
+    return next((d for d in candidates if any((d / f).is_file() for f in TOKENIZER_FILES)), None)
+
+
+def copy_tokenizer(out: Path, candidates: list[Path]) -> Path | None:
+    """Copy the tokenizer (with its chat template and special tokens) from the first candidate that has one."""
+    source = tokenizer_source(candidates)
+    if source is not None:
+        for name in TOKENIZER_SET:
+            if (source / name).is_file():
+                _copy_atomic(source / name, out / name)
+    return source
+
+
+def copy_generation_config(out: Path, candidates: list[Path]) -> Path | None:
+    source = next((d for d in candidates if (d / "generation_config.json").is_file()), None)
+    if source is not None:
+        _copy_atomic(source / "generation_config.json", out / "generation_config.json")
+    return source
+
+
+def copy_training_artifacts(out: Path, checkpoint: Path) -> list[str]:
+    """Only when remove_training_artifacts is false: copy them, unread, into training_artifacts/."""
+    present = [name for name in TRAINING_ARTIFACTS if (checkpoint / name).is_file()]
+    if present:
+        (out / "training_artifacts").mkdir(exist_ok=True)
+        for name in present:
+            _copy_atomic(checkpoint / name, out / "training_artifacts" / name)
+    return present
+
+
+def write_index(out: Path, index_name: str, weight_map: dict[str, str], total_size: int) -> None:
+    data = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    write_atomic(out / index_name, json.dumps(data, indent=2) + "\n")
+
+
+def write_model_card(out: Path, facts: dict[str, Any]) -> None:
+    """README.md recording base model, adapter, checkpoint and the merge settings."""
+    base = facts["base_model"]
+    rows = "\n".join(f"| {key} | `{value}` |" for key, value in facts.items())
+    text = (f"---\nbase_model: {base}\nlibrary_name: transformers\ntags:\n- lora\n- merged\n- model-export\n---\n\n"
+            f"# Merged model\n\n{base} with the LoRA adapter from `{facts['checkpoint']}` merged into its weights by "
+            "model-export's streaming merge (fp32 accumulation, one rounding to the output dtype).\n\n"
+            f"| setting | value |\n|---|---|\n{rows}\n")
+    write_atomic(out / "README.md", text)

@@ -1,0 +1,51 @@
+"""Loading whole models with transformers (and PEFT) for the reference and verification runs.
+
+Only the stages that run a model load one; the merge never does. 4-bit and 8-bit loading go
+through bitsandbytes (the ``gpu`` extra); a CUDA out-of-memory becomes ResourceError (ME401)
+with the guide's fixes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+from .base_model import resolve_base_model
+from .errors import ResourceError
+from .extras import require
+
+__all__ = ["load_model", "cuda_oom_as_resource_error"]
+
+
+@contextlib.contextmanager
+def cuda_oom_as_resource_error() -> Iterator[None]:
+    """Turn torch's CUDA out-of-memory into ResourceError('cuda_oom') carrying torch's own first sentence."""
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        detail = str(exc).split("CUDA out of memory.")[-1].strip().split(". ")[0]
+        raise ResourceError("cuda_oom", detail=detail) from exc
+
+
+def load_model(name: str, config: Any = None, *, dtype: Any = "auto", device_map: str | None = None,
+               load_in_4bit: bool | None = None, load_in_8bit: bool | None = None, **kwargs: Any):
+    """AutoModelForCausalLM for ``name`` (a local directory or a hub id resolved through the cache).
+
+    Settings default to ``config`` (device_map, base_model_load_in_4bit/8bit, use_memory_mapping).
+    Raises BaseModelError, MissingDependencyError (bitsandbytes) and ResourceError (CUDA out of memory).
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_base_model(name)
+    device_map = device_map or (config.device_map if config is not None else "cpu")
+    load_in_4bit = load_in_4bit if load_in_4bit is not None else bool(config and config.base_model_load_in_4bit)
+    load_in_8bit = load_in_8bit if load_in_8bit is not None else bool(config and config.base_model_load_in_8bit)
+    if load_in_4bit or load_in_8bit:
+        require("bitsandbytes", "4-bit/8-bit loading")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit and not load_in_4bit)
+    with cuda_oom_as_resource_error():
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device_map, **kwargs)
