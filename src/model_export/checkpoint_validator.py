@@ -14,13 +14,13 @@ import pickle
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import i18n
 from .base_model import TOKENIZER_FILES, BaseModelInfo, inspect_base_model
 from .errors import BaseModelError, CheckpointValidationError
 from .monitoring import Progress, logger
-from .tensor_io import SafetensorsFormatError, iter_tensors, read_header, read_tensor
+from .tensor_io import SafetensorsFormatError, read_bytes, read_header, row_bytes
 
 __all__ = ["check", "validate_checkpoint", "quick_check", "read_adapter_config", "CheckpointReport",
            "ADAPTER_CONFIG", "ADAPTER_WEIGHT_FILES", "TRAINING_ARTIFACTS", "parse_adapter_key"]
@@ -30,6 +30,7 @@ ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 TRAINING_ARTIFACTS = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin")
 SUPPORTED_PEFT_TYPES = ("LORA",)
 _PREFIX = "base_model.model."
+_SCAN_CHUNK = 64 << 20
 _KINDS = {  # suffix of a saved adapter key -> (kind, role)
     ".lora_A.weight": ("linear", "A"), ".lora_B.weight": ("linear", "B"),
     ".lora_embedding_A": ("embedding", "A"), ".lora_embedding_B": ("embedding", "B"),
@@ -146,25 +147,42 @@ def _load_bin(file: Path) -> dict[str, Any]:
     return state
 
 
-def _tensors(file: Path, progress: bool) -> Iterator[tuple[str, Any]]:
-    """Adapter tensors one at a time, logging 'Processing checkpoint: N% complete' as bytes are read."""
-    if file.suffix == ".safetensors":
-        header = _header(file)
-        items: Iterator[tuple[str, Any]] = iter_tensors(header)
-        total = header.data_bytes
-    else:
-        state = _load_bin(file)
-        items, total = iter(state.items()), sum(t.numel() * t.element_size() for t in state.values())
-    meter = Progress("Processing checkpoint", total, enabled=progress)
-    for name, tensor in items:
-        meter.advance(tensor.numel() * tensor.element_size())
-        yield name, tensor
+def _scan(file: Path, progress: bool) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """Shapes of every adapter tensor and the names of those holding NaN or Inf, reading one chunk at a time
+    and logging 'Processing checkpoint: N% complete'."""
+    from .numerics import nonfinite_count
+
+    shapes, nonfinite = {}, []
+    if file.suffix != ".safetensors":
+        import torch
+
+        for name, tensor in _load_bin(file).items():
+            shapes[name] = tuple(tensor.shape)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                nonfinite.append(name)
+        return shapes, nonfinite
+    header = _header(file)
+    meter = Progress("Processing checkpoint", header.data_bytes, enabled=progress)
+    with file.open("rb") as fh:
+        for info in sorted(header.tensors.values(), key=lambda t: t.start):
+            shapes[info.name] = info.shape
+            rows = info.shape[0] if info.shape else 1
+            step = max(1, _SCAN_CHUNK // max(row_bytes(info), 1))
+            bad = 0
+            for start in range(0, rows, step):
+                chunk = read_bytes(fh, info, start, min(rows, start + step)) if info.shape else read_bytes(fh, info)
+                bad += nonfinite_count(chunk, info.dtype)
+                meter.advance(len(chunk))
+            if bad:
+                nonfinite.append(info.name)
+    return shapes, nonfinite
 
 
 def load_adapter_state(directory: Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
-    """The adapter's LoRA tensors in memory (they are small), its whole tensors (modules_to_save, saved
-    embeddings) as (header entry, file) to stream from disk, and the weights file."""
+    """The adapter's LoRA tensors in memory as float32 arrays (they are small), its whole tensors
+    (modules_to_save, saved embeddings) as (header entry, file) to stream from disk, and the weights file."""
     from .merge_math import MemoryTensor
+    from .numerics import as_float
 
     file = weights_file(directory)
     lora, full = {}, {}
@@ -175,13 +193,13 @@ def load_adapter_state(directory: Path) -> tuple[dict[str, Any], dict[str, Any],
                 if parse_adapter_key(name)[1] == "full":
                     full[name] = (info, file)
                 else:
-                    lora[name] = read_tensor(fh, info)
+                    lora[name] = as_float(read_bytes(fh, info), info.dtype, info.shape)
     else:
         for name, tensor in _load_bin(file).items():
             if parse_adapter_key(name)[1] == "full":
                 full[name] = (MemoryTensor(name, tensor), None)
             else:
-                lora[name] = tensor
+                lora[name] = tensor.float().numpy()
     return lora, full, file
 
 
@@ -205,13 +223,7 @@ def validate_checkpoint(checkpoint: str | Path, base_model: str | None = None, *
     if peft_type not in SUPPORTED_PEFT_TYPES:
         raise CheckpointValidationError("unsupported_peft_type", peft_type=config.get("peft_type"), path=str(directory / ADAPTER_CONFIG),
                                         supported="LORA (including rsLoRA and DoRA)")
-    shapes, nonfinite = {}, []
-    import torch
-
-    for name, tensor in _tensors(file, progress):
-        shapes[name] = tuple(tensor.shape)
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            nonfinite.append(name)
+    shapes, nonfinite = _scan(file, progress)
     if nonfinite:
         raise CheckpointValidationError("nonfinite_weights", count=len(nonfinite), tensor=nonfinite[0], path=str(file))
     modules = _check_ranks(shapes, config)

@@ -12,6 +12,7 @@ complete (checked by hash) and finishes the rest; a complete output is not rewri
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -29,7 +30,7 @@ from .errors import BaseModelError, MergeError
 from .faults import crash_point
 from .hf_layout import (copy_generation_config, copy_tokenizer, copy_training_artifacts, write_atomic, write_config,
                         write_index, write_model_card)
-from .merge_math import merged_chunks
+from .merge_math import Workspace, merged_chunks, readinto_full
 from .merge_plan import MergePlan, OutputTensor, check_supported, make_plan
 from .monitoring import MemoryMonitor, Progress, logger
 from .tensor_io import ShardPlan, ShardWriter, file_sha256, plan_shards
@@ -97,7 +98,8 @@ def merge(adapter: str | Path, base: str | None = None, out: str | Path = "merge
             logger.info(i18n.ui("merge_already_complete", path=out))
             result.already_complete = True
         else:
-            result.resumed_shards = _write_shards(out, plan, shards, state, key, format, device, progress)
+            with _one_compute_thread():
+                result.resumed_shards = _write_shards(out, plan, shards, state, key, format, device, progress)
             _write_layout(out, plan, shards, index_name, checkpoint, info, adapter_config,
                           {"dtype": dtype, "format": format, "max_shard_size": str(max_shard_size)}, remove_training_artifacts)
             crash_point("layout")
@@ -105,6 +107,22 @@ def merge(adapter: str | Path, base: str | None = None, out: str | Path = "merge
             write_atomic(out / STATE_FILE, json.dumps(state, indent=2))
     result.seconds, result.peak_rss = time.perf_counter() - start, monitor.peak_rss
     return result
+
+
+@contextlib.contextmanager
+def _one_compute_thread():
+    """The merge is a pipeline: one core computes while the writer thread writes and hashes on the other.
+    Letting torch spread over every core as well oversubscribes them and doubled the wall time here."""
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _refuse_inputs_as_output(out: Path, checkpoint: Path, base_dir: Path) -> None:
@@ -189,10 +207,12 @@ def _write_shards(out: Path, plan: MergePlan, shards: list[ShardPlan], state: di
 
 
 class _Sources:
-    """Open source files, kept open for the run so that each tensor costs a seek, not an open."""
+    """Open source files, kept open for the run so that each tensor costs a seek, not an open; and the
+    workspace whose buffers every chunk reuses."""
 
     def __init__(self) -> None:
         self._files: dict[Path, BinaryIO] = {}
+        self.workspace = Workspace()
 
     def __enter__(self) -> "_Sources":
         return self
@@ -203,7 +223,7 @@ class _Sources:
 
     def get(self, path: Path) -> BinaryIO:
         if path not in self._files:
-            self._files[path] = path.open("rb")
+            self._files[path] = path.open("rb", buffering=0)
         return self._files[path]
 
 
@@ -211,8 +231,8 @@ def _safetensors_shard(path: Path, tensors: list[OutputTensor], sources: _Source
     writer = ShardWriter(path, [t.planned for t in tensors], {"format": "pt"})
     try:
         for tensor in tensors:
-            for chunk in _tensor_bytes(tensor, sources, device):
-                writer.write(chunk)
+            for chunk, release in _tensor_bytes(tensor, sources, device):
+                writer.write(chunk, release)
             crash_point("tensor")
         return writer.close()
     except BaseException:
@@ -228,9 +248,14 @@ def _pytorch_shard(path: Path, tensors: list[OutputTensor], sources: _Sources, d
 
     state = {}
     for tensor in tensors:
-        data = bytearray().join(bytes(c) for c in _tensor_bytes(tensor, sources, device))
-        state[tensor.name] = torch.frombuffer(data, dtype=torch_dtype(tensor.dtype)).reshape(tensor.shape).clone() if data else \
-            torch.empty(tensor.shape, dtype=torch_dtype(tensor.dtype))
+        data = bytearray()
+        for chunk, release in _tensor_bytes(tensor, sources, device):
+            data += chunk
+            if release is not None:
+                release()
+        dtype = torch_dtype(tensor.dtype)
+        state[tensor.name] = torch.frombuffer(data, dtype=dtype).reshape(tensor.shape) if data else torch.empty(tensor.shape, dtype=dtype)
+        crash_point("tensor")
     partial = path.with_name(path.name + ".partial")
     torch.save(state, partial)
     partial.replace(path)
@@ -238,27 +263,27 @@ def _pytorch_shard(path: Path, tensors: list[OutputTensor], sources: _Sources, d
 
 
 def _tensor_bytes(tensor: OutputTensor, sources: _Sources, device: str):
-    """The output bytes of one tensor, in chunks: raw copies for untouched tensors, merged rows otherwise."""
+    """(bytes, release) chunks of one output tensor: raw copies for untouched tensors, merged rows otherwise."""
+    workspace = sources.workspace
     if tensor.is_copy and tensor.source_file is not None:
         fh = sources.get(tensor.source_file)
         fh.seek(tensor.source.start)
         remaining = tensor.source.nbytes
         while remaining:
-            block = fh.read(min(_COPY_CHUNK, remaining))
-            if not block:
+            length = min(_COPY_CHUNK, remaining)
+            buffer = workspace.out_buffer(length)
+            view = memoryview(buffer)[:length]
+            if readinto_full(fh, view) != length:
+                workspace.release(buffer)
                 raise MergeError("merge_source_truncated", file=str(tensor.source_file), tensor=tensor.name)
-            remaining -= len(block)
-            yield block
+            remaining -= length
+            yield view, lambda buffer=buffer: workspace.release(buffer)
         return
     fh = sources.get(tensor.source_file) if tensor.source_file is not None else None
-    for chunk in merged_chunks(tensor, fh, device):
-        yield chunk.contiguous().view(-1).view(_uint8()).numpy()
-
-
-def _uint8():
-    import torch
-
-    return torch.uint8
+    try:
+        yield from merged_chunks(tensor, fh, workspace, device)
+    except EOFError:
+        raise MergeError("merge_source_truncated", file=str(tensor.source_file), tensor=tensor.name) from None
 
 
 def _write_layout(out: Path, plan: MergePlan, shards: list[ShardPlan], index_name: str, checkpoint: Path, info: BaseModelInfo,

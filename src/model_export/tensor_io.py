@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 __all__ = ["SafetensorsFormatError", "TensorInfo", "SafetensorsHeader", "read_header", "read_tensor", "iter_tensors", "DTYPE_SIZES",
-           "PlannedTensor", "ShardPlan", "plan_shards", "header_bytes", "ShardWriter", "file_sha256"]
+           "PlannedTensor", "ShardPlan", "plan_shards", "header_bytes", "ShardWriter", "file_sha256", "read_bytes", "read_rows"]
 
 MAX_HEADER_BYTES = 100_000_000
 
@@ -128,13 +128,10 @@ _TORCH_DTYPES = {
 
 
 def read_tensor(fh: BinaryIO, info: TensorInfo):
-    """Read one tensor from ``fh`` (its open shard) with explicit I/O, so no mapping outlives the call."""
+    """Read one tensor from ``fh`` (its open shard) as a torch tensor, with explicit I/O (no mapping)."""
     import torch
 
-    buffer = bytearray(info.nbytes)
-    fh.seek(info.start)
-    if fh.readinto(buffer) != info.nbytes:
-        raise SafetensorsFormatError(f"tensor {info.name!r}: the file ended before its data did")
+    buffer = read_bytes(fh, info)
     dtype = getattr(torch, _TORCH_DTYPES[info.dtype])
     if not buffer:
         return torch.empty(info.shape, dtype=dtype)
@@ -208,12 +205,17 @@ def header_bytes(tensors: list[PlannedTensor], metadata: dict[str, str] | None =
 class ShardWriter:
     """Writes one safetensors shard whose layout is fixed up front; data arrives in order, in chunks.
 
-    The file carries a temporary name until every byte is written, then is renamed, so a killed
-    run never leaves a file that looks complete. ``sha256`` covers the whole file.
+    A background thread writes and hashes (both release the GIL), so the caller computes the next
+    chunk while the previous one goes to disk; at most ``queue_chunks`` chunks wait to be written. The
+    file carries a temporary name until every byte is written, then is renamed, so a killed run
+    never leaves a file that looks complete. ``close`` returns the sha256 of the whole file.
     """
 
-    def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None) -> None:
+    def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None,
+                 queue_chunks: int = 8) -> None:
         import hashlib
+        import queue
+        import threading
 
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
@@ -221,31 +223,58 @@ class ShardWriter:
         self.written = 0
         self._hash = hashlib.sha256()
         self._fh = self.partial.open("wb")
-        self._emit(header_bytes(tensors, metadata))
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_chunks)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name=f"write-{self.path.name}", daemon=True)
+        self._thread.start()
+        self._put(header_bytes(tensors, metadata))
 
-    def _emit(self, data) -> None:
-        self._fh.write(data)
-        self._hash.update(data)
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            data, release = item
+            if self._error is None:
+                try:
+                    self._fh.write(data)
+                    self._hash.update(data)
+                except BaseException as exc:  # noqa: BLE001 - reported to the caller by write/close
+                    self._error = exc
+            if release is not None:
+                release()
 
-    def write(self, data) -> None:
+    def _put(self, data, release=None) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((data, release))
+
+    def write(self, data, release=None) -> None:
+        """Queue ``data`` for writing; the caller must not change it until ``release`` (if given) is called."""
         view = memoryview(data).cast("B")
         if self.written + len(view) > self.expected:
             raise ValueError(f"{self.path.name}: more data than planned ({self.written + len(view)} > {self.expected} bytes)")
-        self._emit(view)
+        self._put(view, release)
         self.written += len(view)
+
+    def _finish_thread(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
     def close(self) -> str:
         """Flush, check that every planned byte came, rename to the final name; return the file's sha256."""
-        if self.written != self.expected:
+        self._finish_thread()
+        if self._error is not None or self.written != self.expected:
             self.abort()
+            if self._error is not None:
+                raise self._error
             raise ValueError(f"{self.path.name}: {self.written} of {self.expected} planned bytes written")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        # No fsync: a killed process loses nothing that reached the page cache, and a power cut that
+        # loses a renamed shard is caught on resume, where every kept shard is checked against its hash.
         self._fh.close()
         os.replace(self.partial, self.path)
         return self._hash.hexdigest()
 
     def abort(self) -> None:
+        self._finish_thread()
         if not self._fh.closed:
             self._fh.close()
         self.partial.unlink(missing_ok=True)
@@ -261,19 +290,31 @@ def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+def row_bytes(info) -> int:
+    return info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+
+
+def read_bytes(fh: BinaryIO, info: TensorInfo, start: int | None = None, stop: int | None = None) -> bytearray:
+    """The raw bytes of a tensor, or of its rows ``start:stop`` (dimension 0), read with explicit I/O."""
+    if start is None:
+        offset, length = 0, info.nbytes
+    else:
+        offset, length = row_bytes(info) * start, row_bytes(info) * (stop - start)
+    buffer = bytearray(length)
+    fh.seek(info.start + offset)
+    if fh.readinto(buffer) != length:
+        raise SafetensorsFormatError(f"tensor {info.name!r}: the file ended before its data did")
+    return buffer
+
+
 def read_rows(fh: BinaryIO, info: TensorInfo, start: int, stop: int):
-    """Rows ``start:stop`` of a tensor (dimension 0), read with explicit I/O; the rest stays on disk."""
+    """Rows ``start:stop`` of a tensor as a torch tensor; the rest stays on disk."""
     import torch
 
-    row = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
-    buffer = bytearray(row * (stop - start))
-    fh.seek(info.start + row * start)
-    if fh.readinto(buffer) != len(buffer):
-        raise SafetensorsFormatError(f"tensor {info.name!r}: the file ended before its data did")
+    buffer = read_bytes(fh, info, start, stop)
     dtype = getattr(torch, _TORCH_DTYPES[info.dtype])
-    if not buffer:
-        return torch.empty((stop - start, *info.shape[1:]), dtype=dtype)
-    return torch.frombuffer(buffer, dtype=dtype).reshape(stop - start, *info.shape[1:])
+    shape = (stop - start, *info.shape[1:])
+    return torch.frombuffer(buffer, dtype=dtype).reshape(shape) if buffer else torch.empty(shape, dtype=dtype)
 
 
 def torch_dtype(name: str):
