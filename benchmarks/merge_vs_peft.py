@@ -29,12 +29,21 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 TARGETS = {"wall_vs_peft": 0.25, "wall_vs_copy": 2.0, "peak_rss_gib": 1.5}
 
 PEFT_SCRIPT = """
-import sys, torch
+import os, sys, torch
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
-base, adapter, out = sys.argv[1:4]
-model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+base, adapter, out, device = sys.argv[1:5]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map=device)
 PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(out)
+if device == "cuda":
+    open(os.environ["BENCH_GPU_PEAK"], "w").write(str(torch.cuda.max_memory_allocated()))
+"""
+
+OURS_GPU_SCRIPT = """
+import os, sys, torch
+from model_export import merge
+merge(sys.argv[1], sys.argv[2], sys.argv[3], device="cuda", progress=False)
+open(os.environ["BENCH_GPU_PEAK"], "w").write(str(torch.cuda.max_memory_allocated()))
 """
 
 
@@ -105,16 +114,24 @@ def write_adapter(path: Path, base: Path, config: dict, r: int = 16) -> None:
                base_model_name_or_path=str(base)).save_pretrained(str(path))
 
 
-def timed(command: list[str]) -> dict:
-    """Run ``command`` in its own process; wall time and its own peak RSS (wait4 reports it per child)."""
+def timed(command: list[str], gpu: bool = False) -> dict:
+    """Run ``command`` in its own process; wall time and its own peak RSS (wait4 reports it per child);
+    with ``gpu``, also the peak GPU memory the process reports through BENCH_GPU_PEAK."""
+    import tempfile
+
+    peak_file = Path(tempfile.mkstemp()[1])
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "BENCH_GPU_PEAK": str(peak_file)})
+    stderr = process.stderr.read().decode(errors="replace")
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
-    stderr = process.stderr.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{command[0]} failed:\n{stderr[-3000:]}")
-    return {"wall_s": round(wall, 2), "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2**30, 2)}
+    result = {"wall_s": round(wall, 2), "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2**30, 2)}
+    if gpu:
+        result["peak_gpu_gib"] = round(int(peak_file.read_text() or 0) / 2**30, 2)
+    peak_file.unlink()
+    return result
 
 
 def warm(path: Path) -> None:
@@ -167,6 +184,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/model-export-bench")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     parser.add_argument("--skip-peft", action="store_true", help="only copy and model-export (no PEFT run)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: PEFT merges on the GPU, and model-export runs both --device cpu and --device cuda")
     parser.add_argument("--internal", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.internal:
@@ -186,7 +205,6 @@ def main() -> None:
     t0 = time.perf_counter()
     child("--size", args.size, "--internal", "prepare", str(work))
     print(f"inputs written in {time.perf_counter() - t0:.1f} s: base {sum(f.stat().st_size for f in base.glob('*.safetensors')) / 1e9:.2f} GB")
-    bin_dir = Path(sys.executable).parent
     results = {}
     # Each tool starts with the base in the page cache and no dirty pages waiting (sync, untimed); none of
     # them syncs its own output, as cp and save_pretrained do not.
@@ -194,12 +212,18 @@ def main() -> None:
     (work / "copy").mkdir()
     results["copy"] = timed(["sh", "-c", f"cp {base}/*.safetensors {work / 'copy'}/"])
     settle(base)
-    results["model-export"] = timed([str(bin_dir / "model-export"), "merge", "--adapter", str(adapter), "--base", str(base),
-                                     "--out", str(work / "ours"), "--log-level", "WARNING"])
+    merge_cli = [sys.executable, "-m", "model_export.cli", "merge", "--adapter", str(adapter), "--base", str(base), "--log-level", "WARNING"]
+    results["model-export"] = timed(merge_cli + ["--out", str(work / "ours"), "--device", "cpu"])
+    gpu = args.device == "cuda"
+    if gpu:
+        settle(base)
+        results["model-export-cuda"] = timed([sys.executable, "-c", OURS_GPU_SCRIPT, str(adapter), str(base), str(work / "ours-cuda")], gpu=True)
     if not args.skip_peft:
         settle(base)
-        results["peft"] = timed([sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(work / "peft")])
+        results["peft"] = timed([sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(work / "peft"), args.device], gpu=gpu)
         results["max_ulp_vs_peft"] = int(child("--internal", "compare", str(work / "ours"), str(work / "peft")))
+        if gpu:
+            results["max_ulp_cuda_vs_peft"] = int(child("--internal", "compare", str(work / "ours-cuda"), str(work / "peft")))
     report(results)
     (Path(args.workdir) / f"merge-{args.size}.json").write_text(json.dumps(results, indent=2))
     if not args.keep:
@@ -208,15 +232,18 @@ def main() -> None:
 
 def report(results: dict) -> None:
     ours, copy = results["model-export"], results["copy"]
-    print(f"\n{'tool':<14}{'wall (s)':>10}{'peak RSS (GiB)':>16}")
-    for name in ("peft", "model-export", "copy"):
+    print(f"\n{'tool':<20}{'wall (s)':>10}{'peak RSS (GiB)':>16}{'peak GPU (GiB)':>16}")
+    for name in ("peft", "model-export", "model-export-cuda", "copy"):
         if name in results:
-            print(f"{name:<14}{results[name]['wall_s']:>10.2f}{results[name]['peak_rss_gib']:>16.2f}")
+            r = results[name]
+            gpu = f"{r['peak_gpu_gib']:>16.2f}" if "peak_gpu_gib" in r else f"{'-':>16}"
+            print(f"{name:<20}{r['wall_s']:>10.2f}{r['peak_rss_gib']:>16.2f}{gpu}")
     ratios = {"wall_vs_copy": round(ours["wall_s"] / copy["wall_s"], 2)}
     if "peft" in results:
         ratios["wall_vs_peft"] = round(ours["wall_s"] / results["peft"]["wall_s"], 2)
         ratios["rss_vs_peft"] = round(ours["peak_rss_gib"] / results["peft"]["peak_rss_gib"], 3)
-        print(f"max ulp difference from PEFT on sampled tensors: {results['max_ulp_vs_peft']}")
+        print(f"max ulp difference from PEFT on sampled tensors: {results['max_ulp_vs_peft']}"
+              + (f" (cuda merge: {results['max_ulp_cuda_vs_peft']})" if "max_ulp_cuda_vs_peft" in results else ""))
     for key, value in ratios.items():
         target = TARGETS.get(key)
         print(f"{key}: {value}" + (f" (target <= {target}: {'met' if value <= target else 'NOT met'})" if target else ""))

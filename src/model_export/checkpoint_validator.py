@@ -14,13 +14,16 @@ import pickle
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import i18n
 from .base_model import TOKENIZER_FILES, BaseModelInfo, inspect_base_model
 from .errors import BaseModelError, CheckpointValidationError
 from .monitoring import Progress, logger
 from .tensor_io import SafetensorsFormatError, read_bytes, read_header, row_bytes
+
+if TYPE_CHECKING:
+    from .config import ExportConfiguration
 
 __all__ = ["check", "validate_checkpoint", "quick_check", "read_adapter_config", "CheckpointReport",
            "ADAPTER_CONFIG", "ADAPTER_WEIGHT_FILES", "TRAINING_ARTIFACTS", "parse_adapter_key"]

@@ -1,7 +1,6 @@
 """The streaming merge against PEFT: within one ulp per element for every variant, and the same model."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -68,9 +67,17 @@ def test_the_merged_model_gives_peft_unmerged_logits(tiny_base, adapter, tmp_pat
 @pytest.mark.parametrize("lora", [
     {"target_modules": ["q_proj", "embed_tokens", "lm_head"]},
     {"target_modules": ["v_proj", "embed_tokens"], "use_dora": True},
+    {"target_modules": ["o_proj"], "modules_to_save": ["lm_head", "model.norm"]},
 ])
 def test_untied_base_with_embedding_and_head_adapters(untied_base, tmp_path, lora):
     adapter = build_adapter(untied_base, tmp_path / "adapter", **lora)
+    if "modules_to_save" in lora:  # trained copies differ from the base's
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(adapter / "adapter_model.safetensors"))
+        for key in ("base_model.model.lm_head.weight", "base_model.model.model.norm.weight"):
+            tensors[key] = tensors[key] + 0.05 * torch.randn_like(tensors[key])
+        save_file(tensors, str(adapter / "adapter_model.safetensors"))
     merge(adapter, str(untied_base), tmp_path / "ours")
     reference = load_dir(peft_merge(untied_base, adapter, tmp_path / "peft"))
     merged = load_dir(tmp_path / "ours")
