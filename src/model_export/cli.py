@@ -218,6 +218,8 @@ def _demo(args: argparse.Namespace) -> int:
         table.add_row(i18n.ui("demo_row_base"), str(check["base_model"]))
         table.add_row(i18n.ui("demo_row_adapter"), i18n.ui("check_summary", rank=check["rank"], alpha=check["lora_alpha"],
                                                             modules=check["num_modules"], tensors=check["num_tensors"], file=check["weights_file"]))
+        table.add_row(i18n.ui("demo_row_merged"), i18n.ui("merge_done", out=result["merge"]["output_dir"], shards=len(result["merge"]["shards"]),
+                                                          gb=result["merge"]["bytes"] / 1e9, seconds=result["merge"]["seconds"]))
         table.add_row(i18n.ui("demo_row_config"), result["config"])
         console.print(table)
         console.print(i18n.ui("demo_next", config=result["config"], run=result["detection"]["root"]))

@@ -44,6 +44,7 @@ def test_demo_command_runs_offline(tmp_path):
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["detection"]["selected"].endswith("checkpoint-30") and result["check"]["fit_checked"]
+    assert result["merge"]["tensors"] == 24 and (tmp_path / "export-demo" / "export" / "merge" / "model.safetensors").is_file()
     assert "Demo finished" in out.stderr
     again = subprocess.run([cli, "--lang", "zh", "demo", "--workdir", str(tmp_path / "export-demo")], capture_output=True,
                            text=True, env=env, cwd=tmp_path, timeout=600)

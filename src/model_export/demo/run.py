@@ -1,6 +1,6 @@
 """``model-export demo``: works offline, on a tiny Qwen3-architecture model built and fine-tuned on the spot.
 
-It runs every stage that exists so far (detect, check, validate-config, doctor) on a real
+It runs every stage that exists so far (validate-config, detect, check, merge, doctor) on a real
 Trainer + PEFT output tree; later stages join as the pipeline grows.
 """
 
@@ -15,6 +15,7 @@ from ..checkpoint_validator import validate_checkpoint
 from ..config import ExportConfiguration
 from ..config_validator import check_config
 from ..doctor import doctor
+from ..model_merger import ModelMerger
 from ..monitoring import logger, timed_step
 from .tiny import build_base_model, build_training_run
 
@@ -47,7 +48,10 @@ def demo(workdir: str | Path = "export-demo") -> dict[str, Any]:
         detection = detect(config.checkpoint_path, config.checkpoint_selection)
     with timed_step("check"):
         report = validate_checkpoint(detection.path, config.base_model_name)
+    with timed_step("merge"):
+        merged = ModelMerger(config).merge()
     with timed_step("doctor"):
         health = doctor(output_dir=config.output_dir)
     logger.info(i18n.ui("demo_done", checkpoint=detection.selected, base=base, config=config_file))
-    return {"config": str(config_file), "detection": detection.to_dict(), "check": report.to_dict(), "doctor": health.to_dict()}
+    return {"config": str(config_file), "detection": detection.to_dict(), "check": report.to_dict(),
+            "merge": merged.to_dict(), "doctor": health.to_dict()}
