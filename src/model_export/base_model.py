@@ -31,6 +31,7 @@ class BaseModelInfo:
     config: dict
     tensors: dict[str, TensorInfo]
     shards: list[Path]
+    files: dict[str, Path]  # the shard that holds each tensor
 
     @property
     def weight_bytes(self) -> int:
@@ -101,12 +102,15 @@ def inspect_base_model(name: str) -> BaseModelInfo:
         raise BaseModelError("base_model_invalid", path=str(path), problem=f"config.json: {exc}") from None
     shards = _shards(path)
     tensors: dict[str, TensorInfo] = {}
+    files: dict[str, Path] = {}
     for shard in shards:
         try:
-            tensors.update(read_header(shard).tensors)
+            header = read_header(shard).tensors
         except (OSError, SafetensorsFormatError) as exc:
             raise BaseModelError("base_model_invalid", path=str(path), problem=f"{shard.name}: {exc}") from None
-    return BaseModelInfo(name, path, config, tensors, shards)
+        tensors.update(header)
+        files.update(dict.fromkeys(header, shard))
+    return BaseModelInfo(name, path, config, tensors, shards, files)
 
 
 def _shards(path: Path) -> list[Path]:

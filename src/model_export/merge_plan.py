@@ -121,7 +121,7 @@ def _out_dtype(source: TensorInfo, dtype: str, compress: bool) -> str:
 
 
 def make_plan(adapter_config: dict[str, Any], lora_tensors: dict[str, Any], full: dict[str, tuple[Any, Path | None]],
-              base: BaseModelInfo, base_files: dict[str, Path], dtype: str = "auto", compress_weights: bool = True) -> MergePlan:
+              base: BaseModelInfo, dtype: str = "auto", compress_weights: bool = True) -> MergePlan:
     """Plan the merged model. ``full`` maps base tensor names to whole tensors saved in the adapter.
 
     Raises MergeError (ME701 unsupported, ME702 inconsistent embeddings).
@@ -132,7 +132,7 @@ def make_plan(adapter_config: dict[str, Any], lora_tensors: dict[str, Any], full
     embed_name = next((n for n in base.tensors if n.endswith("embed_tokens.weight")), None)
     tensors: list[OutputTensor] = []
     for name, info in base.tensors.items():
-        source, file = full.get(name, (info, base_files[name]))
+        source, file = full.get(name, (info, base.files[name]))
         module = name.removesuffix(".weight") if name.endswith(".weight") else None
         bias_module = name.removesuffix(".bias") if name.endswith(".bias") else None
         lora = modules.get(module) if module else None

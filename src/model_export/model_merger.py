@@ -135,16 +135,9 @@ def _refuse_inputs_as_output(out: Path, checkpoint: Path, base_dir: Path) -> Non
 def _plan(checkpoint: Path, adapter_config: dict, info: BaseModelInfo, dtype: str, compress: bool) -> tuple[MergePlan, Path]:
     lora, full, adapter_file = load_adapter_state(checkpoint)
     check_supported(adapter_config, list(lora) + list(full))
-    files = {name: shard for shard in info.shards for name in _names_in(info, shard)}
     full_by_base = {parse_adapter_key(k)[0]: v for k, v in full.items()}
-    plan = make_plan(adapter_config, lora, full_by_base, info, files, dtype, compress)
+    plan = make_plan(adapter_config, lora, full_by_base, info, dtype, compress)
     return plan, adapter_file
-
-
-def _names_in(info: BaseModelInfo, shard: Path) -> list[str]:
-    from .tensor_io import read_header
-
-    return list(read_header(shard).tensors)
 
 
 def _plan_key(adapter_file: Path, adapter_config: dict, info: BaseModelInfo, shards: list[ShardPlan], *options: Any) -> str:
