@@ -23,6 +23,7 @@ from .errors import (
 )
 from .i18n import set_language
 from .model_merger import MergeResult, ModelMerger, merge
+from .pipeline import RunResult, run
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,7 @@ __all__ = [
     "MissingDependencyError",
     "ModelMerger",
     "ResourceError",
+    "RunResult",
     "ValidationError",
     "check",
     "check_config",
@@ -54,6 +56,7 @@ __all__ = [
     "load_config",
     "merge",
     "resolve_base_model",
+    "run",
     "set_language",
     "validate_checkpoint",
     "validate_config",

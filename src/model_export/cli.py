@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    p = command("run", _run, "run the whole pipeline: detect, check, merge, export, verify, report (resumable)")
+    p.add_argument("config", nargs="?", help="YAML or JSON configuration (default: the defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     p = command("doctor", _doctor, "check Python, packages, GPU, disk space, checkpoint and hub access")
     p.add_argument("--checkpoint", help="training output or adapter directory to check as well")
     p.add_argument("--base", help="base model (local directory or hub id) for the disk estimate and fit check")
@@ -76,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", default="model-export.yaml")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
 
-    p = command("demo", _demo, "build the tiny demo model and training run, then run model-export on it")
-    p.add_argument("--workdir", default="export-demo")
+    p = command("demo", _demo, "fine-tune a LoRA on the bundled tiny model, then run the whole pipeline on it (offline)")
+    p.add_argument("--workdir", default=".", help="where qwen3-finetuned/ and export-demo/ go (default: here)")
     return parser
 
 
@@ -103,6 +107,38 @@ def _emit(args: argparse.Namespace, data: Any, human: Callable[[Console], None])
         print(json.dumps(data, ensure_ascii=False, indent=2, default=str))
     else:
         human(Console(highlight=False, soft_wrap=True))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .pipeline import run
+
+    config = load_config(args.config, args.overrides)
+    if config.lang and "lang" not in vars(args):
+        i18n.set_language(config.lang)
+    result = run(config)
+    _emit(args, result.to_dict(), lambda console: _print_run(console, "model-export", result.steps, result.report))
+    return 0
+
+
+def _print_run(console: Console, title: str, steps: dict, report: str | None) -> None:
+    """The summary at the end of a run: one row per artifact, then the steps and where the report is."""
+    from .report import summary_rows
+
+    table = Table(title=title)
+    for column in ("format", "path", "size", "verification"):
+        table.add_column(column, overflow="fold")
+    results = {"export": steps.get("export", {}).get("result", {}), "verify": steps.get("verify", {}).get("result", {})}
+    for r in summary_rows(results):
+        verdict = "-" if r["verified"] is None else ("[green]passed[/]" if r["verified"] else "[red]failed[/]")
+        table.add_row(r["format"], r["path"], f"{r['bytes'] / 1e6:.2f} MB", verdict)
+    console.print(table)
+    console.print(", ".join(_step_text(name, step) for name, step in steps.items()))
+    console.print(i18n.ui("run_done", report=report))
+
+
+def _step_text(name: str, step: dict) -> str:
+    return f"{name} skipped" if step.get("skipped") else f"{name} {step.get('seconds', 0):.1f}s"
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -210,21 +246,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo.run import demo
 
     result = demo(args.workdir)
-
-    def human(console: Console) -> None:
-        table = Table(title="model-export demo", show_header=False)
-        check = result["check"]
-        table.add_row(i18n.ui("demo_row_checkpoint"), result["detection"]["selected"])
-        table.add_row(i18n.ui("demo_row_base"), str(check["base_model"]))
-        table.add_row(i18n.ui("demo_row_adapter"), i18n.ui("check_summary", rank=check["rank"], alpha=check["lora_alpha"],
-                                                            modules=check["num_modules"], tensors=check["num_tensors"], file=check["weights_file"]))
-        table.add_row(i18n.ui("demo_row_merged"), i18n.ui("merge_done", out=result["merge"]["output_dir"], shards=len(result["merge"]["shards"]),
-                                                          gb=result["merge"]["bytes"] / 1e9, seconds=result["merge"]["seconds"]))
-        table.add_row(i18n.ui("demo_row_config"), result["config"])
-        console.print(table)
-        console.print(i18n.ui("demo_next", config=result["config"], run=result["detection"]["root"]))
-
-    _emit(args, result, human)
+    _emit(args, result, lambda console: _print_run(console, "model-export demo", result["steps"], result["report"]))
     return 0
 
 

@@ -118,6 +118,11 @@ class ExportConfiguration(BaseModel):
     run_validation_tests: bool = Field(True, description="Verify every artifact against the unmerged base + adapter.")
     validation_tolerance: float = Field(
         1e-3, gt=0, description="Largest absolute logit difference allowed for full-precision artifacts.")
+    validation_min_top1: float = Field(
+        0.9, gt=0, le=1, description="Reduced-precision artifacts (bf16, fp16, int8, int4): least top-1 agreement with the reference.")
+    validation_max_kl: float = Field(
+        0.05, gt=0, description="Reduced-precision artifacts: largest mean KL divergence from the reference's next-token distribution.")
+    validation_new_tokens: int = Field(16, ge=1, description="Tokens generated greedily per sample to compare generations.")
     test_input_samples: list[str] = Field(
         default_factory=lambda: ["Hello", "简单测试", "Write a haiku about autumn."],
         description="Prompts used to verify and benchmark the artifacts (formatted with the chat template).")

@@ -154,4 +154,17 @@ def _samples_and_data(config: ExportConfiguration) -> list[ConfigProblem]:
     return problems
 
 
-_RULES = (_load_in_bits, _quantization, _opset, _dynamic_axes, _output_dir, _formats, _samples_and_data)
+# What this version can produce; the rest of the schema is ahead of the exporters.
+AVAILABLE_FORMATS = ("safetensors", "pytorch")
+AVAILABLE_LEVELS = ("none", "bf16", "fp16")
+
+
+def _available(config: ExportConfiguration) -> list[ConfigProblem]:
+    problems = [ConfigProblem("export_formats", "format_unavailable", {"what": f"the {fmt} export"})
+                for fmt in config.formats if fmt not in AVAILABLE_FORMATS]
+    if config.quantization_level not in AVAILABLE_LEVELS:
+        problems.append(ConfigProblem("quantization_level", "format_unavailable", {"what": f"quantization_level {config.quantization_level}"}))
+    return problems
+
+
+_RULES = (_available, _load_in_bits, _quantization, _opset, _dynamic_axes, _output_dir, _formats, _samples_and_data)

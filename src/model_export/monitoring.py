@@ -54,30 +54,38 @@ def memory_line() -> str:
 
 
 class MemoryMonitor:
-    """Logs memory_line() every ``interval`` seconds from a daemon thread and tracks the peak RSS."""
+    """Samples this process's RSS from a daemon thread (for the report's memory plot and the peak) and,
+    when ``enabled``, logs memory_line() every ``interval`` seconds."""
 
-    def __init__(self, interval: float = 5.0, enabled: bool = True) -> None:
+    def __init__(self, interval: float = 5.0, enabled: bool = True, sample_every: float = 0.25) -> None:
         self.interval, self.enabled = interval, enabled
+        self.sample_every = min(sample_every, interval)
         self.peak_rss = 0
+        self.samples: list[tuple[float, int]] = []
+        self._start = time.perf_counter()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def sample(self) -> int:
         rss = psutil.Process().memory_info().rss
         self.peak_rss = max(self.peak_rss, rss)
+        self.samples.append((round(time.perf_counter() - self._start, 3), rss))
         return rss
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        last_line = time.perf_counter()
+        while not self._stop.wait(self.sample_every):
             self.sample()
-            logger.info(memory_line())
+            if self.enabled and time.perf_counter() - last_line >= self.interval:
+                last_line = time.perf_counter()
+                logger.info(memory_line())
 
     def __enter__(self) -> "MemoryMonitor":
         self.sample()
         if self.enabled:
             logger.info(memory_line())
-            self._thread = threading.Thread(target=self._loop, name="memory-monitor", daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._loop, name="memory-monitor", daemon=True)
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:

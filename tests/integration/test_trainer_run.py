@@ -39,13 +39,27 @@ def test_cli_on_the_trainer_output(trainer_run, tiny_base, capsys):
 def test_demo_command_runs_offline(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LANG": "C.UTF-8"}
     cli = os.path.join(os.path.dirname(sys.executable), "model-export")
-    out = subprocess.run([cli, "demo", "--workdir", str(tmp_path / "export-demo"), "--json"], capture_output=True, text=True,
-                         env=env, cwd=tmp_path, timeout=600)
+    out = subprocess.run([cli, "demo", "--json"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert result["detection"]["selected"].endswith("checkpoint-30") and result["check"]["fit_checked"]
-    assert result["merge"]["tensors"] == 24 and (tmp_path / "export-demo" / "export" / "merge" / "model.safetensors").is_file()
-    assert "Demo finished" in out.stderr
-    again = subprocess.run([cli, "--lang", "zh", "demo", "--workdir", str(tmp_path / "export-demo")], capture_output=True,
-                           text=True, env=env, cwd=tmp_path, timeout=600)
-    assert again.returncode == 0 and "复用已有的" in again.stderr and "演示完成" in again.stderr
+    assert result["passed"] is True and result["report"] == "export-demo/report.html"
+    assert sorted(p.name for p in (tmp_path / "qwen3-finetuned").iterdir() if p.is_dir()) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    assert (tmp_path / "export-demo" / "export" / "safetensors" / "model.safetensors").is_file()
+    assert "Report: export-demo/report.html" in out.stderr
+    again = subprocess.run([cli, "--lang", "zh", "demo"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0 and "复用已有的" in again.stderr and "演示完成" in again.stderr and "报告: export-demo/report.html" in again.stdout
+
+
+def test_the_shipped_demo_model_is_pretrained():
+    """Its outputs are not random: it continues a line of the corpus it was trained on."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model_export.demo.run import shipped_base
+
+    tokenizer = AutoTokenizer.from_pretrained(str(shipped_base()))
+    model = AutoModelForCausalLM.from_pretrained(str(shipped_base()))
+    prompt = tokenizer("The export tool", return_tensors="pt")
+    with torch.no_grad():
+        text = tokenizer.decode(model.generate(**prompt, max_new_tokens=8, do_sample=False)[0])
+    assert text.startswith("The export tool reads a checkpoint")

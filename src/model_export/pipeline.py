@@ -1,0 +1,249 @@
+"""The run: detect -> check -> merge -> export -> verify -> report, resumable step by step.
+
+This module alone knows the order of the steps. Each step writes under ``output_dir/<step>/`` and
+records itself in ``output_dir/run.json``: status, a key hashing its inputs and settings (and the
+keys of the steps before it), duration and peak memory. Rerunning the same configuration skips
+every step whose key is unchanged and says so; a changed setting changes that step's key and so
+the keys of every step after it, which rerun.
+
+    from model_export import load_config, run
+    result = run(load_config("export.yaml"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import i18n
+from .base_model import inspect_base_model
+from .checkpoint_detector import detect
+from .checkpoint_validator import read_adapter_config, validate_checkpoint, weights_file
+from .config import ExportConfiguration
+from .config_validator import check_config
+from .errors import BaseModelError, ExportError
+from .faults import crash_point
+from .hf_layout import tokenizer_source, write_atomic
+from .model_merger import merge
+from .monitoring import MemoryMonitor, logger, setup_logging
+from .tensor_io import file_sha256
+
+__all__ = ["run", "RunResult", "MANIFEST", "STEPS"]
+
+MANIFEST = "run.json"
+STEPS = ("detect", "check", "merge", "export", "verify", "report")
+_MERGE_DTYPES = {"none": "auto", "bf16": "bf16", "fp16": "fp16"}
+
+
+@dataclass
+class RunResult:
+    output_dir: str
+    steps: dict[str, dict[str, Any]]
+    artifacts: dict[str, str] = field(default_factory=dict)
+    report: str | None = None
+    passed: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output_dir": self.output_dir, "steps": self.steps, "artifacts": self.artifacts, "report": self.report,
+                "passed": self.passed}
+
+
+class _Run:
+    def __init__(self, config: ExportConfiguration) -> None:
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.manifest_path = self.out / MANIFEST
+        self.manifest = self._load_manifest()
+        self.keys: dict[str, str] = {}
+        self.results: dict[str, Any] = {}
+        self.monitor = MemoryMonitor(config.memory_monitoring_interval, enabled=config.memory_monitoring)
+
+    def _load_manifest(self) -> dict[str, Any]:
+        if self.manifest_path.is_file():
+            try:
+                return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                logger.warning(i18n.ui("manifest_unreadable", path=self.manifest_path))
+        return {"version": 1, "steps": {}}
+
+    def _save(self) -> None:
+        write_atomic(self.manifest_path, json.dumps(self.manifest, indent=2, default=str))
+
+    def step(self, name: str, inputs: Any, action: Callable[[], dict[str, Any]],
+             outputs: Callable[[dict[str, Any]], list[Path]] = lambda result: []) -> dict[str, Any]:
+        """Run ``action`` unless the manifest holds this step done with the same key and its output files
+        unchanged (name, size, modification time); record what happened."""
+        previous = [self.keys[s] for s in STEPS[: STEPS.index(name)] if s in self.keys]
+        key = _hash([name, previous, inputs])
+        self.keys[name] = key
+        record = self.manifest["steps"].get(name, {})
+        unchanged = record.get("outputs", []) == _fingerprint(outputs(record.get("result", {})))
+        if record.get("status") == "done" and record.get("key") == key and unchanged:
+            logger.info(i18n.ui("step_skipped", step=name, when=record.get("finished", "?")))
+            record["skipped"] = True
+            self.results[name] = record.get("result", {})
+            return self.results[name]
+        start, first_sample = time.perf_counter(), len(self.monitor.samples)
+        self.monitor.sample()
+        self.manifest["steps"][name] = record = {"status": "running", "key": key, "skipped": False}
+        self._save()
+        try:
+            result = action()
+        except ExportError as exc:
+            record.update(status="failed", error=exc.to_dict(), seconds=round(time.perf_counter() - start, 3))
+            self._save()
+            raise
+        self.monitor.sample()
+        record.update(status="done", result=result, outputs=_fingerprint(outputs(result)), seconds=round(time.perf_counter() - start, 3),
+                      peak_rss=max(rss for _, rss in self.monitor.samples[first_sample:]), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        self._save()
+        logger.info(i18n.ui("step_done", step=name, seconds=record["seconds"]))
+        crash_point("step")
+        self.results[name] = result
+        return result
+
+
+def _hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _fingerprint(paths: list[Path]) -> list[list[Any]]:
+    """Name, size and modification time of files: enough to notice a changed file without reading it."""
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths if p.is_file()]
+
+
+def run(config: ExportConfiguration) -> RunResult:
+    """Take the checkpoint to verified artifacts, resuming where an earlier run of the same config stopped.
+
+    Raises ConfigError, CheckpointValidationError, BaseModelError, MergeError, ValidationError.
+    """
+    check_config(config)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logging(config.log_level, config.log_file or out / "export.log")
+    state = _Run(config)
+    state.manifest["config"] = config.model_dump(mode="json")
+    with state.monitor:
+        try:
+            _steps(state)
+        except ExportError as exc:
+            _report(state, failure=exc)
+            raise
+        _cleanup(state)
+    return RunResult(str(out), state.manifest["steps"], state.results.get("export", {}).get("artifacts", {}),
+                     state.results.get("report", {}).get("html"), state.results.get("verify", {}).get("passed"))
+
+
+def _steps(state: _Run) -> None:
+    c = state.config
+    root = Path(c.checkpoint_path)
+    candidates = sorted(root.glob("checkpoint-*/adapter_*")) + sorted(root.glob("adapter_*"))
+    detection = state.step("detect", [c.checkpoint_path, c.checkpoint_selection, _fingerprint(candidates)],
+                           lambda: detect(c.checkpoint_path, c.checkpoint_selection).to_dict())
+    checkpoint = Path(detection["selected"])
+    base = c.base_model_name or read_adapter_config(checkpoint).get("base_model_name_or_path")
+    if not base:
+        raise BaseModelError("base_model_unknown", path=str(checkpoint / "adapter_config.json"))
+    info = inspect_base_model(base)
+    state.step("check", [base, _fingerprint(info.shards), file_sha256(weights_file(checkpoint)), _fingerprint([checkpoint / "adapter_config.json"])],
+               lambda: {**validate_checkpoint(checkpoint, base, progress=c.enable_progress_monitoring).to_dict(),
+                        "base_bytes": info.weight_bytes})
+    merge_settings = [_MERGE_DTYPES[c.quantization_level], c.max_shard_size, c.compress_weights, c.remove_training_artifacts]
+    state.step("merge", merge_settings, lambda: merge(
+        checkpoint, base, state.out / "merge", dtype=_MERGE_DTYPES[c.quantization_level], max_shard_size=c.max_shard_size,
+        compress_weights=c.compress_weights, remove_training_artifacts=c.remove_training_artifacts,
+        device="cpu" if c.device_map == "cpu" else "auto", progress=c.enable_progress_monitoring).to_dict(),
+        outputs=lambda result: _files(result.get("output_dir")))
+    state.step("export", c.formats, lambda: _export(state, checkpoint, base),
+               outputs=lambda result: [f for path in result.get("artifacts", {}).values() for f in _files(path)])
+    if c.run_validation_tests:
+        settings = [c.test_input_samples, c.validation_tolerance, c.validation_min_top1, c.validation_max_kl, c.validation_new_tokens]
+        state.step("verify", settings, lambda: _verify(state, checkpoint, info.path))
+    _report(state)
+
+
+def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:
+    """One folder per format under export/: safetensors as hard links to the merge's files, pytorch written anew."""
+    c, export = state.config, state.out / "export"
+    artifacts = {}
+    for fmt in c.formats:
+        target = export / fmt
+        partial = export / f".{fmt}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        if fmt == "safetensors":
+            partial.mkdir(parents=True)
+            for file in sorted((state.out / "merge").iterdir()):
+                if file.is_file() and not file.name.startswith("."):
+                    _link_or_copy(file, partial / file.name)
+        else:
+            merge(checkpoint, base, partial, dtype=_MERGE_DTYPES[c.quantization_level], max_shard_size=c.max_shard_size,
+                  format="pytorch", compress_weights=c.compress_weights, remove_training_artifacts=c.remove_training_artifacts,
+                  progress=c.enable_progress_monitoring)
+            (partial / ".model-export-merge.json").unlink(missing_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)
+        artifacts[fmt] = str(target)
+    return {"artifacts": artifacts, "sizes": {fmt: _size(Path(p)) for fmt, p in artifacts.items()}}
+
+
+def _files(folder: str | None) -> list[Path]:
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file()) if folder and Path(folder).is_dir() else []
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
+    from .verify import compute_reference, verify_artifact
+
+    c = state.config
+    tokenizer_dir = tokenizer_source([checkpoint, checkpoint.parent, base_dir]) or base_dir
+    reference = compute_reference(base_dir, checkpoint, tokenizer_dir, c.test_input_samples, c.validation_new_tokens)
+    verdicts = {}
+    for fmt, path in state.results["export"]["artifacts"].items():
+        verdict = verify_artifact(Path(path), reference, tolerance=c.validation_tolerance, min_top1=c.validation_min_top1,
+                                  max_kl=c.validation_max_kl, new_tokens=c.validation_new_tokens, raise_on_failure=False)
+        verdicts[fmt] = verdict.to_dict()
+        (state.out / "verify").mkdir(exist_ok=True)
+        write_atomic(state.out / "verify" / f"{fmt}.json", json.dumps(verdicts[fmt], indent=2))
+        if verdict.failure is not None:
+            state.results["verify"] = {"passed": False, "verdicts": verdicts}
+            raise verdict.failure
+    if c.save_intermediate_results:
+        import torch
+
+        torch.save({"prompts": reference.prompts, "input_ids": reference.input_ids, "logits": reference.logits,
+                    "greedy": reference.greedy}, state.out / "verify" / "reference.pt")
+    return {"passed": True, "verdicts": verdicts}
+
+
+def _report(state: _Run, failure: ExportError | None = None) -> None:
+    from .report import write_report
+
+    paths = write_report(state.out, state.manifest, state.results, state.monitor.samples, failure)
+    state.results["report"] = paths
+    logger.info(i18n.ui("run_done", report=paths["html"]))
+
+
+def _cleanup(state: _Run) -> None:
+    """cleanup_temp_files: no *.partial left behind (a killed run's leftovers are removed on the next run too)."""
+    if state.config.cleanup_temp_files:
+        for leftover in state.out.rglob("*.partial"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)

@@ -1,0 +1,146 @@
+"""report.json and a self-contained report.html: what was exported, and whether it can be trusted.
+
+The HTML has no external assets: the plots are inline SVG (logit-difference distribution per
+artifact, artifact sizes against the base model, step durations, memory over time), so the file
+can be mailed or opened offline.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from . import i18n
+from .hf_layout import write_atomic
+
+__all__ = ["write_report", "summary_rows"]
+
+_CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:980px;color:#1d2330}
+h1{font-size:22px}h2{font-size:17px;margin-top:2em}table{border-collapse:collapse;width:100%}
+td,th{border-bottom:1px solid #e3e6ec;padding:6px 8px;text-align:left}th{background:#f5f7fa}
+.banner{padding:14px 18px;border-radius:8px;font-size:17px;font-weight:600}
+.pass{background:#e5f6ea;color:#17642f}.fail{background:#fde8e8;color:#9b1c1c}.muted{color:#6b7280}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:18px}svg{background:#fbfcfd;border:1px solid #e3e6ec;border-radius:6px}
+code{background:#f1f3f6;padding:1px 4px;border-radius:3px}.ok{color:#17642f}.bad{color:#9b1c1c}"""
+
+
+def _gb(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per artifact: format, path, size, verification outcome."""
+    export = results.get("export", {})
+    verdicts = results.get("verify", {}).get("verdicts", {})
+    rows = []
+    for fmt, path in export.get("artifacts", {}).items():
+        v = verdicts.get(fmt)
+        rows.append({"format": fmt, "path": path, "bytes": export.get("sizes", {}).get(fmt, 0),
+                     "verified": None if v is None else bool(v["passed"]), "rule": v and v["rule"],
+                     "max_abs_diff": v and v["max_abs_diff"], "mean_kl": v and v["mean_kl"], "top1": v and v["top1_agreement"]})
+    return rows
+
+
+def _bars(title: str, labels: list[str], values: list[float], fmt: Any, color: str = "#3b82f6") -> str:
+    width, row = 440, 26
+    top = max(values, default=0) or 1
+    height = 34 + row * len(labels)
+    parts = [f'<svg width="{width}" height="{height}" role="img"><title>{html.escape(title)}</title>',
+             f'<text x="10" y="20" font-weight="600">{html.escape(title)}</text>']
+    for i, (label, value) in enumerate(zip(labels, values)):
+        y = 30 + i * row
+        w = 220 * value / top
+        parts.append(f'<text x="10" y="{y + 16}">{html.escape(label)}</text>'
+                     f'<rect x="120" y="{y + 4}" width="{w:.1f}" height="16" fill="{color}" rx="2"/>'
+                     f'<text x="{126 + w:.1f}" y="{y + 16}" class="muted">{html.escape(fmt(value))}</text>')
+    return "".join(parts) + "</svg>"
+
+
+def _histogram(title: str, histogram: dict[str, list[float]]) -> str:
+    counts, edges = histogram.get("counts", []), histogram.get("edges", [])
+    width, height = 440, 190
+    top = max(counts, default=0) or 1
+    bar = 400 / max(len(counts), 1)
+    parts = [f'<svg width="{width}" height="{height}" role="img"><title>{html.escape(title)}</title>',
+             f'<text x="10" y="20" font-weight="600">{html.escape(title)}</text>']
+    for i, count in enumerate(counts):
+        h = 120 * count / top
+        parts.append(f'<rect x="{20 + i * bar:.1f}" y="{150 - h:.1f}" width="{bar - 1:.1f}" height="{h:.1f}" fill="#8b5cf6"/>')
+    if edges:
+        parts.append(f'<text x="20" y="170" class="muted">0</text><text x="330" y="170" class="muted">{edges[-1]:.3g}</text>'
+                     '<text x="150" y="186" class="muted">|logit difference|</text>')
+    return "".join(parts) + "</svg>"
+
+
+def _memory(samples: list[tuple[float, int]]) -> str:
+    width, height = 440, 190
+    if len(samples) < 2:
+        return ""
+    t_max = samples[-1][0] or 1
+    m_max = max(m for _, m in samples) or 1
+    points = " ".join(f"{20 + 400 * t / t_max:.1f},{150 - 120 * m / m_max:.1f}" for t, m in samples)
+    return (f'<svg width="{width}" height="{height}" role="img"><title>memory</title>'
+            '<text x="10" y="20" font-weight="600">Resident memory over the run</text>'
+            f'<polyline points="{points}" fill="none" stroke="#0ea5e9" stroke-width="2"/>'
+            f'<text x="20" y="170" class="muted">0 s</text><text x="360" y="170" class="muted">{t_max:.1f} s</text>'
+            f'<text x="24" y="46" class="muted">peak {m_max / 2**30:.2f} GiB</text>'
+            '<text x="24" y="146" class="muted">0</text></svg>')
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _artifact_row(r: dict[str, Any]) -> str:
+    verified = "—" if r["verified"] is None else ('<b class="ok">passed</b>' if r["verified"] else '<b class="bad">failed</b>')
+    return (f"<tr><td><b>{r['format']}</b></td><td><code>{html.escape(r['path'])}</code></td><td>{_gb(r['bytes'])}</td>"
+            f"<td>{verified}</td><td>{html.escape(r['rule'] or '')}</td><td>{_number(r['max_abs_diff'], '.3g')}</td>"
+            f"<td>{_number(r['mean_kl'], '.3g')}</td><td>{_number(r['top1'], '.3f')}</td></tr>")
+
+
+def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, failure: Any) -> str:
+    rows = summary_rows(results)
+    passed = failure is None and all(r["verified"] is not False for r in rows)
+    banner = ("pass", i18n.ui("report_pass", count=len(rows))) if passed else ("fail", i18n.ui("report_fail", error=failure or "?"))
+    table = "".join(_artifact_row(r) for r in rows)
+    steps = manifest.get("steps", {})
+    step_rows = "".join(f"<tr><td>{name}</td><td>{s.get('status')}{' (skipped: unchanged)' if s.get('skipped') else ''}</td>"
+                        f"<td>{s.get('seconds', 0):.2f} s</td><td>{s.get('peak_rss', 0) / 2**30:.2f} GiB</td></tr>"
+                        for name, s in steps.items())
+    plots = [_bars("Step durations (s)", list(steps), [s.get("seconds", 0) for s in steps.values()], lambda v: f"{v:.2f} s", "#f59e0b")]
+    base_bytes = results.get("check", {}).get("base_bytes")
+    if rows:
+        labels = (["base model"] if base_bytes else []) + [r["format"] for r in rows]
+        sizes = ([base_bytes] if base_bytes else []) + [r["bytes"] for r in rows]
+        plots.append(_bars("Size against the base model", labels, sizes, _gb, "#10b981"))
+    for fmt, verdict in results.get("verify", {}).get("verdicts", {}).items():
+        plots.append(_histogram(f"Logit differences: {fmt}", verdict.get("diff_histogram", {})))
+    plots.append(_memory(samples))
+    detection = results.get("detect", {})
+    check = results.get("check", {})
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>model-export report</title>
+<style>{_CSS}</style></head><body><h1>model-export report</h1>
+<div class="banner {banner[0]}">{html.escape(str(banner[1]))}</div>
+<p class="muted">checkpoint <code>{html.escape(str(detection.get('selected', '?')))}</code> · base
+<code>{html.escape(str(check.get('base_model', '?')))}</code> · LoRA r={check.get('rank', '?')}, alpha={check.get('lora_alpha', '?')}</p>
+<h2>Artifacts</h2><table><tr><th>format</th><th>path</th><th>size</th><th>verification</th><th>rule</th>
+<th>max |Δlogit|</th><th>mean KL</th><th>top-1</th></tr>{table}</table>
+<h2>Plots</h2><div class="grid">{''.join(plots)}</div>
+<h2>Steps</h2><table><tr><th>step</th><th>status</th><th>duration</th><th>peak RSS</th></tr>{step_rows}</table>
+<p class="muted">Full data: report.json · run manifest: run.json</p></body></html>"""
+
+
+def write_report(out: Path, manifest: dict[str, Any], results: dict[str, Any], samples: list[tuple[float, int]],
+                 failure: Any = None) -> dict[str, str]:
+    """Write report.json and report.html into ``out``; return their paths."""
+    data = {"status": "failed" if failure else "passed", "error": failure.to_dict() if failure else None,
+            "artifacts": summary_rows(results), "steps": manifest.get("steps", {}), "results": results,
+            "memory_samples": samples}
+    write_atomic(out / "report.json", json.dumps(data, indent=2, default=str))
+    write_atomic(out / "report.html", _html(manifest, results, samples, failure))
+    return {"json": str(out / "report.json"), "html": str(out / "report.html")}

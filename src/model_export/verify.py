@@ -1,0 +1,193 @@
+"""Verification: every artifact against the unmerged reference (base + adapter through PEFT, in fp32).
+
+For each test input (formatted with the model's chat template) the reference's logits and greedy
+continuation are computed first and kept; the reference model is then released before any
+artifact is loaded, so two full models are never in memory at once. Per artifact and sample:
+max and mean absolute logit difference, KL divergence from the reference, top-1 agreement, and
+agreement of greedy generation.
+
+Pass rules fit the precision. A full-precision (fp32) artifact must stay within
+``validation_tolerance`` of the reference's logits. A reduced-precision artifact (bf16, fp16,
+int8, int4), whose rounding alone moves logits by far more than 1e-3, is judged on top-1 agreement
+(at least ``validation_min_top1``) and mean KL (at most ``validation_max_kl``).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from . import i18n
+from .errors import ValidationError
+from .monitoring import logger
+
+__all__ = ["Reference", "ArtifactVerdict", "compute_reference", "verify_artifact", "precision_of"]
+
+
+@dataclass
+class SampleResult:
+    prompt: str
+    max_abs_diff: float
+    mean_abs_diff: float
+    kl: float
+    top1_agreement: float
+    greedy_agreement: float
+
+
+@dataclass
+class ArtifactVerdict:
+    artifact: str
+    precision: str  # full | reduced
+    passed: bool
+    rule: str
+    samples: list[SampleResult] = field(default_factory=list)
+    diff_histogram: dict[str, list[float]] = field(default_factory=dict)
+    error: str | None = None
+    failure: ValidationError | None = field(default=None, repr=False)
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((s.max_abs_diff for s in self.samples), default=float("nan"))
+
+    @property
+    def mean_kl(self) -> float:
+        return sum(s.kl for s in self.samples) / len(self.samples) if self.samples else float("nan")
+
+    @property
+    def top1_agreement(self) -> float:
+        return sum(s.top1_agreement for s in self.samples) / len(self.samples) if self.samples else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("failure", "samples")}
+        data["samples"] = [asdict(sample) for sample in self.samples]
+        data.update(max_abs_diff=self.max_abs_diff, mean_kl=self.mean_kl, top1_agreement=self.top1_agreement)
+        return data
+
+
+@dataclass
+class Reference:
+    prompts: list[str]
+    input_ids: list[Any]  # one 1-D LongTensor per prompt
+    logits: list[Any]  # fp32 logits per prompt, [seq, vocab]
+    greedy: list[list[int]]
+
+
+def _encode(tokenizer: Any, prompt: str):
+    import torch
+
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _run(model: Any, input_ids: Any, new_tokens: int) -> tuple[Any, list[int]]:
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids[None]).logits[0].float()
+        out = model.generate(input_ids[None], attention_mask=torch.ones_like(input_ids[None]), max_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=model.config.pad_token_id or 0)
+    return logits, out[0, input_ids.numel():].tolist()
+
+
+def compute_reference(base_dir: Path, checkpoint: Path, tokenizer_dir: Path, prompts: list[str], new_tokens: int) -> Reference:
+    """Logits and greedy tokens of base + adapter through PEFT, unmerged, in fp32; the model is released after."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(checkpoint)).eval()
+    encoded = [_encode(tokenizer, p) for p in prompts]
+    results = [_run(model, ids, new_tokens) for ids in encoded]
+    del model
+    gc.collect()
+    return Reference(prompts, encoded, [r[0] for r in results], [r[1] for r in results])
+
+
+def precision_of(artifact: Path) -> str:
+    """'full' when every floating-point weight is fp32, else 'reduced'."""
+    from .tensor_io import read_header
+
+    dtypes = {t.dtype for shard in sorted(artifact.glob("*.safetensors")) for t in read_header(shard).tensors.values()}
+    if not dtypes:  # a .bin artifact: its config says
+        dtype = json.loads((artifact / "config.json").read_text()).get("dtype") or "float32"
+        return "full" if dtype == "float32" else "reduced"
+    return "reduced" if dtypes & {"BF16", "F16", "F8_E4M3", "F8_E5M2", "I8", "U8"} else "full"
+
+
+def _compare(reference: Reference, logits: list[Any], greedy: list[list[int]]) -> list[SampleResult]:
+    import torch
+
+    samples = []
+    for prompt, ref, got, ref_tokens, tokens in zip(reference.prompts, reference.logits, logits, reference.greedy, greedy):
+        diff = (got - ref).abs()
+        kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean()
+        top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean()
+        agree = sum(a == b for a, b in zip(ref_tokens, tokens)) / max(len(ref_tokens), 1)
+        samples.append(SampleResult(prompt, float(diff.max()), float(diff.mean()), max(float(kl), 0.0), float(top1), agree))
+    return samples
+
+
+def _histogram(reference: Reference, logits: list[Any], bins: int = 24) -> dict[str, list[float]]:
+    import torch
+
+    diffs = torch.cat([(got - ref).abs().flatten() for ref, got in zip(reference.logits, logits)])
+    top = float(diffs.max()) or 1e-12
+    counts = torch.histc(diffs, bins=bins, min=0.0, max=top)
+    return {"edges": [top * i / bins for i in range(bins + 1)], "counts": counts.tolist()}
+
+
+def verify_artifact(artifact: Path, reference: Reference, *, tolerance: float, min_top1: float, max_kl: float,
+                    new_tokens: int, raise_on_failure: bool = True) -> ArtifactVerdict:
+    """Run ``artifact`` (a transformers folder) on the reference's inputs and judge it.
+
+    Raises ValidationError: 'output_mismatch' / 'top1_mismatch' when it disagrees with the reference,
+    'inference_failed' when it cannot be loaded or run (unless ``raise_on_failure`` is false).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    precision = precision_of(artifact)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(artifact), dtype="auto").eval()
+        runs = [_run(model, ids, new_tokens) for ids in reference.input_ids]
+        del model
+        gc.collect()
+    except Exception as exc:  # noqa: BLE001 - any failure to load or run is the guide's "inference failed"
+        verdict = ArtifactVerdict(str(artifact), precision, False, "inference", error=f"{type(exc).__name__}: {exc}"[:500])
+        verdict.failure = ValidationError("inference_failed", artifact=str(artifact), error=verdict.error)
+        if raise_on_failure:
+            raise verdict.failure from exc
+        return verdict
+    logits = [r[0].to(torch.float32) for r in runs]
+    samples = _compare(reference, logits, [r[1] for r in runs])
+    verdict = ArtifactVerdict(str(artifact), precision, True, "", samples, _histogram(reference, logits))
+    verdict.failure = failure = judge(verdict, tolerance, min_top1, max_kl)
+    verdict.passed = failure is None
+    logger.info(i18n.ui("verify_line", artifact=artifact, rule=verdict.rule, diff=verdict.max_abs_diff, kl=verdict.mean_kl,
+                        top1=verdict.top1_agreement, result="passed" if verdict.passed else "FAILED"))
+    if failure is not None and raise_on_failure:
+        raise failure
+    return verdict
+
+
+def judge(verdict: ArtifactVerdict, tolerance: float, min_top1: float, max_kl: float) -> ValidationError | None:
+    if verdict.precision == "full":
+        verdict.rule = f"max |logit diff| <= {i18n.format_number(tolerance)}"
+        if verdict.max_abs_diff > tolerance:
+            return ValidationError("output_mismatch", value=round(verdict.max_abs_diff, 6), limit=tolerance, artifact=verdict.artifact)
+        return None
+    verdict.rule = f"top-1 >= {min_top1}, KL <= {i18n.format_number(max_kl)}"
+    if verdict.top1_agreement < min_top1:
+        return ValidationError("top1_mismatch", value=round(verdict.top1_agreement, 4), limit=min_top1, artifact=verdict.artifact)
+    if verdict.mean_kl > max_kl:
+        return ValidationError("output_mismatch", value=round(verdict.mean_kl, 6), limit=max_kl, artifact=verdict.artifact)
+    return None

@@ -1,0 +1,107 @@
+"""The whole run: detect -> check -> merge -> export -> verify -> report, resumable, with a report a person can read."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from model_export import ExportConfiguration, ValidationError, i18n, run
+from model_export.cli import main
+from tests.conftest import tree_digest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def training(tmp_path_factory):
+    from model_export.demo.run import shipped_base
+    from model_export.demo.tiny import build_training_run
+
+    return build_training_run(shipped_base(), tmp_path_factory.mktemp("demo") / "qwen3-finetuned")
+
+
+def config_for(training, out, **overrides):
+    from model_export.demo.run import shipped_base
+
+    settings = {"export_formats": ["safetensors", "pytorch"], "max_shard_size": "200KB", **overrides}
+    return ExportConfiguration(checkpoint_path=str(training), base_model_name=str(shipped_base()), output_dir=str(out), **settings)
+
+
+def test_a_run_exports_verifies_and_reports(training, tmp_path):
+    result = run(config_for(training, tmp_path / "out"))
+    assert result.passed is True and set(result.artifacts) == {"safetensors", "pytorch"}
+    assert [name for name, step in result.steps.items() if step["status"] == "done"] == ["detect", "check", "merge", "export", "verify"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["status"] == "passed" and {a["format"] for a in report["artifacts"]} == {"safetensors", "pytorch"}
+    for artifact in report["artifacts"]:
+        assert artifact["verified"] and artifact["max_abs_diff"] < 1e-3 and artifact["top1"] == 1.0
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "Passed: 2 artifact(s)" in page and page.count("<svg") >= 5 and "http" not in page.replace("http-equiv", "")
+    manifest = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert all({"status", "key", "seconds", "peak_rss"} <= set(step) for step in manifest["steps"].values())
+    assert "Memory usage" not in (tmp_path / "out" / "export.log").read_text()  # memory_monitoring is off by default
+
+
+def test_rerun_skips_and_a_changed_setting_reruns_what_follows(training, tmp_path, caplog):
+    config = config_for(training, tmp_path / "out")
+    run(config)
+    again = run(config)
+    assert all(step["skipped"] for step in again.steps.values())
+    changed = run(config_for(training, tmp_path / "out", validation_new_tokens=4))
+    assert [name for name, step in changed.steps.items() if not step["skipped"]] == ["verify"]
+    changed = run(config_for(training, tmp_path / "out", validation_new_tokens=4, max_shard_size="300KB"))
+    assert [name for name, step in changed.steps.items() if not step["skipped"]] == ["merge", "export", "verify"]
+
+
+def test_a_broken_artifact_fails_verification_with_the_guides_message(training, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from model_export import merge_math
+
+    original = merge_math._apply
+
+    def perturbed(lora, weight, start, stop, backend):
+        return original(lora, weight, start, stop, backend) + 0.05 * torch.randn_like(weight)
+
+    monkeypatch.setattr(merge_math, "_apply", perturbed)
+    with pytest.raises(ValidationError) as err:
+        run(config_for(training, tmp_path / "out"))
+    assert err.value.code == "ME601" and str(err.value).startswith("Model outputs differ too much: ")
+    assert str(err.value).endswith(" > 0.001")  # the default validation_tolerance, written as the guide writes numbers
+    i18n.set_language("zh")
+    assert str(err.value).startswith("模型输出差异过大: ") and "validation_tolerance: 1e-3" in err.value.hint()
+    i18n.set_language(None)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["status"] == "failed" and report["error"]["code"] == "ME601"
+    assert "Failed: " in (tmp_path / "out" / "report.html").read_text()
+    path = tmp_path / "c.yaml"
+    path.write_text(config_for(training, tmp_path / "out2").model_dump_json())
+    path = path.rename(tmp_path / "c.json")
+    assert main(["run", str(path)]) == 1
+    assert "ValidationError: Model outputs differ too much" in capsys.readouterr().err
+
+
+def test_killed_runs_resume_to_identical_artifacts(training, tmp_path):
+    def cli(out, crash_at=None):
+        env = {k: v for k, v in os.environ.items() if k != "MODEL_EXPORT_CRASH_AT"}
+        if crash_at:
+            env["MODEL_EXPORT_CRASH_AT"] = crash_at
+        config = tmp_path / f"{out.name}.json"
+        config.write_text(config_for(training, out).model_dump_json())
+        return subprocess.run([sys.executable, "-m", "model_export.cli", "run", str(config)], capture_output=True, text=True,
+                              env=env, timeout=600)
+
+    clean = cli(tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    expected = tree_digest(tmp_path / "clean" / "export")
+    for point in ("step:2", "tensor:5", "step:3", "tensor:40", "step:4"):
+        out = tmp_path / point.replace(":", "-")
+        killed = cli(out, point)
+        assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-2000:])
+        resumed = cli(out)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert "skipped: inputs and settings unchanged" in resumed.stderr
+        assert tree_digest(out / "export") == expected, point
