@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ def setup_logging(level: str = "INFO", log_file: str | Path | None = None, conso
         logger.removeHandler(handler)
         handler.close()
     handlers: list[logging.Handler] = [logging.StreamHandler()] if console else []
+    if console and sys.stderr.isatty():
+        handlers[0].addFilter(_not_progress)  # the progress bar shows them
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
@@ -98,20 +101,41 @@ class MemoryMonitor:
 
 
 class Progress:
-    """Logs ``<label>: N% complete`` each time another ``step`` percent of ``total`` is done."""
+    """Logs ``<label>: N% complete`` each time another ``step`` percent of ``total`` is done; on a terminal
+    it also draws a progress bar, and the console then leaves those lines to the log file."""
 
     def __init__(self, label: str, total: float, enabled: bool = True, step: int = 10) -> None:
         self.label, self.total, self.enabled, self.step = label, max(total, 1), enabled, step
         self.done = 0.0
         self._last = 0
+        self._bar = None
+        if enabled and sys.stderr.isatty():
+            from rich.progress import Progress as Bar
+
+            self._bar = Bar(transient=True)
+            self._task = self._bar.add_task(label, total=self.total)
+            self._bar.start()
 
     def advance(self, amount: float = 1) -> None:
         self.done += amount
         percent = min(100, int(100 * self.done / self.total))
         bucket = percent // self.step * self.step
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done)
+            if self.done >= self.total:
+                self.close()
         if self.enabled and bucket > self._last:
             self._last = bucket
-            logger.info(i18n.ui("progress_line", label=self.label, percent=bucket))
+            logger.info(i18n.ui("progress_line", label=self.label, percent=bucket), extra={"progress": True})
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def _not_progress(record: logging.LogRecord) -> bool:
+    return not getattr(record, "progress", False)
 
 
 @contextlib.contextmanager

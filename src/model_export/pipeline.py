@@ -100,6 +100,8 @@ class _Run:
             self._save()
             raise
         self.monitor.sample()
+        (self.out / name).mkdir(exist_ok=True)
+        write_atomic(self.out / name / "result.json", json.dumps(result, indent=2, default=str))
         record.update(status="done", result=result, outputs=_fingerprint(outputs(result)), seconds=round(time.perf_counter() - start, 3),
                       peak_rss=max(rss for _, rss in self.monitor.samples[first_sample:]), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
         self._save()

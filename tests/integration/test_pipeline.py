@@ -105,3 +105,24 @@ def test_killed_runs_resume_to_identical_artifacts(training, tmp_path):
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert "skipped: inputs and settings unchanged" in resumed.stderr
         assert tree_digest(out / "export") == expected, point
+
+
+def test_housekeeping_settings(training, tmp_path):
+    out = tmp_path / "out"
+    (out / "export").mkdir(parents=True)
+    (out / "export" / "stale.partial").write_text("left by a killed run")
+    result = run(config_for(training, out, save_intermediate_results=True, memory_monitoring=True, memory_monitoring_interval=0.2,
+                            export_formats=["safetensors"]))
+    assert result.passed and not list(out.rglob("*.partial"))  # cleanup_temp_files
+    import torch
+
+    reference = torch.load(out / "verify" / "reference.pt", weights_only=True)  # save_intermediate_results
+    assert len(reference["logits"]) == 3 and reference["prompts"][1] == "简单测试"
+    for step in ("detect", "check", "merge", "export", "verify"):
+        assert (out / step / "result.json").is_file()
+    log = (out / "export.log").read_text(encoding="utf-8")
+    assert " - INFO - Memory usage: " in log and "Processing checkpoint: 100% complete" in log and "Step verify finished" in log
+    (out / "export" / "x.partial").write_text("kept")
+    run(config_for(training, out, cleanup_temp_files=False, export_formats=["safetensors"], save_intermediate_results=True,
+                   memory_monitoring=True, memory_monitoring_interval=0.2))
+    assert (out / "export" / "x.partial").exists()
