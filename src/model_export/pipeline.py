@@ -37,6 +37,7 @@ from .tensor_io import file_sha256
 __all__ = ["run", "RunResult", "MANIFEST", "STEPS"]
 
 MANIFEST = "run.json"
+STEP_FILE = ".step.json"  # each step's result, hidden so that it never joins an artifact
 STEPS = ("detect", "check", "merge", "export", "verify", "report")
 _MERGE_DTYPES = {"none": "auto", "bf16": "bf16", "fp16": "fp16"}
 
@@ -101,7 +102,7 @@ class _Run:
             raise
         self.monitor.sample()
         (self.out / name).mkdir(exist_ok=True)
-        write_atomic(self.out / name / "result.json", json.dumps(result, indent=2, default=str))
+        write_atomic(self.out / name / STEP_FILE, json.dumps(result, indent=2, default=str))
         record.update(status="done", result=result, outputs=_fingerprint(outputs(result)), seconds=round(time.perf_counter() - start, 3),
                       peak_rss=max(rss for _, rss in self.monitor.samples[first_sample:]), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
         self._save()
@@ -195,7 +196,9 @@ def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:
 
 
 def _files(folder: str | None) -> list[Path]:
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file()) if folder and Path(folder).is_dir() else []
+    if not folder or not Path(folder).is_dir():
+        return []
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != STEP_FILE)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

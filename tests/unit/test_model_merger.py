@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model_export import MergeError, ModelMerger, merge
-from model_export.demo.tiny import build_adapter, build_base_model
+from model_export.demo.tiny import build_adapter, build_base_model, save_as_trained
 from tests.conftest import tree_digest
 from tests.reference import load_dir, max_ulp, model_logits, peft_merge, unmerged_logits
 
@@ -124,12 +124,7 @@ def test_added_tokens_grow_the_vocabulary(untied_base, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(untied_base))
     model.resize_token_embeddings(400)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    peft_model.peft_config["default"].base_model_name_or_path = str(untied_base)
-    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    save_as_trained(peft_model, tmp_path / "adapter", str(untied_base))
     result = merge(tmp_path / "adapter", str(untied_base), tmp_path / "ours")
     assert result.vocab_size == 400 and json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"] == 400
     resized = AutoModelForCausalLM.from_pretrained(str(untied_base))
@@ -153,12 +148,7 @@ def test_fan_in_fan_out_on_gpt2_conv1d(tiny_base, tmp_path):
         shutil.copy(tiny_base / name, base / name)
     model = get_peft_model(GPT2LMHeadModel.from_pretrained(str(base)),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    model.peft_config["default"].base_model_name_or_path = str(base)
-    model.save_pretrained(str(tmp_path / "adapter"))
+    save_as_trained(model, tmp_path / "adapter", str(base))
     merge(tmp_path / "adapter", str(base), tmp_path / "ours")
     reference = load_dir(peft_merge(base, tmp_path / "adapter", tmp_path / "peft"))
     merged = load_dir(tmp_path / "ours")

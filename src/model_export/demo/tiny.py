@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 __all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "corpus_lines", "build_tokenizer", "build_base_model",
-           "build_adapter", "build_training_run"]
+           "build_adapter", "save_as_trained", "build_training_run"]
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -91,14 +91,22 @@ def build_adapter(base: str | Path, out: str | Path, *, seed: int = 1, base_name
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     settings = {"r": 4, "lora_alpha": 8, "target_modules": ALL_LINEAR, "task_type": "CAUSAL_LM", **lora}
     peft_model = get_peft_model(model, LoraConfig(**settings))
+    save_as_trained(peft_model, out, base_name or str(base), seed)
+    return Path(out)
+
+
+def save_as_trained(peft_model: Any, out: str | Path, base_name: str, seed: int = 1) -> None:
+    """Give a fresh PEFT model's LoRA weights values, as training would (PEFT starts B, and an embedding's A,
+    at zero, which would make every merge trivially exact), record the base's name, and save it."""
+    import torch
+
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_B" in name or "lora_embedding" in name:  # PEFT starts B (and embedding A) at zero
+            if "lora_B" in name or "lora_embedding" in name:
                 param.normal_(0, 0.05)
-    peft_model.peft_config["default"].base_model_name_or_path = base_name or str(base)
+    peft_model.peft_config["default"].base_model_name_or_path = base_name
     peft_model.save_pretrained(str(out))
-    return Path(out)
 
 
 def build_training_run(base: str | Path, out: str | Path, *, steps: int = 30, save_steps: int = 10, seed: int = 0,
