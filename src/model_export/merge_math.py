@@ -58,7 +58,7 @@ class Workspace:
     made the merge several times slower than its arithmetic; output buffers come from a small pool
     and return to it once the writer thread has written them."""
 
-    def __init__(self, pool_size: int = 3) -> None:
+    def __init__(self, pool_size: int = 4) -> None:
         import queue
 
         self._floats: dict[str, Any] = {}

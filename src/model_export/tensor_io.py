@@ -205,10 +205,10 @@ def header_bytes(tensors: list[PlannedTensor], metadata: dict[str, str] | None =
 class ShardWriter:
     """Writes one safetensors shard whose layout is fixed up front; data arrives in order, in chunks.
 
-    A background thread writes and hashes (both release the GIL), so the caller computes the next
-    chunk while the previous one goes to disk; at most ``queue_chunks`` chunks wait to be written. The
-    file carries a temporary name until every byte is written, then is renamed, so a killed run
-    never leaves a file that looks complete. ``close`` returns the sha256 of the whole file.
+    Two background threads, one writing and one hashing (both release the GIL), let the caller
+    compute the next chunk while earlier ones go to disk; at most ``queue_chunks`` chunks wait to be
+    written. The file carries a temporary name until every byte is written, then is renamed, so a
+    killed run never leaves a file that looks complete. ``close`` returns the sha256 of the whole file.
     """
 
     def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None,
@@ -224,20 +224,28 @@ class ShardWriter:
         self._hash = hashlib.sha256()
         self._fh = self.partial.open("wb")
         self._queue: queue.Queue = queue.Queue(maxsize=queue_chunks)
+        self._hash_queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, name=f"write-{self.path.name}", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._write_loop, name=f"write-{self.path.name}", daemon=True),
+                         threading.Thread(target=self._hash_loop, name=f"hash-{self.path.name}", daemon=True)]
+        for thread in self._threads:
+            thread.start()
         self._put(header_bytes(tensors, metadata))
 
-    def _drain(self) -> None:
+    def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
-            data, release = item
             if self._error is None:
                 try:
-                    self._fh.write(data)
-                    self._hash.update(data)
+                    self._fh.write(item[0])
                 except BaseException as exc:  # noqa: BLE001 - reported to the caller by write/close
                     self._error = exc
+            self._hash_queue.put(item)
+        self._hash_queue.put(None)
+
+    def _hash_loop(self) -> None:
+        while (item := self._hash_queue.get()) is not None:
+            data, release = item
+            self._hash.update(data)
             if release is not None:
                 release()
 
@@ -255,9 +263,10 @@ class ShardWriter:
         self.written += len(view)
 
     def _finish_thread(self) -> None:
-        if self._thread.is_alive():
+        if self._threads[0].is_alive():
             self._queue.put(None)
-            self._thread.join()
+        for thread in self._threads:
+            thread.join()
 
     def close(self) -> str:
         """Flush, check that every planned byte came, rename to the final name; return the file's sha256."""
