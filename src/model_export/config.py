@@ -244,6 +244,17 @@ def config_from_dict(data: Mapping[str, Any], source: str | None = None, lines: 
     return config
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without aliases: a configuration has no use for them, and nested aliases are how a
+    few lines of YAML expand into billions of values (the "billion laughs")."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a configuration",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
 def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     """Parse a YAML or JSON file safely; return its mapping and the line of each top-level key."""
     path = Path(path)
@@ -253,7 +264,7 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
         raise ConfigError("config_unsupported_suffix", path=str(path))
     text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - safe subclass
     except json.JSONDecodeError as exc:
         raise ConfigError("config_parse", path=str(path), line=exc.lineno, column=exc.colno, problem=exc.msg) from None
     except yaml.MarkedYAMLError as exc:
@@ -271,7 +282,7 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
 
 def _key_lines(text: str) -> dict[str, int]:
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_ConfigLoader)
     except yaml.YAMLError:
         return {}
     if not isinstance(node, yaml.MappingNode):
@@ -288,7 +299,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if not sep or not key:
             raise ConfigError("config_bad_override", text=text)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.load(raw, Loader=_ConfigLoader) if raw.strip() else None  # noqa: S506 - safe subclass
         except yaml.YAMLError:
             value = raw
         parts = [int(p) if p.isdigit() else p for p in key.split(".")]

@@ -128,6 +128,16 @@ def test_yaml_is_loaded_safely(tmp_path):
     assert err.value.code == "ME102"
 
 
+def test_yaml_aliases_are_refused(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                    "test_input_samples: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.code == "ME102"
+    assert str(err.value) == f"Cannot parse {path} at line 2, column 8: aliases (*name) are not allowed in a configuration"
+
+
 def test_set_overrides():
     data = apply_overrides({"batch_size": 1}, ["batch_size=4", "export_formats=[safetensors,onnx]", "onnx_dynamic_axes.input_ids.0=b",
                                                "base_model_name=Qwen/Qwen3-4B-Thinking-2507", "run_validation_tests=false"])
