@@ -160,6 +160,10 @@ class _Backend:
     def param(self, array: np.ndarray):
         return self.torch.from_numpy(array).to(self.device)
 
+    def take(self, weight):
+        """The CPU rows onto this backend's device."""
+        return weight.to(self.device)
+
     def norm_rows(self, x):
         return self.torch.linalg.norm(x, dim=1)
 
@@ -178,7 +182,8 @@ def _on_device(lora: Any, weight: Any, start: int, stop: int, device: str, works
     if device == "cpu" or not torch.cuda.is_available():
         return _apply(lora, weight, start, stop, cpu)
     try:
-        return _apply(lora, weight.to("cuda"), start, stop, _Backend("cuda")).cpu()
+        gpu = _Backend("cuda")
+        return _apply(lora, gpu.take(weight), start, stop, gpu).cpu()
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         logger.warning(i18n.ui("merge_gpu_fallback", module=lora.module))

@@ -280,6 +280,28 @@ def test_load_base_model_gives_the_transformers_model(tiny_base):
     assert type(model).__name__ == "Qwen3ForCausalLM"
 
 
+def test_cuda_out_of_memory_falls_back_to_the_cpu(tiny_base, adapter, tmp_path, monkeypatch, caplog):
+    """Without a GPU here, a GPU whose every transfer runs out of memory stands in for a full one."""
+    from model_export import merge_math
+
+    class FullGpu(merge_math._Backend):
+        def take(self, weight):
+            if self.device.type == "cuda":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().take(weight)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(merge_math, "_Backend", FullGpu)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    with caplog.at_level("WARNING", logger="model_export"):
+        merge(adapter, str(tiny_base), tmp_path / "gpu", device="cuda")
+    monkeypatch.undo()
+    merge(adapter, str(tiny_base), tmp_path / "cpu")
+    assert any("falling back to the CPU" in r.message for r in caplog.records)
+    cpu, gpu = load_dir(tmp_path / "cpu"), load_dir(tmp_path / "gpu")
+    assert all(torch.equal(cpu[k], gpu[k]) for k in cpu)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_merge_matches_the_cpu_merge(bf16_base, tmp_path):
