@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -90,7 +91,7 @@ def merge(adapter: str | Path, base: str | None = None, out: str | Path = "merge
         plan, adapter_file = _plan(checkpoint, adapter_config, info, dtype, compress_weights)
         stem, suffix, index_name = FORMATS[format]
         shards = plan_shards([t.planned for t in plan.tensors], parse_size(max_shard_size), stem, suffix)
-        key = _plan_key(adapter_file, adapter_config, info, shards, dtype, format, compress_weights)
+        key = _plan_key(adapter_file, adapter_config, info, shards, dtype, format, compress_weights, remove_training_artifacts)
         result = MergeResult(str(out), str(checkpoint), base, format, [s.filename for s in shards], len(plan.tensors),
                              sum(s.nbytes for s in shards), plan.untied, plan.vocab_size, device=device)
         state = _prepare_output(out, key)
@@ -162,6 +163,7 @@ def _prepare_output(out: Path, key: str) -> dict[str, Any]:
             return state
         for name in state.get("files", []) + [index for _, _, index in FORMATS.values()]:
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "training_artifacts", ignore_errors=True)
         state_file.unlink()
     elif out.exists() and any(out.iterdir()):
         raise MergeError("merge_output_not_empty", out=str(out))

@@ -168,6 +168,8 @@ def _steps(state: _Run) -> None:
     if c.run_validation_tests:
         settings = [c.test_input_samples, c.validation_tolerance, c.validation_min_top1, c.validation_max_kl, c.validation_new_tokens]
         state.step("verify", settings, lambda: _verify(state, checkpoint, info.path))
+    else:
+        state.manifest["steps"].pop("verify", None)
     _report(state)
 
 
@@ -180,10 +182,7 @@ def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:
         partial = export / f".{fmt}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         if fmt == "safetensors":
-            partial.mkdir(parents=True)
-            for file in sorted((state.out / "merge").iterdir()):
-                if file.is_file() and not file.name.startswith("."):
-                    _link_or_copy(file, partial / file.name)
+            shutil.copytree(state.out / "merge", partial, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(".*"))
         else:
             merge(checkpoint, base, partial, dtype=_MERGE_DTYPES[c.quantization_level], max_shard_size=c.max_shard_size,
                   format="pytorch", compress_weights=c.compress_weights, remove_training_artifacts=c.remove_training_artifacts,

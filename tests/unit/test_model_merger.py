@@ -178,6 +178,8 @@ def test_training_artifacts_stay_out_unless_asked(tiny_base, make_run, tmp_path)
     assert not any("optimizer" in p.name or "trainer_state" in p.name for p in (tmp_path / "a").rglob("*"))
     merge(root, str(tiny_base), tmp_path / "b", remove_training_artifacts=False)
     assert (tmp_path / "b" / "training_artifacts" / "optimizer.pt").read_bytes() == b"x" * 100
+    merge(root, str(tiny_base), tmp_path / "b")  # the setting changed: the same folder loses them again
+    assert not (tmp_path / "b" / "training_artifacts").exists()
 
 
 def test_tokenizer_from_the_checkpoint_wins(tiny_base, make_run, tmp_path):
