@@ -70,7 +70,7 @@ class MergeResult:
 def merge(adapter: str | Path, base: str | None = None, out: str | Path = "merged", *, dtype: str = "auto",
           max_shard_size: int | str = "5GB", format: str = "safetensors", device: str = "cpu", compress_weights: bool = True,
           remove_training_artifacts: bool = True, selection: str = "latest", progress: bool = True,
-          memory_monitoring: bool = False) -> MergeResult:
+          memory_monitoring: bool = False, validate: bool = True) -> MergeResult:
     """Merge the adapter found under ``adapter`` into ``base`` and write the merged model to ``out``.
 
     Raises CheckpointValidationError, BaseModelError, MergeError (ME701-ME705) and ResourceError.
@@ -86,7 +86,8 @@ def merge(adapter: str | Path, base: str | None = None, out: str | Path = "merge
     out = Path(out)
     _refuse_inputs_as_output(out, checkpoint, resolve_base_model(base))
     with MemoryMonitor(enabled=memory_monitoring) as monitor:
-        validate_checkpoint(checkpoint, base, progress=False)
+        if validate:  # the pipeline's check step has done it already
+            validate_checkpoint(checkpoint, base, progress=False)
         info = inspect_base_model(base)
         plan, adapter_file = _plan(checkpoint, adapter_config, info, dtype, compress_weights)
         stem, suffix, index_name = FORMATS[format]
@@ -95,7 +96,7 @@ def merge(adapter: str | Path, base: str | None = None, out: str | Path = "merge
         result = MergeResult(str(out), str(checkpoint), base, format, [s.filename for s in shards], len(plan.tensors),
                              sum(s.nbytes for s in shards), plan.untied, plan.vocab_size, device=device)
         state = _prepare_output(out, key)
-        if state.get("complete") and _verified(out, state, shards):
+        if state.get("complete") and all(_shard_verified(out, state, s) for s in shards):
             logger.info(i18n.ui("merge_already_complete", path=out))
             result.already_complete = True
         else:
@@ -175,8 +176,10 @@ def _prepare_output(out: Path, key: str) -> dict[str, Any]:
     return state
 
 
-def _verified(out: Path, state: dict, shards: list[ShardPlan]) -> bool:
-    return all((out / s.filename).is_file() and state["shards"].get(s.filename) == file_sha256(out / s.filename) for s in shards)
+def _shard_verified(out: Path, state: dict, shard: ShardPlan) -> bool:
+    """The shard exists and its bytes still hash to what was recorded when it was written."""
+    path = out / shard.filename
+    return path.is_file() and state["shards"].get(shard.filename) == file_sha256(path)
 
 
 def _write_shards(out: Path, plan: MergePlan, shards: list[ShardPlan], state: dict, key: str, format: str,
@@ -186,8 +189,7 @@ def _write_shards(out: Path, plan: MergePlan, shards: list[ShardPlan], state: di
     resumed = 0
     with _Sources() as sources:
         for shard in shards:
-            done = (out / shard.filename).is_file() and state["shards"].get(shard.filename) == file_sha256(out / shard.filename)
-            if done:
+            if _shard_verified(out, state, shard):
                 resumed += 1
                 logger.info(i18n.ui("merge_shard_kept", shard=shard.filename))
             else:

@@ -161,7 +161,7 @@ def _steps(state: _Run) -> None:
     state.step("merge", merge_settings, lambda: merge(
         checkpoint, base, state.out / "merge", dtype=_MERGE_DTYPES[c.quantization_level], max_shard_size=c.max_shard_size,
         compress_weights=c.compress_weights, remove_training_artifacts=c.remove_training_artifacts,
-        device="cpu" if c.device_map == "cpu" else "auto", progress=c.enable_progress_monitoring).to_dict(),
+        device="cpu" if c.device_map == "cpu" else "auto", progress=c.enable_progress_monitoring, validate=False).to_dict(),
         outputs=lambda result: _files(result.get("output_dir")))
     state.step("export", c.formats, lambda: _export(state, checkpoint, base),
                outputs=lambda result: [f for path in result.get("artifacts", {}).values() for f in _files(path)])
@@ -186,7 +186,7 @@ def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:
         else:
             merge(checkpoint, base, partial, dtype=_MERGE_DTYPES[c.quantization_level], max_shard_size=c.max_shard_size,
                   format="pytorch", compress_weights=c.compress_weights, remove_training_artifacts=c.remove_training_artifacts,
-                  progress=c.enable_progress_monitoring)
+                  progress=c.enable_progress_monitoring, validate=False)
             (partial / ".model-export-merge.json").unlink(missing_ok=True)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(partial, target)
