@@ -85,10 +85,10 @@ def _memory(samples: list[tuple[float, int]]) -> str:
     m_max = max(m for _, m in samples) or 1
     points = " ".join(f"{20 + 400 * t / t_max:.1f},{150 - 120 * m / m_max:.1f}" for t, m in samples)
     return (f'<svg width="{width}" height="{height}" role="img"><title>memory</title>'
-            '<text x="10" y="20" font-weight="600">Resident memory over the run</text>'
+            f'<text x="10" y="20" font-weight="600">{html.escape(i18n.ui("report_memory"))}</text>'
             f'<polyline points="{points}" fill="none" stroke="#0ea5e9" stroke-width="2"/>'
             f'<text x="20" y="170" class="muted">0 s</text><text x="360" y="170" class="muted">{t_max:.1f} s</text>'
-            f'<text x="24" y="46" class="muted">peak {m_max / 2**30:.2f} GiB</text>'
+            f'<text x="24" y="46" class="muted">{html.escape(i18n.ui("report_peak", gib=m_max / 2**30))}</text>'
             '<text x="24" y="146" class="muted">0</text></svg>')
 
 
@@ -97,7 +97,8 @@ def _number(value: float | None, spec: str) -> str:
 
 
 def _artifact_row(r: dict[str, Any]) -> str:
-    verified = "—" if r["verified"] is None else ('<b class="ok">passed</b>' if r["verified"] else '<b class="bad">failed</b>')
+    passed, failed = html.escape(i18n.ui("report_passed")), html.escape(i18n.ui("report_failed"))
+    verified = "—" if r["verified"] is None else (f'<b class="ok">{passed}</b>' if r["verified"] else f'<b class="bad">{failed}</b>')
     return (f"<tr><td><b>{r['format']}</b></td><td><code>{html.escape(r['path'])}</code></td><td>{_gb(r['bytes'])}</td>"
             f"<td>{verified}</td><td>{html.escape(r['rule'] or '')}</td><td>{_number(r['max_abs_diff'], '.3g')}</td>"
             f"<td>{_number(r['mean_kl'], '.3g')}</td><td>{_number(r['top1'], '.3f')}</td></tr>")
@@ -109,30 +110,32 @@ def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, fail
     banner = ("pass", i18n.ui("report_pass", count=len(rows))) if passed else ("fail", i18n.ui("report_fail", error=failure or "?"))
     table = "".join(_artifact_row(r) for r in rows)
     steps = manifest.get("steps", {})
-    step_rows = "".join(f"<tr><td>{name}</td><td>{s.get('status')}{' (skipped: unchanged)' if s.get('skipped') else ''}</td>"
+    step_rows = "".join(f"<tr><td>{name}</td><td>{s.get('status')}{html.escape(i18n.ui('report_skipped')) if s.get('skipped') else ''}</td>"
                         f"<td>{s.get('seconds', 0):.2f} s</td><td>{s.get('peak_rss', 0) / 2**30:.2f} GiB</td></tr>"
                         for name, s in steps.items())
-    plots = [_bars("Step durations (s)", list(steps), [s.get("seconds", 0) for s in steps.values()], lambda v: f"{v:.2f} s", "#f59e0b")]
+    plots = [_bars(i18n.ui("report_durations"), list(steps), [s.get("seconds", 0) for s in steps.values()], lambda v: f"{v:.2f} s", "#f59e0b")]
     base_bytes = results.get("check", {}).get("base_bytes")
     if rows:
-        labels = (["base model"] if base_bytes else []) + [r["format"] for r in rows]
+        labels = ([i18n.ui("report_base")] if base_bytes else []) + [r["format"] for r in rows]
         sizes = ([base_bytes] if base_bytes else []) + [r["bytes"] for r in rows]
-        plots.append(_bars("Size against the base model", labels, sizes, _gb, "#10b981"))
+        plots.append(_bars(i18n.ui("report_sizes"), labels, sizes, _gb, "#10b981"))
     for fmt, verdict in results.get("verify", {}).get("verdicts", {}).items():
-        plots.append(_histogram(f"Logit differences: {fmt}", verdict.get("diff_histogram", {})))
+        plots.append(_histogram(i18n.ui("report_diffs", format=fmt), verdict.get("diff_histogram", {})))
     plots.append(_memory(samples))
     detection = results.get("detect", {})
     check = results.get("check", {})
-    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>model-export report</title>
+    t = lambda key: html.escape(i18n.ui(key))  # noqa: E731
+    columns = "".join(f"<th>{html.escape(c)}</th>" for c in i18n.ui("report_columns").split(";"))
+    step_columns = "".join(f"<th>{html.escape(c)}</th>" for c in i18n.ui("report_step_columns").split(";"))
+    return f"""<!doctype html><html lang="{i18n.current_language()}"><head><meta charset="utf-8"><title>model-export report</title>
 <style>{_CSS}</style></head><body><h1>model-export report</h1>
 <div class="banner {banner[0]}">{html.escape(str(banner[1]))}</div>
-<p class="muted">checkpoint <code>{html.escape(str(detection.get('selected', '?')))}</code> · base
+<p class="muted">{t("report_checkpoint")} <code>{html.escape(str(detection.get('selected', '?')))}</code> · {t("report_base")}
 <code>{html.escape(str(check.get('base_model', '?')))}</code> · LoRA r={check.get('rank', '?')}, alpha={check.get('lora_alpha', '?')}</p>
-<h2>Artifacts</h2><table><tr><th>format</th><th>path</th><th>size</th><th>verification</th><th>rule</th>
-<th>max |Δlogit|</th><th>mean KL</th><th>top-1</th></tr>{table}</table>
-<h2>Plots</h2><div class="grid">{''.join(plots)}</div>
-<h2>Steps</h2><table><tr><th>step</th><th>status</th><th>duration</th><th>peak RSS</th></tr>{step_rows}</table>
-<p class="muted">Full data: report.json · run manifest: run.json</p></body></html>"""
+<h2>{t("report_artifacts")}</h2><table><tr>{columns}</tr>{table}</table>
+<h2>{t("report_plots")}</h2><div class="grid">{''.join(plots)}</div>
+<h2>{t("report_steps")}</h2><table><tr>{step_columns}</tr>{step_rows}</table>
+<p class="muted">{t("report_footer")}</p></body></html>"""
 
 
 def write_report(out: Path, manifest: dict[str, Any], results: dict[str, Any], samples: list[tuple[float, int]],

@@ -43,6 +43,13 @@ def test_a_run_exports_verifies_and_reports(training, tmp_path):
     manifest = json.loads((tmp_path / "out" / "run.json").read_text())
     assert all({"status", "key", "seconds", "peak_rss"} <= set(step) for step in manifest["steps"].values())
     assert "Memory usage" not in (tmp_path / "out" / "export.log").read_text()  # memory_monitoring is off by default
+    i18n.set_language("zh")
+    try:
+        run(config_for(training, tmp_path / "out"))
+    finally:
+        i18n.set_language(None)
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert '<html lang="zh">' in page and "导出产物" in page and "通过: 2 个产物" in page and "（已跳过：未改变）" in page
 
 
 def test_rerun_skips_and_a_changed_setting_reruns_what_follows(training, tmp_path, caplog):
