@@ -173,7 +173,7 @@ def _scan(file: Path, progress: bool) -> tuple[dict[str, tuple[int, ...]], list[
             step = max(1, _SCAN_CHUNK // max(row_bytes(info), 1))
             bad = 0
             for start in range(0, rows, step):
-                chunk = read_bytes(fh, info, start, min(rows, start + step)) if info.shape else read_bytes(fh, info)
+                chunk = read_bytes(fh, info, start, min(rows, start + step))
                 bad += nonfinite_count(chunk, info.dtype)
                 meter.advance(len(chunk))
             if bad:

@@ -20,9 +20,9 @@ import numpy as np
 
 from . import i18n
 from .monitoring import logger
-from .tensor_io import row_bytes
+from .tensor_io import read_bytes, tensor_range
 
-__all__ = ["merged_chunks", "MemoryTensor", "Workspace", "readinto_full", "CHUNK_BYTES"]
+__all__ = ["merged_chunks", "MemoryTensor", "Workspace", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 64 << 20  # fp32 working set of one chunk
 
@@ -40,17 +40,6 @@ class MemoryTensor:
     @property
     def nbytes(self) -> int:
         return self.end - self.start
-
-
-def readinto_full(fh: BinaryIO, view: memoryview) -> int:
-    """Fill ``view`` from ``fh`` (an unbuffered read may return less than asked); return the bytes read."""
-    done = 0
-    while done < len(view):
-        count = fh.readinto(view[done:])
-        if not count:
-            break
-        done += count
-    return done
 
 
 class Workspace:
@@ -75,14 +64,12 @@ class Workspace:
             self._floats[name] = buffer = torch.empty(numel, dtype=torch.float32)
         return buffer[:numel]
 
-    def read(self, fh: BinaryIO, offset: int, length: int) -> memoryview:
+    def read(self, fh: BinaryIO, info: Any, start: int, stop: int) -> memoryview:
+        """Rows ``start:stop`` of ``info``'s tensor, into the reused read buffer."""
+        length = tensor_range(info, start, stop)[1]
         if len(self._read) < length:
             self._read = bytearray(length)
-        view = memoryview(self._read)[:length]
-        fh.seek(offset)
-        if readinto_full(fh, view) != length:
-            raise EOFError("the file ended before the tensor's data did")
-        return view
+        return read_bytes(fh, info, start, stop, into=self._read)
 
     def out_buffer(self, length: int) -> bytearray:
         """A pooled buffer of at least ``length`` bytes; blocks while every buffer waits to be written."""
@@ -96,11 +83,10 @@ class Workspace:
 
 
 def _source_bytes(source: Any, fh: BinaryIO | None, start: int, stop: int, workspace: Workspace):
-    row = row_bytes(source)
-    offset, length = (0, source.nbytes) if not source.shape else (row * start, row * (stop - start))
     if isinstance(source, MemoryTensor):
+        offset, length = tensor_range(source, start, stop)
         return memoryview(source.raw)[offset: offset + length]
-    return workspace.read(fh, source.start + offset, length)
+    return workspace.read(fh, source, start, stop)
 
 
 def _whole_tensor(lora: Any) -> bool:

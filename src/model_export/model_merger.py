@@ -31,10 +31,10 @@ from .errors import BaseModelError, MergeError
 from .faults import crash_point
 from .hf_layout import (copy_generation_config, copy_tokenizer, copy_training_artifacts, write_atomic, write_config,
                         write_index, write_model_card)
-from .merge_math import Workspace, merged_chunks, readinto_full
+from .merge_math import Workspace, merged_chunks
 from .merge_plan import MergePlan, OutputTensor, check_supported, make_plan
 from .monitoring import MemoryMonitor, Progress, logger
-from .tensor_io import ShardPlan, ShardWriter, file_sha256, plan_shards
+from .tensor_io import SafetensorsFormatError, ShardPlan, ShardWriter, file_sha256, plan_shards, readinto_full
 
 __all__ = ["ModelMerger", "MergeResult", "merge", "STATE_FILE"]
 
@@ -279,7 +279,7 @@ def _tensor_bytes(tensor: OutputTensor, sources: _Sources, device: str):
     fh = sources.get(tensor.source_file) if tensor.source_file is not None else None
     try:
         yield from merged_chunks(tensor, fh, workspace, device)
-    except EOFError:
+    except SafetensorsFormatError:
         raise MergeError("merge_source_truncated", file=str(tensor.source_file), tensor=tensor.name) from None
 
 

@@ -31,7 +31,7 @@ from .errors import BaseModelError, ExportError
 from .faults import crash_point
 from .hf_layout import tokenizer_source, write_atomic
 from .model_merger import merge
-from .monitoring import MemoryMonitor, logger, setup_logging
+from .monitoring import MemoryMonitor, logger, setup_logging, timed_step
 from .tensor_io import file_sha256
 
 __all__ = ["run", "RunResult", "MANIFEST", "STEPS"]
@@ -90,23 +90,23 @@ class _Run:
             record["skipped"] = True
             self.results[name] = record.get("result", {})
             return self.results[name]
-        start, first_sample = time.perf_counter(), len(self.monitor.samples)
+        first_sample = len(self.monitor.samples)
         self.monitor.sample()
         self.manifest["steps"][name] = record = {"status": "running", "key": key, "skipped": False}
         self._save()
         try:
-            result = action()
+            with timed_step(name) as timing:  # logs the step's duration, or its failure
+                result = action()
         except ExportError as exc:
-            record.update(status="failed", error=exc.to_dict(), seconds=round(time.perf_counter() - start, 3))
+            record.update(status="failed", error=exc.to_dict(), seconds=round(timing["seconds"], 3))
             self._save()
             raise
         self.monitor.sample()
         (self.out / name).mkdir(exist_ok=True)
         write_atomic(self.out / name / STEP_FILE, json.dumps(result, indent=2, default=str))
-        record.update(status="done", result=result, outputs=_fingerprint(outputs(result)), seconds=round(time.perf_counter() - start, 3),
+        record.update(status="done", result=result, outputs=_fingerprint(outputs(result)), seconds=round(timing["seconds"], 3),
                       peak_rss=max(rss for _, rss in self.monitor.samples[first_sample:]), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
         self._save()
-        logger.info(i18n.ui("step_done", step=name, seconds=record["seconds"]))
         crash_point("step")
         self.results[name] = result
         return result

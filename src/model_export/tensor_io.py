@@ -15,10 +15,10 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
-__all__ = ["SafetensorsFormatError", "TensorInfo", "SafetensorsHeader", "read_header", "read_tensor", "iter_tensors", "DTYPE_SIZES",
-           "PlannedTensor", "ShardPlan", "plan_shards", "header_bytes", "ShardWriter", "file_sha256", "read_bytes", "read_rows"]
+__all__ = ["SafetensorsFormatError", "TensorInfo", "SafetensorsHeader", "read_header", "read_bytes", "readinto_full", "DTYPE_SIZES",
+           "PlannedTensor", "ShardPlan", "plan_shards", "header_bytes", "ShardWriter", "file_sha256"]
 
 MAX_HEADER_BYTES = 100_000_000
 
@@ -125,24 +125,6 @@ _TORCH_DTYPES = {
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
     "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32", "U64": "uint64",
 }
-
-
-def read_tensor(fh: BinaryIO, info: TensorInfo):
-    """Read one tensor from ``fh`` (its open shard) as a torch tensor, with explicit I/O (no mapping)."""
-    import torch
-
-    buffer = read_bytes(fh, info)
-    dtype = getattr(torch, _TORCH_DTYPES[info.dtype])
-    if not buffer:
-        return torch.empty(info.shape, dtype=dtype)
-    return torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)
-
-
-def iter_tensors(header: SafetensorsHeader) -> Iterator[tuple[str, "object"]]:
-    """Yield (name, tensor) for every tensor of a checked header, one in memory at a time, in file order."""
-    with header.path.open("rb") as fh:
-        for info in sorted(header.tensors.values(), key=lambda t: t.start):
-            yield info.name, read_tensor(fh, info)
 
 
 # ---- writing -------------------------------------------------------------------------------------
@@ -303,27 +285,37 @@ def row_bytes(info) -> int:
     return info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
 
 
-def read_bytes(fh: BinaryIO, info: TensorInfo, start: int | None = None, stop: int | None = None) -> bytearray:
-    """The raw bytes of a tensor, or of its rows ``start:stop`` (dimension 0), read with explicit I/O."""
-    if start is None:
-        offset, length = 0, info.nbytes
-    else:
-        offset, length = row_bytes(info) * start, row_bytes(info) * (stop - start)
-    buffer = bytearray(length)
-    fh.seek(info.start + offset)
-    if fh.readinto(buffer) != length:
+def tensor_range(info, start: int | None = None, stop: int | None = None) -> tuple[int, int]:
+    """(offset in the file, length) of a tensor, or of its rows ``start:stop`` (dimension 0)."""
+    if start is None or not info.shape:
+        return info.start, info.nbytes
+    return info.start + row_bytes(info) * start, row_bytes(info) * (stop - start)
+
+
+def readinto_full(fh: BinaryIO, view: memoryview) -> int:
+    """Fill ``view`` from ``fh`` (an unbuffered read may return less than asked); return the bytes read."""
+    done = 0
+    while done < len(view):
+        count = fh.readinto(view[done:])
+        if not count:
+            break
+        done += count
+    return done
+
+
+def read_bytes(fh: BinaryIO, info: TensorInfo, start: int | None = None, stop: int | None = None,
+               into: bytearray | None = None):
+    """The raw bytes of a tensor, or of its rows ``start:stop``, read with explicit I/O (no mapping).
+
+    With ``into`` (at least as long as the range) they land there and a view of it is returned;
+    otherwise a new bytearray is. Raises SafetensorsFormatError when the file ends early.
+    """
+    offset, length = tensor_range(info, start, stop)
+    buffer = memoryview(into)[:length] if into is not None else bytearray(length)
+    fh.seek(offset)
+    if readinto_full(fh, memoryview(buffer)) != length:
         raise SafetensorsFormatError(f"tensor {info.name!r}: the file ended before its data did")
     return buffer
-
-
-def read_rows(fh: BinaryIO, info: TensorInfo, start: int, stop: int):
-    """Rows ``start:stop`` of a tensor as a torch tensor; the rest stays on disk."""
-    import torch
-
-    buffer = read_bytes(fh, info, start, stop)
-    dtype = getattr(torch, _TORCH_DTYPES[info.dtype])
-    shape = (stop - start, *info.shape[1:])
-    return torch.frombuffer(buffer, dtype=dtype).reshape(shape) if buffer else torch.empty(shape, dtype=dtype)
 
 
 def torch_dtype(name: str):

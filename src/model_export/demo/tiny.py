@@ -8,7 +8,6 @@ and a vocabulary padded beyond the tokenizer's token count.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from importlib import resources
 from pathlib import Path
@@ -158,7 +157,3 @@ def _collate(tokenizer: Any):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     return collate
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2), encoding="utf-8")
