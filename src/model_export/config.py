@@ -49,7 +49,8 @@ def parse_size(value: int | str) -> int:
 
 def _default_dynamic_axes() -> dict[str, dict[int, str]]:
     axes = {0: "batch_size", 1: "sequence_length"}
-    return {"input_ids": dict(axes), "attention_mask": dict(axes), "position_ids": dict(axes)}
+    # With a KV cache the mask covers past and new tokens, so its length axis is not the sequence's.
+    return {"input_ids": dict(axes), "attention_mask": {0: "batch_size", 1: "total_sequence_length"}, "position_ids": dict(axes)}
 
 
 class ExportConfiguration(BaseModel):
@@ -109,10 +110,17 @@ class ExportConfiguration(BaseModel):
     onnx_opset_version: int = Field(17, ge=7, description="ONNX opset of the exported graph.")
     onnx_optimize_graph: bool = Field(
         True, description="Also save onnxruntime's offline-optimized graph beside the plain one.")
+    onnx_block_size: int = Field(
+        32, ge=16, description="int8/int4 ONNX weights: values per quantization block along the input dimension "
+        "(a power of two, at least 16; smaller blocks are more accurate and larger).")
+    onnx_accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        4, description="int8/int4 ONNX weights: MatMulNBits compute precision, 0 (unset: fp32) to 4 (int8 activations, "
+        "fastest on CPUs; what onnxruntime-genai's builder uses for CPU).")
     onnx_dynamic_axes: dict[str, dict[int, str]] | None = Field(
         default_factory=_default_dynamic_axes,
         description="Dynamic axes per ONNX input/output name, e.g. {input_ids: {0: batch_size, 1: sequence_length}}; "
-        "empty (null): every shape fixed.")
+        "axes not named are fixed (batch and sequence to 1); the KV cache's length axes stay dynamic. Empty (null): "
+        "batch 1, one token per call.")
 
     # --- verification ------------------------------------------------------------------------
     run_validation_tests: bool = Field(True, description="Verify every artifact against the unmerged base + adapter.")

@@ -27,7 +27,7 @@ FORMAT_QUANTIZATION: dict[str, tuple[str, ...]] = {
 
 # The lowest opset each ONNX export path needs, and why.
 ONNX_MIN_OPSET: dict[str, tuple[int, str]] = {
-    "builder": (14, "attention with a KV cache (aten::scaled_dot_product_attention, Trilu)"),
+    "builder": (14, "the builder's graph (Reshape-14, ReduceSum-13 with axes as an input)"),
     "torch": (18, "torch.onnx.export with dynamo=True"),
 }
 
@@ -102,6 +102,9 @@ def _opset(config: ExportConfiguration) -> list[ConfigProblem]:
         if opset > maximum:
             problems.append(ConfigProblem("onnx_opset_version", "opset_too_high",
                                           {"opset": opset, "version": onnx.__version__, "maximum": maximum}))
+    size = config.onnx_block_size
+    if config.quantization_level in ("int8", "int4") and size & (size - 1):
+        problems.append(ConfigProblem("onnx_block_size", "block_size_invalid", {"size": size}))
     return problems
 
 
@@ -155,15 +158,21 @@ def _samples_and_data(config: ExportConfiguration) -> list[ConfigProblem]:
 
 
 # What this version can produce; the rest of the schema is ahead of the exporters.
-AVAILABLE_FORMATS = ("safetensors", "pytorch")
-AVAILABLE_LEVELS = ("none", "bf16", "fp16")
+AVAILABLE: dict[str, tuple[str, ...]] = {
+    "safetensors": ("none", "bf16", "fp16"),
+    "pytorch": ("none", "bf16", "fp16"),
+    "onnx": ("none", "fp16", "int8", "int4"),
+}
 
 
 def _available(config: ExportConfiguration) -> list[ConfigProblem]:
     problems = [ConfigProblem("export_formats", "format_unavailable", {"what": f"the {fmt} export"})
-                for fmt in config.formats if fmt not in AVAILABLE_FORMATS]
-    if config.quantization_level not in AVAILABLE_LEVELS:
-        problems.append(ConfigProblem("quantization_level", "format_unavailable", {"what": f"quantization_level {config.quantization_level}"}))
+                for fmt in config.formats if fmt not in AVAILABLE]
+    level = config.quantization_level
+    later = [fmt for fmt in config.formats if fmt in AVAILABLE and level in FORMAT_QUANTIZATION[fmt] and level not in AVAILABLE[fmt]]
+    if later:
+        problems.append(ConfigProblem("quantization_level", "format_unavailable",
+                                      {"what": f"quantization_level {level} for {', '.join(later)}"}))
     return problems
 
 

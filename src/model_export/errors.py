@@ -13,6 +13,7 @@ Chinese; the message is rendered in the current language when it is read.
     ├── ValidationError             ME6xx  an exported artifact disagrees with the reference
     ├── MergeError                  ME7xx  the adapter cannot be merged as requested
     └── ExportFormatError           ME8xx  an exporter (onnx, gguf, tensorrt) failed
+        └── OnnxExportError                ONNX export failed (also a RuntimeError, as the guide shows)
 
 The CLI catches ``ExportError`` only; anything else is a bug and shows a traceback.
 """
@@ -33,6 +34,7 @@ __all__ = [
     "ValidationError",
     "MergeError",
     "ExportFormatError",
+    "OnnxExportError",
 ]
 
 
@@ -130,3 +132,7 @@ class MergeError(ExportError):
 
 class ExportFormatError(ExportError):
     """An exporter (onnx, gguf, tensorrt) failed."""
+
+
+class OnnxExportError(ExportFormatError, RuntimeError):
+    """The ONNX exporter failed: an operator it cannot convert, dynamic shapes it cannot express, or another failure."""

@@ -12,6 +12,8 @@ from .errors import MissingDependencyError
 OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {
     "onnx": ("onnx", "onnx"),
     "onnxruntime": ("onnxruntime", "onnx"),
+    "onnxscript": ("onnxscript", "onnx"),
+    "onnxruntime_genai": ("onnxruntime-genai", "genai"),
     "gguf": ("gguf", "gguf"),
     "bitsandbytes": ("bitsandbytes", "gpu"),
     "llama_cpp": ("llama-cpp-python", "llamacpp"),

@@ -39,7 +39,8 @@ __all__ = ["run", "RunResult", "MANIFEST", "STEPS"]
 MANIFEST = "run.json"
 STEP_FILE = ".step.json"  # each step's result, hidden so that it never joins an artifact
 STEPS = ("detect", "check", "merge", "export", "verify", "report")
-_MERGE_DTYPES = {"none": "auto", "bf16": "bf16", "fp16": "fp16"}
+# The merge keeps the base dtype for int8/int4: the exporters quantize from it.
+_MERGE_DTYPES = {"none": "auto", "bf16": "bf16", "fp16": "fp16", "int8": "auto", "int4": "auto"}
 
 
 @dataclass
@@ -163,7 +164,11 @@ def _steps(state: _Run) -> None:
         compress_weights=c.compress_weights, remove_training_artifacts=c.remove_training_artifacts,
         device="cpu" if c.device_map == "cpu" else "auto", progress=c.enable_progress_monitoring, validate=False).to_dict(),
         outputs=lambda result: _files(result.get("output_dir")))
-    state.step("export", c.formats, lambda: _export(state, checkpoint, base),
+    export_settings = [c.formats, c.quantization_level, c.max_shard_size, c.compress_weights, c.remove_training_artifacts]
+    if "onnx" in c.formats:
+        export_settings.append([c.onnx_backend, c.onnx_opset_version, c.onnx_optimize_graph, c.onnx_dynamic_axes,
+                                c.onnx_block_size, c.onnx_accuracy_level])
+    state.step("export", export_settings, lambda: _export(state, checkpoint, base),
                outputs=lambda result: [f for path in result.get("artifacts", {}).values() for f in _files(path)])
     if c.run_validation_tests:
         settings = [c.test_input_samples, c.validation_tolerance, c.validation_min_top1, c.validation_max_kl, c.validation_new_tokens]
@@ -174,15 +179,24 @@ def _steps(state: _Run) -> None:
 
 
 def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:
-    """One folder per format under export/: safetensors as hard links to the merge's files, pytorch written anew."""
+    """One folder per format under export/: safetensors as hard links to the merge's files, pytorch written anew,
+    onnx built from the merge's files. Each is written under a hidden partial name and renamed when complete."""
     c, export = state.config, state.out / "export"
-    artifacts = {}
+    artifacts, details = {}, {}
     for fmt in c.formats:
         target = export / fmt
         partial = export / f".{fmt}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         if fmt == "safetensors":
             shutil.copytree(state.out / "merge", partial, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(".*"))
+        elif fmt == "onnx":
+            from .exporters.onnx_export import export_onnx
+
+            details[fmt] = export_onnx(
+                state.out / "merge", partial, backend=c.onnx_backend, level=c.quantization_level, opset=c.onnx_opset_version,
+                dynamic_axes=c.onnx_dynamic_axes, optimize=c.onnx_optimize_graph, block_size=c.onnx_block_size,
+                accuracy_level=c.onnx_accuracy_level)
+            details[fmt]["path"] = str(target)
         else:
             merge(checkpoint, base, partial, dtype=_MERGE_DTYPES[c.quantization_level], max_shard_size=c.max_shard_size,
                   format="pytorch", compress_weights=c.compress_weights, remove_training_artifacts=c.remove_training_artifacts,
@@ -191,7 +205,7 @@ def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:
         shutil.rmtree(target, ignore_errors=True)
         os.replace(partial, target)
         artifacts[fmt] = str(target)
-    return {"artifacts": artifacts, "sizes": {fmt: _size(Path(p)) for fmt, p in artifacts.items()}}
+    return {"artifacts": artifacts, "sizes": {fmt: _size(Path(p)) for fmt, p in artifacts.items()}, "details": details}
 
 
 def _files(folder: str | None) -> list[Path]:
@@ -218,12 +232,12 @@ def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
     tokenizer_dir = tokenizer_source([checkpoint, checkpoint.parent, base_dir]) or base_dir
     reference = compute_reference(base_dir, checkpoint, tokenizer_dir, c.test_input_samples, c.validation_new_tokens)
     verdicts = {}
-    for fmt, path in state.results["export"]["artifacts"].items():
-        verdict = verify_artifact(Path(path), reference, tolerance=c.validation_tolerance, min_top1=c.validation_min_top1,
+    for label, path in _verifiable(state.results["export"]["artifacts"]):
+        verdict = verify_artifact(path, reference, tolerance=c.validation_tolerance, min_top1=c.validation_min_top1,
                                   max_kl=c.validation_max_kl, new_tokens=c.validation_new_tokens, raise_on_failure=False)
-        verdicts[fmt] = verdict.to_dict()
+        verdicts[label] = verdict.to_dict()
         (state.out / "verify").mkdir(exist_ok=True)
-        write_atomic(state.out / "verify" / f"{fmt}.json", json.dumps(verdicts[fmt], indent=2))
+        write_atomic(state.out / "verify" / f"{label}.json", json.dumps(verdicts[label], indent=2))
         if verdict.failure is not None:
             state.results["verify"] = {"passed": False, "verdicts": verdicts}
             raise verdict.failure
@@ -233,6 +247,21 @@ def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
         torch.save({"prompts": reference.prompts, "input_ids": reference.input_ids, "logits": reference.logits,
                     "greedy": reference.greedy}, state.out / "verify" / "reference.pt")
     return {"passed": True, "verdicts": verdicts}
+
+
+def _verifiable(artifacts: dict[str, str]) -> list[tuple[str, Path]]:
+    """(label, path) of everything to verify: each artifact folder, and each graph of an ONNX folder."""
+    from .exporters.onnx_export import MODEL_FILE, OPTIMIZED_FILE
+
+    items = []
+    for fmt, path in artifacts.items():
+        if fmt != "onnx":
+            items.append((fmt, Path(path)))
+            continue
+        items.append(("onnx", Path(path) / MODEL_FILE))
+        if (Path(path) / OPTIMIZED_FILE).is_file():
+            items.append(("onnx-optimized", Path(path) / OPTIMIZED_FILE))
+    return items
 
 
 def _report(state: _Run, failure: ExportError | None = None) -> None:

@@ -113,14 +113,40 @@ def compute_reference(base_dir: Path, checkpoint: Path, tokenizer_dir: Path, pro
 
 
 def precision_of(artifact: Path) -> str:
-    """'full' when every floating-point weight is fp32, else 'reduced'."""
+    """'full' when every floating-point weight is fp32, else 'reduced' (an ONNX graph: fp16 weights or MatMulNBits)."""
     from .tensor_io import read_header
 
+    if artifact.suffix == ".onnx":
+        import onnx
+
+        graph = onnx.load(str(artifact), load_external_data=False).graph
+        reduced = any(n.op_type == "MatMulNBits" for n in graph.node) or any(
+            t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) for t in graph.initializer)
+        return "reduced" if reduced else "full"
     dtypes = {t.dtype for shard in sorted(artifact.glob("*.safetensors")) for t in read_header(shard).tensors.values()}
     if not dtypes:  # a .bin artifact: its config says
         dtype = json.loads((artifact / "config.json").read_text()).get("dtype") or "float32"
         return "full" if dtype == "float32" else "reduced"
     return "reduced" if dtypes & {"BF16", "F16", "F8_E4M3", "F8_E5M2", "I8", "U8"} else "full"
+
+
+def _run_artifact(artifact: Path, reference: Reference, new_tokens: int) -> list[tuple[Any, list[int]]]:
+    """Prompt logits and greedy tokens of the artifact for every reference input: transformers, or onnxruntime for a graph."""
+    import torch
+
+    if artifact.suffix == ".onnx":
+        from .exporters.onnx_export import OnnxDecoder
+
+        decoder = OnnxDecoder(artifact)
+        runs = [decoder.generate(ids.tolist(), new_tokens) for ids in reference.input_ids]
+        del decoder
+        return [(torch.from_numpy(logits), tokens) for logits, tokens in runs]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(artifact), dtype="auto").eval()
+    runs = [_run(model, ids, new_tokens) for ids in reference.input_ids]
+    del model
+    return runs
 
 
 def _compare(reference: Reference, logits: list[Any], greedy: list[list[int]]) -> list[SampleResult]:
@@ -147,19 +173,17 @@ def _histogram(reference: Reference, logits: list[Any], bins: int = 24) -> dict[
 
 def verify_artifact(artifact: Path, reference: Reference, *, tolerance: float, min_top1: float, max_kl: float,
                     new_tokens: int, raise_on_failure: bool = True) -> ArtifactVerdict:
-    """Run ``artifact`` (a transformers folder) on the reference's inputs and judge it.
+    """Run ``artifact`` (a transformers folder, or an ONNX graph file) on the reference's inputs and judge it.
 
     Raises ValidationError: 'output_mismatch' / 'top1_mismatch' when it disagrees with the reference,
     'inference_failed' when it cannot be loaded or run (unless ``raise_on_failure`` is false).
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
-    precision = precision_of(artifact)
+    precision = "unknown"
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(artifact), dtype="auto").eval()
-        runs = [_run(model, ids, new_tokens) for ids in reference.input_ids]
-        del model
+        precision = precision_of(artifact)
+        runs = _run_artifact(artifact, reference, new_tokens)
         gc.collect()
     except Exception as exc:  # noqa: BLE001 - any failure to load or run is the guide's "inference failed"
         verdict = ArtifactVerdict(str(artifact), precision, False, "inference", error=f"{type(exc).__name__}: {exc}"[:500])

@@ -343,7 +343,7 @@ def _axes(dynamic_axes: dict[str, dict[int, str]] | None, spec: _Spec) -> dict[s
     ids = dims("input_ids", [1, 1])
     batch, seq = ids
     mask = dims("attention_mask", [batch, "total_sequence_length"])
-    if isinstance(mask[1], int):
+    if isinstance(mask[1], int) or mask[1] == seq:  # the mask covers past + new tokens: never fixed, never the sequence's
         mask[1] = "total_sequence_length"
     past = dims("past_key_values.0.key", [batch, spec.kv_heads, "past_sequence_length", spec.head_dim])
     present = dims("present.0.key", [batch, spec.kv_heads, mask[1], spec.head_dim])

@@ -1,0 +1,207 @@
+"""The ONNX artifact: choose a backend, add what onnxruntime-genai reads, save the optimized graph, run it.
+
+The folder holds ``model.onnx`` + ``model.onnx.data`` (weights always in external data, as
+onnxruntime-genai's builder writes them, so the graph file stays small whatever the model's size),
+``model.optimized.onnx`` (+ data) when onnx_optimize_graph is on, ``genai_config.json``, the
+tokenizer with its chat template, ``config.json`` and ``generation_config.json``.
+
+``OnnxDecoder`` runs such a folder in onnxruntime on the CPU: the prompt, then a greedy loop that
+feeds ``present.*`` back as ``past_key_values.*``; verify.py compares it with the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import extras
+from ..errors import ExportFormatError
+from ..hf_layout import copy_tokenizer, write_atomic
+from ..monitoring import logger
+
+__all__ = ["export_onnx", "choose_backend", "onnx_weight_type", "OnnxDecoder", "MODEL_FILE", "OPTIMIZED_FILE"]
+
+MODEL_FILE = "model.onnx"
+OPTIMIZED_FILE = "model.optimized.onnx"
+_GENAI_TYPES = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+
+
+def choose_backend(requested: str, merged: Path) -> str:
+    """builder or torch: ``auto`` picks the builder when it knows the architecture."""
+    from .onnx_builder import SUPPORTED_ARCHITECTURES
+
+    if requested != "auto":
+        return requested
+    arch = (_config(merged).get("architectures") or ["?"])[0]
+    return "builder" if arch in SUPPORTED_ARCHITECTURES else "torch"
+
+
+def onnx_weight_type(level: str, merged: Path) -> str:
+    """fp32, fp16, int8 or int4 for a quantization_level: 'none' keeps fp32 and fp16 and widens bf16 (no CPU kernels) to fp32."""
+    if level in ("fp16", "int8", "int4"):
+        return level
+    dtype = _config(merged).get("dtype") or _config(merged).get("torch_dtype") or "float32"
+    return "fp16" if dtype == "float16" else "fp32"
+
+
+def export_onnx(merged: str | Path, out: str | Path, *, backend: str = "auto", level: str = "none", opset: int = 17,
+                dynamic_axes: dict[str, dict[int, str]] | None = None, optimize: bool = True, block_size: int = 32,
+                accuracy_level: int = 4, tokenizer_dirs: list[Path] | None = None) -> dict[str, Any]:
+    """Export the merged model in ``merged`` to an ONNX folder ``out``; return what was written.
+
+    Raises MissingDependencyError without the onnx extra, ExportFormatError / OnnxExportError when the export fails.
+    """
+    extras.require("onnx", "ONNX export")
+    extras.require("onnxruntime", "ONNX export")
+    merged, out = Path(merged), Path(out)
+    chosen = choose_backend(backend, merged)
+    weight_type = onnx_weight_type(level, merged)
+    logger.info("ONNX export: backend %s, weights %s, opset %d", chosen, weight_type, opset)
+    kwargs = dict(weight_type=weight_type, opset=opset, block_size=block_size, accuracy_level=accuracy_level, dynamic_axes=dynamic_axes)
+    if chosen == "builder":
+        from .onnx_builder import build_onnx
+
+        build_onnx(merged, out, **kwargs)
+    else:
+        from .onnx_torch import export_torch
+
+        export_torch(merged, out, **kwargs)
+    for name in ("config.json", "generation_config.json"):
+        if (merged / name).is_file():
+            shutil.copyfile(merged / name, out / name)
+    copy_tokenizer(out, [merged, *(tokenizer_dirs or [])])
+    write_genai_config(out, _config(merged))
+    files = [MODEL_FILE]
+    if optimize:
+        optimize_graph(out / MODEL_FILE, out / OPTIMIZED_FILE)
+        files.append(OPTIMIZED_FILE)
+    return {"path": str(out), "backend": chosen, "weight_type": weight_type, "opset": opset, "graphs": files}
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def optimize_graph(source: Path, target: Path) -> None:
+    """onnxruntime's offline graph optimization (extended level: fusions that every CPU runs), saved beside the plain graph."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(target)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", target.name + ".data")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ExportFormatError("onnx_optimize_failed", error=f"{type(exc).__name__}: {exc}"[:400]) from exc
+
+
+def write_genai_config(out: Path, config: dict[str, Any]) -> None:
+    """genai_config.json, so onnxruntime-genai can load the folder (decoder with separate past and present)."""
+    import onnx
+
+    graph = onnx.load(str(out / MODEL_FILE), load_external_data=False).graph
+    past = [i for i in graph.input if i.name.startswith("past_key_values.")]
+    dims = past[0].type.tensor_type.shape.dim
+    heads = config["num_attention_heads"]
+    eos = config.get("eos_token_id")
+    generation = _config_file(out / "generation_config.json")
+    eos = generation.get("eos_token_id", eos)
+    context = int(config.get("max_position_embeddings", 4096))
+    first_eos = eos[0] if isinstance(eos, list) and eos else eos
+    bos = config.get("bos_token_id")
+    pad = generation.get("pad_token_id", config.get("pad_token_id"))
+    genai = {
+        "model": {
+            "bos_token_id": first_eos if bos is None else bos,
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": dims[3].dim_value or config.get("head_dim") or config["hidden_size"] // heads,
+                "hidden_size": config["hidden_size"],
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+                "num_attention_heads": heads,
+                "num_hidden_layers": len(past) // 2,
+                "num_key_value_heads": dims[1].dim_value or config.get("num_key_value_heads") or heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": first_eos if pad is None else pad,
+            "type": _GENAI_TYPES.get((config.get("architectures") or ["?"])[0], config.get("model_type", "decoder")),
+            "vocab_size": config["vocab_size"],
+        },
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
+                   "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+    write_atomic(out / "genai_config.json", json.dumps(genai, indent=2) + "\n")
+
+
+def _config_file(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+class OnnxDecoder:
+    """An exported decoder in onnxruntime (CPU): prompt logits and greedy continuation with the KV cache."""
+
+    def __init__(self, graph: str | Path, optimized: bool | None = None) -> None:
+        import onnxruntime as ort
+
+        graph = Path(graph)
+        options = ort.SessionOptions()
+        if optimized is False or (optimized is None and graph.name == MODEL_FILE):
+            # The plain graph is run as written, so a fault in it is not hidden (or caused) by a fusion.
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        first = self.inputs[self.past_names[0]]
+        self.kv_shape = first.shape
+        self.kv_dtype = np.float16 if "float16" in first.type else np.float32
+        step = self.inputs["input_ids"].shape[1]
+        self.step = step if isinstance(step, int) else None  # a fixed sequence axis: feed that many tokens per call
+        config = _config_file(graph.parent / "generation_config.json") or _config_file(graph.parent / "config.json")
+        eos = config.get("eos_token_id")
+        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    def _empty_past(self) -> dict[str, np.ndarray]:
+        shape = [1, self.kv_shape[1], 0, self.kv_shape[3]]
+        return {name: np.zeros(shape, dtype=self.kv_dtype) for name in self.past_names}
+
+    def _forward(self, tokens: list[int], past: dict[str, np.ndarray], start: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        feeds = {"input_ids": np.array([tokens], dtype=np.int64),
+                 "attention_mask": np.ones((1, start + len(tokens)), dtype=np.int64),
+                 "position_ids": np.arange(start, start + len(tokens), dtype=np.int64)[None], **past}
+        results = dict(zip(self.output_names, self.session.run(None, feeds)))
+        present = {name: results[name.replace("past_key_values.", "present.")] for name in self.past_names}
+        return results["logits"][0].astype(np.float32), present
+
+    def prompt(self, tokens: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Logits for every prompt position ([len, vocab], float32) and the cache after it."""
+        past, rows, step = self._empty_past(), [], self.step or len(tokens)
+        for start in range(0, len(tokens), step):
+            logits, past = self._forward(tokens[start:start + step], past, start)
+            rows.append(logits)
+        return np.concatenate(rows), past
+
+    def generate(self, tokens: list[int], new_tokens: int) -> tuple[np.ndarray, list[int]]:
+        """(prompt logits, greedy continuation of up to ``new_tokens``, stopping after an end-of-sequence token)."""
+        logits, past = self.prompt(tokens)
+        generated, last = [], logits[-1]
+        for _ in range(new_tokens):
+            token = int(last.argmax())
+            generated.append(token)
+            if token in self.eos:
+                break
+            step, past = self._forward([token], past, len(tokens) + len(generated) - 1)
+            last = step[-1]
+        return logits, generated
