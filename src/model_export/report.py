@@ -39,11 +39,20 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     verdicts = results.get("verify", {}).get("verdicts", {})
     rows = []
     for fmt, path in export.get("artifacts", {}).items():
-        v = verdicts.get(fmt)
-        rows.append({"format": fmt, "path": path, "bytes": export.get("sizes", {}).get(fmt, 0),
-                     "verified": None if v is None else bool(v["passed"]), "rule": v and v["rule"],
-                     "max_abs_diff": v and v["max_abs_diff"], "mean_kl": v and v["mean_kl"], "top1": v and v["top1_agreement"]})
+        # An ONNX folder holds two graphs (plain and optimized), each verified: one row each.
+        extra = [(label, v) for label, v in verdicts.items() if label.startswith(f"{fmt}-")]
+        for label, v, where, size in [(fmt, verdicts.get(fmt), path, export.get("sizes", {}).get(fmt, 0)),
+                                      *[(label, v, v["artifact"], _graph_bytes(v["artifact"])) for label, v in extra]]:
+            rows.append({"format": label, "path": where, "bytes": size,
+                         "verified": None if v is None else bool(v["passed"]), "rule": v and v["rule"],
+                         "max_abs_diff": v and v["max_abs_diff"], "mean_kl": v and v["mean_kl"], "top1": v and v["top1_agreement"]})
     return rows
+
+
+def _graph_bytes(graph: str) -> int:
+    """An ONNX graph file and its external data."""
+    path = Path(graph)
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
 
 
 def _bars(title: str, labels: list[str], values: list[float], fmt: Any, color: str = "#3b82f6") -> str:

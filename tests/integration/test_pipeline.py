@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from model_export import ExportConfiguration, ValidationError, i18n, run
@@ -137,3 +138,47 @@ def test_housekeeping_settings(training, tmp_path):
                            remove_training_artifacts=False))
     assert (out / "export" / "x.partial").exists() and "verify" not in again.steps and again.passed is None
     assert (out / "export" / "safetensors" / "training_artifacts" / "optimizer.pt").is_file()
+
+
+def test_onnx_in_the_pipeline_both_graphs_verified_in_onnxruntime(training, tmp_path):
+    out = tmp_path / "out"
+    result = run(config_for(training, out, export_formats=["safetensors", "onnx"]))
+    assert result.passed is True
+    onnx_dir = out / "export" / "onnx"
+    assert {"model.onnx", "model.onnx.data", "model.optimized.onnx", "genai_config.json", "tokenizer.json"} <= {p.name for p in onnx_dir.iterdir()}
+    verdicts = json.loads((out / "run.json").read_text())["steps"]["verify"]["result"]["verdicts"]
+    assert set(verdicts) == {"safetensors", "onnx", "onnx-optimized"}
+    for label in ("onnx", "onnx-optimized"):
+        assert verdicts[label]["passed"] and verdicts[label]["precision"] == "full" and verdicts[label]["max_abs_diff"] < 1e-3
+        assert all(s["greedy_agreement"] == 1.0 for s in verdicts[label]["samples"])
+    rows = {a["format"]: a for a in json.loads((out / "report.json").read_text())["artifacts"]}
+    assert set(rows) == {"safetensors", "onnx", "onnx-optimized"} and rows["onnx-optimized"]["path"].endswith("model.optimized.onnx")
+    # a changed ONNX setting reruns export and verify only
+    run(config_for(training, out, export_formats=["safetensors", "onnx"], onnx_optimize_graph=False))
+    steps = json.loads((out / "run.json").read_text())["steps"]
+    assert [s for s in ("merge", "export", "verify") if steps[s]["skipped"]] == ["merge"]
+    assert not (onnx_dir / "model.optimized.onnx").exists()
+
+
+def test_a_damaged_onnx_graph_fails_verification(training, tmp_path):
+    """The ONNX check can fail: one weight changed in model.onnx.data is caught against the reference."""
+    import onnx
+
+    from model_export.verify import compute_reference, verify_artifact
+
+    out = tmp_path / "out"
+    run(config_for(training, out, export_formats=["onnx"], onnx_optimize_graph=False, run_validation_tests=False))
+    graph = out / "export" / "onnx" / "model.onnx"
+    tensor = next(t for t in onnx.load(str(graph), load_external_data=False).graph.initializer
+                  if t.name == "model.layers.0.mlp.down_proj.weight")
+    offset = int(next(e.value for e in tensor.external_data if e.key == "offset"))
+    data = bytearray((graph.parent / "model.onnx.data").read_bytes())
+    values = np.frombuffer(data, dtype=np.float32, count=256, offset=offset).copy() * -3.0
+    data[offset:offset + values.nbytes] = values.tobytes()
+    (graph.parent / "model.onnx.data").write_bytes(bytes(data))
+    from model_export.demo.run import shipped_base
+
+    reference = compute_reference(shipped_base(), training / "checkpoint-30", shipped_base(), ["Hello"], 4)
+    with pytest.raises(ValidationError) as err:
+        verify_artifact(graph, reference, tolerance=1e-3, min_top1=0.9, max_kl=0.05, new_tokens=4)
+    assert err.value.code == "ME601"

@@ -38,7 +38,8 @@ __all__ = ["build_onnx", "BuildResult", "SUPPORTED_ARCHITECTURES", "WEIGHT_TYPES
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
 WEIGHT_TYPES = ("fp32", "fp16", "int8", "int4")
 DATA_FILE = "model.onnx.data"
-_ALIGN = 4096  # external data offsets on page boundaries, so onnxruntime can map them
+_ALIGN = 4096  # large tensors start on page boundaries, so onnxruntime can map them
+_ALIGN_SMALL = 64  # small ones (norms, scales of small layers) are not worth a page each
 _CHUNK_BYTES = 64 << 20  # rows of one tensor converted at a time
 
 
@@ -100,7 +101,8 @@ class _DataFile:
     def add(self, name: str, dtype: np.dtype, shape: tuple[int, ...], chunks) -> Any:
         from onnx import TensorProto, helper
 
-        pad = (-self.offset) % _ALIGN
+        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        pad = (-self.offset) % (_ALIGN if expected >= (1 << 20) else _ALIGN_SMALL)
         self.fh.write(b"\0" * pad)
         start = self.offset = self.offset + pad
         for chunk in chunks:
@@ -108,7 +110,6 @@ class _DataFile:
             self.fh.write(memoryview(data).cast("B"))
             self.offset += data.nbytes
         length = self.offset - start
-        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if length != expected:  # a bug, not a user error: never write a tensor that lies about its size
             raise AssertionError(f"{name}: wrote {length} bytes, expected {expected}")
         tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=list(shape))

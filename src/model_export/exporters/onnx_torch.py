@@ -31,6 +31,9 @@ def export_torch(merged: str | Path, out: str | Path, *, weight_type: str = "fp3
 
     Raises OnnxExportError (unsupported operator, dynamic shapes) when the exporter fails.
     """
+    from .. import extras
+
+    extras.require("onnxscript", "ONNX export with onnx_backend: torch")
     import torch
     from transformers import AutoModelForCausalLM
 
