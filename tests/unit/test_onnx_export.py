@@ -120,7 +120,8 @@ def dequantized(folder, graph_path, bits, block):
 
 @pytest.mark.parametrize("weight_type,bits", [("int4", 4), ("int8", 8)])
 def test_quantized_graph_equals_the_model_with_its_dequantized_weights(tiny_base, tmp_path, weight_type, bits):
-    """The graph computes exactly what transformers computes with the blocks' values: all loss is quantization."""
+    """The graph computes exactly what transformers computes with the blocks' values: all loss is quantization.
+    The tied embedding is stored once, as the head's blocks, and gathered from them."""
     from transformers import AutoModelForCausalLM
 
     result = build_onnx(tiny_base, tmp_path, weight_type=weight_type, accuracy_level=0, dynamic_axes=AXES)
@@ -130,11 +131,15 @@ def test_quantized_graph_equals_the_model_with_its_dequantized_weights(tiny_base
     for name, weight in state.items():
         if name.endswith("_proj.weight"):
             state[name] = unpack(name, *weight.shape)
+    head = unpack("model.embed_tokens.weight", *state["model.embed_tokens.weight"].shape)
+    state["model.embed_tokens.weight"] = state["lm_head.weight"] = head  # tied: the embedding gathers from the head's blocks
     model.load_state_dict(state)
-    head = unpack("model.embed_tokens.weight", *state["model.embed_tokens.weight"].shape)  # tied: the head is quantized apart
     with torch.no_grad():
         expected = (model.model(torch.tensor([PROMPT])).last_hidden_state[0] @ head.T).numpy()
     np.testing.assert_allclose(OnnxDecoder(result.path).prompt(PROMPT)[0], expected, atol=2e-5, rtol=0)
+    graph = onnx.load(result.path, load_external_data=False).graph
+    assert "GatherBlockQuantized" in {n.op_type for n in graph.node}
+    assert not any(t.name == "model.embed_tokens.weight" for t in graph.initializer)
 
 
 def test_blocks_are_those_of_onnxruntimes_quantizer_including_a_padded_last_block():
@@ -176,11 +181,13 @@ def test_without_dynamic_axes_the_graph_takes_one_token_per_call(tiny_base, tmp_
     assert tokens == ref_tokens
 
 
-@pytest.mark.parametrize("level,tolerance", [("none", 2e-5), ("fp16", 0.02)])
-def test_torch_backend_matches_transformers(tiny_base, tmp_path, level, tolerance):
-    info = export_onnx(tiny_base, tmp_path, backend="torch", level=level, opset=18, dynamic_axes=AXES, optimize=False)
+@pytest.mark.parametrize("base,level,tolerance", [("tiny_base", "none", 2e-5), ("untied_base", "none", 2e-5), ("tiny_base", "fp16", 0.02)])
+def test_torch_backend_matches_transformers(base, request, tmp_path, level, tolerance):
+    """Qwen3 with head_dim 32 != hidden/heads 16, tied and untied."""
+    folder = request.getfixturevalue(base)
+    info = export_onnx(folder, tmp_path, backend="torch", level=level, opset=18, dynamic_axes=AXES, optimize=False)
     assert info["backend"] == "torch"
-    ref_logits, ref_tokens = transformers_run(tiny_base)
+    ref_logits, ref_tokens = transformers_run(folder)
     logits, tokens = OnnxDecoder(tmp_path / "model.onnx").generate(PROMPT, 6)
     assert np.abs(logits - ref_logits).max() <= tolerance
     if level == "none":

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .. import i18n
+from .. import extras, i18n
 from ..config import ExportConfiguration
 from ..monitoring import logger
 from ..pipeline import run
@@ -37,7 +37,10 @@ def demo(workdir: str | Path = ".") -> dict[str, Any]:
         build_training_run(base, training)
     else:
         logger.info(i18n.ui("demo_reuse", path=training))
-    config = ExportConfiguration(checkpoint_path=str(training), base_model_name=str(base), output_dir=str(workdir / "export-demo"))
+    # ONNX joins when its extra is installed (make demo installs it); the demo never needs it.
+    formats = ["safetensors"] + (["onnx"] if extras.is_available("onnx") and extras.is_available("onnxruntime") else [])
+    config = ExportConfiguration(checkpoint_path=str(training), base_model_name=str(base), output_dir=str(workdir / "export-demo"),
+                                 export_formats=formats)
     config_file = workdir / "export-demo.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), allow_unicode=True, sort_keys=False), encoding="utf-8")
     result = run(config)

@@ -30,7 +30,6 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import ExportFormatError
-from ..numerics import as_float
 from ..tensor_io import read_bytes, read_header
 
 __all__ = ["build_onnx", "BuildResult", "SUPPORTED_ARCHITECTURES", "WEIGHT_TYPES"]
@@ -70,8 +69,12 @@ class _Weights:
     def info(self, name: str):
         return self.where[name][1]
 
-    def row_chunks(self, name: str) -> Iterator[np.ndarray]:
-        """The tensor as float32 arrays of at most _CHUNK_BYTES each (whole rows)."""
+    def raw_chunks(self, name: str) -> Iterator[Any]:
+        """The tensor in its stored dtype as torch tensors of at most _CHUNK_BYTES of float32 each (whole rows)."""
+        import torch
+
+        from ..tensor_io import torch_dtype
+
         path, info = self.where[name]
         fh = self.files.get(path) or self.files.setdefault(path, open(path, "rb"))  # noqa: SIM115 - closed in close()
         rows = info.shape[0] if info.shape else 1
@@ -79,7 +82,14 @@ class _Weights:
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             raw = read_bytes(fh, info, start, stop) if info.shape else read_bytes(fh, info)
-            yield as_float(raw, info.dtype, ((stop - start), *info.shape[1:]) if info.shape else ())
+            yield torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).view((stop - start, *info.shape[1:]) if info.shape else ())
+
+    def row_chunks(self, name: str) -> Iterator[np.ndarray]:
+        """The tensor as float32 arrays of at most _CHUNK_BYTES each (whole rows); torch widens bf16 on every core."""
+        import torch
+
+        for chunk in self.raw_chunks(name):
+            yield chunk.to(torch.float32).numpy()
 
     def whole(self, name: str) -> np.ndarray:
         return np.concatenate(list(self.row_chunks(name))) if self.info(name).shape else next(self.row_chunks(name))
@@ -190,22 +200,29 @@ def _spec(folder: Path, weights: _Weights) -> tuple[_Spec, dict[str, Any]]:
 
 
 def _rotary_cache(folder: Path, spec: _Spec, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin for every position, from the model's own rotary module in transformers (every rope type it knows)."""
-    import sys
+    """cos and sin for every position, computed as transformers computes them (in torch, fp32).
 
+    The default rope is the standard formula; every other rope type (Llama 3, YaRN, linear, ...) is
+    transformers' own init function, so the tables are the reference's. Loading the model class just
+    for this would cost seconds of imports.
+    """
     import torch
-    import transformers
-    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(folder))
-    module = sys.modules[getattr(transformers, config.architectures[0]).__module__]
-    rotary_cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
-    rotary = rotary_cls(config=config)
-    with torch.no_grad():
-        positions = torch.arange(spec.max_positions)[None]
-        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
-    half = cos.shape[-1] // 2
-    return cos[0, :, :half].numpy().astype(dtype), sin[0, :, :half].numpy().astype(dtype)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type == "default":
+        base = params.get("rope_theta", config.get("rope_theta", 10000.0))
+        inv_freq = 1.0 / (base ** (torch.arange(0, spec.head_dim, 2, dtype=torch.int64).float() / spec.head_dim))
+        scaling = 1.0
+    else:
+        from transformers import AutoConfig
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](AutoConfig.from_pretrained(str(folder)), "cpu")
+    positions = torch.arange(spec.max_positions, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq.float()[None, :]
+    return (freqs.cos() * scaling).numpy().astype(dtype), (freqs.sin() * scaling).numpy().astype(dtype)
 
 
 class _Linear:
@@ -238,7 +255,7 @@ class _Linear:
         scales, zeros = [], []
 
         def packed_chunks():
-            for rows in self.weights.row_chunks(tensor):
+            for rows in self.weights.raw_chunks(tensor):
                 packed, scale, zero = quantize_blocks(rows, bits, self.block_size)
                 scales.append(scale)
                 zeros.append(zero)
@@ -253,18 +270,23 @@ class _Linear:
                              block_size=self.block_size, accuracy_level=self.accuracy_level)
 
 
-def quantize_blocks(rows: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Asymmetric round-to-nearest blocks along K of a [N, K] weight, by onnxruntime's own quantizer kernel.
+def quantize_blocks(rows, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric round-to-nearest blocks along K of a [N, K] weight (numpy or torch, any float dtype), by
+    onnxruntime's own quantizer kernel.
 
     Returns (packed [N, k_blocks, block_size*bits/8] uint8, scales [N, k_blocks] float32, zero points uint8),
     exactly what onnxruntime's MatMulNBitsQuantizer stores for the same weight.
     """
+    import torch
     from onnxruntime.capi import _pybind_state as ort_c
 
     n, k = rows.shape
     k_blocks = -(-k // block_size)
-    source = np.zeros((k_blocks * block_size, n), dtype=np.float32)
-    source[:k] = rows.T
+    # The kernel reads [K, N]: widen and transpose in one torch copy (numpy's strided transpose is 4x slower).
+    padded = torch.empty((k_blocks * block_size, n), dtype=torch.float32)
+    padded[k:].zero_()
+    padded[:k].copy_(torch.as_tensor(rows).t())
+    source = padded.numpy()
     packed = np.zeros((n, k_blocks, block_size * bits // 8), dtype=np.uint8)
     scales = np.zeros((n, k_blocks), dtype=np.float32)
     zeros = np.zeros((n, -(-k_blocks * bits // 8)), dtype=np.uint8)
@@ -369,10 +391,8 @@ def _decoder(graph: _Graph, weights: _Weights, spec: _Spec, linear: _Linear, fol
     cos_name = graph.weight("/model/rotary/cos_cache", io_dtype, cos.shape, [cos])
     sin_name = graph.weight("/model/rotary/sin_cache", io_dtype, sin.shape, [sin])
 
-    embed = "model.embed_tokens.weight"
     embed_dtype = np.float16 if linear.weight_type == "fp16" else np.float32
-    graph.weight(embed, embed_dtype, weights.info(embed).shape, weights.row_chunks(embed))
-    hidden = graph.op("Gather", [embed, flat_ids], "/model/embed_tokens", axis=0)
+    hidden = _embedding(graph, weights, spec, linear, flat_ids, embed_dtype)
     norm_dtype = embed_dtype
     for i in range(spec.layers):
         p = f"model.layers.{i}"
@@ -415,6 +435,24 @@ def _decoder(graph: _Graph, weights: _Weights, spec: _Spec, linear: _Linear, fol
     head = _lm_head(graph, linear, final, spec)
     return graph.op("Reshape", [head, graph.op("Concat", [ids_shape, graph.const([spec.vocab])], "/lm_head/shape", axis=0)],
                     "/lm_head/logits", outputs=["logits"])
+
+
+def _embedding(graph: _Graph, weights: _Weights, spec: _Spec, linear: _Linear, ids: str, dtype) -> str:
+    """Gather rows of the embedding. A tied quantized model gathers from the head's blocks (GatherBlockQuantized),
+    so the matrix is stored once, quantized, as onnxruntime-genai does; otherwise the embedding is float."""
+    embed = "model.embed_tokens.weight"
+    if not (spec.tied and linear.weight_type in ("int8", "int4")):
+        graph.weight(embed, dtype, weights.info(embed).shape, weights.row_chunks(embed))
+        return graph.op("Gather", [embed, ids], "/model/embed_tokens", axis=0)
+    bits = 4 if linear.weight_type == "int4" else 8
+    k_blocks = -(-spec.hidden // linear.block_size)
+    flat = graph.op("Reshape", [f"{embed}.q{bits}", graph.const([spec.vocab, k_blocks * linear.block_size * bits // 8])],
+                    "/model/embed_tokens/blocks")
+    rows = graph.op("GatherBlockQuantized", [flat, ids, f"{embed}.scales", f"{embed}.zero_points"], "/model/embed_tokens",
+                    domain="com.microsoft", bits=bits, block_size=linear.block_size, gather_axis=0, quantize_axis=1)
+    if k_blocks * linear.block_size != spec.hidden:  # the last block was padded
+        rows = graph.op("Slice", [rows, graph.const([0]), graph.const([spec.hidden]), graph.const([1])], "/model/embed_tokens/slice")
+    return rows
 
 
 def _lm_head(graph: _Graph, linear: _Linear, hidden: str, spec: _Spec) -> str:

@@ -145,6 +145,10 @@ def write_genai_config(out: Path, config: dict[str, Any]) -> None:
     write_atomic(out / "genai_config.json", json.dumps(genai, indent=2) + "\n")
 
 
+def _dim(value: Any, fallback: Any) -> Any:
+    return value if isinstance(value, int) else fallback
+
+
 def _config_file(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
@@ -169,18 +173,25 @@ class OnnxDecoder:
         self.kv_dtype = np.float16 if "float16" in first.type else np.float32
         step = self.inputs["input_ids"].shape[1]
         self.step = step if isinstance(step, int) else None  # a fixed sequence axis: feed that many tokens per call
+        genai = _config_file(graph.parent / "genai_config.json").get("model", {}).get("decoder", {})
+        # Graphs from other builders may leave the cache's head axes symbolic: genai_config.json says what they are.
+        self.kv_shape = [self.kv_shape[0], _dim(self.kv_shape[1], genai.get("num_key_value_heads")), 0,
+                         _dim(self.kv_shape[3], genai.get("head_size"))]
         config = _config_file(graph.parent / "generation_config.json") or _config_file(graph.parent / "config.json")
         eos = config.get("eos_token_id")
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
     def _empty_past(self) -> dict[str, np.ndarray]:
         shape = [1, self.kv_shape[1], 0, self.kv_shape[3]]
+        if not all(isinstance(d, int) for d in shape):
+            raise ValueError(f"the cache's shape {self.kv_shape} is not known: no genai_config.json beside the graph")
         return {name: np.zeros(shape, dtype=self.kv_dtype) for name in self.past_names}
 
     def _forward(self, tokens: list[int], past: dict[str, np.ndarray], start: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         feeds = {"input_ids": np.array([tokens], dtype=np.int64),
-                 "attention_mask": np.ones((1, start + len(tokens)), dtype=np.int64),
-                 "position_ids": np.arange(start, start + len(tokens), dtype=np.int64)[None], **past}
+                 "attention_mask": np.ones((1, start + len(tokens)), dtype=np.int64), **past}
+        if "position_ids" in self.inputs:  # graphs that rotate inside attention take positions from the mask
+            feeds["position_ids"] = np.arange(start, start + len(tokens), dtype=np.int64)[None]
         results = dict(zip(self.output_names, self.session.run(None, feeds)))
         present = {name: results[name.replace("past_key_values.", "present.")] for name in self.past_names}
         return results["logits"][0].astype(np.float32), present
