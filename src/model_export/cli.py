@@ -131,6 +131,8 @@ def _print_run(console: Console, title: str, steps: dict, report: str | None) ->
     results = {"export": steps.get("export", {}).get("result", {}), "verify": steps.get("verify", {}).get("result", {})}
     for r in summary_rows(results):
         verdict = "-" if r["verified"] is None else ("[green]passed[/]" if r["verified"] else "[red]failed[/]")
+        if r["verified"] and not r["ran"]:
+            verdict = f"[yellow]{i18n.ui('report_read_back')}[/]"
         table.add_row(r["format"], r["path"], f"{r['bytes'] / 1e6:.2f} MB", verdict)
     console.print(table)
     console.print(", ".join(_step_text(name, step) for name, step in steps.items()))

@@ -116,6 +116,9 @@ class ExportConfiguration(BaseModel):
     onnx_accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
         4, description="int8/int4 ONNX weights: MatMulNBits compute precision, 0 (unset: fp32) to 4 (int8 activations, "
         "fastest on CPUs; what onnxruntime-genai's builder uses for CPU).")
+    gguf_type: Literal["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"] = Field(
+        "auto", description="GGUF tensor type; auto follows quantization_level (none: the merge's dtype, bf16, fp16: f16, "
+        "int8: q8_0, int4: q4_0). Norms and biases stay f32, as llama.cpp keeps them.")
     onnx_dynamic_axes: dict[str, dict[int, str]] | None = Field(
         default_factory=_default_dynamic_axes,
         description="Dynamic axes per ONNX input/output name, e.g. {input_ids: {0: batch_size, 1: sequence_length}}; "

@@ -162,6 +162,7 @@ AVAILABLE: dict[str, tuple[str, ...]] = {
     "safetensors": ("none", "bf16", "fp16"),
     "pytorch": ("none", "bf16", "fp16"),
     "onnx": ("none", "fp16", "int8", "int4"),
+    "gguf": ("none", "bf16", "fp16", "int8", "int4"),
 }
 
 

@@ -168,6 +168,8 @@ def _steps(state: _Run) -> None:
     if "onnx" in c.formats:
         export_settings.append([c.onnx_backend, c.onnx_opset_version, c.onnx_optimize_graph, c.onnx_dynamic_axes,
                                 c.onnx_block_size, c.onnx_accuracy_level])
+    if "gguf" in c.formats:
+        export_settings.append(["gguf", c.gguf_type])
     state.step("export", export_settings, lambda: _export(state, checkpoint, base),
                outputs=lambda result: [f for path in result.get("artifacts", {}).values() for f in _files(path)])
     if c.run_validation_tests:
@@ -197,6 +199,12 @@ def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:
                 dynamic_axes=c.onnx_dynamic_axes, optimize=c.onnx_optimize_graph, block_size=c.onnx_block_size,
                 accuracy_level=c.onnx_accuracy_level)
             details[fmt]["path"] = str(target)
+        elif fmt == "gguf":
+            from .exporters.gguf_export import export_gguf, gguf_type_for
+
+            gguf_type = gguf_type_for(c.quantization_level, state.out / "merge", c.gguf_type)
+            details[fmt] = export_gguf(state.out / "merge", partial, gguf_type=gguf_type, name=checkpoint.parent.name)
+            details[fmt]["path"] = str(target / Path(details[fmt]["path"]).name)
         else:
             merge(checkpoint, base, partial, dtype=_MERGE_DTYPES[c.quantization_level], max_shard_size=c.max_shard_size,
                   format="pytorch", compress_weights=c.compress_weights, remove_training_artifacts=c.remove_training_artifacts,
@@ -228,15 +236,19 @@ def _size(path: Path, skip: str | None = None) -> int:
 
 
 def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
-    from .verify import compute_reference, verify_artifact
+    from .verify import compute_reference, verify_artifact, verify_gguf
 
     c = state.config
     tokenizer_dir = tokenizer_source([checkpoint, checkpoint.parent, base_dir]) or base_dir
     reference = compute_reference(base_dir, checkpoint, tokenizer_dir, c.test_input_samples, c.validation_new_tokens)
     verdicts = {}
     for label, path in _verifiable(state.results["export"]["artifacts"]):
-        verdict = verify_artifact(path, reference, tolerance=c.validation_tolerance, min_top1=c.validation_min_top1,
-                                  max_kl=c.validation_max_kl, new_tokens=c.validation_new_tokens, raise_on_failure=False)
+        if label == "gguf":
+            verdict = verify_gguf(path, state.out / "merge", reference, tolerance=c.validation_tolerance, min_top1=c.validation_min_top1,
+                                  max_kl=c.validation_max_kl, new_tokens=c.validation_new_tokens)
+        else:
+            verdict = verify_artifact(path, reference, tolerance=c.validation_tolerance, min_top1=c.validation_min_top1,
+                                      max_kl=c.validation_max_kl, new_tokens=c.validation_new_tokens, raise_on_failure=False)
         verdicts[label] = verdict.to_dict()
         (state.out / "verify").mkdir(exist_ok=True)
         write_atomic(state.out / "verify" / f"{label}.json", json.dumps(verdicts[label], indent=2))
@@ -257,6 +269,9 @@ def _verifiable(artifacts: dict[str, str]) -> list[tuple[str, Path]]:
 
     items = []
     for fmt, path in artifacts.items():
+        if fmt == "gguf":
+            items.append((fmt, next(Path(path).glob("*.gguf"))))
+            continue
         if fmt != "onnx":
             items.append((fmt, Path(path)))
             continue

@@ -45,6 +45,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                                       *[(label, v, v["artifact"], _graph_bytes(v["artifact"])) for label, v in extra]]:
             rows.append({"format": label, "path": where, "bytes": size,
                          "verified": None if v is None else bool(v["passed"]), "rule": v and v["rule"],
+                         "ran": bool(v and v.get("samples")),  # False: checked without running (a GGUF read back only)
                          "max_abs_diff": v and v["max_abs_diff"], "mean_kl": v and v["mean_kl"], "top1": v and v["top1_agreement"]})
     return rows
 
@@ -108,6 +109,8 @@ def _number(value: float | None, spec: str) -> str:
 def _artifact_row(r: dict[str, Any]) -> str:
     passed, failed = html.escape(i18n.ui("report_passed")), html.escape(i18n.ui("report_failed"))
     verified = "—" if r["verified"] is None else (f'<b class="ok">{passed}</b>' if r["verified"] else f'<b class="bad">{failed}</b>')
+    if r["verified"] and not r.get("ran"):
+        verified = f'<b>{html.escape(i18n.ui("report_read_back"))}</b>'
     return (f"<tr><td><b>{r['format']}</b></td><td><code>{html.escape(r['path'])}</code></td><td>{_gb(r['bytes'])}</td>"
             f"<td>{verified}</td><td>{html.escape(r['rule'] or '')}</td><td>{_number(r['max_abs_diff'], '.3g')}</td>"
             f"<td>{_number(r['mean_kl'], '.3g')}</td><td>{_number(r['top1'], '.3f')}</td></tr>")

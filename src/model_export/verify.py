@@ -46,6 +46,7 @@ class ArtifactVerdict:
     samples: list[SampleResult] = field(default_factory=list)
     diff_histogram: dict[str, list[float]] = field(default_factory=dict)
     error: str | None = None
+    readback: dict[str, Any] | None = None  # GGUF: what reading the file back against the merge found
     failure: ValidationError | None = field(default=None, repr=False)
 
     @property
@@ -116,6 +117,11 @@ def precision_of(artifact: Path) -> str:
     """'full' when every floating-point weight is fp32, else 'reduced' (an ONNX graph: fp16 weights or MatMulNBits)."""
     from .tensor_io import read_header
 
+    if artifact.suffix == ".gguf":
+        import gguf
+
+        types = {t.tensor_type.name for t in gguf.GGUFReader(str(artifact)).tensors}
+        return "full" if types == {"F32"} else "reduced"
     if artifact.suffix == ".onnx":
         import onnx
 
@@ -134,6 +140,9 @@ def _run_artifact(artifact: Path, reference: Reference, new_tokens: int) -> list
     """Prompt logits and greedy tokens of the artifact for every reference input: transformers, or onnxruntime for a graph."""
     import torch
 
+    if artifact.suffix == ".gguf":
+        runs = [_llama_cpp_run(artifact, ids.tolist(), new_tokens) for ids in reference.input_ids]
+        return [(torch.from_numpy(logits), tokens) for logits, tokens in runs]
     if artifact.suffix == ".onnx":
         from .exporters.onnx_export import OnnxDecoder
 
@@ -147,6 +156,57 @@ def _run_artifact(artifact: Path, reference: Reference, new_tokens: int) -> list
     runs = [_run(model, ids, new_tokens) for ids in reference.input_ids]
     del model
     return runs
+
+
+def _llama_cpp_run(artifact: Path, tokens: list[int], new_tokens: int) -> tuple[Any, list[int]]:
+    """Prompt logits and greedy continuation of a GGUF in llama.cpp (llama-cpp-python), fed the reference's token ids."""
+    import os
+
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(artifact), n_ctx=len(tokens) + new_tokens + 8, logits_all=True, verbose=False,
+                n_threads=os.cpu_count() or 1, seed=0)
+    llm.eval(tokens)
+    logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    generated, last, eos = [], logits[-1], llm.token_eos()
+    for _ in range(new_tokens):
+        token = int(last.argmax())
+        generated.append(token)
+        if token == eos:
+            break
+        llm.eval([token])
+        last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+    llm.close()
+    return logits, generated
+
+
+def verify_gguf(artifact: Path, merged: Path, reference: Reference, *, tolerance: float, min_top1: float, max_kl: float,
+                new_tokens: int) -> ArtifactVerdict:
+    """Read the GGUF back against the merge (always), then run it in llama.cpp and judge it like any artifact
+    (where llama-cpp-python is installed). A read-back failure is the guide's 'inference failed'."""
+    from . import extras
+    from .errors import ExportError
+    from .exporters.gguf_export import read_back
+
+    try:
+        readback = read_back(artifact, merged)
+    except ExportError as exc:
+        verdict = ArtifactVerdict(str(artifact), precision_of(artifact), False, "read back", error=str(exc))
+        verdict.failure = ValidationError("inference_failed", artifact=str(artifact), error=str(exc))
+        return verdict
+    if extras.is_available("llama_cpp"):
+        verdict = verify_artifact(artifact, reference, tolerance=tolerance, min_top1=min_top1, max_kl=max_kl,
+                                  new_tokens=new_tokens, raise_on_failure=False)
+        verdict.rule = f"read back ({readback['tensors']} tensors), llama.cpp: {verdict.rule}"
+    else:
+        verdict = ArtifactVerdict(str(artifact), precision_of(artifact), True,
+                                  f"read back ({readback['tensors']} tensors equal to the merge); not run: llama-cpp-python "
+                                  "is not installed (pip install 'model-export[llamacpp]')")
+        logger.info(i18n.ui("verify_line", artifact=artifact, rule=verdict.rule, diff=float("nan"), kl=float("nan"),
+                            top1=float("nan"), result="passed"))
+    verdict.readback = readback
+    return verdict
 
 
 def _compare(reference: Reference, logits: list[Any], greedy: list[list[int]]) -> list[SampleResult]:

@@ -182,3 +182,22 @@ def test_a_damaged_onnx_graph_fails_verification(training, tmp_path):
     with pytest.raises(ValidationError) as err:
         verify_artifact(graph, reference, tolerance=1e-3, min_top1=0.9, max_kl=0.05, new_tokens=4)
     assert err.value.code == "ME601"
+
+
+def test_gguf_in_the_pipeline_is_read_back_and_reported(training, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    out = tmp_path / "out"
+    result = run(config_for(training, out, export_formats=["gguf"], quantization_level="int8"))
+    assert result.passed is True
+    files = sorted(p.name for p in (out / "export" / "gguf").iterdir())
+    assert files == ["Modelfile", "model-q8_0.gguf"]
+    assert {t.tensor_type.name for t in gguf.GGUFReader(str(out / "export" / "gguf" / "model-q8_0.gguf")).tensors} == {"F32", "Q8_0"}
+    verdict = json.loads((out / "run.json").read_text())["steps"]["verify"]["result"]["verdicts"]["gguf"]
+    assert verdict["passed"] and verdict["readback"]["tensors"] > 0
+    row = json.loads((out / "report.json").read_text())["artifacts"][0]
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        assert row["ran"] is False and "not run" in verdict["rule"]
+    else:
+        assert row["ran"] is True and verdict["top1_agreement"] >= 0.9

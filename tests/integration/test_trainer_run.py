@@ -45,7 +45,7 @@ def test_demo_command_runs_offline(tmp_path):
     assert result["passed"] is True and result["report"] == "export-demo/report.html"
     assert sorted(p.name for p in (tmp_path / "qwen3-finetuned").iterdir() if p.is_dir()) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
     assert (tmp_path / "export-demo" / "export" / "safetensors" / "model.safetensors").is_file()
-    assert set(result["artifacts"]) == {"safetensors", "onnx"}  # the onnx extra is installed by make test
+    assert set(result["artifacts"]) == {"safetensors", "onnx", "gguf"}  # the extras are installed by make test
     assert (tmp_path / "export-demo" / "export" / "onnx" / "genai_config.json").is_file()
     assert "Report: export-demo/report.html" in out.stderr
     again = subprocess.run([cli, "--lang", "zh", "demo"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)

@@ -37,8 +37,9 @@ def demo(workdir: str | Path = ".") -> dict[str, Any]:
         build_training_run(base, training)
     else:
         logger.info(i18n.ui("demo_reuse", path=training))
-    # ONNX joins when its extra is installed (make demo installs it); the demo never needs it.
+    # ONNX and GGUF join when their extras are installed (make demo installs them); the demo never needs them.
     formats = ["safetensors"] + (["onnx"] if extras.is_available("onnx") and extras.is_available("onnxruntime") else [])
+    formats += ["gguf"] if extras.is_available("gguf") else []
     config = ExportConfiguration(checkpoint_path=str(training), base_model_name=str(base), output_dir=str(workdir / "export-demo"),
                                  export_formats=formats)
     config_file = workdir / "export-demo.yaml"

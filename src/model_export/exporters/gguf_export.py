@@ -1,0 +1,309 @@
+"""GGUF for llama.cpp and Ollama, written from the merged safetensors one tensor at a time.
+
+The ``gguf`` package (llama.cpp's own Python library) does the format: GGUFWriter's state machine
+(header, key-values, tensor infos, then the data tensor by tensor), llama.cpp's tensor names
+(``get_tensor_name_map``), its quantizers (``gguf.quants``, tested bit for bit against ggml's C code)
+and the tokenizer's special tokens, merges and chat template (``SpecialVocab``). What we add is the
+streaming: every tensor's info is declared from the safetensors headers before any data exists, and
+the data is then produced one tensor at a time (large ones in row chunks), so memory stays at a
+few chunks whatever the model's size. The token list and types follow llama.cpp's converter
+(padded to the embedding's rows with ``[PADn]`` tokens of type UNUSED, special added tokens CONTROL,
+other added tokens USER_DEFINED).
+
+    export_gguf(merged_dir, out_dir, gguf_type="q8_0")  ->  out_dir/model-q8_0.gguf + Modelfile
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .. import extras
+from ..errors import ExportFormatError
+from ..hf_layout import write_atomic
+from ..tensor_io import read_bytes, read_header, torch_dtype
+
+__all__ = ["export_gguf", "read_back", "gguf_type_for", "GGUF_TYPES", "SUPPORTED_ARCHITECTURES"]
+
+SUPPORTED_ARCHITECTURES = {"Qwen3ForCausalLM": "QWEN3", "Qwen2ForCausalLM": "QWEN2", "LlamaForCausalLM": "LLAMA"}
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+_LEVEL_TYPES = {"bf16": "bf16", "fp16": "f16", "int8": "q8_0", "int4": "q4_0"}
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0",
+               "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1"}
+_PRE_TOKENIZERS = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe"}
+_CHUNK_BYTES = 64 << 20
+
+
+def gguf_type_for(level: str, merged: Path, requested: str = "auto") -> str:
+    """The GGUF tensor type: gguf_type when set, else from quantization_level ('none' keeps the merge's dtype)."""
+    if requested != "auto":
+        return requested
+    if level in _LEVEL_TYPES:
+        return _LEVEL_TYPES[level]
+    dtype = json.loads((merged / "config.json").read_text(encoding="utf-8")).get("dtype") or "float32"
+    return {"bfloat16": "bf16", "float16": "f16"}.get(dtype, "f32")
+
+
+@dataclass
+class _Source:
+    name: str  # Hugging Face name
+    target: str  # GGUF name
+    shape: tuple[int, ...]
+    info: Any
+    path: Path
+
+
+def _sources(merged: Path, arch: Any, layers: int) -> list[_Source]:
+    import gguf
+
+    names = gguf.get_tensor_name_map(arch, layers)
+    sources = []
+    for shard in sorted(merged.glob("*.safetensors")):
+        for name, info in read_header(shard).tensors.items():
+            target = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            if target is None:
+                raise ExportFormatError("gguf_unknown_tensor", tensor=name)
+            sources.append(_Source(name, target, tuple(info.shape), info, shard))
+    return sources
+
+
+def _tensor_type(source: _Source, gguf_type: str) -> str:
+    """1-D tensors (norms, biases) stay f32, as llama.cpp keeps them; rows that are not whole blocks fall back to f16."""
+    import gguf
+
+    if len(source.shape) < 2 or gguf_type == "f32":
+        return "f32"
+    qtype = getattr(gguf.GGMLQuantizationType, gguf_type.upper())
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    return gguf_type if source.shape[-1] % block == 0 else "f16"
+
+
+class _Chunks:
+    """A tensor that GGUFWriter.write_tensor_data can write (it asks for nbytes and tofile) without holding it whole."""
+
+    def __init__(self, nbytes: int, chunks: Iterator[np.ndarray]) -> None:
+        self.nbytes, self.chunks = nbytes, chunks
+
+    def tofile(self, fout) -> None:
+        written = 0
+        for chunk in self.chunks:
+            fout.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+            written += chunk.nbytes
+        if written != self.nbytes:  # a bug, not a user error
+            raise AssertionError(f"wrote {written} bytes, declared {self.nbytes}")
+
+
+def _encoded(source: _Source, ttype: str, fh) -> Iterator[np.ndarray]:
+    """The tensor in GGUF type ``ttype``, in row chunks: f32/f16 by cast, the rest through gguf.quants."""
+    import gguf
+    import torch
+
+    rows = source.shape[0] if source.shape else 1
+    step = max(1, _CHUNK_BYTES // (4 * math.prod(source.shape[1:])))
+    qtype = getattr(gguf.GGMLQuantizationType, ttype.upper())
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        raw = read_bytes(fh, source.info, start, stop) if source.shape else read_bytes(fh, source.info)
+        values = torch.frombuffer(raw, dtype=torch_dtype(source.info.dtype)).to(torch.float32).numpy()
+        values = values.reshape((stop - start, *source.shape[1:]) if source.shape else (1,))
+        if ttype == "f32":
+            yield values
+        elif ttype == "f16":
+            yield values.astype(np.float16)
+        else:
+            yield gguf.quants.quantize(values, qtype)
+
+
+def _nbytes(shape: tuple[int, ...], ttype: str) -> int:
+    import gguf
+
+    qtype = getattr(gguf.GGMLQuantizationType, ttype.upper())
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return math.prod(shape[:-1] or (1,)) * (shape[-1] if shape else 1) // block * size
+
+
+def export_gguf(merged: str | Path, out: str | Path, *, gguf_type: str = "f16", name: str | None = None) -> dict[str, Any]:
+    """Write ``out/model-<type>.gguf`` and an Ollama ``Modelfile`` from the merged model in ``merged``.
+
+    Raises MissingDependencyError without the gguf extra, ExportFormatError for an architecture, rope type or
+    tokenizer the GGUF export does not handle.
+    """
+    gguf = extras.require("gguf", "GGUF export")
+    merged, out = Path(merged), Path(out)
+    config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
+    arch_name = (config.get("architectures") or ["?"])[0]
+    if arch_name not in SUPPORTED_ARCHITECTURES:
+        raise ExportFormatError("gguf_unsupported", what=f"the architecture {arch_name}",
+                                supported=", ".join(SUPPORTED_ARCHITECTURES))
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if (rope.get("rope_type") or rope.get("type") or "default") != "default":
+        raise ExportFormatError("gguf_unsupported", what=f"rope scaling {rope.get('rope_type') or rope.get('type')}",
+                                supported="default rope")
+    arch = getattr(gguf.MODEL_ARCH, SUPPORTED_ARCHITECTURES[arch_name])
+    sources = _sources(merged, arch, config["num_hidden_layers"])
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"model-{gguf_type}.gguf"
+    partial = out / f"{path.name}.partial"
+    writer = gguf.GGUFWriter(str(partial), gguf.MODEL_ARCH_NAMES[arch])
+    _metadata(writer, gguf, config, merged, gguf_type, name or merged.name)
+    types = {}
+    for source in sources:
+        ttype = types[source.name] = _tensor_type(source, gguf_type)
+        qtype = getattr(gguf.GGMLQuantizationType, ttype.upper())
+        if ttype in ("f32", "f16"):
+            writer.add_tensor_info(source.target, source.shape, np.dtype(np.float32 if ttype == "f32" else np.float16),
+                                   _nbytes(source.shape, ttype))
+        else:
+            byte_shape = (*source.shape[:-1], _nbytes(source.shape[-1:], ttype))
+            writer.add_tensor_info(source.target, byte_shape, np.dtype(np.uint8), _nbytes(source.shape, ttype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    handles: dict[Path, Any] = {}
+    try:
+        for source in sources:
+            fh = handles.get(source.path) or handles.setdefault(source.path, open(source.path, "rb"))  # noqa: SIM115
+            writer.write_tensor_data(_Chunks(_nbytes(source.shape, types[source.name]), _encoded(source, types[source.name], fh)))
+        writer.close()
+    finally:
+        for fh in handles.values():
+            fh.close()
+    os.replace(partial, path)
+    modelfile = write_modelfile(out, path.name, merged)
+    return {"path": str(path), "gguf_type": gguf_type, "tensors": len(sources), "modelfile": str(modelfile) if modelfile else None,
+            "types": {t: sum(1 for v in types.values() if v == t) for t in sorted(set(types.values()))}}
+
+
+def _metadata(writer: Any, gguf: Any, config: dict[str, Any], merged: Path, gguf_type: str, name: str) -> None:
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    rope = config.get("rope_parameters") or {}
+    writer.add_name(name)
+    writer.add_context_length(int(config.get("max_position_embeddings", 4096)))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[gguf_type]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _tokenizer(writer, gguf, config, merged)
+
+
+def _tokenizer(writer: Any, gguf: Any, config: dict[str, Any], merged: Path) -> None:
+    """Tokens padded to the embedding's rows, their types as llama.cpp's converter assigns them, merges and special ids."""
+    from transformers import AutoTokenizer
+
+    tokenizer_file = merged / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise ExportFormatError("gguf_unsupported", what="a model without tokenizer.json", supported="BPE tokenizers (tokenizer.json)")
+    kind = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("model", {}).get("type")
+    if kind != "BPE":
+        raise ExportFormatError("gguf_unsupported", what=f"a {kind} tokenizer", supported="BPE tokenizers (tokenizer.json)")
+    tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    vocab_size = config["vocab_size"]
+    reverse = {i: token for token, i in tokenizer.get_vocab().items()}
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif reverse[i] in added:
+            special = decoder[i].special if i in decoder else False
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_PRE_TOKENIZERS.get(config.get("model_type", ""), "default"))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(str(merged), load_merges=True, n_vocab=len(tokens))
+    special.add_to_gguf(writer)
+
+
+_CHATML = '''TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}<|im_start|>assistant
+"""
+'''
+
+
+def write_modelfile(out: Path, gguf_name: str, merged: Path) -> Path | None:
+    """An Ollama Modelfile: FROM the GGUF, the ChatML template for chat templates that use it, and stop tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    generation = merged / "generation_config.json"
+    eos = json.loads(generation.read_text(encoding="utf-8")).get("eos_token_id") if generation.is_file() else None
+    eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in eos_ids]
+    if tokenizer.eos_token and tokenizer.eos_token not in stops:
+        stops.append(tokenizer.eos_token)
+    template = getattr(tokenizer, "chat_template", None) or ""
+    lines = [f"FROM ./{gguf_name}\n"]
+    if "<|im_start|>" in template:
+        lines.append(_CHATML)
+        if "<|im_end|>" not in stops:
+            stops.append("<|im_end|>")
+    lines += [f'PARAMETER stop "{stop}"\n' for stop in stops if stop]
+    path = out / "Modelfile"
+    write_atomic(path, "".join(lines))
+    return path
+
+
+def read_back(gguf_path: str | Path, merged: str | Path) -> dict[str, Any]:
+    """Read the GGUF back and compare every tensor with the merged model: names, shapes and types as declared, and
+    data equal to the merged tensor encoded again (f32/f16 exactly; quantized types re-quantized with gguf.quants).
+
+    Returns counts and the largest difference between the dequantized GGUF and the merged weights, per type.
+    Raises ExportFormatError when a tensor is missing, misshapen or differs.
+    """
+    import gguf
+
+    merged = Path(merged)
+    reader = gguf.GGUFReader(str(gguf_path))
+    config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
+    arch = getattr(gguf.MODEL_ARCH, SUPPORTED_ARCHITECTURES[(config.get("architectures") or ["?"])[0]])
+    sources = {s.target: s for s in _sources(merged, arch, config["num_hidden_layers"])}
+    stored = {t.name: t for t in reader.tensors}
+    if set(stored) != set(sources):
+        missing = sorted(set(sources) - set(stored)) or sorted(set(stored) - set(sources))
+        raise ExportFormatError("gguf_readback_failed", path=str(gguf_path), detail=f"tensors differ: {', '.join(missing[:5])}")
+    worst: dict[str, float] = {}
+    handles: dict[Path, Any] = {}
+    try:
+        for target, source in sources.items():
+            tensor = stored[target]
+            ttype = tensor.tensor_type.name.lower()
+            if tuple(reversed([int(d) for d in tensor.shape])) != source.shape:
+                raise ExportFormatError("gguf_readback_failed", path=str(gguf_path), detail=f"{target} has shape {list(tensor.shape)}")
+            fh = handles.get(source.path) or handles.setdefault(source.path, open(source.path, "rb"))  # noqa: SIM115
+            expected = np.concatenate([np.asarray(c).reshape(-1) for c in _encoded(source, ttype, fh)])
+            if not np.array_equal(np.asarray(tensor.data).reshape(-1).view(np.uint8), expected.view(np.uint8)):
+                raise ExportFormatError("gguf_readback_failed", path=str(gguf_path), detail=f"{target} differs from the merge")
+            original = np.concatenate([c.reshape(-1).astype(np.float32) for c in _encoded(source, "f32", fh)])
+            values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(-1).astype(np.float32)
+            worst[ttype] = max(worst.get(ttype, 0.0), float(np.abs(values - original).max()) if original.size else 0.0)
+    finally:
+        for fh in handles.values():
+            fh.close()
+    fields = {f.name for f in reader.fields.values()}
+    for key in ("general.architecture", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"):
+        if key not in fields:
+            raise ExportFormatError("gguf_readback_failed", path=str(gguf_path), detail=f"metadata {key} is missing")
+    return {"tensors": len(stored), "max_abs_diff_by_type": worst}

@@ -1,0 +1,128 @@
+"""GGUF export on tiny models: read back with gguf's own reader, compared with the merge and, where installed, run in llama.cpp."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from model_export.errors import ExportFormatError  # noqa: E402
+from model_export.exporters.gguf_export import GGUF_TYPES, export_gguf, read_back  # noqa: E402
+
+PROMPT = [5, 17, 33, 2, 90, 100, 7, 41, 3]
+
+
+def field(reader, key):
+    f = reader.fields[key]
+    if len(f.data) == 1:
+        value = f.parts[f.data[0]]
+        return bytes(value).decode() if value.dtype == np.uint8 else value[0]
+    return [bytes(f.parts[i]).decode() if f.parts[i].dtype == np.uint8 else f.parts[i][0] for i in f.data]
+
+
+@pytest.mark.parametrize("gguf_type", GGUF_TYPES)
+def test_every_type_reads_back_equal_to_the_merge(tiny_base, tmp_path, gguf_type):
+    info = export_gguf(tiny_base, tmp_path, gguf_type=gguf_type)
+    checked = read_back(info["path"], tiny_base)
+    assert checked["tensors"] == 24  # tied: no output.weight
+    reader = gguf.GGUFReader(info["path"])
+    types = {t.name: t.tensor_type.name.lower() for t in reader.tensors}
+    assert types["blk.0.attn_norm.weight"] == "f32" and types["token_embd.weight"] == gguf_type
+    assert "output.weight" not in types
+    bound = {"f32": 0.0, "f16": 2e-3, "bf16": 2e-3, "q8_0": 0.01, "q5_1": 0.03, "q5_0": 0.03, "q4_1": 0.05, "q4_0": 0.05}
+    assert max(checked["max_abs_diff_by_type"].values()) <= bound[gguf_type]
+
+
+def test_metadata_and_tokenizer_as_llama_cpp_expects(tmp_path):
+    from transformers import AutoTokenizer
+
+    from model_export.demo.tiny import build_base_model
+
+    base = build_base_model(tmp_path / "padded", vocab_size=448)  # 384 tokens, 448 embedding rows, as Qwen pads
+    info = export_gguf(base, tmp_path / "out", gguf_type="f16")
+    reader = gguf.GGUFReader(info["path"])
+    config = json.loads((base / "config.json").read_text())
+    assert field(reader, "general.architecture") == "qwen3"
+    assert field(reader, "qwen3.attention.key_length") == 32 != config["hidden_size"] // config["num_attention_heads"]
+    assert field(reader, "qwen3.attention.head_count_kv") == 2 and field(reader, "qwen3.block_count") == 2
+    tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    assert len(tokens) == config["vocab_size"] > len(tokenizer)  # padded to the embedding's rows
+    assert tokens[-1] == f"[PAD{config['vocab_size'] - 1}]" and types[-1] == gguf.TokenType.UNUSED
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokens[im_end] == "<|im_end|>" and types[im_end] == gguf.TokenType.CONTROL
+    assert field(reader, "tokenizer.ggml.eos_token_id") == im_end
+    assert field(reader, "tokenizer.ggml.merges") and "<|im_start|>" in field(reader, "tokenizer.chat_template")
+    modelfile = (tmp_path / "out" / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model-f16.gguf") and 'PARAMETER stop "<|im_end|>"' in modelfile and "<|im_start|>" in modelfile
+
+
+def test_untied_heads_and_biases_are_written(untied_base, tmp_path, tmp_path_factory):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    info = export_gguf(untied_base, tmp_path / "untied", gguf_type="q8_0")
+    assert read_back(info["path"], untied_base)["tensors"] == 25
+    assert "output.weight" in {t.name for t in gguf.GGUFReader(info["path"]).tensors}
+    qwen2 = tmp_path / "qwen2"
+    config = Qwen2Config(vocab_size=len(json.loads((untied_base / "tokenizer.json").read_text())["model"]["vocab"]) + 64,
+                         hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    Qwen2ForCausalLM(config).save_pretrained(str(qwen2))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(untied_base / name, qwen2 / name)
+    info = export_gguf(qwen2, tmp_path / "qwen2-out", gguf_type="q4_0")
+    read_back(info["path"], qwen2)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(info["path"]).tensors}
+    assert types["blk.0.attn_q.bias"] == "F32" and types["blk.0.attn_q.weight"] == "Q4_0"
+
+
+def test_a_damaged_file_fails_the_read_back(tiny_base, tmp_path):
+    info = export_gguf(tiny_base, tmp_path, gguf_type="q8_0")
+    reader = gguf.GGUFReader(info["path"])
+    offset = next(t.data_offset for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    del reader
+    data = bytearray(open(info["path"], "rb").read())
+    data[offset + 100] ^= 0xFF
+    open(info["path"], "wb").write(bytes(data))
+    with pytest.raises(ExportFormatError) as caught:
+        read_back(info["path"], tiny_base)
+    assert caught.value.code == "ME809" and "blk.1.ffn_down.weight differs from the merge" in str(caught.value)
+
+
+def test_what_the_export_does_not_handle_is_refused_before_writing(tiny_base, tmp_path):
+    folder = shutil.copytree(tiny_base, tmp_path / "scaled")
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportFormatError) as caught:
+        export_gguf(folder, tmp_path / "out")
+    assert caught.value.code == "ME807" and "rope scaling yarn" in str(caught.value)
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportFormatError, match="the architecture GPT2LMHeadModel"):
+        export_gguf(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("gguf_type,atol", [("f32", 1e-3), ("q8_0", None)])
+def test_llama_cpp_runs_the_file_and_agrees_with_transformers(tiny_base, tmp_path, gguf_type, atol):
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM
+
+    from model_export.verify import _llama_cpp_run
+
+    info = export_gguf(tiny_base, tmp_path, gguf_type=gguf_type)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([PROMPT])).logits[0].numpy()
+        ref_tokens = model.generate(torch.tensor([PROMPT]), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                    attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long))[0, len(PROMPT):].tolist()
+    logits, tokens = _llama_cpp_run(tmp_path / f"model-{gguf_type}.gguf", PROMPT, 6)
+    assert logits.shape == ref.shape
+    if atol:
+        np.testing.assert_allclose(logits, ref, atol=atol, rtol=0)
+        assert tokens == ref_tokens[: len(tokens)]
+    else:
+        assert (logits.argmax(-1) == ref.argmax(-1)).mean() >= 0.85
