@@ -96,7 +96,8 @@ class ExportConfiguration(BaseModel):
         "none", description="Weight precision of the artifacts: none (the base model's dtype), bf16, fp16, int8, int4.")
     calibration_data: str | None = Field(
         None, description="Text (.txt) or JSON Lines (.jsonl, a 'text' field per line) for quantizers that use "
-        "calibration; empty: data-free quantization.")
+        "calibration. Every int8/int4 quantizer in this version is data-free (round-to-nearest blocks), so it is "
+        "accepted and checked but not used yet, and a run says so.")
     compress_weights: bool = Field(
         True, description="Never upcast, keep the base dtype unless quantization_level asks otherwise, and store "
         "shared (tied) tensors once.")

@@ -164,6 +164,8 @@ def _steps(state: _Run) -> None:
         compress_weights=c.compress_weights, remove_training_artifacts=c.remove_training_artifacts,
         device="cpu" if c.device_map == "cpu" else "auto", progress=c.enable_progress_monitoring, validate=False).to_dict(),
         outputs=lambda result: _files(result.get("output_dir")))
+    if c.calibration_data and c.quantization_level in ("int8", "int4"):
+        logger.warning(i18n.ui("calibration_unused", path=c.calibration_data))
     export_settings = [c.formats, c.quantization_level, c.max_shard_size, c.compress_weights, c.remove_training_artifacts]
     if "onnx" in c.formats:
         export_settings.append([c.onnx_backend, c.onnx_opset_version, c.onnx_optimize_graph, c.onnx_dynamic_axes,
@@ -282,9 +284,12 @@ def _verifiable(artifacts: dict[str, str]) -> list[tuple[str, Path]]:
 
 
 def _report(state: _Run, failure: ExportError | None = None) -> None:
-    from .report import write_report
+    from .report import summary_rows, write_report
 
     paths = write_report(state.out, state.manifest, state.results, state.monitor.samples, failure)
+    for row in summary_rows(state.results):
+        if row["warning"]:
+            logger.warning("%s: %s", row["format"], row["warning"])
     state.results["report"] = paths
     logger.info(i18n.ui("run_done", report=paths["html"]))
 

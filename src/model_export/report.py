@@ -34,9 +34,11 @@ def _gb(n: float) -> str:
 
 
 def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per artifact: format, path, size, verification outcome."""
+    """One row per artifact: format, path, size (and against the base), verification outcome, perplexity on the
+    held-out text, and a warning when the artifact is larger than the base model, saying why."""
     export = results.get("export", {})
     verdicts = results.get("verify", {}).get("verdicts", {})
+    base_bytes = results.get("check", {}).get("base_bytes")
     rows = []
     for fmt, path in export.get("artifacts", {}).items():
         # An ONNX folder holds two graphs (plain and optimized), each verified: one row each.
@@ -45,9 +47,26 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                                       *[(label, v, v["artifact"], _graph_bytes(v["artifact"])) for label, v in extra]]:
             rows.append({"format": label, "path": where, "bytes": size,
                          "verified": None if v is None else bool(v["passed"]), "rule": v and v["rule"],
+                         "max_abs_diff": v and v["max_abs_diff"], "mean_kl": v and v["mean_kl"], "top1": v and v["top1_agreement"],
                          "ran": bool(v and v.get("samples")),  # False: checked without running (a GGUF read back only)
-                         "max_abs_diff": v and v["max_abs_diff"], "mean_kl": v and v["mean_kl"], "top1": v and v["top1_agreement"]})
+                         "perplexity": v and v.get("perplexity"), "reference_perplexity": v and v.get("reference_perplexity"),
+                         "size_vs_base": round(size / base_bytes, 3) if base_bytes else None,
+                         "warning": _size_warning(label, size, base_bytes, v)})
     return rows
+
+
+def _size_warning(label: str, size: int, base_bytes: int | None, verdict: dict[str, Any] | None) -> str | None:
+    """Why an artifact is larger than the base model, when it is."""
+    if not base_bytes or size <= base_bytes * 1.05:  # metadata, tokenizer and config files are not worth a warning
+        return None
+    ratio = size / base_bytes
+    if verdict and verdict.get("precision") == "full" and ratio > 1.5:
+        key = "warn_larger_fp32"
+    elif label.startswith("onnx"):
+        key = "warn_larger_onnx"
+    else:
+        key = "warn_larger_other"
+    return i18n.ui(key, ratio=f"{ratio:.2f}")
 
 
 def _graph_bytes(graph: str) -> int:
@@ -111,9 +130,10 @@ def _artifact_row(r: dict[str, Any]) -> str:
     verified = "—" if r["verified"] is None else (f'<b class="ok">{passed}</b>' if r["verified"] else f'<b class="bad">{failed}</b>')
     if r["verified"] and not r.get("ran"):
         verified = f'<b>{html.escape(i18n.ui("report_read_back"))}</b>'
-    return (f"<tr><td><b>{r['format']}</b></td><td><code>{html.escape(r['path'])}</code></td><td>{_gb(r['bytes'])}</td>"
+    ratio = "" if r["size_vs_base"] is None else f" ({r['size_vs_base']:.2f}×)"
+    return (f"<tr><td><b>{r['format']}</b></td><td><code>{html.escape(r['path'])}</code></td><td>{_gb(r['bytes'])}{ratio}</td>"
             f"<td>{verified}</td><td>{html.escape(r['rule'] or '')}</td><td>{_number(r['max_abs_diff'], '.3g')}</td>"
-            f"<td>{_number(r['mean_kl'], '.3g')}</td><td>{_number(r['top1'], '.3f')}</td></tr>")
+            f"<td>{_number(r['mean_kl'], '.3g')}</td><td>{_number(r['top1'], '.3f')}</td><td>{_number(r['perplexity'], '.3f')}</td></tr>")
 
 
 def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, failure: Any) -> str:
@@ -131,6 +151,11 @@ def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, fail
         labels = ([i18n.ui("report_base")] if base_bytes else []) + [r["format"] for r in rows]
         sizes = ([base_bytes] if base_bytes else []) + [r["bytes"] for r in rows]
         plots.append(_bars(i18n.ui("report_sizes"), labels, sizes, _gb, "#10b981"))
+    measured = [r for r in rows if r["perplexity"] is not None]
+    if measured:
+        labels = [i18n.ui("report_reference")] + [r["format"] for r in measured]
+        values = [measured[0]["reference_perplexity"]] + [r["perplexity"] for r in measured]
+        plots.append(_bars(i18n.ui("report_perplexity"), labels, values, lambda v: f"{v:.3f}", "#8b5cf6"))
     for fmt, verdict in results.get("verify", {}).get("verdicts", {}).items():
         plots.append(_histogram(i18n.ui("report_diffs", format=fmt), verdict.get("diff_histogram", {})))
     plots.append(_memory(samples))
@@ -139,12 +164,13 @@ def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, fail
     t = lambda key: html.escape(i18n.ui(key))  # noqa: E731
     columns = "".join(f"<th>{html.escape(c)}</th>" for c in i18n.ui("report_columns").split(";"))
     step_columns = "".join(f"<th>{html.escape(c)}</th>" for c in i18n.ui("report_step_columns").split(";"))
+    warnings = "".join(f'<p class="bad">⚠ {html.escape(r["format"])}: {html.escape(r["warning"])}</p>' for r in rows if r["warning"])
     return f"""<!doctype html><html lang="{i18n.current_language()}"><head><meta charset="utf-8"><title>model-export report</title>
 <style>{_CSS}</style></head><body><h1>model-export report</h1>
 <div class="banner {banner[0]}">{html.escape(str(banner[1]))}</div>
 <p class="muted">{t("report_checkpoint")} <code>{html.escape(str(detection.get('selected', '?')))}</code> · {t("report_base")}
 <code>{html.escape(str(check.get('base_model', '?')))}</code> · LoRA r={check.get('rank', '?')}, alpha={check.get('lora_alpha', '?')}</p>
-<h2>{t("report_artifacts")}</h2><table><tr>{columns}</tr>{table}</table>
+<h2>{t("report_artifacts")}</h2><table><tr>{columns}</tr>{table}</table>{warnings}
 <h2>{t("report_plots")}</h2><div class="grid">{''.join(plots)}</div>
 <h2>{t("report_steps")}</h2><table><tr>{step_columns}</tr>{step_rows}</table>
 <p class="muted">{t("report_footer")}</p></body></html>"""

@@ -46,6 +46,8 @@ class ArtifactVerdict:
     samples: list[SampleResult] = field(default_factory=list)
     diff_histogram: dict[str, list[float]] = field(default_factory=dict)
     error: str | None = None
+    perplexity: float | None = None  # on the bundled held-out text
+    reference_perplexity: float | None = None
     readback: dict[str, Any] | None = None  # GGUF: what reading the file back against the merge found
     failure: ValidationError | None = field(default=None, repr=False)
 
@@ -74,6 +76,26 @@ class Reference:
     input_ids: list[Any]  # one 1-D LongTensor per prompt
     logits: list[Any]  # fp32 logits per prompt, [seq, vocab]
     greedy: list[list[int]]
+    heldout_ids: Any = None  # the bundled held-out text, tokenized (1-D LongTensor)
+    heldout_perplexity: float | None = None
+
+
+HELDOUT_TOKENS = 256
+
+
+def heldout_text() -> str:
+    """A short English and Chinese text that no demo or test model was trained on, for perplexity."""
+    from importlib import resources
+
+    return resources.files("model_export").joinpath("data", "heldout.txt").read_text(encoding="utf-8")
+
+
+def perplexity(logits: Any, ids: Any) -> float:
+    """exp of the mean negative log-likelihood of each next token."""
+    import torch
+
+    nll = torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:].long())
+    return float(torch.exp(nll))
 
 
 def _encode(tokenizer: Any, prompt: str):
@@ -92,6 +114,8 @@ def _run(model: Any, input_ids: Any, new_tokens: int) -> tuple[Any, list[int]]:
 
     with torch.no_grad():
         logits = model(input_ids[None]).logits[0].float()
+        if new_tokens == 0:
+            return logits, []
         out = model.generate(input_ids[None], attention_mask=torch.ones_like(input_ids[None]), max_new_tokens=new_tokens,
                              do_sample=False, pad_token_id=model.config.pad_token_id or 0)
     return logits, out[0, input_ids.numel():].tolist()
@@ -108,9 +132,11 @@ def compute_reference(base_dir: Path, checkpoint: Path, tokenizer_dir: Path, pro
     model = PeftModel.from_pretrained(model, str(checkpoint)).eval()
     encoded = [_encode(tokenizer, p) for p in prompts]
     results = [_run(model, ids, new_tokens) for ids in encoded]
+    heldout = torch.tensor(tokenizer(heldout_text(), add_special_tokens=False)["input_ids"][:HELDOUT_TOKENS], dtype=torch.long)
+    heldout_perplexity = perplexity(_run(model, heldout, 0)[0], heldout)
     del model
     gc.collect()
-    return Reference(prompts, encoded, [r[0] for r in results], [r[1] for r in results])
+    return Reference(prompts, encoded, [r[0] for r in results], [r[1] for r in results], heldout, heldout_perplexity)
 
 
 def precision_of(artifact: Path) -> str:
@@ -137,23 +163,27 @@ def precision_of(artifact: Path) -> str:
 
 
 def _run_artifact(artifact: Path, reference: Reference, new_tokens: int) -> list[tuple[Any, list[int]]]:
-    """Prompt logits and greedy tokens of the artifact for every reference input: transformers, or onnxruntime for a graph."""
+    """Prompt logits and greedy tokens of the artifact for every reference input (transformers; onnxruntime for a
+    graph; llama.cpp for a GGUF), then the held-out text's logits (no generation) when the reference has one."""
     import torch
 
+    inputs = [(ids, new_tokens) for ids in reference.input_ids]
+    if reference.heldout_ids is not None:
+        inputs.append((reference.heldout_ids, 0))
     if artifact.suffix == ".gguf":
-        runs = [_llama_cpp_run(artifact, ids.tolist(), new_tokens) for ids in reference.input_ids]
+        runs = [_llama_cpp_run(artifact, ids.tolist(), count) for ids, count in inputs]
         return [(torch.from_numpy(logits), tokens) for logits, tokens in runs]
     if artifact.suffix == ".onnx":
         from .exporters.onnx_export import OnnxDecoder
 
         decoder = OnnxDecoder(artifact)
-        runs = [decoder.generate(ids.tolist(), new_tokens) for ids in reference.input_ids]
+        runs = [decoder.generate(ids.tolist(), count) for ids, count in inputs]
         del decoder
         return [(torch.from_numpy(logits), tokens) for logits, tokens in runs]
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(artifact), dtype="auto").eval()
-    runs = [_run(model, ids, new_tokens) for ids in reference.input_ids]
+    runs = [_run(model, ids, count) for ids, count in inputs]
     del model
     return runs
 
@@ -251,9 +281,14 @@ def verify_artifact(artifact: Path, reference: Reference, *, tolerance: float, m
         if raise_on_failure:
             raise verdict.failure from exc
         return verdict
+    if reference.heldout_ids is not None:
+        heldout_logits, runs = runs[-1][0], runs[:-1]
     logits = [r[0].to(torch.float32) for r in runs]
     samples = _compare(reference, logits, [r[1] for r in runs])
     verdict = ArtifactVerdict(str(artifact), precision, True, "", samples, _histogram(reference, logits))
+    if reference.heldout_ids is not None:
+        verdict.perplexity = perplexity(heldout_logits, reference.heldout_ids)
+        verdict.reference_perplexity = reference.heldout_perplexity
     verdict.failure = failure = judge(verdict, tolerance, min_top1, max_kl)
     verdict.passed = failure is None
     logger.info(i18n.ui("verify_line", artifact=artifact, rule=verdict.rule, diff=verdict.max_abs_diff, kl=verdict.mean_kl,

@@ -153,6 +153,9 @@ def test_onnx_in_the_pipeline_both_graphs_verified_in_onnxruntime(training, tmp_
         assert all(s["greedy_agreement"] == 1.0 for s in verdicts[label]["samples"])
     rows = {a["format"]: a for a in json.loads((out / "report.json").read_text())["artifacts"]}
     assert set(rows) == {"safetensors", "onnx", "onnx-optimized"} and rows["onnx-optimized"]["path"].endswith("model.optimized.onnx")
+    for row in rows.values():  # fp32 artifacts: the held-out perplexity is the reference's
+        assert row["perplexity"] == pytest.approx(row["reference_perplexity"], rel=1e-4) and row["perplexity"] > 1
+    assert "Perplexity on the held-out text" in (out / "report.html").read_text()
     # a changed ONNX setting reruns export and verify only
     run(config_for(training, out, export_formats=["safetensors", "onnx"], onnx_optimize_graph=False))
     steps = json.loads((out / "run.json").read_text())["steps"]
