@@ -120,6 +120,9 @@ class ExportConfiguration(BaseModel):
     gguf_type: Literal["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"] = Field(
         "auto", description="GGUF tensor type; auto follows quantization_level (none: the merge's dtype, bf16, fp16: f16, "
         "int8: q8_0, int4: q4_0). Norms and biases stay f32, as llama.cpp keeps them.")
+    gguf_lora_adapter: bool = Field(
+        False, description="Also write the adapter alone as a GGUF LoRA (adapter-lora-f32.gguf) for llama.cpp's --lora "
+        "on a GGUF of the base model; PEFT's scaling (rsLoRA, rank and alpha patterns) is carried exactly.")
     onnx_dynamic_axes: dict[str, dict[int, str]] | None = Field(
         default_factory=_default_dynamic_axes,
         description="Dynamic axes per ONNX input/output name, e.g. {input_ids: {0: batch_size, 1: sequence_length}}; "

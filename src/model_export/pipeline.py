@@ -171,7 +171,7 @@ def _steps(state: _Run) -> None:
         export_settings.append([c.onnx_backend, c.onnx_opset_version, c.onnx_optimize_graph, c.onnx_dynamic_axes,
                                 c.onnx_block_size, c.onnx_accuracy_level])
     if "gguf" in c.formats:
-        export_settings.append(["gguf", c.gguf_type])
+        export_settings.append(["gguf", c.gguf_type, c.gguf_lora_adapter])
     state.step("export", export_settings, lambda: _export(state, checkpoint, base),
                outputs=lambda result: [f for path in result.get("artifacts", {}).values() for f in _files(path)])
     if c.run_validation_tests:
@@ -207,6 +207,12 @@ def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:
             gguf_type = gguf_type_for(c.quantization_level, state.out / "merge", c.gguf_type)
             details[fmt] = export_gguf(state.out / "merge", partial, gguf_type=gguf_type, name=checkpoint.parent.name)
             details[fmt]["path"] = str(target / Path(details[fmt]["path"]).name)
+            if c.gguf_lora_adapter:
+                from .base_model import resolve_base_model
+                from .exporters.gguf_export import export_gguf_lora, read_back_lora
+
+                lora = export_gguf_lora(checkpoint, resolve_base_model(base), partial)
+                details[fmt]["lora_adapter"] = {**read_back_lora(lora["path"], checkpoint), "path": str(target / Path(lora["path"]).name)}
         else:
             merge(checkpoint, base, partial, dtype=_MERGE_DTYPES[c.quantization_level], max_shard_size=c.max_shard_size,
                   format="pytorch", compress_weights=c.compress_weights, remove_training_artifacts=c.remove_training_artifacts,
@@ -272,7 +278,7 @@ def _verifiable(artifacts: dict[str, str]) -> list[tuple[str, Path]]:
     items = []
     for fmt, path in artifacts.items():
         if fmt == "gguf":
-            items.append((fmt, next(Path(path).glob("*.gguf"))))
+            items.append((fmt, next(Path(path).glob("model-*.gguf"))))
             continue
         if fmt != "onnx":
             items.append((fmt, Path(path)))

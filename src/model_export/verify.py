@@ -195,8 +195,9 @@ def _llama_cpp_run(artifact: Path, tokens: list[int], new_tokens: int) -> tuple[
     import numpy as np
     from llama_cpp import Llama
 
+    # An f32 KV cache (llama.cpp's default is f16), so an f32 file is judged on its weights, not on the cache's rounding.
     llm = Llama(model_path=str(artifact), n_ctx=len(tokens) + new_tokens + 8, logits_all=True, verbose=False,
-                n_threads=os.cpu_count() or 1, seed=0)
+                n_threads=os.cpu_count() or 1, seed=0, type_k=0, type_v=0)
     llm.eval(tokens)
     logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
     generated, last, eos = [], logits[-1], llm.token_eos()

@@ -190,10 +190,12 @@ def test_a_damaged_onnx_graph_fails_verification(training, tmp_path):
 def test_gguf_in_the_pipeline_is_read_back_and_reported(training, tmp_path):
     gguf = pytest.importorskip("gguf")
     out = tmp_path / "out"
-    result = run(config_for(training, out, export_formats=["gguf"], quantization_level="int8"))
+    result = run(config_for(training, out, export_formats=["gguf"], quantization_level="int8", gguf_lora_adapter=True))
     assert result.passed is True
     files = sorted(p.name for p in (out / "export" / "gguf").iterdir())
-    assert files == ["Modelfile", "model-q8_0.gguf"]
+    assert files == ["Modelfile", "adapter-lora-f32.gguf", "model-q8_0.gguf"]
+    details = json.loads((out / "run.json").read_text())["steps"]["export"]["result"]["details"]["gguf"]
+    assert details["lora_adapter"]["tensors"] == 2 * details["lora_adapter"]["modules"] > 0
     assert {t.tensor_type.name for t in gguf.GGUFReader(str(out / "export" / "gguf" / "model-q8_0.gguf")).tensors} == {"F32", "Q8_0"}
     verdict = json.loads((out / "run.json").read_text())["steps"]["verify"]["result"]["verdicts"]["gguf"]
     assert verdict["passed"] and verdict["readback"]["tensors"] > 0

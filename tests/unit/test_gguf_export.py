@@ -126,3 +126,45 @@ def test_llama_cpp_runs_the_file_and_agrees_with_transformers(tiny_base, tmp_pat
         assert tokens == ref_tokens[: len(tokens)]
     else:
         assert (logits.argmax(-1) == ref.argmax(-1)).mean() >= 0.85
+
+
+def test_a_lora_only_adapter_applies_peft_scaling_in_llama_cpp(tiny_base, adapter, tmp_path):
+    """rsLoRA (alpha/sqrt(r)) with a rank pattern: each lora_b carries its module's scaling, so llama.cpp's
+    base + --lora equals PEFT's unmerged model."""
+    from model_export.demo.tiny import build_adapter
+    from model_export.exporters.gguf_export import export_gguf_lora, read_back_lora
+    from tests.reference import unmerged_logits
+
+    other = adapter
+    adapter = build_adapter(tiny_base, tmp_path / "adapter", r=4, lora_alpha=16, use_rslora=True,
+                            rank_pattern={"down_proj": 8}, target_modules=["q_proj", "v_proj", "down_proj"])
+    info = export_gguf_lora(adapter, tiny_base, tmp_path / "lora")
+    assert read_back_lora(info["path"], adapter) == {"tensors": 12, "modules": 6}
+    with pytest.raises(ExportFormatError, match="the LoRA tensors differ"):
+        read_back_lora(info["path"], other)
+    reader = gguf.GGUFReader(info["path"])
+    names = {t.name: t for t in reader.tensors}
+    assert info["modules"] == 6 and len(names) == 12 and "blk.1.ffn_down.weight.lora_b" in names
+    assert field(reader, "adapter.type") == "lora" and field(reader, "general.type") == "adapter"
+    llama_cpp = pytest.importorskip("llama_cpp")
+    base_gguf = export_gguf(tiny_base, tmp_path / "base", gguf_type="f32")["path"]
+    llm = llama_cpp.Llama(model_path=base_gguf, lora_path=info["path"], n_ctx=64, logits_all=True, verbose=False,
+                          type_k=0, type_v=0)
+    llm.eval(PROMPT)
+    logits = np.array(llm.scores[: len(PROMPT)])
+    llm.close()
+    reference = unmerged_logits(tiny_base, adapter, torch.tensor([PROMPT]))[0].numpy()
+    np.testing.assert_allclose(logits, reference, atol=1e-3, rtol=0)
+    from tests.reference import model_logits
+
+    assert np.abs(model_logits(tiny_base, torch.tensor([PROMPT]))[0].numpy() - reference).max() > 0.05  # the adapter matters
+
+
+def test_adapters_llama_cpp_cannot_hold_are_refused(tiny_base, tmp_path):
+    from model_export.demo.tiny import build_adapter
+    from model_export.exporters.gguf_export import export_gguf_lora
+
+    adapter = build_adapter(tiny_base, tmp_path / "dora", use_dora=True, target_modules=["q_proj"])
+    with pytest.raises(ExportFormatError, match="an adapter with DoRA"):
+        export_gguf_lora(adapter, tiny_base, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -307,3 +307,76 @@ def read_back(gguf_path: str | Path, merged: str | Path) -> dict[str, Any]:
         if key not in fields:
             raise ExportFormatError("gguf_readback_failed", path=str(gguf_path), detail=f"metadata {key} is missing")
     return {"tensors": len(stored), "max_abs_diff_by_type": worst}
+
+
+def export_gguf_lora(checkpoint: str | Path, base: str | Path, out: str | Path) -> dict[str, Any]:
+    """A LoRA-only GGUF adapter (``adapter-lora-f32.gguf``) for llama.cpp's ``--lora`` on a GGUF of the base model.
+
+    llama.cpp scales each update by ``alpha / rank`` of that tensor. PEFT's scaling (alpha/r, alpha/sqrt(r) for
+    rsLoRA, per-module rank and alpha patterns) cannot all be one alpha, so the file says alpha = 1 and each
+    ``lora_b`` carries ``scaling * rank``: llama.cpp then applies exactly PEFT's update. Raises ExportFormatError
+    for what llama.cpp's adapters cannot hold (DoRA, LoRA on embeddings, lora_bias, modules_to_save).
+    """
+    gguf = extras.require("gguf", "GGUF export")
+    from ..checkpoint_validator import load_adapter_state, read_adapter_config
+    from ..merge_plan import _lora_modules, check_supported
+
+    checkpoint, base, out = Path(checkpoint), Path(base), Path(out)
+    adapter_config = read_adapter_config(checkpoint)
+    lora, full, _ = load_adapter_state(checkpoint)
+    check_supported(adapter_config, list(lora) + list(full))
+    modules = _lora_modules(adapter_config, lora)
+    unsupported = sorted({"DoRA" for m in modules.values() if m.magnitude is not None}
+                         | {"LoRA on embeddings" for m in modules.values() if m.kind != "linear"}
+                         | {"lora_bias" for m in modules.values() if m.bias is not None} | ({"modules_to_save"} if full else set()))
+    if unsupported:
+        raise ExportFormatError("gguf_unsupported", what=f"an adapter with {', '.join(unsupported)}", supported="plain LoRA on linear layers")
+    config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    arch_name = (config.get("architectures") or ["?"])[0]
+    if arch_name not in SUPPORTED_ARCHITECTURES:
+        raise ExportFormatError("gguf_unsupported", what=f"the architecture {arch_name}", supported=", ".join(SUPPORTED_ARCHITECTURES))
+    arch = getattr(gguf.MODEL_ARCH, SUPPORTED_ARCHITECTURES[arch_name])
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "adapter-lora-f32.gguf"
+    partial = out / f"{path.name}.partial"
+    writer = gguf.GGUFWriter(str(partial), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 1.0)
+    for module, update in sorted(modules.items()):
+        target = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        if target is None:
+            raise ExportFormatError("gguf_unknown_tensor", tensor=module + ".weight")
+        a = np.ascontiguousarray(update.A, dtype=np.float32)
+        b = np.ascontiguousarray(update.B, dtype=np.float32) * np.float32(update.scaling * a.shape[0])
+        writer.add_tensor(f"{target}.lora_a", a)
+        writer.add_tensor(f"{target}.lora_b", b)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(partial, path)
+    return {"path": str(path), "modules": len(modules)}
+
+
+def read_back_lora(gguf_path: str | Path, checkpoint: str | Path) -> dict[str, Any]:
+    """Read a LoRA GGUF back: every module's lora_a equal to PEFT's A and lora_b to B * scaling * rank.
+    Raises ExportFormatError when a tensor is missing or differs."""
+    import gguf
+
+    from ..checkpoint_validator import load_adapter_state, read_adapter_config
+    from ..merge_plan import _lora_modules
+
+    checkpoint = Path(checkpoint)
+    modules = _lora_modules(read_adapter_config(checkpoint), load_adapter_state(checkpoint)[0])
+    stored = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(gguf_path)).tensors}
+    expected = {}
+    for update in modules.values():
+        a = np.asarray(update.A, dtype=np.float32)
+        expected[("a", a.shape, a.tobytes())] = True
+        expected[("b", np.asarray(update.B).shape, (np.asarray(update.B, dtype=np.float32) * np.float32(update.scaling * a.shape[0])).tobytes())] = True
+    found = {("a" if name.endswith(".lora_a") else "b", data.shape, data.astype(np.float32).tobytes()) for name, data in stored.items()}
+    if len(stored) != 2 * len(modules) or set(expected) != found:
+        raise ExportFormatError("gguf_readback_failed", path=str(gguf_path), detail="the LoRA tensors differ from the adapter's")
+    return {"tensors": len(stored), "modules": len(modules)}
