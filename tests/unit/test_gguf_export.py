@@ -168,3 +168,29 @@ def test_adapters_llama_cpp_cannot_hold_are_refused(tiny_base, tmp_path):
     with pytest.raises(ExportFormatError, match="an adapter with DoRA"):
         export_gguf_lora(adapter, tiny_base, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("gguf_type", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
+def test_blocks_are_bit_identical_to_ggmls_c_quantizer(tiny_base, tmp_path, gguf_type):
+    """The file's blocks against ggml_quantize_chunk from the libggml that llama-cpp-python ships."""
+    import ctypes
+    from pathlib import Path
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from safetensors.numpy import load_file
+
+    lib = ctypes.CDLL(str(next((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.so*"))))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_void_p]
+    info = export_gguf(tiny_base, tmp_path, gguf_type=gguf_type)
+    stored = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(info["path"]).tensors}
+    weights = load_file(str(tiny_base / "model.safetensors"))
+    qtype = getattr(gguf.GGMLQuantizationType, gguf_type.upper())
+    for hf_name, gguf_name in (("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight"),
+                               ("model.embed_tokens.weight", "token_embd.weight")):
+        rows = np.ascontiguousarray(weights[hf_name], dtype=np.float32)
+        ours = stored[gguf_name].reshape(-1)
+        theirs = np.zeros(ours.size, dtype=np.uint8)
+        written = lib.ggml_quantize_chunk(int(qtype), rows.ctypes.data, theirs.ctypes.data, 0, rows.shape[0], rows.shape[1], None)
+        assert written == ours.size and np.array_equal(ours, theirs)
