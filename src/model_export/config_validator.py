@@ -159,7 +159,7 @@ def _samples_and_data(config: ExportConfiguration) -> list[ConfigProblem]:
 
 # What this version can produce; the rest of the schema is ahead of the exporters.
 AVAILABLE: dict[str, tuple[str, ...]] = {
-    "safetensors": ("none", "bf16", "fp16"),
+    "safetensors": ("none", "bf16", "fp16", "int8", "int4"),
     "pytorch": ("none", "bf16", "fp16"),
     "onnx": ("none", "fp16", "int8", "int4"),
     "gguf": ("none", "bf16", "fp16", "int8", "int4"),

@@ -15,6 +15,7 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {
     "onnxscript": ("onnxscript", "onnx"),
     "onnxruntime_genai": ("onnxruntime-genai", "genai"),
     "gguf": ("gguf", "gguf"),
+    "compressed_tensors": ("compressed-tensors", "quant"),
     "bitsandbytes": ("bitsandbytes", "gpu"),
     "llama_cpp": ("llama-cpp-python", "llamacpp"),
     "tensorrt": ("tensorrt", "gpu"),

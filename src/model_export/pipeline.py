@@ -25,7 +25,7 @@ from . import i18n
 from .base_model import inspect_base_model
 from .checkpoint_detector import detect
 from .checkpoint_validator import read_adapter_config, validate_checkpoint, weights_file
-from .config import ExportConfiguration
+from .config import ExportConfiguration, parse_size
 from .config_validator import check_config
 from .errors import BaseModelError, ExportError
 from .faults import crash_point
@@ -191,7 +191,13 @@ def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:
         target = export / fmt
         partial = export / f".{fmt}.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        if fmt == "safetensors":
+        if fmt == "safetensors" and c.quantization_level in ("int8", "int4"):
+            from .exporters.safetensors_quant import export_quantized_safetensors
+
+            details[fmt] = export_quantized_safetensors(state.out / "merge", partial, bits=8 if c.quantization_level == "int8" else 4,
+                                                        max_shard_size=parse_size(c.max_shard_size))
+            details[fmt]["path"] = str(target)
+        elif fmt == "safetensors":
             shutil.copytree(state.out / "merge", partial, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(".*"))
         elif fmt == "onnx":
             from .exporters.onnx_export import export_onnx

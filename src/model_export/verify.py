@@ -155,6 +155,8 @@ def precision_of(artifact: Path) -> str:
         reduced = any(n.op_type == "MatMulNBits" for n in graph.node) or any(
             t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) for t in graph.initializer)
         return "reduced" if reduced else "full"
+    if "quantization_config" in json.loads((artifact / "config.json").read_text()):  # int8/int4 compressed-tensors
+        return "reduced"
     dtypes = {t.dtype for shard in sorted(artifact.glob("*.safetensors")) for t in read_header(shard).tensors.values()}
     if not dtypes:  # a .bin artifact: its config says
         dtype = json.loads((artifact / "config.json").read_text()).get("dtype") or "float32"

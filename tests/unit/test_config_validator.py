@@ -12,17 +12,16 @@ def kinds(problems):
     return sorted((p.key, p.kind) for p in problems if p.kind != "format_unavailable")
 
 
-def test_formats_and_levels_not_available_yet_are_named():
+def test_formats_not_available_yet_are_named():
     problems = validate_config(ExportConfiguration(export_formats=["safetensors", "onnx", "gguf", "tensorrt"], quantization_level="int4"))
     unavailable = [p.render() for p in problems if p.kind == "format_unavailable"]
-    fix = "for now: safetensors and pytorch hold none, bf16, fp16; onnx holds none, fp16, int8, int4; gguf holds every level"
-    assert unavailable == [f"export_formats: the tensorrt export is not available in this version -> {fix}",
-                           f"quantization_level: quantization_level int4 for safetensors is not available in this version -> {fix}"]
+    fix = "for now: pytorch holds none, bf16, fp16; onnx holds none, fp16, int8, int4; safetensors and gguf hold every level"
+    assert unavailable == [f"export_formats: the tensorrt export is not available in this version -> {fix}"]
 
 
 def test_onnx_alone_takes_every_level_it_can_hold():
     for level in ("none", "fp16", "int8", "int4"):
-        assert validate_config(ExportConfiguration(export_formats=["onnx", "gguf"], quantization_level=level)) == []
+        assert validate_config(ExportConfiguration(export_formats=["safetensors", "onnx", "gguf"], quantization_level=level)) == []
     problems = validate_config(ExportConfiguration(export_formats=["onnx"], quantization_level="int4", onnx_block_size=48))
     assert [(p.key, p.kind) for p in problems] == [("onnx_block_size", "block_size_invalid")]
 
