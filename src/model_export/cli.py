@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where the update math runs (default: device_map)")
     _config_options(p)
 
+    p = command("benchmark", _benchmark, "benchmark every artifact of a run (or one artifact): load time, first token, decode speed, memory")
+    p.add_argument("target", help="a run's output_dir (with run.json), or one artifact: a model folder, .onnx or .gguf")
+    p.add_argument("--prompt", default=None, help="prompt, formatted with the chat template (default: the first test_input_samples)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=1, help="also measure decode speed at this batch size")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; medians are reported")
+
     p = command("validate-config", _validate_config, "report every problem of a YAML or JSON configuration")
     p.add_argument("file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -215,6 +222,40 @@ def _merge(args: argparse.Namespace) -> int:
 
     _emit(args, result.to_dict(), human)
     return 0
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from .benchmark import BENCHMARK_FILE, DEFAULT_PROMPT, benchmark
+    from .report import rerender_report
+
+    setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_file", None))
+    results = benchmark(args.target, prompt=args.prompt or DEFAULT_PROMPT, new_tokens=args.new_tokens, batch_size=args.batch_size,
+                        repeats=args.repeats)
+    report = rerender_report(Path(args.target), [asdict(r) for r in results]) if (Path(args.target) / "run.json").is_file() else None
+
+    def human(console: Console) -> None:
+        table = Table(title="model-export benchmark")
+        for column in ("artifact", "runtime", "load (s)", "first token (ms)", "decode (tok/s)", f"batch {args.batch_size} (tok/s)", "peak RSS (GiB)"):
+            table.add_column(column)
+        for r in results:
+            if r.error:
+                table.add_row(r.label, r.runtime, f"[red]{r.error}[/]", "", "", "", "")
+                continue
+            batch = f"{r.decode_tokens_per_s_batch:.1f}" if r.decode_tokens_per_s_batch else "-"
+            table.add_row(r.label, r.runtime, f"{r.load_s:.2f}", f"{r.ttft_s * 1000:.2f}", f"{r.decode_tokens_per_s:.1f}", batch,
+                          f"{r.peak_rss_gib:.2f}")
+        console.print(table)
+        for r in results:
+            if r.note:
+                console.print(f"{r.label}: {r.note}")
+        if report:
+            console.print(i18n.ui("benchmark_written", path=Path(args.target) / BENCHMARK_FILE, report=report))
+
+    _emit(args, [asdict(r) for r in results], human)
+    return 1 if any(r.error for r in results) else 0
 
 
 def _validate_config(args: argparse.Namespace) -> int:

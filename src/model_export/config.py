@@ -142,6 +142,13 @@ class ExportConfiguration(BaseModel):
         default_factory=lambda: ["Hello", "简单测试", "Write a haiku about autumn."],
         description="Prompts used to verify and benchmark the artifacts (formatted with the chat template).")
 
+    # --- benchmarks ----------------------------------------------------------------------------
+    run_benchmarks: bool = Field(
+        False, description="After verification, benchmark every artifact (load time, time to first token, decode tokens "
+        "per second at batch 1 and at batch_size, peak memory); `model-export benchmark RUN_DIR` does the same later.")
+    benchmark_new_tokens: int = Field(32, ge=1, description="Tokens decoded per benchmark run.")
+    benchmark_repeats: int = Field(3, ge=1, description="Timed benchmark runs per artifact (after one warm-up); medians are reported.")
+
     # --- logging and housekeeping -------------------------------------------------------------
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
     log_file: str | None = Field(

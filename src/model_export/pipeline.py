@@ -38,7 +38,7 @@ __all__ = ["run", "RunResult", "MANIFEST", "STEPS"]
 
 MANIFEST = "run.json"
 STEP_FILE = ".step.json"  # each step's result, hidden so that it never joins an artifact
-STEPS = ("detect", "check", "merge", "export", "verify", "report")
+STEPS = ("detect", "check", "merge", "export", "verify", "benchmark", "report")
 # The merge keeps the base dtype for int8/int4: the exporters quantize from it.
 _MERGE_DTYPES = {"none": "auto", "bf16": "bf16", "fp16": "fp16", "int8": "auto", "int4": "auto"}
 
@@ -179,6 +179,17 @@ def _steps(state: _Run) -> None:
         state.step("verify", settings, lambda: _verify(state, checkpoint, info.path))
     else:
         state.manifest["steps"].pop("verify", None)
+    if c.run_benchmarks:
+        from dataclasses import asdict
+
+        from .benchmark import benchmark
+
+        settings = [c.test_input_samples[:1], c.benchmark_new_tokens, c.batch_size, c.benchmark_repeats]
+        state.step("benchmark", settings, lambda: {"results": [asdict(r) for r in benchmark(
+            state.out, prompt=(c.test_input_samples or ["Hello"])[0], new_tokens=c.benchmark_new_tokens, batch_size=c.batch_size,
+            repeats=c.benchmark_repeats)]})
+    else:
+        state.manifest["steps"].pop("benchmark", None)
     _report(state)
 
 

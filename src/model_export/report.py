@@ -156,6 +156,12 @@ def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, fail
         labels = [i18n.ui("report_reference")] + [r["format"] for r in measured]
         values = [measured[0]["reference_perplexity"]] + [r["perplexity"] for r in measured]
         plots.append(_bars(i18n.ui("report_perplexity"), labels, values, lambda v: f"{v:.3f}", "#8b5cf6"))
+    timings = [r for r in results.get("benchmark", {}).get("results", []) if r.get("decode_tokens_per_s")]
+    if timings:
+        labels = [r["label"] for r in timings]
+        plots.append(_bars(i18n.ui("report_decode_speed"), labels, [r["decode_tokens_per_s"] for r in timings], lambda v: f"{v:.1f} tok/s", "#0ea5e9"))
+        plots.append(_bars(i18n.ui("report_ttft"), labels, [r["ttft_s"] * 1000 for r in timings], lambda v: f"{v:.2f} ms", "#0ea5e9"))
+        plots.append(_bars(i18n.ui("report_load"), labels, [r["load_s"] for r in timings], lambda v: f"{v:.2f} s", "#0ea5e9"))
     for fmt, verdict in results.get("verify", {}).get("verdicts", {}).items():
         plots.append(_histogram(i18n.ui("report_diffs", format=fmt), verdict.get("diff_histogram", {})))
     plots.append(_memory(samples))
@@ -185,3 +191,11 @@ def write_report(out: Path, manifest: dict[str, Any], results: dict[str, Any], s
     write_atomic(out / "report.json", json.dumps(data, indent=2, default=str))
     write_atomic(out / "report.html", _html(manifest, results, samples, failure))
     return {"json": str(out / "report.json"), "html": str(out / "report.html")}
+
+
+def rerender_report(run_dir: Path, benchmark_results: list[dict[str, Any]]) -> str:
+    """Write report.html and report.json of a finished run again, with benchmark results added; return the html path."""
+    manifest = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    results = {name: step.get("result", {}) for name, step in manifest.get("steps", {}).items()}
+    results["benchmark"] = {"results": benchmark_results}
+    return write_report(run_dir, manifest, results, [])["html"]

@@ -206,3 +206,24 @@ def test_gguf_in_the_pipeline_is_read_back_and_reported(training, tmp_path):
         assert row["ran"] is False and "not run" in verdict["rule"]
     else:
         assert row["ran"] is True and verdict["top1_agreement"] >= 0.9
+
+
+def test_benchmark_step_and_command_compare_every_artifact(training, tmp_path, capsys):
+    out = tmp_path / "out"
+    config = config_for(training, out, export_formats=["safetensors", "onnx"], run_benchmarks=True, benchmark_new_tokens=4,
+                        benchmark_repeats=2, batch_size=2, onnx_optimize_graph=False)
+    result = run(config)
+    assert result.steps["benchmark"]["status"] == "done"
+    rows = {r["label"]: r for r in result.steps["benchmark"]["result"]["results"]}
+    assert set(rows) == {"safetensors", "onnx"}
+    for row in rows.values():
+        assert row["error"] is None and row["load_s"] > 0 and row["ttft_s"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["decode_tokens_per_s_batch"] > 0 and row["peak_rss_gib"] > 0 and len(row["runs"]) == 2
+    assert rows["safetensors"]["runtime"] == "transformers" and rows["onnx"]["runtime"] == "onnxruntime"
+    assert rows["safetensors"]["prompt_tokens"] == rows["onnx"]["prompt_tokens"] > 0  # the same chat-templated prompt
+    assert "Decode speed at batch 1" in (out / "report.html").read_text()
+    assert main(["benchmark", str(out), "--new-tokens", "2", "--repeats", "1", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert [r["label"] for r in again] == ["safetensors", "onnx"]
+    assert json.loads((out / "benchmark" / "benchmark.json").read_text())[0]["new_tokens"] == 2
+    assert main(["benchmark", str(tmp_path / "nothing-here")]) == 1

@@ -1,0 +1,233 @@
+"""Benchmark the artifacts: load time, time to first token, decode speed, peak memory.
+
+Each artifact runs in a child process of its own (so its peak RSS, which the child reports from
+getrusage, is its own and one artifact's memory never inflates another's), in the runtime a user would deploy it with:
+transformers for safetensors and PyTorch folders, onnxruntime for ONNX graphs, llama.cpp
+(llama-cpp-python) for GGUF files. Per artifact: one warm-up, then ``repeats`` timed runs, medians
+reported. Decode speed is measured at batch 1 and, where the runtime batches, at ``batch_size``.
+
+    from model_export.benchmark import benchmark
+    results = benchmark("./export-demo")        # a run directory, or one artifact
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ValidationError
+from .monitoring import logger
+
+__all__ = ["benchmark", "ArtifactBenchmark", "artifacts_of", "BENCHMARK_FILE"]
+
+BENCHMARK_FILE = "benchmark/benchmark.json"
+DEFAULT_PROMPT = "Write a haiku about autumn."
+
+
+@dataclass
+class ArtifactBenchmark:
+    label: str
+    artifact: str
+    runtime: str
+    prompt_tokens: int
+    new_tokens: int
+    load_s: float | None = None
+    ttft_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    batch_size: int = 1
+    decode_tokens_per_s_batch: float | None = None
+    peak_rss_gib: float | None = None
+    repeats: int = 0
+    note: str | None = None
+    error: str | None = None
+    runs: list[dict[str, float]] = field(default_factory=list)
+
+
+def artifacts_of(target: str | Path) -> list[tuple[str, Path]]:
+    """(label, path) of what to benchmark: every artifact of a run directory (its run.json), or ``target`` itself."""
+    target = Path(target)
+    manifest = target / "run.json"
+    if manifest.is_file():
+        from .pipeline import _verifiable
+
+        result = json.loads(manifest.read_text(encoding="utf-8"))["steps"].get("export", {}).get("result", {})
+        return [(label, path) for label, path in _verifiable(result.get("artifacts", {}))]
+    if target.suffix in (".onnx", ".gguf") or (target / "config.json").is_file():
+        return [(target.name, target)]
+    if (target / "model.onnx").is_file():
+        return [("onnx", target / "model.onnx")]
+    ggufs = sorted(target.glob("model-*.gguf"))
+    if ggufs:
+        return [("gguf", ggufs[0])]
+    raise ValidationError("inference_failed", artifact=str(target), error="no run.json, model folder, ONNX graph or GGUF file here")
+
+
+def benchmark(target: str | Path, *, prompt: str = DEFAULT_PROMPT, new_tokens: int = 32, batch_size: int = 1, repeats: int = 3,
+              out: str | Path | None = None) -> list[ArtifactBenchmark]:
+    """Benchmark every artifact of a run directory (or one artifact); write benchmark/benchmark.json into a run directory.
+
+    Raises ValidationError ('inference_failed') when ``target`` holds nothing to benchmark.
+    """
+    target = Path(target)
+    results = []
+    for label, path in artifacts_of(target):
+        logger.info("Benchmarking %s (%s)", label, path)
+        results.append(_child(label, path, prompt, new_tokens, batch_size, repeats))
+    destination = Path(out) if out else (target / BENCHMARK_FILE if (target / "run.json").is_file() else None)
+    if destination:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_text(json.dumps([asdict(r) for r in results], indent=2), encoding="utf-8")
+    return results
+
+
+def _child(label: str, path: Path, prompt: str, new_tokens: int, batch_size: int, repeats: int) -> ArtifactBenchmark:
+    """Run one artifact's benchmark in its own process, which reports its own peak RSS (getrusage)."""
+    command = [sys.executable, "-m", "model_export.benchmark", str(path), prompt, str(new_tokens), str(batch_size), str(repeats)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"})
+    stdout, stderr = process.communicate()
+    data = json.loads(stdout.decode().strip().splitlines()[-1]) if process.returncode == 0 and stdout.strip() else None
+    if data is None:
+        error = (stderr.decode(errors="replace").strip().splitlines() or ["the benchmark process failed"])[-1]
+        return ArtifactBenchmark(label, str(path), _runtime(path), 0, new_tokens, error=error[:400])
+    peak = data.pop("peak_rss_kib")
+    return ArtifactBenchmark(label=label, peak_rss_gib=round(peak / 2**20, 3), **data)
+
+
+def _runtime(path: Path) -> str:
+    return "onnxruntime" if path.suffix == ".onnx" else "llama.cpp" if path.suffix == ".gguf" else "transformers"
+
+
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 5)
+
+
+def _prompt_ids(path: Path, prompt: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from .verify import _encode
+
+    folder = path.parent if path.suffix in (".onnx", ".gguf") else path
+    return _encode(AutoTokenizer.from_pretrained(str(folder)), prompt).tolist()
+
+
+class _Transformers:
+    def __init__(self, path: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto").eval()
+
+    def run(self, ids: list[int], new_tokens: int, batch: int) -> tuple[float, float]:
+        import torch
+
+        inputs = torch.tensor([ids] * batch)
+        with torch.no_grad():
+            start = time.perf_counter()
+            out = self.model(inputs, use_cache=True)
+            ttft = time.perf_counter() - start
+            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            start = time.perf_counter()
+            for step in range(new_tokens):
+                positions = torch.full((batch, 1), len(ids) + step)
+                out = self.model(token, past_key_values=past, position_ids=positions, use_cache=True)
+                past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            return ttft, time.perf_counter() - start
+
+
+class _Onnx:
+    def __init__(self, path: Path) -> None:
+        from .exporters.onnx_export import OnnxDecoder
+
+        self.decoder = OnnxDecoder(path, optimized=True)
+
+    def run(self, ids: list[int], new_tokens: int, batch: int) -> tuple[float, float]:
+        import numpy as np
+
+        d = self.decoder
+        shape = [batch, d.kv_shape[1], 0, d.kv_shape[3]]
+        past = {name: np.zeros(shape, dtype=d.kv_dtype) for name in d.past_names}
+
+        def step(tokens: np.ndarray, start: int):
+            feeds = {"input_ids": tokens, "attention_mask": np.ones((batch, start + tokens.shape[1]), dtype=np.int64), **past}
+            if "position_ids" in d.inputs:
+                feeds["position_ids"] = np.tile(np.arange(start, start + tokens.shape[1], dtype=np.int64), (batch, 1))
+            results = dict(zip(d.output_names, d.session.run(None, feeds)))
+            past.update({name: results[name.replace("past_key_values.", "present.")] for name in d.past_names})
+            return results["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+
+        start = time.perf_counter()
+        token = step(np.array([ids] * batch, dtype=np.int64), 0)
+        ttft = time.perf_counter() - start
+        start = time.perf_counter()
+        for i in range(new_tokens):
+            token = step(token, len(ids) + i)
+        return ttft, time.perf_counter() - start
+
+
+class _LlamaCpp:
+    batches = False  # llama-cpp-python's Llama holds one sequence
+
+    def __init__(self, path: Path) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(path), n_ctx=2048, verbose=False, n_threads=os.cpu_count() or 1)
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """The GGUF's own tokenizer and chat template (a GGUF folder has no Hugging Face tokenizer)."""
+        text = self.llm.metadata.get("tokenizer.chat_template")
+        if text:
+            from jinja2 import Template
+
+            text = Template(text).render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True)
+        return self.llm.tokenize((text or prompt).encode("utf-8"), add_bos=False, special=True)
+
+    def run(self, ids: list[int], new_tokens: int, batch: int) -> tuple[float, float]:
+        import numpy as np
+
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(ids)
+        ttft = time.perf_counter() - start
+        token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            self.llm.eval([token])
+            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return ttft, time.perf_counter() - start
+
+
+def _measure(path: Path, prompt: str, new_tokens: int, batch_size: int, repeats: int) -> dict[str, Any]:
+    """In the child: load, warm up, time ``repeats`` runs at batch 1 and at ``batch_size``."""
+    runtime = _runtime(path)
+    if runtime == "llama.cpp":
+        from llama_cpp import Llama  # noqa: F401 - fail early with the import error when llama-cpp-python is missing
+    start = time.perf_counter()
+    runner = {"transformers": _Transformers, "onnxruntime": _Onnx, "llama.cpp": _LlamaCpp}[runtime](path)
+    load = time.perf_counter() - start
+    ids = runner.tokenize(prompt) if hasattr(runner, "tokenize") else _prompt_ids(path, prompt)
+    runner.run(ids, 2, 1)  # warm-up
+    runs = [runner.run(ids, new_tokens, 1) for _ in range(repeats)]
+    data = {"artifact": str(path), "runtime": runtime, "prompt_tokens": len(ids), "new_tokens": new_tokens, "repeats": repeats,
+            "load_s": round(load, 5), "ttft_s": _median([r[0] for r in runs]),
+            "decode_tokens_per_s": round(new_tokens / _median([r[1] for r in runs]), 3), "batch_size": batch_size,
+            "runs": [{"ttft_s": round(t, 5), "decode_s": round(d, 5)} for t, d in runs]}
+    if batch_size > 1 and getattr(runner, "batches", True):
+        batch_runs = [runner.run(ids, new_tokens, batch_size)[1] for _ in range(repeats)]
+        data["decode_tokens_per_s_batch"] = round(batch_size * new_tokens / _median(batch_runs), 3)
+    elif batch_size > 1:
+        data["note"] = f"{runtime} through its Python binding decodes one sequence: batch {batch_size} not measured"
+    import resource
+
+    data["peak_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return data
+
+
+if __name__ == "__main__":  # the child process of _child
+    path_arg, prompt_arg, tokens_arg, batch_arg, repeats_arg = sys.argv[1:6]
+    print(json.dumps(_measure(Path(path_arg), prompt_arg, int(tokens_arg), int(batch_arg), int(repeats_arg))))
