@@ -113,7 +113,7 @@ def test_llama_cpp_runs_the_file_and_agrees_with_transformers(tiny_base, tmp_pat
 
     from model_export.verify import _llama_cpp_run
 
-    info = export_gguf(tiny_base, tmp_path, gguf_type=gguf_type)
+    export_gguf(tiny_base, tmp_path, gguf_type=gguf_type)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
     with torch.no_grad():
         ref = model(torch.tensor([PROMPT])).logits[0].numpy()
