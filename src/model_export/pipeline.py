@@ -12,6 +12,7 @@ the keys of every step after it, which rerun.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from .checkpoint_detector import detect
 from .checkpoint_validator import read_adapter_config, validate_checkpoint, weights_file
 from .config import ExportConfiguration, parse_size
 from .config_validator import check_config
-from .errors import BaseModelError, ExportError
+from .errors import BaseModelError, ExportError, ResourceError
 from .faults import crash_point
 from .hf_layout import tokenizer_source, write_atomic
 from .model_merger import merge
@@ -130,18 +131,48 @@ def run(config: ExportConfiguration) -> RunResult:
     check_config(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    setup_logging(config.log_level, config.log_file or out / "export.log")
-    state = _Run(config)
-    state.manifest["config"] = config.model_dump(mode="json")
-    with state.monitor:
-        try:
-            _steps(state)
-        except ExportError as exc:
-            _report(state, failure=exc)
-            raise
-        _cleanup(state)
+    with output_lock(out):
+        setup_logging(config.log_level, config.log_file or out / "export.log")
+        state = _Run(config)
+        state.manifest["config"] = config.model_dump(mode="json")
+        with state.monitor:
+            try:
+                _steps(state)
+            except ExportError as exc:
+                _report(state, failure=exc)
+                raise
+            _cleanup(state)
     return RunResult(str(out), state.manifest["steps"], state.results.get("export", {}).get("artifacts", {}),
                      state.results.get("report", {}).get("html"), state.results.get("verify", {}).get("passed"))
+
+
+LOCK_FILE = ".model-export.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: Path):
+    """Hold an exclusive lock on ``out`` for the run: a second run on the same directory fails at once (ME402), naming
+    the process that holds it. flock is released by the kernel when its process dies, so a killed run's lock never
+    blocks the next one (the stale file is simply taken over)."""
+    import fcntl
+    import socket
+
+    handle = open(out / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = dict(line.split("=", 1) for line in handle.read().splitlines() if "=" in line)
+            raise ResourceError("output_dir_locked", path=str(out), pid=holder.get("pid", "?"), host=holder.get("host", "?"),
+                                started=holder.get("started", "?")) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid={os.getpid()}\nhost={socket.gethostname()}\nstarted={time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 def _steps(state: _Run) -> None:

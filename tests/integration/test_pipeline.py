@@ -227,3 +227,27 @@ def test_benchmark_step_and_command_compare_every_artifact(training, tmp_path, c
     assert [r["label"] for r in again] == ["safetensors", "onnx"]
     assert json.loads((out / "benchmark" / "benchmark.json").read_text())[0]["new_tokens"] == 2
     assert main(["benchmark", str(tmp_path / "nothing-here")]) == 1
+
+
+def test_a_second_run_on_the_same_output_dir_fails_at_once_and_a_dead_holder_does_not_block(training, tmp_path):
+    from model_export import ResourceError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"f = open({str(out / '.model-export.lock')!r}, 'a+')\n"
+        "fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.write(f'pid={os.getpid()}\\nhost=h\\nstarted=now\\n'); f.flush()\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    try:
+        with pytest.raises(ResourceError) as err:
+            run(config_for(training, out))
+        assert err.value.code == "ME402" and f"process {holder.pid} on h" in str(err.value)
+        assert not (out / "merge").exists()  # nothing was written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert run(config_for(training, out)).passed is True  # the dead process's lock is taken over
