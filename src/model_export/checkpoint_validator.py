@@ -115,6 +115,7 @@ def quick_check(directory: str | Path) -> Path:
     shown, directory = str(directory), Path(directory)  # keep the user's spelling (./run) in messages
     if not directory.is_dir():
         raise CheckpointValidationError("checkpoint_not_found", path=shown, cwd=str(Path.cwd()))
+    _check_links(directory)
     read_adapter_config(directory)
     file = weights_file(directory)
     if file.stat().st_size == 0:
@@ -122,6 +123,17 @@ def quick_check(directory: str | Path) -> Path:
     if file.suffix == ".safetensors":
         _header(file)
     return file
+
+
+def _check_links(directory: Path) -> None:
+    """Refuse symbolic links in the checkpoint that lead outside it (ME214): a downloaded checkpoint must not make the
+    tool read, or copy into an artifact, a file elsewhere on the machine."""
+    root = directory.resolve()
+    for path in directory.rglob("*"):
+        if path.is_symlink():
+            target = path.resolve()
+            if not target.is_relative_to(root):
+                raise CheckpointValidationError("symlink_outside", path=str(path), target=str(target), checkpoint=str(directory))
 
 
 def _header(file: Path):
@@ -217,7 +229,7 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 def validate_checkpoint(checkpoint: str | Path, base_model: str | None = None, *, progress: bool = True) -> CheckpointReport:
     """Check a checkpoint completely; with a base model (or the one adapter_config.json names), check the fit too.
 
-    Raises CheckpointValidationError (ME201-ME213) and BaseModelError (ME301-ME303).
+    Raises CheckpointValidationError (ME201-ME214) and BaseModelError (ME301-ME303).
     """
     directory = Path(checkpoint)
     file = quick_check(checkpoint)

@@ -251,3 +251,13 @@ def test_a_second_run_on_the_same_output_dir_fails_at_once_and_a_dead_holder_doe
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert run(config_for(training, out)).passed is True  # the dead process's lock is taken over
+
+
+def test_a_full_run_never_modifies_its_inputs(training, tmp_path):
+    from model_export.demo.run import shipped_base
+
+    before = tree_digest(training), tree_digest(shipped_base())
+    formats = ["safetensors", "pytorch", "onnx"] + (["gguf"] if __import__("importlib").util.find_spec("gguf") else [])
+    result = run(config_for(training, tmp_path / "out", export_formats=formats, gguf_lora_adapter="gguf" in formats))
+    assert result.passed is True
+    assert (tree_digest(training), tree_digest(shipped_base())) == before

@@ -194,3 +194,17 @@ def test_bad_inputs_write_nothing(adapter_copy, tiny_base, damage):
     with pytest.raises(CheckpointValidationError):
         validate_checkpoint(adapter_copy, str(tiny_base))
     assert (tree_digest(adapter_copy.parent), tree_digest(tiny_base)) == before
+
+
+def test_a_symlink_out_of_the_checkpoint_is_refused_and_one_inside_is_not(adapter_copy, tmp_path, tiny_base):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    (adapter_copy / "notes.txt").symlink_to(secret)
+    before = tree_digest(adapter_copy)
+    with pytest.raises(CheckpointValidationError) as err:
+        validate_checkpoint(adapter_copy, str(tiny_base))
+    assert err.value.code == "ME214" and "secret.txt" in str(err.value) and "outside the checkpoint" in str(err.value)
+    assert tree_digest(adapter_copy) == before
+    (adapter_copy / "notes.txt").unlink()
+    (adapter_copy / "config-link.json").symlink_to(adapter_copy / "adapter_config.json")  # inside: fine
+    assert validate_checkpoint(adapter_copy, str(tiny_base)).fit_checked
