@@ -297,7 +297,7 @@ def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
     c = state.config
     tokenizer_dir = tokenizer_source([checkpoint, checkpoint.parent, base_dir]) or base_dir
     reference = compute_reference(base_dir, checkpoint, tokenizer_dir, c.test_input_samples, c.validation_new_tokens)
-    verdicts = {}
+    verdicts, failures = {}, []
     for label, path in _verifiable(state.results["export"]["artifacts"]):
         if label == "gguf":
             verdict = verify_gguf(path, state.out / "merge", reference, tolerance=c.validation_tolerance, min_top1=c.validation_min_top1,
@@ -308,9 +308,11 @@ def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
         verdicts[label] = verdict.to_dict()
         (state.out / "verify").mkdir(exist_ok=True)
         write_atomic(state.out / "verify" / f"{label}.json", json.dumps(verdicts[label], indent=2))
-        if verdict.failure is not None:
-            state.results["verify"] = {"passed": False, "verdicts": verdicts}
-            raise verdict.failure
+        failures.append(verdict.failure)
+    failed = [f for f in failures if f is not None]
+    if failed:  # every artifact was judged first, so the report shows them all; the first failure is raised
+        state.results["verify"] = {"passed": False, "verdicts": verdicts}
+        raise failed[0]
     if c.save_intermediate_results:
         import torch
 
