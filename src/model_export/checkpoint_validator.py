@@ -229,7 +229,7 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 def validate_checkpoint(checkpoint: str | Path, base_model: str | None = None, *, progress: bool = True) -> CheckpointReport:
     """Check a checkpoint completely; with a base model (or the one adapter_config.json names), check the fit too.
 
-    Raises CheckpointValidationError (ME201-ME214) and BaseModelError (ME301-ME303).
+    Raises CheckpointValidationError (ME201-ME215) and BaseModelError (ME301-ME303).
     """
     directory = Path(checkpoint)
     file = quick_check(checkpoint)
@@ -258,11 +258,32 @@ def validate_checkpoint(checkpoint: str | Path, base_model: str | None = None, *
         _check_fit(shapes, modules, config, base)
         if not base.has_tokenizer and not _has_tokenizer(directory):
             raise BaseModelError("base_tokenizer_missing", name=base_name, path=str(base.path))
+        _check_tokenizer_fits(directory, base, shapes)
         report.base_model, report.base_model_path, report.fit_checked = base_name, str(base.path), True
     else:
         report.warnings.append(i18n.ui("warn_fit_unchecked"))
         logger.warning(report.warnings[-1])
     return report
+
+
+def _check_tokenizer_fits(directory: Path, base: BaseModelInfo, shapes: dict) -> None:
+    """Every id of the tokenizer that will be used (the checkpoint's, the Trainer root's, else the base's) must have an
+    embedding row: the base's rows, or the adapter's saved embedding when it grew the vocabulary (ME215)."""
+    source = next((d for d in (directory, directory.parent, base.path) if (d / "tokenizer.json").is_file()), None)
+    if source is None:
+        return  # a sentencepiece-only tokenizer: nothing cheap to check
+    try:
+        data = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+        ids = [int(i) for i in (data.get("model", {}).get("vocab") or {}).values()] if isinstance(data.get("model", {}).get("vocab"), dict) else []
+        ids += [int(t["id"]) for t in data.get("added_tokens") or []]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return  # unreadable tokenizers are the tokenizer loader's to report
+    embed = next((t.shape for name, t in base.tensors.items() if name.endswith("embed_tokens.weight")), None)
+    saved = [shape[0] for key, shape in shapes.items() if parse_adapter_key(key)[0].endswith("embed_tokens") or
+             parse_adapter_key(key)[0].endswith("embed_tokens.weight")]
+    rows = max([r for r in ([embed[0]] if embed else []) + saved]) if (embed or saved) else None
+    if rows is not None and ids and max(ids) >= rows:
+        raise CheckpointValidationError("tokenizer_mismatch", path=str(source / "tokenizer.json"), max_id=max(ids), rows=rows)
 
 
 def _has_tokenizer(directory: Path) -> bool:

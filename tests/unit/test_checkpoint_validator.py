@@ -208,3 +208,15 @@ def test_a_symlink_out_of_the_checkpoint_is_refused_and_one_inside_is_not(adapte
     (adapter_copy / "notes.txt").unlink()
     (adapter_copy / "config-link.json").symlink_to(adapter_copy / "adapter_config.json")  # inside: fine
     assert validate_checkpoint(adapter_copy, str(tiny_base)).fit_checked
+
+
+def test_a_tokenizer_with_ids_beyond_the_embedding_is_refused(adapter_copy, tiny_base):
+    data = json.loads((tiny_base / "tokenizer.json").read_text())
+    rows = json.loads((tiny_base / "config.json").read_text())["vocab_size"]
+    data["added_tokens"].append({"id": rows + 5, "content": "<|new|>", "single_word": False, "lstrip": False, "rstrip": False,
+                                 "normalized": False, "special": True})
+    (adapter_copy / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointValidationError) as err:
+        validate_checkpoint(adapter_copy, str(tiny_base))
+    assert err.value.code == "ME215" and f"token ids up to {rows + 5}" in str(err.value) and f"only {rows} rows" in str(err.value)
+    assert "modules_to_save" in err.value.hint()
