@@ -172,7 +172,12 @@ def agreement(ours: Path, peft: Path, sample: int = 12) -> int:
 def child(*args: str) -> str:
     """Run a step of this script in a child process, so that this parent stays small: a forked child
     inherits the parent's peak RSS in its own ru_maxrss, which would inflate every measurement."""
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    return run_captured([sys.executable, __file__, *args])
+
+
+def run_captured(command: list[str]) -> str:
+    """Run ``command``; its stdout, or exit with the end of its stderr when it fails."""
+    out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(out.stderr[-3000:])
     return out.stdout.strip()

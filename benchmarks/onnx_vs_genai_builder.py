@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_vs_peft import SHAPES, settle, timed, warm, write_base  # noqa: E402
+from merge_vs_peft import SHAPES, run_captured, settle, timed, warm, write_base  # noqa: E402
 
 TARGETS = {"wall_vs_genai": 0.5, "peak_rss_gib": 3.0}
 PROMPT_TOKENS = 128
@@ -79,10 +79,7 @@ def size_of(folder: Path) -> int:
 
 
 def run_python(script: str, *args: str) -> str:
-    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(out.stderr[-3000:])
-    return out.stdout.strip()
+    return run_captured([sys.executable, "-c", script, *args])
 
 
 def main() -> None:
