@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import extras
 from ..errors import ExportFormatError
+from ..faults import crash_point
 from ..hf_layout import write_atomic
 from ..tensor_io import read_bytes, read_header, torch_dtype
 
@@ -97,6 +98,7 @@ class _Chunks:
             written += chunk.nbytes
         if written != self.nbytes:  # a bug, not a user error
             raise AssertionError(f"wrote {written} bytes, declared {self.nbytes}")
+        crash_point("export_tensor")
 
 
 def _encoded(source: _Source, ttype: str, fh) -> Iterator[np.ndarray]:

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import ExportFormatError
+from ..faults import crash_point
 from ..tensor_io import read_bytes, read_header
 
 __all__ = ["build_onnx", "BuildResult", "SUPPORTED_ARCHITECTURES", "WEIGHT_TYPES"]
@@ -122,6 +123,7 @@ class _DataFile:
         length = self.offset - start
         if length != expected:  # a bug, not a user error: never write a tensor that lies about its size
             raise AssertionError(f"{name}: wrote {length} bytes, expected {expected}")
+        crash_point("export_tensor")
         tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=list(shape))
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.path.name), ("offset", str(start)), ("length", str(length))):
