@@ -13,6 +13,7 @@ the keys of every step after it, which rerun.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -103,6 +104,13 @@ class _Run:
             record.update(status="failed", error=exc.to_dict(), seconds=round(timing["seconds"], 3))
             self._save()
             raise
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            full = ResourceError("disk_full", step=name, path=str(self.out), free=_free_space(self.out))
+            record.update(status="failed", error=full.to_dict())
+            self._save()
+            raise full from exc
         self.monitor.sample()
         (self.out / name).mkdir(exist_ok=True)
         write_atomic(self.out / name / STEP_FILE, json.dumps(result, indent=2, default=str))
@@ -112,6 +120,13 @@ class _Run:
         crash_point("step")
         self.results[name] = result
         return result
+
+
+def _free_space(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 1e9:.2f} GB"
+    except OSError:
+        return "?"
 
 
 def _hash(data: Any) -> str:

@@ -261,3 +261,24 @@ def test_a_full_run_never_modifies_its_inputs(training, tmp_path):
     result = run(config_for(training, tmp_path / "out", export_formats=formats, gguf_lora_adapter="gguf" in formats))
     assert result.passed is True
     assert (tree_digest(training), tree_digest(shipped_base())) == before
+
+
+def test_a_full_disk_mid_step_is_explained_marks_nothing_done_and_a_rerun_finishes(training, tmp_path, monkeypatch):
+    import errno
+
+    from model_export import ResourceError, pipeline
+
+    original = pipeline.merge
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "merge", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(ResourceError) as err:
+        run(config_for(training, out))
+    assert err.value.code == "ME403" and "during the merge step" in str(err.value) and "GB free now" in str(err.value)
+    steps = json.loads((out / "run.json").read_text())["steps"]
+    assert steps["merge"]["status"] == "failed" and "export" not in steps
+    monkeypatch.setattr(pipeline, "merge", original)
+    assert run(config_for(training, out)).passed is True
