@@ -16,6 +16,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -204,6 +205,8 @@ def _steps(state: _Run) -> None:
     state.step("check", [base, _fingerprint(info.shards), file_sha256(weights_file(checkpoint)), _fingerprint([checkpoint / "adapter_config.json"])],
                lambda: {**validate_checkpoint(checkpoint, base, progress=c.enable_progress_monitoring).to_dict(),
                         "base_bytes": info.weight_bytes})
+    if state.manifest["steps"].get("merge", {}).get("status") != "done":
+        check_disk_space(c, info, state.out)
     merge_settings = [_MERGE_DTYPES[c.quantization_level], c.max_shard_size, c.compress_weights, c.remove_training_artifacts]
     state.step("merge", merge_settings, lambda: merge(
         checkpoint, base, state.out / "merge", dtype=_MERGE_DTYPES[c.quantization_level], max_shard_size=c.max_shard_size,
@@ -237,6 +240,45 @@ def _steps(state: _Run) -> None:
     else:
         state.manifest["steps"].pop("benchmark", None)
     _report(state)
+
+
+# Bytes per parameter each artifact takes (merge-output dtype for none/bf16/fp16; the quantized formats' own layouts:
+# int8/int4 blocks with their scales). ONNX "none" widens bf16 to fp32; the optimized graph is a second copy.
+_BYTES_PER_PARAM = {
+    "merge": {"int8": None, "int4": None},
+    "pytorch": {},
+    "safetensors": {"int8": 1.03, "int4": 0.56},
+    "onnx": {"none": 4.0, "bf16": 4.0, "fp16": 2.0, "int8": 1.07, "int4": 0.57},
+    "gguf": {"fp16": 2.0, "bf16": 2.0, "int8": 1.0625, "int4": 0.5625},
+}
+
+
+def disk_needed(config: ExportConfiguration, info: Any) -> dict[str, int]:
+    """The bytes each part of the run will write under output_dir, from the base model's parameter count and dtypes."""
+    params = sum(math.prod(t.shape) for t in info.tensors.values())
+    base_size = info.weight_bytes / max(params, 1)  # bytes per parameter of the base (2 for bf16)
+    level = config.quantization_level
+    merged = {"none": base_size, "bf16": 2.0, "fp16": 2.0}.get(level, base_size)
+    needs = {"merge": merged}
+    for fmt in config.formats:
+        if fmt == "safetensors":
+            needs[fmt] = _BYTES_PER_PARAM[fmt].get(level, 0.0)  # hard links to the merge unless quantized
+        elif fmt == "pytorch":
+            needs[fmt] = merged
+        elif fmt in ("onnx", "gguf"):
+            size = _BYTES_PER_PARAM[fmt].get(level, base_size if fmt == "gguf" else 4.0)
+            needs[fmt] = size * (2 if fmt == "onnx" and config.onnx_optimize_graph else 1)
+    return {part: int(per * params) for part, per in needs.items()}
+
+
+def check_disk_space(config: ExportConfiguration, info: Any, out: Path) -> None:
+    """Stop before writing anything when output_dir's disk cannot hold what the run will write (ME404), with the numbers."""
+    needs = disk_needed(config, info)
+    free = shutil.disk_usage(out).free
+    total = sum(needs.values())
+    if total > free:
+        parts = ", ".join(f"{part} {size / 1e9:.2f} GB" for part, size in needs.items())
+        raise ResourceError("disk_too_small", path=str(out), free=f"{free / 1e9:.2f} GB", need=f"{total / 1e9:.2f} GB", parts=parts)
 
 
 def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:

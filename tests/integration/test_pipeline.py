@@ -282,3 +282,24 @@ def test_a_full_disk_mid_step_is_explained_marks_nothing_done_and_a_rerun_finish
     assert steps["merge"]["status"] == "failed" and "export" not in steps
     monkeypatch.setattr(pipeline, "merge", original)
     assert run(config_for(training, out)).passed is True
+
+
+def test_a_disk_too_small_stops_the_run_before_anything_is_written(training, tmp_path, monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    from model_export import ResourceError, pipeline
+    from model_export.base_model import inspect_base_model
+    from model_export.demo.run import shipped_base
+
+    config = config_for(training, tmp_path / "out", export_formats=["safetensors", "onnx", "gguf"], quantization_level="int4")
+    needs = pipeline.disk_needed(config, inspect_base_model(str(shipped_base())))
+    params = sum(__import__("math").prod(t.shape) for t in inspect_base_model(str(shipped_base())).tensors.values())
+    assert needs["merge"] == 4 * params and needs["safetensors"] == int(0.56 * params)  # fp32 demo base; int4 blocks
+    assert needs["onnx"] == int(2 * 0.57 * params) and needs["gguf"] == int(0.5625 * params)  # onnx: plain + optimized
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ResourceError) as err:
+        run(config)
+    assert err.value.code == "ME404" and "0.00 GB free" in str(err.value) and "merge " in str(err.value)
+    assert not (tmp_path / "out" / "merge").exists() and not (tmp_path / "out" / "export").exists()
