@@ -51,14 +51,14 @@ def is_offline() -> bool:
 def hub_cache_dir() -> Path:
     """The Hugging Face hub cache, from HF_HUB_CACHE, HF_HOME or the default, read at call time."""
     if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+        return Path(os.path.expanduser(os.environ["HF_HUB_CACHE"]))
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
+    return Path(os.path.expanduser(home)) / "hub"
 
 
 def resolve_base_model(name: str) -> Path:
     """The local directory of base model ``name`` (a path or a hub id). Raises BaseModelError (ME301, ME303)."""
-    path = Path(name).expanduser()
+    path = Path(os.path.expanduser(name))
     if path.exists():
         if not path.is_dir():
             raise BaseModelError("base_model_invalid", path=name, problem=i18n.ui("reason_not_a_dir"))

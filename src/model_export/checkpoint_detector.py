@@ -104,7 +104,7 @@ def _best(root: Path, candidates: list[Candidate]) -> Candidate:
         best = json.loads(state_file.read_text(encoding="utf-8")).get("best_model_checkpoint")
     except (OSError, json.JSONDecodeError, AttributeError) as exc:
         raise CheckpointValidationError("best_checkpoint_unknown", path=str(state_file), problem=str(exc)) from None
-    if not best:
+    if not best or not isinstance(best, str):  # a hand-edited or foreign trainer_state.json may hold anything here
         raise CheckpointValidationError("best_checkpoint_unknown", path=str(state_file), problem=i18n.ui("best_not_recorded"))
     # Training may have run elsewhere: match the folder name, not the recorded path.
     match = next((c for c in candidates if Path(c.path).name == Path(best).name), None)

@@ -183,6 +183,13 @@ class ExportConfiguration(BaseModel):
             raise ValueError("must be larger than 0")
         return value
 
+    @field_validator("checkpoint_path", "base_model_name", "output_dir", "calibration_data", "log_file")
+    @classmethod
+    def _check_path(cls, value: str | None) -> str | None:
+        if value is not None and "\0" in value:  # no file system takes it; os functions would raise ValueError
+            raise ValueError("a path cannot contain a NUL character")
+        return value
+
     @field_validator("export_formats")
     @classmethod
     def _dedupe(cls, value: list[str]) -> list[str]:
@@ -250,8 +257,8 @@ def problems_from_pydantic(exc: pydantic.ValidationError) -> list[ConfigProblem]
 
 def check_dict(data: Mapping[str, Any], lines: Mapping[str, int] | None = None) -> tuple[ExportConfiguration | None, list[ConfigProblem]]:
     """Build a configuration from ``data``; return it (or None) and every field problem found."""
-    try:
-        return ExportConfiguration(**dict(data)), []
+    try:  # YAML allows keys that are not strings (`? ` or `1:`); they are reported as unknown keys, under their text
+        return ExportConfiguration(**{str(k): v for k, v in dict(data).items()}), []
     except ConfigError as exc:
         for problem in exc.problems:
             problem.line = (lines or {}).get(problem.key.split(".")[0])

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -124,13 +125,13 @@ def _dynamic_axes(config: ExportConfiguration) -> list[ConfigProblem]:
 
 
 def _output_dir(config: ExportConfiguration) -> list[ConfigProblem]:
-    output = Path(config.output_dir).expanduser().resolve()
+    output = Path(os.path.expanduser(config.output_dir)).resolve()
     inputs = [("what_checkpoint", config.checkpoint_path)]
-    if config.base_model_name and Path(config.base_model_name).expanduser().is_dir():
+    if config.base_model_name and Path(os.path.expanduser(config.base_model_name)).is_dir():
         inputs.append(("what_base", config.base_model_name))
     problems = []
     for what, raw in inputs:
-        path = Path(raw).expanduser().resolve()
+        path = Path(os.path.expanduser(raw)).resolve()
         if output == path or output.is_relative_to(path):
             relation = i18n.render("problems", "relation_equal" if output == path else "relation_inside")
             problems.append(ConfigProblem("output_dir", "output_inside_input", {
@@ -152,7 +153,7 @@ def _samples_and_data(config: ExportConfiguration) -> list[ConfigProblem]:
     problems = []
     if config.run_validation_tests and not config.test_input_samples:
         problems.append(ConfigProblem("test_input_samples", "no_test_samples"))
-    if config.calibration_data and not Path(config.calibration_data).expanduser().is_file():
+    if config.calibration_data and not Path(os.path.expanduser(config.calibration_data)).is_file():
         problems.append(ConfigProblem("calibration_data", "calibration_missing", {"path": config.calibration_data}))
     return problems
 

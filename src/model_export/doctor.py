@@ -111,7 +111,7 @@ def _gpu() -> list[Check]:
 
 
 def _disk(output_dir: str, model_bytes: int | None) -> Check:
-    place = Path(output_dir).expanduser().resolve()
+    place = Path(os.path.expanduser(output_dir)).resolve()
     while not place.exists():
         place = place.parent
     free = shutil.disk_usage(place).free

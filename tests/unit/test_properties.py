@@ -4,7 +4,7 @@ import json
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from model_export import CheckpointValidationError, ConfigError, validate_config
@@ -56,6 +56,8 @@ KEYS = st.sampled_from(["quantization_level", "export_formats", "onnx_opset_vers
 
 @FAST
 @given(config=st.dictionaries(KEYS, VALUES, max_size=6))
+@example(config={"output_dir": "~0"})  # found by this test: pathlib's expanduser raised for an unknown user
+@example(config={"output_dir": "a\0b"})  # found by this test: a NUL in a path made os functions raise ValueError
 def test_any_configuration_mapping_gives_problems_not_crashes(config):
     problems = validate_config(config)  # never raises for a mapping
     for problem in problems:
@@ -64,6 +66,7 @@ def test_any_configuration_mapping_gives_problems_not_crashes(config):
 
 @FAST
 @given(text=st.text(max_size=200))
+@example(text="?")  # found by this test: a YAML key that is not a string
 def test_any_yaml_text_parses_or_fails_with_a_config_error(tmp_path_factory, text):
     path = tmp_path_factory.mktemp("cfg") / "c.yaml"
     path.write_text(text, encoding="utf-8")
@@ -78,8 +81,11 @@ FILES = st.sampled_from(["adapter_config.json", "adapter_model.safetensors", "tr
 
 
 @FAST
-@given(tree=st.lists(st.tuples(NAMES, FILES, st.sampled_from(["", "{}", "{\"peft_type\": \"LORA\"}", "garbage"])), max_size=8),
+@given(tree=st.lists(st.tuples(NAMES, FILES, st.sampled_from(["", "{}", "{\"peft_type\": \"LORA\"}", "garbage",
+                                                              "{\"global_step\": \"x\", \"best_model_checkpoint\": 5}"])), max_size=8),
        selection=st.sampled_from(["latest", "best"]))
+@example(tree=[("checkpoint-1", "trainer_state.json", "{\"global_step\": \"x\", \"best_model_checkpoint\": 5}")],
+         selection="best")  # found by this test: a best_model_checkpoint that is not a string
 def test_the_detector_on_any_tree_selects_a_complete_checkpoint_or_explains(tmp_path_factory, tree, selection):
     root = tmp_path_factory.mktemp("run")
     for folder, name, content in tree:
