@@ -318,6 +318,22 @@ def read_bytes(fh: BinaryIO, info: TensorInfo, start: int | None = None, stop: i
     return buffer
 
 
+def torch_row_chunks(fh: BinaryIO, info: TensorInfo, max_bytes: int):
+    """A tensor as torch tensors in its stored dtype, whole rows at a time, each at most ``max_bytes`` once widened to
+    float32 (a 0-d tensor comes whole). The exporters convert or quantize these without holding the tensor."""
+    import torch
+
+    dtype = torch_dtype(info.dtype)
+    if not info.shape:
+        yield torch.frombuffer(read_bytes(fh, info), dtype=dtype).view(())
+        return
+    rows, row_shape = info.shape[0], tuple(info.shape[1:])
+    step = max(1, max_bytes // (4 * math.prod(row_shape)))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        yield torch.frombuffer(read_bytes(fh, info, start, stop), dtype=dtype).view((stop - start, *row_shape))
+
+
 def torch_dtype(name: str):
     """The torch dtype of a safetensors dtype name (BF16 -> torch.bfloat16)."""
     import torch

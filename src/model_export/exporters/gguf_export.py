@@ -28,7 +28,7 @@ from .. import extras
 from ..errors import ExportFormatError
 from ..faults import crash_point
 from ..hf_layout import write_atomic
-from ..tensor_io import read_bytes, read_header, torch_dtype
+from ..tensor_io import read_header, torch_row_chunks
 
 __all__ = ["export_gguf", "read_back", "gguf_type_for", "GGUF_TYPES", "SUPPORTED_ARCHITECTURES"]
 
@@ -101,25 +101,29 @@ class _Chunks:
         crash_point("export_tensor")
 
 
-def _encoded(source: _Source, ttype: str, fh) -> Iterator[np.ndarray]:
-    """The tensor in GGUF type ``ttype``, in row chunks: f32/f16 by cast, the rest through gguf.quants."""
-    import gguf
+def _float_chunks(source: _Source, fh) -> Iterator[np.ndarray]:
+    """The merged tensor as float32 row chunks (torch widens bf16 on every core)."""
     import torch
 
-    rows = source.shape[0] if source.shape else 1
-    step = max(1, _CHUNK_BYTES // (4 * math.prod(source.shape[1:])))
-    qtype = getattr(gguf.GGMLQuantizationType, ttype.upper())
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        raw = read_bytes(fh, source.info, start, stop) if source.shape else read_bytes(fh, source.info)
-        values = torch.frombuffer(raw, dtype=torch_dtype(source.info.dtype)).to(torch.float32).numpy()
-        values = values.reshape((stop - start, *source.shape[1:]) if source.shape else (1,))
-        if ttype == "f32":
-            yield values
-        elif ttype == "f16":
-            yield values.astype(np.float16)
-        else:
-            yield gguf.quants.quantize(values, qtype)
+    for chunk in torch_row_chunks(fh, source.info, _CHUNK_BYTES):
+        values = chunk.to(torch.float32).numpy()
+        yield values if source.shape else values.reshape(1)
+
+
+def _encode(values: np.ndarray, ttype: str) -> np.ndarray:
+    """Float32 rows in GGUF type ``ttype``: f32/f16 by cast, the rest through gguf.quants (llama.cpp's quantizers)."""
+    import gguf
+
+    if ttype == "f32":
+        return values
+    if ttype == "f16":
+        return values.astype(np.float16)
+    return gguf.quants.quantize(values, getattr(gguf.GGMLQuantizationType, ttype.upper()))
+
+
+def _encoded(source: _Source, ttype: str, fh) -> Iterator[np.ndarray]:
+    """The tensor in GGUF type ``ttype``, in row chunks."""
+    return (_encode(values, ttype) for values in _float_chunks(source, fh))
 
 
 def _nbytes(shape: tuple[int, ...], ttype: str) -> int:
@@ -295,10 +299,11 @@ def read_back(gguf_path: str | Path, merged: str | Path) -> dict[str, Any]:
             if tuple(reversed([int(d) for d in tensor.shape])) != source.shape:
                 raise ExportFormatError("gguf_readback_failed", path=str(gguf_path), detail=f"{target} has shape {list(tensor.shape)}")
             fh = handles.get(source.path) or handles.setdefault(source.path, open(source.path, "rb"))  # noqa: SIM115
-            expected = np.concatenate([np.asarray(c).reshape(-1) for c in _encoded(source, ttype, fh)])
+            chunks = list(_float_chunks(source, fh))  # read once: encoded again for the bytes, kept for the error
+            expected = np.concatenate([np.asarray(_encode(c, ttype)).reshape(-1) for c in chunks])
             if not np.array_equal(np.asarray(tensor.data).reshape(-1).view(np.uint8), expected.view(np.uint8)):
                 raise ExportFormatError("gguf_readback_failed", path=str(gguf_path), detail=f"{target} differs from the merge")
-            original = np.concatenate([c.reshape(-1).astype(np.float32) for c in _encoded(source, "f32", fh)])
+            original = np.concatenate([c.reshape(-1) for c in chunks])
             values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(-1).astype(np.float32)
             worst[ttype] = max(worst.get(ttype, 0.0), float(np.abs(values - original).max()) if original.size else 0.0)
     finally:

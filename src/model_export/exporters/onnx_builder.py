@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import ExportFormatError
 from ..faults import crash_point
-from ..tensor_io import read_bytes, read_header
+from ..tensor_io import read_header, torch_row_chunks
 
 __all__ = ["build_onnx", "BuildResult", "SUPPORTED_ARCHITECTURES", "WEIGHT_TYPES"]
 
@@ -72,18 +72,9 @@ class _Weights:
 
     def raw_chunks(self, name: str) -> Iterator[Any]:
         """The tensor in its stored dtype as torch tensors of at most _CHUNK_BYTES of float32 each (whole rows)."""
-        import torch
-
-        from ..tensor_io import torch_dtype
-
         path, info = self.where[name]
         fh = self.files.get(path) or self.files.setdefault(path, open(path, "rb"))  # noqa: SIM115 - closed in close()
-        rows = info.shape[0] if info.shape else 1
-        step = max(1, _CHUNK_BYTES // (4 * math.prod(info.shape[1:])))
-        for start in range(0, rows, step):
-            stop = min(rows, start + step)
-            raw = read_bytes(fh, info, start, stop) if info.shape else read_bytes(fh, info)
-            yield torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).view((stop - start, *info.shape[1:]) if info.shape else ())
+        return torch_row_chunks(fh, info, _CHUNK_BYTES)
 
     def row_chunks(self, name: str) -> Iterator[np.ndarray]:
         """The tensor as float32 arrays of at most _CHUNK_BYTES each (whole rows); torch widens bf16 on every core."""
@@ -91,9 +82,6 @@ class _Weights:
 
         for chunk in self.raw_chunks(name):
             yield chunk.to(torch.float32).numpy()
-
-    def whole(self, name: str) -> np.ndarray:
-        return np.concatenate(list(self.row_chunks(name))) if self.info(name).shape else next(self.row_chunks(name))
 
     def close(self) -> None:
         for fh in self.files.values():
@@ -167,6 +155,10 @@ class _Graph:
         self.initializers.append(self.data.add(name, dtype, tuple(shape), chunks))
         return name
 
+    def copy(self, weights: "_Weights", name: str, dtype) -> str:
+        """A merged tensor as an initializer of the same name, in ``dtype`` (fp32 or fp16), streamed in row chunks."""
+        return self.weight(name, dtype, weights.info(name).shape, weights.row_chunks(name))
+
 
 @dataclass
 class _Spec:
@@ -236,20 +228,14 @@ class _Linear:
         self.float_dtype = np.float16 if weight_type == "fp16" else np.float32
 
     def float_weight(self, tensor: str) -> str:
-        info = self.weights.info(tensor)
-        return self.graph.weight(tensor, self.float_dtype, info.shape, self.weights.row_chunks(tensor))
+        return self.graph.copy(self.weights, tensor, self.float_dtype)
 
     def __call__(self, x: str, tensor: str, name: str, bias: str | None = None) -> str:
         if self.weight_type in ("fp32", "fp16"):
-            inputs = [x, self.float_weight(tensor)] + ([self.float_bias(bias)] if bias else [])
+            inputs = [x, self.float_weight(tensor)] + ([self.float_weight(bias)] if bias else [])
             return self.graph.op("Gemm", inputs, name, transB=1)
         out = self.quantized(x, tensor, name)
-        return self.graph.op("Add", [out, self.float_bias(bias)], f"{name}/bias") if bias else out
-
-    def float_bias(self, tensor: str) -> str:
-        info = self.weights.info(tensor)
-        dtype = np.float16 if self.weight_type == "fp16" else np.float32
-        return self.graph.weight(tensor, dtype, info.shape, self.weights.row_chunks(tensor))
+        return self.graph.op("Add", [out, self.float_weight(bias)], f"{name}/bias") if bias else out
 
     def quantized(self, x: str, tensor: str, name: str) -> str:
         bits = 4 if self.weight_type == "int4" else 8
@@ -401,7 +387,7 @@ def _decoder(graph: _Graph, weights: _Weights, spec: _Spec, linear: _Linear, fol
         n = f"/model/layers.{i}"
 
         def norm_weight(tensor):
-            return graph.weight(tensor, norm_dtype, weights.info(tensor).shape, weights.row_chunks(tensor))
+            return graph.copy(weights, tensor, norm_dtype)
 
         x = _rms_norm(graph, hidden, norm_weight(f"{p}.input_layernorm.weight"), spec.eps, f"{n}/input_layernorm")
         qkv = {}
@@ -432,8 +418,7 @@ def _decoder(graph: _Graph, weights: _Weights, spec: _Spec, linear: _Linear, fol
         act = graph.op("Mul", [gate, graph.op("Sigmoid", [gate], f"{n}/mlp/sigmoid")], f"{n}/mlp/silu")
         down = linear(graph.op("Mul", [act, up], f"{n}/mlp/gated"), f"{p}.mlp.down_proj.weight", f"{n}/mlp/down_proj")
         hidden = graph.op("Add", [hidden, down], f"{n}/mlp_residual")
-    final = _rms_norm(graph, hidden, graph.weight("model.norm.weight", norm_dtype, weights.info("model.norm.weight").shape,
-                                                  weights.row_chunks("model.norm.weight")), spec.eps, "/model/norm")
+    final = _rms_norm(graph, hidden, graph.copy(weights, "model.norm.weight", norm_dtype), spec.eps, "/model/norm")
     head = _lm_head(graph, linear, final, spec)
     return graph.op("Reshape", [head, graph.op("Concat", [ids_shape, graph.const([spec.vocab])], "/lm_head/shape", axis=0)],
                     "/lm_head/logits", outputs=["logits"])
@@ -444,7 +429,7 @@ def _embedding(graph: _Graph, weights: _Weights, spec: _Spec, linear: _Linear, i
     so the matrix is stored once, quantized, as onnxruntime-genai does; otherwise the embedding is float."""
     embed = "model.embed_tokens.weight"
     if not (spec.tied and linear.weight_type in ("int8", "int4")):
-        graph.weight(embed, dtype, weights.info(embed).shape, weights.row_chunks(embed))
+        graph.copy(weights, embed, dtype)
         return graph.op("Gather", [embed, ids], "/model/embed_tokens", axis=0)
     bits = 4 if linear.weight_type == "int4" else 8
     k_blocks = -(-spec.hidden // linear.block_size)
