@@ -149,17 +149,12 @@ class _Onnx:
     def run(self, ids: list[int], new_tokens: int, batch: int) -> tuple[float, float]:
         import numpy as np
 
-        d = self.decoder
-        shape = [batch, d.kv_shape[1], 0, d.kv_shape[3]]
-        past = {name: np.zeros(shape, dtype=d.kv_dtype) for name in d.past_names}
+        d, past = self.decoder, self.decoder.empty_past(batch)
 
-        def step(tokens: np.ndarray, start: int):
-            feeds = {"input_ids": tokens, "attention_mask": np.ones((batch, start + tokens.shape[1]), dtype=np.int64), **past}
-            if "position_ids" in d.inputs:
-                feeds["position_ids"] = np.tile(np.arange(start, start + tokens.shape[1], dtype=np.int64), (batch, 1))
-            results = dict(zip(d.output_names, d.session.run(None, feeds)))
-            past.update({name: results[name.replace("past_key_values.", "present.")] for name in d.past_names})
-            return results["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+        def step(tokens: np.ndarray, start: int) -> np.ndarray:
+            nonlocal past
+            logits, past = d.forward(tokens, past, start)
+            return logits[:, -1].argmax(-1)[:, None].astype(np.int64)
 
         start = time.perf_counter()
         token = step(np.array([ids] * batch, dtype=np.int64), 0)

@@ -181,24 +181,30 @@ class OnnxDecoder:
         eos = config.get("eos_token_id")
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
-    def _empty_past(self) -> dict[str, np.ndarray]:
-        shape = [1, self.kv_shape[1], 0, self.kv_shape[3]]
+    def empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
+        """An empty cache for ``batch`` sequences."""
+        shape = [batch, self.kv_shape[1], 0, self.kv_shape[3]]
         if not all(isinstance(d, int) for d in shape):
             raise ValueError(f"the cache's shape {self.kv_shape} is not known: no genai_config.json beside the graph")
         return {name: np.zeros(shape, dtype=self.kv_dtype) for name in self.past_names}
 
-    def _forward(self, tokens: list[int], past: dict[str, np.ndarray], start: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        feeds = {"input_ids": np.array([tokens], dtype=np.int64),
-                 "attention_mask": np.ones((1, start + len(tokens)), dtype=np.int64), **past}
+    def forward(self, tokens: np.ndarray, past: dict[str, np.ndarray], start: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One call: ``tokens`` [batch, new] at positions start.. after ``past``; (logits as the graph gives them, the cache)."""
+        batch, count = tokens.shape
+        feeds = {"input_ids": tokens, "attention_mask": np.ones((batch, start + count), dtype=np.int64), **past}
         if "position_ids" in self.inputs:  # graphs that rotate inside attention take positions from the mask
-            feeds["position_ids"] = np.arange(start, start + len(tokens), dtype=np.int64)[None]
+            feeds["position_ids"] = np.tile(np.arange(start, start + count, dtype=np.int64), (batch, 1))
         results = dict(zip(self.output_names, self.session.run(None, feeds)))
         present = {name: results[name.replace("past_key_values.", "present.")] for name in self.past_names}
-        return results["logits"][0].astype(np.float32), present
+        return results["logits"], present
+
+    def _forward(self, tokens: list[int], past: dict[str, np.ndarray], start: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        logits, present = self.forward(np.array([tokens], dtype=np.int64), past, start)
+        return logits[0].astype(np.float32), present
 
     def prompt(self, tokens: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Logits for every prompt position ([len, vocab], float32) and the cache after it."""
-        past, rows, step = self._empty_past(), [], self.step or len(tokens)
+        past, rows, step = self.empty_past(), [], self.step or len(tokens)
         for start in range(0, len(tokens), step):
             logits, past = self._forward(tokens[start:start + step], past, start)
             rows.append(logits)
