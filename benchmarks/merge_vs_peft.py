@@ -183,15 +183,21 @@ def run_captured(command: list[str]) -> str:
     return out.stdout.strip()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bench_parser(description: str, workdir: str) -> argparse.ArgumentParser:
+    """The options every benchmark over the generated Qwen3-shaped base shares."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SHAPES), default="4b")
-    parser.add_argument("--workdir", default="/tmp/model-export-bench")
+    parser.add_argument("--workdir", default=workdir)
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    parser.add_argument("--internal", nargs="+", help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    parser = bench_parser(__doc__, "/tmp/model-export-bench")
     parser.add_argument("--skip-peft", action="store_true", help="only copy and model-export (no PEFT run)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: PEFT merges on the GPU, and model-export runs both --device cpu and --device cuda")
-    parser.add_argument("--internal", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.internal:
         step, *rest = args.internal

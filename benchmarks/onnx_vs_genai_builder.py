@@ -19,7 +19,6 @@ difference| and mean KL. The weights are random, so logits are nearly flat (thei
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_vs_peft import SHAPES, run_captured, settle, timed, warm, write_base  # noqa: E402
+from merge_vs_peft import bench_parser, run_captured, settle, timed, warm, write_base  # noqa: E402
 
 TARGETS = {"wall_vs_genai": 0.5, "peak_rss_gib": 3.0}
 PROMPT_TOKENS = 128
@@ -83,12 +82,8 @@ def run_python(script: str, *args: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SHAPES), default="4b")
-    parser.add_argument("--workdir", default="/tmp/model-export-bench-onnx")
-    parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    parser = bench_parser(__doc__, "/tmp/model-export-bench-onnx")
     parser.add_argument("--skip-genai", action="store_true", help="only model-export (no onnxruntime-genai run)")
-    parser.add_argument("--internal", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.internal:
         write_base(Path(args.internal[0]), args.size)

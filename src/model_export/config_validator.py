@@ -158,24 +158,13 @@ def _samples_and_data(config: ExportConfiguration) -> list[ConfigProblem]:
     return problems
 
 
-# What this version can produce; the rest of the schema is ahead of the exporters.
-AVAILABLE: dict[str, tuple[str, ...]] = {
-    "safetensors": ("none", "bf16", "fp16", "int8", "int4"),
-    "pytorch": ("none", "bf16", "fp16"),
-    "onnx": ("none", "fp16", "int8", "int4"),
-    "gguf": ("none", "bf16", "fp16", "int8", "int4"),
-}
+# Formats the schema names but this version cannot produce yet; every level FORMAT_QUANTIZATION allows is produced.
+NOT_YET_AVAILABLE = ("tensorrt",)
 
 
 def _available(config: ExportConfiguration) -> list[ConfigProblem]:
-    problems = [ConfigProblem("export_formats", "format_unavailable", {"what": f"the {fmt} export"})
-                for fmt in config.formats if fmt not in AVAILABLE]
-    level = config.quantization_level
-    later = [fmt for fmt in config.formats if fmt in AVAILABLE and level in FORMAT_QUANTIZATION[fmt] and level not in AVAILABLE[fmt]]
-    if later:
-        problems.append(ConfigProblem("quantization_level", "format_unavailable",
-                                      {"what": f"quantization_level {level} for {', '.join(later)}"}))
-    return problems
+    return [ConfigProblem("export_formats", "format_unavailable", {"what": f"the {fmt} export"})
+            for fmt in config.formats if fmt in NOT_YET_AVAILABLE]
 
 
 _RULES = (_available, _load_in_bits, _quantization, _opset, _dynamic_axes, _output_dir, _formats, _samples_and_data)

@@ -245,8 +245,6 @@ def _steps(state: _Run) -> None:
 # Bytes per parameter each artifact takes (merge-output dtype for none/bf16/fp16; the quantized formats' own layouts:
 # int8/int4 blocks with their scales). ONNX "none" widens bf16 to fp32; the optimized graph is a second copy.
 _BYTES_PER_PARAM = {
-    "merge": {"int8": None, "int4": None},
-    "pytorch": {},
     "safetensors": {"int8": 1.03, "int4": 0.56},
     "onnx": {"none": 4.0, "bf16": 4.0, "fp16": 2.0, "int8": 1.07, "int4": 0.57},
     "gguf": {"fp16": 2.0, "bf16": 2.0, "int8": 1.0625, "int4": 0.5625},

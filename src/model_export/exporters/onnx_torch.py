@@ -43,7 +43,7 @@ def export_torch(merged: str | Path, out: str | Path, *, weight_type: str = "fp3
     model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=dtype).eval()
     config = model.config
     layers = config.num_hidden_layers
-    wrapper = _Decoder(model).eval()
+    wrapper = _decoder(model).eval()
     named = dynamic_axes or {}
     batch = 2 if 0 in named.get("input_ids", {}) else 1
     seq = 3 if 1 in named.get("input_ids", {}) else 1
@@ -74,31 +74,29 @@ def export_torch(merged: str | Path, out: str | Path, *, weight_type: str = "fp3
     return {"path": str(path), "weight_type": weight_type, "opset": opset}
 
 
-class _Decoder:
-    """Flat tensors in and out around the model's cache object, so the graph's inputs have the builder's names."""
+def _decoder(model):
+    """The model with flat tensors in and out around its cache object, so the graph's inputs have the builder's names
+    (a function, so that importing this module needs no torch)."""
+    import torch
+    from transformers import DynamicCache
 
-    def __new__(cls, model):
-        import torch
+    class Decoder(torch.nn.Module):
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.inner = inner
 
-        class Decoder(torch.nn.Module):
-            def __init__(self, inner) -> None:
-                super().__init__()
-                self.inner = inner
+        def forward(self, input_ids, attention_mask, position_ids, past):
+            cache = DynamicCache(config=self.inner.config)
+            for i in range(len(past) // 2):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            result = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                past_key_values=cache, use_cache=True)
+            present = []
+            for layer in result.past_key_values.layers:
+                present += [layer.keys, layer.values]
+            return (result.logits, *present)
 
-            def forward(self, input_ids, attention_mask, position_ids, past):
-                from transformers import DynamicCache
-
-                cache = DynamicCache(config=self.inner.config)
-                for i in range(len(past) // 2):
-                    cache.update(past[2 * i], past[2 * i + 1], i)
-                result = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    past_key_values=cache, use_cache=True)
-                present = []
-                for layer in result.past_key_values.layers:
-                    present += [layer.keys, layer.values]
-                return (result.logits, *present)
-
-        return Decoder(model)
+    return Decoder(model)
 
 
 def translate_export_error(exc: BaseException, opset: int, named: dict[str, Any]) -> OnnxExportError:
