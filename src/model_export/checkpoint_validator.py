@@ -274,16 +274,16 @@ def _check_tokenizer_fits(directory: Path, base: BaseModelInfo, shapes: dict) ->
         return  # a sentencepiece-only tokenizer: nothing cheap to check
     try:
         data = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
-        ids = [int(i) for i in (data.get("model", {}).get("vocab") or {}).values()] if isinstance(data.get("model", {}).get("vocab"), dict) else []
+        vocab = data.get("model", {}).get("vocab")
+        ids = [int(i) for i in vocab.values()] if isinstance(vocab, dict) else []
         ids += [int(t["id"]) for t in data.get("added_tokens") or []]
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return  # unreadable tokenizers are the tokenizer loader's to report
-    embed = next((t.shape for name, t in base.tensors.items() if name.endswith("embed_tokens.weight")), None)
-    saved = [shape[0] for key, shape in shapes.items() if parse_adapter_key(key)[0].endswith("embed_tokens") or
-             parse_adapter_key(key)[0].endswith("embed_tokens.weight")]
-    rows = max([r for r in ([embed[0]] if embed else []) + saved]) if (embed or saved) else None
-    if rows is not None and ids and max(ids) >= rows:
-        raise CheckpointValidationError("tokenizer_mismatch", path=str(source / "tokenizer.json"), max_id=max(ids), rows=rows)
+    rows = [t.shape[0] for name, t in base.tensors.items() if name.endswith("embed_tokens.weight")]
+    rows += [shape[0] for key, shape in shapes.items()  # an embedding the adapter saved whole (modules_to_save)
+             if parse_adapter_key(key)[1] == "full" and parse_adapter_key(key)[0].removesuffix(".weight").endswith("embed_tokens")]
+    if rows and ids and max(ids) >= max(rows):
+        raise CheckpointValidationError("tokenizer_mismatch", path=str(source / "tokenizer.json"), max_id=max(ids), rows=max(rows))
 
 
 def _has_tokenizer(directory: Path) -> bool:
