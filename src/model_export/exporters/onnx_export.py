@@ -44,7 +44,8 @@ def onnx_weight_type(level: str, merged: Path) -> str:
     """fp32, fp16, int8 or int4 for a quantization_level: 'none' keeps fp32 and fp16 and widens bf16 (no CPU kernels) to fp32."""
     if level in ("fp16", "int8", "int4"):
         return level
-    dtype = _config(merged).get("dtype") or _config(merged).get("torch_dtype") or "float32"
+    config = _config(merged)
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     return "fp16" if dtype == "float16" else "fp32"
 
 
