@@ -224,7 +224,8 @@ def _steps(state: _Run) -> None:
     state.step("export", export_settings, lambda: _export(state, checkpoint, base),
                outputs=lambda result: [f for path in result.get("artifacts", {}).values() for f in _files(path)])
     if c.run_validation_tests:
-        settings = [c.test_input_samples, c.validation_tolerance, c.validation_min_top1, c.validation_max_kl, c.validation_new_tokens]
+        settings = [c.test_input_samples, c.validation_tolerance, c.validation_min_top1, c.validation_max_kl,
+                    c.validation_int4_min_top1, c.validation_int4_max_kl, c.validation_new_tokens]
         state.step("verify", settings, lambda: _verify(state, checkpoint, info.path))
     else:
         state.manifest["steps"].pop("verify", None)
@@ -347,7 +348,7 @@ def _size(path: Path, skip: str | None = None) -> int:
 
 
 def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
-    from .verify import compute_reference, verify_artifact, verify_gguf
+    from .verify import Bounds, compute_reference, verify_artifact, verify_gguf
 
     c = state.config
     tokenizer_dir = tokenizer_source([checkpoint, checkpoint.parent, base_dir]) or base_dir
@@ -355,11 +356,10 @@ def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
     verdicts, failures = {}, []
     for label, path in _verifiable(state.results["export"]["artifacts"]):
         if label == "gguf":
-            verdict = verify_gguf(path, state.out / "merge", reference, tolerance=c.validation_tolerance, min_top1=c.validation_min_top1,
-                                  max_kl=c.validation_max_kl, new_tokens=c.validation_new_tokens)
+            verdict = verify_gguf(path, state.out / "merge", reference, Bounds.from_config(c), new_tokens=c.validation_new_tokens)
         else:
-            verdict = verify_artifact(path, reference, tolerance=c.validation_tolerance, min_top1=c.validation_min_top1,
-                                      max_kl=c.validation_max_kl, new_tokens=c.validation_new_tokens, raise_on_failure=False)
+            verdict = verify_artifact(path, reference, Bounds.from_config(c), new_tokens=c.validation_new_tokens,
+                                      raise_on_failure=False)
         verdicts[label] = verdict.to_dict()
         (state.out / "verify").mkdir(exist_ok=True)
         write_atomic(state.out / "verify" / f"{label}.json", json.dumps(verdicts[label], indent=2))

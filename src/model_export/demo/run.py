@@ -18,7 +18,7 @@ from .. import extras, i18n
 from ..config import ExportConfiguration
 from ..monitoring import logger
 from ..pipeline import run
-from .tiny import build_training_run
+from .tiny import TASK_PROMPTS, build_training_run
 
 __all__ = ["demo", "shipped_base"]
 
@@ -40,8 +40,9 @@ def demo(workdir: str | Path = ".") -> dict[str, Any]:
     # ONNX and GGUF join when their extras are installed (make demo installs them); the demo never needs them.
     formats = ["safetensors"] + (["onnx"] if extras.is_available("onnx") and extras.is_available("onnxruntime") else [])
     formats += ["gguf"] if extras.is_available("gguf") else []
+    # Verified on the requests the demo's fine-tune learned, as a user verifies on prompts of their own task.
     config = ExportConfiguration(checkpoint_path=str(training), base_model_name=str(base), output_dir=str(workdir / "export-demo"),
-                                 export_formats=formats)
+                                 export_formats=formats, test_input_samples=TASK_PROMPTS)
     config_file = workdir / "export-demo.yaml"
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), allow_unicode=True, sort_keys=False), encoding="utf-8")
     result = run(config)

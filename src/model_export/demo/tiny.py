@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 __all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "corpus_lines", "build_tokenizer", "build_base_model",
-           "build_adapter", "save_as_trained", "build_training_run"]
+           "build_adapter", "save_as_trained", "build_training_run", "TASK_PROMPTS"]
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -25,6 +25,10 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
 )
+
+# What the demo's fine-tune teaches: answer these requests with lines of the corpus. The demo verifies
+# on them, as a user verifies on prompts of their own task.
+TASK_PROMPTS = ["Say something.", "说点什么。", "Tell me one line."]
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -135,8 +139,8 @@ def build_training_run(base: str | Path, out: str | Path, *, steps: int = 30, sa
 
 def _examples(tokenizer: Any, lines: Iterable[str]) -> list[dict]:
     rows = []
-    for line in lines:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "Say something."},
+    for i, line in enumerate(lines):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": TASK_PROMPTS[i % len(TASK_PROMPTS)]},
                                               {"role": "assistant", "content": line}], tokenize=False)
         ids = tokenizer(text)["input_ids"][:64]
         rows.append({"input_ids": ids})
