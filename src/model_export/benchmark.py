@@ -2,9 +2,10 @@
 
 Each artifact runs in a child process of its own (so its peak RSS, which the child reports from
 getrusage, is its own and one artifact's memory never inflates another's), in the runtime a user would deploy it with:
-transformers for safetensors and PyTorch folders, onnxruntime for ONNX graphs, llama.cpp
-(llama-cpp-python) for GGUF files. Per artifact: one warm-up, then ``repeats`` timed runs, medians
-reported. Decode speed is measured at batch 1 and, where the runtime batches, at ``batch_size``.
+transformers for safetensors and PyTorch folders (on the GPU when ``device_map`` allows, with its
+peak GPU memory), onnxruntime for ONNX graphs, llama.cpp (llama-cpp-python) for GGUF files. Per
+artifact: one warm-up, then ``repeats`` timed runs, medians reported. Decode speed is measured at
+batch 1 and, where the runtime batches, at ``batch_size``.
 
     from model_export.benchmark import benchmark
     results = benchmark("./export-demo")        # a run directory, or one artifact
@@ -44,6 +45,8 @@ class ArtifactBenchmark:
     batch_size: int = 1
     decode_tokens_per_s_batch: float | None = None
     peak_rss_gib: float | None = None
+    device: str = "cpu"  # where it ran: cpu, or the GPU's name
+    peak_gpu_gib: float | None = None  # torch's peak allocation on the GPU
     repeats: int = 0
     note: str | None = None
     error: str | None = None
@@ -59,7 +62,9 @@ def artifacts_of(target: str | Path) -> list[tuple[str, Path]]:
 
         result = json.loads(manifest.read_text(encoding="utf-8"))["steps"].get("export", {}).get("result", {})
         return [(label, path) for label, path in _verifiable(result.get("artifacts", {}))]
-    if target.suffix in (".onnx", ".gguf") or (target / "config.json").is_file():
+    if (target / "model.engine").is_file():  # a TensorRT folder (its config.json is not a model's)
+        return [("tensorrt", target / "model.engine")]
+    if target.suffix in (".onnx", ".gguf", ".engine") or (target / "config.json").is_file():
         return [(target.name, target)]
     if (target / "model.onnx").is_file():
         return [("onnx", target / "model.onnx")]
@@ -70,16 +75,21 @@ def artifacts_of(target: str | Path) -> list[tuple[str, Path]]:
 
 
 def benchmark(target: str | Path, *, prompt: str = DEFAULT_PROMPT, new_tokens: int = 32, batch_size: int = 1, repeats: int = 3,
-              out: str | Path | None = None) -> list[ArtifactBenchmark]:
+              out: str | Path | None = None, device_map: str = "auto") -> list[ArtifactBenchmark]:
     """Benchmark every artifact of a run directory (or one artifact); write benchmark/benchmark.json into a run directory.
 
-    Raises ValidationError ('inference_failed') when ``target`` holds nothing to benchmark.
+    ``device_map`` places the transformers runs (cpu, cuda, auto: the GPU when there is one).
+    Raises ValidationError ('inference_failed') when ``target`` holds nothing to benchmark, ResourceError (ME405)
+    for device_map cuda without a GPU.
     """
+    from .reference import resolve_device
+
     target = Path(target)
+    device = resolve_device(device_map)
     results = []
     for label, path in artifacts_of(target):
         logger.info("Benchmarking %s (%s)", label, path)
-        results.append(_child(label, path, prompt, new_tokens, batch_size, repeats))
+        results.append(_child(label, path, prompt, new_tokens, batch_size, repeats, device))
     destination = Path(out) if out else (target / BENCHMARK_FILE if (target / "run.json").is_file() else None)
     if destination:
         destination.parent.mkdir(parents=True, exist_ok=True)
@@ -87,9 +97,10 @@ def benchmark(target: str | Path, *, prompt: str = DEFAULT_PROMPT, new_tokens: i
     return results
 
 
-def _child(label: str, path: Path, prompt: str, new_tokens: int, batch_size: int, repeats: int) -> ArtifactBenchmark:
+def _child(label: str, path: Path, prompt: str, new_tokens: int, batch_size: int, repeats: int, device: str = "cpu") -> ArtifactBenchmark:
     """Run one artifact's benchmark in its own process, which reports its own peak RSS (getrusage)."""
-    command = [sys.executable, "-m", "model_export.benchmark", str(path), prompt, str(new_tokens), str(batch_size), str(repeats)]
+    command = [sys.executable, "-m", "model_export.benchmark", str(path), prompt, str(new_tokens), str(batch_size), str(repeats),
+               device]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"})
     stdout, stderr = process.communicate()
     data = json.loads(stdout.decode().strip().splitlines()[-1]) if process.returncode == 0 and stdout.strip() else None
@@ -101,7 +112,7 @@ def _child(label: str, path: Path, prompt: str, new_tokens: int, batch_size: int
 
 
 def _runtime(path: Path) -> str:
-    return "onnxruntime" if path.suffix == ".onnx" else "llama.cpp" if path.suffix == ".gguf" else "transformers"
+    return {".onnx": "onnxruntime", ".gguf": "llama.cpp", ".engine": "tensorrt"}.get(path.suffix, "transformers")
 
 
 def _median(values: list[float]) -> float:
@@ -113,38 +124,54 @@ def _prompt_ids(path: Path, prompt: str) -> list[int]:
 
     from .verify import _encode
 
-    folder = path.parent if path.suffix in (".onnx", ".gguf") else path
+    folder = path.parent if path.suffix in (".onnx", ".gguf", ".engine") else path
     return _encode(AutoTokenizer.from_pretrained(str(folder)), prompt).tolist()
 
 
 class _Transformers:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, device: str = "cpu") -> None:
+        import torch
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto").eval()
+        self.device, self.torch = device, torch
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", device_map=device).eval()
+        self._sync()
+
+    def _sync(self) -> None:
+        if self.device == "cuda":  # CUDA runs asynchronously: a timer stops only when the GPU has finished
+            self.torch.cuda.synchronize()
 
     def run(self, ids: list[int], new_tokens: int, batch: int) -> tuple[float, float]:
-        import torch
-
-        inputs = torch.tensor([ids] * batch)
+        torch = self.torch
+        inputs = torch.tensor([ids] * batch, device=self.device)
         with torch.no_grad():
             start = time.perf_counter()
             out = self.model(inputs, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            self._sync()
             ttft = time.perf_counter() - start
-            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            past = out.past_key_values
             start = time.perf_counter()
             for step in range(new_tokens):
-                positions = torch.full((batch, 1), len(ids) + step)
+                positions = torch.full((batch, 1), len(ids) + step, device=self.device)
                 out = self.model(token, past_key_values=past, position_ids=positions, use_cache=True)
                 past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            self._sync()
             return ttft, time.perf_counter() - start
 
 
 class _Onnx:
-    def __init__(self, path: Path) -> None:
-        from .exporters.onnx_export import OnnxDecoder
+    """onnxruntime (CPU) for a graph, TensorRT (GPU) for an engine: both through the decoder's forward."""
 
-        self.decoder = OnnxDecoder(path, optimized=True)
+    def __init__(self, path: Path) -> None:
+        if path.suffix == ".engine":
+            from .exporters.tensorrt_export import TensorRTDecoder
+
+            self.decoder = TensorRTDecoder(path)
+        else:
+            from .exporters.onnx_export import OnnxDecoder
+
+            self.decoder = OnnxDecoder(path, optimized=True)
 
     def run(self, ids: list[int], new_tokens: int, batch: int) -> tuple[float, float]:
         import numpy as np
@@ -197,13 +224,15 @@ class _LlamaCpp:
         return ttft, time.perf_counter() - start
 
 
-def _measure(path: Path, prompt: str, new_tokens: int, batch_size: int, repeats: int) -> dict[str, Any]:
+def _measure(path: Path, prompt: str, new_tokens: int, batch_size: int, repeats: int, device: str = "cpu") -> dict[str, Any]:
     """In the child: load, warm up, time ``repeats`` runs at batch 1 and at ``batch_size``."""
     runtime = _runtime(path)
     if runtime == "llama.cpp":
         from llama_cpp import Llama  # noqa: F401 - fail early with the import error when llama-cpp-python is missing
+    # The onnxruntime and llama-cpp-python builds installed are CPU ones; a TensorRT engine runs on the GPU.
+    device = device if runtime == "transformers" else "cuda" if runtime == "tensorrt" else "cpu"
     start = time.perf_counter()
-    runner = {"transformers": _Transformers, "onnxruntime": _Onnx, "llama.cpp": _LlamaCpp}[runtime](path)
+    runner = _Transformers(path, device) if runtime == "transformers" else _LlamaCpp(path) if runtime == "llama.cpp" else _Onnx(path)
     load = time.perf_counter() - start
     ids = runner.tokenize(prompt) if hasattr(runner, "tokenize") else _prompt_ids(path, prompt)
     runner.run(ids, 2, 1)  # warm-up
@@ -220,9 +249,15 @@ def _measure(path: Path, prompt: str, new_tokens: int, batch_size: int, repeats:
     import resource
 
     data["peak_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    data["device"] = "cpu"
+    if device == "cuda":
+        import torch
+
+        data["device"] = torch.cuda.get_device_name()
+        data["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return data
 
 
 if __name__ == "__main__":  # the child process of _child
-    path_arg, prompt_arg, tokens_arg, batch_arg, repeats_arg = sys.argv[1:6]
-    print(json.dumps(_measure(Path(path_arg), prompt_arg, int(tokens_arg), int(batch_arg), int(repeats_arg))))
+    path_arg, prompt_arg, tokens_arg, batch_arg, repeats_arg, device_arg = sys.argv[1:7]
+    print(json.dumps(_measure(Path(path_arg), prompt_arg, int(tokens_arg), int(batch_arg), int(repeats_arg), device_arg)))

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=1, help="also measure decode speed at this batch size")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; medians are reported")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
+                   help="where transformers runs (auto: the GPU when there is one); onnxruntime and llama.cpp run on the CPU")
 
     p = command("validate-config", _validate_config, "report every problem of a YAML or JSON configuration")
     p.add_argument("file")
@@ -233,20 +235,22 @@ def _benchmark(args: argparse.Namespace) -> int:
 
     setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_file", None))
     results = benchmark(args.target, prompt=args.prompt or DEFAULT_PROMPT, new_tokens=args.new_tokens, batch_size=args.batch_size,
-                        repeats=args.repeats)
+                        repeats=args.repeats, device_map=args.device)
     report = rerender_report(Path(args.target), [asdict(r) for r in results]) if (Path(args.target) / "run.json").is_file() else None
 
     def human(console: Console) -> None:
         table = Table(title="model-export benchmark")
-        for column in ("artifact", "runtime", "load (s)", "first token (ms)", "decode (tok/s)", f"batch {args.batch_size} (tok/s)", "peak RSS (GiB)"):
+        for column in ("artifact", "runtime", "device", "load (s)", "first token (ms)", "decode (tok/s)",
+                       f"batch {args.batch_size} (tok/s)", "peak RSS (GiB)", "peak GPU (GiB)"):
             table.add_column(column)
         for r in results:
             if r.error:
-                table.add_row(r.label, r.runtime, f"[red]{r.error}[/]", "", "", "", "")
+                table.add_row(r.label, r.runtime, r.device, f"[red]{r.error}[/]", "", "", "", "", "")
                 continue
             batch = f"{r.decode_tokens_per_s_batch:.1f}" if r.decode_tokens_per_s_batch else "-"
-            table.add_row(r.label, r.runtime, f"{r.load_s:.2f}", f"{r.ttft_s * 1000:.2f}", f"{r.decode_tokens_per_s:.1f}", batch,
-                          f"{r.peak_rss_gib:.2f}")
+            gpu = f"{r.peak_gpu_gib:.2f}" if r.peak_gpu_gib is not None else "-"
+            table.add_row(r.label, r.runtime, r.device, f"{r.load_s:.2f}", f"{r.ttft_s * 1000:.2f}", f"{r.decode_tokens_per_s:.1f}", batch,
+                          f"{r.peak_rss_gib:.2f}", gpu)
         console.print(table)
         for r in results:
             if r.note:

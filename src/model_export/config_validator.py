@@ -75,6 +75,9 @@ def check_config(config: ExportConfiguration, source: str | None = None) -> Expo
 def _load_in_bits(config: ExportConfiguration) -> list[ConfigProblem]:
     if config.base_model_load_in_4bit and config.base_model_load_in_8bit:
         return [ConfigProblem("base_model_load_in_8bit", "both_4bit_8bit")]
+    key = "base_model_load_in_4bit" if config.base_model_load_in_4bit else "base_model_load_in_8bit" if config.base_model_load_in_8bit else None
+    if key and config.device_map == "cpu":
+        return [ConfigProblem(key, "bits_on_cpu")]
     return []
 
 
@@ -144,8 +147,6 @@ def _formats(config: ExportConfiguration) -> list[ConfigProblem]:
     formats = config.formats
     if not formats:
         return [ConfigProblem("export_formats", "no_formats")]
-    if "tensorrt" in formats and "onnx" not in formats:
-        return [ConfigProblem("export_formats", "tensorrt_needs_onnx")]
     return []
 
 
@@ -158,13 +159,4 @@ def _samples_and_data(config: ExportConfiguration) -> list[ConfigProblem]:
     return problems
 
 
-# Formats the schema names but this version cannot produce yet; every level FORMAT_QUANTIZATION allows is produced.
-NOT_YET_AVAILABLE = ("tensorrt",)
-
-
-def _available(config: ExportConfiguration) -> list[ConfigProblem]:
-    return [ConfigProblem("export_formats", "format_unavailable", {"what": f"the {fmt} export"})
-            for fmt in config.formats if fmt in NOT_YET_AVAILABLE]
-
-
-_RULES = (_available, _load_in_bits, _quantization, _opset, _dynamic_axes, _output_dir, _formats, _samples_and_data)
+_RULES = (_load_in_bits, _quantization, _opset, _dynamic_axes, _output_dir, _formats, _samples_and_data)

@@ -18,7 +18,7 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {
     "compressed_tensors": ("compressed-tensors", "quant"),
     "bitsandbytes": ("bitsandbytes", "gpu"),
     "llama_cpp": ("llama-cpp-python", "llamacpp"),
-    "tensorrt": ("tensorrt", "gpu"),
+    "tensorrt": ("tensorrt", "tensorrt"),
 }
 
 

@@ -34,6 +34,7 @@ from .errors import BaseModelError, ExportError, ResourceError
 from .faults import crash_point
 from .hf_layout import tokenizer_source, write_atomic
 from .model_merger import merge
+from .reference import resolve_device
 from .monitoring import MemoryMonitor, logger, setup_logging, timed_step
 from .tensor_io import file_sha256
 
@@ -205,6 +206,11 @@ def _steps(state: _Run) -> None:
     state.step("check", [base, _fingerprint(info.shards), file_sha256(weights_file(checkpoint)), _fingerprint([checkpoint / "adapter_config.json"])],
                lambda: {**validate_checkpoint(checkpoint, base, progress=c.enable_progress_monitoring).to_dict(),
                         "base_bytes": info.weight_bytes})
+    resolve_device(c.device_map)  # device_map: cuda without a GPU stops here (ME405), before anything is written
+    if "tensorrt" in c.formats:
+        from .exporters.tensorrt_export import check_tensorrt
+
+        check_tensorrt()  # no tensorrt package or no GPU: ME810 naming what is missing, before anything is written
     if state.manifest["steps"].get("merge", {}).get("status") != "done":
         check_disk_space(c, info, state.out)
     merge_settings = [_MERGE_DTYPES[c.quantization_level], c.max_shard_size, c.compress_weights, c.remove_training_artifacts]
@@ -225,7 +231,8 @@ def _steps(state: _Run) -> None:
                outputs=lambda result: [f for path in result.get("artifacts", {}).values() for f in _files(path)])
     if c.run_validation_tests:
         settings = [c.test_input_samples, c.validation_tolerance, c.validation_min_top1, c.validation_max_kl,
-                    c.validation_int4_min_top1, c.validation_int4_max_kl, c.validation_new_tokens]
+                    c.validation_int4_min_top1, c.validation_int4_max_kl, c.validation_new_tokens,
+                    c.base_model_load_in_4bit, c.base_model_load_in_8bit]
         state.step("verify", settings, lambda: _verify(state, checkpoint, info.path))
     else:
         state.manifest["steps"].pop("verify", None)
@@ -237,7 +244,7 @@ def _steps(state: _Run) -> None:
         settings = [c.test_input_samples[:1], c.benchmark_new_tokens, c.batch_size, c.benchmark_repeats]
         state.step("benchmark", settings, lambda: {"results": [asdict(r) for r in benchmark(
             state.out, prompt=(c.test_input_samples or ["Hello"])[0], new_tokens=c.benchmark_new_tokens, batch_size=c.batch_size,
-            repeats=c.benchmark_repeats)]})
+            repeats=c.benchmark_repeats, device_map=c.device_map)]})
     else:
         state.manifest["steps"].pop("benchmark", None)
     _report(state)
@@ -249,6 +256,7 @@ _BYTES_PER_PARAM = {
     "safetensors": {"int8": 1.03, "int4": 0.56},
     "onnx": {"none": 4.0, "bf16": 4.0, "fp16": 2.0, "int8": 1.07, "int4": 0.57},
     "gguf": {"fp16": 2.0, "bf16": 2.0, "int8": 1.0625, "int4": 0.5625},
+    "tensorrt": {"none": 8.0, "fp16": 6.0},  # its fp32 ONNX graph, and the engine (fp32 or fp16 weights)
 }
 
 
@@ -264,6 +272,8 @@ def disk_needed(config: ExportConfiguration, info: Any) -> dict[str, int]:
             needs[fmt] = _BYTES_PER_PARAM[fmt].get(level, 0.0)  # hard links to the merge unless quantized
         elif fmt == "pytorch":
             needs[fmt] = merged
+        elif fmt == "tensorrt":
+            needs[fmt] = _BYTES_PER_PARAM[fmt].get(level, 8.0)
         elif fmt in ("onnx", "gguf"):
             size = _BYTES_PER_PARAM[fmt].get(level, base_size if fmt == "gguf" else 4.0)
             needs[fmt] = size * (2 if fmt == "onnx" and config.onnx_optimize_graph else 1)
@@ -317,6 +327,11 @@ def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:
 
                 lora = export_gguf_lora(checkpoint, resolve_base_model(base), partial)
                 details[fmt]["lora_adapter"] = {**read_back_lora(lora["path"], checkpoint), "path": str(target / Path(lora["path"]).name)}
+        elif fmt == "tensorrt":
+            from .exporters.tensorrt_export import export_tensorrt
+
+            details[fmt] = export_tensorrt(state.out / "merge", partial, fp16=c.quantization_level == "fp16", max_batch=c.batch_size)
+            details[fmt]["path"] = str(target / Path(details[fmt]["path"]).name)
         else:
             merge(checkpoint, base, partial, dtype=_MERGE_DTYPES[c.quantization_level], max_shard_size=c.max_shard_size,
                   format="pytorch", compress_weights=c.compress_weights, remove_training_artifacts=c.remove_training_artifacts,
@@ -352,28 +367,31 @@ def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
 
     c = state.config
     tokenizer_dir = tokenizer_source([checkpoint, checkpoint.parent, base_dir]) or base_dir
-    reference = compute_reference(base_dir, checkpoint, tokenizer_dir, c.test_input_samples, c.validation_new_tokens)
+    reference = compute_reference(base_dir, checkpoint, tokenizer_dir, c.test_input_samples, c.validation_new_tokens,
+                                  device_map=c.device_map, load_in_4bit=c.base_model_load_in_4bit,
+                                  load_in_8bit=c.base_model_load_in_8bit)
     verdicts, failures = {}, []
     for label, path in _verifiable(state.results["export"]["artifacts"]):
         if label == "gguf":
             verdict = verify_gguf(path, state.out / "merge", reference, Bounds.from_config(c), new_tokens=c.validation_new_tokens)
         else:
             verdict = verify_artifact(path, reference, Bounds.from_config(c), new_tokens=c.validation_new_tokens,
-                                      raise_on_failure=False)
+                                      raise_on_failure=False, device_map=c.device_map)
         verdicts[label] = verdict.to_dict()
         (state.out / "verify").mkdir(exist_ok=True)
         write_atomic(state.out / "verify" / f"{label}.json", json.dumps(verdicts[label], indent=2))
         failures.append(verdict.failure)
     failed = [f for f in failures if f is not None]
     if failed:  # every artifact was judged first, so the report shows them all; the first failure is raised
-        state.results["verify"] = {"passed": False, "verdicts": verdicts}
+        state.results["verify"] = {"passed": False, "verdicts": verdicts,
+                                   "reference": {"device": reference.device, "precision": reference.precision}}
         raise failed[0]
     if c.save_intermediate_results:
         import torch
 
         torch.save({"prompts": reference.prompts, "input_ids": reference.input_ids, "logits": reference.logits,
                     "greedy": reference.greedy}, state.out / "verify" / "reference.pt")
-    return {"passed": True, "verdicts": verdicts}
+    return {"passed": True, "verdicts": verdicts, "reference": {"device": reference.device, "precision": reference.precision}}
 
 
 def _verifiable(artifacts: dict[str, str]) -> list[tuple[str, Path]]:
@@ -384,6 +402,11 @@ def _verifiable(artifacts: dict[str, str]) -> list[tuple[str, Path]]:
     for fmt, path in artifacts.items():
         if fmt == "gguf":
             items.append((fmt, next(Path(path).glob("model-*.gguf"))))
+            continue
+        if fmt == "tensorrt":
+            from .exporters.tensorrt_export import ENGINE_FILE
+
+            items.append((fmt, Path(path) / ENGINE_FILE))
             continue
         if fmt != "onnx":
             items.append((fmt, Path(path)))

@@ -2,19 +2,59 @@
 
 Only the stages that run a model load one; the merge never does. 4-bit and 8-bit loading go
 through bitsandbytes (the ``gpu`` extra); a CUDA out-of-memory becomes ResourceError (ME401)
-with the guide's fixes.
+with the guide's fixes. ``device_map``: cpu, cuda (the GPU or an error, ME405), or auto (the GPU
+when there is one; a CUDA out-of-memory there falls back to the CPU, logged).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import gc
+from typing import Any, Callable, Iterator, TypeVar
 
+from . import i18n
 from .base_model import resolve_base_model
 from .errors import ResourceError
 from .extras import require
+from .monitoring import logger
 
-__all__ = ["load_model", "cuda_oom_as_resource_error"]
+__all__ = ["load_model", "cuda_oom_as_resource_error", "resolve_device", "on_device"]
+
+T = TypeVar("T")
+
+
+def resolve_device(device_map: str) -> str:
+    """'cuda' or 'cpu' for a device_map setting; 'cuda' without a usable GPU raises ResourceError('cuda_unavailable')."""
+    import torch
+
+    if device_map == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if device_map == "cuda":
+        reason = "this PyTorch build has no CUDA" if torch.version.cuda is None else f"PyTorch {torch.__version__} sees no CUDA device"
+        raise ResourceError("cuda_unavailable", reason=reason)
+    return "cpu"
+
+
+def on_device(device_map: str, work: Callable[[str], T], *, what: str) -> T:
+    """``work(device)`` on the device ``device_map`` resolves to. A CUDA out-of-memory is ResourceError('cuda_oom'),
+    except under device_map auto, where it is logged and ``work('cpu')`` runs instead."""
+    device = resolve_device(device_map)
+    if device == "cpu":
+        return work("cpu")
+    try:
+        with cuda_oom_as_resource_error():
+            return work(device)
+    except ResourceError as exc:
+        if exc.key != "cuda_oom" or device_map != "auto":
+            raise
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        logger.warning(i18n.ui("cuda_oom_fallback", what=what, detail=exc.params.get("detail", "")))
+        return work("cpu")
 
 
 @contextlib.contextmanager

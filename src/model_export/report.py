@@ -167,6 +167,11 @@ def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, fail
     plots.append(_memory(samples))
     detection = results.get("detect", {})
     check = results.get("check", {})
+    reference = results.get("verify", {}).get("reference")
+    where = ""
+    if reference:
+        bits = {"int4": " (bitsandbytes 4-bit)", "reduced": " (bitsandbytes 8-bit)"}.get(reference["precision"], "")
+        where = " · " + html.escape(i18n.ui("reference_device", device=reference["device"], quantized=bits))
     t = lambda key: html.escape(i18n.ui(key))  # noqa: E731
     columns = "".join(f"<th>{html.escape(c)}</th>" for c in i18n.ui("report_columns").split(";"))
     step_columns = "".join(f"<th>{html.escape(c)}</th>" for c in i18n.ui("report_step_columns").split(";"))
@@ -175,7 +180,7 @@ def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, fail
 <style>{_CSS}</style></head><body><h1>model-export report</h1>
 <div class="banner {banner[0]}">{html.escape(str(banner[1]))}</div>
 <p class="muted">{t("report_checkpoint")} <code>{html.escape(str(detection.get('selected', '?')))}</code> · {t("report_base")}
-<code>{html.escape(str(check.get('base_model', '?')))}</code> · LoRA r={check.get('rank', '?')}, alpha={check.get('lora_alpha', '?')}</p>
+<code>{html.escape(str(check.get('base_model', '?')))}</code> · LoRA r={check.get('rank', '?')}, alpha={check.get('lora_alpha', '?')}{where}</p>
 <h2>{t("report_artifacts")}</h2><table><tr>{columns}</tr>{table}</table>{warnings}
 <h2>{t("report_plots")}</h2><div class="grid">{''.join(plots)}</div>
 <h2>{t("report_steps")}</h2><table><tr>{step_columns}</tr>{step_rows}</table>

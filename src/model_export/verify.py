@@ -97,6 +97,8 @@ class Reference:
     greedy: list[list[int]]
     heldout_ids: Any = None  # the bundled held-out text, tokenized (1-D LongTensor)
     heldout_perplexity: float | None = None
+    device: str = "cpu"  # where the reference ran
+    precision: str = "full"  # full; reduced (base loaded in 8-bit) or int4 (in 4-bit) through bitsandbytes
 
 
 HELDOUT_TOKENS = 256
@@ -129,33 +131,64 @@ def _encode(tokenizer: Any, prompt: str):
 
 
 def _run(model: Any, input_ids: Any, new_tokens: int) -> tuple[Any, list[int]]:
+    """Prompt logits (fp32, on the CPU) and greedy continuation of a transformers model, on the model's device."""
     import torch
 
+    ids = input_ids[None].to(model.device)
     with torch.no_grad():
-        logits = model(input_ids[None]).logits[0].float()
+        logits = model(ids).logits[0].float().cpu()
         if new_tokens == 0:
             return logits, []
-        out = model.generate(input_ids[None], attention_mask=torch.ones_like(input_ids[None]), max_new_tokens=new_tokens,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              do_sample=False, pad_token_id=model.config.pad_token_id or 0)
     return logits, out[0, input_ids.numel():].tolist()
 
 
-def compute_reference(base_dir: Path, checkpoint: Path, tokenizer_dir: Path, prompts: list[str], new_tokens: int) -> Reference:
-    """Logits and greedy tokens of base + adapter through PEFT, unmerged, in fp32; the model is released after."""
+def _release(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def compute_reference(base_dir: Path, checkpoint: Path, tokenizer_dir: Path, prompts: list[str], new_tokens: int, *,
+                      device_map: str = "cpu", load_in_4bit: bool = False, load_in_8bit: bool = False) -> Reference:
+    """Logits and greedy tokens of base + adapter through PEFT, unmerged, in fp32; the model is released after.
+
+    ``device_map`` places it (cpu, cuda, auto: the GPU when there is one, the CPU after a CUDA out-of-memory);
+    ``load_in_4bit`` / ``load_in_8bit`` load the base through bitsandbytes on the GPU (then the reference itself is
+    approximate, and the artifacts are judged on the bounds of that precision).
+    """
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from .reference import load_model, on_device
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, str(checkpoint)).eval()
     encoded = [_encode(tokenizer, p) for p in prompts]
-    results = [_run(model, ids, new_tokens) for ids in encoded]
     heldout = torch.tensor(tokenizer(heldout_text(), add_special_tokens=False)["input_ids"][:HELDOUT_TOKENS], dtype=torch.long)
-    heldout_perplexity = perplexity(_run(model, heldout, 0)[0], heldout)
-    del model
-    gc.collect()
-    return Reference(prompts, encoded, [r[0] for r in results], [r[1] for r in results], heldout, heldout_perplexity)
+
+    def work(device: str) -> Reference:
+        bits = 4 if load_in_4bit else 8 if load_in_8bit else None
+        if bits and device != "cuda":
+            logger.warning(i18n.ui("bits_without_cuda", bits=bits))
+            bits = None
+        logger.info(i18n.ui("reference_device", device=device, quantized=f" (bitsandbytes {bits}-bit)" if bits else ""))
+        model = load_model(str(base_dir), dtype=torch.float32, device_map=device, load_in_4bit=bits == 4, load_in_8bit=bits == 8)
+        try:
+            model = PeftModel.from_pretrained(model, str(checkpoint)).eval()
+            results = [_run(model, ids, new_tokens) for ids in encoded]
+            heldout_logits = _run(model, heldout, 0)[0]
+        finally:
+            del model
+            _release(device)
+        precision = {4: "int4", 8: "reduced", None: "full"}[bits]
+        return Reference(prompts, encoded, [r[0] for r in results], [r[1] for r in results], heldout,
+                         perplexity(heldout_logits, heldout), device, precision)
+
+    return on_device(device_map, work, what=i18n.ui("doing_reference"))
 
 
 def precision_of(artifact: Path) -> str:
@@ -170,6 +203,10 @@ def precision_of(artifact: Path) -> str:
         if types == {"F32"}:
             return "full"
         return "int4" if any(t.startswith(("Q4", "Q5")) for t in types) else "reduced"
+    if artifact.suffix == ".engine":
+        from .exporters.tensorrt_export import precision_of_engine
+
+        return precision_of_engine(artifact)
     if artifact.suffix == ".onnx":
         import onnx
 
@@ -190,9 +227,10 @@ def precision_of(artifact: Path) -> str:
     return "reduced" if dtypes & {"BF16", "F16", "F8_E4M3", "F8_E5M2", "I8", "U8"} else "full"
 
 
-def _run_artifact(artifact: Path, reference: Reference, new_tokens: int) -> list[tuple[Any, list[int]]]:
-    """Prompt logits and greedy tokens of the artifact for every reference input (transformers; onnxruntime for a
-    graph; llama.cpp for a GGUF), then the held-out text's logits (no generation) when the reference has one."""
+def _run_artifact(artifact: Path, reference: Reference, new_tokens: int, device_map: str = "cpu") -> list[tuple[Any, list[int]]]:
+    """Prompt logits and greedy tokens of the artifact for every reference input (transformers, placed by
+    ``device_map``; onnxruntime for a graph; TensorRT for an engine; llama.cpp for a GGUF), then the held-out
+    text's logits (no generation)."""
     import torch
 
     inputs = [(ids, new_tokens) for ids in reference.input_ids]
@@ -201,19 +239,27 @@ def _run_artifact(artifact: Path, reference: Reference, new_tokens: int) -> list
     if artifact.suffix == ".gguf":
         runs = [_llama_cpp_run(artifact, ids.tolist(), count) for ids, count in inputs]
         return [(torch.from_numpy(logits), tokens) for logits, tokens in runs]
-    if artifact.suffix == ".onnx":
+    if artifact.suffix in (".onnx", ".engine"):
         from .exporters.onnx_export import OnnxDecoder
+        from .exporters.tensorrt_export import TensorRTDecoder
 
-        decoder = OnnxDecoder(artifact)
+        decoder = OnnxDecoder(artifact) if artifact.suffix == ".onnx" else TensorRTDecoder(artifact)
         runs = [decoder.generate(ids.tolist(), count) for ids, count in inputs]
         del decoder
         return [(torch.from_numpy(logits), tokens) for logits, tokens in runs]
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(artifact), dtype="auto").eval()
-    runs = [_run(model, ids, count) for ids, count in inputs]
-    del model
-    return runs
+    from .reference import on_device
+
+    def work(device: str) -> list[tuple[Any, list[int]]]:
+        model = AutoModelForCausalLM.from_pretrained(str(artifact), dtype="auto", device_map=device).eval()
+        try:
+            return [_run(model, ids, count) for ids, count in inputs]
+        finally:
+            del model
+            _release(device)
+
+    return on_device(device_map, work, what=i18n.ui("doing_artifact", artifact=artifact))
 
 
 def _llama_cpp_run(artifact: Path, tokens: list[int], new_tokens: int) -> tuple[Any, list[int]]:
@@ -240,7 +286,7 @@ def _llama_cpp_run(artifact: Path, tokens: list[int], new_tokens: int) -> tuple[
     return logits, generated
 
 
-def verify_gguf(artifact: Path, merged: Path, reference: Reference, bounds: Bounds, *, new_tokens: int) -> ArtifactVerdict:
+def verify_gguf(artifact: Path, merged: Path, reference: Reference, bounds: Bounds = Bounds(), *, new_tokens: int) -> ArtifactVerdict:
     """Read the GGUF back against the merge (always), then run it in llama.cpp and judge it like any artifact
     (where llama-cpp-python is installed). A read-back failure is the guide's 'inference failed'."""
     from . import extras
@@ -289,7 +335,7 @@ def _histogram(reference: Reference, logits: list[Any], bins: int = 24) -> dict[
 
 
 def verify_artifact(artifact: Path, reference: Reference, bounds: Bounds = Bounds(), *, new_tokens: int,
-                    raise_on_failure: bool = True) -> ArtifactVerdict:
+                    raise_on_failure: bool = True, device_map: str = "cpu") -> ArtifactVerdict:
     """Run ``artifact`` (a transformers folder, or an ONNX graph file) on the reference's inputs and judge it.
 
     Raises ValidationError: 'output_mismatch' / 'top1_mismatch' when it disagrees with the reference,
@@ -300,7 +346,7 @@ def verify_artifact(artifact: Path, reference: Reference, bounds: Bounds = Bound
     precision = "unknown"
     try:
         precision = precision_of(artifact)
-        runs = _run_artifact(artifact, reference, new_tokens)
+        runs = _run_artifact(artifact, reference, new_tokens, device_map)
         gc.collect()
     except Exception as exc:  # noqa: BLE001 - any failure to load or run is the guide's "inference failed"
         verdict = ArtifactVerdict(str(artifact), precision, False, "inference", error=f"{type(exc).__name__}: {exc}"[:500])
@@ -316,7 +362,7 @@ def verify_artifact(artifact: Path, reference: Reference, bounds: Bounds = Bound
     if reference.heldout_ids is not None:
         verdict.perplexity = perplexity(heldout_logits, reference.heldout_ids)
         verdict.reference_perplexity = reference.heldout_perplexity
-    verdict.failure = failure = judge(verdict, bounds)
+    verdict.failure = failure = judge(verdict, bounds, reference.precision)
     verdict.passed = failure is None
     logger.info(i18n.ui("verify_line", artifact=artifact, rule=verdict.rule, diff=verdict.max_abs_diff, kl=verdict.mean_kl,
                         top1=verdict.top1_agreement, result="passed" if verdict.passed else "FAILED"))
@@ -325,15 +371,22 @@ def verify_artifact(artifact: Path, reference: Reference, bounds: Bounds = Bound
     return verdict
 
 
-def judge(verdict: ArtifactVerdict, bounds: Bounds) -> ValidationError | None:
-    if verdict.precision == "full":
+_COARSENESS = {"full": 0, "reduced": 1, "int4": 2}
+
+
+def judge(verdict: ArtifactVerdict, bounds: Bounds, reference_precision: str = "full") -> ValidationError | None:
+    """Judge on the bounds of the coarser of the artifact's precision and the reference's (a reference loaded in
+    4-bit through bitsandbytes is itself approximate, so even an fp32 artifact is held to the 4-bit bounds)."""
+    precision = max(verdict.precision, reference_precision, key=lambda p: _COARSENESS.get(p, 1))
+    suffix = {"reduced": " (reference in 8-bit)", "int4": " (reference in 4-bit)"}.get(reference_precision, "")
+    if precision == "full":
         verdict.rule = f"max |logit diff| <= {i18n.format_number(bounds.tolerance)}"
         if verdict.max_abs_diff > bounds.tolerance:
             return ValidationError("output_mismatch", value=round(verdict.max_abs_diff, 6), limit=bounds.tolerance,
                                    artifact=verdict.artifact)
         return None
-    min_top1, max_kl = (bounds.int4_min_top1, bounds.int4_max_kl) if verdict.precision == "int4" else (bounds.min_top1, bounds.max_kl)
-    verdict.rule = f"top-1 >= {min_top1}, KL <= {i18n.format_number(max_kl)}"
+    min_top1, max_kl = (bounds.int4_min_top1, bounds.int4_max_kl) if precision == "int4" else (bounds.min_top1, bounds.max_kl)
+    verdict.rule = f"top-1 >= {min_top1}, KL <= {i18n.format_number(max_kl)}{suffix}"
     if verdict.top1_agreement < min_top1:
         return ValidationError("top1_mismatch", value=round(verdict.top1_agreement, 4), limit=min_top1, artifact=verdict.artifact)
     if verdict.mean_kl > max_kl:

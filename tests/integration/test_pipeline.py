@@ -8,8 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
-from model_export import ExportConfiguration, ValidationError, i18n, run
+from model_export import ExportConfiguration, ResourceError, ValidationError, i18n, run
 from model_export.cli import main
 from tests.conftest import tree_digest
 
@@ -326,3 +327,74 @@ def test_the_demo_at_int4_verifies_every_artifact_on_the_int4_bounds(training, t
     with pytest.raises(ValidationError) as err:
         run(config.model_copy(update={"validation_int4_min_top1": 0.9, "validation_int4_max_kl": 0.05}))
     assert err.value.code in ("ME601", "ME603")
+
+
+def test_tensorrt_without_its_package_or_a_gpu_stops_before_anything_is_written(training, tmp_path):
+    from model_export import ExportFormatError
+    from model_export.exporters.tensorrt_export import missing_for_tensorrt
+
+    missing = missing_for_tensorrt()
+    if not missing:
+        pytest.skip("tensorrt and a GPU are both here: the engine tests below run instead")
+    out = tmp_path / "out"
+    with pytest.raises(ExportFormatError) as err:
+        run(config_for(training, out, export_formats=["safetensors", "tensorrt"]))
+    assert err.value.code == "ME810" and all(m in str(err.value) for m in missing)
+    assert not (out / "merge").exists() and not (out / "export").exists()
+
+
+def test_device_map_cuda_without_a_gpu_stops_before_anything_is_written(training, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    out = tmp_path / "out"
+    with pytest.raises(ResourceError) as err:
+        run(config_for(training, out, device_map="cuda"))
+    assert err.value.code == "ME405" and not (out / "merge").exists()
+
+
+# ---- on a GPU (the device run recorded in docs/benchmarks.md); skipped without CUDA ----
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_run_on_the_gpu_verifies_and_benchmarks_there(training, tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "out"
+    config = config_for(training, out, export_formats=["safetensors", "onnx"], device_map="cuda", run_benchmarks=True,
+                        benchmark_new_tokens=8, benchmark_repeats=2, batch_size=2, onnx_optimize_graph=False)
+    assert run(config).passed is True
+    steps = json.loads((out / "run.json").read_text())["steps"]
+    assert steps["verify"]["result"]["reference"] == {"device": "cuda", "precision": "full"}
+    assert steps["verify"]["result"]["verdicts"]["safetensors"]["max_abs_diff"] < 1e-3
+    bench = {r["label"]: r for r in steps["benchmark"]["result"]["results"]}
+    assert bench["safetensors"]["device"] != "cpu" and bench["safetensors"]["peak_gpu_gib"] > 0
+    assert bench["onnx"]["device"] == "cpu" and bench["safetensors"]["decode_tokens_per_s_batch"] > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_4bit_reference_on_the_gpu_judges_on_the_4bit_bounds(training, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from model_export.demo.tiny import TASK_PROMPTS
+
+    out = tmp_path / "out"
+    config = config_for(training, out, device_map="auto", base_model_load_in_4bit=True, test_input_samples=TASK_PROMPTS)
+    assert run(config).passed is True
+    result = json.loads((out / "run.json").read_text())["steps"]["verify"]["result"]
+    assert result["reference"] == {"device": "cuda", "precision": "int4"}
+    assert all(v["rule"].endswith("(reference in 4-bit)") for v in result["verdicts"].values())
+    assert "bitsandbytes 4-bit" in (out / "report.html").read_text()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_tensorrt_engine_is_built_and_verified(training, tmp_path):
+    pytest.importorskip("tensorrt")
+    out = tmp_path / "out"
+    assert run(config_for(training, out, export_formats=["tensorrt"], device_map="cuda")).passed is True
+    verdict = json.loads((out / "run.json").read_text())["steps"]["verify"]["result"]["verdicts"]["tensorrt"]
+    assert verdict["precision"] == "full" and verdict["max_abs_diff"] < 1e-3

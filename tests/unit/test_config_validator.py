@@ -8,15 +8,18 @@ from model_export import ConfigError, ExportConfiguration, check_config, i18n, v
 
 
 def kinds(problems):
-    """The problems other than 'not available in this version' (tested on its own below)."""
-    return sorted((p.key, p.kind) for p in problems if p.kind != "format_unavailable")
+    return sorted((p.key, p.kind) for p in problems)
 
 
-def test_formats_not_available_yet_are_named():
-    problems = validate_config(ExportConfiguration(export_formats=["safetensors", "onnx", "gguf", "tensorrt"], quantization_level="int4"))
-    unavailable = [p.render() for p in problems if p.kind == "format_unavailable"]
-    fix = "for now: pytorch holds none, bf16, fp16; onnx holds none, fp16, int8, int4; safetensors and gguf hold every level"
-    assert unavailable == [f"export_formats: the tensorrt export is not available in this version -> {fix}"]
+def test_tensorrt_is_a_format_like_the_others_and_bitsandbytes_needs_the_gpu():
+    assert validate_config(ExportConfiguration(export_formats=["safetensors", "tensorrt"], quantization_level="fp16")) == []
+    problems = validate_config(ExportConfiguration(base_model_load_in_4bit=True, device_map="cpu"))
+    assert [p.render() for p in problems] == [
+        "base_model_load_in_4bit: base_model_load_in_4bit loads the base model through bitsandbytes on a CUDA GPU, but device_map "
+        "is cpu -> set device_map: auto (or cuda), or base_model_load_in_4bit: false (on the CPU the reference runs in full precision)"]
+    assert kinds(validate_config(ExportConfiguration(base_model_load_in_8bit=True, device_map="cpu"))) == [
+        ("base_model_load_in_8bit", "bits_on_cpu")]
+    assert validate_config(ExportConfiguration(base_model_load_in_8bit=True, device_map="auto")) == []
 
 
 def test_onnx_alone_takes_every_level_it_can_hold():
@@ -38,8 +41,7 @@ def test_4bit_and_8bit_together():
 
 @pytest.mark.parametrize("fmt,level", [("pytorch", "int4"), ("onnx", "bf16"), ("tensorrt", "int8")])
 def test_quantization_level_a_format_cannot_hold(fmt, level):
-    formats = [fmt, "onnx"] if fmt == "tensorrt" else [fmt]
-    problems = validate_config(ExportConfiguration(export_formats=formats, quantization_level=level))
+    problems = validate_config(ExportConfiguration(export_formats=[fmt], quantization_level=level))
     assert ("quantization_level", "quant_format") in kinds(problems)
     text = next(p for p in problems if p.kind == "quant_format").render()
     assert f"quantization_level {level} cannot be stored in the {fmt} format" in text
@@ -91,8 +93,7 @@ def test_output_dir_inside_an_input(tmp_path, tiny_base, inside):
 
 def test_formats_samples_and_calibration(tmp_path):
     config = ExportConfiguration(export_formats=["tensorrt"], test_input_samples=[], calibration_data=str(tmp_path / "none.txt"))
-    assert kinds(validate_config(config)) == [("calibration_data", "calibration_missing"), ("export_formats", "tensorrt_needs_onnx"),
-                                              ("test_input_samples", "no_test_samples")]
+    assert kinds(validate_config(config)) == [("calibration_data", "calibration_missing"), ("test_input_samples", "no_test_samples")]
     assert kinds(validate_config(ExportConfiguration(export_formats=["onnx"], export_onnx=False))) == [("export_formats", "no_formats")]
 
 

@@ -1,0 +1,176 @@
+"""TensorRT (experimental): an engine built from a standard-operator ONNX graph of the merge, and a decoder for it.
+
+The streaming builder's graph uses onnxruntime's contrib operators (GroupQueryAttention, MatMulNBits,
+RotaryEmbedding), which TensorRT's ONNX parser does not read, so this step exports its own graph with the
+torch backend (torch.onnx.export; same inputs and outputs, KV cache included) into ``tensorrt/onnx/`` and
+builds ``tensorrt/model.engine`` from it with TensorRT's builder: fp32 with TF32 off (so the verify step can
+hold it to ``validation_tolerance``) or fp16. One optimization profile covers batch 1..``max_batch`` and
+1..``max_sequence`` tokens (the cache 0..``max_sequence`` - 1). The engine is tied to the GPU and the TensorRT
+version that built it (``engine.json`` records both).
+
+It needs the ``tensorrt`` Python package and a CUDA GPU; without either, ``check_tensorrt`` stops the run
+before anything is written (ME810), naming what is missing. For serving, TensorRT-LLM builds engines with
+in-flight batching and paged KV caches; this engine is for checking that the model converts and computes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import extras
+from ..errors import ExportFormatError
+from ..hf_layout import write_atomic
+from .onnx_export import OnnxDecoder
+
+__all__ = ["check_tensorrt", "missing_for_tensorrt", "export_tensorrt", "TensorRTDecoder", "ENGINE_FILE"]
+
+ENGINE_FILE = "model.engine"
+_SIDECAR = "engine.json"
+_COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+           "special_tokens_map.json", "vocab.json", "merges.txt")
+
+
+def missing_for_tensorrt() -> list[str]:
+    """What this machine lacks for the TensorRT export, in words (empty when it has everything)."""
+    missing = []
+    if not extras.is_available("tensorrt"):
+        missing.append("the Python package 'tensorrt' (pip install 'model-export[tensorrt]')")
+    import torch
+
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU (torch.cuda.is_available() is False" +
+                       (": this PyTorch build has no CUDA)" if torch.version.cuda is None else ")"))
+    return missing
+
+
+def check_tensorrt() -> None:
+    """Raise ExportFormatError('tensorrt_unavailable', ME810) naming everything the TensorRT export lacks here."""
+    missing = missing_for_tensorrt()
+    if missing:
+        raise ExportFormatError("tensorrt_unavailable", missing="; ".join(missing))
+
+
+def export_tensorrt(merged: str | Path, out: str | Path, *, fp16: bool = False, max_batch: int = 1, max_sequence: int = 512,
+                    workspace_gib: float = 4.0) -> dict[str, Any]:
+    """Export ``merged`` to ``out/onnx/model.onnx`` (torch backend), build ``out/model.engine``; return what was written.
+
+    Raises ExportFormatError: ME810 when tensorrt or CUDA is missing, ME811 when TensorRT cannot parse or build.
+    """
+    check_tensorrt()
+    import tensorrt as trt
+
+    from .onnx_torch import export_torch
+
+    merged, out = Path(merged), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dynamic = {"input_ids": {0: "batch_size", 1: "sequence_length"}, "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+               "position_ids": {0: "batch_size", 1: "sequence_length"}}
+    export_torch(merged, out / "onnx", weight_type="fp32", opset=18, dynamic_axes=dynamic)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(out / "onnx" / "model.onnx")):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise ExportFormatError("tensorrt_failed", stage="parse", error=(errors or ["no error reported"])[0])
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    else:
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 rounds matmul inputs to 10 bits
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        low, best, high = _profile(tensor.name, tuple(tensor.shape), max_batch, max_sequence)
+        profile.set_shape(tensor.name, low, best, high)
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise ExportFormatError("tensorrt_failed", stage="build", error="the builder returned no engine (see TensorRT's log above)")
+    (out / ENGINE_FILE).write_bytes(bytes(plan))
+    for name in _COPIED:
+        if (merged / name).is_file():
+            shutil.copyfile(merged / name, out / name)
+    import torch
+
+    info = {"precision": "fp16" if fp16 else "fp32", "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(),
+            "max_batch": max_batch, "max_sequence": max_sequence}
+    write_atomic(out / _SIDECAR, json.dumps(info, indent=2))
+    return {"path": str(out / ENGINE_FILE), "bytes": (out / ENGINE_FILE).stat().st_size, **info}
+
+
+def _profile(name: str, shape: tuple[int, ...], max_batch: int, max_sequence: int) -> tuple[tuple[int, ...], ...]:
+    """(min, opt, max) shapes of one input: batch 1..max_batch, tokens 1..max_sequence, cache 0..max_sequence - 1."""
+    past = name.startswith("past_key_values.")
+    ranges = []
+    for axis, size in enumerate(shape):
+        if size >= 0:
+            ranges.append((size, size, size))
+        elif axis == 0:
+            ranges.append((1, 1, max_batch))
+        elif past and axis == 2:
+            ranges.append((0, max_sequence // 2, max_sequence - 1))
+        else:
+            ranges.append((1, max_sequence // 2, max_sequence))
+    return tuple(tuple(r[k] for r in ranges) for k in range(3))
+
+
+def precision_of_engine(engine: Path) -> str:
+    """'full' for an fp32 engine, 'reduced' for fp16 (from engine.json)."""
+    info = json.loads((Path(engine).parent / _SIDECAR).read_text(encoding="utf-8"))
+    return "full" if info["precision"] == "fp32" else "reduced"
+
+
+class TensorRTDecoder(OnnxDecoder):
+    """An engine in TensorRT: the same prompt logits and greedy continuation as OnnxDecoder, on the GPU."""
+
+    def __init__(self, engine: str | Path) -> None:  # noqa: D107 - OnnxDecoder's onnxruntime session is not made
+        import tensorrt as trt
+        import torch
+
+        engine = Path(engine)
+        self.torch, self.trt = torch, trt
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine.read_bytes())
+        if self.engine is None:
+            raise ExportFormatError("tensorrt_failed", stage="load", error=f"{engine} does not deserialize on this GPU / TensorRT")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if n not in self.input_names]
+        self.past_names = [n for n in self.input_names if n.startswith("past_key_values.")]
+        config = json.loads((engine.parent / "config.json").read_text(encoding="utf-8"))
+        heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        self.kv_shape, self.kv_dtype, self.step = [1, heads, 0, head_dim], np.float32, None
+        generation = engine.parent / "generation_config.json"
+        eos = json.loads((generation if generation.is_file() else engine.parent / "config.json").read_text()).get("eos_token_id")
+        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self._spare = torch.empty(1, device="cuda")  # an address for empty tensors (the first call's cache)
+
+    def forward(self, tokens: np.ndarray, past: dict[str, np.ndarray], start: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        torch, trt = self.torch, self.trt
+        batch, count = tokens.shape
+        feeds = {"input_ids": tokens, "attention_mask": np.ones((batch, start + count), dtype=np.int64),
+                 "position_ids": np.tile(np.arange(start, start + count, dtype=np.int64), (batch, 1)), **past}
+        keep = {}
+        for name in self.input_names:
+            tensor = torch.from_numpy(np.ascontiguousarray(feeds[name])).cuda()
+            keep[name] = tensor
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr() if tensor.numel() else self._spare.data_ptr())
+        results = {}
+        for name in self.output_names:
+            dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
+            results[name] = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            self.context.set_tensor_address(name, results[name].data_ptr())
+        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise ExportFormatError("tensorrt_failed", stage="run", error="execute_async_v3 returned false")
+        torch.cuda.synchronize()
+        present = {name: results[name.replace("past_key_values.", "present.")].cpu().numpy() for name in self.past_names}
+        return results["logits"].float().cpu().numpy(), present
