@@ -29,7 +29,8 @@ __all__ = ["doctor", "DoctorReport", "Check", "MIN_PYTHON"]
 
 MIN_PYTHON = (3, 10)
 CORE = ("torch", "transformers", "peft", "accelerate", "safetensors", "huggingface_hub", "pydantic", "PyYAML", "numpy")
-OPTIONAL = {"onnx": "onnx", "onnxruntime": "onnx", "gguf": "gguf", "bitsandbytes": "gpu", "llama-cpp-python": "llamacpp"}
+OPTIONAL = {"onnx": "onnx", "onnxruntime": "onnx", "gguf": "gguf", "compressed-tensors": "quant", "bitsandbytes": "gpu",
+            "llama-cpp-python": "llamacpp", "tensorrt": "tensorrt"}
 DISK_MIN_FACTOR, DISK_RECOMMENDED_FACTOR = 3, 5
 
 
