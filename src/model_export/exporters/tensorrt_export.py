@@ -27,7 +27,7 @@ from ..errors import ExportFormatError
 from ..hf_layout import write_atomic
 from .onnx_export import OnnxDecoder
 
-__all__ = ["check_tensorrt", "missing_for_tensorrt", "export_tensorrt", "TensorRTDecoder", "ENGINE_FILE"]
+__all__ = ["check_tensorrt", "missing_for_tensorrt", "export_standard_graph", "export_tensorrt", "TensorRTDecoder", "ENGINE_FILE"]
 
 ENGINE_FILE = "model.engine"
 _SIDECAR = "engine.json"
@@ -64,18 +64,13 @@ def export_tensorrt(merged: str | Path, out: str | Path, *, fp16: bool = False, 
     check_tensorrt()
     import tensorrt as trt
 
-    from .onnx_torch import export_torch
-
     merged, out = Path(merged), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dynamic = {"input_ids": {0: "batch_size", 1: "sequence_length"}, "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
-               "position_ids": {0: "batch_size", 1: "sequence_length"}}
-    export_torch(merged, out / "onnx", weight_type="fp32", opset=18, dynamic_axes=dynamic)
+    graph = export_standard_graph(merged, out / "onnx")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(out / "onnx" / "model.onnx")):
+    if not parser.parse_from_file(str(graph)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise ExportFormatError("tensorrt_failed", stage="parse", error=(errors or ["no error reported"])[0])
     config = builder.create_builder_config()
@@ -103,6 +98,17 @@ def export_tensorrt(merged: str | Path, out: str | Path, *, fp16: bool = False, 
             "max_batch": max_batch, "max_sequence": max_sequence}
     write_atomic(out / _SIDECAR, json.dumps(info, indent=2))
     return {"path": str(out / ENGINE_FILE), "bytes": (out / ENGINE_FILE).stat().st_size, **info}
+
+
+def export_standard_graph(merged: str | Path, out: str | Path) -> Path:
+    """``out/model.onnx``: the decoder (KV cache, batch and sequence dynamic) in standard ONNX operators only, fp32,
+    by torch.onnx.export: what TensorRT's parser reads."""
+    from .onnx_torch import export_torch
+
+    dynamic = {"input_ids": {0: "batch_size", 1: "sequence_length"}, "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+               "position_ids": {0: "batch_size", 1: "sequence_length"}}
+    export_torch(merged, out, weight_type="fp32", opset=18, dynamic_axes=dynamic)
+    return Path(out) / "model.onnx"
 
 
 def _profile(name: str, shape: tuple[int, ...], max_batch: int, max_sequence: int) -> tuple[tuple[int, ...], ...]:
