@@ -82,3 +82,20 @@ def bf16_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def untied_base(tmp_path_factory) -> Path:
     return build_base_model(tmp_path_factory.mktemp("untied") / "tiny-qwen3-untied", tie_word_embeddings=False)
+
+
+def spread_model(out, config):
+    """A seeded model of any transformers config with weights spread enough that greedy tokens differ."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.08)
+            elif param.dim() == 1:
+                param.uniform_(0.5, 1.5) if param.shape[0] in (config.hidden_size, getattr(config, "head_dim", 0)) else param.normal_(0, 0.1)
+    model.save_pretrained(str(out))
+    return out

@@ -326,7 +326,8 @@ def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:
                 from .exporters.gguf_export import export_gguf_lora, read_back_lora
 
                 lora = export_gguf_lora(checkpoint, resolve_base_model(base), partial)
-                details[fmt]["lora_adapter"] = {**read_back_lora(lora["path"], checkpoint), "path": str(target / Path(lora["path"]).name)}
+                details[fmt]["lora_adapter"] = {**read_back_lora(lora["path"], checkpoint, resolve_base_model(base)),
+                                                "path": str(target / Path(lora["path"]).name)}
         elif fmt == "tensorrt":
             from .exporters.tensorrt_export import export_tensorrt
 

@@ -94,11 +94,11 @@ def test_a_damaged_file_fails_the_read_back(tiny_base, tmp_path):
 def test_what_the_export_does_not_handle_is_refused_before_writing(tiny_base, tmp_path):
     folder = shutil.copytree(tiny_base, tmp_path / "scaled")
     config = json.loads((folder / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    config["rope_parameters"] = {"rope_type": "longrope", "factor": 4.0, "rope_theta": 10000.0}
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ExportFormatError) as caught:
         export_gguf(folder, tmp_path / "out")
-    assert caught.value.code == "ME807" and "rope scaling yarn" in str(caught.value)
+    assert caught.value.code == "ME807" and "rope scaling longrope" in str(caught.value)
     config["architectures"] = ["GPT2LMHeadModel"]
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ExportFormatError, match="the architecture GPT2LMHeadModel"):
@@ -139,9 +139,9 @@ def test_a_lora_only_adapter_applies_peft_scaling_in_llama_cpp(tiny_base, adapte
     adapter = build_adapter(tiny_base, tmp_path / "adapter", r=4, lora_alpha=16, use_rslora=True,
                             rank_pattern={"down_proj": 8}, target_modules=["q_proj", "v_proj", "down_proj"])
     info = export_gguf_lora(adapter, tiny_base, tmp_path / "lora")
-    assert read_back_lora(info["path"], adapter) == {"tensors": 12, "modules": 6}
+    assert read_back_lora(info["path"], adapter, tiny_base) == {"tensors": 12, "modules": 6}
     with pytest.raises(ExportFormatError, match="the LoRA tensors differ"):
-        read_back_lora(info["path"], other)
+        read_back_lora(info["path"], other, tiny_base)
     reader = gguf.GGUFReader(info["path"])
     names = {t.name: t for t in reader.tensors}
     assert info["modules"] == 6 and len(names) == 12 and "blk.1.ffn_down.weight.lora_b" in names
@@ -194,3 +194,67 @@ def test_blocks_are_bit_identical_to_ggmls_c_quantizer(tiny_base, tmp_path, gguf
         theirs = np.zeros(ours.size, dtype=np.uint8)
         written = lib.ggml_quantize_chunk(int(qtype), rows.ctypes.data, theirs.ctypes.data, 0, rows.shape[0], rows.shape[1], None)
         assert written == ours.size and np.array_equal(ours, theirs)
+
+
+ROPES = {
+    "default": None,
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+}
+
+
+def tiny_model(tiny_base, folder, arch, rope="default"):
+    """A tiny Llama or Qwen3 with the demo tokenizer (GQA, head_dim 32 != hidden/heads) and the given rope scaling."""
+    from transformers import LlamaConfig, Qwen3Config
+
+    from tests.conftest import spread_model
+
+    shape = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=32, max_position_embeddings=256, tie_word_embeddings=True, rope_scaling=ROPES[rope])
+    config = LlamaConfig(architectures=["LlamaForCausalLM"], **shape) if arch == "llama" else Qwen3Config(
+        architectures=["Qwen3ForCausalLM"], **shape)
+    folder = spread_model(folder, config)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tiny_base / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("arch, rope", [("llama", "default"), ("llama", "llama3"), ("llama", "linear"), ("llama", "yarn"),
+                                        ("qwen3", "yarn")])
+def test_llama_and_scaled_rope_run_in_llama_cpp_as_in_transformers(tiny_base, tmp_path, arch, rope):
+    """Llama's q/k rows reordered for llama.cpp's pairwise rope; Llama 3 rope as a rope_freqs tensor (llama.cpp's way),
+    linear and YaRN as metadata: llama.cpp computes what transformers computes, also past the original context."""
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM
+
+    from model_export.verify import _llama_cpp_run
+
+    folder = tiny_model(tiny_base, tmp_path / "model", arch, rope)
+    info = export_gguf(folder, tmp_path / "gguf", gguf_type="f32")
+    assert read_back(info["path"], folder)["tensors"] == info["tensors"]
+    prompt = (PROMPT * 5)[:40]  # past the original context of 16
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0].numpy()
+    logits, _ = _llama_cpp_run(info["path"], prompt, 0)
+    np.testing.assert_allclose(logits, ref, atol=1e-3, rtol=0)
+
+
+def test_a_lora_on_llama_q_and_k_applies_in_llama_cpp(tiny_base, tmp_path):
+    """lora_b of q/k reordered like the base's rows, so base GGUF + --lora equals PEFT's unmerged Llama."""
+    from model_export.demo.tiny import build_adapter
+    from model_export.exporters.gguf_export import export_gguf_lora, read_back_lora
+    from tests.reference import unmerged_logits
+
+    folder = tiny_model(tiny_base, tmp_path / "llama", "llama")
+    adapter = build_adapter(folder, tmp_path / "adapter", target_modules=["q_proj", "k_proj", "o_proj"])
+    info = export_gguf_lora(adapter, folder, tmp_path / "lora")
+    assert read_back_lora(info["path"], adapter, folder) == {"tensors": 12, "modules": 6}
+    llama_cpp = pytest.importorskip("llama_cpp")
+    base_gguf = export_gguf(folder, tmp_path / "base", gguf_type="f32")["path"]
+    llm = llama_cpp.Llama(model_path=base_gguf, lora_path=info["path"], n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0)
+    llm.eval(PROMPT)
+    logits = np.array(llm.scores[: len(PROMPT)])
+    llm.close()
+    np.testing.assert_allclose(logits, unmerged_logits(folder, adapter, torch.tensor([PROMPT]))[0].numpy(), atol=1e-3, rtol=0)

@@ -13,6 +13,7 @@ from model_export.errors import ConfigError, ExportFormatError, OnnxExportError
 from model_export.exporters.onnx_builder import build_onnx, quantize_blocks
 from model_export.exporters.onnx_export import OnnxDecoder, export_onnx
 from model_export.exporters.onnx_torch import translate_export_error
+from tests.conftest import spread_model
 
 PROMPT = [5, 17, 33, 2, 90, 100, 7, 41, 3]
 AXES = ExportConfiguration().onnx_dynamic_axes
@@ -27,22 +28,6 @@ def transformers_run(folder, ids=PROMPT, new_tokens=6):
         out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                              attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=0)
     return logits, out[0, len(ids):].tolist()
-
-
-def spread_model(out, config):
-    """A seeded model of any transformers config with weights spread enough that greedy tokens differ."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0, 0.08)
-            elif param.dim() == 1:
-                param.uniform_(0.5, 1.5) if param.shape[0] in (config.hidden_size, getattr(config, "head_dim", 0)) else param.normal_(0, 0.1)
-    model.save_pretrained(str(out))
-    return out
 
 
 @pytest.fixture(scope="module")

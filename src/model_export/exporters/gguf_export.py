@@ -58,19 +58,41 @@ class _Source:
     shape: tuple[int, ...]
     info: Any
     path: Path
+    heads: int | None = None  # rows to reorder per head for llama.cpp's llama rope (q and k of the llama architecture)
 
 
-def _sources(merged: Path, arch: Any, layers: int) -> list[_Source]:
+def _rope_heads(arch_name: str, config: dict[str, Any], name: str) -> int | None:
+    """llama.cpp's llama architecture rotates adjacent pairs, transformers' Llama the two halves of each head: the rows
+    of q_proj and k_proj (weights and biases) are reordered per head, as llama.cpp's converter does. Qwen2/Qwen3 rotate
+    halves in llama.cpp too (NEOX), so they are written as they are."""
+    if SUPPORTED_ARCHITECTURES.get(arch_name) != "LLAMA":
+        return None
+    heads = config["num_attention_heads"]
+    if ".self_attn.q_proj." in name:
+        return heads
+    if ".self_attn.k_proj." in name:
+        return config.get("num_key_value_heads") or heads
+    return None
+
+
+def _permute_heads(rows: np.ndarray, heads: int) -> np.ndarray:
+    """Per head, rows [half 0 | half 1] -> interleaved pairs (0, d/2), (1, d/2 + 1), ..."""
+    shape = rows.shape
+    return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _sources(merged: Path, arch: Any, config: dict[str, Any]) -> list[_Source]:
     import gguf
 
-    names = gguf.get_tensor_name_map(arch, layers)
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    arch_name = (config.get("architectures") or ["?"])[0]
     sources = []
     for shard in sorted(merged.glob("*.safetensors")):
         for name, info in read_header(shard).tensors.items():
             target = names.get_name(name, try_suffixes=(".weight", ".bias"))
             if target is None:
                 raise ExportFormatError("gguf_unknown_tensor", tensor=name)
-            sources.append(_Source(name, target, tuple(info.shape), info, shard))
+            sources.append(_Source(name, target, tuple(info.shape), info, shard, _rope_heads(arch_name, config, name)))
     return sources
 
 
@@ -102,11 +124,15 @@ class _Chunks:
 
 
 def _float_chunks(source: _Source, fh) -> Iterator[np.ndarray]:
-    """The merged tensor as float32 row chunks (torch widens bf16 on every core)."""
+    """The merged tensor as float32 row chunks (torch widens bf16 on every core); a tensor whose rows are reordered
+    per head comes whole (one attention projection)."""
     import torch
 
-    for chunk in torch_row_chunks(fh, source.info, _CHUNK_BYTES):
-        values = chunk.to(torch.float32).numpy()
+    chunks = (chunk.to(torch.float32).numpy() for chunk in torch_row_chunks(fh, source.info, _CHUNK_BYTES))
+    if source.heads:
+        yield _permute_heads(np.concatenate(list(chunks)), source.heads)
+        return
+    for values in chunks:
         yield values if source.shape else values.reshape(1)
 
 
@@ -147,12 +173,9 @@ def export_gguf(merged: str | Path, out: str | Path, *, gguf_type: str = "f16", 
     if arch_name not in SUPPORTED_ARCHITECTURES:
         raise ExportFormatError("gguf_unsupported", what=f"the architecture {arch_name}",
                                 supported=", ".join(SUPPORTED_ARCHITECTURES))
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if (rope.get("rope_type") or rope.get("type") or "default") != "default":
-        raise ExportFormatError("gguf_unsupported", what=f"rope scaling {rope.get('rope_type') or rope.get('type')}",
-                                supported="default rope")
+    rope_freqs = _rope_freqs(config, merged)
     arch = getattr(gguf.MODEL_ARCH, SUPPORTED_ARCHITECTURES[arch_name])
-    sources = _sources(merged, arch, config["num_hidden_layers"])
+    sources = _sources(merged, arch, config)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"model-{gguf_type}.gguf"
     partial = out / f"{path.name}.partial"
@@ -168,6 +191,8 @@ def export_gguf(merged: str | Path, out: str | Path, *, gguf_type: str = "f16", 
         else:
             byte_shape = (*source.shape[:-1], _nbytes(source.shape[-1:], ttype))
             writer.add_tensor_info(source.target, byte_shape, np.dtype(np.uint8), _nbytes(source.shape, ttype), raw_dtype=qtype)
+    if rope_freqs is not None:
+        writer.add_tensor_info(ROPE_FREQS, rope_freqs.shape, rope_freqs.dtype, rope_freqs.nbytes)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -176,20 +201,52 @@ def export_gguf(merged: str | Path, out: str | Path, *, gguf_type: str = "f16", 
         for source in sources:
             fh = handles.get(source.path) or handles.setdefault(source.path, open(source.path, "rb"))  # noqa: SIM115
             writer.write_tensor_data(_Chunks(_nbytes(source.shape, types[source.name]), _encoded(source, types[source.name], fh)))
+        if rope_freqs is not None:
+            writer.write_tensor_data(rope_freqs)
         writer.close()
     finally:
         for fh in handles.values():
             fh.close()
     os.replace(partial, path)
     modelfile = write_modelfile(out, path.name, merged)
-    return {"path": str(path), "gguf_type": gguf_type, "tensors": len(sources), "modelfile": str(modelfile) if modelfile else None,
+    return {"path": str(path), "gguf_type": gguf_type, "tensors": len(sources) + (rope_freqs is not None),
+            "modelfile": str(modelfile) if modelfile else None,
             "types": {t: sum(1 for v in types.values() if v == t) for t in sorted(set(types.values()))}}
+
+
+ROPE_FREQS = "rope_freqs.weight"
+_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+
+
+def _rope_parameters(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return params.get("rope_type") or params.get("type") or "default", params
+
+
+def _rope_freqs(config: dict[str, Any], merged: Path) -> np.ndarray | None:
+    """Llama 3 rope: the per-frequency divisors llama.cpp reads from a ``rope_freqs`` tensor, taken from transformers' own
+    frequencies (the default ones over the scaled ones). None for the types GGUF metadata describes (default, linear,
+    yarn); ExportFormatError for any other."""
+    rope_type, params = _rope_parameters(config)
+    if rope_type not in _ROPE_TYPES:
+        raise ExportFormatError("gguf_unsupported", what=f"rope scaling {rope_type}", supported=", ".join(_ROPE_TYPES) + " rope")
+    if rope_type != "llama3":
+        return None
+    import torch
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    base = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    default = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](AutoConfig.from_pretrained(str(merged)), "cpu")
+    return (default / scaled.float()).numpy().astype(np.float32)
 
 
 def _metadata(writer: Any, gguf: Any, config: dict[str, Any], merged: Path, gguf_type: str, name: str) -> None:
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    rope = config.get("rope_parameters") or {}
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     writer.add_name(name)
     writer.add_context_length(int(config.get("max_position_embeddings", 4096)))
     writer.add_embedding_length(config["hidden_size"])
@@ -201,6 +258,13 @@ def _metadata(writer: Any, gguf: Any, config: dict[str, Any], merged: Path, gguf
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    rope_type, params = _rope_parameters(config)
+    if rope_type in ("linear", "yarn"):
+        writer.add_rope_scaling_type(getattr(gguf.RopeScalingType, rope_type.upper()))
+        writer.add_rope_scaling_factor(float(params["factor"]))
+    if rope_type == "yarn":
+        original = params.get("original_max_position_embeddings") or config.get("max_position_embeddings")
+        writer.add_rope_scaling_orig_ctx_len(int(original))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[gguf_type]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -285,8 +349,13 @@ def read_back(gguf_path: str | Path, merged: str | Path) -> dict[str, Any]:
     reader = gguf.GGUFReader(str(gguf_path))
     config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
     arch = getattr(gguf.MODEL_ARCH, SUPPORTED_ARCHITECTURES[(config.get("architectures") or ["?"])[0]])
-    sources = {s.target: s for s in _sources(merged, arch, config["num_hidden_layers"])}
+    sources = {s.target: s for s in _sources(merged, arch, config)}
     stored = {t.name: t for t in reader.tensors}
+    rope_freqs = _rope_freqs(config, merged)
+    if rope_freqs is not None:  # computed from the config, not a merged tensor
+        freqs = stored.pop(ROPE_FREQS, None)
+        if freqs is None or not np.array_equal(np.asarray(freqs.data).reshape(-1), rope_freqs):
+            raise ExportFormatError("gguf_readback_failed", path=str(gguf_path), detail=f"{ROPE_FREQS} is missing or differs")
     if set(stored) != set(sources):
         missing = sorted(set(sources) - set(stored)) or sorted(set(stored) - set(sources))
         raise ExportFormatError("gguf_readback_failed", path=str(gguf_path), detail=f"tensors differ: {', '.join(missing[:5])}")
@@ -313,7 +382,7 @@ def read_back(gguf_path: str | Path, merged: str | Path) -> dict[str, Any]:
     for key in ("general.architecture", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"):
         if key not in fields:
             raise ExportFormatError("gguf_readback_failed", path=str(gguf_path), detail=f"metadata {key} is missing")
-    return {"tensors": len(stored), "max_abs_diff_by_type": worst}
+    return {"tensors": len(stored) + (rope_freqs is not None), "max_abs_diff_by_type": worst}
 
 
 def export_gguf_lora(checkpoint: str | Path, base: str | Path, out: str | Path) -> dict[str, Any]:
@@ -356,7 +425,7 @@ def export_gguf_lora(checkpoint: str | Path, base: str | Path, out: str | Path) 
         if target is None:
             raise ExportFormatError("gguf_unknown_tensor", tensor=module + ".weight")
         a = np.ascontiguousarray(update.A, dtype=np.float32)
-        b = np.ascontiguousarray(update.B, dtype=np.float32) * np.float32(update.scaling * a.shape[0])
+        b = _lora_b(update, arch_name, config, module)
         writer.add_tensor(f"{target}.lora_a", a)
         writer.add_tensor(f"{target}.lora_b", b)
     writer.write_header_to_file()
@@ -367,23 +436,34 @@ def export_gguf_lora(checkpoint: str | Path, base: str | Path, out: str | Path) 
     return {"path": str(path), "modules": len(modules)}
 
 
-def read_back_lora(gguf_path: str | Path, checkpoint: str | Path) -> dict[str, Any]:
-    """Read a LoRA GGUF back: every module's lora_a equal to PEFT's A and lora_b to B * scaling * rank.
-    Raises ExportFormatError when a tensor is missing or differs."""
+def _lora_b(update: Any, arch_name: str, config: dict[str, Any], module: str) -> np.ndarray:
+    """B * scaling * rank, its rows reordered per head where the base's q/k rows are (the llama architecture)."""
+    b = np.ascontiguousarray(update.B, dtype=np.float32) * np.float32(update.scaling * np.asarray(update.A).shape[0])
+    heads = _rope_heads(arch_name, config, module + ".weight")
+    return np.ascontiguousarray(_permute_heads(b, heads)) if heads else b
+
+
+def read_back_lora(gguf_path: str | Path, checkpoint: str | Path, base: str | Path) -> dict[str, Any]:
+    """Read a LoRA GGUF back: every module's lora_a equal to PEFT's A and lora_b to B * scaling * rank (rows reordered
+    as the base's q/k rows are), under the names llama.cpp looks up. Raises ExportFormatError when one is missing or
+    differs."""
     import gguf
 
     from ..checkpoint_validator import load_adapter_state, read_adapter_config
     from ..merge_plan import _lora_modules
 
     checkpoint = Path(checkpoint)
+    config = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
+    arch_name = (config.get("architectures") or ["?"])[0]
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, SUPPORTED_ARCHITECTURES[arch_name]), config["num_hidden_layers"])
     modules = _lora_modules(read_adapter_config(checkpoint), load_adapter_state(checkpoint)[0])
-    stored = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(gguf_path)).tensors}
+    stored = {t.name: np.asarray(t.data).astype(np.float32) for t in gguf.GGUFReader(str(gguf_path)).tensors}
     expected = {}
-    for update in modules.values():
-        a = np.asarray(update.A, dtype=np.float32)
-        expected[("a", a.shape, a.tobytes())] = True
-        expected[("b", np.asarray(update.B).shape, (np.asarray(update.B, dtype=np.float32) * np.float32(update.scaling * a.shape[0])).tobytes())] = True
-    found = {("a" if name.endswith(".lora_a") else "b", data.shape, data.astype(np.float32).tobytes()) for name, data in stored.items()}
-    if len(stored) != 2 * len(modules) or set(expected) != found:
+    for module, update in modules.items():
+        target = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        expected[f"{target}.lora_a"] = np.asarray(update.A, dtype=np.float32)
+        expected[f"{target}.lora_b"] = _lora_b(update, arch_name, config, module)
+    if set(stored) != set(expected) or any(
+            stored[n].shape != e.shape or stored[n].tobytes() != e.tobytes() for n, e in expected.items()):
         raise ExportFormatError("gguf_readback_failed", path=str(gguf_path), detail="the LoRA tensors differ from the adapter's")
     return {"tensors": len(stored), "modules": len(modules)}
