@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import i18n
-from .errors import ValidationError
+from .errors import ResourceError, ValidationError
 from .monitoring import logger
 
 __all__ = ["Reference", "ArtifactVerdict", "Bounds", "compute_reference", "verify_artifact", "verify_gguf", "precision_of"]
@@ -348,7 +348,9 @@ def verify_artifact(artifact: Path, reference: Reference, bounds: Bounds = Bound
         precision = precision_of(artifact)
         runs = _run_artifact(artifact, reference, new_tokens, device_map)
         gc.collect()
-    except Exception as exc:  # noqa: BLE001 - any failure to load or run is the guide's "inference failed"
+    except ResourceError:  # the machine's fault (CUDA out of memory under device_map: cuda), not the artifact's
+        raise
+    except Exception as exc:  # noqa: BLE001 - any other failure to load or run is the guide's "inference failed"
         verdict = ArtifactVerdict(str(artifact), precision, False, "inference", error=f"{type(exc).__name__}: {exc}"[:500])
         verdict.failure = ValidationError("inference_failed", artifact=str(artifact), error=verdict.error)
         if raise_on_failure:

@@ -166,3 +166,30 @@ def test_bitsandbytes_reference_on_the_gpu(tiny_base, adapter, bits):
     assert quantized.precision == ("int4" if bits == 4 else "reduced") and quantized.device == "cuda"
     diff = (quantized.logits[0] - full.logits[0]).abs()
     assert 0 < float(diff.max()) < 5.0  # quantized, so not equal; the same model, so close
+
+
+def test_an_out_of_memory_while_verifying_is_the_machines_fault_not_the_artifacts(tiny_base, adapter, monkeypatch, caplog):
+    """Under device_map cuda it stops the run as ME401 (not 'inference failed'); under auto the artifact runs on the CPU."""
+    import transformers
+
+    from model_export.verify import compute_reference, verify_artifact
+
+    reference = compute_reference(tiny_base, adapter, tiny_base, ["Hello"], 2, device_map="cpu")
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    really_available = torch.cuda.is_available
+
+    def load(path, *args, device_map=None, **kwargs):
+        if device_map == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+        monkeypatch.setattr(torch.cuda, "is_available", really_available)
+        return real(path, *args, device_map=device_map, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", load)
+    _pretend_cuda(monkeypatch)
+    with pytest.raises(ResourceError) as err:
+        verify_artifact(tiny_base, reference, new_tokens=2, device_map="cuda", raise_on_failure=False)
+    assert err.value.code == "ME401"
+    _pretend_cuda(monkeypatch)
+    with caplog.at_level("WARNING", logger="model_export"):
+        verdict = verify_artifact(tiny_base, reference, new_tokens=2, device_map="auto", raise_on_failure=False)
+    assert verdict.error is None and "falling back to the CPU" in caplog.text
