@@ -1,6 +1,7 @@
 """The Hugging Face folder around merged weights: config, generation config, tokenizer, model card, index.
 
 Every file is written under a temporary name and renamed, so a killed run leaves no half-written file.
+The rope helpers read config.json as transformers does, for the exporters that write rotary tables.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from .base_model import TOKENIZER_FILES
 from .checkpoint_validator import TRAINING_ARTIFACTS
 
 __all__ = ["write_atomic", "write_config", "copy_tokenizer", "copy_generation_config", "write_index", "write_model_card",
-           "copy_training_artifacts", "TOKENIZER_SET"]
+           "copy_training_artifacts", "TOKENIZER_SET", "rope_parameters", "rope_inv_freq"]
 
 # Files that make up a tokenizer; they are copied together from one place, never mixed.
 TOKENIZER_SET = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
@@ -91,3 +92,27 @@ def write_model_card(out: Path, facts: dict[str, Any]) -> None:
             "model-export's streaming merge (fp32 accumulation, one rounding to the output dtype).\n\n"
             f"| setting | value |\n|---|---|\n{rows}\n")
     write_atomic(out / "README.md", text)
+
+
+def rope_parameters(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(rope type, its parameters) from config.json, in transformers 5 form (rope_parameters) or 4 (rope_scaling)."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return params.get("rope_type") or params.get("type") or "default", params
+
+
+def rope_inv_freq(folder: Path, config: dict[str, Any], head_dim: int, rope_type: str | None = None) -> tuple[Any, float]:
+    """Inverse frequencies (fp32 torch tensor) and attention scaling as transformers computes them: the standard
+    formula for the default rope, transformers' own init function for every other type (Llama 3, YaRN, linear, ...).
+    ``rope_type='default'`` gives the unscaled frequencies of a scaled model. Loading the model class just for this
+    would cost seconds of imports."""
+    import torch
+
+    configured, params = rope_parameters(config)
+    if (rope_type or configured) == "default":
+        base = params.get("rope_theta", config.get("rope_theta", 10000.0))
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)), 1.0
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[configured](AutoConfig.from_pretrained(str(folder)), "cpu")
+    return inv_freq.float(), scaling

@@ -34,8 +34,8 @@ from .errors import BaseModelError, ExportError, ResourceError
 from .faults import crash_point
 from .hf_layout import tokenizer_source, write_atomic
 from .model_merger import merge
-from .reference import resolve_device
 from .monitoring import MemoryMonitor, logger, setup_logging, timed_step
+from .reference import resolve_device
 from .tensor_io import file_sha256
 
 __all__ = ["run", "RunResult", "MANIFEST", "STEPS"]
@@ -371,28 +371,28 @@ def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
     reference = compute_reference(base_dir, checkpoint, tokenizer_dir, c.test_input_samples, c.validation_new_tokens,
                                   device_map=c.device_map, load_in_4bit=c.base_model_load_in_4bit,
                                   load_in_8bit=c.base_model_load_in_8bit)
+    bounds, where = Bounds.from_config(c), {"device": reference.device, "precision": reference.precision}
     verdicts, failures = {}, []
     for label, path in _verifiable(state.results["export"]["artifacts"]):
         if label == "gguf":
-            verdict = verify_gguf(path, state.out / "merge", reference, Bounds.from_config(c), new_tokens=c.validation_new_tokens)
+            verdict = verify_gguf(path, state.out / "merge", reference, bounds, new_tokens=c.validation_new_tokens)
         else:
-            verdict = verify_artifact(path, reference, Bounds.from_config(c), new_tokens=c.validation_new_tokens,
-                                      raise_on_failure=False, device_map=c.device_map)
+            verdict = verify_artifact(path, reference, bounds, new_tokens=c.validation_new_tokens, raise_on_failure=False,
+                                      device_map=c.device_map)
         verdicts[label] = verdict.to_dict()
         (state.out / "verify").mkdir(exist_ok=True)
         write_atomic(state.out / "verify" / f"{label}.json", json.dumps(verdicts[label], indent=2))
         failures.append(verdict.failure)
     failed = [f for f in failures if f is not None]
     if failed:  # every artifact was judged first, so the report shows them all; the first failure is raised
-        state.results["verify"] = {"passed": False, "verdicts": verdicts,
-                                   "reference": {"device": reference.device, "precision": reference.precision}}
+        state.results["verify"] = {"passed": False, "verdicts": verdicts, "reference": where}
         raise failed[0]
     if c.save_intermediate_results:
         import torch
 
         torch.save({"prompts": reference.prompts, "input_ids": reference.input_ids, "logits": reference.logits,
                     "greedy": reference.greedy}, state.out / "verify" / "reference.pt")
-    return {"passed": True, "verdicts": verdicts, "reference": {"device": reference.device, "precision": reference.precision}}
+    return {"passed": True, "verdicts": verdicts, "reference": where}
 
 
 def _verifiable(artifacts: dict[str, str]) -> list[tuple[str, Path]]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from . import i18n
 from .hf_layout import write_atomic
+from .verify import reference_line
 
 __all__ = ["write_report", "summary_rows"]
 
@@ -168,10 +169,7 @@ def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, fail
     detection = results.get("detect", {})
     check = results.get("check", {})
     reference = results.get("verify", {}).get("reference")
-    where = ""
-    if reference:
-        bits = {"int4": " (bitsandbytes 4-bit)", "reduced": " (bitsandbytes 8-bit)"}.get(reference["precision"], "")
-        where = " · " + html.escape(i18n.ui("reference_device", device=reference["device"], quantized=bits))
+    where = " · " + html.escape(reference_line(reference["device"], reference["precision"])) if reference else ""
     t = lambda key: html.escape(i18n.ui(key))  # noqa: E731
     columns = "".join(f"<th>{html.escape(c)}</th>" for c in i18n.ui("report_columns").split(";"))
     step_columns = "".join(f"<th>{html.escape(c)}</th>" for c in i18n.ui("report_step_columns").split(";"))

@@ -27,7 +27,8 @@ from . import i18n
 from .errors import ResourceError, ValidationError
 from .monitoring import logger
 
-__all__ = ["Reference", "ArtifactVerdict", "Bounds", "compute_reference", "verify_artifact", "verify_gguf", "precision_of"]
+__all__ = ["Reference", "ArtifactVerdict", "Bounds", "compute_reference", "verify_artifact", "verify_gguf", "precision_of",
+           "reference_line"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,12 @@ def _run(model: Any, input_ids: Any, new_tokens: int) -> tuple[Any, list[int]]:
     return logits, out[0, input_ids.numel():].tolist()
 
 
+def reference_line(device: str, precision: str) -> str:
+    """Where the reference ran, and in what precision, in words (the log and report.html)."""
+    bits = {"int4": " (bitsandbytes 4-bit)", "reduced": " (bitsandbytes 8-bit)"}.get(precision, "")
+    return i18n.ui("reference_device", device=device, quantized=bits)
+
+
 def _release(device: str) -> None:
     gc.collect()
     if device == "cuda":
@@ -175,7 +182,8 @@ def compute_reference(base_dir: Path, checkpoint: Path, tokenizer_dir: Path, pro
         if bits and device != "cuda":
             logger.warning(i18n.ui("bits_without_cuda", bits=bits))
             bits = None
-        logger.info(i18n.ui("reference_device", device=device, quantized=f" (bitsandbytes {bits}-bit)" if bits else ""))
+        precision = {4: "int4", 8: "reduced", None: "full"}[bits]
+        logger.info(reference_line(device, precision))
         model = load_model(str(base_dir), dtype=torch.float32, device_map=device, load_in_4bit=bits == 4, load_in_8bit=bits == 8)
         try:
             model = PeftModel.from_pretrained(model, str(checkpoint)).eval()
@@ -184,7 +192,6 @@ def compute_reference(base_dir: Path, checkpoint: Path, tokenizer_dir: Path, pro
         finally:
             del model
             _release(device)
-        precision = {4: "int4", 8: "reduced", None: "full"}[bits]
         return Reference(prompts, encoded, [r[0] for r in results], [r[1] for r in results], heldout,
                          perplexity(heldout_logits, heldout), device, precision)
 

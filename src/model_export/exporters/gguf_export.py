@@ -27,7 +27,7 @@ import numpy as np
 from .. import extras
 from ..errors import ExportFormatError
 from ..faults import crash_point
-from ..hf_layout import write_atomic
+from ..hf_layout import rope_inv_freq, rope_parameters, write_atomic
 from ..tensor_io import read_header, torch_row_chunks
 
 __all__ = ["export_gguf", "read_back", "gguf_type_for", "GGUF_TYPES", "SUPPORTED_ARCHITECTURES"]
@@ -218,35 +218,25 @@ ROPE_FREQS = "rope_freqs.weight"
 _ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 
-def _rope_parameters(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    return params.get("rope_type") or params.get("type") or "default", params
-
-
 def _rope_freqs(config: dict[str, Any], merged: Path) -> np.ndarray | None:
     """Llama 3 rope: the per-frequency divisors llama.cpp reads from a ``rope_freqs`` tensor, taken from transformers' own
     frequencies (the default ones over the scaled ones). None for the types GGUF metadata describes (default, linear,
     yarn); ExportFormatError for any other."""
-    rope_type, params = _rope_parameters(config)
+    rope_type, _ = rope_parameters(config)
     if rope_type not in _ROPE_TYPES:
         raise ExportFormatError("gguf_unsupported", what=f"rope scaling {rope_type}", supported=", ".join(_ROPE_TYPES) + " rope")
     if rope_type != "llama3":
         return None
-    import torch
-    from transformers import AutoConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    base = params.get("rope_theta", config.get("rope_theta", 10000.0))
-    default = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](AutoConfig.from_pretrained(str(merged)), "cpu")
-    return (default / scaled.float()).numpy().astype(np.float32)
+    default, _ = rope_inv_freq(merged, config, head_dim, "default")
+    scaled, _ = rope_inv_freq(merged, config, head_dim)
+    return (default / scaled).numpy().astype(np.float32)
 
 
 def _metadata(writer: Any, gguf: Any, config: dict[str, Any], merged: Path, gguf_type: str, name: str) -> None:
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type, rope = rope_parameters(config)
     writer.add_name(name)
     writer.add_context_length(int(config.get("max_position_embeddings", 4096)))
     writer.add_embedding_length(config["hidden_size"])
@@ -258,12 +248,11 @@ def _metadata(writer: Any, gguf: Any, config: dict[str, Any], merged: Path, gguf
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
-    rope_type, params = _rope_parameters(config)
     if rope_type in ("linear", "yarn"):
         writer.add_rope_scaling_type(getattr(gguf.RopeScalingType, rope_type.upper()))
-        writer.add_rope_scaling_factor(float(params["factor"]))
+        writer.add_rope_scaling_factor(float(rope["factor"]))
     if rope_type == "yarn":
-        original = params.get("original_max_position_embeddings") or config.get("max_position_embeddings")
+        original = rope.get("original_max_position_embeddings") or config.get("max_position_embeddings")
         writer.add_rope_scaling_orig_ctx_len(int(original))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[gguf_type]))

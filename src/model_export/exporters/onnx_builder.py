@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import ExportFormatError
 from ..faults import crash_point
+from ..hf_layout import rope_inv_freq
 from ..tensor_io import read_header, torch_row_chunks
 
 __all__ = ["build_onnx", "BuildResult", "SUPPORTED_ARCHITECTURES", "WEIGHT_TYPES"]
@@ -194,28 +195,14 @@ def _spec(folder: Path, weights: _Weights) -> tuple[_Spec, dict[str, Any]]:
 
 
 def _rotary_cache(folder: Path, spec: _Spec, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin for every position, computed as transformers computes them (in torch, fp32).
-
-    The default rope is the standard formula; every other rope type (Llama 3, YaRN, linear, ...) is
-    transformers' own init function, so the tables are the reference's. Loading the model class just
-    for this would cost seconds of imports.
-    """
+    """cos and sin for every position, computed as transformers computes them (in torch, fp32): the frequencies
+    and attention scaling of hf_layout.rope_inv_freq, so the tables are the reference's for every rope type."""
     import torch
 
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or params.get("type") or "default"
-    if rope_type == "default":
-        base = params.get("rope_theta", config.get("rope_theta", 10000.0))
-        inv_freq = 1.0 / (base ** (torch.arange(0, spec.head_dim, 2, dtype=torch.int64).float() / spec.head_dim))
-        scaling = 1.0
-    else:
-        from transformers import AutoConfig
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](AutoConfig.from_pretrained(str(folder)), "cpu")
+    inv_freq, scaling = rope_inv_freq(folder, config, spec.head_dim)
     positions = torch.arange(spec.max_positions, dtype=torch.float32)
-    freqs = positions[:, None] * inv_freq.float()[None, :]
+    freqs = positions[:, None] * inv_freq[None, :]
     return (freqs.cos() * scaling).numpy().astype(dtype), (freqs.sin() * scaling).numpy().astype(dtype)
 
 

@@ -154,6 +154,12 @@ def _config_file(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def eos_ids(folder: Path) -> set[int]:
+    """The end-of-sequence ids a decoder in ``folder`` stops at (generation_config.json, else config.json)."""
+    eos = (_config_file(folder / "generation_config.json") or _config_file(folder / "config.json")).get("eos_token_id")
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
 class OnnxDecoder:
     """An exported decoder in onnxruntime (CPU): prompt logits and greedy continuation with the KV cache."""
 
@@ -178,9 +184,7 @@ class OnnxDecoder:
         # Graphs from other builders may leave the cache's head axes symbolic: genai_config.json says what they are.
         self.kv_shape = [self.kv_shape[0], _dim(self.kv_shape[1], genai.get("num_key_value_heads")), 0,
                          _dim(self.kv_shape[3], genai.get("head_size"))]
-        config = _config_file(graph.parent / "generation_config.json") or _config_file(graph.parent / "config.json")
-        eos = config.get("eos_token_id")
-        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.eos = eos_ids(graph.parent)
 
     def empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
         """An empty cache for ``batch`` sequences."""

@@ -24,15 +24,13 @@ import numpy as np
 
 from .. import extras
 from ..errors import ExportFormatError
-from ..hf_layout import write_atomic
-from .onnx_export import OnnxDecoder
+from ..hf_layout import copy_generation_config, copy_tokenizer, write_atomic
+from .onnx_export import OnnxDecoder, _config_file, eos_ids
 
 __all__ = ["check_tensorrt", "missing_for_tensorrt", "export_standard_graph", "export_tensorrt", "TensorRTDecoder", "ENGINE_FILE"]
 
 ENGINE_FILE = "model.engine"
 _SIDECAR = "engine.json"
-_COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-           "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
 def missing_for_tensorrt() -> list[str]:
@@ -89,9 +87,9 @@ def export_tensorrt(merged: str | Path, out: str | Path, *, fp16: bool = False, 
     if plan is None:
         raise ExportFormatError("tensorrt_failed", stage="build", error="the builder returned no engine (see TensorRT's log above)")
     (out / ENGINE_FILE).write_bytes(bytes(plan))
-    for name in _COPIED:
-        if (merged / name).is_file():
-            shutil.copyfile(merged / name, out / name)
+    shutil.copyfile(merged / "config.json", out / "config.json")
+    copy_generation_config(out, [merged])
+    copy_tokenizer(out, [merged])
     import torch
 
     info = {"precision": "fp16" if fp16 else "fp32", "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(),
@@ -103,11 +101,10 @@ def export_tensorrt(merged: str | Path, out: str | Path, *, fp16: bool = False, 
 def export_standard_graph(merged: str | Path, out: str | Path) -> Path:
     """``out/model.onnx``: the decoder (KV cache, batch and sequence dynamic) in standard ONNX operators only, fp32,
     by torch.onnx.export: what TensorRT's parser reads."""
+    from ..config import _default_dynamic_axes
     from .onnx_torch import export_torch
 
-    dynamic = {"input_ids": {0: "batch_size", 1: "sequence_length"}, "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
-               "position_ids": {0: "batch_size", 1: "sequence_length"}}
-    export_torch(merged, out, weight_type="fp32", opset=18, dynamic_axes=dynamic)
+    export_torch(merged, out, weight_type="fp32", opset=18, dynamic_axes=_default_dynamic_axes())
     return Path(out) / "model.onnx"
 
 
@@ -150,13 +147,11 @@ class TensorRTDecoder(OnnxDecoder):
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if n not in self.input_names]
         self.past_names = [n for n in self.input_names if n.startswith("past_key_values.")]
-        config = json.loads((engine.parent / "config.json").read_text(encoding="utf-8"))
+        config = _config_file(engine.parent / "config.json")
         heads = config.get("num_key_value_heads") or config["num_attention_heads"]
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         self.kv_shape, self.kv_dtype, self.step = [1, heads, 0, head_dim], np.float32, None
-        generation = engine.parent / "generation_config.json"
-        eos = json.loads((generation if generation.is_file() else engine.parent / "config.json").read_text()).get("eos_token_id")
-        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.eos = eos_ids(engine.parent)
         self._spare = torch.empty(1, device="cuda")  # an address for empty tensors (the first call's cache)
 
     def forward(self, tokens: np.ndarray, past: dict[str, np.ndarray], start: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
