@@ -8,9 +8,10 @@ beyond the tokenizer) is trained on the corpus with transformers' Trainer, seede
 outputs are no longer random. The result is about 4 MB in fp32.
 
 Width 256, not the tests' 64: at width 64 the demo loses so much to round-to-nearest 4-bit weights
-(top-1 0.59-0.64 with each of the three quantizers; KL about 0.2) that no int4 artifact could pass; at 256 the
-int4 artifacts of the demo's fine-tune stay near what llama.cpp measures on real models (top-1
-0.92-0.94, KL 0.063-0.067; docs/benchmarks.md).
+(top-1 0.59-0.64 with each of the three quantizers; KL 0.15-0.18 even on its task prompts, by
+scripts/int4_sensitivity.py) that no int4 artifact could pass; at 256 the int4 artifacts of the demo's
+fine-tune stay near what llama.cpp measures on real models (top-1 0.92-0.94, KL 0.063-0.067;
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
