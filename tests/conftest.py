@@ -14,8 +14,10 @@ from model_export.demo.tiny import build_adapter, build_base_model
 
 
 @pytest.fixture(autouse=True)
-def _offline_english(monkeypatch):
-    """Tests never touch the network and read English unless they ask for Chinese."""
+def _offline_english(monkeypatch, tmp_path_factory):
+    """Tests never touch the network, read English unless they ask for Chinese, and run in an empty directory of
+    their own: no test depends on what the current directory holds (`make demo` leaves qwen3-finetuned/ there)."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for var in ("LC_ALL", "LC_MESSAGES", "LANGUAGE"):
         monkeypatch.delenv(var, raising=False)

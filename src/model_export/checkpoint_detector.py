@@ -80,7 +80,7 @@ def detect(path: str | Path, selection: Literal["latest", "best"] = "latest") ->
     if not candidates:
         raise CheckpointValidationError("adapter_config_not_found", path=str(path))
     chosen = _best(root, candidates) if selection == "best" else _latest(root, candidates)
-    logger.info(i18n.ui("detected", path=chosen.path))
+    logger.debug(i18n.ui("detected", path=chosen.path))  # the caller says it once: the detect command, or the run's log
     return Detection(str(root), selection, chosen.path, candidates)
 
 

@@ -1,8 +1,9 @@
 """The model-export command line: one subcommand per public function, nothing more.
 
 Exit codes: 0 success; 1 a failure the tool explains (ExportError); 2 a usage or configuration
-error. Only ExportError is caught: anything else is a bug and shows its traceback. With --debug,
-an ExportError shows its traceback too.
+error; 130 after Ctrl-C. Anything that is not an ExportError is explained too (errors.explain: ME406 for
+a MemoryError, ME998 for Ctrl-C, ME999 for a fault of our own), as one message without a traceback;
+--debug shows the traceback.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any, Callable, Sequence
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import i18n
-from .errors import ExportError
+from .errors import ExportError, explain
 from .monitoring import setup_logging
 
 _STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
@@ -115,7 +117,7 @@ def _emit(args: argparse.Namespace, data: Any, human: Callable[[Console], None])
     if getattr(args, "json", False):
         print(json.dumps(data, ensure_ascii=False, indent=2, default=str))
     else:
-        human(Console(highlight=False, soft_wrap=True))
+        human(Console(highlight=False, soft_wrap=True, markup=False))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -125,27 +127,40 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if config.lang and "lang" not in vars(args):
         i18n.set_language(config.lang)
+    # --log-level and --log-file on the command line win over the configuration's log_level and log_file.
+    for flag in ("log_level", "log_file"):
+        if flag in vars(args):
+            setattr(config, flag, getattr(args, flag))
+    if getattr(args, "debug", False):
+        config.log_level = "DEBUG"
     result = run(config)
     _emit(args, result.to_dict(), lambda console: _print_run(console, "model-export", result.steps, result.report))
     return 0
 
 
+_VERDICT_STYLE = {"verified": "green", "failed": "red", "not_run": "yellow"}
+
+
 def _print_run(console: Console, title: str, steps: dict, report: str | None) -> None:
-    """The summary at the end of a run: one row per artifact, then the steps and where the report is."""
-    from .report import summary_rows
+    """The summary at the end of a run: one row per artifact, how many were verified, failed and not run (and why),
+    then the steps and where the report is. Plain text throughout: paths and reasons are never read as markup."""
+    from .report import STATUS_TEXT, banner, summary_rows
 
     table = Table(title=title)
     for column in ("format", "path", "size", "verification"):
         table.add_column(column, overflow="fold")
-    results = {"export": steps.get("export", {}).get("result", {}), "verify": steps.get("verify", {}).get("result", {})}
-    for r in summary_rows(results):
-        verdict = "-" if r["verified"] is None else ("[green]passed[/]" if r["verified"] else "[red]failed[/]")
-        if r["verified"] and not r["ran"]:
-            verdict = f"[yellow]{i18n.ui('report_read_back')}[/]"
-        table.add_row(r["format"], r["path"], f"{r['bytes'] / 1e6:.2f} MB", verdict)
+    results = {name: steps.get(name, {}).get("result", {}) for name in ("check", "export", "verify")}
+    if "verify" not in steps:
+        results["verify"] = {"skipped": i18n.ui("reason_validation_off")}
+    rows = summary_rows(results)
+    for r in rows:
+        table.add_row(Text(r["format"]), Text(r["path"]), Text(f"{r['bytes'] / 1e6:.2f} MB"),
+                      Text(i18n.ui(STATUS_TEXT[r["status"]]), style=_VERDICT_STYLE[r["status"]]))
     console.print(table)
-    console.print(", ".join(_step_text(name, step) for name, step in steps.items()))
-    console.print(i18n.ui("run_done", report=report))
+    kind, text = banner(rows, None)
+    console.print(Text(text, style={"pass": "green", "partial": "yellow"}.get(kind, "red")))
+    console.print(Text(", ".join(_step_text(name, step) for name, step in steps.items())))
+    console.print(Text(i18n.ui("run_done", report=report)))
 
 
 def _step_text(name: str, step: dict) -> str:
@@ -162,7 +177,7 @@ def _doctor(args: argparse.Namespace) -> int:
         for column in ("doctor_check", "doctor_status", "doctor_detail"):
             table.add_column(i18n.ui(column), overflow="fold")
         for c in report.checks:
-            table.add_row(c.name, f"[{_STATUS_STYLE[c.status]}]{c.status}[/]", c.detail)
+            table.add_row(c.name, Text(c.status, style=_STATUS_STYLE[c.status]), c.detail)
         console.print(table)
         console.print(i18n.ui("doctor_summary", failed=report.count("fail"), warned=report.count("warn"), passed=report.count("ok")))
 
@@ -179,7 +194,7 @@ def _detect(args: argparse.Namespace) -> int:
     def human(console: Console) -> None:
         for c in result.candidates:
             if not c.complete:
-                console.print("[yellow]" + i18n.ui("skipped", path=c.path, reason=c.reason) + "[/]")
+                console.print(Text(i18n.ui("skipped", path=c.path, reason=c.reason), style="yellow"))
         console.print(i18n.ui("detected", path=result.selected))
 
     _emit(args, result.to_dict(), human)
@@ -192,13 +207,13 @@ def _check(args: argparse.Namespace) -> int:
     report = check(args.checkpoint, args.base, args.selection, config=_load(args))
 
     def human(console: Console) -> None:
-        console.print("[green]" + i18n.ui("check_ok", path=report.path) + "[/]")
+        console.print(Text(i18n.ui("check_ok", path=report.path), style="green"))
         console.print(i18n.ui("check_summary", rank=report.rank, alpha=report.lora_alpha, modules=report.num_modules,
                               tensors=report.num_tensors, file=report.weights_file))
         if report.fit_checked:
             console.print(i18n.ui("check_fit", base=report.base_model))
         for warning in report.warnings:
-            console.print(f"[yellow]{warning}[/]")
+            console.print(Text(str(warning), style="yellow"))
 
     _emit(args, report.to_dict(), human)
     return 0
@@ -217,8 +232,8 @@ def _merge(args: argparse.Namespace) -> int:
 
     def human(console: Console) -> None:
         key = "merge_nothing_to_do" if result.already_complete else "merge_done"
-        console.print("[green]" + i18n.ui(key, out=result.output_dir, shards=len(result.shards), gb=result.bytes / 1e9,
-                                          seconds=result.seconds) + "[/]")
+        console.print(Text(i18n.ui(key, out=result.output_dir, shards=len(result.shards), gb=result.bytes / 1e9,
+                                   seconds=result.seconds), style="green"))
         if result.untied_embeddings:
             console.print(i18n.ui("merge_untied"))
 
@@ -245,7 +260,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             table.add_column(column)
         for r in results:
             if r.error:
-                table.add_row(r.label, r.runtime, r.device, f"[red]{r.error}[/]", "", "", "", "", "")
+                table.add_row(r.label, r.runtime, r.device, Text(str(r.error), style="red"), "", "", "", "", "")
                 continue
             batch = f"{r.decode_tokens_per_s_batch:.1f}" if r.decode_tokens_per_s_batch else "-"
             gpu = f"{r.peak_gpu_gib:.2f}" if r.peak_gpu_gib is not None else "-"
@@ -273,9 +288,9 @@ def _validate_config(args: argparse.Namespace) -> int:
 
     def human(console: Console) -> None:
         if not problems:
-            console.print("[green]" + i18n.ui("config_ok", path=args.file) + "[/]")
+            console.print(Text(i18n.ui("config_ok", path=args.file), style="green"))
         for p in problems:
-            console.print(f"[red]{args.file}:[/] {p.render()}", soft_wrap=True)
+            console.print(Text.assemble((f"{args.file}:", "red"), f" {p.render()}"), soft_wrap=True)
 
     _emit(args, {"file": args.file, "ok": not problems, "problems": [p.to_dict() for p in problems]}, human)
     return 2 if problems else 0
@@ -301,12 +316,12 @@ def _print_error(exc: ExportError, args: argparse.Namespace) -> None:
     if getattr(args, "json", False):
         print(json.dumps(exc.to_dict(), ensure_ascii=False, indent=2))
         return
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
-    err.print(f"[bold red]{type(exc).__name__}[/]: {exc.render()}", markup=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)  # paths and hints print as written
+    err.print(Text.assemble((type(exc).__name__, "bold red"), f": {exc.render()}"))
     err.print(f"  {i18n.ui('error_code')}: {exc.code}")
     err.print(f"  {i18n.ui('error_hint')}: {exc.hint()}")
     if not getattr(args, "debug", False):
-        err.print(f"  [dim]{i18n.ui('debug_hint')}[/]")
+        err.print(Text(f"  {i18n.ui('debug_hint')}", style="dim"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -317,13 +332,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_file", None))
     try:
         return args.func(args)
-    except ExportError as exc:
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every way out is explained in one message
         if getattr(args, "debug", False):
             import traceback
 
             traceback.print_exc()
-        _print_error(exc, args)
-        return exc.exit_code
+        error = explain(exc, i18n.ui("where_command", command=args.command), getattr(args, "log_file", None))
+        _print_error(error, args)
+        return error.exit_code
     finally:
         i18n.set_language(None)
 

@@ -12,10 +12,12 @@ Chinese; the message is rendered in the current language when it is read.
     ├── MissingDependencyError      ME5xx  an optional extra is not installed (also an ImportError)
     ├── ValidationError             ME6xx  an exported artifact disagrees with the reference
     ├── MergeError                  ME7xx  the adapter cannot be merged as requested
-    └── ExportFormatError           ME8xx  an exporter (onnx, gguf, tensorrt) failed
-        └── OnnxExportError                ONNX export failed (also a RuntimeError, as the guide shows)
+    ├── ExportFormatError           ME8xx  an exporter (onnx, gguf, tensorrt) failed
+    │   └── OnnxExportError                ONNX export failed (also a RuntimeError, as the guide shows)
+    └── InternalError               ME9xx  Ctrl-C (ME998), or a fault of model-export itself (ME999)
 
-The CLI catches ``ExportError`` only; anything else is a bug and shows a traceback.
+Anything else that escapes is turned into one of these by ``explain`` (the pipeline records it in run.json, the
+CLI prints it as one line with its code); ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ __all__ = [
     "MergeError",
     "ExportFormatError",
     "OnnxExportError",
-]
+    "InternalError",
+]  # and explain(), which turns any exception into one of these
 
 
 class ExportError(Exception):
@@ -136,3 +139,25 @@ class ExportFormatError(ExportError):
 
 class OnnxExportError(ExportFormatError, RuntimeError):
     """The ONNX exporter failed: an operator it cannot convert, dynamic shapes it cannot express, or another failure."""
+
+
+class InternalError(ExportError):
+    """The run was interrupted (ME998, exit code 130) or model-export itself failed (ME999): not the input's fault."""
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        return 130 if self.key == "interrupted" else 1
+
+
+def explain(exc: BaseException, where: str, log: Any = None) -> ExportError:
+    """``exc`` as one of ours: itself if it is an ExportError; Ctrl-C as ME998; MemoryError as the guide's memory
+    error (ME406); anything else as ME999 naming the log file."""
+    if isinstance(exc, ExportError):
+        return exc
+    if isinstance(exc, KeyboardInterrupt):
+        return InternalError("interrupted", where=where)
+    if isinstance(exc, MemoryError):
+        return ResourceError("out_of_memory", where=where, detail=str(exc) or type(exc).__name__)
+    text = f"{type(exc).__name__}: {exc}"
+    return InternalError("internal_error", where=where, error=text if len(text) <= 300 else text[:300] + "...",
+                         log=log or i18n.ui("no_log_file"))

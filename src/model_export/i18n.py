@@ -69,6 +69,20 @@ def render(section: str, name: str, field: str | None = None, /, lang: str | Non
     return _FORMATTER.format(template, **params)
 
 
-def ui(name: str, /, **params: Any) -> str:
-    """A CLI or log text from the ``ui`` section."""
-    return render("ui", name, **params)
+class Text(str):
+    """A rendered ``ui`` text that remembers its key and parameters, so that it can be rendered again in another
+    language (the log file is written in English, the language of the guide's log lines and of its grep commands,
+    whatever language the console shows)."""
+
+    key: str
+    params: dict[str, Any]
+
+    def render(self, lang: str | None = None) -> str:
+        return render("ui", self.key, lang=lang, **self.params)
+
+
+def ui(name: str, /, **params: Any) -> Text:
+    """A CLI or log text from the ``ui`` section, in the current language."""
+    text = Text(render("ui", name, **params))
+    text.key, text.params = name, params
+    return text

@@ -196,6 +196,8 @@ def _write_shards(out: Path, plan: MergePlan, shards: list[ShardPlan], state: di
                 tensors = [by_name[t.name] for t in shard.tensors]
                 writer = _safetensors_shard if format == "safetensors" else _pytorch_shard
                 state["shards"][shard.filename] = writer(out / shard.filename, tensors, sources, device)
+                logger.debug("wrote %s: %d tensors, %d bytes, %d with a LoRA update, sha256 %s", shard.filename, len(tensors),
+                             shard.nbytes, sum(1 for t in tensors if t.lora is not None), state["shards"][shard.filename])
                 state["files"] = sorted(set(state["files"]) | {shard.filename})
                 write_atomic(out / STATE_FILE, json.dumps(state, indent=2))
                 crash_point("shard")

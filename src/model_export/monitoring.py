@@ -33,16 +33,81 @@ def setup_logging(level: str = "INFO", log_file: str | Path | None = None, conso
         logger.removeHandler(handler)
         handler.close()
     handlers: list[logging.Handler] = [logging.StreamHandler()] if console else []
-    if console and sys.stderr.isatty():
-        handlers[0].addFilter(_not_progress)  # the progress bar shows them
+    if console:  # on a terminal the live bar shows progress; elsewhere (a pipe, CI) a line every few seconds
+        handlers[0].addFilter(_not_progress if sys.stderr.isatty() else _ProgressThrottle())
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+        handlers[-1].setFormatter(_EnglishFormatter(LOG_FORMAT))
+        handlers[-1].addFilter(_ProgressThrottle())
     for handler in handlers:
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
         setattr(handler, _OUR_HANDLER, True)
         logger.addHandler(handler)
     logger.propagate = False
+    quiet_third_party(level == "DEBUG")
+
+
+class _EnglishFormatter(logging.Formatter):
+    """The log file in English, whatever the console's language: the guide's log lines (``Memory usage: ...``,
+    ``Processing checkpoint: 50% complete``, ``duration``) and its ``grep`` commands are English."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if isinstance(record.msg, i18n.Text):
+            record = logging.makeLogRecord({**record.__dict__, "msg": record.msg.render("en")})
+        return super().format(record)
+
+
+class _ProgressThrottle(logging.Filter):
+    """A progress line in a log file at most every PROGRESS_SECONDS per label (and always its last one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        label = getattr(record, "progress", None)
+        if not label:
+            return True
+        now = time.monotonic()
+        if getattr(record, "final", False) or now - self.last.get(label, float("-inf")) >= PROGRESS_SECONDS:
+            self.last[label] = now
+            return True
+        return False
+
+
+PROGRESS_SECONDS = 5.0
+_THIRD_PARTY = ("transformers", "peft", "accelerate", "huggingface_hub", "torch", "onnxruntime", "onnxscript", "torchvision",
+                "compressed_tensors", "datasets", "urllib3", "filelock")
+
+
+def quiet_third_party(debug: bool = False) -> None:
+    """Third-party progress bars, warnings and info lines stay out of the console and the log unless ``debug``
+    (``--debug`` or ``log_level: DEBUG``): transformers' "Loading weights" bars, FutureWarnings, torchvision notices."""
+    import os
+    import warnings
+
+    if debug:
+        for var in ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
+            os.environ.pop(var, None)
+        warnings.resetwarnings()
+    else:  # read by transformers and huggingface_hub when they are imported
+        os.environ.update(TRANSFORMERS_NO_ADVISORY_WARNINGS="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
+        for category in (FutureWarning, DeprecationWarning, UserWarning):
+            warnings.filterwarnings("ignore", category=category)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in _THIRD_PARTY:
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.ERROR)
+    if "transformers" in sys.modules:  # already imported: its switches, not the environment, decide now
+        from transformers.utils import logging as hf_logging
+
+        (hf_logging.enable_progress_bar if debug else hf_logging.disable_progress_bar)()
+        (hf_logging.set_verbosity_debug if debug else hf_logging.set_verbosity_error)()
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+        (enable_progress_bars if debug else disable_progress_bars)()
 
 
 def _gb(n: float) -> str:
@@ -125,8 +190,9 @@ class Progress:
             if self.done >= self.total:
                 self.close()
         if self.enabled and bucket > self._last:
-            self._last = bucket
-            logger.info(i18n.ui("progress_line", label=self.label, percent=bucket), extra={"progress": True})
+            self._last = bucket  # handlers let one line through every few seconds, and the last one
+            logger.info(i18n.ui("progress_line", label=self.label, percent=bucket),
+                        extra={"progress": self.label, "final": bucket >= 100})
 
     def close(self) -> None:
         if self._bar is not None:

@@ -30,13 +30,14 @@ from .checkpoint_detector import detect
 from .checkpoint_validator import read_adapter_config, validate_checkpoint, weights_file
 from .config import ExportConfiguration, parse_size
 from .config_validator import check_config
-from .errors import BaseModelError, ExportError, ResourceError
+from .errors import BaseModelError, ExportError, ResourceError, explain
 from .faults import crash_point
 from .hf_layout import tokenizer_source, write_atomic
 from .model_merger import merge
 from .monitoring import MemoryMonitor, logger, setup_logging, timed_step
 from .reference import resolve_device
 from .tensor_io import file_sha256
+from .verify import finite
 
 __all__ = ["run", "RunResult", "MANIFEST", "STEPS"]
 
@@ -53,11 +54,12 @@ class RunResult:
     steps: dict[str, dict[str, Any]]
     artifacts: dict[str, str] = field(default_factory=dict)
     report: str | None = None
-    passed: bool | None = None
+    passed: bool | None = None  # True: every artifact run and verified; None: some not run (or no verification)
+    counts: dict[str, int] = field(default_factory=dict)  # verified, failed, not_run
 
     def to_dict(self) -> dict[str, Any]:
         return {"output_dir": self.output_dir, "steps": self.steps, "artifacts": self.artifacts, "report": self.report,
-                "passed": self.passed}
+                "passed": self.passed, "counts": self.counts}
 
 
 class _Run:
@@ -69,6 +71,7 @@ class _Run:
         self.keys: dict[str, str] = {}
         self.results: dict[str, Any] = {}
         self.monitor = MemoryMonitor(config.memory_monitoring_interval, enabled=config.memory_monitoring)
+        self.log_file = str(config.log_file or self.out / "export.log")
 
     def _load_manifest(self) -> dict[str, Any]:
         if self.manifest_path.is_file():
@@ -79,7 +82,7 @@ class _Run:
         return {"version": 1, "steps": {}}
 
     def _save(self) -> None:
-        write_atomic(self.manifest_path, json.dumps(self.manifest, indent=2, default=str))
+        write_atomic(self.manifest_path, json.dumps(finite(self.manifest), indent=2, default=str, allow_nan=False))
 
     def step(self, name: str, inputs: Any, action: Callable[[], dict[str, Any]],
              outputs: Callable[[dict[str, Any]], list[Path]] = lambda result: []) -> dict[str, Any]:
@@ -90,6 +93,8 @@ class _Run:
         self.keys[name] = key
         record = self.manifest["steps"].get(name, {})
         unchanged = record.get("outputs", []) == _fingerprint(outputs(record.get("result", {})))
+        logger.debug("step %s: key %s (recorded: %s, status %s), outputs unchanged: %s", name, key[:12],
+                     str(record.get("key", "none"))[:12], record.get("status", "none"), unchanged)
         if record.get("status") == "done" and record.get("key") == key and unchanged:
             logger.info(i18n.ui("step_skipped", step=name, when=record.get("finished", "?")))
             record["skipped"] = True
@@ -102,17 +107,16 @@ class _Run:
         try:
             with timed_step(name) as timing:  # logs the step's duration, or its failure
                 result = action()
-        except ExportError as exc:
-            record.update(status="failed", error=exc.to_dict(), seconds=round(timing["seconds"], 3))
+        except BaseException as exc:  # recorded as failed with the reason, whatever it is (Ctrl-C included)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                error = ResourceError("disk_full", step=name, path=str(self.out), free=_free_space(self.out))
+            else:
+                error = explain(exc, i18n.ui("where_step", step=name), self.log_file)
+            record.update(status="failed", error=error.to_dict(), seconds=round(timing["seconds"], 3))
             self._save()
-            raise
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if error is exc:
                 raise
-            full = ResourceError("disk_full", step=name, path=str(self.out), free=_free_space(self.out))
-            record.update(status="failed", error=full.to_dict())
-            self._save()
-            raise full from exc
+            raise error from exc
         self.monitor.sample()
         (self.out / name).mkdir(exist_ok=True)
         write_atomic(self.out / name / STEP_FILE, json.dumps(result, indent=2, default=str))
@@ -155,12 +159,17 @@ def run(config: ExportConfiguration) -> RunResult:
         with state.monitor:
             try:
                 _steps(state)
-            except ExportError as exc:
-                _report(state, failure=exc)
-                raise
+            except BaseException as exc:  # every way out leaves a report saying why, and no step "running"
+                error = explain(exc, i18n.ui("where_run"), state.log_file)
+                _report(state, failure=error)
+                _cleanup(state)
+                if error is exc:
+                    raise
+                raise error from exc
             _cleanup(state)
+    verify = state.results.get("verify", {})
     return RunResult(str(out), state.manifest["steps"], state.results.get("export", {}).get("artifacts", {}),
-                     state.results.get("report", {}).get("html"), state.results.get("verify", {}).get("passed"))
+                     state.results.get("report", {}).get("html"), verify.get("passed"), verify.get("counts", {}))
 
 
 LOCK_FILE = ".model-export.lock"
@@ -199,13 +208,14 @@ def _steps(state: _Run) -> None:
     detection = state.step("detect", [c.checkpoint_path, c.checkpoint_selection, _fingerprint(candidates)],
                            lambda: detect(c.checkpoint_path, c.checkpoint_selection).to_dict())
     checkpoint = Path(detection["selected"])
+    logger.info(i18n.ui("detected", path=checkpoint))
     base = c.base_model_name or read_adapter_config(checkpoint).get("base_model_name_or_path")
     if not base:
         raise BaseModelError("base_model_unknown", path=str(checkpoint / "adapter_config.json"))
     info = inspect_base_model(base)
     state.step("check", [base, _fingerprint(info.shards), file_sha256(weights_file(checkpoint)), _fingerprint([checkpoint / "adapter_config.json"])],
                lambda: {**validate_checkpoint(checkpoint, base, progress=c.enable_progress_monitoring).to_dict(),
-                        "base_bytes": info.weight_bytes})
+                        "base_bytes": info.weight_bytes, "base_dtypes": sorted({t.dtype for t in info.tensors.values()})})
     resolve_device(c.device_map)  # device_map: cuda without a GPU stops here (ME405), before anything is written
     if "tensorrt" in c.formats:
         from .exporters.tensorrt_export import check_tensorrt
@@ -232,10 +242,12 @@ def _steps(state: _Run) -> None:
     if c.run_validation_tests:
         settings = [c.test_input_samples, c.validation_tolerance, c.validation_min_top1, c.validation_max_kl,
                     c.validation_int4_min_top1, c.validation_int4_max_kl, c.validation_new_tokens,
-                    c.base_model_load_in_4bit, c.base_model_load_in_8bit]
+                    c.base_model_load_in_4bit, c.base_model_load_in_8bit, c.max_sequence_length, c.batch_size,
+                    c.save_intermediate_results]
         state.step("verify", settings, lambda: _verify(state, checkpoint, info.path))
     else:
         state.manifest["steps"].pop("verify", None)
+        state.results["verify"] = {"skipped": i18n.ui("reason_validation_off")}
     if c.run_benchmarks:
         from dataclasses import asdict
 
@@ -320,19 +332,17 @@ def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:
 
             gguf_type = gguf_type_for(c.quantization_level, state.out / "merge", c.gguf_type)
             details[fmt] = export_gguf(state.out / "merge", partial, gguf_type=gguf_type, name=checkpoint.parent.name)
-            details[fmt]["path"] = str(target / Path(details[fmt]["path"]).name)
             if c.gguf_lora_adapter:
                 from .base_model import resolve_base_model
                 from .exporters.gguf_export import export_gguf_lora, read_back_lora
 
                 lora = export_gguf_lora(checkpoint, resolve_base_model(base), partial)
                 details[fmt]["lora_adapter"] = {**read_back_lora(lora["path"], checkpoint, resolve_base_model(base)),
-                                                "path": str(target / Path(lora["path"]).name)}
+                                                "path": lora["path"]}
         elif fmt == "tensorrt":
             from .exporters.tensorrt_export import export_tensorrt
 
             details[fmt] = export_tensorrt(state.out / "merge", partial, fp16=c.quantization_level == "fp16", max_batch=c.batch_size)
-            details[fmt]["path"] = str(target / Path(details[fmt]["path"]).name)
         else:
             merge(checkpoint, base, partial, dtype=_MERGE_DTYPES[c.quantization_level], max_shard_size=c.max_shard_size,
                   format="pytorch", compress_weights=c.compress_weights, remove_training_artifacts=c.remove_training_artifacts,
@@ -341,9 +351,27 @@ def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:
         shutil.rmtree(target, ignore_errors=True)
         os.replace(partial, target)
         artifacts[fmt] = str(target)
+        if fmt in details:  # the exporters name files under the partial folder, which is now the target
+            details[fmt] = _relocate(details[fmt], str(partial), str(target))
     # An ONNX folder's size is that of one deployable graph: the optimized copy is reported on its own row.
     sizes = {fmt: _size(Path(p), skip="model.optimized.onnx") for fmt, p in artifacts.items()}
-    return {"artifacts": artifacts, "sizes": sizes, "details": details}
+    # The weights alone, to compare with the base's weights (tokenizer and config files are not worth a warning).
+    weights = {fmt: _size(Path(p), skip="model.optimized.onnx", only=WEIGHT_SUFFIXES) for fmt, p in artifacts.items()}
+    return {"artifacts": artifacts, "sizes": sizes, "weight_sizes": weights, "details": details}
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".data", ".gguf", ".engine")
+
+
+def _relocate(data: Any, old: str, new: str) -> Any:
+    """``data`` with every path under ``old`` moved under ``new``."""
+    if isinstance(data, str):
+        return new + data[len(old):] if data == old or data.startswith(old + os.sep) else data
+    if isinstance(data, dict):
+        return {k: _relocate(v, old, new) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_relocate(v, old, new) for v in data]
+    return data
 
 
 def _files(folder: str | None) -> list[Path]:
@@ -359,40 +387,60 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _size(path: Path, skip: str | None = None) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not (skip and f.name.startswith(skip)))
+def _size(path: Path, skip: str | None = None, only: tuple[str, ...] | None = None) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*")
+               if f.is_file() and not (skip and f.name.startswith(skip)) and (only is None or f.name.endswith(only)))
 
 
 def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
-    from .verify import Bounds, compute_reference, verify_artifact, verify_gguf
+    from .verify import Bounds, RunOptions, compute_reference, precision_of, verify_artifact, verify_gguf
 
     c = state.config
+    options = RunOptions.from_config(c)
     tokenizer_dir = tokenizer_source([checkpoint, checkpoint.parent, base_dir]) or base_dir
     reference = compute_reference(base_dir, checkpoint, tokenizer_dir, c.test_input_samples, c.validation_new_tokens,
-                                  device_map=c.device_map, load_in_4bit=c.base_model_load_in_4bit,
-                                  load_in_8bit=c.base_model_load_in_8bit)
-    bounds, where = Bounds.from_config(c), {"device": reference.device, "precision": reference.precision}
-    verdicts, failures = {}, []
-    for label, path in _verifiable(state.results["export"]["artifacts"]):
-        if label == "gguf":
-            verdict = verify_gguf(path, state.out / "merge", reference, bounds, new_tokens=c.validation_new_tokens)
-        else:
-            verdict = verify_artifact(path, reference, bounds, new_tokens=c.validation_new_tokens, raise_on_failure=False,
-                                      device_map=c.device_map)
-        verdicts[label] = verdict.to_dict()
-        (state.out / "verify").mkdir(exist_ok=True)
-        write_atomic(state.out / "verify" / f"{label}.json", json.dumps(verdicts[label], indent=2))
-        failures.append(verdict.failure)
-    failed = [f for f in failures if f is not None]
-    if failed:  # every artifact was judged first, so the report shows them all; the first failure is raised
-        state.results["verify"] = {"passed": False, "verdicts": verdicts, "reference": where}
-        raise failed[0]
-    if c.save_intermediate_results:
+                                  load_in_4bit=c.base_model_load_in_4bit, load_in_8bit=c.base_model_load_in_8bit, options=options)
+    verify_dir = state.out / "verify"
+    verify_dir.mkdir(exist_ok=True)
+    for stale in verify_dir.glob("*.pt"):  # intermediate results of an earlier run are never mistaken for this one's
+        stale.unlink()
+    if c.save_intermediate_results:  # kept whatever the verdicts, to debug a failure against the reference
         import torch
 
         torch.save({"prompts": reference.prompts, "input_ids": reference.input_ids, "logits": reference.logits,
-                    "greedy": reference.greedy}, state.out / "verify" / "reference.pt")
-    return {"passed": True, "verdicts": verdicts, "reference": where}
+                    "greedy": reference.greedy}, verify_dir / "reference.pt")
+    # Every artifact was written from the merge: its weights went through the merge's dtype (bf16 for a bf16 base).
+    floor = precision_of(state.out / "merge")
+    bounds, where = Bounds.from_config(c), {"device": reference.device, "precision": reference.precision, "merge": floor}
+    verdicts, failures = {}, []
+    for label, path in _verifiable(state.results["export"]["artifacts"]):
+        if label == "gguf":
+            verdict = verify_gguf(path, state.out / "merge", reference, bounds, new_tokens=c.validation_new_tokens, floor=floor,
+                                  options=options)
+        else:
+            verdict = verify_artifact(path, reference, bounds, new_tokens=c.validation_new_tokens, raise_on_failure=False,
+                                      floor=floor, options=options)
+        verdicts[label] = verdict.to_dict()
+        write_atomic(verify_dir / f"{label}.json", json.dumps(verdicts[label], indent=2, allow_nan=False))
+        if c.save_intermediate_results and verdict.outputs is not None:
+            import torch
+
+            torch.save(verdict.outputs, verify_dir / f"{label}.pt")
+        failures.append(verdict.failure)
+    counts = verdict_counts(verdicts)
+    # passed: true when every artifact was run and verified; null when none failed but some were not run.
+    result = {"passed": None if counts["not_run"] else True, "counts": counts, "verdicts": verdicts, "reference": where}
+    failed = [f for f in failures if f is not None]
+    if failed:  # every artifact was judged first, so the report shows them all; the first failure is raised
+        state.results["verify"] = {**result, "passed": False}
+        raise failed[0]
+    return result
+
+
+def verdict_counts(verdicts: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """How many artifacts were verified, failed, and not run."""
+    statuses = [v["status"] for v in verdicts.values()]
+    return {status: statuses.count(status) for status in ("verified", "failed", "not_run")}
 
 
 def _verifiable(artifacts: dict[str, str]) -> list[tuple[str, Path]]:
@@ -430,10 +478,16 @@ def _report(state: _Run, failure: ExportError | None = None) -> None:
 
 
 def _cleanup(state: _Run) -> None:
-    """cleanup_temp_files: no *.partial left behind (a killed run's leftovers are removed on the next run too)."""
-    if state.config.cleanup_temp_files:
-        for leftover in state.out.rglob("*.partial"):
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
+    """cleanup_temp_files: true removes every *.partial (what a failed or killed step was writing) when the run ends,
+    failed or not; false keeps them for debugging and says where they are."""
+    leftovers = sorted(state.out.rglob("*.partial"))
+    if not state.config.cleanup_temp_files:
+        for leftover in leftovers:
+            logger.info(i18n.ui("partial_kept", path=leftover))
+        return
+    for leftover in leftovers:
+        logger.debug("removing %s", leftover)
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)

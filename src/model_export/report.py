@@ -14,17 +14,17 @@ from typing import Any
 
 from . import i18n
 from .hf_layout import write_atomic
-from .verify import reference_line
+from .verify import finite, reference_line
 
-__all__ = ["write_report", "summary_rows"]
+__all__ = ["write_report", "summary_rows", "verdict_summary"]
 
 _CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:980px;color:#1d2330}
 h1{font-size:22px}h2{font-size:17px;margin-top:2em}table{border-collapse:collapse;width:100%}
 td,th{border-bottom:1px solid #e3e6ec;padding:6px 8px;text-align:left}th{background:#f5f7fa}
 .banner{padding:14px 18px;border-radius:8px;font-size:17px;font-weight:600}
-.pass{background:#e5f6ea;color:#17642f}.fail{background:#fde8e8;color:#9b1c1c}.muted{color:#6b7280}
+.pass{background:#e5f6ea;color:#17642f}.fail{background:#fde8e8;color:#9b1c1c}.partial{background:#fef3c7;color:#92400e}.muted{color:#6b7280}
 .grid{display:grid;grid-template-columns:1fr 1fr;gap:18px}svg{background:#fbfcfd;border:1px solid #e3e6ec;border-radius:6px}
-code{background:#f1f3f6;padding:1px 4px;border-radius:3px}.ok{color:#17642f}.bad{color:#9b1c1c}"""
+code{background:#f1f3f6;padding:1px 4px;border-radius:3px}.ok{color:#17642f}.bad{color:#9b1c1c}.warn{color:#92400e}"""
 
 
 def _gb(n: float) -> str:
@@ -35,10 +35,11 @@ def _gb(n: float) -> str:
 
 
 def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per artifact: format, path, size (and against the base), verification outcome, perplexity on the
-    held-out text, and a warning when the artifact is larger than the base model, saying why."""
+    """One row per artifact: format, path, size (and against the base), verdict (verified, failed, or not_run with
+    its reason), perplexity on the held-out text, and a warning when the artifact is larger than the base model."""
     export = results.get("export", {})
-    verdicts = results.get("verify", {}).get("verdicts", {})
+    verify = results.get("verify", {})
+    verdicts = verify.get("verdicts", {})
     base_bytes = results.get("check", {}).get("base_bytes")
     rows = []
     for fmt, path in export.get("artifacts", {}).items():
@@ -46,28 +47,54 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         extra = [(label, v) for label, v in verdicts.items() if label.startswith(f"{fmt}-")]
         for label, v, where, size in [(fmt, verdicts.get(fmt), path, export.get("sizes", {}).get(fmt, 0)),
                                       *[(label, v, v["artifact"], _graph_bytes(v["artifact"])) for label, v in extra]]:
-            rows.append({"format": label, "path": where, "bytes": size,
-                         "verified": None if v is None else bool(v["passed"]), "rule": v and v["rule"],
-                         "max_abs_diff": v and v["max_abs_diff"], "mean_kl": v and v["mean_kl"], "top1": v and v["top1_agreement"],
-                         "ran": bool(v and v.get("samples")),  # False: checked without running (a GGUF read back only)
-                         "perplexity": v and v.get("perplexity"), "reference_perplexity": v and v.get("reference_perplexity"),
+            if v is None:  # verification did not run this artifact at all
+                v = {"status": "not_run", "rule": "", "reason": verify.get("skipped") or i18n.ui("reason_verify_not_reached")}
+            rows.append({"format": label, "path": where, "bytes": size, "status": v["status"],
+                         "verified": v["status"] == "verified", "reason": v.get("reason"), "rule": v.get("rule"),
+                         "max_abs_diff": v.get("max_abs_diff"), "mean_kl": v.get("mean_kl"), "top1": v.get("top1_agreement"),
+                         "perplexity": v.get("perplexity"), "reference_perplexity": v.get("reference_perplexity"),
                          "size_vs_base": round(size / base_bytes, 3) if base_bytes else None,
-                         "warning": _size_warning(label, size, base_bytes, v)})
+                         "warning": _size_warning(label, export.get("weight_sizes", {}).get(label, size) if label == fmt
+                                                  else size, results, v)})
     return rows
 
 
-def _size_warning(label: str, size: int, base_bytes: int | None, verdict: dict[str, Any] | None) -> str | None:
-    """Why an artifact is larger than the base model, when it is."""
-    if not base_bytes or size <= base_bytes * 1.05:  # metadata, tokenizer and config files are not worth a warning
+def verdict_summary(rows: list[dict[str, Any]]) -> str:
+    """``3 verified, 1 not run (gguf: llama-cpp-python is not installed)``: how many of each, and why not run."""
+    counts = {status: [r for r in rows if r["status"] == status] for status in ("verified", "failed", "not_run")}
+    parts = [i18n.ui("count_verified", count=len(counts["verified"]))]
+    if counts["failed"]:
+        parts.append(i18n.ui("count_failed", count=len(counts["failed"]), formats=", ".join(r["format"] for r in counts["failed"])))
+    if counts["not_run"]:
+        reasons = "; ".join(f"{r['format']}: {r['reason']}" for r in counts["not_run"])
+        parts.append(i18n.ui("count_not_run", count=len(counts["not_run"]), reasons=reasons))
+    return ", ".join(parts)
+
+
+def _size_warning(label: str, weight_bytes: int, results: dict[str, Any], verdict: dict[str, Any]) -> str | None:
+    """Why an artifact's weights take more room than the base's, naming only the causes that apply to this run."""
+    check = results.get("check", {})
+    base_bytes = check.get("base_bytes")
+    if not base_bytes or weight_bytes <= base_bytes * 1.05:
         return None
-    ratio = size / base_bytes
-    if verdict and verdict.get("precision") == "full" and ratio > 1.5:
-        key = "warn_larger_fp32"
-    elif label.startswith("onnx"):
-        key = "warn_larger_onnx"
-    else:
-        key = "warn_larger_other"
-    return i18n.ui(key, ratio=f"{ratio:.2f}")
+    causes = []
+    half = set(check.get("base_dtypes", [])) & {"BF16", "F16"}
+    if verdict.get("precision") == "full" and half:
+        causes.append(i18n.ui("cause_widened_onnx" if label.startswith("onnx") else "cause_widened", dtype="/".join(sorted(half))))
+    if results.get("merge", {}).get("untied_embeddings"):
+        causes.append(i18n.ui("cause_untied"))
+    if label.startswith("onnx"):
+        causes.append(i18n.ui("cause_onnx_tables"))
+    if verdict.get("precision") in ("reduced", "int4") and not half and label.startswith("onnx"):
+        causes.append(i18n.ui("cause_float_embedding"))
+    if not causes:
+        causes.append(i18n.ui("cause_unknown"))
+    return i18n.ui("warn_larger", ratio=f"{weight_bytes / base_bytes:.2f}", causes="; ".join(causes))
+
+
+def strict_json(data: Any) -> str:
+    """JSON that every parser accepts: NaN and infinities become null (json.dumps would write NaN, which is not JSON)."""
+    return json.dumps(finite(data), indent=2, default=str, allow_nan=False)
 
 
 def _graph_bytes(graph: str) -> int:
@@ -126,21 +153,32 @@ def _number(value: float | None, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+_STATUS_CLASS = {"verified": "ok", "failed": "bad", "not_run": "warn"}
+STATUS_TEXT = {"verified": "status_verified", "failed": "status_failed", "not_run": "status_not_run"}
+
+
 def _artifact_row(r: dict[str, Any]) -> str:
-    passed, failed = html.escape(i18n.ui("report_passed")), html.escape(i18n.ui("report_failed"))
-    verified = "—" if r["verified"] is None else (f'<b class="ok">{passed}</b>' if r["verified"] else f'<b class="bad">{failed}</b>')
-    if r["verified"] and not r.get("ran"):
-        verified = f'<b>{html.escape(i18n.ui("report_read_back"))}</b>'
+    verdict = f'<b class="{_STATUS_CLASS[r["status"]]}">{html.escape(i18n.ui(STATUS_TEXT[r["status"]]))}</b>'
+    if r["reason"]:
+        verdict += f'<br><span class="muted">{html.escape(r["reason"])}</span>'
     ratio = "" if r["size_vs_base"] is None else f" ({r['size_vs_base']:.2f}×)"
     return (f"<tr><td><b>{r['format']}</b></td><td><code>{html.escape(r['path'])}</code></td><td>{_gb(r['bytes'])}{ratio}</td>"
-            f"<td>{verified}</td><td>{html.escape(r['rule'] or '')}</td><td>{_number(r['max_abs_diff'], '.3g')}</td>"
+            f"<td>{verdict}</td><td>{html.escape(r['rule'] or '')}</td><td>{_number(r['max_abs_diff'], '.3g')}</td>"
             f"<td>{_number(r['mean_kl'], '.3g')}</td><td>{_number(r['top1'], '.3f')}</td><td>{_number(r['perplexity'], '.3f')}</td></tr>")
+
+
+def banner(rows: list[dict[str, Any]], failure: Any) -> tuple[str, str]:
+    """The report's first line: (css class, text). Passed only when every artifact was run and verified."""
+    if failure is not None:
+        return "fail", i18n.ui("report_fail", error=failure, summary=verdict_summary(rows))
+    if rows and all(r["status"] == "verified" for r in rows):
+        return "pass", i18n.ui("report_pass", count=len(rows))
+    return "partial", i18n.ui("report_partial", count=len(rows), summary=verdict_summary(rows))
 
 
 def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, failure: Any) -> str:
     rows = summary_rows(results)
-    passed = failure is None and all(r["verified"] is not False for r in rows)
-    banner = ("pass", i18n.ui("report_pass", count=len(rows))) if passed else ("fail", i18n.ui("report_fail", error=failure or "?"))
+    banner_class, banner_text = banner(rows, failure)
     table = "".join(_artifact_row(r) for r in rows)
     steps = manifest.get("steps", {})
     step_rows = "".join(f"<tr><td>{name}</td><td>{s.get('status')}{html.escape(i18n.ui('report_skipped')) if s.get('skipped') else ''}</td>"
@@ -176,7 +214,7 @@ def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, fail
     warnings = "".join(f'<p class="bad">⚠ {html.escape(r["format"])}: {html.escape(r["warning"])}</p>' for r in rows if r["warning"])
     return f"""<!doctype html><html lang="{i18n.current_language()}"><head><meta charset="utf-8"><title>model-export report</title>
 <style>{_CSS}</style></head><body><h1>model-export report</h1>
-<div class="banner {banner[0]}">{html.escape(str(banner[1]))}</div>
+<div class="banner {banner_class}">{html.escape(str(banner_text))}</div>
 <p class="muted">{t("report_checkpoint")} <code>{html.escape(str(detection.get('selected', '?')))}</code> · {t("report_base")}
 <code>{html.escape(str(check.get('base_model', '?')))}</code> · LoRA r={check.get('rank', '?')}, alpha={check.get('lora_alpha', '?')}{where}</p>
 <h2>{t("report_artifacts")}</h2><table><tr>{columns}</tr>{table}</table>{warnings}
@@ -188,10 +226,11 @@ def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, fail
 def write_report(out: Path, manifest: dict[str, Any], results: dict[str, Any], samples: list[tuple[float, int]],
                  failure: Any = None) -> dict[str, str]:
     """Write report.json and report.html into ``out``; return their paths."""
-    data = {"status": "failed" if failure else "passed", "error": failure.to_dict() if failure else None,
-            "artifacts": summary_rows(results), "steps": manifest.get("steps", {}), "results": results,
-            "memory_samples": samples}
-    write_atomic(out / "report.json", json.dumps(data, indent=2, default=str))
+    rows = summary_rows(results)
+    status = {"pass": "passed", "fail": "failed", "partial": "not_verified"}[banner(rows, failure)[0]]
+    data = {"status": status, "summary": verdict_summary(rows), "error": failure.to_dict() if failure else None,
+            "artifacts": rows, "steps": manifest.get("steps", {}), "results": results, "memory_samples": samples}
+    write_atomic(out / "report.json", strict_json(data))
     write_atomic(out / "report.html", _html(manifest, results, samples, failure))
     return {"json": str(out / "report.json"), "html": str(out / "report.html")}
 

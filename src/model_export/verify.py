@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from .errors import ResourceError, ValidationError
 from .monitoring import logger
 
 __all__ = ["Reference", "ArtifactVerdict", "Bounds", "compute_reference", "verify_artifact", "verify_gguf", "precision_of",
-           "reference_line"]
+           "reference_line", "not_run", "finite", "coarsest", "RunOptions", "fit_length"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class SampleResult:
 class ArtifactVerdict:
     artifact: str
     precision: str  # full | reduced | int4 (4- or 5-bit weights)
-    passed: bool
+    status: str  # verified | failed | not_run: a check that did not run is never a pass
     rule: str
     samples: list[SampleResult] = field(default_factory=list)
     diff_histogram: dict[str, list[float]] = field(default_factory=dict)
@@ -69,25 +70,43 @@ class ArtifactVerdict:
     perplexity: float | None = None  # on the bundled held-out text
     reference_perplexity: float | None = None
     readback: dict[str, Any] | None = None  # GGUF: what reading the file back against the merge found
+    reason: str | None = None  # not_run: why it was not run
     failure: ValidationError | None = field(default=None, repr=False)
+    outputs: dict[str, Any] | None = field(default=None, repr=False)  # the artifact's logits and greedy tokens
 
     @property
-    def max_abs_diff(self) -> float:
-        return max((s.max_abs_diff for s in self.samples), default=float("nan"))
+    def passed(self) -> bool:
+        return self.status == "verified"
 
     @property
-    def mean_kl(self) -> float:
-        return sum(s.kl for s in self.samples) / len(self.samples) if self.samples else float("nan")
+    def max_abs_diff(self) -> float | None:
+        return max((s.max_abs_diff for s in self.samples), default=None)
 
     @property
-    def top1_agreement(self) -> float:
-        return sum(s.top1_agreement for s in self.samples) / len(self.samples) if self.samples else float("nan")
+    def mean_kl(self) -> float | None:
+        return sum(s.kl for s in self.samples) / len(self.samples) if self.samples else None
+
+    @property
+    def top1_agreement(self) -> float | None:
+        return sum(s.top1_agreement for s in self.samples) / len(self.samples) if self.samples else None
 
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("failure", "samples")}
+        """Strict JSON: a metric that was not measured is null, never NaN."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("failure", "samples", "outputs")}
         data["samples"] = [asdict(sample) for sample in self.samples]
         data.update(max_abs_diff=self.max_abs_diff, mean_kl=self.mean_kl, top1_agreement=self.top1_agreement)
-        return data
+        return finite(data)
+
+
+def finite(data: Any) -> Any:
+    """``data`` with every NaN or infinite float replaced by None, so json.dumps(allow_nan=False) accepts it."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(v) for v in data]
+    return data
 
 
 @dataclass
@@ -131,18 +150,71 @@ def _encode(tokenizer: Any, prompt: str):
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _run(model: Any, input_ids: Any, new_tokens: int) -> tuple[Any, list[int]]:
-    """Prompt logits (fp32, on the CPU) and greedy continuation of a transformers model, on the model's device."""
+def _logits(model: Any, inputs: list[Any], batch_size: int = 1) -> list[Any]:
+    """Prompt logits (fp32, on the CPU) of a transformers model, ``batch_size`` sequences per forward pass.
+
+    A batch is padded on the right under an attention mask: a causal model's logits at the real positions never see
+    the padding after them, so each sequence's logits are those it has alone (to float rounding)."""
     import torch
 
+    out = []
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start:start + batch_size]
+        length = max(ids.numel() for ids in batch)
+        ids = torch.zeros(len(batch), length, dtype=torch.long)
+        mask = torch.zeros(len(batch), length, dtype=torch.long)
+        for row, seq in enumerate(batch):
+            ids[row, :seq.numel()], mask[row, :seq.numel()] = seq, 1
+        logger.debug("forward pass: batch of %d, %d tokens", len(batch), length)
+        with torch.no_grad():
+            logits = model(ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
+        out.extend(logits[row, :seq.numel()] for row, seq in enumerate(batch))
+    return out
+
+
+def _greedy(model: Any, input_ids: Any, new_tokens: int) -> list[int]:
+    """Greedy continuation of one sequence by a transformers model, on the model's device."""
+    import torch
+
+    if new_tokens == 0:
+        return []
     ids = input_ids[None].to(model.device)
     with torch.no_grad():
-        logits = model(ids).logits[0].float().cpu()
-        if new_tokens == 0:
-            return logits, []
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              do_sample=False, pad_token_id=model.config.pad_token_id or 0)
-    return logits, out[0, input_ids.numel():].tolist()
+    return out[0, input_ids.numel():].tolist()
+
+
+def _run(model: Any, inputs: list[tuple[Any, int]], batch_size: int = 1) -> list[tuple[Any, list[int]]]:
+    """Prompt logits (batched) and greedy continuations of a transformers model for ``(ids, new_tokens)`` inputs."""
+    logits = _logits(model, [ids for ids, _ in inputs], batch_size)
+    return [(got, _greedy(model, ids, count)) for got, (ids, count) in zip(logits, inputs)]
+
+
+def fit_length(ids: Any, new_tokens: int, max_length: int, label: str) -> Any:
+    """``ids`` cut so that it and ``new_tokens`` generated tokens fit in ``max_length`` (max_sequence_length, or the
+    model's own max_position_embeddings when smaller), with a warning naming the sample."""
+    keep = max(max_length - new_tokens, 1)
+    if ids.numel() <= keep:
+        return ids
+    logger.warning(i18n.ui("sample_truncated", sample=label, tokens=ids.numel(), kept=keep, limit=max_length))
+    return ids[:keep]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How models run in verification: ``batch_size`` sequences per forward pass (batch_size), sequences cut to
+    ``max_length`` tokens with the generated ones (max_sequence_length), weight files memory-mapped or read whole
+    (use_memory_mapping), on ``device_map``."""
+
+    batch_size: int = 1
+    max_length: int = 2048
+    mmap: bool = True
+    device_map: str = "cpu"
+
+    @classmethod
+    def from_config(cls, config: Any) -> "RunOptions":
+        return cls(config.batch_size, config.max_sequence_length, config.use_memory_mapping, config.device_map)
 
 
 def reference_line(device: str, precision: str) -> str:
@@ -160,12 +232,14 @@ def _release(device: str) -> None:
 
 
 def compute_reference(base_dir: Path, checkpoint: Path, tokenizer_dir: Path, prompts: list[str], new_tokens: int, *,
-                      device_map: str = "cpu", load_in_4bit: bool = False, load_in_8bit: bool = False) -> Reference:
+                      device_map: str | None = None, load_in_4bit: bool = False, load_in_8bit: bool = False,
+                      options: RunOptions = RunOptions()) -> Reference:
     """Logits and greedy tokens of base + adapter through PEFT, unmerged, in fp32; the model is released after.
 
-    ``device_map`` places it (cpu, cuda, auto: the GPU when there is one, the CPU after a CUDA out-of-memory);
+    ``options.device_map`` places it (cpu, cuda, auto: the GPU when there is one, the CPU after a CUDA out-of-memory);
     ``load_in_4bit`` / ``load_in_8bit`` load the base through bitsandbytes on the GPU (then the reference itself is
-    approximate, and the artifacts are judged on the bounds of that precision).
+    approximate, and the artifacts are judged on the bounds of that precision). Every sequence is cut to
+    ``options.max_length`` (or the model's max_position_embeddings) with its generated tokens.
     """
     import torch
     from peft import PeftModel
@@ -173,9 +247,13 @@ def compute_reference(base_dir: Path, checkpoint: Path, tokenizer_dir: Path, pro
 
     from .reference import load_model, on_device
 
+    if device_map is not None:
+        options = RunOptions(options.batch_size, options.max_length, options.mmap, device_map)
+    limit = min(options.max_length, _max_positions(base_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    encoded = [_encode(tokenizer, p) for p in prompts]
-    heldout = torch.tensor(tokenizer(heldout_text(), add_special_tokens=False)["input_ids"][:HELDOUT_TOKENS], dtype=torch.long)
+    encoded = [fit_length(_encode(tokenizer, p), new_tokens, limit, repr(p[:40])) for p in prompts]
+    heldout_ids = torch.tensor(tokenizer(heldout_text(), add_special_tokens=False)["input_ids"][:HELDOUT_TOKENS], dtype=torch.long)
+    heldout = fit_length(heldout_ids, 0, limit, "held-out text")
 
     def work(device: str) -> Reference:
         bits = 4 if load_in_4bit else 8 if load_in_8bit else None
@@ -184,18 +262,28 @@ def compute_reference(base_dir: Path, checkpoint: Path, tokenizer_dir: Path, pro
             bits = None
         precision = {4: "int4", 8: "reduced", None: "full"}[bits]
         logger.info(reference_line(device, precision))
-        model = load_model(str(base_dir), dtype=torch.float32, device_map=device, load_in_4bit=bits == 4, load_in_8bit=bits == 8)
+        model = load_model(str(base_dir), dtype=torch.float32, device_map=device, load_in_4bit=bits == 4, load_in_8bit=bits == 8,
+                           disable_mmap=not options.mmap)
         try:
             model = PeftModel.from_pretrained(model, str(checkpoint)).eval()
-            results = [_run(model, ids, new_tokens) for ids in encoded]
-            heldout_logits = _run(model, heldout, 0)[0]
+            results = _run(model, [(ids, new_tokens) for ids in encoded] + [(heldout, 0)], options.batch_size)
         finally:
             del model
             _release(device)
+        heldout_logits = results.pop()[0]
         return Reference(prompts, encoded, [r[0] for r in results], [r[1] for r in results], heldout,
                          perplexity(heldout_logits, heldout), device, precision)
 
-    return on_device(device_map, work, what=i18n.ui("doing_reference"))
+    return on_device(options.device_map, work, what=i18n.ui("doing_reference"))
+
+
+def _max_positions(model_dir: Path) -> int:
+    """The model's max_position_embeddings (no limit when its config.json does not say)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        return int(config.get("max_position_embeddings") or 2**31)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 2**31
 
 
 def precision_of(artifact: Path) -> str:
@@ -234,9 +322,9 @@ def precision_of(artifact: Path) -> str:
     return "reduced" if dtypes & {"BF16", "F16", "F8_E4M3", "F8_E5M2", "I8", "U8"} else "full"
 
 
-def _run_artifact(artifact: Path, reference: Reference, new_tokens: int, device_map: str = "cpu") -> list[tuple[Any, list[int]]]:
+def _run_artifact(artifact: Path, reference: Reference, new_tokens: int, options: RunOptions = RunOptions()) -> list[tuple[Any, list[int]]]:
     """Prompt logits and greedy tokens of the artifact for every reference input (transformers, placed by
-    ``device_map``; onnxruntime for a graph; TensorRT for an engine; llama.cpp for a GGUF), then the held-out
+    ``options.device_map``; onnxruntime for a graph; TensorRT for an engine; llama.cpp for a GGUF), then the held-out
     text's logits (no generation)."""
     import torch
 
@@ -259,14 +347,15 @@ def _run_artifact(artifact: Path, reference: Reference, new_tokens: int, device_
     from .reference import on_device
 
     def work(device: str) -> list[tuple[Any, list[int]]]:
-        model = AutoModelForCausalLM.from_pretrained(str(artifact), dtype="auto", device_map=device).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(artifact), dtype="auto", device_map=device,
+                                                     disable_mmap=not options.mmap).eval()
         try:
-            return [_run(model, ids, count) for ids, count in inputs]
+            return _run(model, inputs, options.batch_size)
         finally:
             del model
             _release(device)
 
-    return on_device(device_map, work, what=i18n.ui("doing_artifact", artifact=artifact))
+    return on_device(options.device_map, work, what=i18n.ui("doing_artifact", artifact=artifact))
 
 
 def _llama_cpp_run(artifact: Path, tokens: list[int], new_tokens: int) -> tuple[Any, list[int]]:
@@ -293,7 +382,8 @@ def _llama_cpp_run(artifact: Path, tokens: list[int], new_tokens: int) -> tuple[
     return logits, generated
 
 
-def verify_gguf(artifact: Path, merged: Path, reference: Reference, bounds: Bounds = Bounds(), *, new_tokens: int) -> ArtifactVerdict:
+def verify_gguf(artifact: Path, merged: Path, reference: Reference, bounds: Bounds = Bounds(), *, new_tokens: int,
+                floor: str = "full", options: RunOptions = RunOptions()) -> ArtifactVerdict:
     """Read the GGUF back against the merge (always), then run it in llama.cpp and judge it like any artifact
     (where llama-cpp-python is installed). A read-back failure is the guide's 'inference failed'."""
     from . import extras
@@ -303,20 +393,24 @@ def verify_gguf(artifact: Path, merged: Path, reference: Reference, bounds: Boun
     try:
         readback = read_back(artifact, merged)
     except ExportError as exc:
-        verdict = ArtifactVerdict(str(artifact), precision_of(artifact), False, "read back", error=str(exc))
+        verdict = ArtifactVerdict(str(artifact), precision_of(artifact), "failed", "read back", error=str(exc))
         verdict.failure = ValidationError("inference_failed", artifact=str(artifact), error=str(exc))
         return verdict
     if extras.is_available("llama_cpp"):
-        verdict = verify_artifact(artifact, reference, bounds, new_tokens=new_tokens, raise_on_failure=False)
+        verdict = verify_artifact(artifact, reference, bounds, new_tokens=new_tokens, raise_on_failure=False, floor=floor,
+                                  options=options)
         verdict.rule = f"read back ({readback['tensors']} tensors), llama.cpp: {verdict.rule}"
-    else:
-        verdict = ArtifactVerdict(str(artifact), precision_of(artifact), True,
-                                  f"read back ({readback['tensors']} tensors equal to the merge); not run: llama-cpp-python "
-                                  "is not installed (pip install 'model-export[llamacpp]')")
-        logger.info(i18n.ui("verify_line", artifact=artifact, rule=verdict.rule, diff=float("nan"), kl=float("nan"),
-                            top1=float("nan"), result="passed"))
+    else:  # read back equal to the merge, but never run: not a pass
+        verdict = not_run(artifact, precision_of(artifact), i18n.ui("reason_no_llama_cpp"),
+                          rule=f"read back ({readback['tensors']} tensors equal to the merge)")
     verdict.readback = readback
     return verdict
+
+
+def not_run(artifact: str | Path, precision: str, reason: str, rule: str = "") -> ArtifactVerdict:
+    """The verdict of an artifact that was not run, saying why; logged as a warning, never counted as verified."""
+    logger.warning(i18n.ui("verify_not_run", artifact=artifact, reason=reason))
+    return ArtifactVerdict(str(artifact), precision, "not_run", rule, reason=reason)
 
 
 def _compare(reference: Reference, logits: list[Any], greedy: list[list[int]]) -> list[SampleResult]:
@@ -342,8 +436,12 @@ def _histogram(reference: Reference, logits: list[Any], bins: int = 24) -> dict[
 
 
 def verify_artifact(artifact: Path, reference: Reference, bounds: Bounds = Bounds(), *, new_tokens: int,
-                    raise_on_failure: bool = True, device_map: str = "cpu") -> ArtifactVerdict:
+                    raise_on_failure: bool = True, device_map: str | None = None, floor: str = "full",
+                    options: RunOptions = RunOptions()) -> ArtifactVerdict:
     """Run ``artifact`` (a transformers folder, or an ONNX graph file) on the reference's inputs and judge it.
+
+    ``floor`` is the coarsest precision the artifact's weights went through before it was written (the merge's
+    dtype: an fp32 graph written from a bf16 merge holds bf16 values), so it is judged on that precision's bounds.
 
     Raises ValidationError: 'output_mismatch' / 'top1_mismatch' when it disagrees with the reference,
     'inference_failed' when it cannot be loaded or run (unless ``raise_on_failure`` is false).
@@ -353,12 +451,14 @@ def verify_artifact(artifact: Path, reference: Reference, bounds: Bounds = Bound
     precision = "unknown"
     try:
         precision = precision_of(artifact)
-        runs = _run_artifact(artifact, reference, new_tokens, device_map)
+        if device_map is not None:
+            options = RunOptions(options.batch_size, options.max_length, options.mmap, device_map)
+        runs = _run_artifact(artifact, reference, new_tokens, options)
         gc.collect()
-    except ResourceError:  # the machine's fault (CUDA out of memory under device_map: cuda), not the artifact's
+    except (ResourceError, MemoryError, KeyboardInterrupt):  # the machine's fault or the user's, not the artifact's
         raise
     except Exception as exc:  # noqa: BLE001 - any other failure to load or run is the guide's "inference failed"
-        verdict = ArtifactVerdict(str(artifact), precision, False, "inference", error=f"{type(exc).__name__}: {exc}"[:500])
+        verdict = ArtifactVerdict(str(artifact), precision, "failed", "inference", error=f"{type(exc).__name__}: {exc}"[:500])
         verdict.failure = ValidationError("inference_failed", artifact=str(artifact), error=verdict.error)
         if raise_on_failure:
             raise verdict.failure from exc
@@ -367,12 +467,16 @@ def verify_artifact(artifact: Path, reference: Reference, bounds: Bounds = Bound
         heldout_logits, runs = runs[-1][0], runs[:-1]
     logits = [r[0].to(torch.float32) for r in runs]
     samples = _compare(reference, logits, [r[1] for r in runs])
-    verdict = ArtifactVerdict(str(artifact), precision, True, "", samples, _histogram(reference, logits))
+    for sample in samples:
+        logger.debug("%s, sample %r: max |logit diff| %.3g, KL %.3g, top-1 %.3f, greedy %.3f", artifact.name, sample.prompt[:40],
+                     sample.max_abs_diff, sample.kl, sample.top1_agreement, sample.greedy_agreement)
+    verdict = ArtifactVerdict(str(artifact), precision, "verified", "", samples, _histogram(reference, logits))
+    verdict.outputs = {"logits": logits, "greedy": [r[1] for r in runs]}
     if reference.heldout_ids is not None:
         verdict.perplexity = perplexity(heldout_logits, reference.heldout_ids)
         verdict.reference_perplexity = reference.heldout_perplexity
-    verdict.failure = failure = judge(verdict, bounds, reference.precision)
-    verdict.passed = failure is None
+    verdict.failure = failure = judge(verdict, bounds, reference.precision, floor)
+    verdict.status = "verified" if failure is None else "failed"
     logger.info(i18n.ui("verify_line", artifact=artifact, rule=verdict.rule, diff=verdict.max_abs_diff, kl=verdict.mean_kl,
                         top1=verdict.top1_agreement, result="passed" if verdict.passed else "FAILED"))
     if failure is not None and raise_on_failure:
@@ -383,11 +487,19 @@ def verify_artifact(artifact: Path, reference: Reference, bounds: Bounds = Bound
 _COARSENESS = {"full": 0, "reduced": 1, "int4": 2}
 
 
-def judge(verdict: ArtifactVerdict, bounds: Bounds, reference_precision: str = "full") -> ValidationError | None:
-    """Judge on the bounds of the coarser of the artifact's precision and the reference's (a reference loaded in
-    4-bit through bitsandbytes is itself approximate, so even an fp32 artifact is held to the 4-bit bounds)."""
-    precision = max(verdict.precision, reference_precision, key=lambda p: _COARSENESS.get(p, 1))
+def coarsest(*precisions: str) -> str:
+    """The coarsest of precisions (full < reduced < int4)."""
+    return max(precisions, key=lambda p: _COARSENESS.get(p, 1))
+
+
+def judge(verdict: ArtifactVerdict, bounds: Bounds, reference_precision: str = "full", floor: str = "full") -> ValidationError | None:
+    """Judge on the bounds of the coarsest of the artifact's precision, the precision its weights went through before
+    (``floor``: an fp32 graph of a bf16 merge holds bf16 values) and the reference's (a reference loaded in 4-bit through
+    bitsandbytes is itself approximate, so even an fp32 artifact is held to the 4-bit bounds)."""
+    precision = coarsest(verdict.precision, reference_precision, floor)
     suffix = {"reduced": " (reference in 8-bit)", "int4": " (reference in 4-bit)"}.get(reference_precision, "")
+    if not suffix and _COARSENESS.get(floor, 1) > _COARSENESS.get(verdict.precision, 1):
+        suffix = " (weights rounded in the merge)"
     if precision == "full":
         verdict.rule = f"max |logit diff| <= {i18n.format_number(bounds.tolerance)}"
         if verdict.max_abs_diff > bounds.tolerance:

@@ -1,19 +1,30 @@
-"""The report's rows: sizes against the base and the warning that says why an artifact is larger."""
+"""The report's rows: sizes against the base, the verdicts, and the warning that says why an artifact is larger."""
 
-from model_export.report import summary_rows
+import json
+
+from model_export.report import summary_rows, write_report
 
 
-def results(size, precision, fmt="safetensors"):
-    verdict = {"passed": True, "rule": "r", "max_abs_diff": 0.0, "mean_kl": 0.0, "top1_agreement": 1.0, "precision": precision,
+def results(size, precision, fmt="safetensors", base_dtypes=("BF16",), untied=False, status="verified"):
+    verdict = {"status": status, "rule": "r", "max_abs_diff": 0.0, "mean_kl": 0.0, "top1_agreement": 1.0, "precision": precision,
                "samples": [{}], "perplexity": 9.5, "reference_perplexity": 9.4, "artifact": f"/x/{fmt}"}
-    return {"check": {"base_bytes": 1000}, "export": {"artifacts": {fmt: f"/x/{fmt}"}, "sizes": {fmt: size}},
-            "verify": {"verdicts": {fmt: verdict}}}
+    return {"check": {"base_bytes": 1000, "base_dtypes": list(base_dtypes)}, "merge": {"untied_embeddings": untied},
+            "export": {"artifacts": {fmt: f"/x/{fmt}"}, "sizes": {fmt: size}}, "verify": {"verdicts": {fmt: verdict}}}
 
 
-def test_an_fp32_artifact_twice_the_base_says_why():
+def test_an_fp32_artifact_twice_a_bf16_base_says_why():
     [row] = summary_rows(results(2000, "full"))
-    assert row["size_vs_base"] == 2.0 and "stored in fp32" in row["warning"] and "quantization_level: bf16" in row["warning"]
+    assert row["size_vs_base"] == 2.0 and "stored in fp32 while the base is BF16" in row["warning"]
+    assert "quantization_level: bf16" in row["warning"] and "untied" not in row["warning"]
     assert row["perplexity"] == 9.5 and row["reference_perplexity"] == 9.4
+
+
+def test_the_warning_names_only_causes_that_apply():
+    """An fp32 run blames neither bf16 nor int8: untied embeddings are the cause here, and only they are named."""
+    [row] = summary_rows(results(2000, "full", base_dtypes=("F32",), untied=True))
+    assert "two matrices" in row["warning"] and "fp32" not in row["warning"] and "int8" not in row["warning"]
+    [row] = summary_rows(results(1300, "full", fmt="onnx", base_dtypes=("F32",)))
+    assert "rotary tables" in row["warning"] and "bf16" not in row["warning"].lower() and "quantized" not in row["warning"]
 
 
 def test_smaller_or_nearly_equal_artifacts_get_no_warning():
@@ -22,5 +33,26 @@ def test_smaller_or_nearly_equal_artifacts_get_no_warning():
 
 
 def test_a_larger_onnx_folder_names_what_onnx_adds():
-    [row] = summary_rows(results(1300, "reduced", fmt="onnx"))
+    [row] = summary_rows(results(1300, "reduced", fmt="onnx", base_dtypes=("F32",)))
     assert "rotary tables" in row["warning"] and row["size_vs_base"] == 1.3
+
+
+def test_a_verdict_not_run_is_counted_as_such_and_report_json_is_strict(tmp_path):
+    data = results(900, "reduced", fmt="gguf", status="not_run")
+    data["verify"]["verdicts"]["gguf"].update(reason="llama-cpp-python is not installed", max_abs_diff=float("nan"))
+    [row] = summary_rows(data)
+    assert row["status"] == "not_run" and row["verified"] is False and row["reason"] == "llama-cpp-python is not installed"
+    write_report(tmp_path, {"steps": {}}, data, [])
+    text = (tmp_path / "report.json").read_text()
+    assert "NaN" not in text
+    report = json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))  # NaN/Infinity rejected
+    assert report["status"] == "not_verified" and report["summary"] == "0 verified, 1 not run (gguf: llama-cpp-python is not installed)"
+    html = (tmp_path / "report.html").read_text()
+    assert "Not verified" in html and "Passed" not in html
+
+
+def test_without_verification_nothing_is_called_verified():
+    data = results(900, "reduced")
+    data["verify"] = {"skipped": "run_validation_tests is false"}
+    [row] = summary_rows(data)
+    assert row["status"] == "not_run" and row["reason"] == "run_validation_tests is false"
