@@ -24,6 +24,11 @@ _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
+def tokenizer_source(candidates: list[Path]) -> Path | None:
+    """The first folder that holds a tokenizer: the order is the caller's (checkpoint, training root, base)."""
+    return next((d for d in candidates if any((d / f).is_file() for f in TOKENIZER_FILES)), None)
+
+
 @dataclass
 class BaseModelInfo:
     name: str
@@ -110,7 +115,24 @@ def inspect_base_model(name: str) -> BaseModelInfo:
             raise BaseModelError("base_model_invalid", path=str(path), problem=f"{shard.name}: {exc}") from None
         tensors.update(header)
         files.update(dict.fromkeys(header, shard))
+    if not isinstance(config, dict):
+        raise BaseModelError("base_model_invalid", path=str(path), problem=i18n.ui("reason_config_not_mapping"))
+    problem = _layers_problem(config, tensors)
+    if problem:
+        raise BaseModelError("base_model_invalid", path=str(path), problem=problem)
     return BaseModelInfo(name, path, config, tensors, shards, files)
+
+
+def _layers_problem(config: dict[str, Any], tensors: dict[str, Any]) -> str | None:
+    """config.json's layer count against the layers the weights hold (``...layers.N.``), and layer_types' length."""
+    layers = {int(m.group(1)) for name in tensors if (m := re.search(r"\.layers\.(\d+)\.", name))}
+    declared = config.get("num_hidden_layers")
+    if isinstance(declared, int) and layers and declared != max(layers) + 1:
+        return i18n.ui("reason_layer_count", declared=declared, found=max(layers) + 1)
+    types = config.get("layer_types")
+    if isinstance(declared, int) and isinstance(types, list) and len(types) != declared:
+        return i18n.ui("reason_layer_types", declared=declared, types=len(types))
+    return None
 
 
 def _shards(path: Path) -> list[Path]:

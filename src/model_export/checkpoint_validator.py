@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import i18n
-from .base_model import TOKENIZER_FILES, BaseModelInfo, inspect_base_model
+from .base_model import TOKENIZER_FILES, BaseModelInfo, inspect_base_model, tokenizer_source
 from .errors import BaseModelError, CheckpointValidationError
 from .monitoring import Progress, logger
 from .tensor_io import SafetensorsFormatError, read_bytes, read_header, row_bytes
@@ -177,7 +177,7 @@ def _scan(file: Path, progress: bool) -> tuple[dict[str, tuple[int, ...]], list[
                 nonfinite.append(name)
         return shapes, nonfinite
     header = _header(file)
-    meter = Progress("Processing checkpoint", header.data_bytes, enabled=progress)
+    meter = Progress(i18n.ui("progress_checkpoint"), header.data_bytes, enabled=progress)
     with file.open("rb") as fh:
         for info in sorted(header.tensors.values(), key=lambda t: t.start):
             shapes[info.name] = info.shape
@@ -242,6 +242,8 @@ def validate_checkpoint(checkpoint: str | Path, base_model: str | None = None, *
     if nonfinite:
         raise CheckpointValidationError("nonfinite_weights", count=len(nonfinite), tensor=nonfinite[0], path=str(file))
     modules = _check_ranks(shapes, config)
+    if config.get("use_dora") and not any(parse_adapter_key(k)[1] == "dora" for k in shapes):
+        raise CheckpointValidationError("dora_magnitude_missing", path=str(file))
     report = CheckpointReport(
         path=str(directory), peft_type=peft_type, rank=int(config.get("r", 8)), lora_alpha=float(config.get("lora_alpha", 8)),
         use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")),
@@ -269,6 +271,7 @@ def validate_checkpoint(checkpoint: str | Path, base_model: str | None = None, *
 def _check_tokenizer_fits(directory: Path, base: BaseModelInfo, shapes: dict) -> None:
     """Every id of the tokenizer that will be used (the checkpoint's, the Trainer root's, else the base's) must have an
     embedding row: the base's rows, or the adapter's saved embedding when it grew the vocabulary (ME215)."""
+    _check_tokenizer_files(tokenizer_source([directory, directory.parent, base.path]))
     source = next((d for d in (directory, directory.parent, base.path) if (d / "tokenizer.json").is_file()), None)
     if source is None:
         return  # a sentencepiece-only tokenizer: nothing cheap to check
@@ -277,13 +280,47 @@ def _check_tokenizer_fits(directory: Path, base: BaseModelInfo, shapes: dict) ->
         vocab = data.get("model", {}).get("vocab")
         ids = [int(i) for i in vocab.values()] if isinstance(vocab, dict) else []
         ids += [int(t["id"]) for t in data.get("added_tokens") or []]
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return  # unreadable tokenizers are the tokenizer loader's to report
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointValidationError("tokenizer_unreadable", path=str(source / "tokenizer.json"), error=str(exc)[:200]) from None
     rows = [t.shape[0] for name, t in base.tensors.items() if name.endswith("embed_tokens.weight")]
     rows += [shape[0] for key, shape in shapes.items()  # an embedding the adapter saved whole (modules_to_save)
              if parse_adapter_key(key)[1] == "full" and parse_adapter_key(key)[0].removesuffix(".weight").endswith("embed_tokens")]
     if rows and ids and max(ids) >= max(rows):
         raise CheckpointValidationError("tokenizer_mismatch", path=str(source / "tokenizer.json"), max_id=max(ids), rows=max(rows))
+
+
+def _check_tokenizer_files(source: Path | None) -> None:
+    """The JSON files of the tokenizer the run will use (the checkpoint's, the Trainer root's, else the base's) parse
+    (ME216): a damaged one would otherwise stop the run only at verification."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json"):
+        path = source / name if source is not None else None
+        if path is None or not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+            raise CheckpointValidationError("tokenizer_unreadable", path=str(path), error=str(exc)[:200]) from None
+        if not isinstance(data, dict):
+            raise CheckpointValidationError("tokenizer_unreadable", path=str(path), error=f"a JSON {type(data).__name__}, not an object")
+
+
+def _target_problem(config: dict[str, Any], base: BaseModelInfo) -> str | None:
+    """PEFT matches target_modules against the base's module names (a string: a regular expression for the whole name;
+    a list: a name or a name's last parts); when nothing matches, PEFT cannot even load the adapter."""
+    targets = config.get("target_modules")
+    if not targets or targets == "all-linear":
+        return None
+    names = {n.rsplit(".", 1)[0] for n in base.tensors if n.endswith(".weight")}
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error:
+            return i18n.ui("fit_targets", targets=targets)
+        matched = any(pattern.fullmatch(n) for n in names)
+    else:
+        wanted = [str(t) for t in targets]
+        matched = any(n == t or n.endswith("." + t) for n in names for t in wanted)
+    return None if matched else i18n.ui("fit_targets", targets=targets)
 
 
 def _has_tokenizer(directory: Path) -> bool:
@@ -323,7 +360,7 @@ def _base_shape(base: BaseModelInfo, module: str) -> tuple[int, ...] | None:
 
 
 def _check_fit(shapes: dict, modules: dict, config: dict, base: BaseModelInfo) -> None:
-    problems = []
+    problems = [p for p in [_target_problem(config, base)] if p]
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     for module, entry in sorted(modules.items()):
         base_shape = _base_shape(base, module)

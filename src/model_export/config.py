@@ -77,12 +77,18 @@ class ExportConfiguration(BaseModel):
         False, description="Load the base model in 8-bit (bitsandbytes, needs a GPU) for reference and verification runs.")
     device_map: Literal["cpu", "cuda", "auto"] = Field(
         "auto", description="Where models run: cpu, cuda, or auto (the GPU when there is one, else the CPU).")
-    batch_size: int = Field(1, gt=0, description="Samples per forward pass in verification and benchmarks.")
+    batch_size: int = Field(
+        1, gt=0, description="Sequences per forward pass when verification computes prompt logits (the reference and "
+        "transformers artifacts; padded on the right, so results do not change), the batch of the benchmark's second decode "
+        "measurement, and the TensorRT engine's largest batch. 1 uses the least memory.")
     max_sequence_length: int = Field(
-        2048, gt=0, description="Longest sequence used in verification, benchmarks and the ONNX/GGUF metadata.")
+        2048, gt=0, description="Longest sequence verification runs: each test prompt and the held-out text is cut so that it "
+        "and its generated tokens fit in this many tokens (or in the model's max_position_embeddings when that is smaller), "
+        "with a warning naming the sample. Lower it to save memory.")
     use_memory_mapping: bool = Field(
-        True, description="Memory-map weight files when a whole model is loaded (reference runs); the streaming "
-        "merge reads one tensor at a time either way.")
+        True, description="When verification loads a whole model with transformers (the reference and transformers "
+        "artifacts): true memory-maps the weight files (pages shared with the file cache); false reads them into memory "
+        "(for network file systems where mapping is slow). The streaming merge reads one tensor at a time either way.")
 
     # --- output ----------------------------------------------------------------------------
     output_dir: str = Field("./export", description="Where artifacts, the run manifest, the log and the report go.")
@@ -93,7 +99,10 @@ class ExportConfiguration(BaseModel):
         None, description="Shortcut: true adds onnx to export_formats, false removes it; empty leaves export_formats as written.")
     max_shard_size: str = Field("5GB", description="Largest weight shard written (e.g. 5GB, 500MB, 2GiB).")
     quantization_level: QuantizationLevel = Field(
-        "none", description="Weight precision of the artifacts: none (the base model's dtype), bf16, fp16, int8, int4.")
+        "none", description="Weight precision of the artifacts: none, bf16, fp16, int8, int4. none keeps the base model's "
+        "dtype: a bf16 base stays bf16 in safetensors, PyTorch and GGUF; its ONNX graph holds the same bf16 values widened "
+        "to fp32 (onnxruntime has no bf16 CPU kernels, and fp16 activations can overflow), twice the size; fp16 or int4 "
+        "make it smaller. Every artifact is judged on the bounds of the coarsest precision its weights went through.")
     calibration_data: str | None = Field(
         None, description="Text (.txt) or JSON Lines (.jsonl, a 'text' field per line) for quantizers that use "
         "calibration. Every int8/int4 quantizer in this version is data-free (round-to-nearest blocks), so it is "
@@ -158,14 +167,25 @@ class ExportConfiguration(BaseModel):
     benchmark_repeats: int = Field(3, ge=1, description="Timed benchmark runs per artifact (after one warm-up); medians are reported.")
 
     # --- logging and housekeeping -------------------------------------------------------------
-    log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
+    log_level: LogLevel = Field(
+        "INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL (--log-level wins). DEBUG also logs step keys, shards, "
+        "forward passes and per-sample metrics, and lets third-party warnings and progress bars through, which are silent "
+        "otherwise.")
     log_file: str | None = Field(
-        None, description="Log file; empty: export.log in output_dir for runs, none for single commands.")
-    enable_progress_monitoring: bool = Field(True, description="Log 'Processing ...: N% complete' progress lines.")
+        None, description="Log file (--log-file wins); empty: export.log in output_dir for runs, none for single commands. "
+        "Written in English whatever the console's language, as the guide's log lines and grep commands are.")
+    enable_progress_monitoring: bool = Field(
+        True, description="Progress of long steps: one live bar on a terminal; 'Processing ...: N% complete' lines, at most "
+        "one every 5 seconds and the last, in a log file or a pipe.")
     memory_monitoring: bool = Field(False, description="Log 'Memory usage: used / total (percent)' lines during long steps.")
     memory_monitoring_interval: float = Field(5.0, gt=0, description="Seconds between memory usage lines.")
-    cleanup_temp_files: bool = Field(True, description="Delete temporary files when a step finishes.")
-    save_intermediate_results: bool = Field(False, description="Keep each step's intermediate outputs for debugging.")
+    cleanup_temp_files: bool = Field(
+        True, description="When a run ends, failed or not: true removes what an unfinished step was writing (*.partial "
+        "under output_dir); false keeps it for debugging and logs where it is.")
+    save_intermediate_results: bool = Field(
+        False, description="Also save the logits and greedy tokens of the reference and of every artifact run "
+        "(verify/reference.pt, verify/<artifact>.pt), even when verification fails. Each step's result is in "
+        "<step>/.step.json either way.")
     lang: Literal["en", "zh"] | None = Field(None, description="Message language: en or zh; empty: from the locale (zh_* gives zh).")
 
     def __init__(self, **data: Any) -> None:

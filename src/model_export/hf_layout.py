@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .base_model import TOKENIZER_FILES
+from .base_model import TOKENIZER_FILES, tokenizer_source  # noqa: F401 - tokenizer_source is used from here too
 from .checkpoint_validator import TRAINING_ARTIFACTS
 
 __all__ = ["write_atomic", "write_config", "copy_tokenizer", "copy_generation_config", "write_index", "write_model_card",
@@ -45,10 +45,6 @@ def write_config(out: Path, config: dict[str, Any], weight_dtype: str) -> None:
     for key in present:
         config[key] = name
     write_atomic(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def tokenizer_source(candidates: list[Path]) -> Path | None:
-    return next((d for d in candidates if any((d / f).is_file() for f in TOKENIZER_FILES)), None)
 
 
 def copy_tokenizer(out: Path, candidates: list[Path]) -> Path | None:

@@ -78,7 +78,8 @@ class Text(str):
     params: dict[str, Any]
 
     def render(self, lang: str | None = None) -> str:
-        return render("ui", self.key, lang=lang, **self.params)
+        params = {k: v.render(lang) if isinstance(v, Text) else v for k, v in self.params.items()}
+        return render("ui", self.key, lang=lang, **params)
 
 
 def ui(name: str, /, **params: Any) -> Text:

@@ -185,7 +185,7 @@ def _shard_verified(out: Path, state: dict, shard: ShardPlan) -> bool:
 def _write_shards(out: Path, plan: MergePlan, shards: list[ShardPlan], state: dict, key: str, format: str,
                   device: str, progress: bool) -> int:
     by_name = {t.name: t for t in plan.tensors}
-    meter = Progress("Merging", sum(s.nbytes for s in shards), enabled=progress)
+    meter = Progress(i18n.ui("progress_merge"), sum(s.nbytes for s in shards), enabled=progress)
     resumed = 0
     with _Sources() as sources:
         for shard in shards:

@@ -220,3 +220,55 @@ def test_a_tokenizer_with_ids_beyond_the_embedding_is_refused(adapter_copy, tiny
         validate_checkpoint(adapter_copy, str(tiny_base))
     assert err.value.code == "ME215" and f"token ids up to {rows + 5}" in str(err.value) and f"only {rows} rows" in str(err.value)
     assert "modules_to_save" in err.value.hint()
+
+
+# ---- what `check` used to call valid and the run then crashed on (issue 13) ----
+
+def _edit_config(adapter_dir, **changes):
+    path = adapter_dir / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_target_modules_that_match_nothing_in_the_base_are_refused(adapter_copy, tiny_base):
+    _edit_config(adapter_copy, target_modules=["nonexistent_proj"])  # PEFT: NoMatchingPeftModuleError at load
+    with pytest.raises(CheckpointValidationError) as err:
+        validate_checkpoint(adapter_copy, str(tiny_base))
+    assert err.value.code == "ME209" and "target_modules ['nonexistent_proj'] match no module of the base model" in str(err.value)
+    _edit_config(adapter_copy, target_modules=".*\\.nothing_(q|v)")
+    with pytest.raises(CheckpointValidationError):
+        validate_checkpoint(adapter_copy, str(tiny_base))
+    _edit_config(adapter_copy, target_modules=".*\\.(q|v)_proj")  # a regular expression that matches passes
+    assert validate_checkpoint(adapter_copy, str(tiny_base)).fit_checked
+
+
+def test_use_dora_without_magnitude_vectors_is_refused(adapter_copy, tiny_base):
+    _edit_config(adapter_copy, use_dora=True)  # the run's verification disagreed by 0.28 instead
+    with pytest.raises(CheckpointValidationError) as err:
+        validate_checkpoint(adapter_copy, str(tiny_base))
+    assert err.value.code == "ME216" and "lora_magnitude_vector" in str(err.value)
+
+
+def test_a_damaged_tokenizer_in_the_training_root_is_refused(make_run, tiny_base):
+    root = make_run([10])
+    (root / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointValidationError) as err:
+        validate_checkpoint(root / "checkpoint-10", str(tiny_base))
+    assert err.value.code == "ME217" and str(root / "tokenizer.json") in str(err.value)
+    shutil.copy(tiny_base / "tokenizer.json", root / "tokenizer.json")  # a good tokenizer with a damaged config beside it
+    (root / "tokenizer_config.json").write_text("[]")
+    with pytest.raises(CheckpointValidationError) as err:
+        validate_checkpoint(root / "checkpoint-10", str(tiny_base))
+    assert err.value.code == "ME217" and "not an object" in str(err.value)
+
+
+def test_a_base_config_with_layers_its_weights_lack_is_refused(tiny_base, adapter, tmp_path):
+    base = shutil.copytree(tiny_base, tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 2}))
+    with pytest.raises(BaseModelError) as err:
+        validate_checkpoint(adapter, str(base))
+    assert err.value.code == "ME303" and "num_hidden_layers 4, but the weights hold 2 layers" in str(err.value)
+    (base / "config.json").write_text("[]")
+    with pytest.raises(BaseModelError) as err:
+        validate_checkpoint(adapter, str(base))
+    assert err.value.code == "ME303" and "not a JSON object" in str(err.value)
