@@ -102,8 +102,8 @@ def _best(root: Path, candidates: list[Candidate]) -> Candidate:
         raise CheckpointValidationError("best_checkpoint_unknown", path=str(root), problem=i18n.ui("best_no_state"))
     try:
         best = json.loads(state_file.read_text(encoding="utf-8")).get("best_model_checkpoint")
-    except (OSError, json.JSONDecodeError, AttributeError) as exc:
-        raise CheckpointValidationError("best_checkpoint_unknown", path=str(state_file), problem=str(exc)) from None
+    except (OSError, ValueError, AttributeError, RecursionError) as exc:  # ValueError: bad JSON or not UTF-8
+        raise CheckpointValidationError("best_checkpoint_unknown", path=str(state_file), problem=str(exc)[:200]) from None
     if not best or not isinstance(best, str):  # a hand-edited or foreign trainer_state.json may hold anything here
         raise CheckpointValidationError("best_checkpoint_unknown", path=str(state_file), problem=i18n.ui("best_not_recorded"))
     # Training may have run elsewhere: match the folder name, not the recorded path.

@@ -10,6 +10,7 @@ config.json and safetensors headers).
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ from . import i18n
 from .base_model import TOKENIZER_FILES, BaseModelInfo, inspect_base_model, tokenizer_source
 from .errors import BaseModelError, CheckpointValidationError
 from .monitoring import Progress, logger
-from .tensor_io import SafetensorsFormatError, read_bytes, read_header, row_bytes
+from .tensor_io import SafetensorsFormatError, input_file, read_bytes, read_header, row_bytes
 
 if TYPE_CHECKING:
     from .config import ExportConfiguration
@@ -88,11 +89,45 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
         data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointValidationError("adapter_config_invalid", path=str(file), line=exc.lineno, column=exc.colno, problem=exc.msg) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointValidationError("adapter_config_invalid", path=str(file), line=0, column=0, problem=str(exc)) from None
+    except (OSError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointValidationError("adapter_config_invalid", path=str(file), line=0, column=0, problem=str(exc)[:200]) from None
     if not isinstance(data, dict):
         raise CheckpointValidationError("adapter_config_invalid", path=str(file), line=1, column=1, problem="not a JSON object")
+    for key, (accepts, expected) in _ADAPTER_VALUE_TYPES.items():
+        if key in data and not (data[key] is None and key in _NULLABLE) and not accepts(data[key]):
+            raise CheckpointValidationError("adapter_config_value", path=str(file), key=key, value=repr(data[key])[:80],
+                                            expected=expected)
     return data
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _names(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+_NULLABLE = {"target_modules", "modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern",
+             "base_model_name_or_path"}
+# What PEFT's LoraConfig takes for the keys the merge reads: a value of another type is the config's fault, said so.
+_ADAPTER_VALUE_TYPES = {
+    "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+    "lora_alpha": (_number, "a finite number (PEFT scales by lora_alpha / r)"),
+    "target_modules": (_names, "a module name pattern or a list of module names"),
+    "modules_to_save": (_names, "a list of module names"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "rank_pattern": (lambda v: isinstance(v, dict) and all(isinstance(r, int) and r > 0 for r in v.values()),
+                     "an object of module patterns to positive ranks"),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(_number(a) for a in v.values()),
+                      "an object of module patterns to numbers"),
+    "layers_to_transform": (lambda v: isinstance(v, int) or (isinstance(v, list) and all(isinstance(i, int) for i in v)),
+                            "a layer index or a list of them"),
+    "peft_type": (lambda v: isinstance(v, str), "a string such as LORA"),
+    "base_model_name_or_path": (lambda v: isinstance(v, str), "a hub id or a local path"),
+}
 
 
 def _missing(directory: Path, name: str) -> CheckpointValidationError:
@@ -131,9 +166,29 @@ def _check_links(directory: Path) -> None:
     root = directory.resolve()
     for path in directory.rglob("*"):
         if path.is_symlink():
-            target = path.resolve()
+            try:
+                target = path.resolve(strict=True)
+            except (OSError, RuntimeError):  # a loop, or a link to nothing: it cannot be read, so it is refused
+                raise CheckpointValidationError("symlink_outside", path=str(path), target=i18n.ui("link_unresolvable"),
+                                                checkpoint=str(directory)) from None
             if not target.is_relative_to(root):
                 raise CheckpointValidationError("symlink_outside", path=str(path), target=str(target), checkpoint=str(directory))
+        if path.exists() and not (path.is_dir() or path.is_file()):  # a FIFO, device or socket would hang or mislead a read
+            raise CheckpointValidationError("special_file", path=str(path))
+
+
+ROOT_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+              "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json", "generation_config.json",
+              "trainer_state.json")
+
+
+def _check_root_files(root: Path) -> None:
+    """The files the run reads from the training output folder (the checkpoint's parent: tokenizer, chat template,
+    generation config, trainer state) are regular files inside it: a link there must not leak a file from elsewhere on
+    the machine into every artifact (ME214), and a FIFO must not hang the run (ME218)."""
+    for name in ROOT_FILES:
+        if (root / name).is_symlink() or (root / name).exists():
+            input_file(root / name, root)
 
 
 def _header(file: Path):
@@ -254,6 +309,7 @@ def validate_checkpoint(checkpoint: str | Path, base_model: str | None = None, *
     unknown = [k for k in shapes if parse_adapter_key(k)[1] == "unknown"]
     if unknown:
         report.warnings.append(i18n.ui("warn_unknown_tensors", count=len(unknown), first=unknown[0]))
+    _check_root_files(directory.parent)
     base_name = base_model or config.get("base_model_name_or_path")
     if base_name:
         base = inspect_base_model(base_name)

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model: local directory or hub id (default: base_model_name, else adapter_config.json's)")
     p.add_argument("--out", help="output directory (default: <output_dir>/merge)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="output dtype (auto: the base's)")
-    p.add_argument("--max-shard-size", help="largest shard, e.g. 5GB (default: max_shard_size)")
+    p.add_argument("--max-shard-size", type=_size, help="largest shard, e.g. 5GB (default: max_shard_size)")
     p.add_argument("--format", choices=["safetensors", "pytorch"], default="safetensors")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where the update math runs (default: device_map)")
     _config_options(p)
@@ -77,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("benchmark", _benchmark, "benchmark every artifact of a run (or one artifact): load time, first token, decode speed, memory")
     p.add_argument("target", help="a run's output_dir (with run.json), or one artifact: a model folder, .onnx or .gguf")
     p.add_argument("--prompt", default=None, help="prompt, formatted with the chat template (default: the first test_input_samples)")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=1, help="also measure decode speed at this batch size")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; medians are reported")
+    p.add_argument("--new-tokens", type=_positive, default=32)
+    p.add_argument("--batch-size", type=_positive, default=1, help="also measure decode speed at this batch size")
+    p.add_argument("--repeats", type=_positive, default=3, help="timed runs after one warm-up; medians are reported")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
                    help="where transformers runs (auto: the GPU when there is one); onnxruntime and llama.cpp run on the CPU")
 
@@ -94,6 +94,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", _demo, "fine-tune a LoRA on the bundled tiny model, then run the whole pipeline on it (offline)")
     p.add_argument("--workdir", default=".", help="where qwen3-finetuned/ and export-demo/ go (default: here)")
     return parser
+
+
+def _positive(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a bad value is a usage error, exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _size(text: str) -> str:
+    """An argparse type: a size such as 5GB, 500MB or 2GiB, larger than 0."""
+    from .config import parse_size
+
+    try:
+        if parse_size(text) > 0:
+            return text
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    raise argparse.ArgumentTypeError(f"must be larger than 0, got {text!r}")
 
 
 def _config_options(p: argparse.ArgumentParser) -> None:

@@ -25,6 +25,9 @@ __all__ = ["ExportConfiguration", "ConfigProblem", "load_config", "config_from_d
            "parse_size", "EXPORT_FORMATS"]
 
 EXPORT_FORMATS = ("safetensors", "pytorch", "onnx", "gguf", "tensorrt")
+# What a run writes under output_dir: one folder per step and these files; nothing else there is touched.
+OUTPUT_STEPS = ("detect", "check", "merge", "export", "verify", "benchmark", "report")
+OUTPUT_FILES = ("run.json", "report.json", "report.html", "export.log", ".model-export.lock")
 QUANTIZATION_LEVELS = ("none", "bf16", "fp16", "int8", "int4")
 
 ExportFormat = Literal["safetensors", "pytorch", "onnx", "gguf", "tensorrt"]
@@ -319,9 +322,17 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
         raise ConfigError("config_not_found", path=str(path))
     if path.suffix.lower() not in (".yaml", ".yml", ".json"):
         raise ConfigError("config_unsupported_suffix", path=str(path))
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config_parse", path=str(path), line=0, column=exc.start + 1,
+                          problem=f"the file is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError("config_parse", path=str(path), line=0, column=0, problem=exc.strerror or str(exc)) from None
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - safe subclass
+    except RecursionError:
+        raise ConfigError("config_parse", path=str(path), line=0, column=0, problem="nested too deeply to be a configuration") from None
     except json.JSONDecodeError as exc:
         raise ConfigError("config_parse", path=str(path), line=exc.lineno, column=exc.colno, problem=exc.msg) from None
     except yaml.MarkedYAMLError as exc:
@@ -340,7 +351,7 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
 def _key_lines(text: str) -> dict[str, int]:
     try:
         node = yaml.compose(text, Loader=_ConfigLoader)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return {}
     if not isinstance(node, yaml.MappingNode):
         return {}

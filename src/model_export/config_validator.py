@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import extras, i18n
-from .config import ConfigProblem, ExportConfiguration, check_dict, read_config_file
+from .config import OUTPUT_FILES, OUTPUT_STEPS, ConfigProblem, ExportConfiguration, check_dict, read_config_file
 from .errors import ConfigError
 
 __all__ = ["validate_config", "check_config", "FORMAT_QUANTIZATION", "ONNX_MIN_OPSET", "ONNX_IO_RANKS"]
@@ -127,19 +127,64 @@ def _dynamic_axes(config: ExportConfiguration) -> list[ConfigProblem]:
     return problems
 
 
+def _resolved(raw: str) -> Path:
+    """The path with ~ expanded and symbolic links followed (as far as they resolve: a link loop stays as written)."""
+    path = Path(os.path.expanduser(raw))
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path.absolute()
+
+
+def _writable(path: Path) -> bool:
+    """The folder, or its nearest existing parent, can take new files (the run creates output_dir when it is missing)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def _written_paths(output: Path) -> list[Path]:
+    """What a run writes under output_dir, and where links already there lead (a step folder, or a folder in one, that
+    links to an input would make the run write into, or clear, that input)."""
+    paths = []
+    for name in OUTPUT_STEPS + OUTPUT_FILES:
+        path = output / name
+        paths.append(path)
+        links = [path] + (list(path.iterdir()) if path.is_dir() and not path.is_symlink() else [])
+        paths += [_resolved(str(p)) for p in links if p.is_symlink()]
+    return paths
+
+
 def _output_dir(config: ExportConfiguration) -> list[ConfigProblem]:
-    output = Path(os.path.expanduser(config.output_dir)).resolve()
+    """No step ever writes, creates or deletes inside an input: output_dir is not an input or inside one, no input is
+    (or holds) a step folder or file the run writes under output_dir, and log_file is not inside an input."""
+    output = _resolved(config.output_dir)
     inputs = [("what_checkpoint", config.checkpoint_path)]
     if config.base_model_name and Path(os.path.expanduser(config.base_model_name)).is_dir():
         inputs.append(("what_base", config.base_model_name))
+    if config.calibration_data:
+        inputs.append(("what_calibration", config.calibration_data))
+    written = [("output_dir", path) for path in _written_paths(output)]
+    if config.log_file:
+        written.append(("log_file", _resolved(config.log_file)))
     problems = []
+    if output.exists() and not output.is_dir():
+        problems.append(ConfigProblem("output_dir", "output_not_dir", {"path": config.output_dir}))
+    elif not _writable(output):
+        problems.append(ConfigProblem("output_dir", "output_not_writable", {"path": config.output_dir}))
     for what, raw in inputs:
-        path = Path(os.path.expanduser(raw)).resolve()
+        path = _resolved(raw)
         if output == path or output.is_relative_to(path):
             relation = i18n.render("problems", "relation_equal" if output == path else "relation_inside")
             problems.append(ConfigProblem("output_dir", "output_inside_input", {
                 "output": config.output_dir, "relation": relation,
                 "what": i18n.render("problems", what), "input": raw}))
+            continue
+        for key, target in written:
+            if path == target or path.is_relative_to(target) or target.is_relative_to(path):
+                problems.append(ConfigProblem(key, "input_in_written_path", {
+                    "what": i18n.render("problems", what), "input": raw, "target": str(target)}))
+                break
     return problems
 
 

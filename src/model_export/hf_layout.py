@@ -14,6 +14,7 @@ from typing import Any
 
 from .base_model import TOKENIZER_FILES, tokenizer_source  # noqa: F401 - tokenizer_source is used from here too
 from .checkpoint_validator import TRAINING_ARTIFACTS
+from .tensor_io import input_file
 
 __all__ = ["write_atomic", "write_config", "copy_tokenizer", "copy_generation_config", "write_index", "write_model_card",
            "copy_training_artifacts", "TOKENIZER_SET", "rope_parameters", "rope_inv_freq"]
@@ -32,6 +33,8 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
+    """Copy a file of an input (refused when it is a link out of its folder or not a regular file) into an artifact."""
+    src = input_file(src, src.parent)
     partial = dst.with_name(dst.name + ".partial")
     shutil.copyfile(src, partial)
     os.replace(partial, dst)

@@ -19,7 +19,7 @@ import psutil
 
 from . import i18n
 
-__all__ = ["setup_logging", "Progress", "MemoryMonitor", "timed_step", "memory_line", "logger"]
+__all__ = ["setup_logging", "Progress", "MemoryMonitor", "timed_step", "memory_line", "logger", "human_bytes"]
 
 logger = logging.getLogger("model_export")
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
@@ -112,6 +112,14 @@ def quiet_third_party(debug: bool = False) -> None:
 
 def _gb(n: float) -> str:
     return f"{n / 1e9:.1f}GB"
+
+
+def human_bytes(n: float) -> str:
+    """2.35 GB, 512.00 MB, 4.10 KB, 12 B: a size people read at a glance (never 0.00 GB for a small one)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
 def memory_line() -> str:

@@ -28,13 +28,13 @@ from . import i18n
 from .base_model import inspect_base_model
 from .checkpoint_detector import detect
 from .checkpoint_validator import read_adapter_config, validate_checkpoint, weights_file
-from .config import ExportConfiguration, parse_size
+from .config import OUTPUT_STEPS, ExportConfiguration, parse_size
 from .config_validator import check_config
 from .errors import BaseModelError, ExportError, ResourceError, explain
 from .faults import crash_point
 from .hf_layout import tokenizer_source, write_atomic
 from .model_merger import merge
-from .monitoring import MemoryMonitor, logger, setup_logging, timed_step
+from .monitoring import MemoryMonitor, human_bytes, logger, setup_logging, timed_step
 from .reference import resolve_device
 from .tensor_io import file_sha256
 from .verify import finite
@@ -43,7 +43,7 @@ __all__ = ["run", "RunResult", "MANIFEST", "STEPS"]
 
 MANIFEST = "run.json"
 STEP_FILE = ".step.json"  # each step's result, hidden so that it never joins an artifact
-STEPS = ("detect", "check", "merge", "export", "verify", "benchmark", "report")
+STEPS = OUTPUT_STEPS
 # The merge keeps the base dtype for int8/int4: the exporters quantize from it.
 _MERGE_DTYPES = {"none": "auto", "bf16": "bf16", "fp16": "fp16", "int8": "auto", "int4": "auto"}
 
@@ -130,7 +130,7 @@ class _Run:
 
 def _free_space(path: Path) -> str:
     try:
-        return f"{shutil.disk_usage(path).free / 1e9:.2f} GB"
+        return human_bytes(shutil.disk_usage(path).free)
     except OSError:
         return "?"
 
@@ -140,8 +140,26 @@ def _hash(data: Any) -> str:
 
 
 def _fingerprint(paths: list[Path]) -> list[list[Any]]:
-    """Name, size and modification time of files: enough to notice a changed file without reading it."""
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths if p.is_file()]
+    """Name, size, modification time and a hash of sampled bytes of files: a file rewritten with the same size and
+    mtime (touch -r, a copy that keeps times) is still noticed where its header or any sampled block changed."""
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns, sampled_hash(p)] for p in paths if p.is_file()]
+
+
+SAMPLES, SAMPLE_BYTES = 16, 1 << 16
+
+
+def sampled_hash(path: Path) -> str:
+    """sha256 of the first 64 KiB (a safetensors or GGUF header is there) and 15 more 64 KiB blocks spread evenly over
+    the file: about 1 MiB read per file whatever its size."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        for i in range(SAMPLES):
+            fh.seek(0 if i == 0 else max(size - SAMPLE_BYTES, 0) * i // (SAMPLES - 1))
+            digest.update(fh.read(SAMPLE_BYTES))
+            if size <= SAMPLE_BYTES:
+                break
+    return digest.hexdigest()[:16]
 
 
 def run(config: ExportConfiguration) -> RunResult:
@@ -298,8 +316,8 @@ def check_disk_space(config: ExportConfiguration, info: Any, out: Path) -> None:
     free = shutil.disk_usage(out).free
     total = sum(needs.values())
     if total > free:
-        parts = ", ".join(f"{part} {size / 1e9:.2f} GB" for part, size in needs.items())
-        raise ResourceError("disk_too_small", path=str(out), free=f"{free / 1e9:.2f} GB", need=f"{total / 1e9:.2f} GB", parts=parts)
+        parts = ", ".join(f"{part} {human_bytes(size)}" for part, size in needs.items())
+        raise ResourceError("disk_too_small", path=str(out), free=human_bytes(free), need=human_bytes(total), parts=parts)
 
 
 def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:
@@ -480,7 +498,8 @@ def _report(state: _Run, failure: ExportError | None = None) -> None:
 def _cleanup(state: _Run) -> None:
     """cleanup_temp_files: true removes every *.partial (what a failed or killed step was writing) when the run ends,
     failed or not; false keeps them for debugging and says where they are."""
-    leftovers = sorted(state.out.rglob("*.partial"))
+    # Only inside the run's own step folders: nothing else under output_dir is the run's to delete.
+    leftovers = sorted(p for step in STEPS if (state.out / step).is_dir() for p in (state.out / step).rglob("*.partial"))
     if not state.config.cleanup_temp_files:
         for leftover in leftovers:
             logger.info(i18n.ui("partial_kept", path=leftover))

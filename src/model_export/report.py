@@ -14,6 +14,7 @@ from typing import Any
 
 from . import i18n
 from .hf_layout import write_atomic
+from .monitoring import human_bytes
 from .verify import finite, reference_line
 
 __all__ = ["write_report", "summary_rows", "verdict_summary"]
@@ -27,11 +28,6 @@ td,th{border-bottom:1px solid #e3e6ec;padding:6px 8px;text-align:left}th{backgro
 code{background:#f1f3f6;padding:1px 4px;border-radius:3px}.ok{color:#17642f}.bad{color:#9b1c1c}.warn{color:#92400e}"""
 
 
-def _gb(n: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -162,7 +158,7 @@ def _artifact_row(r: dict[str, Any]) -> str:
     if r["reason"]:
         verdict += f'<br><span class="muted">{html.escape(r["reason"])}</span>'
     ratio = "" if r["size_vs_base"] is None else f" ({r['size_vs_base']:.2f}×)"
-    return (f"<tr><td><b>{r['format']}</b></td><td><code>{html.escape(r['path'])}</code></td><td>{_gb(r['bytes'])}{ratio}</td>"
+    return (f"<tr><td><b>{r['format']}</b></td><td><code>{html.escape(r['path'])}</code></td><td>{human_bytes(r['bytes'])}{ratio}</td>"
             f"<td>{verdict}</td><td>{html.escape(r['rule'] or '')}</td><td>{_number(r['max_abs_diff'], '.3g')}</td>"
             f"<td>{_number(r['mean_kl'], '.3g')}</td><td>{_number(r['top1'], '.3f')}</td><td>{_number(r['perplexity'], '.3f')}</td></tr>")
 
@@ -189,7 +185,7 @@ def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, fail
     if rows:
         labels = ([i18n.ui("report_base")] if base_bytes else []) + [r["format"] for r in rows]
         sizes = ([base_bytes] if base_bytes else []) + [r["bytes"] for r in rows]
-        plots.append(_bars(i18n.ui("report_sizes"), labels, sizes, _gb, "#10b981"))
+        plots.append(_bars(i18n.ui("report_sizes"), labels, sizes, human_bytes, "#10b981"))
     measured = [r for r in rows if r["perplexity"] is not None]
     if measured:
         labels = [i18n.ui("report_reference")] + [r["format"] for r in measured]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["SafetensorsFormatError", "TensorInfo", "SafetensorsHeader", "read_header", "read_bytes", "readinto_full", "DTYPE_SIZES",
+__all__ = ["input_file", "SafetensorsFormatError", "TensorInfo", "SafetensorsHeader", "read_header", "read_bytes", "readinto_full", "DTYPE_SIZES",
            "PlannedTensor", "ShardPlan", "plan_shards", "header_bytes", "ShardWriter", "file_sha256"]
 
 MAX_HEADER_BYTES = 100_000_000
@@ -75,8 +75,8 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         raw = fh.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SafetensorsFormatError(f"the header is not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise SafetensorsFormatError(f"the header is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(header, dict):
         raise SafetensorsFormatError("the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -90,7 +90,7 @@ def _tensor_info(name: str, entry: object, base: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise SafetensorsFormatError(f"tensor {name!r}: entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise SafetensorsFormatError(f"tensor {name!r}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise SafetensorsFormatError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
@@ -339,3 +339,23 @@ def torch_dtype(name: str):
     import torch
 
     return getattr(torch, _TORCH_DTYPES[name])
+
+
+def input_file(path: Path, root: Path) -> Path:
+    """``path`` when it is a regular file that stays inside ``root`` once symbolic links are followed; else
+    CheckpointValidationError: ME214 for a link leaving the input's root, ME218 for a FIFO, device or socket (reading
+    one could block forever or read a device). Every file copied from an input into an artifact passes through here."""
+    import stat
+
+    from .errors import CheckpointValidationError
+
+    root = Path(root).resolve()
+    if root.parent.name == "snapshots":  # a Hugging Face cache snapshot links its files to ../../blobs of the same repo
+        root = root.parent.parent
+    target = Path(path).resolve()
+    if not target.is_relative_to(root):
+        raise CheckpointValidationError("symlink_outside", path=str(path), target=str(target), checkpoint=str(root))
+    mode = os.stat(target).st_mode
+    if not stat.S_ISREG(mode):
+        raise CheckpointValidationError("special_file", path=str(path))
+    return target

@@ -266,7 +266,7 @@ def test_a_full_run_never_modifies_its_inputs(training, tmp_path):
     before = tree_digest(training), tree_digest(shipped_base())
     formats = ["safetensors", "pytorch", "onnx"] + (["gguf"] if __import__("importlib").util.find_spec("gguf") else [])
     result = run(config_for(training, tmp_path / "out", export_formats=formats, gguf_lora_adapter="gguf" in formats))
-    assert result.passed is True
+    assert result.passed is (True if importlib.util.find_spec("llama_cpp") else None)  # its GGUF is run only with llama.cpp
     assert (tree_digest(training), tree_digest(shipped_base())) == before
 
 
@@ -284,7 +284,7 @@ def test_a_full_disk_mid_step_is_explained_marks_nothing_done_and_a_rerun_finish
     out = tmp_path / "out"
     with pytest.raises(ResourceError) as err:
         run(config_for(training, out))
-    assert err.value.code == "ME403" and "during the merge step" in str(err.value) and "GB free now" in str(err.value)
+    assert err.value.code == "ME403" and "during the merge step" in str(err.value) and "B free now" in str(err.value)
     steps = json.loads((out / "run.json").read_text())["steps"]
     assert steps["merge"]["status"] == "failed" and "export" not in steps
     monkeypatch.setattr(pipeline, "merge", original)
@@ -308,7 +308,9 @@ def test_a_disk_too_small_stops_the_run_before_anything_is_written(training, tmp
     monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(ResourceError) as err:
         run(config)
-    assert err.value.code == "ME404" and "0.00 GB free" in str(err.value) and "merge " in str(err.value)
+    # Sizes in units people read: "1.00 KB free, but this run needs about 13.46 MB", never "0.00 GB free, needs 0.00 GB".
+    assert err.value.code == "ME404" and "has 1.00 KB free, but this run needs about " in str(err.value)
+    assert "0.00 GB" not in str(err.value) and " MB (merge " in str(err.value)
     assert not (tmp_path / "out" / "merge").exists() and not (tmp_path / "out" / "export").exists()
 
 
