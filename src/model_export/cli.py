@@ -125,6 +125,11 @@ def _config_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
 
+def _log_level(args: argparse.Namespace, configured: str = "INFO") -> str:
+    """--debug means DEBUG (third-party warnings and bars come through too); else --log-level; else the configuration's."""
+    return "DEBUG" if getattr(args, "debug", False) else getattr(args, "log_level", configured)
+
+
 def _load(args: argparse.Namespace):
     """The configuration named by --config/--set (defaults otherwise); its lang and logging apply unless flags say else."""
     from .config import load_config
@@ -132,7 +137,7 @@ def _load(args: argparse.Namespace):
     config = load_config(args.config, args.overrides)
     if config.lang and "lang" not in vars(args):
         i18n.set_language(config.lang)
-    setup_logging(getattr(args, "log_level", config.log_level), getattr(args, "log_file", config.log_file))
+    setup_logging(_log_level(args, config.log_level), getattr(args, "log_file", config.log_file))
     return config
 
 
@@ -271,7 +276,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     from .benchmark import BENCHMARK_FILE, DEFAULT_PROMPT, benchmark
     from .report import rerender_report
 
-    setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_file", None))
+    setup_logging(_log_level(args), getattr(args, "log_file", None))
     results = benchmark(args.target, prompt=args.prompt or DEFAULT_PROMPT, new_tokens=args.new_tokens, batch_size=args.batch_size,
                         repeats=args.repeats, device_map=args.device)
     report = rerender_report(Path(args.target), [asdict(r) for r in results]) if (Path(args.target) / "run.json").is_file() else None
@@ -352,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "lang", None):
         i18n.set_language(args.lang)
-    setup_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_file", None))
+    setup_logging(_log_level(args), getattr(args, "log_file", None))
     try:
         return args.func(args)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - every way out is explained in one message

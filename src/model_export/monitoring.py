@@ -89,11 +89,12 @@ def quiet_third_party(debug: bool = False) -> None:
     import warnings
 
     if debug:
-        for var in ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        for var in ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
             os.environ.pop(var, None)
         warnings.resetwarnings()
-    else:  # read by transformers and huggingface_hub when they are imported
-        os.environ.update(TRANSFORMERS_NO_ADVISORY_WARNINGS="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    else:  # read by transformers, huggingface_hub and tqdm (compressed-tensors' "Decompressing model") when imported
+        os.environ.update(TRANSFORMERS_NO_ADVISORY_WARNINGS="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
+                          TQDM_DISABLE="1")
         for category in (FutureWarning, DeprecationWarning, UserWarning):
             warnings.filterwarnings("ignore", category=category)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
