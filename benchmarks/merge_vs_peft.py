@@ -50,8 +50,15 @@ open(os.environ["BENCH_GPU_PEAK"], "w").write(str(torch.cuda.max_memory_allocate
 def qwen3_config(size: str) -> dict:
     from transformers import Qwen3Config
 
-    config = Qwen3Config(vocab_size=151936, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                         max_position_embeddings=40960, rope_theta=1000000.0, **SHAPES[size])
+    config = Qwen3Config(
+        vocab_size=151936,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        **SHAPES[size],
+    )
     data = config.to_dict()
     data["architectures"] = ["Qwen3ForCausalLM"]
     data["dtype"] = "bfloat16"
@@ -59,15 +66,26 @@ def qwen3_config(size: str) -> dict:
 
 
 def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
-    h, i, heads, kv, d = (config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim"))
+    h, i, heads, kv, d = (
+        config[k]
+        for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    )
     shapes = [("model.embed_tokens.weight", (config["vocab_size"], h))]
     for n in range(config["num_hidden_layers"]):
         p = f"model.layers.{n}."
-        shapes += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
-                   (p + "self_attn.q_proj.weight", (heads * d, h)), (p + "self_attn.k_proj.weight", (kv * d, h)),
-                   (p + "self_attn.v_proj.weight", (kv * d, h)), (p + "self_attn.o_proj.weight", (h, heads * d)),
-                   (p + "self_attn.q_norm.weight", (d,)), (p + "self_attn.k_norm.weight", (d,)),
-                   (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)), (p + "mlp.down_proj.weight", (h, i))]
+        shapes += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (heads * d, h)),
+            (p + "self_attn.k_proj.weight", (kv * d, h)),
+            (p + "self_attn.v_proj.weight", (kv * d, h)),
+            (p + "self_attn.o_proj.weight", (h, heads * d)),
+            (p + "self_attn.q_norm.weight", (d,)),
+            (p + "self_attn.k_norm.weight", (d,)),
+            (p + "mlp.gate_proj.weight", (i, h)),
+            (p + "mlp.up_proj.weight", (i, h)),
+            (p + "mlp.down_proj.weight", (h, i)),
+        ]
     return shapes + [("model.norm.weight", (h,))]
 
 
@@ -92,8 +110,12 @@ def write_base(path: Path, size: str) -> None:
             writer.write(value.view(-1).view(torch.uint8).numpy())
         writer.close()
     if len(shards) > 1:
-        write_index(path, "model.safetensors.index.json", {t.name: s.filename for s in shards for t in s.tensors},
-                    sum(s.nbytes for s in shards))
+        write_index(
+            path,
+            "model.safetensors.index.json",
+            {t.name: s.filename for s in shards for t in s.tensors},
+            sum(s.nbytes for s in shards),
+        )
 
 
 def write_adapter(path: Path, base: Path, config: dict, r: int = 16) -> None:
@@ -106,12 +128,13 @@ def write_adapter(path: Path, base: Path, config: dict, r: int = 16) -> None:
     tensors = {}
     for name, (out_features, in_features) in ((n, s) for n, s in shapes.items() if n.split(".")[-2] in PROJECTIONS):
         module = "base_model.model." + name.removesuffix(".weight")
-        tensors[module + ".lora_A.weight"] = torch.randn(r, in_features, generator=generator) / in_features ** 0.5
+        tensors[module + ".lora_A.weight"] = torch.randn(r, in_features, generator=generator) / in_features**0.5
         tensors[module + ".lora_B.weight"] = torch.randn(out_features, r, generator=generator) * 0.01
     path.mkdir(parents=True)
     save_file(tensors, str(path / "adapter_model.safetensors"))
-    LoraConfig(r=r, lora_alpha=2 * r, target_modules=PROJECTIONS, task_type="CAUSAL_LM",
-               base_model_name_or_path=str(base)).save_pretrained(str(path))
+    LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=PROJECTIONS, task_type="CAUSAL_LM", base_model_name_or_path=str(base)
+    ).save_pretrained(str(path))
 
 
 def timed(command: list[str], gpu: bool = False) -> dict:
@@ -121,7 +144,9 @@ def timed(command: list[str], gpu: bool = False) -> dict:
 
     peak_file = Path(tempfile.mkstemp()[1])
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "BENCH_GPU_PEAK": str(peak_file)})
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "BENCH_GPU_PEAK": str(peak_file)}
+    )
     stderr = process.stderr.read().decode(errors="replace")
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
@@ -196,8 +221,12 @@ def bench_parser(description: str, workdir: str) -> argparse.ArgumentParser:
 def main() -> None:
     parser = bench_parser(__doc__, "/tmp/model-export-bench")
     parser.add_argument("--skip-peft", action="store_true", help="only copy and model-export (no PEFT run)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="cuda: PEFT merges on the GPU, and model-export runs both --device cpu and --device cuda")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: PEFT merges on the GPU, and model-export runs both --device cpu and --device cuda",
+    )
     args = parser.parse_args()
     if args.internal:
         step, *rest = args.internal
@@ -215,7 +244,10 @@ def main() -> None:
     base, adapter = work / "base", work / "adapter"
     t0 = time.perf_counter()
     child("--size", args.size, "--internal", "prepare", str(work))
-    print(f"inputs written in {time.perf_counter() - t0:.1f} s: base {sum(f.stat().st_size for f in base.glob('*.safetensors')) / 1e9:.2f} GB")
+    print(
+        f"inputs written in {time.perf_counter() - t0:.1f} s: base "
+        f"{sum(f.stat().st_size for f in base.glob('*.safetensors')) / 1e9:.2f} GB"
+    )
     results = {}
     # Each tool starts with the base in the page cache and no dirty pages waiting (sync, untimed); none of
     # them syncs its own output, as cp and save_pretrained do not.
@@ -223,18 +255,35 @@ def main() -> None:
     (work / "copy").mkdir()
     results["copy"] = timed(["sh", "-c", f"cp {base}/*.safetensors {work / 'copy'}/"])
     settle(base)
-    merge_cli = [sys.executable, "-m", "model_export.cli", "merge", "--adapter", str(adapter), "--base", str(base), "--log-level", "WARNING"]
+    merge_cli = [
+        sys.executable,
+        "-m",
+        "model_export.cli",
+        "merge",
+        "--adapter",
+        str(adapter),
+        "--base",
+        str(base),
+        "--log-level",
+        "WARNING",
+    ]
     results["model-export"] = timed(merge_cli + ["--out", str(work / "ours"), "--device", "cpu"])
     gpu = args.device == "cuda"
     if gpu:
         settle(base)
-        results["model-export-cuda"] = timed([sys.executable, "-c", OURS_GPU_SCRIPT, str(adapter), str(base), str(work / "ours-cuda")], gpu=True)
+        results["model-export-cuda"] = timed(
+            [sys.executable, "-c", OURS_GPU_SCRIPT, str(adapter), str(base), str(work / "ours-cuda")], gpu=True
+        )
     if not args.skip_peft:
         settle(base)
-        results["peft"] = timed([sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(work / "peft"), args.device], gpu=gpu)
+        results["peft"] = timed(
+            [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(work / "peft"), args.device], gpu=gpu
+        )
         results["max_ulp_vs_peft"] = int(child("--internal", "compare", str(work / "ours"), str(work / "peft")))
         if gpu:
-            results["max_ulp_cuda_vs_peft"] = int(child("--internal", "compare", str(work / "ours-cuda"), str(work / "peft")))
+            results["max_ulp_cuda_vs_peft"] = int(
+                child("--internal", "compare", str(work / "ours-cuda"), str(work / "peft"))
+            )
     report(results)
     (Path(args.workdir) / f"merge-{args.size}.json").write_text(json.dumps(results, indent=2))
     if not args.keep:
@@ -253,13 +302,19 @@ def report(results: dict) -> None:
     if "peft" in results:
         ratios["wall_vs_peft"] = round(ours["wall_s"] / results["peft"]["wall_s"], 2)
         ratios["rss_vs_peft"] = round(ours["peak_rss_gib"] / results["peft"]["peak_rss_gib"], 3)
-        print(f"max ulp difference from PEFT on sampled tensors: {results['max_ulp_vs_peft']}"
-              + (f" (cuda merge: {results['max_ulp_cuda_vs_peft']})" if "max_ulp_cuda_vs_peft" in results else ""))
+        print(
+            f"max ulp difference from PEFT on sampled tensors: {results['max_ulp_vs_peft']}"
+            + (f" (cuda merge: {results['max_ulp_cuda_vs_peft']})" if "max_ulp_cuda_vs_peft" in results else "")
+        )
     for key, value in ratios.items():
         target = TARGETS.get(key)
-        print(f"{key}: {value}" + (f" (target <= {target}: {'met' if value <= target else 'NOT met'})" if target else ""))
+        print(
+            f"{key}: {value}" + (f" (target <= {target}: {'met' if value <= target else 'NOT met'})" if target else "")
+        )
     rss_ok = ours["peak_rss_gib"] <= TARGETS["peak_rss_gib"]
-    print(f"peak RSS: {ours['peak_rss_gib']} GiB (target <= {TARGETS['peak_rss_gib']}: {'met' if rss_ok else 'NOT met'})")
+    print(
+        f"peak RSS: {ours['peak_rss_gib']} GiB (target <= {TARGETS['peak_rss_gib']}: {'met' if rss_ok else 'NOT met'})"
+    )
     results["ratios"] = ratios
 
 

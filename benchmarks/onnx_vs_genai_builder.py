@@ -54,7 +54,8 @@ import json, sys, numpy as np, torch
 from model_export.exporters.onnx_export import OnnxDecoder
 ids, ref = np.load(sys.argv[2]), torch.from_numpy(np.load(sys.argv[3]))
 got = torch.from_numpy(OnnxDecoder(sys.argv[1], optimized=True).prompt(ids.tolist())[0])
-kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean()
+kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none")
+kl = kl.sum(-1).mean()
 print(json.dumps({"top1_vs_fp32": round(float((got.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
                   "mean_abs_logit_diff": float((got - ref).abs().mean()), "mean_kl": float(kl)}))
 """
@@ -93,7 +94,9 @@ def main() -> None:
     work.mkdir(parents=True)
     base = work / "base"
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--size", args.size, "--internal", str(base)], check=True)  # a child: this parent stays small
+    subprocess.run(
+        [sys.executable, __file__, "--size", args.size, "--internal", str(base)], check=True
+    )  # a child: this parent stays small
     print(f"base written in {time.perf_counter() - t0:.1f} s: {size_of(base) / 1e9:.2f} GB")
     ids = prompt_ids(base)
     reference = work / "reference_logits.npy"
@@ -102,12 +105,34 @@ def main() -> None:
     print(f"fp32 transformers reference on {PROMPT_TOKENS} tokens in {time.perf_counter() - t0:.1f} s")
 
     results = {}
-    runs = {"model-export": [sys.executable, "-c", OURS_SCRIPT, str(base), str(work / "ours"), "0"],
-            "model-export+optimized": [sys.executable, "-c", OURS_SCRIPT, str(base), str(work / "ours-opt"), "1"]}
+    runs = {
+        "model-export": [sys.executable, "-c", OURS_SCRIPT, str(base), str(work / "ours"), "0"],
+        "model-export+optimized": [sys.executable, "-c", OURS_SCRIPT, str(base), str(work / "ours-opt"), "1"],
+    }
     if not args.skip_genai:
-        runs = {"onnxruntime-genai": [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(base), "-o",
-                                      str(work / "genai"), "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")], **runs}
-    folders = {"onnxruntime-genai": work / "genai", "model-export": work / "ours", "model-export+optimized": work / "ours-opt"}
+        runs = {
+            "onnxruntime-genai": [
+                sys.executable,
+                "-m",
+                "onnxruntime_genai.models.builder",
+                "-i",
+                str(base),
+                "-o",
+                str(work / "genai"),
+                "-p",
+                "int4",
+                "-e",
+                "cpu",
+                "-c",
+                str(work / "genai-cache"),
+            ],
+            **runs,
+        }
+    folders = {
+        "onnxruntime-genai": work / "genai",
+        "model-export": work / "ours",
+        "model-export+optimized": work / "ours-opt",
+    }
     for name, command in runs.items():
         settle(base)
         warm(base)
@@ -122,22 +147,34 @@ def main() -> None:
 
 
 def report(results: dict) -> None:
-    print(f"\n{'tool':<24}{'wall (s)':>10}{'peak RSS (GiB)':>16}{'output (GB)':>13}{'top-1 vs fp32':>15}"
-          f"{'mean |dlogit|':>15}{'mean KL':>11}")
+    print(
+        f"\n{'tool':<24}{'wall (s)':>10}{'peak RSS (GiB)':>16}{'output (GB)':>13}{'top-1 vs fp32':>15}"
+        f"{'mean |dlogit|':>15}{'mean KL':>11}"
+    )
     for name, r in results.items():
-        print(f"{name:<24}{r['wall_s']:>10.2f}{r['peak_rss_gib']:>16.2f}{r['output_gb']:>13.3f}{r['top1_vs_fp32']:>15.4f}"
-              f"{r['mean_abs_logit_diff']:>15.6f}{r['mean_kl']:>11.2e}")
+        print(
+            f"{name:<24}{r['wall_s']:>10.2f}{r['peak_rss_gib']:>16.2f}{r['output_gb']:>13.3f}{r['top1_vs_fp32']:>15.4f}"
+            f"{r['mean_abs_logit_diff']:>15.6f}{r['mean_kl']:>11.2e}"
+        )
     ours = results["model-export"]
     rss_ok = ours["peak_rss_gib"] <= TARGETS["peak_rss_gib"]
-    print(f"peak RSS: {ours['peak_rss_gib']} GiB (target <= {TARGETS['peak_rss_gib']}: {'met' if rss_ok else 'NOT met'})")
+    print(
+        f"peak RSS: {ours['peak_rss_gib']} GiB (target <= {TARGETS['peak_rss_gib']}: {'met' if rss_ok else 'NOT met'})"
+    )
     if "onnxruntime-genai" in results:
         theirs = results["onnxruntime-genai"]
         ratio = round(ours["wall_s"] / theirs["wall_s"], 2)
-        print(f"wall_vs_genai: {ratio} (target <= {TARGETS['wall_vs_genai']}: {'met' if ratio <= TARGETS['wall_vs_genai'] else 'NOT met'})")
+        print(
+            f"wall_vs_genai: {ratio} (target <= {TARGETS['wall_vs_genai']}: "
+            f"{'met' if ratio <= TARGETS['wall_vs_genai'] else 'NOT met'})"
+        )
         print(f"rss_vs_genai: {round(ours['peak_rss_gib'] / theirs['peak_rss_gib'], 3)}")
         agree = ours["top1_vs_fp32"] >= theirs["top1_vs_fp32"]
-        print(f"top-1 agreement: ours {ours['top1_vs_fp32']} vs theirs {theirs['top1_vs_fp32']} (target: at least theirs: "
-              f"{'met' if agree else 'NOT met'})")
+        print(
+            f"top-1 agreement: ours {ours['top1_vs_fp32']} vs theirs {theirs['top1_vs_fp32']} (target: at least "
+            f"theirs: "
+            f"{'met' if agree else 'NOT met'})"
+        )
         results["ratios"] = {"wall_vs_genai": ratio}
 
 

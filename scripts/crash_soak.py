@@ -38,8 +38,12 @@ def digest(folder: Path) -> str:
 def run(config: Path, env_extra: dict[str, str]) -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODEL_EXPORT_CRASH")}
     env.update(env_extra, HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-m", "model_export.cli", "--log-level", "WARNING", "run", str(config)],
-                          capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "model_export.cli", "--log-level", "WARNING", "run", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if done.returncode not in (0, -signal.SIGKILL):
         raise SystemExit(f"run failed without being killed:\n{done.stderr[-3000:]}")
     return done.returncode
@@ -63,8 +67,13 @@ def main() -> None:
         build_training_run(shipped_base(), training)
 
     def config_for(out: Path) -> Path:
-        config = ExportConfiguration(checkpoint_path=str(training), base_model_name=str(shipped_base()), output_dir=str(out),
-                                     export_formats=args.formats.split(","), max_shard_size="200KB")
+        config = ExportConfiguration(
+            checkpoint_path=str(training),
+            base_model_name=str(shipped_base()),
+            output_dir=str(out),
+            export_formats=args.formats.split(","),
+            max_shard_size="200KB",
+        )
         path = work / f"{out.name}.json"
         path.write_text(config.model_dump_json(), encoding="utf-8")
         return path
@@ -91,7 +100,10 @@ def main() -> None:
             if run(config_for(out), {}) == 0:
                 break
         same = digest(out / "export") == expected
-        print(f"run {i + 1}/{args.runs}: killed at {', '.join(points)} -> {'identical' if same else 'DIFFERENT'}", flush=True)
+        print(
+            f"run {i + 1}/{args.runs}: killed at {', '.join(points)} -> {'identical' if same else 'DIFFERENT'}",
+            flush=True,
+        )
         if not same:
             failures.append((i, points))
     minutes = (time.perf_counter() - started) / 60

@@ -1,10 +1,10 @@
-"""Write docs/configuration.md from the ExportConfiguration schema."""
+"""Write docs/configuration.md from the ExportConfiguration schema and the format registry."""
 
 from pathlib import Path
 
-from model_export.config import reference_markdown
+from model_export.config_validator import configuration_markdown
 
 if __name__ == "__main__":
     target = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
-    target.write_text(reference_markdown(), encoding="utf-8")
+    target.write_text(configuration_markdown(), encoding="utf-8")
     print(f"wrote {target}")

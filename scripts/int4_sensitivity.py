@@ -39,7 +39,9 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, args.checkpoint).merge_and_unload().eval()
     inputs = {p: _encode(tokenizer, p) for p in args.prompts}
-    inputs["(held-out text)"] = torch.tensor(tokenizer(heldout_text(), add_special_tokens=False)["input_ids"][:HELDOUT_TOKENS])
+    inputs["(held-out text)"] = torch.tensor(
+        tokenizer(heldout_text(), add_special_tokens=False)["input_ids"][:HELDOUT_TOKENS]
+    )
     with torch.no_grad():
         reference = {name: model(ids[None]).logits[0] for name, ids in inputs.items()}
         for param in model.parameters():
@@ -49,7 +51,11 @@ def main() -> None:
     for name in inputs:
         ref, got = reference[name], rounded[name]
         top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean()
-        kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean()
+        kl = (
+            torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none")
+            .sum(-1)
+            .mean()
+        )
         print(f"{name:<32} tokens {len(ref):>4}  top-1 {top1:.3f}  KL {kl:.4f}")
 
 

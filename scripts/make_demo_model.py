@@ -42,9 +42,21 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(str(args.out), dtype=torch.float32)
     rows = [{"input_ids": tokenizer(line)["input_ids"][:64]} for line in corpus_lines()]
     work = args.out.parent / ".pretrain-work"
-    training = TrainingArguments(output_dir=str(work), max_steps=args.steps, per_device_train_batch_size=8, learning_rate=3e-3,
-                                 lr_scheduler_type="cosine", warmup_steps=20, logging_steps=100, save_strategy="no",
-                                 report_to="none", use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    training = TrainingArguments(
+        output_dir=str(work),
+        max_steps=args.steps,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=20,
+        logging_steps=100,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     trainer = Trainer(model=model, args=training, train_dataset=rows, data_collator=_collate(tokenizer))
     with contextlib.redirect_stdout(sys.stderr):
         trainer.train()

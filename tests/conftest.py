@@ -35,7 +35,9 @@ def tiny_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def other_base(tmp_path_factory) -> Path:
     """A Qwen3 base with another hidden size, for adapters that do not fit."""
-    return build_base_model(tmp_path_factory.mktemp("other") / "tiny-qwen3-wide", hidden_size=96, tokenizer=False, vocab_size=384)
+    return build_base_model(
+        tmp_path_factory.mktemp("other") / "tiny-qwen3-wide", hidden_size=96, tokenizer=False, vocab_size=384
+    )
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +61,10 @@ def make_run(adapter, tmp_path):
         for step in steps:
             ckpt = root / f"checkpoint-{step}"
             shutil.copytree(adapter, ckpt)
-            state = {"global_step": step, "best_model_checkpoint": f"./somewhere/else/checkpoint-{best}" if best else None}
+            state = {
+                "global_step": step,
+                "best_model_checkpoint": f"./somewhere/else/checkpoint-{best}" if best else None,
+            }
             (ckpt / "trainer_state.json").write_text(json.dumps(state))
         return root
 
@@ -98,6 +103,9 @@ def spread_model(out, config):
             if param.dim() == 2:
                 param.normal_(0, 0.08)
             elif param.dim() == 1:
-                param.uniform_(0.5, 1.5) if param.shape[0] in (config.hidden_size, getattr(config, "head_dim", 0)) else param.normal_(0, 0.1)
+                param.uniform_(0.5, 1.5) if param.shape[0] in (
+                    config.hidden_size,
+                    getattr(config, "head_dim", 0),
+                ) else param.normal_(0, 0.1)
     model.save_pretrained(str(out))
     return out

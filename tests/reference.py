@@ -23,7 +23,9 @@ def load_dir(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a saved model directory (sharded or not)."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    )
     tensors = {}
     for name in files:
         tensors.update(load_file(str(path / name)))
@@ -49,7 +51,9 @@ def unmerged_logits(base: Path, adapter: Path, input_ids: torch.Tensor) -> torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), str(adapter))
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), str(adapter)
+    )
     with torch.no_grad():
         return model.eval()(input_ids).logits
 

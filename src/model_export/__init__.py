@@ -7,7 +7,7 @@ Heavy backends (torch, onnx, gguf) are imported only when a stage needs them.
 from .base_model import BaseModelInfo, inspect_base_model, resolve_base_model
 from .checkpoint_detector import CheckpointDetector, Detection, detect
 from .checkpoint_validator import CheckpointReport, check, validate_checkpoint
-from .config import ExportConfiguration, ConfigProblem, init_config, load_config
+from .config import ConfigProblem, ExportConfiguration, init_config, load_config
 from .config_validator import check_config, validate_config
 from .doctor import DoctorReport, doctor
 from .errors import (

@@ -19,19 +19,41 @@ from . import i18n
 from .errors import CheckpointValidationError
 from .tensor_io import TORCH_TO_SAFETENSORS, SafetensorsFormatError, read_bytes, read_header
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHT_FILES", "TRAINING_ARTIFACTS", "SUPPORTED_PEFT_TYPES", "parse_adapter_key",
-           "read_adapter_config", "weights_file", "quick_check", "adapter_header", "load_bin", "load_adapter_state",
-           "pattern_value", "MemoryTensor"]
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHT_FILES",
+    "TRAINING_ARTIFACTS",
+    "SUPPORTED_PEFT_TYPES",
+    "parse_adapter_key",
+    "read_adapter_config",
+    "weights_file",
+    "quick_check",
+    "adapter_header",
+    "load_bin",
+    "load_adapter_state",
+    "pattern_value",
+    "MemoryTensor",
+]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-TRAINING_ARTIFACTS = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin")
+TRAINING_ARTIFACTS = (
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state.pth",
+    "trainer_state.json",
+    "training_args.bin",
+)
 SUPPORTED_PEFT_TYPES = ("LORA",)
 _PREFIX = "base_model.model."
 _KINDS = {  # suffix of a saved adapter key -> (kind, role)
-    ".lora_A.weight": ("linear", "A"), ".lora_B.weight": ("linear", "B"),
-    ".lora_embedding_A": ("embedding", "A"), ".lora_embedding_B": ("embedding", "B"),
-    ".lora_magnitude_vector": ("dora", "m"), ".lora_magnitude_vector.weight": ("dora", "m"),
+    ".lora_A.weight": ("linear", "A"),
+    ".lora_B.weight": ("linear", "B"),
+    ".lora_embedding_A": ("embedding", "A"),
+    ".lora_embedding_B": ("embedding", "B"),
+    ".lora_magnitude_vector": ("dora", "m"),
+    ".lora_magnitude_vector.weight": ("dora", "m"),
     ".lora_B.bias": ("linear", "bias"),
 }
 
@@ -50,22 +72,30 @@ def parse_adapter_key(key: str) -> tuple[str, str, str]:
 
 
 def read_adapter_config(directory: Path) -> dict[str, Any]:
-    """Parse adapter_config.json. Raises CheckpointValidationError (ME202 missing, ME204 invalid with line and column)."""
+    """Parse adapter_config.json. Raises CheckpointValidationError (ME202 missing, ME204 invalid with line and
+    column)."""
     file = directory / ADAPTER_CONFIG
     if not file.is_file():
         raise _missing(directory, ADAPTER_CONFIG)
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise CheckpointValidationError("adapter_config_invalid", path=str(file), line=exc.lineno, column=exc.colno, problem=exc.msg) from None
+        raise CheckpointValidationError(
+            "adapter_config_invalid", path=str(file), line=exc.lineno, column=exc.colno, problem=exc.msg
+        ) from None
     except (OSError, UnicodeDecodeError, RecursionError) as exc:
-        raise CheckpointValidationError("adapter_config_invalid", path=str(file), line=0, column=0, problem=str(exc)[:200]) from None
+        raise CheckpointValidationError(
+            "adapter_config_invalid", path=str(file), line=0, column=0, problem=str(exc)[:200]
+        ) from None
     if not isinstance(data, dict):
-        raise CheckpointValidationError("adapter_config_invalid", path=str(file), line=1, column=1, problem="not a JSON object")
+        raise CheckpointValidationError(
+            "adapter_config_invalid", path=str(file), line=1, column=1, problem="not a JSON object"
+        )
     for key, (accepts, expected) in _ADAPTER_VALUE_TYPES.items():
         if key in data and not (data[key] is None and key in _NULLABLE) and not accepts(data[key]):
-            raise CheckpointValidationError("adapter_config_value", path=str(file), key=key, value=repr(data[key])[:80],
-                                            expected=expected)
+            raise CheckpointValidationError(
+                "adapter_config_value", path=str(file), key=key, value=repr(data[key])[:80], expected=expected
+            )
     return data
 
 
@@ -77,8 +107,14 @@ def _names(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
 
 
-_NULLABLE = {"target_modules", "modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern",
-             "base_model_name_or_path"}
+_NULLABLE = {
+    "target_modules",
+    "modules_to_save",
+    "layers_to_transform",
+    "rank_pattern",
+    "alpha_pattern",
+    "base_model_name_or_path",
+}
 # What PEFT's LoraConfig takes for the keys the merge reads: a value of another type is the config's fault, said so.
 _ADAPTER_VALUE_TYPES = {
     "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
@@ -88,19 +124,29 @@ _ADAPTER_VALUE_TYPES = {
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
     "use_dora": (lambda v: isinstance(v, bool), "true or false"),
     "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
-    "rank_pattern": (lambda v: isinstance(v, dict) and all(isinstance(r, int) and r > 0 for r in v.values()),
-                     "an object of module patterns to positive ranks"),
-    "alpha_pattern": (lambda v: isinstance(v, dict) and all(_number(a) for a in v.values()),
-                      "an object of module patterns to numbers"),
-    "layers_to_transform": (lambda v: isinstance(v, int) or (isinstance(v, list) and all(isinstance(i, int) for i in v)),
-                            "a layer index or a list of them"),
+    "rank_pattern": (
+        lambda v: isinstance(v, dict) and all(isinstance(r, int) and r > 0 for r in v.values()),
+        "an object of module patterns to positive ranks",
+    ),
+    "alpha_pattern": (
+        lambda v: isinstance(v, dict) and all(_number(a) for a in v.values()),
+        "an object of module patterns to numbers",
+    ),
+    "layers_to_transform": (
+        lambda v: isinstance(v, int) or (isinstance(v, list) and all(isinstance(i, int) for i in v)),
+        "a layer index or a list of them",
+    ),
     "peft_type": (lambda v: isinstance(v, str), "a string such as LORA"),
     "base_model_name_or_path": (lambda v: isinstance(v, str), "a hub id or a local path"),
 }
 
 
 def _missing(directory: Path, name: str) -> CheckpointValidationError:
-    example = directory / "checkpoint-30" if not directory.name.startswith("checkpoint-") else directory.parent / "checkpoint-30"
+    example = (
+        directory / "checkpoint-30"
+        if not directory.name.startswith("checkpoint-")
+        else directory.parent / "checkpoint-30"
+    )
     return CheckpointValidationError("missing_file", name=name, directory=str(directory), example=str(example))
 
 
@@ -138,17 +184,22 @@ def _check_links(directory: Path) -> None:
             try:
                 target = path.resolve(strict=True)
             except (OSError, RuntimeError):  # a loop, or a link to nothing: it cannot be read, so it is refused
-                raise CheckpointValidationError("symlink_outside", path=str(path), target=i18n.ui("link_unresolvable"),
-                                                checkpoint=str(directory)) from None
+                raise CheckpointValidationError(
+                    "symlink_outside", path=str(path), target=i18n.ui("link_unresolvable"), checkpoint=str(directory)
+                ) from None
             if not target.is_relative_to(root):
-                raise CheckpointValidationError("symlink_outside", path=str(path), target=str(target), checkpoint=str(directory))
-        if path.exists() and not (path.is_dir() or path.is_file()):  # a FIFO, device or socket would hang or mislead a read
+                raise CheckpointValidationError(
+                    "symlink_outside", path=str(path), target=str(target), checkpoint=str(directory)
+                )
+        if path.exists() and not (
+            path.is_dir() or path.is_file()
+        ):  # a FIFO, device or socket would hang or mislead a read
             raise CheckpointValidationError("special_file", path=str(path))
 
 
 def adapter_header(file: Path):
     try:
-        return readadapter_header(file)
+        return read_header(file)
     except SafetensorsFormatError as exc:
         raise CheckpointValidationError("safetensors_corrupt", path=str(file), problem=str(exc)) from None
     except OSError as exc:
@@ -163,10 +214,15 @@ def load_bin(file: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         # torch's text advises weights_only=False, which is exactly what must not be done: keep only the cause.
         cause = re.search(r"WeightsUnpickler error: ([^\n]*)", str(exc))
-        raise CheckpointValidationError("unsafe_pickle", path=str(file),
-                                        problem=cause.group(1)[:200] if cause else "refused by the weights-only unpickler") from None
+        raise CheckpointValidationError(
+            "unsafe_pickle",
+            path=str(file),
+            problem=cause.group(1)[:200] if cause else "refused by the weights-only unpickler",
+        ) from None
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged zip or pickle
-        raise CheckpointValidationError("adapter_unreadable", path=str(file), problem=f"{type(exc).__name__}: {exc}"[:300]) from None
+        raise CheckpointValidationError(
+            "adapter_unreadable", path=str(file), problem=f"{type(exc).__name__}: {exc}"[:300]
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointValidationError("adapter_unreadable", path=str(file), problem="not a dict of tensors")
     return state
@@ -210,7 +266,11 @@ class MemoryTensor:
     def __init__(self, name: str, tensor: Any) -> None:
         import torch
 
-        self.name, self.dtype, self.shape = name, TORCH_TO_SAFETENSORS[str(tensor.dtype).removeprefix("torch.")], tuple(tensor.shape)
+        self.name, self.dtype, self.shape = (
+            name,
+            TORCH_TO_SAFETENSORS[str(tensor.dtype).removeprefix("torch.")],
+            tuple(tensor.shape),
+        )
         self.raw = bytearray(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         self.start, self.end = 0, len(self.raw)
 

@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import i18n
 from .errors import BaseModelError
@@ -82,14 +83,24 @@ def _from_hub(repo_id: str) -> Path:
     except Exception as exc:  # noqa: BLE001 - any lookup failure means "not in the cache"
         cached_error = exc
     if is_offline():
-        raise BaseModelError("base_model_not_found", name=repo_id,
-                             reason=i18n.ui("reason_offline_not_cached", cache=cache)) from cached_error
+        raise BaseModelError(
+            "base_model_not_found", name=repo_id, reason=i18n.ui("reason_offline_not_cached", cache=cache)
+        ) from cached_error
     try:
-        return Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=_DOWNLOAD_PATTERNS,
-                                      endpoint=os.environ.get("HF_ENDPOINT") or None))
+        return Path(
+            snapshot_download(
+                repo_id,
+                cache_dir=cache,
+                allow_patterns=_DOWNLOAD_PATTERNS,
+                endpoint=os.environ.get("HF_ENDPOINT") or None,
+            )
+        )
     except Exception as exc:  # noqa: BLE001 - network, auth and missing repos all end here
-        raise BaseModelError("base_model_not_found", name=repo_id,
-                             reason=i18n.ui("reason_download_failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])) from exc
+        raise BaseModelError(
+            "base_model_not_found",
+            name=repo_id,
+            reason=i18n.ui("reason_download_failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0]),
+        ) from exc
 
 
 def inspect_base_model(name: str) -> BaseModelInfo:
@@ -145,8 +156,11 @@ def _shards(path: Path) -> list[Path]:
         shards = [path / f for f in dict.fromkeys(weight_map.values())]
         missing = [s.name for s in shards if not s.is_file()]
         if missing:
-            raise BaseModelError("base_model_invalid", path=str(path),
-                                 problem=i18n.ui("reason_missing_shards", shards=", ".join(missing)))
+            raise BaseModelError(
+                "base_model_invalid",
+                path=str(path),
+                problem=i18n.ui("reason_missing_shards", shards=", ".join(missing)),
+            )
         return shards
     shards = sorted(path.glob("*.safetensors"))
     if not shards:

@@ -58,10 +58,10 @@ def artifacts_of(target: str | Path) -> list[tuple[str, Path]]:
     target = Path(target)
     manifest = target / "run.json"
     if manifest.is_file():
-        from .pipeline import _verifiable
+        from .verify import verifiable
 
         result = json.loads(manifest.read_text(encoding="utf-8"))["steps"].get("export", {}).get("result", {})
-        return [(label, path) for label, path in _verifiable(result.get("artifacts", {}))]
+        return [(label, path) for label, path in verifiable(result.get("artifacts", {}))]
     if (target / "model.engine").is_file():  # a TensorRT folder (its config.json is not a model's)
         return [("tensorrt", target / "model.engine")]
     if target.suffix in (".onnx", ".gguf", ".engine") or (target / "config.json").is_file():
@@ -71,12 +71,23 @@ def artifacts_of(target: str | Path) -> list[tuple[str, Path]]:
     ggufs = sorted(target.glob("model-*.gguf"))
     if ggufs:
         return [("gguf", ggufs[0])]
-    raise ValidationError("inference_failed", artifact=str(target), error="no run.json, model folder, ONNX graph or GGUF file here")
+    raise ValidationError(
+        "inference_failed", artifact=str(target), error="no run.json, model folder, ONNX graph or GGUF file here"
+    )
 
 
-def benchmark(target: str | Path, *, prompt: str = DEFAULT_PROMPT, new_tokens: int = 32, batch_size: int = 1, repeats: int = 3,
-              out: str | Path | None = None, device_map: str = "auto") -> list[ArtifactBenchmark]:
-    """Benchmark every artifact of a run directory (or one artifact); write benchmark/benchmark.json into a run directory.
+def benchmark(
+    target: str | Path,
+    *,
+    prompt: str = DEFAULT_PROMPT,
+    new_tokens: int = 32,
+    batch_size: int = 1,
+    repeats: int = 3,
+    out: str | Path | None = None,
+    device_map: str = "auto",
+) -> list[ArtifactBenchmark]:
+    """Benchmark every artifact of a run directory (or one artifact); write benchmark/benchmark.json into a run
+    directory.
 
     ``device_map`` places the transformers runs (cpu, cuda, auto: the GPU when there is one).
     Raises ValidationError ('inference_failed') when ``target`` holds nothing to benchmark, ResourceError (ME405)
@@ -97,11 +108,24 @@ def benchmark(target: str | Path, *, prompt: str = DEFAULT_PROMPT, new_tokens: i
     return results
 
 
-def _child(label: str, path: Path, prompt: str, new_tokens: int, batch_size: int, repeats: int, device: str = "cpu") -> ArtifactBenchmark:
+def _child(
+    label: str, path: Path, prompt: str, new_tokens: int, batch_size: int, repeats: int, device: str = "cpu"
+) -> ArtifactBenchmark:
     """Run one artifact's benchmark in its own process, which reports its own peak RSS (getrusage)."""
-    command = [sys.executable, "-m", "model_export.benchmark", str(path), prompt, str(new_tokens), str(batch_size), str(repeats),
-               device]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "model_export.benchmark",
+        str(path),
+        prompt,
+        str(new_tokens),
+        str(batch_size),
+        str(repeats),
+        device,
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"}
+    )
     stdout, stderr = process.communicate()
     data = json.loads(stdout.decode().strip().splitlines()[-1]) if process.returncode == 0 and stdout.strip() else None
     if data is None:
@@ -224,7 +248,9 @@ class _LlamaCpp:
         return ttft, time.perf_counter() - start
 
 
-def _measure(path: Path, prompt: str, new_tokens: int, batch_size: int, repeats: int, device: str = "cpu") -> dict[str, Any]:
+def _measure(
+    path: Path, prompt: str, new_tokens: int, batch_size: int, repeats: int, device: str = "cpu"
+) -> dict[str, Any]:
     """In the child: load, warm up, time ``repeats`` runs at batch 1 and at ``batch_size``."""
     runtime = _runtime(path)
     if runtime == "llama.cpp":
@@ -232,15 +258,29 @@ def _measure(path: Path, prompt: str, new_tokens: int, batch_size: int, repeats:
     # The onnxruntime and llama-cpp-python builds installed are CPU ones; a TensorRT engine runs on the GPU.
     device = device if runtime == "transformers" else "cuda" if runtime == "tensorrt" else "cpu"
     start = time.perf_counter()
-    runner = _Transformers(path, device) if runtime == "transformers" else _LlamaCpp(path) if runtime == "llama.cpp" else _Onnx(path)
+    runner = (
+        _Transformers(path, device)
+        if runtime == "transformers"
+        else _LlamaCpp(path)
+        if runtime == "llama.cpp"
+        else _Onnx(path)
+    )
     load = time.perf_counter() - start
     ids = runner.tokenize(prompt) if hasattr(runner, "tokenize") else _prompt_ids(path, prompt)
     runner.run(ids, 2, 1)  # warm-up
     runs = [runner.run(ids, new_tokens, 1) for _ in range(repeats)]
-    data = {"artifact": str(path), "runtime": runtime, "prompt_tokens": len(ids), "new_tokens": new_tokens, "repeats": repeats,
-            "load_s": round(load, 5), "ttft_s": _median([r[0] for r in runs]),
-            "decode_tokens_per_s": round(new_tokens / _median([r[1] for r in runs]), 3), "batch_size": batch_size,
-            "runs": [{"ttft_s": round(t, 5), "decode_s": round(d, 5)} for t, d in runs]}
+    data = {
+        "artifact": str(path),
+        "runtime": runtime,
+        "prompt_tokens": len(ids),
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "load_s": round(load, 5),
+        "ttft_s": _median([r[0] for r in runs]),
+        "decode_tokens_per_s": round(new_tokens / _median([r[1] for r in runs]), 3),
+        "batch_size": batch_size,
+        "runs": [{"ttft_s": round(t, 5), "decode_s": round(d, 5)} for t, d in runs],
+    }
     if batch_size > 1 and getattr(runner, "batches", True):
         batch_runs = [runner.run(ids, new_tokens, batch_size)[1] for _ in range(repeats)]
         data["decode_tokens_per_s_batch"] = round(batch_size * new_tokens / _median(batch_runs), 3)
@@ -260,4 +300,6 @@ def _measure(path: Path, prompt: str, new_tokens: int, batch_size: int, repeats:
 
 if __name__ == "__main__":  # the child process of _child
     path_arg, prompt_arg, tokens_arg, batch_arg, repeats_arg, device_arg = sys.argv[1:7]
-    print(json.dumps(_measure(Path(path_arg), prompt_arg, int(tokens_arg), int(batch_arg), int(repeats_arg), device_arg)))
+    print(
+        json.dumps(_measure(Path(path_arg), prompt_arg, int(tokens_arg), int(batch_arg), int(repeats_arg), device_arg))
+    )

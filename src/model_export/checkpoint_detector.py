@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import i18n
-from .checkpoint_validator import ADAPTER_CONFIG, quick_check
+from .adapter_format import ADAPTER_CONFIG, quick_check
 from .errors import CheckpointValidationError
 from .monitoring import logger
 
@@ -46,8 +46,12 @@ class Detection:
         return Path(self.selected)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"root": self.root, "selection": self.selection, "selected": self.selected,
-                "candidates": [vars(c) for c in self.candidates]}
+        return {
+            "root": self.root,
+            "selection": self.selection,
+            "selected": self.selected,
+            "candidates": [vars(c) for c in self.candidates],
+        }
 
 
 def _candidate(path: Path, step: int | None) -> Candidate:
@@ -95,24 +99,35 @@ def _latest(root: Path, candidates: list[Candidate]) -> Candidate:
 
 
 def _best(root: Path, candidates: list[Candidate]) -> Candidate:
-    states = [root / "trainer_state.json"] + [Path(c.path) / "trainer_state.json" for c in
-                                              sorted((c for c in candidates if c.step is not None), key=lambda c: -c.step)]
+    states = [root / "trainer_state.json"] + [
+        Path(c.path) / "trainer_state.json"
+        for c in sorted((c for c in candidates if c.step is not None), key=lambda c: -c.step)
+    ]
     state_file = next((s for s in states if s.is_file()), None)
     if state_file is None:
         raise CheckpointValidationError("best_checkpoint_unknown", path=str(root), problem=i18n.ui("best_no_state"))
     try:
         best = json.loads(state_file.read_text(encoding="utf-8")).get("best_model_checkpoint")
     except (OSError, ValueError, AttributeError, RecursionError) as exc:  # ValueError: bad JSON or not UTF-8
-        raise CheckpointValidationError("best_checkpoint_unknown", path=str(state_file), problem=str(exc)[:200]) from None
+        raise CheckpointValidationError(
+            "best_checkpoint_unknown", path=str(state_file), problem=str(exc)[:200]
+        ) from None
     if not best or not isinstance(best, str):  # a hand-edited or foreign trainer_state.json may hold anything here
-        raise CheckpointValidationError("best_checkpoint_unknown", path=str(state_file), problem=i18n.ui("best_not_recorded"))
+        raise CheckpointValidationError(
+            "best_checkpoint_unknown", path=str(state_file), problem=i18n.ui("best_not_recorded")
+        )
     # Training may have run elsewhere: match the folder name, not the recorded path.
     match = next((c for c in candidates if Path(c.path).name == Path(best).name), None)
     if match is None:
-        raise CheckpointValidationError("best_checkpoint_unknown", path=str(state_file), problem=i18n.ui("best_missing", best=best, root=root))
+        raise CheckpointValidationError(
+            "best_checkpoint_unknown", path=str(state_file), problem=i18n.ui("best_missing", best=best, root=root)
+        )
     if not match.complete:
-        raise CheckpointValidationError("best_checkpoint_unknown", path=str(state_file),
-                                        problem=i18n.ui("best_incomplete", best=best, reason=match.reason))
+        raise CheckpointValidationError(
+            "best_checkpoint_unknown",
+            path=str(state_file),
+            problem=i18n.ui("best_incomplete", best=best, reason=match.reason),
+        )
     return match
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -26,17 +27,24 @@ _STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "d
 
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--lang", choices=i18n.LANGUAGES, default=argparse.SUPPRESS, help="message language (default: from the locale)")
+    common.add_argument(
+        "--lang", choices=i18n.LANGUAGES, default=argparse.SUPPRESS, help="message language (default: from the locale)"
+    )
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    common.add_argument(
+        "--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+    )
     common.add_argument("--log-file", default=argparse.SUPPRESS, help="also write the log to this file")
     return common
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
-    parser = argparse.ArgumentParser(prog="model-export", parents=[common],
-                                     description="Turn a LoRA fine-tuning run into validated deployment artifacts.")
+    parser = argparse.ArgumentParser(
+        prog="model-export",
+        parents=[common],
+        description="Turn a LoRA fine-tuning run into validated deployment artifacts.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, func: Callable, help: str, json_flag: bool = True) -> argparse.ArgumentParser:
@@ -56,32 +64,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=".", help="where artifacts would be written (for free space)")
 
     p = command("detect", _detect, "find the checkpoint to export in a training output directory")
-    p.add_argument("path", nargs="?", help="training output or adapter directory (default: checkpoint_path of --config)")
+    p.add_argument(
+        "path", nargs="?", help="training output or adapter directory (default: checkpoint_path of --config)"
+    )
     _config_options(p)
 
     p = command("check", _check, "validate a checkpoint and its fit to the base model, without loading base weights")
-    p.add_argument("checkpoint", nargs="?", help="training output or adapter directory (default: checkpoint_path of --config)")
-    p.add_argument("--base", help="base model: local directory or hub id (default: base_model_name, else adapter_config.json's)")
+    p.add_argument(
+        "checkpoint", nargs="?", help="training output or adapter directory (default: checkpoint_path of --config)"
+    )
+    p.add_argument(
+        "--base", help="base model: local directory or hub id (default: base_model_name, else adapter_config.json's)"
+    )
     _config_options(p)
 
     p = command("merge", _merge, "merge a LoRA adapter into its base model, streaming tensor by tensor")
     p.add_argument("--adapter", help="adapter or training output directory (default: checkpoint_path of --config)")
-    p.add_argument("--base", help="base model: local directory or hub id (default: base_model_name, else adapter_config.json's)")
+    p.add_argument(
+        "--base", help="base model: local directory or hub id (default: base_model_name, else adapter_config.json's)"
+    )
     p.add_argument("--out", help="output directory (default: <output_dir>/merge)")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="output dtype (auto: the base's)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="output dtype (auto: the base's; default: from quantization_level, as the run merges)",
+    )
     p.add_argument("--max-shard-size", type=_size, help="largest shard, e.g. 5GB (default: max_shard_size)")
     p.add_argument("--format", choices=["safetensors", "pytorch"], default="safetensors")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where the update math runs (default: device_map)")
     _config_options(p)
 
-    p = command("benchmark", _benchmark, "benchmark every artifact of a run (or one artifact): load time, first token, decode speed, memory")
+    p = command(
+        "benchmark",
+        _benchmark,
+        "benchmark every artifact of a run (or one artifact): load time, first token, decode speed, memory",
+    )
     p.add_argument("target", help="a run's output_dir (with run.json), or one artifact: a model folder, .onnx or .gguf")
-    p.add_argument("--prompt", default=None, help="prompt, formatted with the chat template (default: the first test_input_samples)")
+    p.add_argument(
+        "--prompt",
+        default=None,
+        help="prompt, formatted with the chat template (default: the first test_input_samples)",
+    )
     p.add_argument("--new-tokens", type=_positive, default=32)
     p.add_argument("--batch-size", type=_positive, default=1, help="also measure decode speed at this batch size")
     p.add_argument("--repeats", type=_positive, default=3, help="timed runs after one warm-up; medians are reported")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
-                   help="where transformers runs (auto: the GPU when there is one); onnxruntime and llama.cpp run on the CPU")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda", "auto"],
+        default="auto",
+        help="where transformers runs (auto: the GPU when there is one); onnxruntime and llama.cpp run on the CPU",
+    )
 
     p = command("validate-config", _validate_config, "report every problem of a YAML or JSON configuration")
     p.add_argument("file")
@@ -91,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", default="model-export.yaml")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
 
-    p = command("demo", _demo, "fine-tune a LoRA on the bundled tiny model, then run the whole pipeline on it (offline)")
+    p = command(
+        "demo", _demo, "fine-tune a LoRA on the bundled tiny model, then run the whole pipeline on it (offline)"
+    )
     p.add_argument("--workdir", default=".", help="where qwen3-finetuned/ and export-demo/ go (default: here)")
     return parser
 
@@ -126,12 +160,14 @@ def _config_options(p: argparse.ArgumentParser) -> None:
 
 
 def _log_level(args: argparse.Namespace, configured: str = "INFO") -> str:
-    """--debug means DEBUG (third-party warnings and bars come through too); else --log-level; else the configuration's."""
+    """--debug means DEBUG (third-party warnings and bars come through too); else --log-level; else the
+    configuration's."""
     return "DEBUG" if getattr(args, "debug", False) else getattr(args, "log_level", configured)
 
 
 def _load(args: argparse.Namespace):
-    """The configuration named by --config/--set (defaults otherwise); its lang and logging apply unless flags say else."""
+    """The configuration named by --config/--set (defaults otherwise); its lang and logging apply unless flags say
+    else."""
     from .config import load_config
 
     config = load_config(args.config, args.overrides)
@@ -182,8 +218,12 @@ def _print_run(console: Console, title: str, steps: dict, report: str | None) ->
         results["verify"] = {"skipped": i18n.ui("reason_validation_off")}
     rows = summary_rows(results)
     for r in rows:
-        table.add_row(Text(r["format"]), Text(r["path"]), Text(f"{r['bytes'] / 1e6:.2f} MB"),
-                      Text(i18n.ui(STATUS_TEXT[r["status"]]), style=_VERDICT_STYLE[r["status"]]))
+        table.add_row(
+            Text(r["format"]),
+            Text(r["path"]),
+            Text(f"{r['bytes'] / 1e6:.2f} MB"),
+            Text(i18n.ui(STATUS_TEXT[r["status"]]), style=_VERDICT_STYLE[r["status"]]),
+        )
     console.print(table)
     kind, text = banner(rows, None)
     console.print(Text(text, style={"pass": "green", "partial": "yellow"}.get(kind, "red")))
@@ -207,7 +247,11 @@ def _doctor(args: argparse.Namespace) -> int:
         for c in report.checks:
             table.add_row(c.name, Text(c.status, style=_STATUS_STYLE[c.status]), c.detail)
         console.print(table)
-        console.print(i18n.ui("doctor_summary", failed=report.count("fail"), warned=report.count("warn"), passed=report.count("ok")))
+        console.print(
+            i18n.ui(
+                "doctor_summary", failed=report.count("fail"), warned=report.count("warn"), passed=report.count("ok")
+            )
+        )
 
     _emit(args, report.to_dict(), human)
     return 1 if report.failed else 0
@@ -219,10 +263,7 @@ def _detect(args: argparse.Namespace) -> int:
     config = _load(args)
     result = detect(args.path or config.checkpoint_path, args.selection or config.checkpoint_selection)
 
-    def human(console: Console) -> None:
-        for c in result.candidates:
-            if not c.complete:
-                console.print(Text(i18n.ui("skipped", path=c.path, reason=c.reason), style="yellow"))
+    def human(console: Console) -> None:  # skipped candidates were logged (stderr) by detect, each once
         console.print(i18n.ui("detected", path=result.selected))
 
     _emit(args, result.to_dict(), human)
@@ -236,8 +277,16 @@ def _check(args: argparse.Namespace) -> int:
 
     def human(console: Console) -> None:
         console.print(Text(i18n.ui("check_ok", path=report.path), style="green"))
-        console.print(i18n.ui("check_summary", rank=report.rank, alpha=report.lora_alpha, modules=report.num_modules,
-                              tensors=report.num_tensors, file=report.weights_file))
+        console.print(
+            i18n.ui(
+                "check_summary",
+                rank=report.rank,
+                alpha=report.lora_alpha,
+                modules=report.num_modules,
+                tensors=report.num_tensors,
+                file=report.weights_file,
+            )
+        )
         if report.fit_checked:
             console.print(i18n.ui("check_fit", base=report.base_model))
         for warning in report.warnings:
@@ -251,7 +300,11 @@ def _merge(args: argparse.Namespace) -> int:
     from .model_merger import ModelMerger
 
     config = _load(args)
-    options = {"dtype": args.dtype, "format": args.format, "device": args.device or config.device_map}
+    options = {"format": args.format}  # the rest from the configuration (merge_settings) unless a flag says otherwise
+    if args.dtype:
+        options["dtype"] = args.dtype
+    if args.device:
+        options["device"] = args.device
     if args.max_shard_size:
         options["max_shard_size"] = args.max_shard_size
     if args.selection:
@@ -260,8 +313,14 @@ def _merge(args: argparse.Namespace) -> int:
 
     def human(console: Console) -> None:
         key = "merge_nothing_to_do" if result.already_complete else "merge_done"
-        console.print(Text(i18n.ui(key, out=result.output_dir, shards=len(result.shards), gb=result.bytes / 1e9,
-                                   seconds=result.seconds), style="green"))
+        console.print(
+            Text(
+                i18n.ui(
+                    key, out=result.output_dir, shards=len(result.shards), gb=result.bytes / 1e9, seconds=result.seconds
+                ),
+                style="green",
+            )
+        )
         if result.untied_embeddings:
             console.print(i18n.ui("merge_untied"))
 
@@ -277,14 +336,33 @@ def _benchmark(args: argparse.Namespace) -> int:
     from .report import rerender_report
 
     setup_logging(_log_level(args), getattr(args, "log_file", None))
-    results = benchmark(args.target, prompt=args.prompt or DEFAULT_PROMPT, new_tokens=args.new_tokens, batch_size=args.batch_size,
-                        repeats=args.repeats, device_map=args.device)
-    report = rerender_report(Path(args.target), [asdict(r) for r in results]) if (Path(args.target) / "run.json").is_file() else None
+    results = benchmark(
+        args.target,
+        prompt=args.prompt or DEFAULT_PROMPT,
+        new_tokens=args.new_tokens,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        device_map=args.device,
+    )
+    report = (
+        rerender_report(Path(args.target), [asdict(r) for r in results])
+        if (Path(args.target) / "run.json").is_file()
+        else None
+    )
 
     def human(console: Console) -> None:
         table = Table(title="model-export benchmark")
-        for column in ("artifact", "runtime", "device", "load (s)", "first token (ms)", "decode (tok/s)",
-                       f"batch {args.batch_size} (tok/s)", "peak RSS (GiB)", "peak GPU (GiB)"):
+        for column in (
+            "artifact",
+            "runtime",
+            "device",
+            "load (s)",
+            "first token (ms)",
+            "decode (tok/s)",
+            f"batch {args.batch_size} (tok/s)",
+            "peak RSS (GiB)",
+            "peak GPU (GiB)",
+        ):
             table.add_column(column)
         for r in results:
             if r.error:
@@ -292,8 +370,17 @@ def _benchmark(args: argparse.Namespace) -> int:
                 continue
             batch = f"{r.decode_tokens_per_s_batch:.1f}" if r.decode_tokens_per_s_batch else "-"
             gpu = f"{r.peak_gpu_gib:.2f}" if r.peak_gpu_gib is not None else "-"
-            table.add_row(r.label, r.runtime, r.device, f"{r.load_s:.2f}", f"{r.ttft_s * 1000:.2f}", f"{r.decode_tokens_per_s:.1f}", batch,
-                          f"{r.peak_rss_gib:.2f}", gpu)
+            table.add_row(
+                r.label,
+                r.runtime,
+                r.device,
+                f"{r.load_s:.2f}",
+                f"{r.ttft_s * 1000:.2f}",
+                f"{r.decode_tokens_per_s:.1f}",
+                batch,
+                f"{r.peak_rss_gib:.2f}",
+                gpu,
+            )
         console.print(table)
         for r in results:
             if r.note:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import pydantic
 import yaml
@@ -21,8 +22,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from . import i18n
 from .errors import ConfigError
 
-__all__ = ["ExportConfiguration", "ConfigProblem", "load_config", "config_from_dict", "init_config", "example_yaml",
-           "parse_size", "EXPORT_FORMATS"]
+__all__ = [
+    "ExportConfiguration",
+    "ConfigProblem",
+    "load_config",
+    "config_from_dict",
+    "init_config",
+    "example_yaml",
+    "parse_size",
+    "EXPORT_FORMATS",
+]
 
 EXPORT_FORMATS = ("safetensors", "pytorch", "onnx", "gguf", "tensorrt")
 # What a run writes under output_dir: one folder per step and these files; nothing else there is touched.
@@ -35,8 +44,17 @@ QuantizationLevel = Literal["none", "bf16", "fp16", "int8", "int4"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(value: int | str) -> int:
@@ -53,7 +71,11 @@ def parse_size(value: int | str) -> int:
 def _default_dynamic_axes() -> dict[str, dict[int, str]]:
     axes = {0: "batch_size", 1: "sequence_length"}
     # With a KV cache the mask covers past and new tokens, so its length axis is not the sequence's.
-    return {"input_ids": dict(axes), "attention_mask": {0: "batch_size", 1: "total_sequence_length"}, "position_ids": dict(axes)}
+    return {
+        "input_ids": dict(axes),
+        "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+        "position_ids": dict(axes),
+    }
 
 
 class ExportConfiguration(BaseModel):
@@ -65,131 +87,210 @@ class ExportConfiguration(BaseModel):
     checkpoint_path: str = Field(
         "./qwen3-finetuned",
         description="Training output directory (with checkpoint-N folders) or one adapter folder "
-        "holding adapter_config.json and adapter_model.safetensors.")
+        "holding adapter_config.json and adapter_model.safetensors.",
+    )
     checkpoint_selection: Literal["latest", "best"] = Field(
         "latest",
         description="Which checkpoint-N to use: the highest step ('latest') or the Trainer's "
-        "best_model_checkpoint from trainer_state.json ('best').")
+        "best_model_checkpoint from trainer_state.json ('best').",
+    )
     base_model_name: str | None = Field(
         None,
         description="Base model: a local directory or a hub id such as Qwen/Qwen3-4B-Thinking-2507. "
-        "Empty: the base_model_name_or_path recorded in adapter_config.json.")
+        "Empty: the base_model_name_or_path recorded in adapter_config.json.",
+    )
     base_model_load_in_4bit: bool = Field(
-        False, description="Load the base model in 4-bit (bitsandbytes, needs a GPU) for reference and verification runs.")
+        False,
+        description="Load the base model in 4-bit (bitsandbytes, needs a GPU) for reference and verification runs.",
+    )
     base_model_load_in_8bit: bool = Field(
-        False, description="Load the base model in 8-bit (bitsandbytes, needs a GPU) for reference and verification runs.")
+        False,
+        description="Load the base model in 8-bit (bitsandbytes, needs a GPU) for reference and verification runs.",
+    )
     device_map: Literal["cpu", "cuda", "auto"] = Field(
-        "auto", description="Where models run: cpu, cuda, or auto (the GPU when there is one, else the CPU).")
+        "auto", description="Where models run: cpu, cuda, or auto (the GPU when there is one, else the CPU)."
+    )
     batch_size: int = Field(
-        1, gt=0, description="Sequences per forward pass when verification computes prompt logits (the reference and "
-        "transformers artifacts; padded on the right, so results do not change), the batch of the benchmark's second decode "
-        "measurement, and the TensorRT engine's largest batch. 1 uses the least memory.")
+        1,
+        gt=0,
+        description="Sequences per forward pass when verification computes prompt logits (the reference and "
+        "transformers artifacts; padded on the right, so results do not change), the batch of the benchmark's second "
+        "decode "
+        "measurement, and the TensorRT engine's largest batch. 1 uses the least memory.",
+    )
     max_sequence_length: int = Field(
-        2048, gt=0, description="Longest sequence verification runs: each test prompt and the held-out text is cut so that it "
-        "and its generated tokens fit in this many tokens (or in the model's max_position_embeddings when that is smaller), "
-        "with a warning naming the sample. Lower it to save memory.")
+        2048,
+        gt=0,
+        description="Longest sequence verification runs: each test prompt and the held-out text is cut so that it "
+        "and its generated tokens fit in this many tokens (or in the model's max_position_embeddings when that is "
+        "smaller), "
+        "with a warning naming the sample. Lower it to save memory.",
+    )
     use_memory_mapping: bool = Field(
-        True, description="When verification loads a whole model with transformers (the reference and transformers "
-        "artifacts): true memory-maps the weight files (pages shared with the file cache); false reads them into memory "
-        "(for network file systems where mapping is slow). The streaming merge reads one tensor at a time either way.")
+        True,
+        description="When verification loads a whole model with transformers (the reference and transformers "
+        "artifacts): true memory-maps the weight files (pages shared with the file cache); false reads them into "
+        "memory "
+        "(for network file systems where mapping is slow). The streaming merge reads one tensor at a time either way.",
+    )
 
     # --- output ----------------------------------------------------------------------------
     output_dir: str = Field("./export", description="Where artifacts, the run manifest, the log and the report go.")
     export_formats: list[ExportFormat] = Field(
         default_factory=lambda: ["safetensors"],
-        description="Artifacts to produce: safetensors, pytorch (.bin), onnx, gguf, tensorrt (experimental).")
+        description="Artifacts to produce: safetensors, pytorch (.bin), onnx, gguf, tensorrt (experimental).",
+    )
     export_onnx: bool | None = Field(
-        None, description="Shortcut: true adds onnx to export_formats, false removes it; empty leaves export_formats as written.")
+        None,
+        description="Shortcut: true adds onnx to export_formats, false removes it; "
+        "empty leaves export_formats as written.",
+    )
     max_shard_size: str = Field("5GB", description="Largest weight shard written (e.g. 5GB, 500MB, 2GiB).")
     quantization_level: QuantizationLevel = Field(
-        "none", description="Weight precision of the artifacts: none, bf16, fp16, int8, int4. none keeps the base model's "
-        "dtype: a bf16 base stays bf16 in safetensors, PyTorch and GGUF; its ONNX graph holds the same bf16 values widened "
-        "to fp32 (onnxruntime has no bf16 CPU kernels, and fp16 activations can overflow), twice the size; fp16 or int4 "
-        "make it smaller. Every artifact is judged on the bounds of the coarsest precision its weights went through.")
+        "none",
+        description="Weight precision of the artifacts: none, bf16, fp16, int8, int4. none keeps the base model's "
+        "dtype: a bf16 base stays bf16 in safetensors, PyTorch and GGUF; its ONNX graph holds the same bf16 values "
+        "widened "
+        "to fp32 (onnxruntime has no bf16 CPU kernels, and fp16 activations can overflow), twice the size; fp16 or "
+        "int4 "
+        "make it smaller. Every artifact is judged on the bounds of the coarsest precision its weights went through.",
+    )
     calibration_data: str | None = Field(
-        None, description="Text (.txt) or JSON Lines (.jsonl, a 'text' field per line) for quantizers that use "
+        None,
+        description="Text (.txt) or JSON Lines (.jsonl, a 'text' field per line) for quantizers that use "
         "calibration. Every int8/int4 quantizer in this version is data-free (round-to-nearest blocks), so it is "
-        "accepted and checked but not used yet, and a run says so.")
+        "accepted and checked but not used yet, and a run says so.",
+    )
     compress_weights: bool = Field(
-        True, description="Never upcast, keep the base dtype unless quantization_level asks otherwise, and store "
-        "shared (tied) tensors once.")
+        True,
+        description="Never upcast, keep the base dtype unless quantization_level asks otherwise, and store "
+        "shared (tied) tensors once.",
+    )
     remove_training_artifacts: bool = Field(
-        True, description="Keep optimizer, scheduler, RNG state, trainer state and training args out of every artifact.")
+        True, description="Keep optimizer, scheduler, RNG state, trainer state and training args out of every artifact."
+    )
 
     # --- ONNX --------------------------------------------------------------------------------
     onnx_backend: Literal["auto", "builder", "torch"] = Field(
-        "auto", description="ONNX exporter: builder (streams the graph from the weights; Qwen3, Qwen2, Llama, "
-        "Mistral), torch (torch.onnx.export of the transformers model), or auto (builder when it supports the model).")
+        "auto",
+        description="ONNX exporter: builder (streams the graph from the weights; Qwen3, Qwen2, Llama, "
+        "Mistral), torch (torch.onnx.export of the transformers model), or auto (builder when it supports the model).",
+    )
     onnx_opset_version: int = Field(17, ge=7, description="ONNX opset of the exported graph.")
     onnx_optimize_graph: bool = Field(
-        True, description="Also save onnxruntime's offline-optimized graph beside the plain one.")
+        True, description="Also save onnxruntime's offline-optimized graph beside the plain one."
+    )
     onnx_block_size: int = Field(
-        32, ge=16, description="int8/int4 ONNX weights: values per quantization block along the input dimension "
-        "(a power of two, at least 16; smaller blocks are more accurate and larger).")
+        32,
+        ge=16,
+        description="int8/int4 ONNX weights: values per quantization block along the input dimension "
+        "(a power of two, at least 16; smaller blocks are more accurate and larger).",
+    )
     onnx_accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
-        4, description="int8/int4 ONNX weights: MatMulNBits compute precision, 0 (unset: fp32) to 4 (int8 activations, "
-        "fastest on CPUs; what onnxruntime-genai's builder uses for CPU).")
+        4,
+        description="int8/int4 ONNX weights: MatMulNBits compute precision, 0 (unset: fp32) to 4 (int8 activations, "
+        "fastest on CPUs; what onnxruntime-genai's builder uses for CPU).",
+    )
     gguf_type: Literal["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"] = Field(
-        "auto", description="GGUF tensor type; auto follows quantization_level (none: the merge's dtype, bf16, fp16: f16, "
-        "int8: q8_0, int4: q4_0). Norms and biases stay f32, as llama.cpp keeps them.")
+        "auto",
+        description="GGUF tensor type; auto follows quantization_level (none: the merge's dtype, bf16, fp16: f16, "
+        "int8: q8_0, int4: q4_0). Norms and biases stay f32, as llama.cpp keeps them.",
+    )
     gguf_lora_adapter: bool = Field(
-        False, description="Also write the adapter alone as a GGUF LoRA (adapter-lora-f32.gguf) for llama.cpp's --lora "
-        "on a GGUF of the base model; PEFT's scaling (rsLoRA, rank and alpha patterns) is carried exactly.")
+        False,
+        description="Also write the adapter alone as a GGUF LoRA (adapter-lora-f32.gguf) for llama.cpp's --lora "
+        "on a GGUF of the base model; PEFT's scaling (rsLoRA, rank and alpha patterns) is carried exactly.",
+    )
     onnx_dynamic_axes: dict[str, dict[int, str]] | None = Field(
         default_factory=_default_dynamic_axes,
         description="Dynamic axes per ONNX input/output name, e.g. {input_ids: {0: batch_size, 1: sequence_length}}; "
         "axes not named are fixed (batch and sequence to 1); the KV cache's length axes stay dynamic. Empty (null): "
-        "batch 1, one token per call.")
+        "batch 1, one token per call.",
+    )
 
     # --- verification ------------------------------------------------------------------------
     run_validation_tests: bool = Field(True, description="Verify every artifact against the unmerged base + adapter.")
     validation_tolerance: float = Field(
-        1e-3, gt=0, description="Largest absolute logit difference allowed for full-precision artifacts.")
+        1e-3, gt=0, description="Largest absolute logit difference allowed for full-precision artifacts."
+    )
     validation_min_top1: float = Field(
-        0.9, gt=0, le=1, description="bf16, fp16 and 8-bit artifacts: least top-1 agreement with the reference.")
+        0.9, gt=0, le=1, description="bf16, fp16 and 8-bit artifacts: least top-1 agreement with the reference."
+    )
     validation_max_kl: float = Field(
-        0.05, gt=0, description="bf16, fp16 and 8-bit artifacts: largest mean KL divergence from the reference's next-token "
-        "distribution.")
+        0.05,
+        gt=0,
+        description="bf16, fp16 and 8-bit artifacts: largest mean KL divergence from the reference's next-token "
+        "distribution.",
+    )
     validation_int4_min_top1: float = Field(
-        0.85, gt=0, le=1, description="4- and 5-bit artifacts (int4; GGUF q4_*/q5_*): least top-1 agreement with the reference. "
+        0.85,
+        gt=0,
+        le=1,
+        description="4- and 5-bit artifacts (int4; GGUF q4_*/q5_*): least top-1 agreement with the reference. "
         "Round-to-nearest 4-bit weights cost real models about 8-12% of top-1 (llama.cpp measures 91.9% same top token "
-        "for Llama 3 8B q4_K_M), so the 8-bit bound would reject every int4 export.")
+        "for Llama 3 8B q4_K_M), so the 8-bit bound would reject every int4 export.",
+    )
     validation_int4_max_kl: float = Field(
-        0.1, gt=0, description="4- and 5-bit artifacts: largest mean KL divergence from the reference (llama.cpp measures "
-        "0.072 for Llama 3 8B q4_0, 0.031 for q4_K_M, 0.445 for the broken-quality q2_K).")
-    validation_new_tokens: int = Field(16, ge=1, description="Tokens generated greedily per sample to compare generations.")
+        0.1,
+        gt=0,
+        description="4- and 5-bit artifacts: largest mean KL divergence from the reference (llama.cpp measures "
+        "0.072 for Llama 3 8B q4_0, 0.031 for q4_K_M, 0.445 for the broken-quality q2_K).",
+    )
+    validation_new_tokens: int = Field(
+        16, ge=1, description="Tokens generated greedily per sample to compare generations."
+    )
     test_input_samples: list[str] = Field(
         default_factory=lambda: ["Hello", "简单测试", "Write a haiku about autumn."],
-        description="Prompts used to verify and benchmark the artifacts (formatted with the chat template).")
+        description="Prompts used to verify and benchmark the artifacts (formatted with the chat template).",
+    )
 
     # --- benchmarks ----------------------------------------------------------------------------
     run_benchmarks: bool = Field(
-        False, description="After verification, benchmark every artifact (load time, time to first token, decode tokens "
-        "per second at batch 1 and at batch_size, peak memory); `model-export benchmark RUN_DIR` does the same later.")
+        False,
+        description="After verification, benchmark every artifact (load time, time to first token, decode tokens "
+        "per second at batch 1 and at batch_size, peak memory); `model-export benchmark RUN_DIR` does the same later.",
+    )
     benchmark_new_tokens: int = Field(32, ge=1, description="Tokens decoded per benchmark run.")
-    benchmark_repeats: int = Field(3, ge=1, description="Timed benchmark runs per artifact (after one warm-up); medians are reported.")
+    benchmark_repeats: int = Field(
+        3, ge=1, description="Timed benchmark runs per artifact (after one warm-up); medians are reported."
+    )
 
     # --- logging and housekeeping -------------------------------------------------------------
     log_level: LogLevel = Field(
-        "INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL (--log-level wins). DEBUG also logs step keys, shards, "
-        "forward passes and per-sample metrics, and lets third-party warnings and progress bars through, which are silent "
-        "otherwise.")
+        "INFO",
+        description="DEBUG, INFO, WARNING, ERROR or CRITICAL (--log-level wins). DEBUG also logs step keys, shards, "
+        "forward passes and per-sample metrics, and lets third-party warnings and progress bars through, which are "
+        "silent "
+        "otherwise.",
+    )
     log_file: str | None = Field(
-        None, description="Log file (--log-file wins); empty: export.log in output_dir for runs, none for single commands. "
-        "Written in English whatever the console's language, as the guide's log lines and grep commands are.")
+        None,
+        description="Log file (--log-file wins); empty: export.log in output_dir for runs, none for single commands. "
+        "Written in English whatever the console's language, as the guide's log lines and grep commands are.",
+    )
     enable_progress_monitoring: bool = Field(
-        True, description="Progress of long steps: one live bar on a terminal; 'Processing ...: N% complete' lines, at most "
-        "one every 5 seconds and the last, in a log file or a pipe.")
-    memory_monitoring: bool = Field(False, description="Log 'Memory usage: used / total (percent)' lines during long steps.")
+        True,
+        description="Progress of long steps: one live bar on a terminal; 'Processing ...: N% complete' lines, at most "
+        "one every 5 seconds and the last, in a log file or a pipe.",
+    )
+    memory_monitoring: bool = Field(
+        False, description="Log 'Memory usage: used / total (percent)' lines during long steps."
+    )
     memory_monitoring_interval: float = Field(5.0, gt=0, description="Seconds between memory usage lines.")
     cleanup_temp_files: bool = Field(
-        True, description="When a run ends, failed or not: true removes what an unfinished step was writing (*.partial "
-        "under output_dir); false keeps it for debugging and logs where it is.")
+        True,
+        description="When a run ends, failed or not: true removes what an unfinished step was writing (*.partial "
+        "under output_dir); false keeps it for debugging and logs where it is.",
+    )
     save_intermediate_results: bool = Field(
-        False, description="Also save the logits and greedy tokens of the reference and of every artifact run "
+        False,
+        description="Also save the logits and greedy tokens of the reference and of every artifact run "
         "(verify/reference.pt, verify/<artifact>.pt), even when verification fails. Each step's result is in "
-        "<step>/.step.json either way.")
-    lang: Literal["en", "zh"] | None = Field(None, description="Message language: en or zh; empty: from the locale (zh_* gives zh).")
+        "<step>/.step.json either way.",
+    )
+    lang: Literal["en", "zh"] | None = Field(
+        None, description="Message language: en or zh; empty: from the locale (zh_* gives zh)."
+    )
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -286,7 +387,9 @@ def problems_from_pydantic(exc: pydantic.ValidationError) -> list[ConfigProblem]
     return problems
 
 
-def check_dict(data: Mapping[str, Any], lines: Mapping[str, int] | None = None) -> tuple[ExportConfiguration | None, list[ConfigProblem]]:
+def check_dict(
+    data: Mapping[str, Any], lines: Mapping[str, int] | None = None
+) -> tuple[ExportConfiguration | None, list[ConfigProblem]]:
     """Build a configuration from ``data``; return it (or None) and every field problem found."""
     try:  # YAML allows keys that are not strings (`? ` or `1:`); they are reported as unknown keys, under their text
         return ExportConfiguration(**{str(k): v for k, v in dict(data).items()}), []
@@ -296,7 +399,9 @@ def check_dict(data: Mapping[str, Any], lines: Mapping[str, int] | None = None) 
         return None, exc.problems
 
 
-def config_from_dict(data: Mapping[str, Any], source: str | None = None, lines: Mapping[str, int] | None = None) -> ExportConfiguration:
+def config_from_dict(
+    data: Mapping[str, Any], source: str | None = None, lines: Mapping[str, int] | None = None
+) -> ExportConfiguration:
     """Build a configuration; raise ConfigError (ME101) listing every field problem at once."""
     config, problems = check_dict(data, lines)
     if problems:
@@ -310,8 +415,9 @@ class _ConfigLoader(yaml.SafeLoader):
 
     def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
         if self.check_event(yaml.AliasEvent):
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a configuration",
-                                              self.peek_event().start_mark)
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a configuration", self.peek_event().start_mark
+            )
         return super().compose_node(parent, index)
 
 
@@ -325,20 +431,32 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError("config_parse", path=str(path), line=0, column=exc.start + 1,
-                          problem=f"the file is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+        raise ConfigError(
+            "config_parse",
+            path=str(path),
+            line=0,
+            column=exc.start + 1,
+            problem=f"the file is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})",
+        ) from None
     except OSError as exc:
         raise ConfigError("config_parse", path=str(path), line=0, column=0, problem=exc.strerror or str(exc)) from None
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - safe subclass
     except RecursionError:
-        raise ConfigError("config_parse", path=str(path), line=0, column=0, problem="nested too deeply to be a configuration") from None
+        raise ConfigError(
+            "config_parse", path=str(path), line=0, column=0, problem="nested too deeply to be a configuration"
+        ) from None
     except json.JSONDecodeError as exc:
         raise ConfigError("config_parse", path=str(path), line=exc.lineno, column=exc.colno, problem=exc.msg) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        raise ConfigError("config_parse", path=str(path), line=mark.line + 1 if mark else 0,
-                          column=mark.column + 1 if mark else 0, problem=exc.problem or str(exc)) from None
+        raise ConfigError(
+            "config_parse",
+            path=str(path),
+            line=mark.line + 1 if mark else 0,
+            column=mark.column + 1 if mark else 0,
+            problem=exc.problem or str(exc),
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError("config_parse", path=str(path), line=0, column=0, problem=str(exc)) from None
     if data is None:
@@ -393,8 +511,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 def example_yaml() -> str:
     """A commented YAML of every key with its default, generated from the schema."""
-    lines = ["# model-export configuration. Every key is optional; the value shown is the default.",
-             "# Check it with: model-export validate-config FILE", ""]
+    lines = [
+        "# model-export configuration. Every key is optional; the value shown is the default.",
+        "# Check it with: model-export validate-config FILE",
+        "",
+    ]
     defaults = ExportConfiguration().model_dump(mode="json")
     for name, info in ExportConfiguration.model_fields.items():
         lines.append(f"# {info.description}")
@@ -416,10 +537,15 @@ def init_config(path: str | Path = "model-export.yaml", force: bool = False) -> 
 
 def reference_markdown() -> str:
     """docs/configuration.md: a table of every key, generated from the schema (scripts/gen_config_docs.py)."""
-    lines = ["# Configuration reference", "",
-             "Generated from `ExportConfiguration` by `python scripts/gen_config_docs.py`; do not edit by hand.",
-             "Cross-key rules are checked by `model-export validate-config FILE` (see troubleshooting.en.md).", "",
-             "| key | type | default | description |", "|---|---|---|---|"]
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `ExportConfiguration` by `python scripts/gen_config_docs.py`; do not edit by hand.",
+        "Cross-key rules are checked by `model-export validate-config FILE` (see troubleshooting.en.md).",
+        "",
+        "| key | type | default | description |",
+        "|---|---|---|---|",
+    ]
     defaults = ExportConfiguration().model_dump(mode="json")
     for name, info in ExportConfiguration.model_fields.items():
         kind = str(info.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("|", "or")

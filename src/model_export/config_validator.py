@@ -1,30 +1,23 @@
 """validate_config: every problem of a configuration at once, each naming the key and the fix.
 
-    from model_export.config_validator import validate_config
-    errors = validate_config(config)      # [] when the configuration is sound
+from model_export.config_validator import validate_config
+errors = validate_config(config)      # [] when the configuration is sound
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from . import extras, i18n
 from .config import OUTPUT_FILES, OUTPUT_STEPS, ConfigProblem, ExportConfiguration, check_dict, read_config_file
 from .errors import ConfigError
+from .exporters import FORMATS
 
-__all__ = ["validate_config", "check_config", "FORMAT_QUANTIZATION", "ONNX_MIN_OPSET", "ONNX_IO_RANKS"]
-
-# Which quantization levels each format can hold (see docs/configuration.md for the why).
-FORMAT_QUANTIZATION: dict[str, tuple[str, ...]] = {
-    "safetensors": ("none", "bf16", "fp16", "int8", "int4"),  # int8/int4: compressed-tensors
-    "pytorch": ("none", "bf16", "fp16"),                       # plain state dict, no packed ints
-    "onnx": ("none", "fp16", "int8", "int4"),                  # bf16 has no CPU kernels in onnxruntime
-    "gguf": ("none", "bf16", "fp16", "int8", "int4"),          # f16/bf16/q8_0/q4_0
-    "tensorrt": ("none", "fp16"),                              # int8/int4 need TensorRT's own calibration
-}
+__all__ = ["validate_config", "check_config", "ONNX_MIN_OPSET", "ONNX_IO_RANKS"]
 
 # The lowest opset each ONNX export path needs, and why.
 ONNX_MIN_OPSET: dict[str, tuple[int, str]] = {
@@ -34,8 +27,12 @@ ONNX_MIN_OPSET: dict[str, tuple[int, str]] = {
 
 # Names of the exported decoder's inputs and outputs, with their rank.
 ONNX_IO_RANKS: dict[str, int] = {
-    "input_ids": 2, "attention_mask": 2, "position_ids": 2, "logits": 3,
-    r"past_key_values\.\d+\.(key|value)": 4, r"present\.\d+\.(key|value)": 4,
+    "input_ids": 2,
+    "attention_mask": 2,
+    "position_ids": 2,
+    "logits": 3,
+    r"past_key_values\.\d+\.(key|value)": 4,
+    r"present\.\d+\.(key|value)": 4,
 }
 
 
@@ -75,7 +72,13 @@ def check_config(config: ExportConfiguration, source: str | None = None) -> Expo
 def _load_in_bits(config: ExportConfiguration) -> list[ConfigProblem]:
     if config.base_model_load_in_4bit and config.base_model_load_in_8bit:
         return [ConfigProblem("base_model_load_in_8bit", "both_4bit_8bit")]
-    key = "base_model_load_in_4bit" if config.base_model_load_in_4bit else "base_model_load_in_8bit" if config.base_model_load_in_8bit else None
+    key = (
+        "base_model_load_in_4bit"
+        if config.base_model_load_in_4bit
+        else "base_model_load_in_8bit"
+        if config.base_model_load_in_8bit
+        else None
+    )
     if key and config.device_map == "cpu":
         return [ConfigProblem(key, "bits_on_cpu")]
     return []
@@ -84,9 +87,13 @@ def _load_in_bits(config: ExportConfiguration) -> list[ConfigProblem]:
 def _quantization(config: ExportConfiguration) -> list[ConfigProblem]:
     level = config.quantization_level
     return [
-        ConfigProblem("quantization_level", "quant_format",
-                      {"level": level, "format": fmt, "allowed": ", ".join(FORMAT_QUANTIZATION[fmt])})
-        for fmt in config.formats if level not in FORMAT_QUANTIZATION[fmt]
+        ConfigProblem(
+            "quantization_level",
+            "quant_format",
+            {"level": level, "format": fmt, "allowed": ", ".join(FORMATS[fmt].levels)},
+        )
+        for fmt in config.formats
+        if level not in FORMATS[fmt].levels
     ]
 
 
@@ -98,14 +105,21 @@ def _opset(config: ExportConfiguration) -> list[ConfigProblem]:
     opset = config.onnx_opset_version
     problems = []
     if opset < minimum:
-        problems.append(ConfigProblem("onnx_opset_version", "opset_too_low", {"opset": opset, "reason": reason, "minimum": minimum}))
+        problems.append(
+            ConfigProblem("onnx_opset_version", "opset_too_low", {"opset": opset, "reason": reason, "minimum": minimum})
+        )
     if extras.is_available("onnx"):
         import onnx
 
         maximum = onnx.defs.onnx_opset_version()
         if opset > maximum:
-            problems.append(ConfigProblem("onnx_opset_version", "opset_too_high",
-                                          {"opset": opset, "version": onnx.__version__, "maximum": maximum}))
+            problems.append(
+                ConfigProblem(
+                    "onnx_opset_version",
+                    "opset_too_high",
+                    {"opset": opset, "version": onnx.__version__, "maximum": maximum},
+                )
+            )
     size = config.onnx_block_size
     if config.quantization_level in ("int8", "int4") and size & (size - 1):
         problems.append(ConfigProblem("onnx_block_size", "block_size_invalid", {"size": size}))
@@ -123,7 +137,11 @@ def _dynamic_axes(config: ExportConfiguration) -> list[ConfigProblem]:
             continue
         for axis in axes:
             if not 0 <= axis < rank:
-                problems.append(ConfigProblem(key, "dynamic_axes_bad_axis", {"name": name, "axis": axis, "rank": rank, "last": rank - 1}))
+                problems.append(
+                    ConfigProblem(
+                        key, "dynamic_axes_bad_axis", {"name": name, "axis": axis, "rank": rank, "last": rank - 1}
+                    )
+                )
     return problems
 
 
@@ -137,7 +155,8 @@ def _resolved(raw: str) -> Path:
 
 
 def _writable(path: Path) -> bool:
-    """The folder, or its nearest existing parent, can take new files (the run creates output_dir when it is missing)."""
+    """The folder, or its nearest existing parent, can take new files (the run creates output_dir when it is
+    missing)."""
     while not path.exists() and path != path.parent:
         path = path.parent
     return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
@@ -176,14 +195,28 @@ def _output_dir(config: ExportConfiguration) -> list[ConfigProblem]:
         path = _resolved(raw)
         if output == path or output.is_relative_to(path):
             relation = i18n.render("problems", "relation_equal" if output == path else "relation_inside")
-            problems.append(ConfigProblem("output_dir", "output_inside_input", {
-                "output": config.output_dir, "relation": relation,
-                "what": i18n.render("problems", what), "input": raw}))
+            problems.append(
+                ConfigProblem(
+                    "output_dir",
+                    "output_inside_input",
+                    {
+                        "output": config.output_dir,
+                        "relation": relation,
+                        "what": i18n.render("problems", what),
+                        "input": raw,
+                    },
+                )
+            )
             continue
         for key, target in written:
             if path == target or path.is_relative_to(target) or target.is_relative_to(path):
-                problems.append(ConfigProblem(key, "input_in_written_path", {
-                    "what": i18n.render("problems", what), "input": raw, "target": str(target)}))
+                problems.append(
+                    ConfigProblem(
+                        key,
+                        "input_in_written_path",
+                        {"what": i18n.render("problems", what), "input": raw, "target": str(target)},
+                    )
+                )
                 break
     return problems
 
@@ -205,3 +238,15 @@ def _samples_and_data(config: ExportConfiguration) -> list[ConfigProblem]:
 
 
 _RULES = (_load_in_bits, _quantization, _opset, _dynamic_axes, _output_dir, _formats, _samples_and_data)
+
+
+def configuration_markdown() -> str:
+    """docs/configuration.md: every key (config.reference_markdown) and the formats with what each quantization level
+    becomes, both generated (scripts/gen_config_docs.py), so the docs cannot drift from the schema or the registry."""
+    from .config import reference_markdown
+    from .exporters import format_table
+
+    return (
+        reference_markdown() + "\n## Formats\n\nFrom the format registry (`model_export.exporters.FORMATS`); "
+        "a level a format does not list is a configuration error.\n\n" + format_table()
+    )

@@ -29,8 +29,15 @@ __all__ = ["doctor", "DoctorReport", "Check", "MIN_PYTHON"]
 
 MIN_PYTHON = (3, 10)
 CORE = ("torch", "transformers", "peft", "accelerate", "safetensors", "huggingface_hub", "pydantic", "PyYAML", "numpy")
-OPTIONAL = {"onnx": "onnx", "onnxruntime": "onnx", "gguf": "gguf", "compressed-tensors": "quant", "bitsandbytes": "gpu",
-            "llama-cpp-python": "llamacpp", "tensorrt": "tensorrt"}
+OPTIONAL = {
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "gguf": "gguf",
+    "compressed-tensors": "quant",
+    "bitsandbytes": "gpu",
+    "llama-cpp-python": "llamacpp",
+    "tensorrt": "tensorrt",
+}
 DISK_MIN_FACTOR, DISK_RECOMMENDED_FACTOR = 3, 5
 
 
@@ -96,16 +103,28 @@ def _gpu() -> list[Check]:
             for i in range(torch.cuda.device_count()):
                 props = torch.cuda.get_device_properties(i)
                 gib = props.total_memory / 2**30
-                checks.append(Check(f"cuda:{i}", "ok" if gib >= 8 else "warn", f"{props.name}, {gib:.1f} GiB (CUDA {torch.version.cuda})"))
+                checks.append(
+                    Check(
+                        f"cuda:{i}",
+                        "ok" if gib >= 8 else "warn",
+                        f"{props.name}, {gib:.1f} GiB (CUDA {torch.version.cuda})",
+                    )
+                )
         else:
             checks.append(Check("gpu", "skip", i18n.ui("doctor_no_gpu")))
     except Exception as exc:  # noqa: BLE001 - a broken CUDA install must not stop the doctor
         checks.append(Check("gpu", "warn", f"{type(exc).__name__}: {exc}"))
     if shutil.which("nvidia-smi"):
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,memory.used,driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=15)
-            checks.append(Check("nvidia-smi", "ok" if out.returncode == 0 else "warn", (out.stdout or out.stderr).strip()[:300]))
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total,memory.used,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=15,
+            )
+            checks.append(
+                Check("nvidia-smi", "ok" if out.returncode == 0 else "warn", (out.stdout or out.stderr).strip()[:300])
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             checks.append(Check("nvidia-smi", "warn", str(exc)))
     return checks
@@ -121,7 +140,11 @@ def _disk(output_dir: str, model_bytes: int | None) -> Check:
         return Check("disk", "ok", i18n.ui("doctor_disk_free", free=gb(free), place=place))
     need, want = DISK_MIN_FACTOR * model_bytes, DISK_RECOMMENDED_FACTOR * model_bytes
     status = "fail" if free < need else "warn" if free < want else "ok"
-    return Check("disk", status, i18n.ui("doctor_disk", free=gb(free), place=place, model=gb(model_bytes), need=gb(need), want=gb(want)))
+    return Check(
+        "disk",
+        status,
+        i18n.ui("doctor_disk", free=gb(free), place=place, model=gb(model_bytes), need=gb(need), want=gb(want)),
+    )
 
 
 def _hub() -> Check:
@@ -134,7 +157,9 @@ def _hub() -> Check:
     except urllib.error.HTTPError as exc:  # the server answered: reachable
         return Check("hub", "ok", f"{endpoint} (HTTP {exc.code})")
     except (OSError, ValueError) as exc:
-        return Check("hub", "warn", i18n.ui("doctor_hub_unreachable", endpoint=endpoint, error=getattr(exc, "reason", exc)))
+        return Check(
+            "hub", "warn", i18n.ui("doctor_hub_unreachable", endpoint=endpoint, error=getattr(exc, "reason", exc))
+        )
 
 
 def doctor(checkpoint: str | None = None, base_model: str | None = None, output_dir: str = ".") -> DoctorReport:
@@ -144,7 +169,9 @@ def doctor(checkpoint: str | None = None, base_model: str | None = None, output_
 
     report = DoctorReport()
     ok = sys.version_info >= MIN_PYTHON
-    report.checks.append(Check("python", "ok" if ok else "fail", f"{platform.python_version()} (>= {'.'.join(map(str, MIN_PYTHON))})"))
+    report.checks.append(
+        Check("python", "ok" if ok else "fail", f"{platform.python_version()} (>= {'.'.join(map(str, MIN_PYTHON))})")
+    )
     minimums = _minimums()
     for name in CORE:
         report.checks.append(_package(name, minimums.get(name.lower().replace("_", "-")), None))

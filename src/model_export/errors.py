@@ -159,5 +159,9 @@ def explain(exc: BaseException, where: str, log: Any = None) -> ExportError:
     if isinstance(exc, MemoryError):
         return ResourceError("out_of_memory", where=where, detail=str(exc) or type(exc).__name__)
     text = f"{type(exc).__name__}: {exc}"
-    return InternalError("internal_error", where=where, error=text if len(text) <= 300 else text[:300] + "...",
-                         log=log or i18n.ui("no_log_file"))
+    return InternalError(
+        "internal_error",
+        where=where,
+        error=text if len(text) <= 300 else text[:300] + "...",
+        log=log or i18n.ui("no_log_file"),
+    )

@@ -12,16 +12,35 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .adapter_format import TRAINING_ARTIFACTS
 from .base_model import TOKENIZER_FILES, tokenizer_source  # noqa: F401 - tokenizer_source is used from here too
-from .checkpoint_validator import TRAINING_ARTIFACTS
 from .tensor_io import input_file
 
-__all__ = ["write_atomic", "write_config", "copy_tokenizer", "copy_generation_config", "write_index", "write_model_card",
-           "copy_training_artifacts", "TOKENIZER_SET", "rope_parameters", "rope_inv_freq"]
+__all__ = [
+    "write_atomic",
+    "write_config",
+    "copy_tokenizer",
+    "copy_generation_config",
+    "write_index",
+    "write_model_card",
+    "copy_training_artifacts",
+    "TOKENIZER_SET",
+    "rope_parameters",
+    "rope_inv_freq",
+]
 
 # Files that make up a tokenizer; they are copied together from one place, never mixed.
-TOKENIZER_SET = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-                 "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+TOKENIZER_SET = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 _DROP_CONFIG_KEYS = ("quantization_config", "pretraining_tp_quantized")
 _TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
@@ -86,10 +105,12 @@ def write_model_card(out: Path, facts: dict[str, Any]) -> None:
     """README.md recording base model, adapter, checkpoint and the merge settings."""
     base = facts["base_model"]
     rows = "\n".join(f"| {key} | `{value}` |" for key, value in facts.items())
-    text = (f"---\nbase_model: {base}\nlibrary_name: transformers\ntags:\n- lora\n- merged\n- model-export\n---\n\n"
-            f"# Merged model\n\n{base} with the LoRA adapter from `{facts['checkpoint']}` merged into its weights by "
-            "model-export's streaming merge (fp32 accumulation, one rounding to the output dtype).\n\n"
-            f"| setting | value |\n|---|---|\n{rows}\n")
+    text = (
+        f"---\nbase_model: {base}\nlibrary_name: transformers\ntags:\n- lora\n- merged\n- model-export\n---\n\n"
+        f"# Merged model\n\n{base} with the LoRA adapter from `{facts['checkpoint']}` merged into its weights by "
+        "model-export's streaming merge (fp32 accumulation, one rounding to the output dtype).\n\n"
+        f"| setting | value |\n|---|---|\n{rows}\n"
+    )
     write_atomic(out / "README.md", text)
 
 
@@ -99,7 +120,9 @@ def rope_parameters(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return params.get("rope_type") or params.get("type") or "default", params
 
 
-def rope_inv_freq(folder: Path, config: dict[str, Any], head_dim: int, rope_type: str | None = None) -> tuple[Any, float]:
+def rope_inv_freq(
+    folder: Path, config: dict[str, Any], head_dim: int, rope_type: str | None = None
+) -> tuple[Any, float]:
     """Inverse frequencies (fp32 torch tensor) and attention scaling as transformers computes them: the standard
     formula for the default rope, transformers' own init function for every other type (Llama 3, YaRN, linear, ...).
     ``rope_type='default'`` gives the unscaled frequencies of a scaled model. Loading the model class just for this

@@ -14,32 +14,19 @@ runs out of memory. Bytes are widened to fp32 in numpy (exact) and rounded once 
 from __future__ import annotations
 
 import math
-from typing import Any, BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from . import i18n
+from .adapter_format import MemoryTensor
 from .monitoring import logger
 from .tensor_io import read_bytes, tensor_range
 
 __all__ = ["merged_chunks", "MemoryTensor", "Workspace", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 64 << 20  # fp32 working set of one chunk
-
-
-class MemoryTensor:
-    """A source tensor already in memory (from a .bin adapter), shaped like tensor_io.TensorInfo."""
-
-    def __init__(self, name: str, tensor: Any) -> None:
-        from .merge_plan import torch_to_safetensors
-
-        self.name, self.dtype, self.shape = name, torch_to_safetensors(tensor.dtype), tuple(tensor.shape)
-        self.raw = bytearray(tensor.detach().contiguous().reshape(-1).view(__import__("torch").uint8).numpy().tobytes())
-        self.start, self.end = 0, len(self.raw)
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
 
 
 class Workspace:
@@ -85,7 +72,7 @@ class Workspace:
 def _source_bytes(source: Any, fh: BinaryIO | None, start: int, stop: int, workspace: Workspace):
     if isinstance(source, MemoryTensor):
         offset, length = tensor_range(source, start, stop)
-        return memoryview(source.raw)[offset: offset + length]
+        return memoryview(source.raw)[offset : offset + length]
     return workspace.read(fh, source, start, stop)
 
 
@@ -94,7 +81,9 @@ def _whole_tensor(lora: Any) -> bool:
     return lora is not None and (lora.fan_in_fan_out or (lora.kind == "embedding" and lora.magnitude is not None))
 
 
-def merged_chunks(tensor: Any, fh: BinaryIO | None, workspace: Workspace, device: str = "cpu") -> Iterator[tuple[memoryview, Any]]:
+def merged_chunks(
+    tensor: Any, fh: BinaryIO | None, workspace: Workspace, device: str = "cpu"
+) -> Iterator[tuple[memoryview, Any]]:
     """Yield (bytes, release) for the output of ``tensor`` (an OutputTensor), merged a chunk of rows at a time.
 
     ``release`` returns the buffer to the workspace once the bytes are written (None: nothing to return).

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .adapter_format import parse_adapter_key, pattern_value
 from .base_model import BaseModelInfo
-from .checkpoint_validator import parse_adapter_key, pattern_value
 from .errors import MergeError
 from .tensor_io import TORCH_TO_SAFETENSORS, PlannedTensor, TensorInfo
 
@@ -27,11 +27,17 @@ _LM_HEAD = "lm_head.weight"
 
 # adapter_config.json settings the streaming merge does not reproduce (value that is fine -> name in messages)
 _UNSUPPORTED_SETTINGS = {
-    "use_qalora": "QALoRA (use_qalora)", "use_bdlora": "block-diagonal LoRA (use_bdlora)",
-    "layer_replication": "layer_replication", "target_parameters": "target_parameters (LoRA on nn.Parameter)",
-    "trainable_token_indices": "trainable_token_indices (trainable tokens)", "alora_invocation_tokens": "activated LoRA (aLoRA)",
-    "arrow_config": "Arrow routing (arrow_config)", "monteclora_config": "MonteCLoRA", "velora_config": "VeLoRA",
-    "ensure_weight_tying": "ensure_weight_tying", "megatron_config": "Megatron layers (megatron_config)",
+    "use_qalora": "QALoRA (use_qalora)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "layer_replication": "layer_replication",
+    "target_parameters": "target_parameters (LoRA on nn.Parameter)",
+    "trainable_token_indices": "trainable_token_indices (trainable tokens)",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "monteclora_config": "MonteCLoRA",
+    "velora_config": "VeLoRA",
+    "ensure_weight_tying": "ensure_weight_tying",
+    "megatron_config": "Megatron layers (megatron_config)",
 }
 # initialisations that change the base weights during training: merging into the original base would be wrong
 _BASE_CHANGING_INIT = ("pissa", "olora", "corda", "loftq")
@@ -88,8 +94,10 @@ def check_supported(config: dict[str, Any], keys: list[str]) -> None:
     found = [name for key, name in _UNSUPPORTED_SETTINGS.items() if config.get(key)]
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INIT):
-        found.append(f"init_lora_weights={init} (the base weights changed during training; save the adapter with "
-                     "path_initial_model_for_weight_conversion)")
+        found.append(
+            f"init_lora_weights={init} (the base weights changed during training; save the adapter with "
+            "path_initial_model_for_weight_conversion)"
+        )
     if config.get("loftq_config"):
         found.append("LoftQ (loftq_config)")
     found += [f"tensor {k}" for k in keys if parse_adapter_key(k)[1] == "unknown"]
@@ -107,9 +115,19 @@ def _lora_modules(config: dict[str, Any], tensors: dict[str, Any]) -> dict[str, 
             if kind != "dora":
                 entry["kind"] = kind
     fif = bool(config.get("fan_in_fan_out"))
-    return {module: LoraUpdate(module, p["kind"], p["A"], p["B"], _scaling(config, module),
-                               fan_in_fan_out=fif and p["kind"] == "linear", magnitude=p.get("m"), bias=p.get("bias"))
-            for module, p in parts.items()}
+    return {
+        module: LoraUpdate(
+            module,
+            p["kind"],
+            p["A"],
+            p["B"],
+            _scaling(config, module),
+            fan_in_fan_out=fif and p["kind"] == "linear",
+            magnitude=p.get("m"),
+            bias=p.get("bias"),
+        )
+        for module, p in parts.items()
+    }
 
 
 def _out_dtype(source: TensorInfo, dtype: str, compress: bool) -> str:
@@ -120,8 +138,14 @@ def _out_dtype(source: TensorInfo, dtype: str, compress: bool) -> str:
     return source.dtype if compress else "F32"
 
 
-def make_plan(adapter_config: dict[str, Any], lora_tensors: dict[str, Any], full: dict[str, tuple[Any, Path | None]],
-              base: BaseModelInfo, dtype: str = "auto", compress_weights: bool = True) -> MergePlan:
+def make_plan(
+    adapter_config: dict[str, Any],
+    lora_tensors: dict[str, Any],
+    full: dict[str, tuple[Any, Path | None]],
+    base: BaseModelInfo,
+    dtype: str = "auto",
+    compress_weights: bool = True,
+) -> MergePlan:
     """Plan the merged model. ``full`` maps base tensor names to whole tensors saved in the adapter.
 
     Raises MergeError (ME701 unsupported, ME702 inconsistent embeddings).
@@ -136,8 +160,14 @@ def make_plan(adapter_config: dict[str, Any], lora_tensors: dict[str, Any], full
         module = name.removesuffix(".weight") if name.endswith(".weight") else None
         bias_module = name.removesuffix(".bias") if name.endswith(".bias") else None
         lora = modules.get(module) if module else None
-        bias_of = modules.get(bias_module) if bias_module and modules.get(bias_module) and modules[bias_module].bias is not None else None
-        tensors.append(OutputTensor(name, source.shape, _out_dtype(source, dtype, compress_weights), source, file, lora, bias_of))
+        bias_of = (
+            modules.get(bias_module)
+            if bias_module and modules.get(bias_module) and modules[bias_module].bias is not None
+            else None
+        )
+        tensors.append(
+            OutputTensor(name, source.shape, _out_dtype(source, dtype, compress_weights), source, file, lora, bias_of)
+        )
     _check_biases(modules, base)
     untied = False
     if tied and embed_name is not None:
@@ -146,7 +176,11 @@ def make_plan(adapter_config: dict[str, Any], lora_tensors: dict[str, Any], full
         untied = head_lora is not None or _LM_HEAD in full or embed.lora is not None
         if untied:
             source, file = full.get(_LM_HEAD, (embed.source, embed.source_file))
-            tensors.append(OutputTensor(_LM_HEAD, source.shape, _out_dtype(source, dtype, compress_weights), source, file, head_lora))
+            tensors.append(
+                OutputTensor(
+                    _LM_HEAD, source.shape, _out_dtype(source, dtype, compress_weights), source, file, head_lora
+                )
+            )
             config["tie_word_embeddings"] = False
     vocab = _vocab(tensors, embed_name, config)
     return MergePlan(tensors, config, untied, vocab)

@@ -22,25 +22,34 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import i18n
+from .adapter_format import ADAPTER_CONFIG, load_adapter_state, parse_adapter_key, read_adapter_config
 from .base_model import BaseModelInfo, inspect_base_model, resolve_base_model
 from .checkpoint_detector import detect
-from .checkpoint_validator import (ADAPTER_CONFIG, load_adapter_state, parse_adapter_key, read_adapter_config,
-                                   validate_checkpoint)
+from .checkpoint_validator import validate_checkpoint
 from .config import parse_size
 from .errors import BaseModelError, MergeError
 from .faults import crash_point
-from .hf_layout import (copy_generation_config, copy_tokenizer, copy_training_artifacts, write_atomic, write_config,
-                        write_index, write_model_card)
+from .hf_layout import (
+    copy_generation_config,
+    copy_tokenizer,
+    copy_training_artifacts,
+    write_atomic,
+    write_config,
+    write_index,
+    write_model_card,
+)
 from .merge_math import Workspace, merged_chunks
 from .merge_plan import MergePlan, OutputTensor, check_supported, make_plan
 from .monitoring import MemoryMonitor, Progress, logger
 from .tensor_io import SafetensorsFormatError, ShardPlan, ShardWriter, file_sha256, plan_shards, readinto_full
 
-__all__ = ["ModelMerger", "MergeResult", "merge", "STATE_FILE"]
+__all__ = ["ModelMerger", "MergeResult", "merge", "merge_settings", "STATE_FILE"]
 
 STATE_FILE = ".model-export-merge.json"
-FORMATS = {"safetensors": ("model", "safetensors", "model.safetensors.index.json"),
-           "pytorch": ("pytorch_model", "bin", "pytorch_model.bin.index.json")}
+FORMATS = {
+    "safetensors": ("model", "safetensors", "model.safetensors.index.json"),
+    "pytorch": ("pytorch_model", "bin", "pytorch_model.bin.index.json"),
+}
 _COPY_CHUNK = 64 << 20
 _PLAN_VERSION = 1
 
@@ -67,17 +76,33 @@ class MergeResult:
         return asdict(self)
 
 
-def merge(adapter: str | Path, base: str | None = None, out: str | Path = "merged", *, dtype: str = "auto",
-          max_shard_size: int | str = "5GB", format: str = "safetensors", device: str = "cpu", compress_weights: bool = True,
-          remove_training_artifacts: bool = True, selection: str = "latest", progress: bool = True,
-          memory_monitoring: bool = False, validate: bool = True) -> MergeResult:
+def merge(
+    adapter: str | Path,
+    base: str | None = None,
+    out: str | Path = "merged",
+    *,
+    dtype: str = "auto",
+    max_shard_size: int | str = "5GB",
+    format: str = "safetensors",
+    device: str = "cpu",
+    compress_weights: bool = True,
+    remove_training_artifacts: bool = True,
+    selection: str = "latest",
+    progress: bool = True,
+    memory_monitoring: bool = False,
+    validate: bool = True,
+) -> MergeResult:
     """Merge the adapter found under ``adapter`` into ``base`` and write the merged model to ``out``.
 
     Raises CheckpointValidationError, BaseModelError, MergeError (ME701-ME705) and ResourceError.
     """
     start = time.perf_counter()
     if format not in FORMATS or dtype not in ("auto", "bf16", "fp16", "fp32"):
-        raise MergeError("merge_bad_option", option="format" if format not in FORMATS else "dtype", value=format if format not in FORMATS else dtype)
+        raise MergeError(
+            "merge_bad_option",
+            option="format" if format not in FORMATS else "dtype",
+            value=format if format not in FORMATS else dtype,
+        )
     checkpoint = detect(adapter, selection).path
     adapter_config = read_adapter_config(checkpoint)
     base = base or adapter_config.get("base_model_name_or_path")
@@ -92,9 +117,21 @@ def merge(adapter: str | Path, base: str | None = None, out: str | Path = "merge
         plan, adapter_file = _plan(checkpoint, adapter_config, info, dtype, compress_weights)
         stem, suffix, index_name = FORMATS[format]
         shards = plan_shards([t.planned for t in plan.tensors], parse_size(max_shard_size), stem, suffix)
-        key = _plan_key(adapter_file, adapter_config, info, shards, dtype, format, compress_weights, remove_training_artifacts)
-        result = MergeResult(str(out), str(checkpoint), base, format, [s.filename for s in shards], len(plan.tensors),
-                             sum(s.nbytes for s in shards), plan.untied, plan.vocab_size, device=device)
+        key = _plan_key(
+            adapter_file, adapter_config, info, shards, dtype, format, compress_weights, remove_training_artifacts
+        )
+        result = MergeResult(
+            str(out),
+            str(checkpoint),
+            base,
+            format,
+            [s.filename for s in shards],
+            len(plan.tensors),
+            sum(s.nbytes for s in shards),
+            plan.untied,
+            plan.vocab_size,
+            device=device,
+        )
         state = _prepare_output(out, key)
         if state.get("complete") and all(_shard_verified(out, state, s) for s in shards):
             logger.info(i18n.ui("merge_already_complete", path=out))
@@ -102,8 +139,17 @@ def merge(adapter: str | Path, base: str | None = None, out: str | Path = "merge
         else:
             with _one_compute_thread():
                 result.resumed_shards = _write_shards(out, plan, shards, state, key, format, device, progress)
-            _write_layout(out, plan, shards, index_name, checkpoint, info, adapter_config,
-                          {"dtype": dtype, "format": format, "max_shard_size": str(max_shard_size)}, remove_training_artifacts)
+            _write_layout(
+                out,
+                plan,
+                shards,
+                index_name,
+                checkpoint,
+                info,
+                adapter_config,
+                {"dtype": dtype, "format": format, "max_shard_size": str(max_shard_size)},
+                remove_training_artifacts,
+            )
             crash_point("layout")
             state["complete"] = True
             write_atomic(out / STATE_FILE, json.dumps(state, indent=2))
@@ -129,12 +175,14 @@ def _one_compute_thread():
 
 def _refuse_inputs_as_output(out: Path, checkpoint: Path, base_dir: Path) -> None:
     target = out.resolve()
-    for what, path in (("checkpoint", checkpoint.resolve()), ("base", base_dir.resolve())):
+    for path in (checkpoint.resolve(), base_dir.resolve()):
         if target == path or target.is_relative_to(path) or path.is_relative_to(target):
             raise MergeError("merge_output_is_input", out=str(out), input=str(path))
 
 
-def _plan(checkpoint: Path, adapter_config: dict, info: BaseModelInfo, dtype: str, compress: bool) -> tuple[MergePlan, Path]:
+def _plan(
+    checkpoint: Path, adapter_config: dict, info: BaseModelInfo, dtype: str, compress: bool
+) -> tuple[MergePlan, Path]:
     lora, full, adapter_file = load_adapter_state(checkpoint)
     check_supported(adapter_config, list(lora) + list(full))
     full_by_base = {parse_adapter_key(k)[0]: v for k, v in full.items()}
@@ -142,9 +190,13 @@ def _plan(checkpoint: Path, adapter_config: dict, info: BaseModelInfo, dtype: st
     return plan, adapter_file
 
 
-def _plan_key(adapter_file: Path, adapter_config: dict, info: BaseModelInfo, shards: list[ShardPlan], *options: Any) -> str:
+def _plan_key(
+    adapter_file: Path, adapter_config: dict, info: BaseModelInfo, shards: list[ShardPlan], *options: Any
+) -> str:
     """What the output depends on: adapter bytes and settings, base files and layout, and the merge options."""
-    digest = hashlib.sha256(json.dumps([_PLAN_VERSION, adapter_config, [str(o) for o in options]], sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(
+        json.dumps([_PLAN_VERSION, adapter_config, [str(o) for o in options]], sort_keys=True, default=str).encode()
+    )
     digest.update(file_sha256(adapter_file).encode())
     for shard in info.shards:
         stat = shard.stat()
@@ -182,8 +234,9 @@ def _shard_verified(out: Path, state: dict, shard: ShardPlan) -> bool:
     return path.is_file() and state["shards"].get(shard.filename) == file_sha256(path)
 
 
-def _write_shards(out: Path, plan: MergePlan, shards: list[ShardPlan], state: dict, key: str, format: str,
-                  device: str, progress: bool) -> int:
+def _write_shards(
+    out: Path, plan: MergePlan, shards: list[ShardPlan], state: dict, key: str, format: str, device: str, progress: bool
+) -> int:
     by_name = {t.name: t for t in plan.tensors}
     meter = Progress(i18n.ui("progress_merge"), sum(s.nbytes for s in shards), enabled=progress)
     resumed = 0
@@ -196,8 +249,14 @@ def _write_shards(out: Path, plan: MergePlan, shards: list[ShardPlan], state: di
                 tensors = [by_name[t.name] for t in shard.tensors]
                 writer = _safetensors_shard if format == "safetensors" else _pytorch_shard
                 state["shards"][shard.filename] = writer(out / shard.filename, tensors, sources, device)
-                logger.debug("wrote %s: %d tensors, %d bytes, %d with a LoRA update, sha256 %s", shard.filename, len(tensors),
-                             shard.nbytes, sum(1 for t in tensors if t.lora is not None), state["shards"][shard.filename])
+                logger.debug(
+                    "wrote %s: %d tensors, %d bytes, %d with a LoRA update, sha256 %s",
+                    shard.filename,
+                    len(tensors),
+                    shard.nbytes,
+                    sum(1 for t in tensors if t.lora is not None),
+                    state["shards"][shard.filename],
+                )
                 state["files"] = sorted(set(state["files"]) | {shard.filename})
                 write_atomic(out / STATE_FILE, json.dumps(state, indent=2))
                 crash_point("shard")
@@ -213,7 +272,7 @@ class _Sources:
         self._files: dict[Path, BinaryIO] = {}
         self.workspace = Workspace()
 
-    def __enter__(self) -> "_Sources":
+    def __enter__(self) -> _Sources:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -253,7 +312,11 @@ def _pytorch_shard(path: Path, tensors: list[OutputTensor], sources: _Sources, d
             if release is not None:
                 release()
         dtype = torch_dtype(tensor.dtype)
-        state[tensor.name] = torch.frombuffer(data, dtype=dtype).reshape(tensor.shape) if data else torch.empty(tensor.shape, dtype=dtype)
+        state[tensor.name] = (
+            torch.frombuffer(data, dtype=dtype).reshape(tensor.shape)
+            if data
+            else torch.empty(tensor.shape, dtype=dtype)
+        )
         crash_point("tensor")
     partial = path.with_name(path.name + ".partial")
     torch.save(state, partial)
@@ -285,10 +348,21 @@ def _tensor_bytes(tensor: OutputTensor, sources: _Sources, device: str):
         raise MergeError("merge_source_truncated", file=str(tensor.source_file), tensor=tensor.name) from None
 
 
-def _write_layout(out: Path, plan: MergePlan, shards: list[ShardPlan], index_name: str, checkpoint: Path, info: BaseModelInfo,
-                  adapter_config: dict, options: dict, remove_training_artifacts: bool) -> None:
+def _write_layout(
+    out: Path,
+    plan: MergePlan,
+    shards: list[ShardPlan],
+    index_name: str,
+    checkpoint: Path,
+    info: BaseModelInfo,
+    adapter_config: dict,
+    options: dict,
+    remove_training_artifacts: bool,
+) -> None:
     if len(shards) > 1:
-        write_index(out, index_name, {t.name: s.filename for s in shards for t in s.tensors}, sum(s.nbytes for s in shards))
+        write_index(
+            out, index_name, {t.name: s.filename for s in shards for t in s.tensors}, sum(s.nbytes for s in shards)
+        )
     float_dtypes = [t.dtype for t in plan.tensors if t.dtype in ("BF16", "F16", "F32", "F64")]
     write_config(out, plan.config, max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else "F32")
     candidates = [checkpoint, checkpoint.parent, info.path]
@@ -296,21 +370,52 @@ def _write_layout(out: Path, plan: MergePlan, shards: list[ShardPlan], index_nam
     tokenizer = copy_tokenizer(out, candidates)
     if not remove_training_artifacts:
         copy_training_artifacts(out, checkpoint)
-    write_model_card(out, {
-        "base_model": info.name, "checkpoint": str(checkpoint), "tokenizer_from": str(tokenizer),
-        "lora_r": adapter_config.get("r"), "lora_alpha": adapter_config.get("lora_alpha"),
-        "use_rslora": bool(adapter_config.get("use_rslora")), "use_dora": bool(adapter_config.get("use_dora")),
-        "tie_word_embeddings": plan.config.get("tie_word_embeddings"), "vocab_size": plan.vocab_size, **options})
+    write_model_card(
+        out,
+        {
+            "base_model": info.name,
+            "checkpoint": str(checkpoint),
+            "tokenizer_from": str(tokenizer),
+            "lora_r": adapter_config.get("r"),
+            "lora_alpha": adapter_config.get("lora_alpha"),
+            "use_rslora": bool(adapter_config.get("use_rslora")),
+            "use_dora": bool(adapter_config.get("use_dora")),
+            "tie_word_embeddings": plan.config.get("tie_word_embeddings"),
+            "vocab_size": plan.vocab_size,
+            **options,
+        },
+    )
+
+
+# The merge keeps the base dtype for int8/int4: the exporters quantize from it.
+MERGE_DTYPES = {"none": "auto", "bf16": "bf16", "fp16": "fp16", "int8": "auto", "int4": "auto"}
+
+
+def merge_settings(config: Any) -> dict[str, Any]:
+    """The merge's settings for an ExportConfiguration: the one translation both routes use (``run(config)`` and
+    ``ModelMerger(config).merge()``), so the same configuration always gives the same merge."""
+    return {
+        "dtype": MERGE_DTYPES[config.quantization_level],
+        "max_shard_size": config.max_shard_size,
+        "compress_weights": config.compress_weights,
+        "remove_training_artifacts": config.remove_training_artifacts,
+        "device": "cpu" if config.device_map == "cpu" else "auto",
+        "selection": config.checkpoint_selection,
+        "progress": config.enable_progress_monitoring,
+    }
 
 
 class ModelMerger:
-    """The guide's entry point. Settings come from an ExportConfiguration or keyword options of ``merge``."""
+    """The guide's entry point. Settings come from an ExportConfiguration (through merge_settings, as the run takes
+    them) or keyword options of ``merge``, which win."""
 
     def __init__(self, config: Any = None, **options: Any) -> None:
         self.config = config
         self.options = options
 
-    def merge(self, adapter: str | Path | None = None, base: str | None = None, out: str | Path | None = None) -> MergeResult:
+    def merge(
+        self, adapter: str | Path | None = None, base: str | None = None, out: str | Path | None = None
+    ) -> MergeResult:
         """Merge with this merger's settings; see ``model_export.merge``."""
         options = dict(self.options)
         if self.config is not None:
@@ -318,12 +423,7 @@ class ModelMerger:
             adapter = adapter or c.checkpoint_path
             base = base or c.base_model_name
             out = out or Path(c.output_dir) / "merge"
-            options.setdefault("max_shard_size", c.max_shard_size)
-            options.setdefault("compress_weights", c.compress_weights)
-            options.setdefault("remove_training_artifacts", c.remove_training_artifacts)
-            options.setdefault("selection", c.checkpoint_selection)
-            options.setdefault("progress", c.enable_progress_monitoring)
-            options.setdefault("memory_monitoring", c.memory_monitoring)
+            options = {**merge_settings(c), "memory_monitoring": c.memory_monitoring, **options}
         return merge(adapter or "./qwen3-finetuned", base, out or "merged", **options)
 
     def load_base_model(self, name: str, **kwargs: Any):

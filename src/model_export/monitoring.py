@@ -1,8 +1,8 @@
 """Logging as the guide shows it: progress lines, memory usage lines and step durations.
 
-    INFO - Memory usage: 4.2GB / 8.0GB (52.5%)
-    INFO - Processing checkpoint: 50% complete
-    INFO - Step check finished (duration 0.42 s)
+INFO - Memory usage: 4.2GB / 8.0GB (52.5%)
+INFO - Processing checkpoint: 50% complete
+INFO - Step check finished (duration 0.42 s)
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 
@@ -78,8 +78,20 @@ class _ProgressThrottle(logging.Filter):
 
 
 PROGRESS_SECONDS = 5.0
-_THIRD_PARTY = ("transformers", "peft", "accelerate", "huggingface_hub", "torch", "onnxruntime", "onnxscript", "torchvision",
-                "compressed_tensors", "datasets", "urllib3", "filelock")
+_THIRD_PARTY = (
+    "transformers",
+    "peft",
+    "accelerate",
+    "huggingface_hub",
+    "torch",
+    "onnxruntime",
+    "onnxscript",
+    "torchvision",
+    "compressed_tensors",
+    "datasets",
+    "urllib3",
+    "filelock",
+)
 
 
 def quiet_third_party(debug: bool = False) -> None:
@@ -89,12 +101,21 @@ def quiet_third_party(debug: bool = False) -> None:
     import warnings
 
     if debug:
-        for var in ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+        for var in (
+            "TRANSFORMERS_NO_ADVISORY_WARNINGS",
+            "TRANSFORMERS_VERBOSITY",
+            "HF_HUB_DISABLE_PROGRESS_BARS",
+            "TQDM_DISABLE",
+        ):
             os.environ.pop(var, None)
         warnings.resetwarnings()
     else:  # read by transformers, huggingface_hub and tqdm (compressed-tensors' "Decompressing model") when imported
-        os.environ.update(TRANSFORMERS_NO_ADVISORY_WARNINGS="1", TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
-                          TQDM_DISABLE="1")
+        os.environ.update(
+            TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
+            TRANSFORMERS_VERBOSITY="error",
+            HF_HUB_DISABLE_PROGRESS_BARS="1",
+            TQDM_DISABLE="1",
+        )
         for category in (FutureWarning, DeprecationWarning, UserWarning):
             warnings.filterwarnings("ignore", category=category)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -157,7 +178,7 @@ class MemoryMonitor:
                 last_line = time.perf_counter()
                 logger.info(memory_line())
 
-    def __enter__(self) -> "MemoryMonitor":
+    def __enter__(self) -> MemoryMonitor:
         self.sample()
         if self.enabled:
             logger.info(memory_line())
@@ -200,8 +221,10 @@ class Progress:
                 self.close()
         if self.enabled and bucket > self._last:
             self._last = bucket  # handlers let one line through every few seconds, and the last one
-            logger.info(i18n.ui("progress_line", label=self.label, percent=bucket),
-                        extra={"progress": self.label, "final": bucket >= 100})
+            logger.info(
+                i18n.ui("progress_line", label=self.label, percent=bucket),
+                extra={"progress": self.label, "final": bucket >= 100},
+            )
 
     def close(self) -> None:
         if self._bar is not None:

@@ -20,20 +20,22 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import i18n
+from .adapter_format import read_adapter_config, weights_file
 from .base_model import inspect_base_model
 from .checkpoint_detector import detect
-from .checkpoint_validator import read_adapter_config, validate_checkpoint, weights_file
-from .config import OUTPUT_STEPS, ExportConfiguration, parse_size
+from .checkpoint_validator import validate_checkpoint
+from .config import OUTPUT_STEPS, ExportConfiguration
 from .config_validator import check_config
 from .errors import BaseModelError, ExportError, ResourceError, explain
 from .faults import crash_point
 from .hf_layout import tokenizer_source, write_atomic
-from .model_merger import merge
+from .model_merger import merge, merge_settings
 from .monitoring import MemoryMonitor, human_bytes, logger, setup_logging, timed_step
 from .reference import resolve_device
 from .tensor_io import file_sha256
@@ -44,8 +46,6 @@ __all__ = ["run", "RunResult", "MANIFEST", "STEPS"]
 MANIFEST = "run.json"
 STEP_FILE = ".step.json"  # each step's result, hidden so that it never joins an artifact
 STEPS = OUTPUT_STEPS
-# The merge keeps the base dtype for int8/int4: the exporters quantize from it.
-_MERGE_DTYPES = {"none": "auto", "bf16": "bf16", "fp16": "fp16", "int8": "auto", "int4": "auto"}
 
 
 @dataclass
@@ -58,8 +58,14 @@ class RunResult:
     counts: dict[str, int] = field(default_factory=dict)  # verified, failed, not_run
 
     def to_dict(self) -> dict[str, Any]:
-        return {"output_dir": self.output_dir, "steps": self.steps, "artifacts": self.artifacts, "report": self.report,
-                "passed": self.passed, "counts": self.counts}
+        return {
+            "output_dir": self.output_dir,
+            "steps": self.steps,
+            "artifacts": self.artifacts,
+            "report": self.report,
+            "passed": self.passed,
+            "counts": self.counts,
+        }
 
 
 class _Run:
@@ -84,8 +90,13 @@ class _Run:
     def _save(self) -> None:
         write_atomic(self.manifest_path, json.dumps(finite(self.manifest), indent=2, default=str, allow_nan=False))
 
-    def step(self, name: str, inputs: Any, action: Callable[[], dict[str, Any]],
-             outputs: Callable[[dict[str, Any]], list[Path]] = lambda result: []) -> dict[str, Any]:
+    def step(
+        self,
+        name: str,
+        inputs: Any,
+        action: Callable[[], dict[str, Any]],
+        outputs: Callable[[dict[str, Any]], list[Path]] = lambda result: [],
+    ) -> dict[str, Any]:
         """Run ``action`` unless the manifest holds this step done with the same key and its output files
         unchanged (name, size, modification time); record what happened."""
         previous = [self.keys[s] for s in STEPS[: STEPS.index(name)] if s in self.keys]
@@ -93,8 +104,14 @@ class _Run:
         self.keys[name] = key
         record = self.manifest["steps"].get(name, {})
         unchanged = record.get("outputs", []) == _fingerprint(outputs(record.get("result", {})))
-        logger.debug("step %s: key %s (recorded: %s, status %s), outputs unchanged: %s", name, key[:12],
-                     str(record.get("key", "none"))[:12], record.get("status", "none"), unchanged)
+        logger.debug(
+            "step %s: key %s (recorded: %s, status %s), outputs unchanged: %s",
+            name,
+            key[:12],
+            str(record.get("key", "none"))[:12],
+            record.get("status", "none"),
+            unchanged,
+        )
         if record.get("status") == "done" and record.get("key") == key and unchanged:
             logger.info(i18n.ui("step_skipped", step=name, when=record.get("finished", "?")))
             record["skipped"] = True
@@ -120,8 +137,14 @@ class _Run:
         self.monitor.sample()
         (self.out / name).mkdir(exist_ok=True)
         write_atomic(self.out / name / STEP_FILE, json.dumps(result, indent=2, default=str))
-        record.update(status="done", result=result, outputs=_fingerprint(outputs(result)), seconds=round(timing["seconds"], 3),
-                      peak_rss=max(rss for _, rss in self.monitor.samples[first_sample:]), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        record.update(
+            status="done",
+            result=result,
+            outputs=_fingerprint(outputs(result)),
+            seconds=round(timing["seconds"], 3),
+            peak_rss=max(rss for _, rss in self.monitor.samples[first_sample:]),
+            finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+        )
         self._save()
         crash_point("step")
         self.results[name] = result
@@ -186,8 +209,14 @@ def run(config: ExportConfiguration) -> RunResult:
                 raise error from exc
             _cleanup(state)
     verify = state.results.get("verify", {})
-    return RunResult(str(out), state.manifest["steps"], state.results.get("export", {}).get("artifacts", {}),
-                     state.results.get("report", {}).get("html"), verify.get("passed"), verify.get("counts", {}))
+    return RunResult(
+        str(out),
+        state.manifest["steps"],
+        state.results.get("export", {}).get("artifacts", {}),
+        state.results.get("report", {}).get("html"),
+        verify.get("passed"),
+        verify.get("counts", {}),
+    )
 
 
 LOCK_FILE = ".model-export.lock"
@@ -208,8 +237,13 @@ def output_lock(out: Path):
         except BlockingIOError:
             handle.seek(0)
             holder = dict(line.split("=", 1) for line in handle.read().splitlines() if "=" in line)
-            raise ResourceError("output_dir_locked", path=str(out), pid=holder.get("pid", "?"), host=holder.get("host", "?"),
-                                started=holder.get("started", "?")) from None
+            raise ResourceError(
+                "output_dir_locked",
+                path=str(out),
+                pid=holder.get("pid", "?"),
+                host=holder.get("host", "?"),
+                started=holder.get("started", "?"),
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid={os.getpid()}\nhost={socket.gethostname()}\nstarted={time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -223,17 +257,31 @@ def _steps(state: _Run) -> None:
     c = state.config
     root = Path(c.checkpoint_path)
     candidates = sorted(root.glob("checkpoint-*/adapter_*")) + sorted(root.glob("adapter_*"))
-    detection = state.step("detect", [c.checkpoint_path, c.checkpoint_selection, _fingerprint(candidates)],
-                           lambda: detect(c.checkpoint_path, c.checkpoint_selection).to_dict())
+    detection = state.step(
+        "detect",
+        [c.checkpoint_path, c.checkpoint_selection, _fingerprint(candidates)],
+        lambda: detect(c.checkpoint_path, c.checkpoint_selection).to_dict(),
+    )
     checkpoint = Path(detection["selected"])
     logger.info(i18n.ui("detected", path=checkpoint))
     base = c.base_model_name or read_adapter_config(checkpoint).get("base_model_name_or_path")
     if not base:
         raise BaseModelError("base_model_unknown", path=str(checkpoint / "adapter_config.json"))
     info = inspect_base_model(base)
-    state.step("check", [base, _fingerprint(info.shards), file_sha256(weights_file(checkpoint)), _fingerprint([checkpoint / "adapter_config.json"])],
-               lambda: {**validate_checkpoint(checkpoint, base, progress=c.enable_progress_monitoring).to_dict(),
-                        "base_bytes": info.weight_bytes, "base_dtypes": sorted({t.dtype for t in info.tensors.values()})})
+    state.step(
+        "check",
+        [
+            base,
+            _fingerprint(info.shards),
+            file_sha256(weights_file(checkpoint)),
+            _fingerprint([checkpoint / "adapter_config.json"]),
+        ],
+        lambda: {
+            **validate_checkpoint(checkpoint, base, progress=c.enable_progress_monitoring).to_dict(),
+            "base_bytes": info.weight_bytes,
+            "base_dtypes": sorted({t.dtype for t in info.tensors.values()}),
+        },
+    )
     resolve_device(c.device_map)  # device_map: cuda without a GPU stops here (ME405), before anything is written
     if "tensorrt" in c.formats:
         from .exporters.tensorrt_export import check_tensorrt
@@ -241,27 +289,47 @@ def _steps(state: _Run) -> None:
         check_tensorrt()  # no tensorrt package or no GPU: ME810 naming what is missing, before anything is written
     if state.manifest["steps"].get("merge", {}).get("status") != "done":
         check_disk_space(c, info, state.out)
-    merge_settings = [_MERGE_DTYPES[c.quantization_level], c.max_shard_size, c.compress_weights, c.remove_training_artifacts]
-    state.step("merge", merge_settings, lambda: merge(
-        checkpoint, base, state.out / "merge", dtype=_MERGE_DTYPES[c.quantization_level], max_shard_size=c.max_shard_size,
-        compress_weights=c.compress_weights, remove_training_artifacts=c.remove_training_artifacts,
-        device="cpu" if c.device_map == "cpu" else "auto", progress=c.enable_progress_monitoring, validate=False).to_dict(),
-        outputs=lambda result: _files(result.get("output_dir")))
+    settings = merge_settings(c)  # the same translation ModelMerger(config).merge() uses
+    key = [settings[k] for k in ("dtype", "max_shard_size", "compress_weights", "remove_training_artifacts")]
+    state.step(
+        "merge",
+        key,
+        lambda: merge(checkpoint, base, state.out / "merge", **settings, validate=False).to_dict(),
+        outputs=lambda result: _files(result.get("output_dir")),
+    )
     if c.calibration_data and c.quantization_level in ("int8", "int4"):
         logger.warning(i18n.ui("calibration_unused", path=c.calibration_data))
-    export_settings = [c.formats, c.quantization_level, c.max_shard_size, c.compress_weights, c.remove_training_artifacts]
-    if "onnx" in c.formats:
-        export_settings.append([c.onnx_backend, c.onnx_opset_version, c.onnx_optimize_graph, c.onnx_dynamic_axes,
-                                c.onnx_block_size, c.onnx_accuracy_level])
-    if "gguf" in c.formats:
-        export_settings.append(["gguf", c.gguf_type, c.gguf_lora_adapter])
-    state.step("export", export_settings, lambda: _export(state, checkpoint, base),
-               outputs=lambda result: [f for path in result.get("artifacts", {}).values() for f in _files(path)])
+    from .exporters import FORMATS
+
+    export_settings = [
+        c.formats,
+        c.quantization_level,
+        c.max_shard_size,
+        c.compress_weights,
+        c.remove_training_artifacts,
+    ]
+    export_settings += [[fmt, *FORMATS[fmt].settings(c)] for fmt in c.formats]
+    state.step(
+        "export",
+        export_settings,
+        lambda: _export(state, checkpoint, base),
+        outputs=lambda result: [f for path in result.get("artifacts", {}).values() for f in _files(path)],
+    )
     if c.run_validation_tests:
-        settings = [c.test_input_samples, c.validation_tolerance, c.validation_min_top1, c.validation_max_kl,
-                    c.validation_int4_min_top1, c.validation_int4_max_kl, c.validation_new_tokens,
-                    c.base_model_load_in_4bit, c.base_model_load_in_8bit, c.max_sequence_length, c.batch_size,
-                    c.save_intermediate_results]
+        settings = [
+            c.test_input_samples,
+            c.validation_tolerance,
+            c.validation_min_top1,
+            c.validation_max_kl,
+            c.validation_int4_min_top1,
+            c.validation_int4_max_kl,
+            c.validation_new_tokens,
+            c.base_model_load_in_4bit,
+            c.base_model_load_in_8bit,
+            c.max_sequence_length,
+            c.batch_size,
+            c.save_intermediate_results,
+        ]
         state.step("verify", settings, lambda: _verify(state, checkpoint, info.path))
     else:
         state.manifest["steps"].pop("verify", None)
@@ -272,9 +340,23 @@ def _steps(state: _Run) -> None:
         from .benchmark import benchmark
 
         settings = [c.test_input_samples[:1], c.benchmark_new_tokens, c.batch_size, c.benchmark_repeats]
-        state.step("benchmark", settings, lambda: {"results": [asdict(r) for r in benchmark(
-            state.out, prompt=(c.test_input_samples or ["Hello"])[0], new_tokens=c.benchmark_new_tokens, batch_size=c.batch_size,
-            repeats=c.benchmark_repeats, device_map=c.device_map)]})
+        state.step(
+            "benchmark",
+            settings,
+            lambda: {
+                "results": [
+                    asdict(r)
+                    for r in benchmark(
+                        state.out,
+                        prompt=(c.test_input_samples or ["Hello"])[0],
+                        new_tokens=c.benchmark_new_tokens,
+                        batch_size=c.batch_size,
+                        repeats=c.benchmark_repeats,
+                        device_map=c.device_map,
+                    )
+                ]
+            },
+        )
     else:
         state.manifest["steps"].pop("benchmark", None)
     _report(state)
@@ -282,95 +364,49 @@ def _steps(state: _Run) -> None:
 
 # Bytes per parameter each artifact takes (merge-output dtype for none/bf16/fp16; the quantized formats' own layouts:
 # int8/int4 blocks with their scales). ONNX "none" widens bf16 to fp32; the optimized graph is a second copy.
-_BYTES_PER_PARAM = {
-    "safetensors": {"int8": 1.03, "int4": 0.56},
-    "onnx": {"none": 4.0, "bf16": 4.0, "fp16": 2.0, "int8": 1.07, "int4": 0.57},
-    "gguf": {"fp16": 2.0, "bf16": 2.0, "int8": 1.0625, "int4": 0.5625},
-    "tensorrt": {"none": 8.0, "fp16": 6.0},  # its fp32 ONNX graph, and the engine (fp32 or fp16 weights)
-}
-
-
 def disk_needed(config: ExportConfiguration, info: Any) -> dict[str, int]:
-    """The bytes each part of the run will write under output_dir, from the base model's parameter count and dtypes."""
+    """The bytes each part of the run will write under output_dir, from the base model's parameter count and dtypes
+    and each format's declared bytes per parameter."""
+    from .exporters import FORMATS
+
     params = sum(math.prod(t.shape) for t in info.tensors.values())
     base_size = info.weight_bytes / max(params, 1)  # bytes per parameter of the base (2 for bf16)
-    level = config.quantization_level
-    merged = {"none": base_size, "bf16": 2.0, "fp16": 2.0}.get(level, base_size)
-    needs = {"merge": merged}
+    needs = {"merge": {"bf16": 2.0, "fp16": 2.0}.get(config.quantization_level, base_size)}
     for fmt in config.formats:
-        if fmt == "safetensors":
-            needs[fmt] = _BYTES_PER_PARAM[fmt].get(level, 0.0)  # hard links to the merge unless quantized
-        elif fmt == "pytorch":
-            needs[fmt] = merged
-        elif fmt == "tensorrt":
-            needs[fmt] = _BYTES_PER_PARAM[fmt].get(level, 8.0)
-        elif fmt in ("onnx", "gguf"):
-            size = _BYTES_PER_PARAM[fmt].get(level, base_size if fmt == "gguf" else 4.0)
-            needs[fmt] = size * (2 if fmt == "onnx" and config.onnx_optimize_graph else 1)
+        needs[fmt] = FORMATS[fmt].bytes_per_param(config, base_size)
     return {part: int(per * params) for part, per in needs.items()}
 
 
 def check_disk_space(config: ExportConfiguration, info: Any, out: Path) -> None:
-    """Stop before writing anything when output_dir's disk cannot hold what the run will write (ME404), with the numbers."""
+    """Stop before writing anything when output_dir's disk cannot hold what the run will write (ME404), with the
+    numbers."""
     needs = disk_needed(config, info)
     free = shutil.disk_usage(out).free
     total = sum(needs.values())
     if total > free:
         parts = ", ".join(f"{part} {human_bytes(size)}" for part, size in needs.items())
-        raise ResourceError("disk_too_small", path=str(out), free=human_bytes(free), need=human_bytes(total), parts=parts)
+        raise ResourceError(
+            "disk_too_small", path=str(out), free=human_bytes(free), need=human_bytes(total), parts=parts
+        )
 
 
 def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:
-    """One folder per format under export/: safetensors as hard links to the merge's files, pytorch written anew,
-    onnx built from the merge's files. Each is written under a hidden partial name and renamed when complete."""
+    """One folder per format under export/, each written by its format's exporter (exporters.FORMATS) into a hidden
+    partial folder that is renamed when complete."""
+    from .exporters import FORMATS, ExportContext
+
     c, export = state.config, state.out / "export"
     artifacts, details = {}, {}
     for fmt in c.formats:
         target = export / fmt
         partial = export / f".{fmt}.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        if fmt == "safetensors" and c.quantization_level in ("int8", "int4"):
-            from .exporters.safetensors_quant import export_quantized_safetensors
-
-            details[fmt] = export_quantized_safetensors(state.out / "merge", partial, bits=8 if c.quantization_level == "int8" else 4,
-                                                        max_shard_size=parse_size(c.max_shard_size))
-            details[fmt]["path"] = str(target)
-        elif fmt == "safetensors":
-            shutil.copytree(state.out / "merge", partial, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(".*"))
-        elif fmt == "onnx":
-            from .exporters.onnx_export import export_onnx
-
-            details[fmt] = export_onnx(
-                state.out / "merge", partial, backend=c.onnx_backend, level=c.quantization_level, opset=c.onnx_opset_version,
-                dynamic_axes=c.onnx_dynamic_axes, optimize=c.onnx_optimize_graph, block_size=c.onnx_block_size,
-                accuracy_level=c.onnx_accuracy_level)
-            details[fmt]["path"] = str(target)
-        elif fmt == "gguf":
-            from .exporters.gguf_export import export_gguf, gguf_type_for
-
-            gguf_type = gguf_type_for(c.quantization_level, state.out / "merge", c.gguf_type)
-            details[fmt] = export_gguf(state.out / "merge", partial, gguf_type=gguf_type, name=checkpoint.parent.name)
-            if c.gguf_lora_adapter:
-                from .base_model import resolve_base_model
-                from .exporters.gguf_export import export_gguf_lora, read_back_lora
-
-                lora = export_gguf_lora(checkpoint, resolve_base_model(base), partial)
-                details[fmt]["lora_adapter"] = {**read_back_lora(lora["path"], checkpoint, resolve_base_model(base)),
-                                                "path": lora["path"]}
-        elif fmt == "tensorrt":
-            from .exporters.tensorrt_export import export_tensorrt
-
-            details[fmt] = export_tensorrt(state.out / "merge", partial, fp16=c.quantization_level == "fp16", max_batch=c.batch_size)
-        else:
-            merge(checkpoint, base, partial, dtype=_MERGE_DTYPES[c.quantization_level], max_shard_size=c.max_shard_size,
-                  format="pytorch", compress_weights=c.compress_weights, remove_training_artifacts=c.remove_training_artifacts,
-                  progress=c.enable_progress_monitoring, validate=False)
-            (partial / ".model-export-merge.json").unlink(missing_ok=True)
+        details[fmt] = FORMATS[fmt].export(ExportContext(state.out / "merge", partial, c, checkpoint, base))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(partial, target)
         artifacts[fmt] = str(target)
-        if fmt in details:  # the exporters name files under the partial folder, which is now the target
-            details[fmt] = _relocate(details[fmt], str(partial), str(target))
+        # The exporter named files under the partial folder, which is now the target.
+        details[fmt] = {"path": str(target), **_relocate(details[fmt], str(partial), str(target))}
     # An ONNX folder's size is that of one deployable graph: the optimized copy is reported on its own row.
     sizes = {fmt: _size(Path(p), skip="model.optimized.onnx") for fmt, p in artifacts.items()}
     # The weights alone, to compare with the base's weights (tokenizer and config files are not worth a warning).
@@ -384,7 +420,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".data", ".gguf", ".engine")
 def _relocate(data: Any, old: str, new: str) -> Any:
     """``data`` with every path under ``old`` moved under ``new``."""
     if isinstance(data, str):
-        return new + data[len(old):] if data == old or data.startswith(old + os.sep) else data
+        return new + data[len(old) :] if data == old or data.startswith(old + os.sep) else data
     if isinstance(data, dict):
         return {k: _relocate(v, old, new) for k, v in data.items()}
     if isinstance(data, list):
@@ -398,26 +434,30 @@ def _files(folder: str | None) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != STEP_FILE)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def _size(path: Path, skip: str | None = None, only: tuple[str, ...] | None = None) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*")
-               if f.is_file() and not (skip and f.name.startswith(skip)) and (only is None or f.name.endswith(only)))
+    return sum(
+        f.stat().st_size
+        for f in path.rglob("*")
+        if f.is_file() and not (skip and f.name.startswith(skip)) and (only is None or f.name.endswith(only))
+    )
 
 
 def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
-    from .verify import Bounds, RunOptions, compute_reference, precision_of, verify_artifact, verify_gguf
+    from .verify import Bounds, RunOptions, compute_reference, precision_of, verifiable, verify_artifact, verify_gguf
 
     c = state.config
     options = RunOptions.from_config(c)
     tokenizer_dir = tokenizer_source([checkpoint, checkpoint.parent, base_dir]) or base_dir
-    reference = compute_reference(base_dir, checkpoint, tokenizer_dir, c.test_input_samples, c.validation_new_tokens,
-                                  load_in_4bit=c.base_model_load_in_4bit, load_in_8bit=c.base_model_load_in_8bit, options=options)
+    reference = compute_reference(
+        base_dir,
+        checkpoint,
+        tokenizer_dir,
+        c.test_input_samples,
+        c.validation_new_tokens,
+        load_in_4bit=c.base_model_load_in_4bit,
+        load_in_8bit=c.base_model_load_in_8bit,
+        options=options,
+    )
     verify_dir = state.out / "verify"
     verify_dir.mkdir(exist_ok=True)
     for stale in verify_dir.glob("*.pt"):  # intermediate results of an earlier run are never mistaken for this one's
@@ -425,19 +465,43 @@ def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
     if c.save_intermediate_results:  # kept whatever the verdicts, to debug a failure against the reference
         import torch
 
-        torch.save({"prompts": reference.prompts, "input_ids": reference.input_ids, "logits": reference.logits,
-                    "greedy": reference.greedy}, verify_dir / "reference.pt")
+        torch.save(
+            {
+                "prompts": reference.prompts,
+                "input_ids": reference.input_ids,
+                "logits": reference.logits,
+                "greedy": reference.greedy,
+            },
+            verify_dir / "reference.pt",
+        )
     # Every artifact was written from the merge: its weights went through the merge's dtype (bf16 for a bf16 base).
     floor = precision_of(state.out / "merge")
-    bounds, where = Bounds.from_config(c), {"device": reference.device, "precision": reference.precision, "merge": floor}
+    bounds, where = (
+        Bounds.from_config(c),
+        {"device": reference.device, "precision": reference.precision, "merge": floor},
+    )
     verdicts, failures = {}, []
-    for label, path in _verifiable(state.results["export"]["artifacts"]):
+    for label, path in verifiable(state.results["export"]["artifacts"]):
         if label == "gguf":
-            verdict = verify_gguf(path, state.out / "merge", reference, bounds, new_tokens=c.validation_new_tokens, floor=floor,
-                                  options=options)
+            verdict = verify_gguf(
+                path,
+                state.out / "merge",
+                reference,
+                bounds,
+                new_tokens=c.validation_new_tokens,
+                floor=floor,
+                options=options,
+            )
         else:
-            verdict = verify_artifact(path, reference, bounds, new_tokens=c.validation_new_tokens, raise_on_failure=False,
-                                      floor=floor, options=options)
+            verdict = verify_artifact(
+                path,
+                reference,
+                bounds,
+                new_tokens=c.validation_new_tokens,
+                raise_on_failure=False,
+                floor=floor,
+                options=options,
+            )
         verdicts[label] = verdict.to_dict()
         write_atomic(verify_dir / f"{label}.json", json.dumps(verdicts[label], indent=2, allow_nan=False))
         if c.save_intermediate_results and verdict.outputs is not None:
@@ -461,29 +525,6 @@ def verdict_counts(verdicts: dict[str, dict[str, Any]]) -> dict[str, int]:
     return {status: statuses.count(status) for status in ("verified", "failed", "not_run")}
 
 
-def _verifiable(artifacts: dict[str, str]) -> list[tuple[str, Path]]:
-    """(label, path) of everything to verify: each artifact folder, and each graph of an ONNX folder."""
-    from .exporters.onnx_export import MODEL_FILE, OPTIMIZED_FILE
-
-    items = []
-    for fmt, path in artifacts.items():
-        if fmt == "gguf":
-            items.append((fmt, next(Path(path).glob("model-*.gguf"))))
-            continue
-        if fmt == "tensorrt":
-            from .exporters.tensorrt_export import ENGINE_FILE
-
-            items.append((fmt, Path(path) / ENGINE_FILE))
-            continue
-        if fmt != "onnx":
-            items.append((fmt, Path(path)))
-            continue
-        items.append(("onnx", Path(path) / MODEL_FILE))
-        if (Path(path) / OPTIMIZED_FILE).is_file():
-            items.append(("onnx-optimized", Path(path) / OPTIMIZED_FILE))
-    return items
-
-
 def _report(state: _Run, failure: ExportError | None = None) -> None:
     from .report import summary_rows, write_report
 
@@ -499,7 +540,9 @@ def _cleanup(state: _Run) -> None:
     """cleanup_temp_files: true removes every *.partial (what a failed or killed step was writing) when the run ends,
     failed or not; false keeps them for debugging and says where they are."""
     # Only inside the run's own step folders: nothing else under output_dir is the run's to delete.
-    leftovers = sorted(p for step in STEPS if (state.out / step).is_dir() for p in (state.out / step).rglob("*.partial"))
+    leftovers = sorted(
+        p for step in STEPS if (state.out / step).is_dir() for p in (state.out / step).rglob("*.partial")
+    )
     if not state.config.cleanup_temp_files:
         for leftover in leftovers:
             logger.info(i18n.ui("partial_kept", path=leftover))

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from . import i18n
 from .base_model import resolve_base_model
@@ -24,7 +25,8 @@ T = TypeVar("T")
 
 
 def resolve_device(device_map: str) -> str:
-    """'cuda' or 'cpu' for a device_map setting; 'cuda' without a usable GPU raises ResourceError('cuda_unavailable')."""
+    """'cuda' or 'cpu' for a device_map setting; 'cuda' without a usable GPU raises
+    ResourceError('cuda_unavailable')."""
     import torch
 
     if device_map == "cpu":
@@ -32,7 +34,11 @@ def resolve_device(device_map: str) -> str:
     if torch.cuda.is_available():
         return "cuda"
     if device_map == "cuda":
-        reason = "this PyTorch build has no CUDA" if torch.version.cuda is None else f"PyTorch {torch.__version__} sees no CUDA device"
+        reason = (
+            "this PyTorch build has no CUDA"
+            if torch.version.cuda is None
+            else f"PyTorch {torch.__version__} sees no CUDA device"
+        )
         raise ResourceError("cuda_unavailable", reason=reason)
     return "cpu"
 
@@ -69,8 +75,16 @@ def cuda_oom_as_resource_error() -> Iterator[None]:
         raise ResourceError("cuda_oom", detail=detail) from exc
 
 
-def load_model(name: str, config: Any = None, *, dtype: Any = "auto", device_map: str | None = None,
-               load_in_4bit: bool | None = None, load_in_8bit: bool | None = None, **kwargs: Any):
+def load_model(
+    name: str,
+    config: Any = None,
+    *,
+    dtype: Any = "auto",
+    device_map: str | None = None,
+    load_in_4bit: bool | None = None,
+    load_in_8bit: bool | None = None,
+    **kwargs: Any,
+):
     """AutoModelForCausalLM for ``name`` (a local directory or a hub id resolved through the cache).
 
     Settings default to ``config`` (device_map, base_model_load_in_4bit/8bit, use_memory_mapping).
@@ -86,6 +100,8 @@ def load_model(name: str, config: Any = None, *, dtype: Any = "auto", device_map
         require("bitsandbytes", "4-bit/8-bit loading")
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit and not load_in_4bit)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit and not load_in_4bit
+        )
     with cuda_oom_as_resource_error():
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device_map, **kwargs)

@@ -24,10 +24,9 @@ h1{font-size:22px}h2{font-size:17px;margin-top:2em}table{border-collapse:collaps
 td,th{border-bottom:1px solid #e3e6ec;padding:6px 8px;text-align:left}th{background:#f5f7fa}
 .banner{padding:14px 18px;border-radius:8px;font-size:17px;font-weight:600}
 .pass{background:#e5f6ea;color:#17642f}.fail{background:#fde8e8;color:#9b1c1c}.partial{background:#fef3c7;color:#92400e}.muted{color:#6b7280}
-.grid{display:grid;grid-template-columns:1fr 1fr;gap:18px}svg{background:#fbfcfd;border:1px solid #e3e6ec;border-radius:6px}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:18px}
+svg{background:#fbfcfd;border:1px solid #e3e6ec;border-radius:6px}
 code{background:#f1f3f6;padding:1px 4px;border-radius:3px}.ok{color:#17642f}.bad{color:#9b1c1c}.warn{color:#92400e}"""
-
-
 
 
 def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -41,17 +40,36 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     for fmt, path in export.get("artifacts", {}).items():
         # An ONNX folder holds two graphs (plain and optimized), each verified: one row each.
         extra = [(label, v) for label, v in verdicts.items() if label.startswith(f"{fmt}-")]
-        for label, v, where, size in [(fmt, verdicts.get(fmt), path, export.get("sizes", {}).get(fmt, 0)),
-                                      *[(label, v, v["artifact"], _graph_bytes(v["artifact"])) for label, v in extra]]:
+        for label, v, where, size in [
+            (fmt, verdicts.get(fmt), path, export.get("sizes", {}).get(fmt, 0)),
+            *[(label, v, v["artifact"], _graph_bytes(v["artifact"])) for label, v in extra],
+        ]:
             if v is None:  # verification did not run this artifact at all
-                v = {"status": "not_run", "rule": "", "reason": verify.get("skipped") or i18n.ui("reason_verify_not_reached")}
-            rows.append({"format": label, "path": where, "bytes": size, "status": v["status"],
-                         "verified": v["status"] == "verified", "reason": v.get("reason"), "rule": v.get("rule"),
-                         "max_abs_diff": v.get("max_abs_diff"), "mean_kl": v.get("mean_kl"), "top1": v.get("top1_agreement"),
-                         "perplexity": v.get("perplexity"), "reference_perplexity": v.get("reference_perplexity"),
-                         "size_vs_base": round(size / base_bytes, 3) if base_bytes else None,
-                         "warning": _size_warning(label, export.get("weight_sizes", {}).get(label, size) if label == fmt
-                                                  else size, results, v)})
+                v = {
+                    "status": "not_run",
+                    "rule": "",
+                    "reason": verify.get("skipped") or i18n.ui("reason_verify_not_reached"),
+                }
+            rows.append(
+                {
+                    "format": label,
+                    "path": where,
+                    "bytes": size,
+                    "status": v["status"],
+                    "verified": v["status"] == "verified",
+                    "reason": v.get("reason"),
+                    "rule": v.get("rule"),
+                    "max_abs_diff": v.get("max_abs_diff"),
+                    "mean_kl": v.get("mean_kl"),
+                    "top1": v.get("top1_agreement"),
+                    "perplexity": v.get("perplexity"),
+                    "reference_perplexity": v.get("reference_perplexity"),
+                    "size_vs_base": round(size / base_bytes, 3) if base_bytes else None,
+                    "warning": _size_warning(
+                        label, export.get("weight_sizes", {}).get(label, size) if label == fmt else size, results, v
+                    ),
+                }
+            )
     return rows
 
 
@@ -60,7 +78,11 @@ def verdict_summary(rows: list[dict[str, Any]]) -> str:
     counts = {status: [r for r in rows if r["status"] == status] for status in ("verified", "failed", "not_run")}
     parts = [i18n.ui("count_verified", count=len(counts["verified"]))]
     if counts["failed"]:
-        parts.append(i18n.ui("count_failed", count=len(counts["failed"]), formats=", ".join(r["format"] for r in counts["failed"])))
+        parts.append(
+            i18n.ui(
+                "count_failed", count=len(counts["failed"]), formats=", ".join(r["format"] for r in counts["failed"])
+            )
+        )
     if counts["not_run"]:
         reasons = "; ".join(f"{r['format']}: {r['reason']}" for r in counts["not_run"])
         parts.append(i18n.ui("count_not_run", count=len(counts["not_run"]), reasons=reasons))
@@ -76,7 +98,9 @@ def _size_warning(label: str, weight_bytes: int, results: dict[str, Any], verdic
     causes = []
     half = set(check.get("base_dtypes", [])) & {"BF16", "F16"}
     if verdict.get("precision") == "full" and half:
-        causes.append(i18n.ui("cause_widened_onnx" if label.startswith("onnx") else "cause_widened", dtype="/".join(sorted(half))))
+        causes.append(
+            i18n.ui("cause_widened_onnx" if label.startswith("onnx") else "cause_widened", dtype="/".join(sorted(half)))
+        )
     if results.get("merge", {}).get("untied_embeddings"):
         causes.append(i18n.ui("cause_untied"))
     if label.startswith("onnx"):
@@ -89,7 +113,8 @@ def _size_warning(label: str, weight_bytes: int, results: dict[str, Any], verdic
 
 
 def strict_json(data: Any) -> str:
-    """JSON that every parser accepts: NaN and infinities become null (json.dumps would write NaN, which is not JSON)."""
+    """JSON that every parser accepts: NaN and infinities become null (json.dumps would write NaN, which is not
+    JSON)."""
     return json.dumps(finite(data), indent=2, default=str, allow_nan=False)
 
 
@@ -103,14 +128,18 @@ def _bars(title: str, labels: list[str], values: list[float], fmt: Any, color: s
     width, row = 440, 26
     top = max(values, default=0) or 1
     height = 34 + row * len(labels)
-    parts = [f'<svg width="{width}" height="{height}" role="img"><title>{html.escape(title)}</title>',
-             f'<text x="10" y="20" font-weight="600">{html.escape(title)}</text>']
+    parts = [
+        f'<svg width="{width}" height="{height}" role="img"><title>{html.escape(title)}</title>',
+        f'<text x="10" y="20" font-weight="600">{html.escape(title)}</text>',
+    ]
     for i, (label, value) in enumerate(zip(labels, values)):
         y = 30 + i * row
         w = 220 * value / top
-        parts.append(f'<text x="10" y="{y + 16}">{html.escape(label)}</text>'
-                     f'<rect x="120" y="{y + 4}" width="{w:.1f}" height="16" fill="{color}" rx="2"/>'
-                     f'<text x="{126 + w:.1f}" y="{y + 16}" class="muted">{html.escape(fmt(value))}</text>')
+        parts.append(
+            f'<text x="10" y="{y + 16}">{html.escape(label)}</text>'
+            f'<rect x="120" y="{y + 4}" width="{w:.1f}" height="16" fill="{color}" rx="2"/>'
+            f'<text x="{126 + w:.1f}" y="{y + 16}" class="muted">{html.escape(fmt(value))}</text>'
+        )
     return "".join(parts) + "</svg>"
 
 
@@ -119,14 +148,20 @@ def _histogram(title: str, histogram: dict[str, list[float]]) -> str:
     width, height = 440, 190
     top = max(counts, default=0) or 1
     bar = 400 / max(len(counts), 1)
-    parts = [f'<svg width="{width}" height="{height}" role="img"><title>{html.escape(title)}</title>',
-             f'<text x="10" y="20" font-weight="600">{html.escape(title)}</text>']
+    parts = [
+        f'<svg width="{width}" height="{height}" role="img"><title>{html.escape(title)}</title>',
+        f'<text x="10" y="20" font-weight="600">{html.escape(title)}</text>',
+    ]
     for i, count in enumerate(counts):
         h = 120 * count / top
-        parts.append(f'<rect x="{20 + i * bar:.1f}" y="{150 - h:.1f}" width="{bar - 1:.1f}" height="{h:.1f}" fill="#8b5cf6"/>')
+        parts.append(
+            f'<rect x="{20 + i * bar:.1f}" y="{150 - h:.1f}" width="{bar - 1:.1f}" height="{h:.1f}" fill="#8b5cf6"/>'
+        )
     if edges:
-        parts.append(f'<text x="20" y="170" class="muted">0</text><text x="330" y="170" class="muted">{edges[-1]:.3g}</text>'
-                     '<text x="150" y="186" class="muted">|logit difference|</text>')
+        parts.append(
+            f'<text x="20" y="170" class="muted">0</text><text x="330" y="170" class="muted">{edges[-1]:.3g}</text>'
+            '<text x="150" y="186" class="muted">|logit difference|</text>'
+        )
     return "".join(parts) + "</svg>"
 
 
@@ -137,12 +172,14 @@ def _memory(samples: list[tuple[float, int]]) -> str:
     t_max = samples[-1][0] or 1
     m_max = max(m for _, m in samples) or 1
     points = " ".join(f"{20 + 400 * t / t_max:.1f},{150 - 120 * m / m_max:.1f}" for t, m in samples)
-    return (f'<svg width="{width}" height="{height}" role="img"><title>memory</title>'
-            f'<text x="10" y="20" font-weight="600">{html.escape(i18n.ui("report_memory"))}</text>'
-            f'<polyline points="{points}" fill="none" stroke="#0ea5e9" stroke-width="2"/>'
-            f'<text x="20" y="170" class="muted">0 s</text><text x="360" y="170" class="muted">{t_max:.1f} s</text>'
-            f'<text x="24" y="46" class="muted">{html.escape(i18n.ui("report_peak", gib=m_max / 2**30))}</text>'
-            '<text x="24" y="146" class="muted">0</text></svg>')
+    return (
+        f'<svg width="{width}" height="{height}" role="img"><title>memory</title>'
+        f'<text x="10" y="20" font-weight="600">{html.escape(i18n.ui("report_memory"))}</text>'
+        f'<polyline points="{points}" fill="none" stroke="#0ea5e9" stroke-width="2"/>'
+        f'<text x="20" y="170" class="muted">0 s</text><text x="360" y="170" class="muted">{t_max:.1f} s</text>'
+        f'<text x="24" y="46" class="muted">{html.escape(i18n.ui("report_peak", gib=m_max / 2**30))}</text>'
+        '<text x="24" y="146" class="muted">0</text></svg>'
+    )
 
 
 def _number(value: float | None, spec: str) -> str:
@@ -158,9 +195,12 @@ def _artifact_row(r: dict[str, Any]) -> str:
     if r["reason"]:
         verdict += f'<br><span class="muted">{html.escape(r["reason"])}</span>'
     ratio = "" if r["size_vs_base"] is None else f" ({r['size_vs_base']:.2f}×)"
-    return (f"<tr><td><b>{r['format']}</b></td><td><code>{html.escape(r['path'])}</code></td><td>{human_bytes(r['bytes'])}{ratio}</td>"
-            f"<td>{verdict}</td><td>{html.escape(r['rule'] or '')}</td><td>{_number(r['max_abs_diff'], '.3g')}</td>"
-            f"<td>{_number(r['mean_kl'], '.3g')}</td><td>{_number(r['top1'], '.3f')}</td><td>{_number(r['perplexity'], '.3f')}</td></tr>")
+    return (
+        f"<tr><td><b>{r['format']}</b></td><td><code>{html.escape(r['path'])}</code></td><td>{human_bytes(r['bytes'])}{ratio}</td>"
+        f"<td>{verdict}</td><td>{html.escape(r['rule'] or '')}</td><td>{_number(r['max_abs_diff'], '.3g')}</td>"
+        f"<td>{_number(r['mean_kl'], '.3g')}</td><td>{_number(r['top1'], '.3f')}</td>"
+        f"<td>{_number(r['perplexity'], '.3f')}</td></tr>"
+    )
 
 
 def banner(rows: list[dict[str, Any]], failure: Any) -> tuple[str, str]:
@@ -177,10 +217,21 @@ def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, fail
     banner_class, banner_text = banner(rows, failure)
     table = "".join(_artifact_row(r) for r in rows)
     steps = manifest.get("steps", {})
-    step_rows = "".join(f"<tr><td>{name}</td><td>{s.get('status')}{html.escape(i18n.ui('report_skipped')) if s.get('skipped') else ''}</td>"
-                        f"<td>{s.get('seconds', 0):.2f} s</td><td>{s.get('peak_rss', 0) / 2**30:.2f} GiB</td></tr>"
-                        for name, s in steps.items())
-    plots = [_bars(i18n.ui("report_durations"), list(steps), [s.get("seconds", 0) for s in steps.values()], lambda v: f"{v:.2f} s", "#f59e0b")]
+    skipped = html.escape(i18n.ui("report_skipped"))
+    step_rows = "".join(
+        f"<tr><td>{name}</td><td>{s.get('status')}{skipped if s.get('skipped') else ''}</td>"
+        f"<td>{s.get('seconds', 0):.2f} s</td><td>{s.get('peak_rss', 0) / 2**30:.2f} GiB</td></tr>"
+        for name, s in steps.items()
+    )
+    plots = [
+        _bars(
+            i18n.ui("report_durations"),
+            list(steps),
+            [s.get("seconds", 0) for s in steps.values()],
+            lambda v: f"{v:.2f} s",
+            "#f59e0b",
+        )
+    ]
     base_bytes = results.get("check", {}).get("base_bytes")
     if rows:
         labels = ([i18n.ui("report_base")] if base_bytes else []) + [r["format"] for r in rows]
@@ -194,9 +245,27 @@ def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, fail
     timings = [r for r in results.get("benchmark", {}).get("results", []) if r.get("decode_tokens_per_s")]
     if timings:
         labels = [r["label"] for r in timings]
-        plots.append(_bars(i18n.ui("report_decode_speed"), labels, [r["decode_tokens_per_s"] for r in timings], lambda v: f"{v:.1f} tok/s", "#0ea5e9"))
-        plots.append(_bars(i18n.ui("report_ttft"), labels, [r["ttft_s"] * 1000 for r in timings], lambda v: f"{v:.2f} ms", "#0ea5e9"))
-        plots.append(_bars(i18n.ui("report_load"), labels, [r["load_s"] for r in timings], lambda v: f"{v:.2f} s", "#0ea5e9"))
+        plots.append(
+            _bars(
+                i18n.ui("report_decode_speed"),
+                labels,
+                [r["decode_tokens_per_s"] for r in timings],
+                lambda v: f"{v:.1f} tok/s",
+                "#0ea5e9",
+            )
+        )
+        plots.append(
+            _bars(
+                i18n.ui("report_ttft"),
+                labels,
+                [r["ttft_s"] * 1000 for r in timings],
+                lambda v: f"{v:.2f} ms",
+                "#0ea5e9",
+            )
+        )
+        plots.append(
+            _bars(i18n.ui("report_load"), labels, [r["load_s"] for r in timings], lambda v: f"{v:.2f} s", "#0ea5e9")
+        )
     for fmt, verdict in results.get("verify", {}).get("verdicts", {}).items():
         plots.append(_histogram(i18n.ui("report_diffs", format=fmt), verdict.get("diff_histogram", {})))
     plots.append(_memory(samples))
@@ -207,25 +276,38 @@ def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, fail
     t = lambda key: html.escape(i18n.ui(key))  # noqa: E731
     columns = "".join(f"<th>{html.escape(c)}</th>" for c in i18n.ui("report_columns").split(";"))
     step_columns = "".join(f"<th>{html.escape(c)}</th>" for c in i18n.ui("report_step_columns").split(";"))
-    warnings = "".join(f'<p class="bad">⚠ {html.escape(r["format"])}: {html.escape(r["warning"])}</p>' for r in rows if r["warning"])
-    return f"""<!doctype html><html lang="{i18n.current_language()}"><head><meta charset="utf-8"><title>model-export report</title>
+    warnings = "".join(
+        f'<p class="bad">⚠ {html.escape(r["format"])}: {html.escape(r["warning"])}</p>' for r in rows if r["warning"]
+    )
+    selected = html.escape(str(detection.get("selected", "?")))
+    base = html.escape(str(check.get("base_model", "?")))
+    return f"""<!doctype html><html lang="{i18n.current_language()}"><head><meta charset="utf-8">
+<title>model-export report</title>
 <style>{_CSS}</style></head><body><h1>model-export report</h1>
 <div class="banner {banner_class}">{html.escape(str(banner_text))}</div>
-<p class="muted">{t("report_checkpoint")} <code>{html.escape(str(detection.get('selected', '?')))}</code> · {t("report_base")}
-<code>{html.escape(str(check.get('base_model', '?')))}</code> · LoRA r={check.get('rank', '?')}, alpha={check.get('lora_alpha', '?')}{where}</p>
+<p class="muted">{t("report_checkpoint")} <code>{selected}</code> · {t("report_base")}
+<code>{base}</code> · LoRA r={check.get("rank", "?")}, alpha={check.get("lora_alpha", "?")}{where}</p>
 <h2>{t("report_artifacts")}</h2><table><tr>{columns}</tr>{table}</table>{warnings}
-<h2>{t("report_plots")}</h2><div class="grid">{''.join(plots)}</div>
+<h2>{t("report_plots")}</h2><div class="grid">{"".join(plots)}</div>
 <h2>{t("report_steps")}</h2><table><tr>{step_columns}</tr>{step_rows}</table>
 <p class="muted">{t("report_footer")}</p></body></html>"""
 
 
-def write_report(out: Path, manifest: dict[str, Any], results: dict[str, Any], samples: list[tuple[float, int]],
-                 failure: Any = None) -> dict[str, str]:
+def write_report(
+    out: Path, manifest: dict[str, Any], results: dict[str, Any], samples: list[tuple[float, int]], failure: Any = None
+) -> dict[str, str]:
     """Write report.json and report.html into ``out``; return their paths."""
     rows = summary_rows(results)
     status = {"pass": "passed", "fail": "failed", "partial": "not_verified"}[banner(rows, failure)[0]]
-    data = {"status": status, "summary": verdict_summary(rows), "error": failure.to_dict() if failure else None,
-            "artifacts": rows, "steps": manifest.get("steps", {}), "results": results, "memory_samples": samples}
+    data = {
+        "status": status,
+        "summary": verdict_summary(rows),
+        "error": failure.to_dict() if failure else None,
+        "artifacts": rows,
+        "steps": manifest.get("steps", {}),
+        "results": results,
+        "memory_samples": samples,
+    }
     write_atomic(out / "report.json", strict_json(data))
     write_atomic(out / "report.html", _html(manifest, results, samples, failure))
     return {"json": str(out / "report.json"), "html": str(out / "report.html")}

@@ -17,14 +17,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["input_file", "SafetensorsFormatError", "TensorInfo", "SafetensorsHeader", "read_header", "read_bytes", "readinto_full", "DTYPE_SIZES",
-           "PlannedTensor", "ShardPlan", "plan_shards", "header_bytes", "ShardWriter", "file_sha256"]
+__all__ = [
+    "input_file",
+    "SafetensorsFormatError",
+    "TensorInfo",
+    "SafetensorsHeader",
+    "read_header",
+    "read_bytes",
+    "readinto_full",
+    "DTYPE_SIZES",
+    "PlannedTensor",
+    "ShardPlan",
+    "plan_shards",
+    "header_bytes",
+    "ShardWriter",
+    "file_sha256",
+]
 
 MAX_HEADER_BYTES = 100_000_000
 
 DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
 }
 
 
@@ -94,13 +121,21 @@ def _tensor_info(name: str, entry: object, base: int) -> TensorInfo:
         raise SafetensorsFormatError(f"tensor {name!r}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise SafetensorsFormatError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]):
-        raise SafetensorsFormatError(f"tensor {name!r}: data_offsets {offsets!r} are not two ordered non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise SafetensorsFormatError(
+            f"tensor {name!r}: data_offsets {offsets!r} are not two ordered non-negative integers"
+        )
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if offsets[1] - offsets[0] != expected:
         raise SafetensorsFormatError(
-            f"tensor {name!r}: {offsets[1] - offsets[0]} bytes stored but dtype {dtype} and shape {shape} need {expected}")
+            f"tensor {name!r}: {offsets[1] - offsets[0]} bytes stored but dtype {dtype} and shape {shape} need "
+            f"{expected}"
+        )
     return TensorInfo(name, dtype, tuple(shape), base + offsets[0], base + offsets[1])
 
 
@@ -110,20 +145,34 @@ def _check_layout(tensors: dict[str, TensorInfo], base: int, data_size: int) -> 
         if info.end - base > data_size:
             raise SafetensorsFormatError(
                 f"tensor {info.name!r} ends at data byte {info.end - base} but the file holds only "
-                f"{data_size} bytes of data (offsets outside the file; truncated?)")
+                f"{data_size} bytes of data (offsets outside the file; truncated?)"
+            )
         if previous is not None and info.start < previous.end:
             raise SafetensorsFormatError(f"tensors {previous.name!r} and {info.name!r} overlap")
         covered += info.nbytes
         previous = info
     if covered != data_size:
         raise SafetensorsFormatError(
-            f"the data section holds {data_size} bytes but the tensors cover {covered} (holes or trailing bytes)")
+            f"the data section holds {data_size} bytes but the tensors cover {covered} (holes or trailing bytes)"
+        )
 
 
 _TORCH_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
 }
 
 
@@ -155,7 +204,9 @@ class ShardPlan:
         return sum(t.nbytes for t in self.tensors)
 
 
-def plan_shards(tensors: list[PlannedTensor], max_shard_size: int, stem: str = "model", suffix: str = "safetensors") -> list[ShardPlan]:
+def plan_shards(
+    tensors: list[PlannedTensor], max_shard_size: int, stem: str = "model", suffix: str = "safetensors"
+) -> list[ShardPlan]:
     """Split tensors, in order, into shards of at most ``max_shard_size`` bytes (a larger tensor gets its own),
     named as transformers names them: model.safetensors, or model-00001-of-00003.safetensors and so on."""
     groups: list[list[PlannedTensor]] = [[]]
@@ -193,8 +244,9 @@ class ShardWriter:
     killed run never leaves a file that looks complete. ``close`` returns the sha256 of the whole file.
     """
 
-    def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None,
-                 queue_chunks: int = 8) -> None:
+    def __init__(
+        self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None, queue_chunks: int = 8
+    ) -> None:
         import hashlib
         import queue
         import threading
@@ -208,8 +260,10 @@ class ShardWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_chunks)
         self._hash_queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
-        self._threads = [threading.Thread(target=self._write_loop, name=f"write-{self.path.name}", daemon=True),
-                         threading.Thread(target=self._hash_loop, name=f"hash-{self.path.name}", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._write_loop, name=f"write-{self.path.name}", daemon=True),
+            threading.Thread(target=self._hash_loop, name=f"hash-{self.path.name}", daemon=True),
+        ]
         for thread in self._threads:
             thread.start()
         self._put(header_bytes(tensors, metadata))
@@ -240,7 +294,9 @@ class ShardWriter:
         """Queue ``data`` for writing; the caller must not change it until ``release`` (if given) is called."""
         view = memoryview(data).cast("B")
         if self.written + len(view) > self.expected:
-            raise ValueError(f"{self.path.name}: more data than planned ({self.written + len(view)} > {self.expected} bytes)")
+            raise ValueError(
+                f"{self.path.name}: more data than planned ({self.written + len(view)} > {self.expected} bytes)"
+            )
         self._put(view, release)
         self.written += len(view)
 
@@ -303,8 +359,9 @@ def readinto_full(fh: BinaryIO, view: memoryview) -> int:
     return done
 
 
-def read_bytes(fh: BinaryIO, info: TensorInfo, start: int | None = None, stop: int | None = None,
-               into: bytearray | None = None):
+def read_bytes(
+    fh: BinaryIO, info: TensorInfo, start: int | None = None, stop: int | None = None, into: bytearray | None = None
+):
     """The raw bytes of a tensor, or of its rows ``start:stop``, read with explicit I/O (no mapping).
 
     With ``into`` (at least as long as the range) they land there and a view of it is returned;

@@ -28,8 +28,22 @@ from . import i18n
 from .errors import ResourceError, ValidationError
 from .monitoring import logger
 
-__all__ = ["Reference", "ArtifactVerdict", "Bounds", "compute_reference", "verify_artifact", "verify_gguf", "precision_of",
-           "reference_line", "not_run", "finite", "coarsest", "RunOptions", "fit_length"]
+__all__ = [
+    "Reference",
+    "ArtifactVerdict",
+    "Bounds",
+    "compute_reference",
+    "verify_artifact",
+    "verify_gguf",
+    "precision_of",
+    "reference_line",
+    "not_run",
+    "finite",
+    "coarsest",
+    "RunOptions",
+    "fit_length",
+    "verifiable",
+]
 
 
 @dataclass(frozen=True)
@@ -43,9 +57,14 @@ class Bounds:
     int4_max_kl: float = 0.1
 
     @classmethod
-    def from_config(cls, config: Any) -> "Bounds":
-        return cls(config.validation_tolerance, config.validation_min_top1, config.validation_max_kl,
-                   config.validation_int4_min_top1, config.validation_int4_max_kl)
+    def from_config(cls, config: Any) -> Bounds:
+        return cls(
+            config.validation_tolerance,
+            config.validation_min_top1,
+            config.validation_max_kl,
+            config.validation_int4_min_top1,
+            config.validation_int4_max_kl,
+        )
 
 
 @dataclass
@@ -144,7 +163,6 @@ def perplexity(logits: Any, ids: Any) -> float:
 
 def entropy(logits: Any) -> float:
     """Mean entropy, in nats, of the next-token distributions: log(vocabulary size) for a uniform guess."""
-    import torch
 
     logp = logits.float().log_softmax(-1)
     return float(-(logp.exp() * logp).nan_to_num().sum(-1).mean())
@@ -154,7 +172,9 @@ def _encode(tokenizer: Any, prompt: str):
     import torch
 
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     else:
         text = prompt
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -170,16 +190,16 @@ def _logits(model: Any, inputs: list[Any], batch_size: int = 1) -> list[Any]:
 
     out = []
     for start in range(0, len(inputs), batch_size):
-        batch = inputs[start:start + batch_size]
+        batch = inputs[start : start + batch_size]
         length = max(ids.numel() for ids in batch)
         ids = torch.zeros(len(batch), length, dtype=torch.long)
         mask = torch.zeros(len(batch), length, dtype=torch.long)
         for row, seq in enumerate(batch):
-            ids[row, :seq.numel()], mask[row, :seq.numel()] = seq, 1
+            ids[row, : seq.numel()], mask[row, : seq.numel()] = seq, 1
         logger.debug("forward pass: batch of %d, %d tokens", len(batch), length)
         with torch.no_grad():
             logits = model(ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
-        out.extend(logits[row, :seq.numel()] for row, seq in enumerate(batch))
+        out.extend(logits[row, : seq.numel()] for row, seq in enumerate(batch))
     return out
 
 
@@ -191,9 +211,14 @@ def _greedy(model: Any, input_ids: Any, new_tokens: int) -> list[int]:
         return []
     ids = input_ids[None].to(model.device)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=model.config.pad_token_id or 0)
-    return out[0, input_ids.numel():].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=model.config.pad_token_id or 0,
+        )
+    return out[0, input_ids.numel() :].tolist()
 
 
 def _run(model: Any, inputs: list[tuple[Any, int]], batch_size: int = 1) -> list[tuple[Any, list[int]]]:
@@ -224,7 +249,7 @@ class RunOptions:
     device_map: str = "cpu"
 
     @classmethod
-    def from_config(cls, config: Any) -> "RunOptions":
+    def from_config(cls, config: Any) -> RunOptions:
         return cls(config.batch_size, config.max_sequence_length, config.use_memory_mapping, config.device_map)
 
 
@@ -242,9 +267,18 @@ def _release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def compute_reference(base_dir: Path, checkpoint: Path, tokenizer_dir: Path, prompts: list[str], new_tokens: int, *,
-                      device_map: str | None = None, load_in_4bit: bool = False, load_in_8bit: bool = False,
-                      options: RunOptions = RunOptions()) -> Reference:
+def compute_reference(
+    base_dir: Path,
+    checkpoint: Path,
+    tokenizer_dir: Path,
+    prompts: list[str],
+    new_tokens: int,
+    *,
+    device_map: str | None = None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    options: RunOptions = RunOptions(),
+) -> Reference:
     """Logits and greedy tokens of base + adapter through PEFT, unmerged, in fp32; the model is released after.
 
     ``options.device_map`` places it (cpu, cuda, auto: the GPU when there is one, the CPU after a CUDA out-of-memory);
@@ -263,7 +297,9 @@ def compute_reference(base_dir: Path, checkpoint: Path, tokenizer_dir: Path, pro
     limit = min(options.max_length, _max_positions(base_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     encoded = [fit_length(_encode(tokenizer, p), new_tokens, limit, repr(p[:40])) for p in prompts]
-    heldout_ids = torch.tensor(tokenizer(heldout_text(), add_special_tokens=False)["input_ids"][:HELDOUT_TOKENS], dtype=torch.long)
+    heldout_ids = torch.tensor(
+        tokenizer(heldout_text(), add_special_tokens=False)["input_ids"][:HELDOUT_TOKENS], dtype=torch.long
+    )
     heldout = fit_length(heldout_ids, 0, limit, "held-out text")
 
     def work(device: str) -> Reference:
@@ -273,8 +309,14 @@ def compute_reference(base_dir: Path, checkpoint: Path, tokenizer_dir: Path, pro
             bits = None
         precision = {4: "int4", 8: "reduced", None: "full"}[bits]
         logger.info(reference_line(device, precision))
-        model = load_model(str(base_dir), dtype=torch.float32, device_map=device, load_in_4bit=bits == 4, load_in_8bit=bits == 8,
-                           disable_mmap=not options.mmap)
+        model = load_model(
+            str(base_dir),
+            dtype=torch.float32,
+            device_map=device,
+            load_in_4bit=bits == 4,
+            load_in_8bit=bits == 8,
+            disable_mmap=not options.mmap,
+        )
         try:
             model = PeftModel.from_pretrained(model, str(checkpoint)).eval()
             results = _run(model, [(ids, new_tokens) for ids in encoded] + [(heldout, 0)], options.batch_size)
@@ -284,9 +326,19 @@ def compute_reference(base_dir: Path, checkpoint: Path, tokenizer_dir: Path, pro
             del model
             _release(device)
         heldout_logits = results.pop()[0]
-        return Reference(prompts, encoded, [r[0] for r in results], [r[1] for r in results], heldout,
-                         perplexity(heldout_logits, heldout), device, precision, perplexity(base_logits, heldout),
-                         entropy(heldout_logits), entropy(base_logits))
+        return Reference(
+            prompts,
+            encoded,
+            [r[0] for r in results],
+            [r[1] for r in results],
+            heldout,
+            perplexity(heldout_logits, heldout),
+            device,
+            precision,
+            perplexity(base_logits, heldout),
+            entropy(heldout_logits),
+            entropy(base_logits),
+        )
 
     reference = on_device(options.device_map, work, what=i18n.ui("doing_reference"))
     check_reference(reference, checkpoint)
@@ -295,7 +347,8 @@ def compute_reference(base_dir: Path, checkpoint: Path, tokenizer_dir: Path, pro
 
 def check_reference(reference: Reference, checkpoint: Path) -> None:
     """A reference that is itself garbage cannot vouch for anything (ME604): logits that are not finite (the adapter's
-    update overflows), or an adapter that makes a base's predictions uniform: on the held-out text, a mean entropy within
+    update overflows), or an adapter that makes a base's predictions uniform: on the held-out text, a mean entropy
+    within
     2% of log(vocabulary size), or a perplexity at or above the vocabulary size, where the base alone is clearly better
     (entropy below 90% of that bound, perplexity below the vocabulary size). A base that is itself no better than chance
     (a randomly initialized test model) is not judged this way."""
@@ -310,9 +363,19 @@ def check_reference(reference: Reference, checkpoint: Path) -> None:
     flat = reference.heldout_entropy >= 0.98 * uniform and reference.base_entropy < 0.9 * uniform
     worse = (reference.heldout_perplexity or 0) >= vocab and (reference.base_perplexity or math.inf) < vocab
     if flat or worse:
-        raise ValidationError("reference_broken", checkpoint=str(checkpoint), problem=i18n.ui(
-            "reference_uniform", perplexity=reference.heldout_perplexity, vocab=vocab, base=reference.base_perplexity,
-            entropy=reference.heldout_entropy, base_entropy=reference.base_entropy, uniform=uniform))
+        raise ValidationError(
+            "reference_broken",
+            checkpoint=str(checkpoint),
+            problem=i18n.ui(
+                "reference_uniform",
+                perplexity=reference.heldout_perplexity,
+                vocab=vocab,
+                base=reference.base_perplexity,
+                entropy=reference.heldout_entropy,
+                base_entropy=reference.base_entropy,
+                uniform=uniform,
+            ),
+        )
 
 
 def _max_positions(model_dir: Path) -> int:
@@ -347,7 +410,9 @@ def precision_of(artifact: Path) -> str:
         bits = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
         if bits and min(bits) <= 5:
             return "int4"
-        reduced = bits or any(t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) for t in graph.initializer)
+        reduced = bits or any(
+            t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) for t in graph.initializer
+        )
         return "reduced" if reduced else "full"
     quantization = json.loads((artifact / "config.json").read_text()).get("quantization_config")
     if quantization:  # int8/int4 compressed-tensors
@@ -360,7 +425,9 @@ def precision_of(artifact: Path) -> str:
     return "reduced" if dtypes & {"BF16", "F16", "F8_E4M3", "F8_E5M2", "I8", "U8"} else "full"
 
 
-def _run_artifact(artifact: Path, reference: Reference, new_tokens: int, options: RunOptions = RunOptions()) -> list[tuple[Any, list[int]]]:
+def _run_artifact(
+    artifact: Path, reference: Reference, new_tokens: int, options: RunOptions = RunOptions()
+) -> list[tuple[Any, list[int]]]:
     """Prompt logits and greedy tokens of the artifact for every reference input (transformers, placed by
     ``options.device_map``; onnxruntime for a graph; TensorRT for an engine; llama.cpp for a GGUF), then the held-out
     text's logits (no generation)."""
@@ -385,8 +452,9 @@ def _run_artifact(artifact: Path, reference: Reference, new_tokens: int, options
     from .reference import on_device
 
     def work(device: str) -> list[tuple[Any, list[int]]]:
-        model = AutoModelForCausalLM.from_pretrained(str(artifact), dtype="auto", device_map=device,
-                                                     disable_mmap=not options.mmap).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            str(artifact), dtype="auto", device_map=device, disable_mmap=not options.mmap
+        ).eval()
         try:
             return _run(model, inputs, options.batch_size)
         finally:
@@ -397,15 +465,25 @@ def _run_artifact(artifact: Path, reference: Reference, new_tokens: int, options
 
 
 def _llama_cpp_run(artifact: Path, tokens: list[int], new_tokens: int) -> tuple[Any, list[int]]:
-    """Prompt logits and greedy continuation of a GGUF in llama.cpp (llama-cpp-python), fed the reference's token ids."""
+    """Prompt logits and greedy continuation of a GGUF in llama.cpp (llama-cpp-python), fed the reference's token
+    ids."""
     import os
 
     import numpy as np
     from llama_cpp import Llama
 
-    # An f32 KV cache (llama.cpp's default is f16), so an f32 file is judged on its weights, not on the cache's rounding.
-    llm = Llama(model_path=str(artifact), n_ctx=len(tokens) + new_tokens + 8, logits_all=True, verbose=False,
-                n_threads=os.cpu_count() or 1, seed=0, type_k=0, type_v=0)
+    # An f32 KV cache (llama.cpp's default is f16), so an f32 file is judged on its weights, not on the cache's
+    # rounding.
+    llm = Llama(
+        model_path=str(artifact),
+        n_ctx=len(tokens) + new_tokens + 8,
+        logits_all=True,
+        verbose=False,
+        n_threads=os.cpu_count() or 1,
+        seed=0,
+        type_k=0,
+        type_v=0,
+    )
     llm.eval(tokens)
     logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
     generated, last, eos = [], logits[-1], llm.token_eos()
@@ -420,8 +498,16 @@ def _llama_cpp_run(artifact: Path, tokens: list[int], new_tokens: int) -> tuple[
     return logits, generated
 
 
-def verify_gguf(artifact: Path, merged: Path, reference: Reference, bounds: Bounds = Bounds(), *, new_tokens: int,
-                floor: str = "full", options: RunOptions = RunOptions()) -> ArtifactVerdict:
+def verify_gguf(
+    artifact: Path,
+    merged: Path,
+    reference: Reference,
+    bounds: Bounds = Bounds(),
+    *,
+    new_tokens: int,
+    floor: str = "full",
+    options: RunOptions = RunOptions(),
+) -> ArtifactVerdict:
     """Read the GGUF back against the merge (always), then run it in llama.cpp and judge it like any artifact
     (where llama-cpp-python is installed). A read-back failure is the guide's 'inference failed'."""
     from . import extras
@@ -435,12 +521,17 @@ def verify_gguf(artifact: Path, merged: Path, reference: Reference, bounds: Boun
         verdict.failure = ValidationError("inference_failed", artifact=str(artifact), error=str(exc))
         return verdict
     if extras.is_available("llama_cpp"):
-        verdict = verify_artifact(artifact, reference, bounds, new_tokens=new_tokens, raise_on_failure=False, floor=floor,
-                                  options=options)
+        verdict = verify_artifact(
+            artifact, reference, bounds, new_tokens=new_tokens, raise_on_failure=False, floor=floor, options=options
+        )
         verdict.rule = f"read back ({readback['tensors']} tensors), llama.cpp: {verdict.rule}"
     else:  # read back equal to the merge, but never run: not a pass
-        verdict = not_run(artifact, precision_of(artifact), i18n.ui("reason_no_llama_cpp"),
-                          rule=f"read back ({readback['tensors']} tensors equal to the merge)")
+        verdict = not_run(
+            artifact,
+            precision_of(artifact),
+            i18n.ui("reason_no_llama_cpp"),
+            rule=f"read back ({readback['tensors']} tensors equal to the merge)",
+        )
     verdict.readback = readback
     return verdict
 
@@ -455,12 +546,20 @@ def _compare(reference: Reference, logits: list[Any], greedy: list[list[int]]) -
     import torch
 
     samples = []
-    for prompt, ref, got, ref_tokens, tokens in zip(reference.prompts, reference.logits, logits, reference.greedy, greedy):
+    for prompt, ref, got, ref_tokens, tokens in zip(
+        reference.prompts, reference.logits, logits, reference.greedy, greedy
+    ):
         diff = (got - ref).abs()
-        kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean()
+        kl = (
+            torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none")
+            .sum(-1)
+            .mean()
+        )
         top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean()
         agree = sum(a == b for a, b in zip(ref_tokens, tokens)) / max(len(ref_tokens), 1)
-        samples.append(SampleResult(prompt, float(diff.max()), float(diff.mean()), max(float(kl), 0.0), float(top1), agree))
+        samples.append(
+            SampleResult(prompt, float(diff.max()), float(diff.mean()), max(float(kl), 0.0), float(top1), agree)
+        )
     return samples
 
 
@@ -468,15 +567,25 @@ def _histogram(reference: Reference, logits: list[Any], bins: int = 24) -> dict[
     import torch
 
     diffs = torch.cat([(got - ref).abs().flatten() for ref, got in zip(reference.logits, logits)])
-    diffs = diffs[torch.isfinite(diffs)]  # an artifact with inf/NaN logits fails on its metrics; the plot shows the rest
+    diffs = diffs[
+        torch.isfinite(diffs)
+    ]  # an artifact with inf/NaN logits fails on its metrics; the plot shows the rest
     top = (float(diffs.max()) if diffs.numel() else 0.0) or 1e-12
     counts = torch.histc(diffs, bins=bins, min=0.0, max=top)
     return {"edges": [top * i / bins for i in range(bins + 1)], "counts": counts.tolist()}
 
 
-def verify_artifact(artifact: Path, reference: Reference, bounds: Bounds = Bounds(), *, new_tokens: int,
-                    raise_on_failure: bool = True, device_map: str | None = None, floor: str = "full",
-                    options: RunOptions = RunOptions()) -> ArtifactVerdict:
+def verify_artifact(
+    artifact: Path,
+    reference: Reference,
+    bounds: Bounds = Bounds(),
+    *,
+    new_tokens: int,
+    raise_on_failure: bool = True,
+    device_map: str | None = None,
+    floor: str = "full",
+    options: RunOptions = RunOptions(),
+) -> ArtifactVerdict:
     """Run ``artifact`` (a transformers folder, or an ONNX graph file) on the reference's inputs and judge it.
 
     ``floor`` is the coarsest precision the artifact's weights went through before it was written (the merge's
@@ -497,7 +606,9 @@ def verify_artifact(artifact: Path, reference: Reference, bounds: Bounds = Bound
     except (ResourceError, MemoryError, KeyboardInterrupt):  # the machine's fault or the user's, not the artifact's
         raise
     except Exception as exc:  # noqa: BLE001 - any other failure to load or run is the guide's "inference failed"
-        verdict = ArtifactVerdict(str(artifact), precision, "failed", "inference", error=f"{type(exc).__name__}: {exc}"[:500])
+        verdict = ArtifactVerdict(
+            str(artifact), precision, "failed", "inference", error=f"{type(exc).__name__}: {exc}"[:500]
+        )
         verdict.failure = ValidationError("inference_failed", artifact=str(artifact), error=verdict.error)
         if raise_on_failure:
             raise verdict.failure from exc
@@ -507,8 +618,15 @@ def verify_artifact(artifact: Path, reference: Reference, bounds: Bounds = Bound
     logits = [r[0].to(torch.float32) for r in runs]
     samples = _compare(reference, logits, [r[1] for r in runs])
     for sample in samples:
-        logger.debug("%s, sample %r: max |logit diff| %.3g, KL %.3g, top-1 %.3f, greedy %.3f", artifact.name, sample.prompt[:40],
-                     sample.max_abs_diff, sample.kl, sample.top1_agreement, sample.greedy_agreement)
+        logger.debug(
+            "%s, sample %r: max |logit diff| %.3g, KL %.3g, top-1 %.3f, greedy %.3f",
+            artifact.name,
+            sample.prompt[:40],
+            sample.max_abs_diff,
+            sample.kl,
+            sample.top1_agreement,
+            sample.greedy_agreement,
+        )
     verdict = ArtifactVerdict(str(artifact), precision, "verified", "", samples, _histogram(reference, logits))
     verdict.outputs = {"logits": logits, "greedy": [r[1] for r in runs]}
     if reference.heldout_ids is not None:
@@ -516,8 +634,17 @@ def verify_artifact(artifact: Path, reference: Reference, bounds: Bounds = Bound
         verdict.reference_perplexity = reference.heldout_perplexity
     verdict.failure = failure = judge(verdict, bounds, reference.precision, floor)
     verdict.status = "verified" if failure is None else "failed"
-    logger.info(i18n.ui("verify_line", artifact=artifact, rule=verdict.rule, diff=verdict.max_abs_diff, kl=verdict.mean_kl,
-                        top1=verdict.top1_agreement, result="passed" if verdict.passed else "FAILED"))
+    logger.info(
+        i18n.ui(
+            "verify_line",
+            artifact=artifact,
+            rule=verdict.rule,
+            diff=verdict.max_abs_diff,
+            kl=verdict.mean_kl,
+            top1=verdict.top1_agreement,
+            result="passed" if verdict.passed else "FAILED",
+        )
+    )
     if failure is not None and raise_on_failure:
         raise failure
     return verdict
@@ -531,9 +658,12 @@ def coarsest(*precisions: str) -> str:
     return max(precisions, key=lambda p: _COARSENESS.get(p, 1))
 
 
-def judge(verdict: ArtifactVerdict, bounds: Bounds, reference_precision: str = "full", floor: str = "full") -> ValidationError | None:
+def judge(
+    verdict: ArtifactVerdict, bounds: Bounds, reference_precision: str = "full", floor: str = "full"
+) -> ValidationError | None:
     """Judge on the bounds of the coarsest of the artifact's precision, the precision its weights went through before
-    (``floor``: an fp32 graph of a bf16 merge holds bf16 values) and the reference's (a reference loaded in 4-bit through
+    (``floor``: an fp32 graph of a bf16 merge holds bf16 values) and the reference's (a reference loaded in 4-bit
+    through
     bitsandbytes is itself approximate, so even an fp32 artifact is held to the 4-bit bounds)."""
     precision = coarsest(verdict.precision, reference_precision, floor)
     suffix = {"reduced": " (reference in 8-bit)", "int4": " (reference in 4-bit)"}.get(reference_precision, "")
@@ -542,13 +672,31 @@ def judge(verdict: ArtifactVerdict, bounds: Bounds, reference_precision: str = "
     if precision == "full":
         verdict.rule = f"max |logit diff| <= {i18n.format_number(bounds.tolerance)}"
         if verdict.max_abs_diff > bounds.tolerance:
-            return ValidationError("output_mismatch", value=round(verdict.max_abs_diff, 6), limit=bounds.tolerance,
-                                   artifact=verdict.artifact)
+            return ValidationError(
+                "output_mismatch",
+                value=round(verdict.max_abs_diff, 6),
+                limit=bounds.tolerance,
+                artifact=verdict.artifact,
+            )
         return None
-    min_top1, max_kl = (bounds.int4_min_top1, bounds.int4_max_kl) if precision == "int4" else (bounds.min_top1, bounds.max_kl)
+    min_top1, max_kl = (
+        (bounds.int4_min_top1, bounds.int4_max_kl) if precision == "int4" else (bounds.min_top1, bounds.max_kl)
+    )
     verdict.rule = f"top-1 >= {min_top1}, KL <= {i18n.format_number(max_kl)}{suffix}"
     if verdict.top1_agreement < min_top1:
-        return ValidationError("top1_mismatch", value=round(verdict.top1_agreement, 4), limit=min_top1, artifact=verdict.artifact)
+        return ValidationError(
+            "top1_mismatch", value=round(verdict.top1_agreement, 4), limit=min_top1, artifact=verdict.artifact
+        )
     if verdict.mean_kl > max_kl:
-        return ValidationError("output_mismatch", value=round(verdict.mean_kl, 6), limit=max_kl, artifact=verdict.artifact)
+        return ValidationError(
+            "output_mismatch", value=round(verdict.mean_kl, 6), limit=max_kl, artifact=verdict.artifact
+        )
     return None
+
+
+def verifiable(artifacts: dict[str, str]) -> list[tuple[str, Path]]:
+    """(label, path) of everything to verify, as each format declares it (exporters.FORMATS): an artifact folder, each
+    graph of an ONNX folder, a GGUF file, an engine."""
+    from .exporters import FORMATS
+
+    return [item for fmt, path in artifacts.items() for item in FORMATS[fmt].runnables(Path(path))]

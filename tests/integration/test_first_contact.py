@@ -28,7 +28,9 @@ def config_for(training, out, **overrides):
     from model_export.demo.run import shipped_base
 
     settings = {"export_formats": ["safetensors"], **overrides}
-    return ExportConfiguration(checkpoint_path=str(training), base_model_name=str(shipped_base()), output_dir=str(out), **settings)
+    return ExportConfiguration(
+        checkpoint_path=str(training), base_model_name=str(shipped_base()), output_dir=str(out), **settings
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +48,18 @@ def test_a_bf16_base_with_default_settings_verifies_every_artifact_it_ran(bf16_a
     pytest.importorskip("gguf")
     base, adapter = bf16_adapter
     out = tmp_path / "out"
-    config = ExportConfiguration(checkpoint_path=str(adapter), base_model_name=str(base), output_dir=str(out),
-                                 export_formats=["safetensors", "onnx", "gguf"])
+    config = ExportConfiguration(
+        checkpoint_path=str(adapter),
+        base_model_name=str(base),
+        output_dir=str(out),
+        export_formats=["safetensors", "onnx", "gguf"],
+    )
     result = run(config)  # raised ME601 "0.0164 > 0.001" before: the fp32 graph was judged as if its weights were fp32
     verdicts = result.steps["verify"]["result"]["verdicts"]
     assert result.steps["verify"]["result"]["reference"]["merge"] == "reduced"
     for label in ("onnx", "onnx-optimized"):
-        # An fp32 graph (onnxruntime computes in fp32 on the CPU) of bf16 values: judged on the bf16 bounds, and it says so.
+        # An fp32 graph (onnxruntime computes in fp32 on the CPU) of bf16 values: judged on the bf16 bounds, and it
+        # says so.
         assert verdicts[label]["status"] == "verified" and verdicts[label]["precision"] == "full"
         assert verdicts[label]["rule"] == "top-1 >= 0.9, KL <= 0.05 (weights rounded in the merge)"
     assert verdicts["safetensors"]["status"] == "verified"
@@ -60,7 +67,9 @@ def test_a_bf16_base_with_default_settings_verifies_every_artifact_it_ran(bf16_a
     assert result.passed is (True if LLAMA else None)
     assert result.counts == {"verified": 4 if LLAMA else 3, "failed": 0, "not_run": 0 if LLAMA else 1}
     rows = {r["format"]: r for r in json.loads((out / "report.json").read_text())["artifacts"]}
-    assert "widened to fp32, exactly" in rows["onnx"]["warning"] and "quantization_level: fp16" in rows["onnx"]["warning"]
+    assert (
+        "widened to fp32, exactly" in rows["onnx"]["warning"] and "quantization_level: fp16" in rows["onnx"]["warning"]
+    )
 
 
 def test_the_guides_fp32_bound_still_applies_to_an_fp32_merge(training, tmp_path):
@@ -86,11 +95,22 @@ def test_ctrl_c_in_a_step_is_recorded_reported_and_printed_without_a_traceback(t
     assert steps["verify"]["status"] == "failed" and steps["verify"]["error"]["code"] == "ME998"
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "failed" and report["error"]["code"] == "ME998"
-    code = main(["run", "--set", f"checkpoint_path={training}", "--set", f"output_dir={out}", "--set",
-                 f"base_model_name={config_for(training, out).base_model_name}"])
+    code = main(
+        [
+            "run",
+            "--set",
+            f"checkpoint_path={training}",
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            f"base_model_name={config_for(training, out).base_model_name}",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 130 and "Traceback" not in captured.err
-    assert "InternalError: Interrupted (Ctrl-C) during the verify step" in captured.err and "code: ME998" in captured.err
+    assert (
+        "InternalError: Interrupted (Ctrl-C) during the verify step" in captured.err and "code: ME998" in captured.err
+    )
     monkeypatch.undo()
     assert run(config_for(training, out)).passed is True  # the rerun resumes: detect .. export are skipped
     assert json.loads((out / "run.json").read_text())["steps"]["export"]["skipped"] is True
@@ -107,7 +127,10 @@ def test_memory_error_gets_the_guides_memory_message(training, tmp_path, monkeyp
     with pytest.raises(ResourceError) as err:
         run(config_for(training, out))
     assert err.value.code == "ME406" and str(err.value).startswith("MemoryError: Unable to allocate")
-    assert "batch_size: 1, max_sequence_length: 1024" in err.value.hint() and "use_memory_mapping: true" in err.value.hint()
+    assert (
+        "batch_size: 1, max_sequence_length: 1024" in err.value.hint()
+        and "use_memory_mapping: true" in err.value.hint()
+    )
     assert "系统RAM不足" in err.value.hint("zh")
     assert json.loads((out / "run.json").read_text())["steps"]["verify"]["error"]["code"] == "ME406"
 
@@ -120,8 +143,17 @@ def test_an_unexpected_exception_is_one_line_naming_the_log(training, tmp_path, 
 
     monkeypatch.setattr(pipeline, "merge", broken)
     out = tmp_path / "out"
-    code = main(["run", "--set", f"checkpoint_path={training}", "--set", f"output_dir={out}", "--set",
-                 f"base_model_name={config_for(training, out).base_model_name}"])
+    code = main(
+        [
+            "run",
+            "--set",
+            f"checkpoint_path={training}",
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            f"base_model_name={config_for(training, out).base_model_name}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert "InternalError: Internal error during the merge step: ZeroDivisionError: division by zero" in err
@@ -168,15 +200,32 @@ def test_max_sequence_length_cuts_a_long_prompt_instead_of_failing_in_onnxruntim
     pytest.importorskip("onnxruntime")
     out = tmp_path / "out"
     long_prompt = "autumn leaves fall " * 1000  # about 3000 tokens; the demo model has 512 positions
-    result = run(config_for(training, out, export_formats=["onnx"], onnx_optimize_graph=False,
-                            test_input_samples=[long_prompt, "Hello"], max_sequence_length=100))
+    result = run(
+        config_for(
+            training,
+            out,
+            export_formats=["onnx"],
+            onnx_optimize_graph=False,
+            test_input_samples=[long_prompt, "Hello"],
+            max_sequence_length=100,
+        )
+    )
     assert result.passed is True
     reference = json.loads((out / "run.json").read_text())["steps"]["verify"]["result"]["verdicts"]["onnx"]
     assert reference["status"] == "verified"
-    assert "cut to the first 84 so that it and its generated tokens fit in 100" in (out / "export.log").read_text(encoding="utf-8")
+    assert "cut to the first 84 so that it and its generated tokens fit in 100" in (out / "export.log").read_text(
+        encoding="utf-8"
+    )
     # Left at its default (2048), the model's own 512 positions bound it: no "inference failed".
-    again = run(config_for(training, tmp_path / "again", export_formats=["onnx"], onnx_optimize_graph=False,
-                           test_input_samples=[long_prompt]))
+    again = run(
+        config_for(
+            training,
+            tmp_path / "again",
+            export_formats=["onnx"],
+            onnx_optimize_graph=False,
+            test_input_samples=[long_prompt],
+        )
+    )
     assert again.passed is True and "fit in 512" in (tmp_path / "again" / "export.log").read_text(encoding="utf-8")
 
 
@@ -227,8 +276,15 @@ def test_save_intermediate_results_keeps_every_run_output_even_on_failure_and_is
     saved = torch.load(out / "verify" / "safetensors.pt", weights_only=True)
     assert len(saved["logits"]) == 3 and len(saved["greedy"]) == 3
     with pytest.raises(ValidationError):  # an impossible bound: the outputs are still kept to debug the failure
-        run(config_for(training, out, export_formats=["safetensors", "pytorch"], save_intermediate_results=True,
-                       validation_tolerance=1e-12))
+        run(
+            config_for(
+                training,
+                out,
+                export_formats=["safetensors", "pytorch"],
+                save_intermediate_results=True,
+                validation_tolerance=1e-12,
+            )
+        )
     assert (out / "verify" / "safetensors.pt").is_file()
 
 
@@ -244,8 +300,22 @@ def test_the_log_file_is_english_whatever_the_console_shows(training, tmp_path, 
     """The guide's log lines and grep commands are English; the console speaks the user's language in full."""
     out = tmp_path / "out"
     base = config_for(training, out).base_model_name
-    assert main(["--lang", "zh", "run", "--set", f"checkpoint_path={training}", "--set", f"output_dir={out}", "--set",
-                 f"base_model_name={base}"]) == 0
+    assert (
+        main(
+            [
+                "--lang",
+                "zh",
+                "run",
+                "--set",
+                f"checkpoint_path={training}",
+                "--set",
+                f"output_dir={out}",
+                "--set",
+                f"base_model_name={base}",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "步骤 check 完成（耗时" in err and "duration" not in err
     log = (out / "export.log").read_text(encoding="utf-8")

@@ -26,8 +26,26 @@ def run_merge(base, adapter, out, crash_at=None):
     if crash_at:
         env["MODEL_EXPORT_CRASH_AT"] = crash_at
     cli = os.path.join(os.path.dirname(sys.executable), "model-export")
-    return subprocess.run([cli, "merge", "--adapter", str(adapter), "--base", str(base), "--out", str(out), "--dtype", "bf16",
-                           "--max-shard-size", "200KB"], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [
+            cli,
+            "merge",
+            "--adapter",
+            str(adapter),
+            "--base",
+            str(base),
+            "--out",
+            str(out),
+            "--dtype",
+            "bf16",
+            "--max-shard-size",
+            "200KB",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_killed_merges_resume_to_identical_output(inputs, tmp_path):

@@ -31,13 +31,21 @@ def config_for(training, out, **overrides):
     from model_export.demo.run import shipped_base
 
     settings = {"export_formats": ["safetensors", "pytorch"], "max_shard_size": "200KB", **overrides}
-    return ExportConfiguration(checkpoint_path=str(training), base_model_name=str(shipped_base()), output_dir=str(out), **settings)
+    return ExportConfiguration(
+        checkpoint_path=str(training), base_model_name=str(shipped_base()), output_dir=str(out), **settings
+    )
 
 
 def test_a_run_exports_verifies_and_reports(training, tmp_path):
     result = run(config_for(training, tmp_path / "out"))
     assert result.passed is True and set(result.artifacts) == {"safetensors", "pytorch"}
-    assert [name for name, step in result.steps.items() if step["status"] == "done"] == ["detect", "check", "merge", "export", "verify"]
+    assert [name for name, step in result.steps.items() if step["status"] == "done"] == [
+        "detect",
+        "check",
+        "merge",
+        "export",
+        "verify",
+    ]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["status"] == "passed" and {a["format"] for a in report["artifacts"]} == {"safetensors", "pytorch"}
     for artifact in report["artifacts"]:
@@ -53,7 +61,9 @@ def test_a_run_exports_verifies_and_reports(training, tmp_path):
     finally:
         i18n.set_language(None)
     page = (tmp_path / "out" / "report.html").read_text()
-    assert '<html lang="zh">' in page and "导出产物" in page and "通过: 2 个产物" in page and "（已跳过：未改变）" in page
+    assert (
+        '<html lang="zh">' in page and "导出产物" in page and "通过: 2 个产物" in page and "（已跳过：未改变）" in page
+    )
 
 
 def test_rerun_skips_and_a_changed_setting_reruns_what_follows(training, tmp_path, caplog):
@@ -102,11 +112,17 @@ def test_killed_runs_resume_to_identical_artifacts(training, tmp_path):
             env["MODEL_EXPORT_CRASH_AT"] = crash_at
         config = tmp_path / f"{out.name}.json"
         config.write_text(config_for(training, out).model_dump_json())
-        return subprocess.run([sys.executable, "-m", "model_export.cli", "run", str(config)], capture_output=True, text=True,
-                              env=env, timeout=600)
+        return subprocess.run(
+            [sys.executable, "-m", "model_export.cli", "run", str(config)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
 
     clean = cli(tmp_path / "clean")
     assert clean.returncode == 0, clean.stderr[-2000:]
+
     def artifacts(out):
         return [tree_digest(out / "export" / fmt) for fmt in ("safetensors", "pytorch")]
 
@@ -125,8 +141,16 @@ def test_housekeeping_settings(training, tmp_path):
     out = tmp_path / "out"
     (out / "export").mkdir(parents=True)
     (out / "export" / "stale.partial").write_text("left by a killed run")
-    result = run(config_for(training, out, save_intermediate_results=True, memory_monitoring=True, memory_monitoring_interval=0.2,
-                            export_formats=["safetensors"]))
+    result = run(
+        config_for(
+            training,
+            out,
+            save_intermediate_results=True,
+            memory_monitoring=True,
+            memory_monitoring_interval=0.2,
+            export_formats=["safetensors"],
+        )
+    )
     assert result.passed and not list(out.rglob("*.partial"))  # cleanup_temp_files
     import torch
 
@@ -135,10 +159,22 @@ def test_housekeeping_settings(training, tmp_path):
     for step in ("detect", "check", "merge", "export", "verify"):
         assert (out / step / ".step.json").is_file()
     log = (out / "export.log").read_text(encoding="utf-8")
-    assert " - INFO - Memory usage: " in log and "Processing checkpoint: 100% complete" in log and "Step verify finished" in log
+    assert (
+        " - INFO - Memory usage: " in log
+        and "Processing checkpoint: 100% complete" in log
+        and "Step verify finished" in log
+    )
     (out / "export" / "x.partial").write_text("kept")
-    again = run(config_for(training, out, cleanup_temp_files=False, export_formats=["safetensors"], run_validation_tests=False,
-                           remove_training_artifacts=False))
+    again = run(
+        config_for(
+            training,
+            out,
+            cleanup_temp_files=False,
+            export_formats=["safetensors"],
+            run_validation_tests=False,
+            remove_training_artifacts=False,
+        )
+    )
     assert (out / "export" / "x.partial").exists() and "verify" not in again.steps and again.passed is None
     assert (out / "export" / "safetensors" / "training_artifacts" / "optimizer.pt").is_file()
 
@@ -148,14 +184,22 @@ def test_onnx_in_the_pipeline_both_graphs_verified_in_onnxruntime(training, tmp_
     result = run(config_for(training, out, export_formats=["safetensors", "onnx"]))
     assert result.passed is True
     onnx_dir = out / "export" / "onnx"
-    assert {"model.onnx", "model.onnx.data", "model.optimized.onnx", "genai_config.json", "tokenizer.json"} <= {p.name for p in onnx_dir.iterdir()}
+    assert {"model.onnx", "model.onnx.data", "model.optimized.onnx", "genai_config.json", "tokenizer.json"} <= {
+        p.name for p in onnx_dir.iterdir()
+    }
     verdicts = json.loads((out / "run.json").read_text())["steps"]["verify"]["result"]["verdicts"]
     assert set(verdicts) == {"safetensors", "onnx", "onnx-optimized"}
     for label in ("onnx", "onnx-optimized"):
-        assert verdicts[label]["status"] == "verified" and verdicts[label]["precision"] == "full" and verdicts[label]["max_abs_diff"] < 1e-3
+        assert (
+            verdicts[label]["status"] == "verified"
+            and verdicts[label]["precision"] == "full"
+            and verdicts[label]["max_abs_diff"] < 1e-3
+        )
         assert all(s["greedy_agreement"] == 1.0 for s in verdicts[label]["samples"])
     rows = {a["format"]: a for a in json.loads((out / "report.json").read_text())["artifacts"]}
-    assert set(rows) == {"safetensors", "onnx", "onnx-optimized"} and rows["onnx-optimized"]["path"].endswith("model.optimized.onnx")
+    assert set(rows) == {"safetensors", "onnx", "onnx-optimized"} and rows["onnx-optimized"]["path"].endswith(
+        "model.optimized.onnx"
+    )
     for row in rows.values():  # fp32 artifacts: the held-out perplexity is the reference's
         assert row["perplexity"] == pytest.approx(row["reference_perplexity"], rel=1e-4) and row["perplexity"] > 1
     assert "Perplexity on the held-out text" in (out / "report.html").read_text()
@@ -175,12 +219,15 @@ def test_a_damaged_onnx_graph_fails_verification(training, tmp_path):
     out = tmp_path / "out"
     run(config_for(training, out, export_formats=["onnx"], onnx_optimize_graph=False, run_validation_tests=False))
     graph = out / "export" / "onnx" / "model.onnx"
-    tensor = next(t for t in onnx.load(str(graph), load_external_data=False).graph.initializer
-                  if t.name == "model.layers.0.mlp.down_proj.weight")
+    tensor = next(
+        t
+        for t in onnx.load(str(graph), load_external_data=False).graph.initializer
+        if t.name == "model.layers.0.mlp.down_proj.weight"
+    )
     offset = int(next(e.value for e in tensor.external_data if e.key == "offset"))
     data = bytearray((graph.parent / "model.onnx.data").read_bytes())
     values = np.frombuffer(data, dtype=np.float32, count=256, offset=offset).copy() * -3.0
-    data[offset:offset + values.nbytes] = values.tobytes()
+    data[offset : offset + values.nbytes] = values.tobytes()
     (graph.parent / "model.onnx.data").write_bytes(bytes(data))
     from model_export.demo.run import shipped_base
 
@@ -199,8 +246,15 @@ def test_gguf_in_the_pipeline_is_read_back_and_reported(training, tmp_path):
     details = json.loads((out / "run.json").read_text())["steps"]["export"]["result"]["details"]["gguf"]
     assert details["lora_adapter"]["tensors"] == 2 * details["lora_adapter"]["modules"] > 0
     # Every path the export reports is where the file is now, not in the .partial folder it was written in.
-    assert Path(details["modelfile"]).is_file() and Path(details["path"]).is_file() and Path(details["lora_adapter"]["path"]).is_file()
-    assert {t.tensor_type.name for t in gguf.GGUFReader(str(out / "export" / "gguf" / "model-q8_0.gguf")).tensors} == {"F32", "Q8_0"}
+    assert (
+        Path(details["modelfile"]).is_file()
+        and Path(details["path"]).is_file()
+        and Path(details["lora_adapter"]["path"]).is_file()
+    )
+    assert {t.tensor_type.name for t in gguf.GGUFReader(str(out / "export" / "gguf" / "model-q8_0.gguf")).tensors} == {
+        "F32",
+        "Q8_0",
+    }
     verdict = json.loads((out / "run.json").read_text())["steps"]["verify"]["result"]["verdicts"]["gguf"]
     assert verdict["readback"]["tensors"] > 0
     report = json.loads((out / "report.json").read_text())
@@ -209,16 +263,33 @@ def test_gguf_in_the_pipeline_is_read_back_and_reported(training, tmp_path):
         assert result.passed is None and result.counts == {"verified": 0, "failed": 0, "not_run": 1}
         assert verdict["status"] == row["status"] == "not_run" and "llama-cpp-python is not installed" in row["reason"]
         assert verdict["max_abs_diff"] is None and verdict["top1_agreement"] is None
-        assert report["status"] == "not_verified" and "0 verified, 1 not run (gguf: llama-cpp-python" in report["summary"]
-        assert "Not run, so not verified" in (out / "export.log").read_text() and "nan" not in (out / "export.log").read_text()
+        assert (
+            report["status"] == "not_verified" and "0 verified, 1 not run (gguf: llama-cpp-python" in report["summary"]
+        )
+        assert (
+            "Not run, so not verified" in (out / "export.log").read_text()
+            and "nan" not in (out / "export.log").read_text()
+        )
     else:
-        assert result.passed is True and verdict["status"] == row["status"] == "verified" and verdict["top1_agreement"] >= 0.9
+        assert (
+            result.passed is True
+            and verdict["status"] == row["status"] == "verified"
+            and verdict["top1_agreement"] >= 0.9
+        )
 
 
 def test_benchmark_step_and_command_compare_every_artifact(training, tmp_path, capsys):
     out = tmp_path / "out"
-    config = config_for(training, out, export_formats=["safetensors", "onnx"], run_benchmarks=True, benchmark_new_tokens=4,
-                        benchmark_repeats=2, batch_size=2, onnx_optimize_graph=False)
+    config = config_for(
+        training,
+        out,
+        export_formats=["safetensors", "onnx"],
+        run_benchmarks=True,
+        benchmark_new_tokens=4,
+        benchmark_repeats=2,
+        batch_size=2,
+        onnx_optimize_graph=False,
+    )
     result = run(config)
     assert result.steps["benchmark"]["status"] == "done"
     rows = {r["label"]: r for r in result.steps["benchmark"]["result"]["results"]}
@@ -241,13 +312,22 @@ def test_a_second_run_on_the_same_output_dir_fails_at_once_and_a_dead_holder_doe
 
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time\n"
-        f"f = open({str(out / '.model-export.lock')!r}, 'a+')\n"
-        "fcntl.flock(f, fcntl.LOCK_EX)\n"
-        "f.write(f'pid={os.getpid()}\\nhost=h\\nstarted=now\\n'); f.flush()\n"
-        "print('locked', flush=True)\n"
-        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fcntl, os, sys, time\n"
+                f"f = open({str(out / '.model-export.lock')!r}, 'a+')\n"
+                "fcntl.flock(f, fcntl.LOCK_EX)\n"
+                "f.write(f'pid={os.getpid()}\\nhost=h\\nstarted=now\\n'); f.flush()\n"
+                "print('locked', flush=True)\n"
+                "time.sleep(60)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     try:
         with pytest.raises(ResourceError) as err:
@@ -266,7 +346,9 @@ def test_a_full_run_never_modifies_its_inputs(training, tmp_path):
     before = tree_digest(training), tree_digest(shipped_base())
     formats = ["safetensors", "pytorch", "onnx"] + (["gguf"] if __import__("importlib").util.find_spec("gguf") else [])
     result = run(config_for(training, tmp_path / "out", export_formats=formats, gguf_lora_adapter="gguf" in formats))
-    assert result.passed is (True if importlib.util.find_spec("llama_cpp") else None)  # its GGUF is run only with llama.cpp
+    assert result.passed is (
+        True if importlib.util.find_spec("llama_cpp") else None
+    )  # its GGUF is run only with llama.cpp
     assert (tree_digest(training), tree_digest(shipped_base())) == before
 
 
@@ -299,7 +381,9 @@ def test_a_disk_too_small_stops_the_run_before_anything_is_written(training, tmp
     from model_export.base_model import inspect_base_model
     from model_export.demo.run import shipped_base
 
-    config = config_for(training, tmp_path / "out", export_formats=["safetensors", "onnx", "gguf"], quantization_level="int4")
+    config = config_for(
+        training, tmp_path / "out", export_formats=["safetensors", "onnx", "gguf"], quantization_level="int4"
+    )
     needs = pipeline.disk_needed(config, inspect_base_model(str(shipped_base())))
     params = sum(__import__("math").prod(t.shape) for t in inspect_base_model(str(shipped_base())).tensors.values())
     assert needs["merge"] == 4 * params and needs["safetensors"] == int(0.56 * params)  # fp32 demo base; int4 blocks
@@ -308,7 +392,8 @@ def test_a_disk_too_small_stops_the_run_before_anything_is_written(training, tmp
     monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(ResourceError) as err:
         run(config)
-    # Sizes in units people read: "1.00 KB free, but this run needs about 13.46 MB", never "0.00 GB free, needs 0.00 GB".
+    # Sizes in units people read: "1.00 KB free, but this run needs about 13.46 MB", never "0.00 GB free, needs 0.00
+    # GB".
     assert err.value.code == "ME404" and "has 1.00 KB free, but this run needs about " in str(err.value)
     assert "0.00 GB" not in str(err.value) and " MB (merge " in str(err.value)
     assert not (tmp_path / "out" / "merge").exists() and not (tmp_path / "out" / "export").exists()
@@ -321,13 +406,21 @@ def test_the_demo_at_int4_verifies_every_artifact_on_the_int4_bounds(training, t
     from model_export.demo.tiny import TASK_PROMPTS
 
     out = tmp_path / "out"
-    config = config_for(training, out, export_formats=["safetensors", "onnx", "gguf"], quantization_level="int4",
-                        test_input_samples=TASK_PROMPTS, onnx_optimize_graph=False)
+    config = config_for(
+        training,
+        out,
+        export_formats=["safetensors", "onnx", "gguf"],
+        quantization_level="int4",
+        test_input_samples=TASK_PROMPTS,
+        onnx_optimize_graph=False,
+    )
     llama = importlib.util.find_spec("llama_cpp") is not None
     assert run(config).passed is (True if llama else None)
     verdicts = json.loads((out / "run.json").read_text())["steps"]["verify"]["result"]["verdicts"]
     assert set(verdicts) == {"safetensors", "onnx", "gguf"}
-    ran = {label: v for label, v in verdicts.items() if llama or label != "gguf"}  # without llama.cpp the GGUF is not run
+    ran = {
+        label: v for label, v in verdicts.items() if llama or label != "gguf"
+    }  # without llama.cpp the GGUF is not run
     for verdict in ran.values():
         assert verdict["status"] == "verified" and verdict["precision"] == "int4"
         assert verdict["rule"].endswith("top-1 >= 0.85, KL <= 0.1")
@@ -335,8 +428,10 @@ def test_the_demo_at_int4_verifies_every_artifact_on_the_int4_bounds(training, t
     if not llama:
         assert verdicts["gguf"]["status"] == "not_run" and verdicts["gguf"]["precision"] == "int4"
     rows = json.loads((out / "report.json").read_text())["artifacts"]
-    assert all(row["status"] == ("verified" if llama or row["format"] != "gguf" else "not_run") and row["size_vs_base"] < 0.3
-               for row in rows)
+    assert all(
+        row["status"] == ("verified" if llama or row["format"] != "gguf" else "not_run") and row["size_vs_base"] < 0.3
+        for row in rows
+    )
     # The same artifacts judged on the 8-bit bounds fail: the int4 bounds are what lets them pass, nothing else.
     with pytest.raises(ValidationError) as err:
         run(config.model_copy(update={"validation_int4_min_top1": 0.9, "validation_int4_max_kl": 0.05}))
@@ -378,8 +473,17 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def test_a_run_on_the_gpu_verifies_and_benchmarks_there(training, tmp_path):
     pytest.importorskip("onnxruntime")
     out = tmp_path / "out"
-    config = config_for(training, out, export_formats=["safetensors", "onnx"], device_map="cuda", run_benchmarks=True,
-                        benchmark_new_tokens=8, benchmark_repeats=2, batch_size=2, onnx_optimize_graph=False)
+    config = config_for(
+        training,
+        out,
+        export_formats=["safetensors", "onnx"],
+        device_map="cuda",
+        run_benchmarks=True,
+        benchmark_new_tokens=8,
+        benchmark_repeats=2,
+        batch_size=2,
+        onnx_optimize_graph=False,
+    )
     assert run(config).passed is True
     steps = json.loads((out / "run.json").read_text())["steps"]
     assert steps["verify"]["result"]["reference"] == {"device": "cuda", "precision": "full"}

@@ -27,7 +27,13 @@ def test_trainer_output_is_detected_and_valid(trainer_run, tiny_base):
     assert checkpoint == trainer_run / "checkpoint-30"
     report = validate_checkpoint(checkpoint, str(tiny_base))
     assert report.fit_checked and report.rank == 8 and report.num_modules == 14
-    assert set(report.training_artifacts) >= {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
+    assert set(report.training_artifacts) >= {
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+        "training_args.bin",
+    }
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert detect(trainer_run, "best").path.name == os.path.basename(state["best_model_checkpoint"])
 
@@ -46,13 +52,24 @@ def test_demo_command_runs_offline(tmp_path):
     llama = importlib.util.find_spec("llama_cpp") is not None  # without it the GGUF is read back, not run: not verified
     assert result["passed"] is (True if llama else None) and result["report"] == "export-demo/report.html"
     assert result["counts"] == {"verified": 4 if llama else 3, "failed": 0, "not_run": 0 if llama else 1}
-    assert sorted(p.name for p in (tmp_path / "qwen3-finetuned").iterdir() if p.is_dir()) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    assert sorted(p.name for p in (tmp_path / "qwen3-finetuned").iterdir() if p.is_dir()) == [
+        "checkpoint-10",
+        "checkpoint-20",
+        "checkpoint-30",
+    ]
     assert (tmp_path / "export-demo" / "export" / "safetensors" / "model.safetensors").is_file()
     assert set(result["artifacts"]) == {"safetensors", "onnx", "gguf"}  # the extras are installed by make test
     assert (tmp_path / "export-demo" / "export" / "onnx" / "genai_config.json").is_file()
     assert "Report: export-demo/report.html" in out.stderr
-    again = subprocess.run([cli, "--lang", "zh", "demo"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert again.returncode == 0 and "复用已有的" in again.stderr and "演示完成" in again.stderr and "报告: export-demo/report.html" in again.stdout
+    again = subprocess.run(
+        [cli, "--lang", "zh", "demo"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+    )
+    assert (
+        again.returncode == 0
+        and "复用已有的" in again.stderr
+        and "演示完成" in again.stderr
+        and "报告: export-demo/report.html" in again.stdout
+    )
 
 
 def test_the_shipped_demo_model_is_pretrained():

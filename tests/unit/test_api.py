@@ -13,12 +13,15 @@ from model_export.extras import require
 def test_all_is_complete_and_importable():
     import inspect
 
-    public = {name for name, value in vars(model_export).items() if not name.startswith("_") and not inspect.ismodule(value)}
+    public = {
+        name for name, value in vars(model_export).items() if not name.startswith("_") and not inspect.ismodule(value)
+    }
     assert public == set(model_export.__all__)
 
 
 def test_import_does_not_pull_heavy_backends():
-    code = "import sys, model_export; print(sorted(m for m in ('torch', 'transformers', 'onnx', 'gguf', 'peft') if m in sys.modules))"
+    heavy = "('torch', 'transformers', 'onnx', 'gguf', 'peft')"
+    code = f"import sys, model_export; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

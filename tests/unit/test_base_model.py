@@ -38,10 +38,15 @@ def test_not_cached_and_offline_gives_the_guides_fixes(hub_cache):
     with pytest.raises(BaseModelError) as err:
         resolve_base_model("Qwen/Qwen3-4B-Thinking-2507")
     assert err.value.code == "ME301" and isinstance(err.value, OSError)
-    assert str(err.value).startswith("Can't load base model 'Qwen/Qwen3-4B-Thinking-2507': it is not in the local Hugging Face cache")
+    assert str(err.value).startswith(
+        "Can't load base model 'Qwen/Qwen3-4B-Thinking-2507': it is not in the local Hugging Face cache"
+    )
     hint = err.value.hint()
-    for fix in ("base_model_name: /path/to/local/model", "export HF_ENDPOINT=https://hf-mirror.com",
-                "huggingface-cli download Qwen/Qwen3-4B-Thinking-2507"):
+    for fix in (
+        "base_model_name: /path/to/local/model",
+        "export HF_ENDPOINT=https://hf-mirror.com",
+        "huggingface-cli download Qwen/Qwen3-4B-Thinking-2507",
+    ):
         assert fix in hint
 
 

@@ -26,13 +26,21 @@ def test_final_adapter_in_the_root_wins_for_latest(make_run, adapter):
     assert detect(root).path == root
 
 
-@pytest.mark.parametrize("damage,reason", [
-    (lambda d: (d / "adapter_model.safetensors").unlink(), "Required file missing: adapter_model.safetensors"),
-    (lambda d: (d / "adapter_model.safetensors").write_bytes(b""), "the file is empty"),
-    (lambda d: (d / "adapter_model.safetensors").write_bytes((d / "adapter_model.safetensors").read_bytes()[:-100]), "truncated"),
-    (lambda d: (d / "adapter_config.json").write_text("{\"r\": 8,"), "adapter_config.json is not valid JSON"),
-    (lambda d: (d / "adapter_config.json").unlink(), "Required file missing: adapter_config.json"),
-])
+@pytest.mark.parametrize(
+    "damage,reason",
+    [
+        (lambda d: (d / "adapter_model.safetensors").unlink(), "Required file missing: adapter_model.safetensors"),
+        (lambda d: (d / "adapter_model.safetensors").write_bytes(b""), "the file is empty"),
+        (
+            lambda d: (d / "adapter_model.safetensors").write_bytes(
+                (d / "adapter_model.safetensors").read_bytes()[:-100]
+            ),
+            "truncated",
+        ),
+        (lambda d: (d / "adapter_config.json").write_text('{"r": 8,'), "adapter_config.json is not valid JSON"),
+        (lambda d: (d / "adapter_config.json").unlink(), "Required file missing: adapter_config.json"),
+    ],
+)
 def test_incomplete_checkpoints_are_skipped_with_a_logged_reason(make_run, caplog, damage, reason):
     root = make_run([10, 20, 30])
     damage(root / "checkpoint-30")
@@ -57,14 +65,19 @@ def test_no_complete_checkpoint(make_run):
 def test_missing_directory_gives_the_guides_text(tmp_path):
     with pytest.raises(CheckpointValidationError) as err:
         detect("./qwen3-finetuned-missing")
-    assert err.value.code == "ME201" and str(err.value) == "Checkpoint directory does not exist: ./qwen3-finetuned-missing"
+    assert (
+        err.value.code == "ME201" and str(err.value) == "Checkpoint directory does not exist: ./qwen3-finetuned-missing"
+    )
 
 
 def test_directory_without_any_adapter_gives_the_guides_text(tmp_path):
     (tmp_path / "qwen3-finetuned").mkdir()
     with pytest.raises(CheckpointValidationError) as err:
         detect(tmp_path / "qwen3-finetuned")
-    assert err.value.code == "ME203" and str(err.value) == f"Can't find adapter_config.json in {tmp_path / 'qwen3-finetuned'}"
+    assert (
+        err.value.code == "ME203"
+        and str(err.value) == f"Can't find adapter_config.json in {tmp_path / 'qwen3-finetuned'}"
+    )
 
 
 def test_a_named_adapter_that_is_incomplete_raises_its_own_error(adapter_copy):

@@ -24,13 +24,16 @@ def test_the_base_recorded_in_adapter_config_is_used(adapter, tiny_base):
     assert validate_checkpoint(adapter).base_model == str(tiny_base)
 
 
-@pytest.mark.parametrize("lora", [
-    {"target_modules": ["q_proj", "v_proj", "embed_tokens"], "modules_to_save": ["lm_head"]},
-    {"target_modules": ["q_proj", "down_proj"], "rank_pattern": {"down_proj": 2}, "alpha_pattern": {"q_proj": 32}},
-    {"target_modules": ["k_proj"], "use_dora": True},
-    {"target_modules": ".*\\.(q|v)_proj", "use_rslora": True},
-    {"target_modules": ["gate_proj"], "layers_to_transform": [1]},
-])
+@pytest.mark.parametrize(
+    "lora",
+    [
+        {"target_modules": ["q_proj", "v_proj", "embed_tokens"], "modules_to_save": ["lm_head"]},
+        {"target_modules": ["q_proj", "down_proj"], "rank_pattern": {"down_proj": 2}, "alpha_pattern": {"q_proj": 32}},
+        {"target_modules": ["k_proj"], "use_dora": True},
+        {"target_modules": ".*\\.(q|v)_proj", "use_rslora": True},
+        {"target_modules": ["gate_proj"], "layers_to_transform": [1]},
+    ],
+)
 def test_peft_variants_pass(tiny_base, tmp_path, lora):
     path = build_adapter(tiny_base, tmp_path / "variant", **lora)
     report = validate_checkpoint(path, str(tiny_base))
@@ -59,20 +62,28 @@ def test_invalid_adapter_config_names_line_and_column(adapter_copy):
     with pytest.raises(CheckpointValidationError) as err:
         validate_checkpoint(adapter_copy)
     assert err.value.code == "ME204"
-    assert str(err.value) == f"adapter_config.json is not valid JSON: {adapter_copy / 'adapter_config.json'}, line 4, column 3: Expecting ',' delimiter"
+    assert (
+        str(err.value)
+        == f"adapter_config.json is not valid JSON: {adapter_copy / 'adapter_config.json'}, line 4, column 3: "
+        "Expecting ',' delimiter"
+    )
 
 
 def test_a_peft_type_other_than_lora(tiny_base, tmp_path):
     from peft import IA3Config, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_base)),
-                           IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(tiny_base)),
+        IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    )
     model.save_pretrained(str(tmp_path / "ia3"))
     with pytest.raises(CheckpointValidationError) as err:
         validate_checkpoint(tmp_path / "ia3")
     assert err.value.code == "ME205"
-    assert "Unsupported PEFT type 'IA3'" in str(err.value) and "supported: LORA (including rsLoRA and DoRA)" in str(err.value)
+    assert "Unsupported PEFT type 'IA3'" in str(err.value) and "supported: LORA (including rsLoRA and DoRA)" in str(
+        err.value
+    )
 
 
 def _rewrite(path, change):
@@ -87,6 +98,7 @@ def test_nan_or_inf_in_adapter_weights(adapter_copy):
 
     def poison(t):
         t[key][0, 0] = float("nan")
+
     _rewrite(adapter_copy, poison)
     with pytest.raises(CheckpointValidationError) as err:
         validate_checkpoint(adapter_copy)
@@ -108,7 +120,10 @@ def test_a_and_b_ranks_differ(adapter_copy):
     with pytest.raises(CheckpointValidationError) as err:
         validate_checkpoint(adapter_copy)
     assert err.value.code == "ME208"
-    assert str(err.value) == "LoRA rank mismatch in model.layers.0.self_attn.q_proj: lora_A has rank 4 but lora_B has rank 3"
+    assert (
+        str(err.value)
+        == "LoRA rank mismatch in model.layers.0.self_attn.q_proj: lora_A has rank 4 but lora_B has rank 3"
+    )
 
 
 def test_lora_b_missing(adapter_copy):
@@ -183,11 +198,14 @@ def test_without_a_base_the_fit_is_reported_unchecked(adapter_copy):
     assert not report.fit_checked and "the fit to the base model was not checked" in report.warnings[0]
 
 
-@pytest.mark.parametrize("damage", [
-    lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x08" + b"\0" * 7 + b"{}garbage"),
-    lambda d: (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA", "r": 4})),
-    lambda d: (d / "adapter_config.json").write_text("[1, 2"),
-])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x08" + b"\0" * 7 + b"{}garbage"),
+        lambda d: (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA", "r": 4})),
+        lambda d: (d / "adapter_config.json").write_text("[1, 2"),
+    ],
+)
 def test_bad_inputs_write_nothing(adapter_copy, tiny_base, damage):
     damage(adapter_copy)
     before = tree_digest(adapter_copy.parent), tree_digest(tiny_base)
@@ -213,16 +231,30 @@ def test_a_symlink_out_of_the_checkpoint_is_refused_and_one_inside_is_not(adapte
 def test_a_tokenizer_with_ids_beyond_the_embedding_is_refused(adapter_copy, tiny_base):
     data = json.loads((tiny_base / "tokenizer.json").read_text())
     rows = json.loads((tiny_base / "config.json").read_text())["vocab_size"]
-    data["added_tokens"].append({"id": rows + 5, "content": "<|new|>", "single_word": False, "lstrip": False, "rstrip": False,
-                                 "normalized": False, "special": True})
+    data["added_tokens"].append(
+        {
+            "id": rows + 5,
+            "content": "<|new|>",
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+    )
     (adapter_copy / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(CheckpointValidationError) as err:
         validate_checkpoint(adapter_copy, str(tiny_base))
-    assert err.value.code == "ME215" and f"token ids up to {rows + 5}" in str(err.value) and f"only {rows} rows" in str(err.value)
+    assert (
+        err.value.code == "ME215"
+        and f"token ids up to {rows + 5}" in str(err.value)
+        and f"only {rows} rows" in str(err.value)
+    )
     assert "modules_to_save" in err.value.hint()
 
 
 # ---- what `check` used to call valid and the run then crashed on (issue 13) ----
+
 
 def _edit_config(adapter_dir, **changes):
     path = adapter_dir / "adapter_config.json"
@@ -233,7 +265,9 @@ def test_target_modules_that_match_nothing_in_the_base_are_refused(adapter_copy,
     _edit_config(adapter_copy, target_modules=["nonexistent_proj"])  # PEFT: NoMatchingPeftModuleError at load
     with pytest.raises(CheckpointValidationError) as err:
         validate_checkpoint(adapter_copy, str(tiny_base))
-    assert err.value.code == "ME209" and "target_modules ['nonexistent_proj'] match no module of the base model" in str(err.value)
+    assert err.value.code == "ME209" and "target_modules ['nonexistent_proj'] match no module of the base model" in str(
+        err.value
+    )
     _edit_config(adapter_copy, target_modules=".*\\.nothing_(q|v)")
     with pytest.raises(CheckpointValidationError):
         validate_checkpoint(adapter_copy, str(tiny_base))
@@ -254,7 +288,9 @@ def test_a_damaged_tokenizer_in_the_training_root_is_refused(make_run, tiny_base
     with pytest.raises(CheckpointValidationError) as err:
         validate_checkpoint(root / "checkpoint-10", str(tiny_base))
     assert err.value.code == "ME217" and str(root / "tokenizer.json") in str(err.value)
-    shutil.copy(tiny_base / "tokenizer.json", root / "tokenizer.json")  # a good tokenizer with a damaged config beside it
+    shutil.copy(
+        tiny_base / "tokenizer.json", root / "tokenizer.json"
+    )  # a good tokenizer with a damaged config beside it
     (root / "tokenizer_config.json").write_text("[]")
     with pytest.raises(CheckpointValidationError) as err:
         validate_checkpoint(root / "checkpoint-10", str(tiny_base))

@@ -19,13 +19,18 @@ def run(capsys, *argv):
 def test_detect_human_and_json(capsys, make_run):
     root = make_run([10, 20, 30])
     (root / "checkpoint-30" / "adapter_model.safetensors").write_bytes(b"")
-    code, out, _ = run(capsys, "detect", str(root))
-    assert code == 0 and f"Detected checkpoint: {root / 'checkpoint-20'}" in out and "Skipped" in out
+    code, out, err = run(capsys, "detect", str(root))
+    assert code == 0 and f"Detected checkpoint: {root / 'checkpoint-20'}" in out
+    assert (out + err).count("Skipped") == 1 and "Skipped" in err  # logged once, not printed again
     code, out, _ = run(capsys, "detect", str(root), "--json")
     data = json.loads(out)
-    assert data["selected"] == str(root / "checkpoint-20") and [c["complete"] for c in data["candidates"]] == [True, True, False]
-    code, out, _ = run(capsys, "detect", str(root), "--lang", "zh")
-    assert f"检测到checkpoint: {root / 'checkpoint-20'}" in out and "跳过" in out
+    assert data["selected"] == str(root / "checkpoint-20") and [c["complete"] for c in data["candidates"]] == [
+        True,
+        True,
+        False,
+    ]
+    code, out, err = run(capsys, "detect", str(root), "--lang", "zh")
+    assert f"检测到checkpoint: {root / 'checkpoint-20'}" in out and "跳过" in err
 
 
 def test_check_human_json_and_chinese(capsys, adapter, tiny_base):
@@ -61,17 +66,30 @@ def test_zh_locale_selects_chinese(capsys, monkeypatch):
 
 def test_validate_config_prints_every_problem_and_exits_2(capsys, tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("base_model_load_in_4bit: true\nbase_model_load_in_8bit: true\nexport_formats: [onnx]\n"
-                    "onnx_opset_version: 9\nbatchsize: 2\n")
+    path.write_text(
+        "base_model_load_in_4bit: true\nbase_model_load_in_8bit: true\nexport_formats: [onnx]\n"
+        "onnx_opset_version: 9\nbatchsize: 2\n"
+    )
     code, out, _ = run(capsys, "validate-config", str(path))
     assert code == 2 and out.count(f"{path}:") == 3  # field and cross-field problems in one pass
     assert "line 5: batchsize: unknown key (did you mean 'batch_size'?)" in out
-    path.write_text("base_model_load_in_4bit: true\nbase_model_load_in_8bit: true\nexport_formats: [onnx]\nonnx_opset_version: 9\n")
+    path.write_text(
+        "base_model_load_in_4bit: true\nbase_model_load_in_8bit: true\nexport_formats: [onnx]\nonnx_opset_version: 9\n"
+    )
     code, out, _ = run(capsys, "validate-config", str(path), "--json")
     data = json.loads(out)
     assert code == 2 and [p["key"] for p in data["problems"]] == ["base_model_load_in_8bit", "onnx_opset_version"]
-    code, out, _ = run(capsys, "validate-config", str(path), "--set", "base_model_load_in_8bit=false", "--set", "onnx_opset_version=17",
-                       "--set", "export_formats=[safetensors]")
+    code, out, _ = run(
+        capsys,
+        "validate-config",
+        str(path),
+        "--set",
+        "base_model_load_in_8bit=false",
+        "--set",
+        "onnx_opset_version=17",
+        "--set",
+        "export_formats=[safetensors]",
+    )
     assert code == 0 and "no problems found" in out
     path.write_text("lang: zh\nbatch_size: 0\n")
     code, out, _ = run(capsys, "validate-config", str(path))
@@ -112,7 +130,9 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "model-export"), "--help"], capture_output=True, text=True)
+    out = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "model-export"), "--help"], capture_output=True, text=True
+    )
     assert out.returncode == 0
     for command in ("doctor", "detect", "check", "validate-config", "init-config", "demo"):
         assert command in out.stdout
@@ -122,15 +142,29 @@ def test_check_takes_its_settings_from_a_config_file(capsys, make_run, tiny_base
     root = make_run([10, 20], best=10)
     log = tmp_path / "export.log"
     path = tmp_path / "export.yaml"
-    path.write_text(f"checkpoint_path: {root}\nbase_model_name: {tiny_base}\ncheckpoint_selection: best\n"
-                    f"memory_monitoring: true\nlog_file: {log}\nlang: zh\n")
+    path.write_text(
+        f"checkpoint_path: {root}\nbase_model_name: {tiny_base}\ncheckpoint_selection: best\n"
+        f"memory_monitoring: true\nlog_file: {log}\nlang: zh\n"
+    )
     code, out, _ = run(capsys, "check", "--config", str(path))
     assert code == 0 and f"Checkpoint {root / 'checkpoint-10'} 验证通过" in out
     text = log.read_text(encoding="utf-8")
     assert " - INFO - Memory usage: " in text and "Processing checkpoint: 100% complete" in text
-    code, out, _ = run(capsys, "check", "--config", str(path), "--set", "enable_progress_monitoring=false", "--set", "checkpoint_selection=latest",
-                       "--lang", "en")
+    code, out, _ = run(
+        capsys,
+        "check",
+        "--config",
+        str(path),
+        "--set",
+        "enable_progress_monitoring=false",
+        "--set",
+        "checkpoint_selection=latest",
+        "--lang",
+        "en",
+    )
     assert code == 0 and f"Checkpoint {root / 'checkpoint-20'} is valid" in out
-    assert text.count("Processing checkpoint: 100% complete") == log.read_text(encoding="utf-8").count("Processing checkpoint: 100% complete")
+    assert text.count("Processing checkpoint: 100% complete") == log.read_text(encoding="utf-8").count(
+        "Processing checkpoint: 100% complete"
+    )
     code, out, _ = run(capsys, "detect", "--config", str(path), "--json")
     assert json.loads(out)["selected"] == str(root / "checkpoint-10")

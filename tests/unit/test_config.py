@@ -10,17 +10,42 @@ from model_export import ConfigError, ExportConfiguration, load_config
 from model_export.config import apply_overrides, example_yaml, init_config, parse_size
 
 GUIDE_KEYS = [
-    "checkpoint_path", "base_model_name", "base_model_load_in_4bit", "base_model_load_in_8bit", "device_map",
-    "batch_size", "max_sequence_length", "use_memory_mapping", "export_onnx", "onnx_opset_version",
-    "onnx_optimize_graph", "onnx_dynamic_axes", "quantization_level", "validation_tolerance", "test_input_samples",
-    "run_validation_tests", "remove_training_artifacts", "compress_weights", "log_level", "enable_progress_monitoring",
-    "memory_monitoring", "cleanup_temp_files", "save_intermediate_results",
+    "checkpoint_path",
+    "base_model_name",
+    "base_model_load_in_4bit",
+    "base_model_load_in_8bit",
+    "device_map",
+    "batch_size",
+    "max_sequence_length",
+    "use_memory_mapping",
+    "export_onnx",
+    "onnx_opset_version",
+    "onnx_optimize_graph",
+    "onnx_dynamic_axes",
+    "quantization_level",
+    "validation_tolerance",
+    "test_input_samples",
+    "run_validation_tests",
+    "remove_training_artifacts",
+    "compress_weights",
+    "log_level",
+    "enable_progress_monitoring",
+    "memory_monitoring",
+    "cleanup_temp_files",
+    "save_intermediate_results",
 ]
 
 
 def test_every_guide_key_exists_with_a_description_and_default():
     fields = ExportConfiguration.model_fields
-    for key in GUIDE_KEYS + ["output_dir", "export_formats", "checkpoint_selection", "calibration_data", "max_shard_size", "lang"]:
+    for key in GUIDE_KEYS + [
+        "output_dir",
+        "export_formats",
+        "checkpoint_selection",
+        "calibration_data",
+        "max_shard_size",
+        "lang",
+    ]:
         assert key in fields, key
     for name, info in fields.items():
         assert info.description and len(info.description) > 15, name
@@ -28,7 +53,13 @@ def test_every_guide_key_exists_with_a_description_and_default():
 
 
 def test_quantization_levels_and_formats():
-    assert set(ExportConfiguration.model_fields["quantization_level"].annotation.__args__) == {"none", "bf16", "fp16", "int8", "int4"}
+    assert set(ExportConfiguration.model_fields["quantization_level"].annotation.__args__) == {
+        "none",
+        "bf16",
+        "fp16",
+        "int8",
+        "int4",
+    }
     config = ExportConfiguration(export_formats=["safetensors", "pytorch", "onnx", "gguf", "tensorrt", "onnx"])
     assert config.export_formats == ["safetensors", "pytorch", "onnx", "gguf", "tensorrt"]
 
@@ -50,7 +81,12 @@ def test_constructor_reports_every_problem_at_once():
     with pytest.raises(ConfigError) as err:
         ExportConfiguration(batch_size=0, quantization_level="int3", max_sequence_lenght=5, validation_tolerance=-1)
     keys = [p.key for p in err.value.problems]
-    assert keys == sorted(keys, key=keys.index) and set(keys) == {"batch_size", "quantization_level", "max_sequence_lenght", "validation_tolerance"}
+    assert keys == sorted(keys, key=keys.index) and set(keys) == {
+        "batch_size",
+        "quantization_level",
+        "max_sequence_lenght",
+        "validation_tolerance",
+    }
     assert "did you mean 'max_sequence_length'" in str(err.value)
     assert err.value.exit_code == 2
 
@@ -70,8 +106,12 @@ def test_max_shard_size_is_parsed():
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_load_yaml_and_json(tmp_path, suffix):
-    data = {"checkpoint_path": "./run", "quantization_level": "int8", "export_formats": ["safetensors", "gguf"],
-            "onnx_dynamic_axes": {"input_ids": {0: "batch"}}}
+    data = {
+        "checkpoint_path": "./run",
+        "quantization_level": "int8",
+        "export_formats": ["safetensors", "gguf"],
+        "onnx_dynamic_axes": {"input_ids": {0: "batch"}},
+    }
     path = tmp_path / f"c{suffix}"
     path.write_text(json.dumps(data) if suffix == ".json" else yaml.safe_dump(data))
     config = load_config(path)
@@ -130,19 +170,36 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 def test_yaml_aliases_are_refused(tmp_path):
     path = tmp_path / "bomb.yaml"
-    path.write_text("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
-                    "test_input_samples: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n")
+    path.write_text(
+        "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+        "test_input_samples: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+    )
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert err.value.code == "ME102"
-    assert str(err.value) == f"Cannot parse {path} at line 2, column 8: aliases (*name) are not allowed in a configuration"
+    assert (
+        str(err.value) == f"Cannot parse {path} at line 2, column 8: aliases (*name) are not allowed in a configuration"
+    )
 
 
 def test_set_overrides():
-    data = apply_overrides({"batch_size": 1}, ["batch_size=4", "export_formats=[safetensors,onnx]", "onnx_dynamic_axes.input_ids.0=b",
-                                               "base_model_name=Qwen/Qwen3-4B-Thinking-2507", "run_validation_tests=false"])
-    assert data == {"batch_size": 4, "export_formats": ["safetensors", "onnx"], "onnx_dynamic_axes": {"input_ids": {0: "b"}},
-                    "base_model_name": "Qwen/Qwen3-4B-Thinking-2507", "run_validation_tests": False}
+    data = apply_overrides(
+        {"batch_size": 1},
+        [
+            "batch_size=4",
+            "export_formats=[safetensors,onnx]",
+            "onnx_dynamic_axes.input_ids.0=b",
+            "base_model_name=Qwen/Qwen3-4B-Thinking-2507",
+            "run_validation_tests=false",
+        ],
+    )
+    assert data == {
+        "batch_size": 4,
+        "export_formats": ["safetensors", "onnx"],
+        "onnx_dynamic_axes": {"input_ids": {0: "b"}},
+        "base_model_name": "Qwen/Qwen3-4B-Thinking-2507",
+        "run_validation_tests": False,
+    }
     config = load_config(None, ["quantization_level=fp16"])
     assert config.quantization_level == "fp16"
     with pytest.raises(ConfigError) as err:
@@ -155,7 +212,7 @@ def test_set_overrides():
 def test_example_yaml_round_trips_to_the_defaults(tmp_path):
     path = init_config(tmp_path / "model-export.yaml")
     text = path.read_text(encoding="utf-8")
-    for name, info in ExportConfiguration.model_fields.items():
+    for info in ExportConfiguration.model_fields.values():
         assert f"# {info.description}" in text
     assert load_config(path) == ExportConfiguration()
     with pytest.raises(ConfigError) as err:

@@ -12,25 +12,42 @@ def kinds(problems):
 
 
 def test_tensorrt_is_a_format_like_the_others_and_bitsandbytes_needs_the_gpu():
-    assert validate_config(ExportConfiguration(export_formats=["safetensors", "tensorrt"], quantization_level="fp16")) == []
+    assert (
+        validate_config(ExportConfiguration(export_formats=["safetensors", "tensorrt"], quantization_level="fp16"))
+        == []
+    )
     problems = validate_config(ExportConfiguration(base_model_load_in_4bit=True, device_map="cpu"))
     assert [p.render() for p in problems] == [
-        "base_model_load_in_4bit: base_model_load_in_4bit loads the base model through bitsandbytes on a CUDA GPU, but device_map "
-        "is cpu -> set device_map: auto (or cuda), or base_model_load_in_4bit: false (on the CPU the reference runs in full precision)"]
+        "base_model_load_in_4bit: base_model_load_in_4bit loads the base model through bitsandbytes on a CUDA GPU, but "
+        "device_map "
+        "is cpu -> set device_map: auto (or cuda), or base_model_load_in_4bit: false (on the CPU the reference runs in "
+        "full precision)"
+    ]
     assert kinds(validate_config(ExportConfiguration(base_model_load_in_8bit=True, device_map="cpu"))) == [
-        ("base_model_load_in_8bit", "bits_on_cpu")]
+        ("base_model_load_in_8bit", "bits_on_cpu")
+    ]
     assert validate_config(ExportConfiguration(base_model_load_in_8bit=True, device_map="auto")) == []
 
 
 def test_onnx_alone_takes_every_level_it_can_hold():
     for level in ("none", "fp16", "int8", "int4"):
-        assert validate_config(ExportConfiguration(export_formats=["safetensors", "onnx", "gguf"], quantization_level=level)) == []
-    problems = validate_config(ExportConfiguration(export_formats=["onnx"], quantization_level="int4", onnx_block_size=48))
+        assert (
+            validate_config(
+                ExportConfiguration(export_formats=["safetensors", "onnx", "gguf"], quantization_level=level)
+            )
+            == []
+        )
+    problems = validate_config(
+        ExportConfiguration(export_formats=["onnx"], quantization_level="int4", onnx_block_size=48)
+    )
     assert [(p.key, p.kind) for p in problems] == [("onnx_block_size", "block_size_invalid")]
 
 
 def test_a_sound_configuration_has_no_problems(tmp_path):
-    assert validate_config(ExportConfiguration(checkpoint_path=str(tmp_path / "run"), output_dir=str(tmp_path / "out"))) == []
+    assert (
+        validate_config(ExportConfiguration(checkpoint_path=str(tmp_path / "run"), output_dir=str(tmp_path / "out")))
+        == []
+    )
 
 
 def test_4bit_and_8bit_together():
@@ -48,10 +65,21 @@ def test_quantization_level_a_format_cannot_hold(fmt, level):
 
 
 def test_opset_too_low_states_the_minimum():
-    problems = [p for p in validate_config(ExportConfiguration(export_formats=["onnx"], onnx_opset_version=11)) if p.kind == "opset_too_low"]
-    assert "needs at least 14" in problems[0].render() and "set onnx_opset_version: 14 or higher" in problems[0].render()
-    problems = [p for p in validate_config(ExportConfiguration(export_formats=["onnx"], onnx_backend="torch", onnx_opset_version=17))
-                if p.kind == "opset_too_low"]
+    problems = [
+        p
+        for p in validate_config(ExportConfiguration(export_formats=["onnx"], onnx_opset_version=11))
+        if p.kind == "opset_too_low"
+    ]
+    assert (
+        "needs at least 14" in problems[0].render() and "set onnx_opset_version: 14 or higher" in problems[0].render()
+    )
+    problems = [
+        p
+        for p in validate_config(
+            ExportConfiguration(export_formats=["onnx"], onnx_backend="torch", onnx_opset_version=17)
+        )
+        if p.kind == "opset_too_low"
+    ]
     assert "needs at least 18" in problems[0].render()
     assert validate_config(ExportConfiguration(export_formats=["safetensors"], onnx_opset_version=11)) == []
 
@@ -63,11 +91,18 @@ def test_opset_newer_than_installed_onnx():
 
 
 def test_dynamic_axes_must_name_real_inputs_and_axes():
-    axes = {"input_ids": {0: "b", 2: "x"}, "pixel_values": {0: "b"}, "past_key_values.3.key": {2: "past"}, "present.0.value": {5: "y"}}
+    axes = {
+        "input_ids": {0: "b", 2: "x"},
+        "pixel_values": {0: "b"},
+        "past_key_values.3.key": {2: "past"},
+        "present.0.value": {5: "y"},
+    }
     problems = validate_config(ExportConfiguration(onnx_dynamic_axes=axes))
-    assert kinds(problems) == [("onnx_dynamic_axes.input_ids", "dynamic_axes_bad_axis"),
-                               ("onnx_dynamic_axes.pixel_values", "dynamic_axes_unknown_input"),
-                               ("onnx_dynamic_axes.present.0.value", "dynamic_axes_bad_axis")]
+    assert kinds(problems) == [
+        ("onnx_dynamic_axes.input_ids", "dynamic_axes_bad_axis"),
+        ("onnx_dynamic_axes.pixel_values", "dynamic_axes_unknown_input"),
+        ("onnx_dynamic_axes.present.0.value", "dynamic_axes_bad_axis"),
+    ]
     assert "past_key_values.{i}.key/value" in problems[1].render()
 
 
@@ -75,7 +110,11 @@ def test_non_positive_numbers_are_reported_from_files(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("batch_size: 0\nmax_sequence_length: -5\nvalidation_tolerance: 0\n")
     problems = validate_config(path)
-    assert [(p.key, p.line) for p in problems] == [("batch_size", 1), ("max_sequence_length", 2), ("validation_tolerance", 3)]
+    assert [(p.key, p.line) for p in problems] == [
+        ("batch_size", 1),
+        ("max_sequence_length", 2),
+        ("validation_tolerance", 3),
+    ]
 
 
 @pytest.mark.parametrize("inside", [False, True])
@@ -86,23 +125,38 @@ def test_output_dir_inside_an_input(tmp_path, tiny_base, inside):
     problems = validate_config(ExportConfiguration(checkpoint_path=str(run), output_dir=str(output)))
     assert kinds(problems) == [("output_dir", "output_inside_input")]
     assert ("inside" if inside else "the same directory as") in problems[0].render()
-    problems = validate_config(ExportConfiguration(checkpoint_path=str(run), base_model_name=str(tiny_base),
-                                                   output_dir=str(tiny_base / "out")))
+    problems = validate_config(
+        ExportConfiguration(checkpoint_path=str(run), base_model_name=str(tiny_base), output_dir=str(tiny_base / "out"))
+    )
     assert "base model directory" in problems[0].render()
 
 
 def test_formats_samples_and_calibration(tmp_path):
-    config = ExportConfiguration(export_formats=["tensorrt"], test_input_samples=[], calibration_data=str(tmp_path / "none.txt"))
-    assert kinds(validate_config(config)) == [("calibration_data", "calibration_missing"), ("test_input_samples", "no_test_samples")]
-    assert kinds(validate_config(ExportConfiguration(export_formats=["onnx"], export_onnx=False))) == [("export_formats", "no_formats")]
+    config = ExportConfiguration(
+        export_formats=["tensorrt"], test_input_samples=[], calibration_data=str(tmp_path / "none.txt")
+    )
+    assert kinds(validate_config(config)) == [
+        ("calibration_data", "calibration_missing"),
+        ("test_input_samples", "no_test_samples"),
+    ]
+    assert kinds(validate_config(ExportConfiguration(export_formats=["onnx"], export_onnx=False))) == [
+        ("export_formats", "no_formats")
+    ]
 
 
 def test_every_problem_at_once_from_a_file(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    data = {"checkpoint_path": str(run), "output_dir": str(run), "base_model_load_in_4bit": True, "base_model_load_in_8bit": True,
-            "export_formats": ["pytorch", "onnx"], "quantization_level": "int4", "onnx_opset_version": 9,
-            "onnx_dynamic_axes": {"inputs": {0: "b"}}}
+    data = {
+        "checkpoint_path": str(run),
+        "output_dir": str(run),
+        "base_model_load_in_4bit": True,
+        "base_model_load_in_8bit": True,
+        "export_formats": ["pytorch", "onnx"],
+        "quantization_level": "int4",
+        "onnx_opset_version": 9,
+        "onnx_dynamic_axes": {"inputs": {0: "b"}},
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     problems = [p for p in validate_config(path) if p.kind != "format_unavailable"]

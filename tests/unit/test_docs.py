@@ -78,8 +78,11 @@ def assert_problem_lines(text, lang):
     for line in text.splitlines():
         body = re.sub(r"^  - (line \d+: )?[\w.]+: ", "", line)
         message, _, fix = body.partition(" -> ")
-        ok = any(template_regex(e[lang]).match(message) and template_regex(e["fix"][lang]).match(fix)
-                 for e in i18n.catalogue()["problems"].values() if "fix" in e)
+        ok = any(
+            template_regex(e[lang]).match(message) and template_regex(e["fix"][lang]).match(fix)
+            for e in i18n.catalogue()["problems"].values()
+            if "fix" in e
+        )
         assert ok, line
 
 
@@ -102,7 +105,9 @@ def test_every_error_code_is_documented(lang):
     text = (DOCS / f"troubleshooting.{lang}.md").read_text(encoding="utf-8")
     quoted = {cls + ": " + msg for cls, msg in quoted_errors(DOCS / f"troubleshooting.{lang}.md")}
     for key, entry in i18n.catalogue()["errors"].items():
-        documented = entry["code"] in text or any(template_regex(entry[lang]).match(q.split(": ", 1)[1]) for q in quoted)
+        documented = entry["code"] in text or any(
+            template_regex(entry[lang]).match(q.split(": ", 1)[1]) for q in quoted
+        )
         assert documented, f"{entry['code']} ({key}) is not in troubleshooting.{lang}.md"
 
 
@@ -117,9 +122,11 @@ def test_guide_chinese_texts_are_used_verbatim():
 
 
 def test_configuration_reference_is_generated_from_the_schema():
-    from model_export.config import reference_markdown
+    from model_export.config_validator import configuration_markdown
 
-    assert (DOCS / "configuration.md").read_text(encoding="utf-8") == reference_markdown(), "run python scripts/gen_config_docs.py"
+    assert (DOCS / "configuration.md").read_text(encoding="utf-8") == configuration_markdown(), (
+        "run python scripts/gen_config_docs.py"
+    )
 
 
 def test_readme_names_the_two_commands_and_ci_runs_the_test_one():

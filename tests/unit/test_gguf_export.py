@@ -1,4 +1,5 @@
-"""GGUF export on tiny models: read back with gguf's own reader, compared with the merge and, where installed, run in llama.cpp."""
+"""GGUF export on tiny models: read back with gguf's own reader, compared with the merge and, where installed, run in
+llama.cpp."""
 
 import json
 import shutil
@@ -32,7 +33,16 @@ def test_every_type_reads_back_equal_to_the_merge(tiny_base, tmp_path, gguf_type
     types = {t.name: t.tensor_type.name.lower() for t in reader.tensors}
     assert types["blk.0.attn_norm.weight"] == "f32" and types["token_embd.weight"] == gguf_type
     assert "output.weight" not in types
-    bound = {"f32": 0.0, "f16": 2e-3, "bf16": 2e-3, "q8_0": 0.01, "q5_1": 0.03, "q5_0": 0.03, "q4_1": 0.05, "q4_0": 0.05}
+    bound = {
+        "f32": 0.0,
+        "f16": 2e-3,
+        "bf16": 2e-3,
+        "q8_0": 0.01,
+        "q5_1": 0.03,
+        "q5_0": 0.03,
+        "q4_1": 0.05,
+        "q4_0": 0.05,
+    }
     assert max(checked["max_abs_diff_by_type"].values()) <= bound[gguf_type]
 
 
@@ -57,7 +67,11 @@ def test_metadata_and_tokenizer_as_llama_cpp_expects(tmp_path):
     assert field(reader, "tokenizer.ggml.eos_token_id") == im_end
     assert field(reader, "tokenizer.ggml.merges") and "<|im_start|>" in field(reader, "tokenizer.chat_template")
     modelfile = (tmp_path / "out" / "Modelfile").read_text()
-    assert modelfile.startswith("FROM ./model-f16.gguf") and 'PARAMETER stop "<|im_end|>"' in modelfile and "<|im_start|>" in modelfile
+    assert (
+        modelfile.startswith("FROM ./model-f16.gguf")
+        and 'PARAMETER stop "<|im_end|>"' in modelfile
+        and "<|im_start|>" in modelfile
+    )
 
 
 def test_untied_heads_and_biases_are_written(untied_base, tmp_path, tmp_path_factory):
@@ -67,8 +81,14 @@ def test_untied_heads_and_biases_are_written(untied_base, tmp_path, tmp_path_fac
     assert read_back(info["path"], untied_base)["tensors"] == 25
     assert "output.weight" in {t.name for t in gguf.GGUFReader(info["path"]).tensors}
     qwen2 = tmp_path / "qwen2"
-    config = Qwen2Config(vocab_size=len(json.loads((untied_base / "tokenizer.json").read_text())["model"]["vocab"]) + 64,
-                         hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    config = Qwen2Config(
+        vocab_size=len(json.loads((untied_base / "tokenizer.json").read_text())["model"]["vocab"]) + 64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     Qwen2ForCausalLM(config).save_pretrained(str(qwen2))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(untied_base / name, qwen2 / name)
@@ -117,8 +137,14 @@ def test_llama_cpp_runs_the_file_and_agrees_with_transformers(tiny_base, tmp_pat
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
     with torch.no_grad():
         ref = model(torch.tensor([PROMPT])).logits[0].numpy()
-        ref_tokens = model.generate(torch.tensor([PROMPT]), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
-                                    attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long))[0, len(PROMPT):].tolist()
+        ref_tokens = model.generate(
+            torch.tensor([PROMPT]),
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
+        )[0, len(PROMPT) :].tolist()
     logits, tokens = _llama_cpp_run(tmp_path / f"model-{gguf_type}.gguf", PROMPT, 6)
     assert logits.shape == ref.shape
     if atol:
@@ -136,8 +162,15 @@ def test_a_lora_only_adapter_applies_peft_scaling_in_llama_cpp(tiny_base, adapte
     from tests.reference import unmerged_logits
 
     other = adapter
-    adapter = build_adapter(tiny_base, tmp_path / "adapter", r=4, lora_alpha=16, use_rslora=True,
-                            rank_pattern={"down_proj": 8}, target_modules=["q_proj", "v_proj", "down_proj"])
+    adapter = build_adapter(
+        tiny_base,
+        tmp_path / "adapter",
+        r=4,
+        lora_alpha=16,
+        use_rslora=True,
+        rank_pattern={"down_proj": 8},
+        target_modules=["q_proj", "v_proj", "down_proj"],
+    )
     info = export_gguf_lora(adapter, tiny_base, tmp_path / "lora")
     assert read_back_lora(info["path"], adapter, tiny_base) == {"tensors": 12, "modules": 6}
     with pytest.raises(ExportFormatError, match="the LoRA tensors differ"):
@@ -148,8 +181,9 @@ def test_a_lora_only_adapter_applies_peft_scaling_in_llama_cpp(tiny_base, adapte
     assert field(reader, "adapter.type") == "lora" and field(reader, "general.type") == "adapter"
     llama_cpp = pytest.importorskip("llama_cpp")
     base_gguf = export_gguf(tiny_base, tmp_path / "base", gguf_type="f32")["path"]
-    llm = llama_cpp.Llama(model_path=base_gguf, lora_path=info["path"], n_ctx=64, logits_all=True, verbose=False,
-                          type_k=0, type_v=0)
+    llm = llama_cpp.Llama(
+        model_path=base_gguf, lora_path=info["path"], n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0
+    )
     llm.eval(PROMPT)
     logits = np.array(llm.scores[: len(PROMPT)])
     llm.close()
@@ -157,7 +191,9 @@ def test_a_lora_only_adapter_applies_peft_scaling_in_llama_cpp(tiny_base, adapte
     np.testing.assert_allclose(logits, reference, atol=1e-3, rtol=0)
     from tests.reference import model_logits
 
-    assert np.abs(model_logits(tiny_base, torch.tensor([PROMPT]))[0].numpy() - reference).max() > 0.05  # the adapter matters
+    assert (
+        np.abs(model_logits(tiny_base, torch.tensor([PROMPT]))[0].numpy() - reference).max() > 0.05
+    )  # the adapter matters
 
 
 def test_adapters_llama_cpp_cannot_hold_are_refused(tiny_base, tmp_path):
@@ -181,24 +217,41 @@ def test_blocks_are_bit_identical_to_ggmls_c_quantizer(tiny_base, tmp_path, gguf
 
     lib = ctypes.CDLL(str(next((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.so*"))))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     info = export_gguf(tiny_base, tmp_path, gguf_type=gguf_type)
     stored = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(info["path"]).tensors}
     weights = load_file(str(tiny_base / "model.safetensors"))
     qtype = getattr(gguf.GGMLQuantizationType, gguf_type.upper())
-    for hf_name, gguf_name in (("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight"),
-                               ("model.embed_tokens.weight", "token_embd.weight")):
+    for hf_name, gguf_name in (
+        ("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight"),
+        ("model.embed_tokens.weight", "token_embd.weight"),
+    ):
         rows = np.ascontiguousarray(weights[hf_name], dtype=np.float32)
         ours = stored[gguf_name].reshape(-1)
         theirs = np.zeros(ours.size, dtype=np.uint8)
-        written = lib.ggml_quantize_chunk(int(qtype), rows.ctypes.data, theirs.ctypes.data, 0, rows.shape[0], rows.shape[1], None)
+        written = lib.ggml_quantize_chunk(
+            int(qtype), rows.ctypes.data, theirs.ctypes.data, 0, rows.shape[0], rows.shape[1], None
+        )
         assert written == ours.size and np.array_equal(ours, theirs)
 
 
 ROPES = {
     "default": None,
-    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
     "linear": {"rope_type": "linear", "factor": 4.0},
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
 }
@@ -210,18 +263,32 @@ def tiny_model(tiny_base, folder, arch, rope="default"):
 
     from tests.conftest import spread_model
 
-    shape = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=32, max_position_embeddings=256, tie_word_embeddings=True, rope_scaling=ROPES[rope])
-    config = LlamaConfig(architectures=["LlamaForCausalLM"], **shape) if arch == "llama" else Qwen3Config(
-        architectures=["Qwen3ForCausalLM"], **shape)
+    shape = dict(
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        rope_scaling=ROPES[rope],
+    )
+    config = (
+        LlamaConfig(architectures=["LlamaForCausalLM"], **shape)
+        if arch == "llama"
+        else Qwen3Config(architectures=["Qwen3ForCausalLM"], **shape)
+    )
     folder = spread_model(folder, config)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(tiny_base / name, folder / name)
     return folder
 
 
-@pytest.mark.parametrize("arch, rope", [("llama", "default"), ("llama", "llama3"), ("llama", "linear"), ("llama", "yarn"),
-                                        ("qwen3", "yarn")])
+@pytest.mark.parametrize(
+    "arch, rope", [("llama", "default"), ("llama", "llama3"), ("llama", "linear"), ("llama", "yarn"), ("qwen3", "yarn")]
+)
 def test_llama_and_scaled_rope_run_in_llama_cpp_as_in_transformers(tiny_base, tmp_path, arch, rope):
     """Llama's q/k rows reordered for llama.cpp's pairwise rope; Llama 3 rope as a rope_freqs tensor (llama.cpp's way),
     linear and YaRN as metadata: llama.cpp computes what transformers computes, also past the original context."""
@@ -253,8 +320,12 @@ def test_a_lora_on_llama_q_and_k_applies_in_llama_cpp(tiny_base, tmp_path):
     assert read_back_lora(info["path"], adapter, folder) == {"tensors": 12, "modules": 6}
     llama_cpp = pytest.importorskip("llama_cpp")
     base_gguf = export_gguf(folder, tmp_path / "base", gguf_type="f32")["path"]
-    llm = llama_cpp.Llama(model_path=base_gguf, lora_path=info["path"], n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0)
+    llm = llama_cpp.Llama(
+        model_path=base_gguf, lora_path=info["path"], n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0
+    )
     llm.eval(PROMPT)
     logits = np.array(llm.scores[: len(PROMPT)])
     llm.close()
-    np.testing.assert_allclose(logits, unmerged_logits(folder, adapter, torch.tensor([PROMPT]))[0].numpy(), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(
+        logits, unmerged_logits(folder, adapter, torch.tensor([PROMPT]))[0].numpy(), atol=1e-3, rtol=0
+    )

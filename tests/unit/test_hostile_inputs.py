@@ -36,8 +36,18 @@ def explained(code, text):
 
 
 def run_args(train, base, out, *more):
-    return ["run", "--set", f"checkpoint_path={train}", "--set", f"base_model_name={base}", "--set", f"output_dir={out}",
-            "--set", "export_formats=[safetensors]", *more]
+    return [
+        "run",
+        "--set",
+        f"checkpoint_path={train}",
+        "--set",
+        f"base_model_name={base}",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "export_formats=[safetensors]",
+        *more,
+    ]
 
 
 def edit_adapter_config(train, **changes):
@@ -45,9 +55,21 @@ def edit_adapter_config(train, **changes):
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-@pytest.mark.parametrize("changes", [{"r": "eight"}, {"lora_alpha": "x"}, {"target_modules": 5}, {"use_dora": "yes"},
-                                     {"rank_pattern": [1]}, {"alpha_pattern": {"q_proj": "big"}}, {"lora_alpha": float("inf")},
-                                     {"modules_to_save": [1, 2]}, {"layers_to_transform": "all"}, {"peft_type": 7}])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"r": "eight"},
+        {"lora_alpha": "x"},
+        {"target_modules": 5},
+        {"use_dora": "yes"},
+        {"rank_pattern": [1]},
+        {"alpha_pattern": {"q_proj": "big"}},
+        {"lora_alpha": float("inf")},
+        {"modules_to_save": [1, 2]},
+        {"layers_to_transform": "all"},
+        {"peft_type": 7},
+    ],
+)
 def test_adapter_config_values_of_the_wrong_type_are_explained(capsys, train, tiny_base, tmp_path, changes):
     edit_adapter_config(train, **changes)
     before = tree_digest(train)
@@ -57,13 +79,16 @@ def test_adapter_config_values_of_the_wrong_type_are_explained(capsys, train, ti
     assert tree_digest(train) == before
 
 
-@pytest.mark.parametrize("header", [
-    {"a.lora_A.weight": {"dtype": ["F32"], "shape": [4, 4], "data_offsets": [0, 64]}},
-    {"a.lora_A.weight": {"dtype": {"x": 1}, "shape": [4, 4], "data_offsets": [0, 64]}},
-    "nested",
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"a.lora_A.weight": {"dtype": ["F32"], "shape": [4, 4], "data_offsets": [0, 64]}},
+        {"a.lora_A.weight": {"dtype": {"x": 1}, "shape": [4, 4], "data_offsets": [0, 64]}},
+        "nested",
+    ],
+)
 def test_hostile_safetensors_headers_are_explained(capsys, train, tiny_base, tmp_path, header):
-    raw = ("{\"a\":" * 200000 + "1" + "}" * 200000).encode() if header == "nested" else json.dumps(header).encode()
+    raw = ('{"a":' * 200000 + "1" + "}" * 200000).encode() if header == "nested" else json.dumps(header).encode()
     (train / "checkpoint-5" / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 64)
     code, text = run_cli(capsys, *run_args(train, tiny_base, tmp_path / "out"))
     explained(code, text)
@@ -106,9 +131,16 @@ def test_an_output_dir_that_is_a_file_is_a_configuration_problem(capsys, train, 
     assert code == 2 and "is a file, not a folder" in text
 
 
-@pytest.mark.parametrize("argv", [["benchmark", ".", "--new-tokens", "-1"], ["benchmark", ".", "--repeats", "0"],
-                                  ["benchmark", ".", "--batch-size", "x"], ["merge", "--max-shard-size", "abc"],
-                                  ["merge", "--max-shard-size", "0MB"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["benchmark", ".", "--new-tokens", "-1"],
+        ["benchmark", ".", "--repeats", "0"],
+        ["benchmark", ".", "--batch-size", "x"],
+        ["merge", "--max-shard-size", "abc"],
+        ["merge", "--max-shard-size", "0MB"],
+    ],
+)
 def test_cli_values_out_of_range_are_usage_errors(capsys, argv):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
@@ -117,13 +149,24 @@ def test_cli_values_out_of_range_are_usage_errors(capsys, argv):
 
 # ---- nothing written into an input, nothing leaked out of one ----
 
+
 @pytest.mark.parametrize("step", ["export/safetensors", "check", "merge", "verify"])
-def test_a_checkpoint_inside_a_folder_the_run_writes_is_refused_before_anything_is_written(capsys, adapter, tiny_base, tmp_path, step):
+def test_a_checkpoint_inside_a_folder_the_run_writes_is_refused_before_anything_is_written(
+    capsys, adapter, tiny_base, tmp_path, step
+):
     out = tmp_path / "out"
     checkpoint = shutil.copytree(adapter, out / step)
     before = tree_digest(checkpoint)
-    code, text = run_cli(capsys, "run", "--set", f"checkpoint_path={checkpoint}", "--set", f"base_model_name={tiny_base}",
-                         "--set", f"output_dir={out}")
+    code, text = run_cli(
+        capsys,
+        "run",
+        "--set",
+        f"checkpoint_path={checkpoint}",
+        "--set",
+        f"base_model_name={tiny_base}",
+        "--set",
+        f"output_dir={out}",
+    )
     assert code == 2 and "which the run writes" in text and str(out / step.split("/")[0]) in text
     assert tree_digest(checkpoint) == before and not (out / "run.json").exists()
 
@@ -132,8 +175,16 @@ def test_a_checkpoint_linked_into_a_step_folder_is_refused_too(capsys, adapter, 
     out = tmp_path / "out"
     (out / "export").mkdir(parents=True)
     os.symlink(adapter, out / "export" / "safetensors")  # resolved through the link: the same folder
-    code, text = run_cli(capsys, "run", "--set", f"checkpoint_path={adapter}", "--set", f"base_model_name={tiny_base}",
-                         "--set", f"output_dir={out}")
+    code, text = run_cli(
+        capsys,
+        "run",
+        "--set",
+        f"checkpoint_path={adapter}",
+        "--set",
+        f"base_model_name={tiny_base}",
+        "--set",
+        f"output_dir={out}",
+    )
     assert code == 2 and "which the run writes" in text
 
 
@@ -143,8 +194,18 @@ def test_an_input_beside_the_step_folders_is_left_alone(capsys, adapter, tiny_ba
     checkpoint = shutil.copytree(adapter, out / "my-adapter")
     (checkpoint / "notes.partial").write_text("mine")  # cleanup_temp_files removes *.partial only in step folders
     before = tree_digest(checkpoint)
-    code, _ = run_cli(capsys, "run", "--set", f"checkpoint_path={checkpoint}", "--set", f"base_model_name={tiny_base}",
-                      "--set", f"output_dir={out}", "--set", "export_formats=[safetensors]")
+    code, _ = run_cli(
+        capsys,
+        "run",
+        "--set",
+        f"checkpoint_path={checkpoint}",
+        "--set",
+        f"base_model_name={tiny_base}",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "export_formats=[safetensors]",
+    )
     assert code == 0 and tree_digest(checkpoint) == before
 
 
@@ -178,10 +239,20 @@ def test_an_adapter_that_makes_the_outputs_uniform_is_not_a_reference(capsys, tm
     for scale, words in ((1e18, "no better than a uniform guess"), (1e30, "inf or NaN")):
         adapter = build_adapter(shipped_base(), tmp_path / f"ad-{scale:g}")
         tensors = load_file(adapter / "adapter_model.safetensors")
-        save_file({k: v * scale if "lora_B" in k else v for k, v in tensors.items()}, adapter / "adapter_model.safetensors")
+        save_file(
+            {k: v * scale if "lora_B" in k else v for k, v in tensors.items()}, adapter / "adapter_model.safetensors"
+        )
         out = tmp_path / f"out-{scale:g}"
-        code, text = run_cli(capsys, "run", "--set", f"checkpoint_path={adapter}", "--set", f"base_model_name={shipped_base()}",
-                             "--set", f"output_dir={out}")
+        code, text = run_cli(
+            capsys,
+            "run",
+            "--set",
+            f"checkpoint_path={adapter}",
+            "--set",
+            f"base_model_name={shipped_base()}",
+            "--set",
+            f"output_dir={out}",
+        )
         assert code == 1 and "ME604" in text and words in text, text[-1500:]
         report = json.loads((out / "report.json").read_text())
         assert report["status"] == "failed" and not any(row["status"] == "verified" for row in report["artifacts"])
@@ -190,11 +261,31 @@ def test_an_adapter_that_makes_the_outputs_uniform_is_not_a_reference(capsys, tm
 
 # ---- a generated corpus: adapter_config.json values of every type ----
 
-VALUE = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**9), st.floats(allow_nan=True, allow_infinity=True),
-                  st.text(max_size=6), st.lists(st.one_of(st.integers(), st.text(max_size=4)), max_size=3),
-                  st.dictionaries(st.text(max_size=4), st.one_of(st.integers(), st.text(max_size=3)), max_size=2))
-KEY = st.sampled_from(["r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "fan_in_fan_out", "rank_pattern",
-                       "alpha_pattern", "modules_to_save", "layers_to_transform", "peft_type", "base_model_name_or_path"])
+VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 10**9),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.lists(st.one_of(st.integers(), st.text(max_size=4)), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.one_of(st.integers(), st.text(max_size=3)), max_size=2),
+)
+KEY = st.sampled_from(
+    [
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "use_rslora",
+        "use_dora",
+        "fan_in_fan_out",
+        "rank_pattern",
+        "alpha_pattern",
+        "modules_to_save",
+        "layers_to_transform",
+        "peft_type",
+        "base_model_name_or_path",
+    ]
+)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -214,8 +305,12 @@ def test_a_base_rewritten_with_the_same_size_and_mtime_is_noticed(adapter, tiny_
     from model_export import ExportConfiguration, run
 
     base = shutil.copytree(tiny_base, tmp_path / "base")
-    config = ExportConfiguration(checkpoint_path=str(adapter), base_model_name=str(base), output_dir=str(tmp_path / "out"),
-                                 run_validation_tests=False)
+    config = ExportConfiguration(
+        checkpoint_path=str(adapter),
+        base_model_name=str(base),
+        output_dir=str(tmp_path / "out"),
+        run_validation_tests=False,
+    )
     run(config)
     weights = base / "model.safetensors"
     stat = weights.stat()

@@ -102,9 +102,19 @@ def test_onnx_block_size_and_accuracy_level_reach_the_graph(adapter, tiny_base, 
     seen = {}
     for block, accuracy in ((16, 0), (64, 4)):
         out = tmp_path / f"b{block}"
-        run(ExportConfiguration(checkpoint_path=str(adapter), base_model_name=str(tiny_base), output_dir=str(out),
-                                export_formats=["onnx"], quantization_level="int4", onnx_optimize_graph=False,
-                                run_validation_tests=False, onnx_block_size=block, onnx_accuracy_level=accuracy))
+        run(
+            ExportConfiguration(
+                checkpoint_path=str(adapter),
+                base_model_name=str(tiny_base),
+                output_dir=str(out),
+                export_formats=["onnx"],
+                quantization_level="int4",
+                onnx_optimize_graph=False,
+                run_validation_tests=False,
+                onnx_block_size=block,
+                onnx_accuracy_level=accuracy,
+            )
+        )
         graph = onnx.load(str(out / "export" / "onnx" / "model.onnx"), load_external_data=False).graph
         attributes = [{a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"]
         seen[block] = ({a["block_size"] for a in attributes}, {a.get("accuracy_level", 0) for a in attributes})
@@ -118,8 +128,17 @@ def test_gguf_type_overrides_the_level(adapter, tiny_base, tmp_path):
     names = {}
     for gguf_type in ("auto", "q5_1"):
         out = tmp_path / gguf_type
-        run(ExportConfiguration(checkpoint_path=str(adapter), base_model_name=str(tiny_base), output_dir=str(out),
-                                export_formats=["gguf"], quantization_level="int8", gguf_type=gguf_type, run_validation_tests=False))
+        run(
+            ExportConfiguration(
+                checkpoint_path=str(adapter),
+                base_model_name=str(tiny_base),
+                output_dir=str(out),
+                export_formats=["gguf"],
+                quantization_level="int8",
+                gguf_type=gguf_type,
+                run_validation_tests=False,
+            )
+        )
         names[gguf_type] = sorted(p.name for p in (out / "export" / "gguf").glob("*.gguf"))
     assert names == {"auto": ["model-q8_0.gguf"], "q5_1": ["model-q5_1.gguf"]}
 

@@ -47,7 +47,9 @@ def test_lora_bias_on_a_base_with_biases(tmp_path):
     merge(adapter, str(base), tmp_path / "ours")
     reference = load_dir(peft_merge(base, adapter, tmp_path / "peft"))
     merged = load_dir(tmp_path / "ours")
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.bias"], load_dir(base)["model.layers.0.self_attn.q_proj.bias"])
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.bias"], load_dir(base)["model.layers.0.self_attn.q_proj.bias"]
+    )
     for name, tensor in reference.items():
         assert max_ulp(merged[name], tensor) <= 1, name
 
@@ -61,14 +63,19 @@ def test_lora_bias_without_a_base_bias_is_refused(tiny_base, tmp_path):
 
 def test_the_merged_model_gives_peft_unmerged_logits(tiny_base, adapter, tmp_path):
     merge(adapter, str(tiny_base), tmp_path / "ours")
-    torch.testing.assert_close(model_logits(tmp_path / "ours", IDS), unmerged_logits(tiny_base, adapter, IDS), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        model_logits(tmp_path / "ours", IDS), unmerged_logits(tiny_base, adapter, IDS), rtol=1e-5, atol=1e-5
+    )
 
 
-@pytest.mark.parametrize("lora", [
-    {"target_modules": ["q_proj", "embed_tokens", "lm_head"]},
-    {"target_modules": ["v_proj", "embed_tokens"], "use_dora": True},
-    {"target_modules": ["o_proj"], "modules_to_save": ["lm_head", "model.norm"]},
-])
+@pytest.mark.parametrize(
+    "lora",
+    [
+        {"target_modules": ["q_proj", "embed_tokens", "lm_head"]},
+        {"target_modules": ["v_proj", "embed_tokens"], "use_dora": True},
+        {"target_modules": ["o_proj"], "modules_to_save": ["lm_head", "model.norm"]},
+    ],
+)
 def test_untied_base_with_embedding_and_head_adapters(untied_base, tmp_path, lora):
     adapter = build_adapter(untied_base, tmp_path / "adapter", **lora)
     if "modules_to_save" in lora:  # trained copies differ from the base's
@@ -83,21 +90,28 @@ def test_untied_base_with_embedding_and_head_adapters(untied_base, tmp_path, lor
     merged = load_dir(tmp_path / "ours")
     for name, tensor in reference.items():
         assert max_ulp(merged[name], tensor) <= 1, name
-    torch.testing.assert_close(model_logits(tmp_path / "ours", IDS), unmerged_logits(untied_base, adapter, IDS), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        model_logits(tmp_path / "ours", IDS), unmerged_logits(untied_base, adapter, IDS), rtol=1e-4, atol=1e-4
+    )
 
 
-@pytest.mark.parametrize("lora", [
-    {"target_modules": ["q_proj", "embed_tokens"]},
-    {"target_modules": ["k_proj"], "modules_to_save": ["lm_head"]},
-    {"target_modules": ["k_proj", "lm_head"]},
-])
+@pytest.mark.parametrize(
+    "lora",
+    [
+        {"target_modules": ["q_proj", "embed_tokens"]},
+        {"target_modules": ["k_proj"], "modules_to_save": ["lm_head"]},
+        {"target_modules": ["k_proj", "lm_head"]},
+    ],
+)
 def test_tied_embeddings_are_untied_when_the_adapter_changes_one(tiny_base, tmp_path, lora):
     adapter = build_adapter(tiny_base, tmp_path / "adapter", **lora)
     if "modules_to_save" in lora:  # make the saved lm_head differ from the embedding, as training would
         from safetensors.torch import load_file, save_file
 
         tensors = load_file(str(adapter / "adapter_model.safetensors"))
-        tensors["base_model.model.lm_head.weight"] += 0.05 * torch.randn_like(tensors["base_model.model.lm_head.weight"])
+        tensors["base_model.model.lm_head.weight"] += 0.05 * torch.randn_like(
+            tensors["base_model.model.lm_head.weight"]
+        )
         save_file(tensors, str(adapter / "adapter_model.safetensors"))
     result = merge(adapter, str(tiny_base), tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
@@ -123,7 +137,9 @@ def test_added_tokens_grow_the_vocabulary(untied_base, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(str(untied_base))
     model.resize_token_embeddings(400)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    )
     save_as_trained(peft_model, tmp_path / "adapter", str(untied_base))
     result = merge(tmp_path / "adapter", str(untied_base), tmp_path / "ours")
     assert result.vocab_size == 400 and json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"] == 400
@@ -143,11 +159,15 @@ def test_fan_in_fan_out_on_gpt2_conv1d(tiny_base, tmp_path):
 
     torch.manual_seed(0)
     base = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(vocab_size=384, n_embd=32, n_layer=2, n_head=4, n_positions=64)).save_pretrained(str(base))
+    GPT2LMHeadModel(GPT2Config(vocab_size=384, n_embd=32, n_layer=2, n_head=4, n_positions=64)).save_pretrained(
+        str(base)
+    )
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_base / name, base / name)
-    model = get_peft_model(GPT2LMHeadModel.from_pretrained(str(base)),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+    model = get_peft_model(
+        GPT2LMHeadModel.from_pretrained(str(base)),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+    )
     save_as_trained(model, tmp_path / "adapter", str(base))
     merge(tmp_path / "adapter", str(base), tmp_path / "ours")
     reference = load_dir(peft_merge(base, tmp_path / "adapter", tmp_path / "peft"))
@@ -163,7 +183,9 @@ def test_layout_of_the_output(tiny_base, adapter, tmp_path):
     assert len(result.shards) > 2 and sorted(set(index["weight_map"].values())) == result.shards
     assert index["metadata"]["total_size"] == result.bytes == sum(t.numel() * 4 for t in load_dir(out).values())
     config = json.loads((out / "config.json").read_text())
-    assert config["dtype"] == "float32" and "quantization_config" not in config and config["tie_word_embeddings"] is True
+    assert (
+        config["dtype"] == "float32" and "quantization_config" not in config and config["tie_word_embeddings"] is True
+    )
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         assert (out / name).read_bytes() == (tiny_base / name).read_bytes(), name
     card = (out / "README.md").read_text()
@@ -207,7 +229,10 @@ def test_dtype_options_and_compress_weights(bf16_base, tmp_path):
 def test_pytorch_bin_format(tiny_base, adapter, tmp_path):
     result = merge(adapter, str(tiny_base), tmp_path / "bin", format="pytorch", max_shard_size="100KB")
     merge(adapter, str(tiny_base), tmp_path / "st")
-    assert all(name.endswith(".bin") for name in result.shards) and (tmp_path / "bin" / "pytorch_model.bin.index.json").is_file()
+    assert (
+        all(name.endswith(".bin") for name in result.shards)
+        and (tmp_path / "bin" / "pytorch_model.bin.index.json").is_file()
+    )
     state = {}
     for name in result.shards:
         state.update(torch.load(tmp_path / "bin" / name, weights_only=True))
@@ -242,7 +267,11 @@ def test_unsupported_adapters_are_refused_before_writing(tiny_base, tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(MergeError) as err:
         merge(adapter, str(tiny_base), tmp_path / "out")
-    assert err.value.code == "ME701" and "QALoRA (use_qalora)" in str(err.value) and "init_lora_weights=pissa" in str(err.value)
+    assert (
+        err.value.code == "ME701"
+        and "QALoRA (use_qalora)" in str(err.value)
+        and "init_lora_weights=pissa" in str(err.value)
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -270,8 +299,12 @@ def test_output_must_not_be_an_input_or_a_foreign_directory(tiny_base, adapter, 
 def test_model_merger_takes_the_configuration(tiny_base, make_run, tmp_path):
     from model_export import ExportConfiguration
 
-    config = ExportConfiguration(checkpoint_path=str(make_run([10, 20])), base_model_name=str(tiny_base),
-                                 output_dir=str(tmp_path / "export"), max_shard_size="100KB")
+    config = ExportConfiguration(
+        checkpoint_path=str(make_run([10, 20])),
+        base_model_name=str(tiny_base),
+        output_dir=str(tmp_path / "export"),
+        max_shard_size="100KB",
+    )
     result = ModelMerger(config).merge()
     assert result.output_dir == str(tmp_path / "export" / "merge") and result.checkpoint.endswith("checkpoint-20")
     assert len(result.shards) > 1
@@ -312,3 +345,25 @@ def test_cuda_merge_matches_the_cpu_merge(bf16_base, tmp_path):
     merge(adapter, str(bf16_base), tmp_path / "cuda", device="cuda")
     cpu, cuda = load_dir(tmp_path / "cpu"), load_dir(tmp_path / "cuda")
     assert all(max_ulp(cpu[k], cuda[k]) <= 1 for k in cpu)
+
+
+@pytest.mark.parametrize("level", ["none", "fp16", "bf16"])
+def test_model_merger_and_run_give_byte_identical_merges_for_one_configuration(adapter, tiny_base, tmp_path, level):
+    """Issue 15: both documented routes translate the configuration with merge_settings (ModelMerger used to ignore
+    quantization_level, so fp16 gave an fp32 merge through one route and an fp16 one through the other)."""
+    from model_export import ExportConfiguration, ModelMerger, run
+
+    config = ExportConfiguration(
+        checkpoint_path=str(adapter),
+        base_model_name=str(tiny_base),
+        output_dir=str(tmp_path / "run"),
+        quantization_level=level,
+        run_validation_tests=False,
+        max_shard_size="100KB",
+    )
+    run(config)
+    direct = ModelMerger(config).merge(out=tmp_path / "direct")
+    merged = sorted(p.name for p in (tmp_path / "run" / "merge").glob("*.safetensors"))
+    assert merged == sorted(direct.shards) and len(merged) > 1
+    for name in merged:
+        assert (tmp_path / "run" / "merge" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes()

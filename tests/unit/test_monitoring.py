@@ -30,7 +30,9 @@ def test_progress_lines_every_ten_percent(caplog):
         for _ in range(8):
             progress.advance(25)
     # 25 of 200 per call: 12.5%, 25%, 37.5%, ... each line names the last ten-percent mark passed
-    assert [r.message for r in caplog.records] == [f"Processing checkpoint: {p}% complete" for p in (10, 20, 30, 50, 60, 70, 80, 100)]
+    assert [r.message for r in caplog.records] == [
+        f"Processing checkpoint: {p}% complete" for p in (10, 20, 30, 50, 60, 70, 80, 100)
+    ]
 
 
 def test_checkpoint_validation_logs_progress(caplog, adapter):

@@ -25,17 +25,32 @@ def transformers_run(folder, ids=PROMPT, new_tokens=6):
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0].numpy()
-        out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                             attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=0)
-    return logits, out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            pad_token_id=0,
+        )
+    return logits, out[0, len(ids) :].tolist()
 
 
 @pytest.fixture(scope="module")
 def qwen2_base(tmp_path_factory):
     from transformers import Qwen2Config
 
-    config = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, architectures=["Qwen2ForCausalLM"])
+    config = Qwen2Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        architectures=["Qwen2ForCausalLM"],
+    )
     return spread_model(tmp_path_factory.mktemp("qwen2") / "qwen2", config)
 
 
@@ -43,10 +58,25 @@ def qwen2_base(tmp_path_factory):
 def llama_base(tmp_path_factory):
     from transformers import LlamaConfig
 
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=1, head_dim=32, max_position_embeddings=256, tie_word_embeddings=True,
-                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 64}, architectures=["LlamaForCausalLM"])
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        architectures=["LlamaForCausalLM"],
+    )
     return spread_model(tmp_path_factory.mktemp("llama") / "llama", config)
 
 
@@ -71,7 +101,9 @@ def test_builder_writes_the_weights_once_in_external_data(tiny_base, tmp_path):
     graph = onnx.load(result.path, load_external_data=False).graph
     external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert {e.value for t in external for e in t.external_data if e.key == "location"} == {"model.onnx.data"}
-    assert "model.embed_tokens.weight" in {t.name for t in external} and "lm_head.weight" not in {t.name for t in external}
+    assert "model.embed_tokens.weight" in {t.name for t in external} and "lm_head.weight" not in {
+        t.name for t in external
+    }
     assert (tmp_path / "model.onnx").stat().st_size < 64 * 1024  # the graph alone; the weights are beside it
     ops = {n.op_type for n in graph.node}
     assert {"GroupQueryAttention", "RotaryEmbedding", "SimplifiedLayerNormalization", "Gemm"} <= ops
@@ -85,12 +117,17 @@ def test_opset_23_uses_the_standard_rms_normalization(tiny_base, tmp_path):
     result = build_onnx(tiny_base, tmp_path, weight_type="fp32", opset=23, dynamic_axes=AXES)
     ops = {n.op_type for n in onnx.load(result.path, load_external_data=False).graph.node}
     assert "RMSNormalization" in ops and "SimplifiedLayerNormalization" not in ops
-    np.testing.assert_allclose(OnnxDecoder(result.path).prompt(PROMPT)[0], transformers_run(tiny_base)[0], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(
+        OnnxDecoder(result.path).prompt(PROMPT)[0], transformers_run(tiny_base)[0], atol=2e-5, rtol=0
+    )
 
 
 def dequantized(folder, graph_path, bits, block):
     """The model's state dict with every quantized weight replaced by what its MatMulNBits blocks hold."""
-    init = {t.name: numpy_helper.to_array(t, base_dir=str(graph_path.parent)) for t in onnx.load(str(graph_path)).graph.initializer}
+    init = {
+        t.name: numpy_helper.to_array(t, base_dir=str(graph_path.parent))
+        for t in onnx.load(str(graph_path)).graph.initializer
+    }
 
     def unpack(name, n, k):
         q, scales, zeros = init[f"{name}.q{bits}"], init[f"{name}.scales"], init[f"{name}.zero_points"]
@@ -117,7 +154,9 @@ def test_quantized_graph_equals_the_model_with_its_dequantized_weights(tiny_base
         if name.endswith("_proj.weight"):
             state[name] = unpack(name, *weight.shape)
     head = unpack("model.embed_tokens.weight", *state["model.embed_tokens.weight"].shape)
-    state["model.embed_tokens.weight"] = state["lm_head.weight"] = head  # tied: the embedding gathers from the head's blocks
+    state["model.embed_tokens.weight"] = state["lm_head.weight"] = (
+        head  # tied: the embedding gathers from the head's blocks
+    )
     model.load_state_dict(state)
     with torch.no_grad():
         expected = (model.model(torch.tensor([PROMPT])).last_hidden_state[0] @ head.T).numpy()
@@ -133,10 +172,13 @@ def test_blocks_are_those_of_onnxruntimes_quantizer_including_a_padded_last_bloc
 
     rng = np.random.default_rng(0)
     weight = rng.normal(0, 0.1, size=(24, 40)).astype(np.float32)  # [N, K]; K = 40 is not a multiple of 32
-    matmul = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 40])],
-                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 24])],
-                               [numpy_helper.from_array(weight.T.copy(), "w")])
+    matmul = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 40])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 24])],
+        [numpy_helper.from_array(weight.T.copy(), "w")],
+    )
     quantizer = MatMulNBitsQuantizer(helper.make_model(matmul), bits=4, block_size=32, is_symmetric=False)
     quantizer.process()
     theirs = {t.name: numpy_helper.to_array(t) for t in quantizer.model.model.graph.initializer}
@@ -166,7 +208,9 @@ def test_without_dynamic_axes_the_graph_takes_one_token_per_call(tiny_base, tmp_
     assert tokens == ref_tokens
 
 
-@pytest.mark.parametrize("base,level,tolerance", [("tiny_base", "none", 2e-5), ("untied_base", "none", 2e-5), ("tiny_base", "fp16", 0.02)])
+@pytest.mark.parametrize(
+    "base,level,tolerance", [("tiny_base", "none", 2e-5), ("untied_base", "none", 2e-5), ("tiny_base", "fp16", 0.02)]
+)
 def test_torch_backend_matches_transformers(base, request, tmp_path, level, tolerance):
     """Qwen3 with head_dim 32 != hidden/heads 16, tied and untied."""
     folder = request.getfixturevalue(base)
@@ -179,12 +223,19 @@ def test_torch_backend_matches_transformers(base, request, tmp_path, level, tole
         assert tokens == ref_tokens
     graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
-    assert dims["input_ids"] == ["batch_size", "sequence_length"] and dims["past_key_values.0.key"][2] == "past_sequence_length"
+    assert (
+        dims["input_ids"] == ["batch_size", "sequence_length"]
+        and dims["past_key_values.0.key"][2] == "past_sequence_length"
+    )
 
 
 def test_torch_backend_int4_uses_matmulnbits_and_agrees_with_the_builder(tiny_base, tmp_path):
-    export_onnx(tiny_base, tmp_path / "torch", backend="torch", level="int4", opset=18, dynamic_axes=AXES, optimize=False)
-    export_onnx(tiny_base, tmp_path / "builder", backend="builder", level="int4", opset=18, dynamic_axes=AXES, optimize=False)
+    export_onnx(
+        tiny_base, tmp_path / "torch", backend="torch", level="int4", opset=18, dynamic_axes=AXES, optimize=False
+    )
+    export_onnx(
+        tiny_base, tmp_path / "builder", backend="builder", level="int4", opset=18, dynamic_axes=AXES, optimize=False
+    )
     graph = onnx.load(str(tmp_path / "torch" / "model.onnx"), load_external_data=False).graph
     assert sum(n.op_type == "MatMulNBits" for n in graph.node) >= 14  # 7 projections x 2 layers (+ the head)
     theirs = OnnxDecoder(tmp_path / "torch" / "model.onnx").prompt(PROMPT)[0]
@@ -234,15 +285,27 @@ def test_an_unknown_architecture_is_refused_by_the_builder_and_taken_by_auto(tin
 def test_exporter_failures_become_the_guides_errors():
     from torch._dynamo.exc import UserError, UserErrorType
 
-    unsupported = translate_export_error(RuntimeError(
-        "Failed to convert the exported program to an ONNX model. No decompositions registered for the real-valued input "
-        "of aten.scaled_dot_product_attention.default"), 18, {})
+    unsupported = translate_export_error(
+        RuntimeError(
+            "Failed to convert the exported program to an ONNX model. No decompositions registered for the real-valued "
+            "input "
+            "of aten.scaled_dot_product_attention.default"
+        ),
+        18,
+        {},
+    )
     assert isinstance(unsupported, OnnxExportError) and isinstance(unsupported, RuntimeError)
     assert str(unsupported) == "Unsupported operator: aten::scaled_dot_product_attention.default"
     assert unsupported.code == "ME803" and "opset 18" in unsupported.hint()
-    dynamic = translate_export_error(UserError(UserErrorType.CONSTRAINT_VIOLATION, "Constraints violated (sequence_length)! "
-                                               "Not all values of sequence_length in the specified range satisfy the generated guard"),
-                                     18, {"input_ids": {0: "batch_size", 1: "sequence_length"}})
+    dynamic = translate_export_error(
+        UserError(
+            UserErrorType.CONSTRAINT_VIOLATION,
+            "Constraints violated (sequence_length)! "
+            "Not all values of sequence_length in the specified range satisfy the generated guard",
+        ),
+        18,
+        {"input_ids": {0: "batch_size", 1: "sequence_length"}},
+    )
     assert str(dynamic) == "The following model inputs have dynamic shapes that are not supported: input_ids"
     assert dynamic.code == "ME804" and "onnx_dynamic_axes: null" in dynamic.hint()
     other = translate_export_error(ValueError("something else"), 18, {})
@@ -251,8 +314,13 @@ def test_exporter_failures_become_the_guides_errors():
 
 @pytest.mark.parametrize("backend,opset,minimum", [("builder", 13, 14), ("torch", 17, 18), ("auto", 11, 14)])
 def test_an_opset_too_low_for_the_backend_is_a_config_error(backend, opset, minimum, tmp_path):
-    config = ExportConfiguration(checkpoint_path=str(tmp_path / "run"), output_dir=str(tmp_path / "out"), export_formats=["onnx"],
-                                 onnx_backend=backend, onnx_opset_version=opset)
+    config = ExportConfiguration(
+        checkpoint_path=str(tmp_path / "run"),
+        output_dir=str(tmp_path / "out"),
+        export_formats=["onnx"],
+        onnx_backend=backend,
+        onnx_opset_version=opset,
+    )
     with pytest.raises(ConfigError) as caught:
         check_config(config)
     assert f"onnx_opset_version {opset} is too low" in str(caught.value) and f"at least {minimum}" in str(caught.value)

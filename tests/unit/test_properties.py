@@ -14,16 +14,21 @@ from model_export.tensor_io import SafetensorsFormatError, read_header
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 DTYPES = st.sampled_from(["F32", "F16", "BF16", "I8", "U8", "I64", "BOOL", "F64", "X9"])
-ENTRY = st.fixed_dictionaries({
-    "dtype": DTYPES,
-    "shape": st.lists(st.integers(-2, 6), max_size=3),
-    "data_offsets": st.lists(st.integers(-4, 400), min_size=0, max_size=3),
-})
+ENTRY = st.fixed_dictionaries(
+    {
+        "dtype": DTYPES,
+        "shape": st.lists(st.integers(-2, 6), max_size=3),
+        "data_offsets": st.lists(st.integers(-4, 400), min_size=0, max_size=3),
+    }
+)
 
 
 @FAST
-@given(header=st.dictionaries(st.text(min_size=1, max_size=8), ENTRY, max_size=4), data=st.binary(max_size=300),
-       declared=st.one_of(st.none(), st.integers(0, 2**64 - 1)))
+@given(
+    header=st.dictionaries(st.text(min_size=1, max_size=8), ENTRY, max_size=4),
+    data=st.binary(max_size=300),
+    declared=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+)
 def test_any_safetensors_header_is_read_or_refused_with_a_format_error(tmp_path_factory, header, data, declared):
     raw = json.dumps(header).encode()
     length = len(raw) if declared is None else declared
@@ -46,12 +51,36 @@ def test_random_bytes_are_never_a_safetensors_file_by_accident(tmp_path_factory,
         read_header(path)
 
 
-VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True), st.text(max_size=12),
-                   st.lists(st.text(max_size=8), max_size=3), st.dictionaries(st.text(max_size=6), st.integers(), max_size=2))
-KEYS = st.sampled_from(["quantization_level", "export_formats", "onnx_opset_version", "onnx_dynamic_axes", "batch_size",
-                        "max_shard_size", "validation_tolerance", "gguf_type", "checkpoint_selection", "output_dir", "lang",
-                        "test_input_samples", "base_model_load_in_4bit", "base_model_load_in_8bit", "onnx_block_size",
-                        "quantisation_level", "not_a_key"])
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.lists(st.text(max_size=8), max_size=3),
+    st.dictionaries(st.text(max_size=6), st.integers(), max_size=2),
+)
+KEYS = st.sampled_from(
+    [
+        "quantization_level",
+        "export_formats",
+        "onnx_opset_version",
+        "onnx_dynamic_axes",
+        "batch_size",
+        "max_shard_size",
+        "validation_tolerance",
+        "gguf_type",
+        "checkpoint_selection",
+        "output_dir",
+        "lang",
+        "test_input_samples",
+        "base_model_load_in_4bit",
+        "base_model_load_in_8bit",
+        "onnx_block_size",
+        "quantisation_level",
+        "not_a_key",
+    ]
+)
 
 
 @FAST
@@ -81,11 +110,22 @@ FILES = st.sampled_from(["adapter_config.json", "adapter_model.safetensors", "tr
 
 
 @FAST
-@given(tree=st.lists(st.tuples(NAMES, FILES, st.sampled_from(["", "{}", "{\"peft_type\": \"LORA\"}", "garbage",
-                                                              "{\"global_step\": \"x\", \"best_model_checkpoint\": 5}"])), max_size=8),
-       selection=st.sampled_from(["latest", "best"]))
-@example(tree=[("checkpoint-1", "trainer_state.json", "{\"global_step\": \"x\", \"best_model_checkpoint\": 5}")],
-         selection="best")  # found by this test: a best_model_checkpoint that is not a string
+@given(
+    tree=st.lists(
+        st.tuples(
+            NAMES,
+            FILES,
+            st.sampled_from(
+                ["", "{}", '{"peft_type": "LORA"}', "garbage", '{"global_step": "x", "best_model_checkpoint": 5}']
+            ),
+        ),
+        max_size=8,
+    ),
+    selection=st.sampled_from(["latest", "best"]),
+)
+@example(
+    tree=[("checkpoint-1", "trainer_state.json", '{"global_step": "x", "best_model_checkpoint": 5}')], selection="best"
+)  # found by this test: a best_model_checkpoint that is not a string
 def test_the_detector_on_any_tree_selects_a_complete_checkpoint_or_explains(tmp_path_factory, tree, selection):
     root = tmp_path_factory.mktemp("run")
     for folder, name, content in tree:

@@ -10,7 +10,9 @@ from model_export.reference import cuda_oom_as_resource_error, load_model
 def test_cuda_out_of_memory_becomes_the_guides_error():
     with pytest.raises(ResourceError) as err:
         with cuda_oom_as_resource_error():
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.6 GiB")
+            raise torch.cuda.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.6 GiB"
+            )
     assert err.value.code == "ME401" and str(err.value) == "CUDA out of memory. Tried to allocate 2.00 GiB"
     assert isinstance(err.value, RuntimeError) and isinstance(err.value, MemoryError)
     assert "base_model_load_in_4bit: true" in err.value.hint() and "device_map: cpu" in err.value.hint()
@@ -21,7 +23,9 @@ def test_load_model_on_the_cpu(tiny_base):
     assert next(model.parameters()).device.type == "cpu"
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed"
+)
 def test_4bit_without_bitsandbytes_names_the_extra(tiny_base):
     with pytest.raises(MissingDependencyError) as err:
         load_model(str(tiny_base), ExportConfiguration(base_model_load_in_4bit=True, device_map="cpu"))
@@ -29,6 +33,7 @@ def test_4bit_without_bitsandbytes_names_the_extra(tiny_base):
 
 
 # ---- device_map, CUDA out-of-memory fallback, bitsandbytes: on the CPU with torch's CUDA calls stood in for ----
+
 
 def _pretend_cuda(monkeypatch):
     import torch
@@ -64,13 +69,18 @@ def test_a_cuda_out_of_memory_falls_back_to_the_cpu_under_auto_and_stops_under_c
     def work(device):
         calls.append(device)
         if device == "cuda":
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 8 GiB")
+            raise torch.cuda.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 8 GiB"
+            )
         return "done on " + device
 
     with caplog.at_level("WARNING", logger="model_export"):
         assert on_device("auto", work, what="computing the reference") == "done on cpu"
     assert calls == ["cuda", "cpu"]
-    assert "CUDA out of memory while computing the reference (Tried to allocate 2.00 GiB): falling back to the CPU" in caplog.text
+    assert (
+        "CUDA out of memory while computing the reference (Tried to allocate 2.00 GiB): falling back to the CPU"
+        in caplog.text
+    )
     with pytest.raises(ResourceError) as err:
         on_device("cuda", work, what="computing the reference")
     assert err.value.code == "ME401" and str(err.value).startswith("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -161,15 +171,19 @@ def test_bitsandbytes_reference_on_the_gpu(tiny_base, adapter, bits):
     from model_export.verify import compute_reference
 
     full = compute_reference(tiny_base, adapter, tiny_base, ["Hello"], 4, device_map="cuda")
-    quantized = compute_reference(tiny_base, adapter, tiny_base, ["Hello"], 4, device_map="cuda",
-                                  load_in_4bit=bits == 4, load_in_8bit=bits == 8)
+    quantized = compute_reference(
+        tiny_base, adapter, tiny_base, ["Hello"], 4, device_map="cuda", load_in_4bit=bits == 4, load_in_8bit=bits == 8
+    )
     assert quantized.precision == ("int4" if bits == 4 else "reduced") and quantized.device == "cuda"
     diff = (quantized.logits[0] - full.logits[0]).abs()
     assert 0 < float(diff.max()) < 5.0  # quantized, so not equal; the same model, so close
 
 
-def test_an_out_of_memory_while_verifying_is_the_machines_fault_not_the_artifacts(tiny_base, adapter, monkeypatch, caplog):
-    """Under device_map cuda it stops the run as ME401 (not 'inference failed'); under auto the artifact runs on the CPU."""
+def test_an_out_of_memory_while_verifying_is_the_machines_fault_not_the_artifacts(
+    tiny_base, adapter, monkeypatch, caplog
+):
+    """Under device_map cuda it stops the run as ME401 (not 'inference failed'); under auto the artifact runs on the
+    CPU."""
     import transformers
 
     from model_export.verify import compute_reference, verify_artifact

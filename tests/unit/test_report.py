@@ -6,10 +6,24 @@ from model_export.report import summary_rows, write_report
 
 
 def results(size, precision, fmt="safetensors", base_dtypes=("BF16",), untied=False, status="verified"):
-    verdict = {"status": status, "rule": "r", "max_abs_diff": 0.0, "mean_kl": 0.0, "top1_agreement": 1.0, "precision": precision,
-               "samples": [{}], "perplexity": 9.5, "reference_perplexity": 9.4, "artifact": f"/x/{fmt}"}
-    return {"check": {"base_bytes": 1000, "base_dtypes": list(base_dtypes)}, "merge": {"untied_embeddings": untied},
-            "export": {"artifacts": {fmt: f"/x/{fmt}"}, "sizes": {fmt: size}}, "verify": {"verdicts": {fmt: verdict}}}
+    verdict = {
+        "status": status,
+        "rule": "r",
+        "max_abs_diff": 0.0,
+        "mean_kl": 0.0,
+        "top1_agreement": 1.0,
+        "precision": precision,
+        "samples": [{}],
+        "perplexity": 9.5,
+        "reference_perplexity": 9.4,
+        "artifact": f"/x/{fmt}",
+    }
+    return {
+        "check": {"base_bytes": 1000, "base_dtypes": list(base_dtypes)},
+        "merge": {"untied_embeddings": untied},
+        "export": {"artifacts": {fmt: f"/x/{fmt}"}, "sizes": {fmt: size}},
+        "verify": {"verdicts": {fmt: verdict}},
+    }
 
 
 def test_an_fp32_artifact_twice_a_bf16_base_says_why():
@@ -24,7 +38,9 @@ def test_the_warning_names_only_causes_that_apply():
     [row] = summary_rows(results(2000, "full", base_dtypes=("F32",), untied=True))
     assert "two matrices" in row["warning"] and "fp32" not in row["warning"] and "int8" not in row["warning"]
     [row] = summary_rows(results(1300, "full", fmt="onnx", base_dtypes=("F32",)))
-    assert "rotary tables" in row["warning"] and "bf16" not in row["warning"].lower() and "quantized" not in row["warning"]
+    assert (
+        "rotary tables" in row["warning"] and "bf16" not in row["warning"].lower() and "quantized" not in row["warning"]
+    )
 
 
 def test_smaller_or_nearly_equal_artifacts_get_no_warning():
@@ -41,12 +57,17 @@ def test_a_verdict_not_run_is_counted_as_such_and_report_json_is_strict(tmp_path
     data = results(900, "reduced", fmt="gguf", status="not_run")
     data["verify"]["verdicts"]["gguf"].update(reason="llama-cpp-python is not installed", max_abs_diff=float("nan"))
     [row] = summary_rows(data)
-    assert row["status"] == "not_run" and row["verified"] is False and row["reason"] == "llama-cpp-python is not installed"
+    assert (
+        row["status"] == "not_run" and row["verified"] is False and row["reason"] == "llama-cpp-python is not installed"
+    )
     write_report(tmp_path, {"steps": {}}, data, [])
     text = (tmp_path / "report.json").read_text()
     assert "NaN" not in text
     report = json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))  # NaN/Infinity rejected
-    assert report["status"] == "not_verified" and report["summary"] == "0 verified, 1 not run (gguf: llama-cpp-python is not installed)"
+    assert (
+        report["status"] == "not_verified"
+        and report["summary"] == "0 verified, 1 not run (gguf: llama-cpp-python is not installed)"
+    )
     html = (tmp_path / "report.html").read_text()
     assert "Not verified" in html and "Passed" not in html
 

@@ -13,8 +13,12 @@ from model_export.tensor_io import SafetensorsFormatError, read_bytes, read_head
 
 @pytest.fixture
 def sample(tmp_path):
-    tensors = {"a": torch.randn(3, 4), "b": torch.arange(6, dtype=torch.int64).reshape(2, 3),
-               "c": torch.randn(5).to(torch.bfloat16), "empty": torch.zeros(0, 3, dtype=torch.float16)}
+    tensors = {
+        "a": torch.randn(3, 4),
+        "b": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "c": torch.randn(5).to(torch.bfloat16),
+        "empty": torch.zeros(0, 3, dtype=torch.float16),
+    }
     path = tmp_path / "t.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt"})
     return path, tensors
@@ -23,10 +27,10 @@ def sample(tmp_path):
 def rewrite(path, mutate, data_extra=b"", header_len=None):
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     mutate(header)
     body = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", header_len or len(body)) + body + raw[8 + n:] + data_extra)
+    path.write_bytes(struct.pack("<Q", header_len or len(body)) + body + raw[8 + n :] + data_extra)
 
 
 def reference_rejects(path):
@@ -44,8 +48,12 @@ def test_reads_what_safetensors_reads(sample):
     header = read_header(path)
     assert header.metadata == {"format": "pt"}
     with path.open("rb") as fh:
-        got = {name: torch.frombuffer(read_bytes(fh, info), dtype=torch_dtype(info.dtype)).reshape(info.shape)
-               if info.nbytes else torch.empty(info.shape, dtype=torch_dtype(info.dtype)) for name, info in header.tensors.items()}
+        got = {
+            name: torch.frombuffer(read_bytes(fh, info), dtype=torch_dtype(info.dtype)).reshape(info.shape)
+            if info.nbytes
+            else torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+            for name, info in header.tensors.items()
+        }
         rows = read_bytes(fh, header.tensors["a"], 1, 3, into=bytearray(64))
         assert torch.equal(torch.frombuffer(rows, dtype=torch.float32).reshape(2, 4), tensors["a"][1:3])
     assert set(got) == set(tensors)
@@ -57,13 +65,19 @@ def _offsets(name, start, end):
     return lambda h: h[name].__setitem__("data_offsets", [start, end])
 
 
-@pytest.mark.parametrize("mutate,problem", [
-    (_offsets("a", 0, 4 * 12 + 8), "need 48"),
-    (lambda h: h["a"].__setitem__("shape", [4, 4]), "need 64"),
-    (lambda h: h["a"].__setitem__("dtype", "F7"), "unknown dtype"),
-    (lambda h: h["a"].__setitem__("shape", [3, -4]), "not a list of non-negative"),
-    (lambda h: h["b"].__setitem__("data_offsets", [h["b"]["data_offsets"][1], h["b"]["data_offsets"][0]]), "ordered"),
-])
+@pytest.mark.parametrize(
+    "mutate,problem",
+    [
+        (_offsets("a", 0, 4 * 12 + 8), "need 48"),
+        (lambda h: h["a"].__setitem__("shape", [4, 4]), "need 64"),
+        (lambda h: h["a"].__setitem__("dtype", "F7"), "unknown dtype"),
+        (lambda h: h["a"].__setitem__("shape", [3, -4]), "not a list of non-negative"),
+        (
+            lambda h: h["b"].__setitem__("data_offsets", [h["b"]["data_offsets"][1], h["b"]["data_offsets"][0]]),
+            "ordered",
+        ),
+    ],
+)
 def test_entry_problems(sample, mutate, problem):
     path, _ = sample
     rewrite(path, mutate)
@@ -87,6 +101,7 @@ def test_overlapping_tensors(sample):
     def overlap(h):
         start = h["a"]["data_offsets"][0]
         h["b"]["dtype"], h["b"]["shape"], h["b"]["data_offsets"] = "F32", [12], [start, start + 48]
+
     rewrite(path, overlap)
     with pytest.raises(SafetensorsFormatError, match="overlap"):
         read_header(path)

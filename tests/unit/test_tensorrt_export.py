@@ -25,7 +25,11 @@ def test_what_is_missing_is_named():
 def test_the_optimization_profile_covers_batch_tokens_and_an_empty_cache():
     assert _profile("input_ids", (-1, -1), 4, 512) == ((1, 1), (1, 256), (4, 512))
     assert _profile("attention_mask", (-1, -1), 1, 128) == ((1, 1), (1, 64), (1, 128))
-    assert _profile("past_key_values.0.key", (-1, 2, -1, 32), 2, 512) == ((1, 2, 0, 32), (1, 2, 256, 32), (2, 2, 511, 32))
+    assert _profile("past_key_values.0.key", (-1, 2, -1, 32), 2, 512) == (
+        (1, 2, 0, 32),
+        (1, 2, 256, 32),
+        (2, 2, 511, 32),
+    )
 
 
 def test_the_graph_tensorrt_reads_has_standard_operators_only_and_computes_the_model(tiny_base, tmp_path):
@@ -45,7 +49,10 @@ def test_the_graph_tensorrt_reads_has_standard_operators_only_and_computes_the_m
     assert not model.functions and {n.domain for n in model.graph.node} == {""}
     assert {o.domain for o in model.opset_import} == {""}
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-    assert dims["input_ids"] == ["batch_size", "sequence_length"] and dims["past_key_values.0.key"][2] == "past_sequence_length"
+    assert (
+        dims["input_ids"] == ["batch_size", "sequence_length"]
+        and dims["past_key_values.0.key"][2] == "past_sequence_length"
+    )
     for name in ("config.json", "generation_config.json"):
         shutil.copyfile(tiny_base / name, graph.parent / name)
     ids = [5, 17, 42, 8, 99]

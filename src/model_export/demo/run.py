@@ -41,10 +41,19 @@ def demo(workdir: str | Path = ".") -> dict[str, Any]:
     formats = ["safetensors"] + (["onnx"] if extras.is_available("onnx") and extras.is_available("onnxruntime") else [])
     formats += ["gguf"] if extras.is_available("gguf") else []
     # Verified on the requests the demo's fine-tune learned, as a user verifies on prompts of their own task.
-    config = ExportConfiguration(checkpoint_path=str(training), base_model_name=str(base), output_dir=str(workdir / "export-demo"),
-                                 export_formats=formats, test_input_samples=TASK_PROMPTS)
+    config = ExportConfiguration(
+        checkpoint_path=str(training),
+        base_model_name=str(base),
+        output_dir=str(workdir / "export-demo"),
+        export_formats=formats,
+        test_input_samples=TASK_PROMPTS,
+    )
     config_file = workdir / "export-demo.yaml"
-    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), allow_unicode=True, sort_keys=False), encoding="utf-8")
+    config_file.write_text(
+        yaml.safe_dump(config.model_dump(mode="json"), allow_unicode=True, sort_keys=False), encoding="utf-8"
+    )
     result = run(config)
-    logger.info(i18n.ui("demo_done", checkpoint=result.steps["detect"]["result"]["selected"], base=base, config=config_file))
+    logger.info(
+        i18n.ui("demo_done", checkpoint=result.steps["detect"]["result"]["selected"], base=base, config=config_file)
+    )
     return {"config": str(config_file), **result.to_dict()}

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "corpus_lines", "build_tokenizer", "build_base_model",
-           "build_adapter", "save_as_trained", "build_training_run", "TASK_PROMPTS"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "SPECIAL_TOKENS",
+    "corpus_lines",
+    "build_tokenizer",
+    "build_base_model",
+    "build_adapter",
+    "save_as_trained",
+    "build_training_run",
+    "TASK_PROMPTS",
+]
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -46,19 +56,37 @@ def build_tokenizer(out: str | Path, vocab_size: int = 384) -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus_lines(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=SPECIAL_TOKENS[1:])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out))
     return fast
 
 
-def build_base_model(out: str | Path, *, seed: int = 0, vocab_size: int | None = None, tie_word_embeddings: bool = True,
-                     num_hidden_layers: int = 2, hidden_size: int = 64, dtype: str = "float32", tokenizer: bool = True,
-                     max_shard_size: str | None = None, **config_overrides: Any) -> Path:
+def build_base_model(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    vocab_size: int | None = None,
+    tie_word_embeddings: bool = True,
+    num_hidden_layers: int = 2,
+    hidden_size: int = 64,
+    dtype: str = "float32",
+    tokenizer: bool = True,
+    max_shard_size: str | None = None,
+    **config_overrides: Any,
+) -> Path:
     """Save a seeded random Qwen3 model (and, by default, a tokenizer) to ``out``; return ``out``."""
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
@@ -68,11 +96,20 @@ def build_base_model(out: str | Path, *, seed: int = 0, vocab_size: int | None =
     if vocab_size is None:
         vocab_size = ((len(tok) if tok is not None else 384) + 63) // 64 * 64  # padded, as Qwen's is
     config = Qwen3Config(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        max_position_embeddings=512, tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>") if tok else None,
-        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>") if tok else None, **config_overrides)
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=None,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>") if tok else None,
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>") if tok else None,
+        **config_overrides,
+    )
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config).to(getattr(torch, dtype))
     with torch.no_grad():  # random init is near zero; spread weights so outputs differ across inputs
@@ -85,7 +122,9 @@ def build_base_model(out: str | Path, *, seed: int = 0, vocab_size: int | None =
     return out
 
 
-def build_adapter(base: str | Path, out: str | Path, *, seed: int = 1, base_name: str | None = None, **lora: Any) -> Path:
+def build_adapter(
+    base: str | Path, out: str | Path, *, seed: int = 1, base_name: str | None = None, **lora: Any
+) -> Path:
     """Save a LoRA adapter made by PEFT itself on ``base`` with nonzero B (as if trained); return ``out``."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -112,8 +151,15 @@ def save_as_trained(peft_model: Any, out: str | Path, base_name: str, seed: int 
     peft_model.save_pretrained(str(out))
 
 
-def build_training_run(base: str | Path, out: str | Path, *, steps: int = 30, save_steps: int = 10, seed: int = 0,
-                       base_name: str | None = None) -> Path:
+def build_training_run(
+    base: str | Path,
+    out: str | Path,
+    *,
+    steps: int = 30,
+    save_steps: int = 10,
+    seed: int = 0,
+    base_name: str | None = None,
+) -> Path:
     """Fine-tune a LoRA on the bundled corpus with transformers' Trainer and PEFT, leaving checkpoint-N folders."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -126,11 +172,27 @@ def build_training_run(base: str | Path, out: str | Path, *, steps: int = 30, sa
     model.peft_config["default"].base_model_name_or_path = base_name or str(base)
     rows = _examples(tokenizer, corpus_lines())
     args = TrainingArguments(
-        output_dir=str(out), max_steps=steps, save_steps=save_steps, eval_strategy="steps", eval_steps=save_steps,
-        per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=5e-3, logging_steps=save_steps,
-        metric_for_best_model="eval_loss", greater_is_better=False, report_to="none", use_cpu=True, seed=seed,
-        save_total_limit=None, disable_tqdm=True, dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:4], data_collator=_collate(tokenizer))
+        output_dir=str(out),
+        max_steps=steps,
+        save_steps=save_steps,
+        eval_strategy="steps",
+        eval_steps=save_steps,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        learning_rate=5e-3,
+        logging_steps=save_steps,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        report_to="none",
+        use_cpu=True,
+        seed=seed,
+        save_total_limit=None,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=rows, eval_dataset=rows[:4], data_collator=_collate(tokenizer)
+    )
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; keep stdout for --json
         trainer.train()
     tokenizer.save_pretrained(str(out))
@@ -140,8 +202,10 @@ def build_training_run(base: str | Path, out: str | Path, *, steps: int = 30, sa
 def _examples(tokenizer: Any, lines: Iterable[str]) -> list[dict]:
     rows = []
     for i, line in enumerate(lines):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": TASK_PROMPTS[i % len(TASK_PROMPTS)]},
-                                              {"role": "assistant", "content": line}], tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": TASK_PROMPTS[i % len(TASK_PROMPTS)]}, {"role": "assistant", "content": line}],
+            tokenize=False,
+        )
         ids = tokenizer(text)["input_ids"][:64]
         rows.append({"input_ids": ids})
     return rows

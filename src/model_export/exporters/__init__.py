@@ -1,8 +1,31 @@
-"""One module per export format that needs more than the merge's own files.
+"""The export formats. Adding one: write its module with a ``FORMAT = ExportFormat(...)`` (see exporters/base.py and
+docs/design.md) and add it to FORMATS below; the pipeline, the configuration rules, the disk preflight, verification,
+the benchmark and the docs' format table read it from here."""
 
-``onnx_builder`` streams a decoder graph straight from merged safetensors; ``onnx_torch`` exports the
-transformers model with torch.onnx; ``onnx_export`` chooses between them, adds the files
-onnxruntime-genai reads, saves the optimized graph and runs ONNX artifacts for verification.
-``safetensors_quant`` writes int8/int4 compressed-tensors checkpoints; ``gguf_export`` writes GGUF files
-for llama.cpp and Ollama (and LoRA-only GGUFs); ``tensorrt_export`` builds an engine (experimental).
-"""
+from __future__ import annotations
+
+from . import gguf_export, onnx_export, pytorch_export, safetensors_export, tensorrt_export
+from .base import ExportContext, ExportFormat
+
+__all__ = ["FORMATS", "ExportFormat", "ExportContext", "format_table"]
+
+FORMATS: dict[str, ExportFormat] = {
+    f.name: f
+    for f in (
+        safetensors_export.FORMAT,
+        pytorch_export.FORMAT,
+        onnx_export.FORMAT,
+        gguf_export.FORMAT,
+        tensorrt_export.FORMAT,
+    )
+}
+
+
+def format_table() -> str:
+    """The docs' table of formats (docs/configuration.md), from the registry."""
+    lines = ["| format | quantization_level: what it becomes | extra | what it is |", "|---|---|---|---|"]
+    for f in FORMATS.values():
+        levels = "; ".join(f"`{level}`: {what}" for level, what in f.levels.items())
+        extra = f"`{f.extra}`" if f.extra else "-"
+        lines.append(f"| `{f.name}` | {levels} | {extra} | {f.description} |")
+    return "\n".join(lines) + "\n"

@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -29,14 +30,23 @@ from ..errors import ExportFormatError
 from ..faults import crash_point
 from ..hf_layout import rope_inv_freq, rope_parameters, write_atomic
 from ..tensor_io import read_header, torch_row_chunks
+from .base import ExportContext, ExportFormat
 
 __all__ = ["export_gguf", "read_back", "gguf_type_for", "GGUF_TYPES", "SUPPORTED_ARCHITECTURES"]
 
 SUPPORTED_ARCHITECTURES = {"Qwen3ForCausalLM": "QWEN3", "Qwen2ForCausalLM": "QWEN2", "LlamaForCausalLM": "LLAMA"}
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 _LEVEL_TYPES = {"bf16": "bf16", "fp16": "f16", "int8": "q8_0", "int4": "q4_0"}
-_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0",
-               "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1"}
+_FILE_TYPES = {
+    "f32": "ALL_F32",
+    "f16": "MOSTLY_F16",
+    "bf16": "MOSTLY_BF16",
+    "q8_0": "MOSTLY_Q8_0",
+    "q4_0": "MOSTLY_Q4_0",
+    "q4_1": "MOSTLY_Q4_1",
+    "q5_0": "MOSTLY_Q5_0",
+    "q5_1": "MOSTLY_Q5_1",
+}
 _PRE_TOKENIZERS = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe"}
 _CHUNK_BYTES = 64 << 20
 
@@ -97,7 +107,8 @@ def _sources(merged: Path, arch: Any, config: dict[str, Any]) -> list[_Source]:
 
 
 def _tensor_type(source: _Source, gguf_type: str) -> str:
-    """1-D tensors (norms, biases) stay f32, as llama.cpp keeps them; rows that are not whole blocks fall back to f16."""
+    """1-D tensors (norms, biases) stay f32, as llama.cpp keeps them; rows that are not whole blocks fall back to
+    f16."""
     import gguf
 
     if len(source.shape) < 2 or gguf_type == "f32":
@@ -160,7 +171,9 @@ def _nbytes(shape: tuple[int, ...], ttype: str) -> int:
     return math.prod(shape[:-1] or (1,)) * (shape[-1] if shape else 1) // block * size
 
 
-def export_gguf(merged: str | Path, out: str | Path, *, gguf_type: str = "f16", name: str | None = None) -> dict[str, Any]:
+def export_gguf(
+    merged: str | Path, out: str | Path, *, gguf_type: str = "f16", name: str | None = None
+) -> dict[str, Any]:
     """Write ``out/model-<type>.gguf`` and an Ollama ``Modelfile`` from the merged model in ``merged``.
 
     Raises MissingDependencyError without the gguf extra, ExportFormatError for an architecture, rope type or
@@ -171,8 +184,9 @@ def export_gguf(merged: str | Path, out: str | Path, *, gguf_type: str = "f16", 
     config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
     arch_name = (config.get("architectures") or ["?"])[0]
     if arch_name not in SUPPORTED_ARCHITECTURES:
-        raise ExportFormatError("gguf_unsupported", what=f"the architecture {arch_name}",
-                                supported=", ".join(SUPPORTED_ARCHITECTURES))
+        raise ExportFormatError(
+            "gguf_unsupported", what=f"the architecture {arch_name}", supported=", ".join(SUPPORTED_ARCHITECTURES)
+        )
     rope_freqs = _rope_freqs(config, merged)
     arch = getattr(gguf.MODEL_ARCH, SUPPORTED_ARCHITECTURES[arch_name])
     sources = _sources(merged, arch, config)
@@ -186,11 +200,17 @@ def export_gguf(merged: str | Path, out: str | Path, *, gguf_type: str = "f16", 
         ttype = types[source.name] = _tensor_type(source, gguf_type)
         qtype = getattr(gguf.GGMLQuantizationType, ttype.upper())
         if ttype in ("f32", "f16"):
-            writer.add_tensor_info(source.target, source.shape, np.dtype(np.float32 if ttype == "f32" else np.float16),
-                                   _nbytes(source.shape, ttype))
+            writer.add_tensor_info(
+                source.target,
+                source.shape,
+                np.dtype(np.float32 if ttype == "f32" else np.float16),
+                _nbytes(source.shape, ttype),
+            )
         else:
             byte_shape = (*source.shape[:-1], _nbytes(source.shape[-1:], ttype))
-            writer.add_tensor_info(source.target, byte_shape, np.dtype(np.uint8), _nbytes(source.shape, ttype), raw_dtype=qtype)
+            writer.add_tensor_info(
+                source.target, byte_shape, np.dtype(np.uint8), _nbytes(source.shape, ttype), raw_dtype=qtype
+            )
     if rope_freqs is not None:
         writer.add_tensor_info(ROPE_FREQS, rope_freqs.shape, rope_freqs.dtype, rope_freqs.nbytes)
     writer.write_header_to_file()
@@ -200,7 +220,9 @@ def export_gguf(merged: str | Path, out: str | Path, *, gguf_type: str = "f16", 
     try:
         for source in sources:
             fh = handles.get(source.path) or handles.setdefault(source.path, open(source.path, "rb"))  # noqa: SIM115
-            writer.write_tensor_data(_Chunks(_nbytes(source.shape, types[source.name]), _encoded(source, types[source.name], fh)))
+            writer.write_tensor_data(
+                _Chunks(_nbytes(source.shape, types[source.name]), _encoded(source, types[source.name], fh))
+            )
         if rope_freqs is not None:
             writer.write_tensor_data(rope_freqs)
         writer.close()
@@ -209,9 +231,13 @@ def export_gguf(merged: str | Path, out: str | Path, *, gguf_type: str = "f16", 
             fh.close()
     os.replace(partial, path)
     modelfile = write_modelfile(out, path.name, merged)
-    return {"path": str(path), "gguf_type": gguf_type, "tensors": len(sources) + (rope_freqs is not None),
-            "modelfile": str(modelfile) if modelfile else None,
-            "types": {t: sum(1 for v in types.values() if v == t) for t in sorted(set(types.values()))}}
+    return {
+        "path": str(path),
+        "gguf_type": gguf_type,
+        "tensors": len(sources) + (rope_freqs is not None),
+        "modelfile": str(modelfile) if modelfile else None,
+        "types": {t: sum(1 for v in types.values() if v == t) for t in sorted(set(types.values()))},
+    }
 
 
 ROPE_FREQS = "rope_freqs.weight"
@@ -219,12 +245,15 @@ _ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 
 def _rope_freqs(config: dict[str, Any], merged: Path) -> np.ndarray | None:
-    """Llama 3 rope: the per-frequency divisors llama.cpp reads from a ``rope_freqs`` tensor, taken from transformers' own
+    """Llama 3 rope: the per-frequency divisors llama.cpp reads from a ``rope_freqs`` tensor, taken from transformers'
+    own
     frequencies (the default ones over the scaled ones). None for the types GGUF metadata describes (default, linear,
     yarn); ExportFormatError for any other."""
     rope_type, _ = rope_parameters(config)
     if rope_type not in _ROPE_TYPES:
-        raise ExportFormatError("gguf_unsupported", what=f"rope scaling {rope_type}", supported=", ".join(_ROPE_TYPES) + " rope")
+        raise ExportFormatError(
+            "gguf_unsupported", what=f"rope scaling {rope_type}", supported=", ".join(_ROPE_TYPES) + " rope"
+        )
     if rope_type != "llama3":
         return None
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
@@ -261,15 +290,20 @@ def _metadata(writer: Any, gguf: Any, config: dict[str, Any], merged: Path, gguf
 
 
 def _tokenizer(writer: Any, gguf: Any, config: dict[str, Any], merged: Path) -> None:
-    """Tokens padded to the embedding's rows, their types as llama.cpp's converter assigns them, merges and special ids."""
+    """Tokens padded to the embedding's rows, their types as llama.cpp's converter assigns them, merges and special
+    ids."""
     from transformers import AutoTokenizer
 
     tokenizer_file = merged / "tokenizer.json"
     if not tokenizer_file.is_file():
-        raise ExportFormatError("gguf_unsupported", what="a model without tokenizer.json", supported="BPE tokenizers (tokenizer.json)")
+        raise ExportFormatError(
+            "gguf_unsupported", what="a model without tokenizer.json", supported="BPE tokenizers (tokenizer.json)"
+        )
     kind = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("model", {}).get("type")
     if kind != "BPE":
-        raise ExportFormatError("gguf_unsupported", what=f"a {kind} tokenizer", supported="BPE tokenizers (tokenizer.json)")
+        raise ExportFormatError(
+            "gguf_unsupported", what=f"a {kind} tokenizer", supported="BPE tokenizers (tokenizer.json)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(merged))
     vocab_size = config["vocab_size"]
     reverse = {i: token for token, i in tokenizer.get_vocab().items()}
@@ -344,10 +378,14 @@ def read_back(gguf_path: str | Path, merged: str | Path) -> dict[str, Any]:
     if rope_freqs is not None:  # computed from the config, not a merged tensor
         freqs = stored.pop(ROPE_FREQS, None)
         if freqs is None or not np.array_equal(np.asarray(freqs.data).reshape(-1), rope_freqs):
-            raise ExportFormatError("gguf_readback_failed", path=str(gguf_path), detail=f"{ROPE_FREQS} is missing or differs")
+            raise ExportFormatError(
+                "gguf_readback_failed", path=str(gguf_path), detail=f"{ROPE_FREQS} is missing or differs"
+            )
     if set(stored) != set(sources):
         missing = sorted(set(sources) - set(stored)) or sorted(set(stored) - set(sources))
-        raise ExportFormatError("gguf_readback_failed", path=str(gguf_path), detail=f"tensors differ: {', '.join(missing[:5])}")
+        raise ExportFormatError(
+            "gguf_readback_failed", path=str(gguf_path), detail=f"tensors differ: {', '.join(missing[:5])}"
+        )
     worst: dict[str, float] = {}
     handles: dict[Path, Any] = {}
     try:
@@ -355,12 +393,16 @@ def read_back(gguf_path: str | Path, merged: str | Path) -> dict[str, Any]:
             tensor = stored[target]
             ttype = tensor.tensor_type.name.lower()
             if tuple(reversed([int(d) for d in tensor.shape])) != source.shape:
-                raise ExportFormatError("gguf_readback_failed", path=str(gguf_path), detail=f"{target} has shape {list(tensor.shape)}")
+                raise ExportFormatError(
+                    "gguf_readback_failed", path=str(gguf_path), detail=f"{target} has shape {list(tensor.shape)}"
+                )
             fh = handles.get(source.path) or handles.setdefault(source.path, open(source.path, "rb"))  # noqa: SIM115
             chunks = list(_float_chunks(source, fh))  # read once: encoded again for the bytes, kept for the error
             expected = np.concatenate([np.asarray(_encode(c, ttype)).reshape(-1) for c in chunks])
             if not np.array_equal(np.asarray(tensor.data).reshape(-1).view(np.uint8), expected.view(np.uint8)):
-                raise ExportFormatError("gguf_readback_failed", path=str(gguf_path), detail=f"{target} differs from the merge")
+                raise ExportFormatError(
+                    "gguf_readback_failed", path=str(gguf_path), detail=f"{target} differs from the merge"
+                )
             original = np.concatenate([c.reshape(-1) for c in chunks])
             values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(-1).astype(np.float32)
             worst[ttype] = max(worst.get(ttype, 0.0), float(np.abs(values - original).max()) if original.size else 0.0)
@@ -383,7 +425,7 @@ def export_gguf_lora(checkpoint: str | Path, base: str | Path, out: str | Path) 
     for what llama.cpp's adapters cannot hold (DoRA, LoRA on embeddings, lora_bias, modules_to_save).
     """
     gguf = extras.require("gguf", "GGUF export")
-    from ..checkpoint_validator import load_adapter_state, read_adapter_config
+    from ..adapter_format import load_adapter_state, read_adapter_config
     from ..merge_plan import _lora_modules, check_supported
 
     checkpoint, base, out = Path(checkpoint), Path(base), Path(out)
@@ -391,15 +433,24 @@ def export_gguf_lora(checkpoint: str | Path, base: str | Path, out: str | Path) 
     lora, full, _ = load_adapter_state(checkpoint)
     check_supported(adapter_config, list(lora) + list(full))
     modules = _lora_modules(adapter_config, lora)
-    unsupported = sorted({"DoRA" for m in modules.values() if m.magnitude is not None}
-                         | {"LoRA on embeddings" for m in modules.values() if m.kind != "linear"}
-                         | {"lora_bias" for m in modules.values() if m.bias is not None} | ({"modules_to_save"} if full else set()))
+    unsupported = sorted(
+        {"DoRA" for m in modules.values() if m.magnitude is not None}
+        | {"LoRA on embeddings" for m in modules.values() if m.kind != "linear"}
+        | {"lora_bias" for m in modules.values() if m.bias is not None}
+        | ({"modules_to_save"} if full else set())
+    )
     if unsupported:
-        raise ExportFormatError("gguf_unsupported", what=f"an adapter with {', '.join(unsupported)}", supported="plain LoRA on linear layers")
+        raise ExportFormatError(
+            "gguf_unsupported",
+            what=f"an adapter with {', '.join(unsupported)}",
+            supported="plain LoRA on linear layers",
+        )
     config = json.loads((base / "config.json").read_text(encoding="utf-8"))
     arch_name = (config.get("architectures") or ["?"])[0]
     if arch_name not in SUPPORTED_ARCHITECTURES:
-        raise ExportFormatError("gguf_unsupported", what=f"the architecture {arch_name}", supported=", ".join(SUPPORTED_ARCHITECTURES))
+        raise ExportFormatError(
+            "gguf_unsupported", what=f"the architecture {arch_name}", supported=", ".join(SUPPORTED_ARCHITECTURES)
+        )
     arch = getattr(gguf.MODEL_ARCH, SUPPORTED_ARCHITECTURES[arch_name])
     names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     out.mkdir(parents=True, exist_ok=True)
@@ -438,13 +489,15 @@ def read_back_lora(gguf_path: str | Path, checkpoint: str | Path, base: str | Pa
     differs."""
     import gguf
 
-    from ..checkpoint_validator import load_adapter_state, read_adapter_config
+    from ..adapter_format import load_adapter_state, read_adapter_config
     from ..merge_plan import _lora_modules
 
     checkpoint = Path(checkpoint)
     config = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
     arch_name = (config.get("architectures") or ["?"])[0]
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, SUPPORTED_ARCHITECTURES[arch_name]), config["num_hidden_layers"])
+    names = gguf.get_tensor_name_map(
+        getattr(gguf.MODEL_ARCH, SUPPORTED_ARCHITECTURES[arch_name]), config["num_hidden_layers"]
+    )
     modules = _lora_modules(read_adapter_config(checkpoint), load_adapter_state(checkpoint)[0])
     stored = {t.name: np.asarray(t.data).astype(np.float32) for t in gguf.GGUFReader(str(gguf_path)).tensors}
     expected = {}
@@ -453,6 +506,52 @@ def read_back_lora(gguf_path: str | Path, checkpoint: str | Path, base: str | Pa
         expected[f"{target}.lora_a"] = np.asarray(update.A, dtype=np.float32)
         expected[f"{target}.lora_b"] = _lora_b(update, arch_name, config, module)
     if set(stored) != set(expected) or any(
-            stored[n].shape != e.shape or stored[n].tobytes() != e.tobytes() for n, e in expected.items()):
-        raise ExportFormatError("gguf_readback_failed", path=str(gguf_path), detail="the LoRA tensors differ from the adapter's")
+        stored[n].shape != e.shape or stored[n].tobytes() != e.tobytes() for n, e in expected.items()
+    ):
+        raise ExportFormatError(
+            "gguf_readback_failed", path=str(gguf_path), detail="the LoRA tensors differ from the adapter's"
+        )
     return {"tensors": len(stored), "modules": len(modules)}
+
+
+def _export(ctx: ExportContext) -> dict[str, Any]:
+    c = ctx.config
+    details = export_gguf(
+        ctx.merged,
+        ctx.out,
+        gguf_type=gguf_type_for(c.quantization_level, ctx.merged, c.gguf_type),
+        name=ctx.checkpoint.parent.name,
+    )
+    if c.gguf_lora_adapter:
+        from ..base_model import resolve_base_model
+
+        base = resolve_base_model(ctx.base)
+        lora = export_gguf_lora(ctx.checkpoint, base, ctx.out)
+        details["lora_adapter"] = {**read_back_lora(lora["path"], ctx.checkpoint, base), "path": lora["path"]}
+    return details
+
+
+def _bytes(config: Any, base_size: float) -> float:
+    if config.gguf_type != "auto":
+        return {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.0625, "q5_0": 0.6875, "q5_1": 0.75}.get(
+            config.gguf_type, 0.5625
+        )
+    return {"fp16": 2.0, "bf16": 2.0, "int8": 1.0625, "int4": 0.5625}.get(config.quantization_level, base_size)
+
+
+FORMAT = ExportFormat(
+    name="gguf",
+    levels={
+        "none": "the merge's dtype (f32, f16 or bf16)",
+        "bf16": "bf16",
+        "fp16": "f16",
+        "int8": "q8_0",
+        "int4": "q4_0",
+    },
+    bytes_per_param=_bytes,
+    export=_export,
+    runnables=lambda folder: [("gguf", p) for p in sorted(folder.glob("model-*.gguf"))],
+    settings=lambda c: [c.gguf_type, c.gguf_lora_adapter],
+    extra="gguf",
+    description="one file for llama.cpp and Ollama (with a Modelfile); run in llama.cpp with the llamacpp extra",
+)

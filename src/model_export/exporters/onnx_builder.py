@@ -23,9 +23,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -134,10 +135,16 @@ class _Graph:
         self.initializers: list[Any] = []
         self.constants: dict[tuple, str] = {}
 
-    def op(self, op_type: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "", **attrs) -> Any:
+    def op(
+        self, op_type: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "", **attrs
+    ) -> Any:
         from onnx import helper
 
-        names = outputs if isinstance(outputs, list) else [f"{name}/out{i}" if outputs > 1 else f"{name}/out" for i in range(outputs)]
+        names = (
+            outputs
+            if isinstance(outputs, list)
+            else [f"{name}/out{i}" if outputs > 1 else f"{name}/out" for i in range(outputs)]
+        )
         self.nodes.append(helper.make_node(op_type, inputs, names, name=name, domain=domain or None, **attrs))
         return names[0] if len(names) == 1 else names
 
@@ -156,7 +163,7 @@ class _Graph:
         self.initializers.append(self.data.add(name, dtype, tuple(shape), chunks))
         return name
 
-    def copy(self, weights: "_Weights", name: str, dtype) -> str:
+    def copy(self, weights: _Weights, name: str, dtype) -> str:
         """A merged tensor as an initializer of the same name, in ``dtype`` (fp32 or fp16), streamed in row chunks."""
         return self.weight(name, dtype, weights.info(name).shape, weights.row_chunks(name))
 
@@ -182,15 +189,24 @@ def _spec(folder: Path, weights: _Weights) -> tuple[_Spec, dict[str, Any]]:
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     arch = (config.get("architectures") or ["?"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ExportFormatError("onnx_builder_unsupported", architecture=arch, supported=", ".join(SUPPORTED_ARCHITECTURES))
+        raise ExportFormatError(
+            "onnx_builder_unsupported", architecture=arch, supported=", ".join(SUPPORTED_ARCHITECTURES)
+        )
     heads = config["num_attention_heads"]
     window = config.get("sliding_window") if config.get("use_sliding_window", arch == "MistralForCausalLM") else None
     spec = _Spec(
-        layers=config["num_hidden_layers"], hidden=config["hidden_size"], heads=heads,
-        kv_heads=config.get("num_key_value_heads") or heads, head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-        vocab=weights.info("model.embed_tokens.weight").shape[0], eps=float(config.get("rms_norm_eps", 1e-6)),
-        max_positions=int(config.get("max_position_embeddings", 4096)), tied="lm_head.weight" not in weights,
-        qk_norm="model.layers.0.self_attn.q_norm.weight" in weights, sliding_window=int(window or -1))
+        layers=config["num_hidden_layers"],
+        hidden=config["hidden_size"],
+        heads=heads,
+        kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        vocab=weights.info("model.embed_tokens.weight").shape[0],
+        eps=float(config.get("rms_norm_eps", 1e-6)),
+        max_positions=int(config.get("max_position_embeddings", 4096)),
+        tied="lm_head.weight" not in weights,
+        qk_norm="model.layers.0.self_attn.q_norm.weight" in weights,
+        sliding_window=int(window or -1),
+    )
     return spec, config
 
 
@@ -209,7 +225,9 @@ def _rotary_cache(folder: Path, spec: _Spec, dtype) -> tuple[np.ndarray, np.ndar
 class _Linear:
     """Writes one linear layer's weight and emits its node: Gemm(transB) for float, MatMulNBits for int8/int4."""
 
-    def __init__(self, graph: _Graph, weights: _Weights, weight_type: str, block_size: int, accuracy_level: int) -> None:
+    def __init__(
+        self, graph: _Graph, weights: _Weights, weight_type: str, block_size: int, accuracy_level: int
+    ) -> None:
         self.graph, self.weights, self.weight_type = graph, weights, weight_type
         self.block_size, self.accuracy_level = block_size, accuracy_level
         self.float_dtype = np.float16 if weight_type == "fp16" else np.float32
@@ -241,8 +259,17 @@ class _Linear:
         q = self.graph.weight(f"{tensor}.q{bits}", np.uint8, (n, k_blocks, blob), packed_chunks())
         s = self.graph.weight(f"{tensor}.scales", np.float32, (n, k_blocks), scales)
         z = self.graph.weight(f"{tensor}.zero_points", np.uint8, (n, -(-k_blocks * bits // 8)), zeros)
-        return self.graph.op("MatMulNBits", [x, q, s, z], name, domain="com.microsoft", K=k, N=n, bits=bits,
-                             block_size=self.block_size, accuracy_level=self.accuracy_level)
+        return self.graph.op(
+            "MatMulNBits",
+            [x, q, s, z],
+            name,
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=bits,
+            block_size=self.block_size,
+            accuracy_level=self.accuracy_level,
+        )
 
 
 def quantize_blocks(rows, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -276,8 +303,16 @@ def _rms_norm(graph: _Graph, x: str, weight: str, eps: float, name: str) -> str:
     return graph.op("SimplifiedLayerNormalization", [x, weight], name, axis=-1, epsilon=eps, stash_type=1)
 
 
-def build_onnx(merged: str | Path, out: str | Path, *, weight_type: str = "fp32", opset: int = 17, block_size: int = 32,
-               accuracy_level: int = 4, dynamic_axes: dict[str, dict[int, str]] | None = None) -> BuildResult:
+def build_onnx(
+    merged: str | Path,
+    out: str | Path,
+    *,
+    weight_type: str = "fp32",
+    opset: int = 17,
+    block_size: int = 32,
+    accuracy_level: int = 4,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+) -> BuildResult:
     """Write ``out/model.onnx`` and ``out/model.onnx.data`` from the merged safetensors folder ``merged``.
 
     ``weight_type``: fp32, fp16, int8 or int4 (MatMulNBits blocks of ``block_size`` along K).
@@ -297,10 +332,14 @@ def build_onnx(merged: str | Path, out: str | Path, *, weight_type: str = "fp32"
     io_type = helper.np_dtype_to_tensor_dtype(np.dtype(io_dtype))
     try:
         axes = _axes(dynamic_axes, spec)
-        logits = _decoder(graph, weights, spec, _Linear(graph, weights, weight_type, block_size, accuracy_level), merged, io_dtype)
-        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, axes["input_ids"]),
-                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, axes["attention_mask"]),
-                  helper.make_tensor_value_info("position_ids", TensorProto.INT64, axes["position_ids"])]
+        logits = _decoder(
+            graph, weights, spec, _Linear(graph, weights, weight_type, block_size, accuracy_level), merged, io_dtype
+        )
+        inputs = [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, axes["input_ids"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, axes["attention_mask"]),
+            helper.make_tensor_value_info("position_ids", TensorProto.INT64, axes["position_ids"]),
+        ]
         outputs = [helper.make_tensor_value_info(logits, io_type, axes["logits"])]
         for i in range(spec.layers):
             for kind in ("key", "value"):
@@ -312,13 +351,21 @@ def build_onnx(merged: str | Path, out: str | Path, *, weight_type: str = "fp32"
     model = helper.make_model(
         helper.make_graph(graph.nodes, "model-export decoder", inputs, outputs, graph.initializers),
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)],
-        producer_name="model-export")
+        producer_name="model-export",
+    )
     model.ir_version = min(model.ir_version, _ir_version(opset))
     partial = out / "model.onnx.partial"
     partial.write_bytes(model.SerializeToString())
     os.replace(partial, out / "model.onnx")
-    return BuildResult(str(out / "model.onnx"), weight_type, opset, data.offset, data.count, np.dtype(io_dtype).name,
-                       {k: list(v) for k, v in axes.items()})
+    return BuildResult(
+        str(out / "model.onnx"),
+        weight_type,
+        opset,
+        data.offset,
+        data.count,
+        np.dtype(io_dtype).name,
+        {k: list(v) for k, v in axes.items()},
+    )
 
 
 def _ir_version(opset: int) -> int:
@@ -341,12 +388,20 @@ def _axes(dynamic_axes: dict[str, dict[int, str]] | None, spec: _Spec) -> dict[s
     ids = dims("input_ids", [1, 1])
     batch, seq = ids
     mask = dims("attention_mask", [batch, "total_sequence_length"])
-    if isinstance(mask[1], int) or mask[1] == seq:  # the mask covers past + new tokens: never fixed, never the sequence's
+    if (
+        isinstance(mask[1], int) or mask[1] == seq
+    ):  # the mask covers past + new tokens: never fixed, never the sequence's
         mask[1] = "total_sequence_length"
     past = dims("past_key_values.0.key", [batch, spec.kv_heads, "past_sequence_length", spec.head_dim])
     present = dims("present.0.key", [batch, spec.kv_heads, mask[1], spec.head_dim])
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": dims("position_ids", [batch, seq]),
-            "logits": dims("logits", [batch, seq, spec.vocab]), "past": past, "present": present}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": dims("position_ids", [batch, seq]),
+        "logits": dims("logits", [batch, seq, spec.vocab]),
+        "past": past,
+        "present": present,
+    }
 
 
 def _decoder(graph: _Graph, weights: _Weights, spec: _Spec, linear: _Linear, folder: Path, io_dtype) -> str:
@@ -358,10 +413,25 @@ def _decoder(graph: _Graph, weights: _Weights, spec: _Spec, linear: _Linear, fol
     bs_hidden = graph.op("Concat", [ids_shape, graph.const([-1])], "/model/bs_minus1", axis=0)
     flat_ids = graph.op("Reshape", ["input_ids", graph.const([-1])], "/model/flat_ids")
     mask_sum = graph.op("ReduceSum", ["attention_mask", graph.const([1])], "/model/mask_sum", keepdims=0)
-    seqlens = graph.op("Cast", [graph.op("Sub", [mask_sum, graph.const(1)], "/model/seqlens64")], "/model/seqlens_k",
-                       to=TensorProto.INT32)
-    total = graph.op("Cast", [graph.op("Gather", [graph.op("Shape", ["attention_mask"], "/model/mask_shape"), graph.const(1)],
-                                       "/model/total64", axis=0)], "/model/total_seq_len", to=TensorProto.INT32)
+    seqlens = graph.op(
+        "Cast",
+        [graph.op("Sub", [mask_sum, graph.const(1)], "/model/seqlens64")],
+        "/model/seqlens_k",
+        to=TensorProto.INT32,
+    )
+    total = graph.op(
+        "Cast",
+        [
+            graph.op(
+                "Gather",
+                [graph.op("Shape", ["attention_mask"], "/model/mask_shape"), graph.const(1)],
+                "/model/total64",
+                axis=0,
+            )
+        ],
+        "/model/total_seq_len",
+        to=TensorProto.INT32,
+    )
     cos, sin = _rotary_cache(folder, spec, io_dtype)
     cos_name = graph.weight("/model/rotary/cos_cache", io_dtype, cos.shape, [cos])
     sin_name = graph.weight("/model/rotary/sin_cache", io_dtype, sin.shape, [sin])
@@ -380,26 +450,56 @@ def _decoder(graph: _Graph, weights: _Weights, spec: _Spec, linear: _Linear, fol
         qkv = {}
         for proj in ("q", "k", "v"):
             bias = f"{p}.self_attn.{proj}_proj.bias"
-            qkv[proj] = linear(x, f"{p}.self_attn.{proj}_proj.weight", f"{n}/attn/{proj}_proj", bias if bias in weights else None)
+            qkv[proj] = linear(
+                x, f"{p}.self_attn.{proj}_proj.weight", f"{n}/attn/{proj}_proj", bias if bias in weights else None
+            )
         for proj, heads in (("q", spec.heads), ("k", spec.kv_heads)):
             if spec.qk_norm:
                 per_head = graph.op("Reshape", [qkv[proj], graph.const([-1, spec.head_dim])], f"{n}/attn/{proj}_heads")
-                qkv[proj] = _rms_norm(graph, per_head, norm_weight(f"{p}.self_attn.{proj}_norm.weight"), spec.eps,
-                                      f"{n}/attn/{proj}_norm")
+                qkv[proj] = _rms_norm(
+                    graph, per_head, norm_weight(f"{p}.self_attn.{proj}_norm.weight"), spec.eps, f"{n}/attn/{proj}_norm"
+                )
             shaped = graph.op("Reshape", [qkv[proj], bs_hidden], f"{n}/attn/{proj}_3d")
-            qkv[proj] = graph.op("RotaryEmbedding", [shaped, "position_ids", cos_name, sin_name], f"{n}/attn/{proj}_rotary",
-                                 domain="com.microsoft", interleaved=0, num_heads=heads)
+            qkv[proj] = graph.op(
+                "RotaryEmbedding",
+                [shaped, "position_ids", cos_name, sin_name],
+                f"{n}/attn/{proj}_rotary",
+                domain="com.microsoft",
+                interleaved=0,
+                num_heads=heads,
+            )
         value = graph.op("Reshape", [qkv["v"], bs_hidden], f"{n}/attn/v_3d")
-        attn, _, _ = graph.op("GroupQueryAttention",
-                        [qkv["q"], qkv["k"], value, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total],
-                        f"{n}/attn/gqa", outputs=[f"{n}/attn/gqa/out", f"present.{i}.key", f"present.{i}.value"],
-                        domain="com.microsoft", num_heads=spec.heads, kv_num_heads=spec.kv_heads,
-                        scale=1.0 / math.sqrt(spec.head_dim), local_window_size=spec.sliding_window, do_rotary=0)
+        attn, _, _ = graph.op(
+            "GroupQueryAttention",
+            [qkv["q"], qkv["k"], value, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total],
+            f"{n}/attn/gqa",
+            outputs=[f"{n}/attn/gqa/out", f"present.{i}.key", f"present.{i}.value"],
+            domain="com.microsoft",
+            num_heads=spec.heads,
+            kv_num_heads=spec.kv_heads,
+            scale=1.0 / math.sqrt(spec.head_dim),
+            local_window_size=spec.sliding_window,
+            do_rotary=0,
+        )
         attn2d = graph.op("Reshape", [attn, graph.const([-1, spec.heads * spec.head_dim])], f"{n}/attn/flat")
         o_bias = f"{p}.self_attn.o_proj.bias"
-        hidden = graph.op("Add", [hidden, linear(attn2d, f"{p}.self_attn.o_proj.weight", f"{n}/attn/o_proj",
-                                                 o_bias if o_bias in weights else None)], f"{n}/attn_residual")
-        x = _rms_norm(graph, hidden, norm_weight(f"{p}.post_attention_layernorm.weight"), spec.eps, f"{n}/post_attention_layernorm")
+        hidden = graph.op(
+            "Add",
+            [
+                hidden,
+                linear(
+                    attn2d, f"{p}.self_attn.o_proj.weight", f"{n}/attn/o_proj", o_bias if o_bias in weights else None
+                ),
+            ],
+            f"{n}/attn_residual",
+        )
+        x = _rms_norm(
+            graph,
+            hidden,
+            norm_weight(f"{p}.post_attention_layernorm.weight"),
+            spec.eps,
+            f"{n}/post_attention_layernorm",
+        )
         gate = linear(x, f"{p}.mlp.gate_proj.weight", f"{n}/mlp/gate_proj")
         up = linear(x, f"{p}.mlp.up_proj.weight", f"{n}/mlp/up_proj")
         act = graph.op("Mul", [gate, graph.op("Sigmoid", [gate], f"{n}/mlp/sigmoid")], f"{n}/mlp/silu")
@@ -407,8 +507,12 @@ def _decoder(graph: _Graph, weights: _Weights, spec: _Spec, linear: _Linear, fol
         hidden = graph.op("Add", [hidden, down], f"{n}/mlp_residual")
     final = _rms_norm(graph, hidden, graph.copy(weights, "model.norm.weight", norm_dtype), spec.eps, "/model/norm")
     head = _lm_head(graph, linear, final, spec)
-    return graph.op("Reshape", [head, graph.op("Concat", [ids_shape, graph.const([spec.vocab])], "/lm_head/shape", axis=0)],
-                    "/lm_head/logits", outputs=["logits"])
+    return graph.op(
+        "Reshape",
+        [head, graph.op("Concat", [ids_shape, graph.const([spec.vocab])], "/lm_head/shape", axis=0)],
+        "/lm_head/logits",
+        outputs=["logits"],
+    )
 
 
 def _embedding(graph: _Graph, weights: _Weights, spec: _Spec, linear: _Linear, ids: str, dtype) -> str:
@@ -420,12 +524,25 @@ def _embedding(graph: _Graph, weights: _Weights, spec: _Spec, linear: _Linear, i
         return graph.op("Gather", [embed, ids], "/model/embed_tokens", axis=0)
     bits = 4 if linear.weight_type == "int4" else 8
     k_blocks = -(-spec.hidden // linear.block_size)
-    flat = graph.op("Reshape", [f"{embed}.q{bits}", graph.const([spec.vocab, k_blocks * linear.block_size * bits // 8])],
-                    "/model/embed_tokens/blocks")
-    rows = graph.op("GatherBlockQuantized", [flat, ids, f"{embed}.scales", f"{embed}.zero_points"], "/model/embed_tokens",
-                    domain="com.microsoft", bits=bits, block_size=linear.block_size, gather_axis=0, quantize_axis=1)
+    flat = graph.op(
+        "Reshape",
+        [f"{embed}.q{bits}", graph.const([spec.vocab, k_blocks * linear.block_size * bits // 8])],
+        "/model/embed_tokens/blocks",
+    )
+    rows = graph.op(
+        "GatherBlockQuantized",
+        [flat, ids, f"{embed}.scales", f"{embed}.zero_points"],
+        "/model/embed_tokens",
+        domain="com.microsoft",
+        bits=bits,
+        block_size=linear.block_size,
+        gather_axis=0,
+        quantize_axis=1,
+    )
     if k_blocks * linear.block_size != spec.hidden:  # the last block was padded
-        rows = graph.op("Slice", [rows, graph.const([0]), graph.const([spec.hidden]), graph.const([1])], "/model/embed_tokens/slice")
+        rows = graph.op(
+            "Slice", [rows, graph.const([0]), graph.const([spec.hidden]), graph.const([1])], "/model/embed_tokens/slice"
+        )
     return rows
 
 

@@ -22,12 +22,18 @@ from .. import extras
 from ..errors import ExportFormatError
 from ..hf_layout import copy_tokenizer, write_atomic
 from ..monitoring import logger
+from .base import ExportContext, ExportFormat
 
 __all__ = ["export_onnx", "choose_backend", "onnx_weight_type", "OnnxDecoder", "MODEL_FILE", "OPTIMIZED_FILE"]
 
 MODEL_FILE = "model.onnx"
 OPTIMIZED_FILE = "model.optimized.onnx"
-_GENAI_TYPES = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+_GENAI_TYPES = {
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen2ForCausalLM": "qwen2",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+}
 
 
 def choose_backend(requested: str, merged: Path) -> str:
@@ -41,7 +47,8 @@ def choose_backend(requested: str, merged: Path) -> str:
 
 
 def onnx_weight_type(level: str, merged: Path) -> str:
-    """fp32, fp16, int8 or int4 for a quantization_level: 'none' keeps fp32 and fp16 and widens bf16 (no CPU kernels) to fp32."""
+    """fp32, fp16, int8 or int4 for a quantization_level: 'none' keeps fp32 and fp16 and widens bf16 (no CPU kernels)
+    to fp32."""
     if level in ("fp16", "int8", "int4"):
         return level
     config = _config(merged)
@@ -49,9 +56,19 @@ def onnx_weight_type(level: str, merged: Path) -> str:
     return "fp16" if dtype == "float16" else "fp32"
 
 
-def export_onnx(merged: str | Path, out: str | Path, *, backend: str = "auto", level: str = "none", opset: int = 17,
-                dynamic_axes: dict[str, dict[int, str]] | None = None, optimize: bool = True, block_size: int = 32,
-                accuracy_level: int = 4, tokenizer_dirs: list[Path] | None = None) -> dict[str, Any]:
+def export_onnx(
+    merged: str | Path,
+    out: str | Path,
+    *,
+    backend: str = "auto",
+    level: str = "none",
+    opset: int = 17,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+    optimize: bool = True,
+    block_size: int = 32,
+    accuracy_level: int = 4,
+    tokenizer_dirs: list[Path] | None = None,
+) -> dict[str, Any]:
     """Export the merged model in ``merged`` to an ONNX folder ``out``; return what was written.
 
     Raises MissingDependencyError without the onnx extra, ExportFormatError / OnnxExportError when the export fails.
@@ -62,7 +79,13 @@ def export_onnx(merged: str | Path, out: str | Path, *, backend: str = "auto", l
     chosen = choose_backend(backend, merged)
     weight_type = onnx_weight_type(level, merged)
     logger.info("ONNX export: backend %s, weights %s, opset %d", chosen, weight_type, opset)
-    kwargs = dict(weight_type=weight_type, opset=opset, block_size=block_size, accuracy_level=accuracy_level, dynamic_axes=dynamic_axes)
+    kwargs = dict(
+        weight_type=weight_type,
+        opset=opset,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
+        dynamic_axes=dynamic_axes,
+    )
     if chosen == "builder":
         from .onnx_builder import build_onnx
 
@@ -89,7 +112,8 @@ def _config(folder: Path) -> dict[str, Any]:
 
 
 def optimize_graph(source: Path, target: Path) -> None:
-    """onnxruntime's offline graph optimization (extended level: fusions that every CPU runs), saved beside the plain graph."""
+    """onnxruntime's offline graph optimization (extended level: fusions that every CPU runs), saved beside the plain
+    graph."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -127,9 +151,18 @@ def write_genai_config(out: Path, config: dict[str, Any]) -> None:
                 "filename": MODEL_FILE,
                 "head_size": dims[3].dim_value or config.get("head_dim") or config["hidden_size"] // heads,
                 "hidden_size": config["hidden_size"],
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
-                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
                 "num_attention_heads": heads,
                 "num_hidden_layers": len(past) // 2,
                 "num_key_value_heads": dims[1].dim_value or config.get("num_key_value_heads") or heads,
@@ -139,9 +172,22 @@ def write_genai_config(out: Path, config: dict[str, Any]) -> None:
             "type": _GENAI_TYPES.get((config.get("architectures") or ["?"])[0], config.get("model_type", "decoder")),
             "vocab_size": config["vocab_size"],
         },
-        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
-                   "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
-                   "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": context,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
     }
     write_atomic(out / "genai_config.json", json.dumps(genai, indent=2) + "\n")
 
@@ -182,8 +228,12 @@ class OnnxDecoder:
         self.step = step if isinstance(step, int) else None  # a fixed sequence axis: feed that many tokens per call
         genai = _config_file(graph.parent / "genai_config.json").get("model", {}).get("decoder", {})
         # Graphs from other builders may leave the cache's head axes symbolic: genai_config.json says what they are.
-        self.kv_shape = [self.kv_shape[0], _dim(self.kv_shape[1], genai.get("num_key_value_heads")), 0,
-                         _dim(self.kv_shape[3], genai.get("head_size"))]
+        self.kv_shape = [
+            self.kv_shape[0],
+            _dim(self.kv_shape[1], genai.get("num_key_value_heads")),
+            0,
+            _dim(self.kv_shape[3], genai.get("head_size")),
+        ]
         self.eos = eos_ids(graph.parent)
 
     def empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
@@ -193,8 +243,11 @@ class OnnxDecoder:
             raise ValueError(f"the cache's shape {self.kv_shape} is not known: no genai_config.json beside the graph")
         return {name: np.zeros(shape, dtype=self.kv_dtype) for name in self.past_names}
 
-    def forward(self, tokens: np.ndarray, past: dict[str, np.ndarray], start: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One call: ``tokens`` [batch, new] at positions start.. after ``past``; (logits as the graph gives them, the cache)."""
+    def forward(
+        self, tokens: np.ndarray, past: dict[str, np.ndarray], start: int
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One call: ``tokens`` [batch, new] at positions start.. after ``past``; (logits as the graph gives them, the
+        cache)."""
         batch, count = tokens.shape
         feeds = {"input_ids": tokens, "attention_mask": np.ones((batch, start + count), dtype=np.int64), **past}
         if "position_ids" in self.inputs:  # graphs that rotate inside attention take positions from the mask
@@ -203,7 +256,9 @@ class OnnxDecoder:
         present = {name: results[name.replace("past_key_values.", "present.")] for name in self.past_names}
         return results["logits"], present
 
-    def _forward(self, tokens: list[int], past: dict[str, np.ndarray], start: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _forward(
+        self, tokens: list[int], past: dict[str, np.ndarray], start: int
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         logits, present = self.forward(np.array([tokens], dtype=np.int64), past, start)
         return logits[0].astype(np.float32), present
 
@@ -211,7 +266,7 @@ class OnnxDecoder:
         """Logits for every prompt position ([len, vocab], float32) and the cache after it."""
         past, rows, step = self.empty_past(), [], self.step or len(tokens)
         for start in range(0, len(tokens), step):
-            logits, past = self._forward(tokens[start:start + step], past, start)
+            logits, past = self._forward(tokens[start : start + step], past, start)
             rows.append(logits)
         return np.concatenate(rows), past
 
@@ -227,3 +282,55 @@ class OnnxDecoder:
             step, past = self._forward([token], past, len(tokens) + len(generated) - 1)
             last = step[-1]
         return logits, generated
+
+
+def _export(ctx: ExportContext) -> dict[str, Any]:
+    c = ctx.config
+    return export_onnx(
+        ctx.merged,
+        ctx.out,
+        backend=c.onnx_backend,
+        level=c.quantization_level,
+        opset=c.onnx_opset_version,
+        dynamic_axes=c.onnx_dynamic_axes,
+        optimize=c.onnx_optimize_graph,
+        block_size=c.onnx_block_size,
+        accuracy_level=c.onnx_accuracy_level,
+    )
+
+
+def _runnables(folder: Path) -> list[tuple[str, Path]]:
+    """The plain graph, and onnxruntime's optimized one when it was saved: each is verified and benchmarked."""
+    graphs = [("onnx", folder / MODEL_FILE)]
+    if (folder / OPTIMIZED_FILE).is_file():
+        graphs.append(("onnx-optimized", folder / OPTIMIZED_FILE))
+    return graphs
+
+
+def _bytes(config: Any, base_size: float) -> float:
+    per = {"fp16": 2.0, "int8": 1.07, "int4": 0.57}.get(config.quantization_level, 4.0)  # none/bf16: fp32 on the CPU
+    return per * (2 if config.onnx_optimize_graph else 1)  # the optimized graph is a second copy
+
+
+FORMAT = ExportFormat(
+    name="onnx",
+    levels={
+        "none": "fp32 (bf16 widened exactly: no bf16 CPU kernels)",
+        "fp16": "fp16",
+        "int8": "MatMulNBits 8-bit blocks",
+        "int4": "MatMulNBits 4-bit blocks",
+    },
+    bytes_per_param=_bytes,
+    export=_export,
+    runnables=_runnables,
+    settings=lambda c: [
+        c.onnx_backend,
+        c.onnx_opset_version,
+        c.onnx_optimize_graph,
+        c.onnx_dynamic_axes,
+        c.onnx_block_size,
+        c.onnx_accuracy_level,
+    ],
+    extra="onnx",
+    description="decoder with KV cache for onnxruntime and onnxruntime-genai",
+)

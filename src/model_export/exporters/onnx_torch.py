@@ -25,8 +25,16 @@ _ATEN_OP = re.compile(r"aten[.:]{1,2}[A-Za-z_0-9]+(?:\.[A-Za-z_0-9]+)?")
 _DYNAMIC_HINTS = ("constraints violated", "dynamic shape", "specializ", "guard", "dim(")
 
 
-def export_torch(merged: str | Path, out: str | Path, *, weight_type: str = "fp32", opset: int = 18, block_size: int = 32,
-                 accuracy_level: int = 4, dynamic_axes: dict[str, dict[int, str]] | None = None) -> dict[str, Any]:
+def export_torch(
+    merged: str | Path,
+    out: str | Path,
+    *,
+    weight_type: str = "fp32",
+    opset: int = 18,
+    block_size: int = 32,
+    accuracy_level: int = 4,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+) -> dict[str, Any]:
     """Write ``out/model.onnx`` (+ ``model.onnx.data``) by torch.onnx.export of the model in ``merged``.
 
     Raises OnnxExportError (unsupported operator, dynamic shapes) when the exporter fails.
@@ -49,19 +57,36 @@ def export_torch(merged: str | Path, out: str | Path, *, weight_type: str = "fp3
     seq = 3 if 1 in named.get("input_ids", {}) else 1
     past, kv_heads = 4, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    args = (torch.ones(batch, seq, dtype=torch.long), torch.ones(batch, past + seq, dtype=torch.long),
-            torch.arange(past, past + seq)[None].expand(batch, seq).contiguous(),
-            [torch.zeros(batch, kv_heads, past, head_dim, dtype=dtype) for _ in range(2 * layers)])
-    inputs = ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    args = (
+        torch.ones(batch, seq, dtype=torch.long),
+        torch.ones(batch, past + seq, dtype=torch.long),
+        torch.arange(past, past + seq)[None].expand(batch, seq).contiguous(),
+        [torch.zeros(batch, kv_heads, past, head_dim, dtype=dtype) for _ in range(2 * layers)],
+    )
+    inputs = ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")
+    ]
     outputs = ["logits"] + [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
     dynamic = torch.export.Dim.DYNAMIC
     row = {0: dynamic} if batch > 1 else {}
-    shapes = {"input_ids": {**row, **({1: dynamic} if seq > 1 else {})}, "attention_mask": {**row, 1: dynamic},
-              "position_ids": {**row, **({1: dynamic} if seq > 1 else {})}, "past": [{**row, 2: dynamic}] * (2 * layers)}
+    shapes = {
+        "input_ids": {**row, **({1: dynamic} if seq > 1 else {})},
+        "attention_mask": {**row, 1: dynamic},
+        "position_ids": {**row, **({1: dynamic} if seq > 1 else {})},
+        "past": [{**row, 2: dynamic}] * (2 * layers),
+    }
     path = out / "model.onnx"
     try:
-        program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, dynamic_shapes=shapes, input_names=inputs,
-                                    output_names=outputs, verbose=False)
+        program = torch.onnx.export(
+            wrapper,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=shapes,
+            input_names=inputs,
+            output_names=outputs,
+            verbose=False,
+        )
         program.save(str(path), external_data=True)
     except OnnxExportError:
         raise
@@ -89,8 +114,13 @@ def _decoder(model):
             cache = DynamicCache(config=self.inner.config)
             for i in range(len(past) // 2):
                 cache.update(past[2 * i], past[2 * i + 1], i)
-            result = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                past_key_values=cache, use_cache=True)
+            result = self.inner(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
             present = []
             for layer in result.past_key_values.layers:
                 present += [layer.keys, layer.values]
@@ -104,7 +134,12 @@ def translate_export_error(exc: BaseException, opset: int, named: dict[str, Any]
     text = f"{type(exc).__name__}: {exc}"
     lowered = text.lower()
     op = _ATEN_OP.search(text)
-    if ("unsupported" in lowered or "no decomposition" in lowered or "not implemented" in lowered or "no symbolic" in lowered) and op:
+    if (
+        "unsupported" in lowered
+        or "no decomposition" in lowered
+        or "not implemented" in lowered
+        or "no symbolic" in lowered
+    ) and op:
         return OnnxExportError("onnx_unsupported_operator", operator=op.group(0).replace(".", "::", 1), opset=opset)
     if any(hint in lowered for hint in _DYNAMIC_HINTS):
         names = ", ".join(named) or "(none)"
@@ -125,11 +160,16 @@ def _name_axes(path: Path, named: dict[str, dict[int, str]]) -> None:
     batch, seq = ids.get(0, "batch_size"), ids.get(1, "sequence_length")
     total = named.get("attention_mask", {}).get(1, "total_sequence_length")
     total = "total_sequence_length" if total == seq else total
-    wanted = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
-              "logits": {0: batch, 1: seq}}
+    wanted = {
+        "input_ids": {0: batch, 1: seq},
+        "position_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},
+        "logits": {0: batch, 1: seq},
+    }
     for value in list(model.graph.input) + list(model.graph.output):
-        axes = wanted.get(value.name) or ({0: batch, 2: "past_sequence_length"} if value.name.startswith("past_key_values.")
-                                          else {0: batch, 2: total})
+        axes = wanted.get(value.name) or (
+            {0: batch, 2: "past_sequence_length"} if value.name.startswith("past_key_values.") else {0: batch, 2: total}
+        )
         for axis, dim in enumerate(value.type.tensor_type.shape.dim):
             if dim.HasField("dim_param") and axis in axes:
                 dim.dim_param = axes[axis]
@@ -142,8 +182,9 @@ def _quantize(path: Path, bits: int, block_size: int, accuracy_level: int) -> No
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(path)), bits=bits, block_size=block_size, is_symmetric=False,
-                                     accuracy_level=accuracy_level)
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(path)), bits=bits, block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level
+    )
     quantizer.process()
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)

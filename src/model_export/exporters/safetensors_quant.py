@@ -10,7 +10,8 @@ choose the parameters and stream.
 
 Every linear layer of the decoder (the ``*_proj`` weights) is quantized, symmetric round-to-nearest
 (data-free): int8 per output channel, int4 per group of 128 inputs (64 or 32 when an input size is not
-a multiple of 128; one size for the whole model, as the config holds one). The embedding, the head and the norms stay as merged. The merged shards are
+a multiple of 128; one size for the whole model, as the config holds one). The embedding, the head and the norms stay
+as merged. The merged shards are
 read one tensor at a time and the output shards are laid out before any data is written.
 """
 
@@ -29,8 +30,13 @@ from ..tensor_io import PlannedTensor, ShardWriter, plan_shards, read_bytes, rea
 __all__ = ["export_quantized_safetensors", "group_size_for", "QUANT_FORMAT"]
 
 QUANT_FORMAT = "pack-quantized"
-_SAFETENSORS_DTYPES = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16", "torch.int32": "I32",
-                       "torch.int64": "I64"}
+_SAFETENSORS_DTYPES = {
+    "torch.float32": "F32",
+    "torch.bfloat16": "BF16",
+    "torch.float16": "F16",
+    "torch.int32": "I32",
+    "torch.int64": "I64",
+}
 
 
 def group_size_for(in_features: int) -> int:
@@ -82,13 +88,17 @@ def _plan(sources: list[tuple[str, Any, Path]], bits: int) -> tuple[list[Planned
         group = groups[name] = 0 if bits == 8 else group_size_for(common)
         stem = name.removesuffix(".weight")
         columns = shape[1] // group if bits == 4 else 1
-        planned += [PlannedTensor(f"{stem}.weight_packed", "I32", (shape[0], math.ceil(shape[1] * bits / 32))),
-                    PlannedTensor(f"{stem}.weight_scale", info.dtype, (shape[0], columns)),
-                    PlannedTensor(f"{stem}.weight_shape", "I64", (2,))]
+        planned += [
+            PlannedTensor(f"{stem}.weight_packed", "I32", (shape[0], math.ceil(shape[1] * bits / 32))),
+            PlannedTensor(f"{stem}.weight_scale", info.dtype, (shape[0], columns)),
+            PlannedTensor(f"{stem}.weight_shape", "I64", (2,)),
+        ]
     return planned, groups
 
 
-def export_quantized_safetensors(merged: str | Path, out: str | Path, *, bits: int, max_shard_size: int = 5_000_000_000) -> dict[str, Any]:
+def export_quantized_safetensors(
+    merged: str | Path, out: str | Path, *, bits: int, max_shard_size: int = 5_000_000_000
+) -> dict[str, Any]:
     """Write an int8 (``bits=8``) or int4 (``bits=4``) compressed-tensors checkpoint of the merged model.
 
     Raises MissingDependencyError without compressed-tensors (the quant extra).
@@ -98,7 +108,11 @@ def export_quantized_safetensors(merged: str | Path, out: str | Path, *, bits: i
     from compressed_tensors.quantization import QuantizationConfig
 
     merged, out = Path(merged), Path(out)
-    sources = [(name, info, shard) for shard in sorted(merged.glob("*.safetensors")) for name, info in read_header(shard).tensors.items()]
+    sources = [
+        (name, info, shard)
+        for shard in sorted(merged.glob("*.safetensors"))
+        for name, info in read_header(shard).tensors.items()
+    ]
     planned, groups = _plan(sources, bits)
     if any(g == 0 for g in groups.values()) and bits == 4:
         bad = next(n for n, g in groups.items() if g == 0)
@@ -136,19 +150,35 @@ def export_quantized_safetensors(merged: str | Path, out: str | Path, *, bits: i
     if len(shards) > 1:
         write_index(out, "model.safetensors.index.json", weight_map, sum(s.nbytes for s in shards))
     for extra in merged.iterdir():
-        if extra.is_file() and not extra.name.startswith(".") and extra.suffix != ".safetensors" and extra.name != "model.safetensors.index.json":
+        if (
+            extra.is_file()
+            and not extra.name.startswith(".")
+            and extra.suffix != ".safetensors"
+            and extra.name != "model.safetensors.index.json"
+        ):
             shutil.copyfile(extra, out / extra.name)
     config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
     group = next(iter(groups.values()), 0)
-    quant = QuantizationConfig(config_groups={"group_0": _scheme(bits, group)}, format=QUANT_FORMAT,
-                               quantization_status="compressed", ignore=["lm_head"]).model_dump(mode="json")
+    quant = QuantizationConfig(
+        config_groups={"group_0": _scheme(bits, group)},
+        format=QUANT_FORMAT,
+        quantization_status="compressed",
+        ignore=["lm_head"],
+    ).model_dump(mode="json")
     config["quantization_config"] = {**quant, "quant_method": "compressed-tensors"}
     write_atomic(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return {"path": str(out), "bits": bits, "format": QUANT_FORMAT, "layers": len(groups),
-            "group_size": group if bits == 4 else None}
+    return {
+        "path": str(out),
+        "bits": bits,
+        "format": QUANT_FORMAT,
+        "layers": len(groups),
+        "group_size": group if bits == 4 else None,
+    }
 
 
 def _check(tensor: PlannedTensor, data: Any) -> None:
     """What compressed-tensors produced must be what the header declared (a bug otherwise, never a user error)."""
     if tuple(data.shape) != tuple(tensor.shape) or _SAFETENSORS_DTYPES.get(str(data.dtype)) != tensor.dtype:
-        raise AssertionError(f"{tensor.name}: got {tuple(data.shape)} {data.dtype}, planned {tensor.shape} {tensor.dtype}")
+        raise AssertionError(
+            f"{tensor.name}: got {tuple(data.shape)} {data.dtype}, planned {tensor.shape} {tensor.dtype}"
+        )

@@ -25,9 +25,17 @@ import numpy as np
 from .. import extras
 from ..errors import ExportFormatError
 from ..hf_layout import copy_generation_config, copy_tokenizer, write_atomic
+from .base import ExportContext, ExportFormat
 from .onnx_export import OnnxDecoder, _config_file, eos_ids
 
-__all__ = ["check_tensorrt", "missing_for_tensorrt", "export_standard_graph", "export_tensorrt", "TensorRTDecoder", "ENGINE_FILE"]
+__all__ = [
+    "check_tensorrt",
+    "missing_for_tensorrt",
+    "export_standard_graph",
+    "export_tensorrt",
+    "TensorRTDecoder",
+    "ENGINE_FILE",
+]
 
 ENGINE_FILE = "model.engine"
 _SIDECAR = "engine.json"
@@ -41,8 +49,10 @@ def missing_for_tensorrt() -> list[str]:
     import torch
 
     if not torch.cuda.is_available():
-        missing.append("a CUDA GPU (torch.cuda.is_available() is False" +
-                       (": this PyTorch build has no CUDA)" if torch.version.cuda is None else ")"))
+        missing.append(
+            "a CUDA GPU (torch.cuda.is_available() is False"
+            + (": this PyTorch build has no CUDA)" if torch.version.cuda is None else ")")
+        )
     return missing
 
 
@@ -53,9 +63,17 @@ def check_tensorrt() -> None:
         raise ExportFormatError("tensorrt_unavailable", missing="; ".join(missing))
 
 
-def export_tensorrt(merged: str | Path, out: str | Path, *, fp16: bool = False, max_batch: int = 1, max_sequence: int = 512,
-                    workspace_gib: float = 4.0) -> dict[str, Any]:
-    """Export ``merged`` to ``out/onnx/model.onnx`` (torch backend), build ``out/model.engine``; return what was written.
+def export_tensorrt(
+    merged: str | Path,
+    out: str | Path,
+    *,
+    fp16: bool = False,
+    max_batch: int = 1,
+    max_sequence: int = 512,
+    workspace_gib: float = 4.0,
+) -> dict[str, Any]:
+    """Export ``merged`` to ``out/onnx/model.onnx`` (torch backend), build ``out/model.engine``; return what was
+    written.
 
     Raises ExportFormatError: ME810 when tensorrt or CUDA is missing, ME811 when TensorRT cannot parse or build.
     """
@@ -85,15 +103,22 @@ def export_tensorrt(merged: str | Path, out: str | Path, *, fp16: bool = False, 
     config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise ExportFormatError("tensorrt_failed", stage="build", error="the builder returned no engine (see TensorRT's log above)")
+        raise ExportFormatError(
+            "tensorrt_failed", stage="build", error="the builder returned no engine (see TensorRT's log above)"
+        )
     (out / ENGINE_FILE).write_bytes(bytes(plan))
     shutil.copyfile(merged / "config.json", out / "config.json")
     copy_generation_config(out, [merged])
     copy_tokenizer(out, [merged])
     import torch
 
-    info = {"precision": "fp16" if fp16 else "fp32", "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(),
-            "max_batch": max_batch, "max_sequence": max_sequence}
+    info = {
+        "precision": "fp16" if fp16 else "fp32",
+        "tensorrt": trt.__version__,
+        "gpu": torch.cuda.get_device_name(),
+        "max_batch": max_batch,
+        "max_sequence": max_sequence,
+    }
     write_atomic(out / _SIDECAR, json.dumps(info, indent=2))
     return {"path": str(out / ENGINE_FILE), "bytes": (out / ENGINE_FILE).stat().st_size, **info}
 
@@ -141,7 +166,9 @@ class TensorRTDecoder(OnnxDecoder):
         self.torch, self.trt = torch, trt
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine.read_bytes())
         if self.engine is None:
-            raise ExportFormatError("tensorrt_failed", stage="load", error=f"{engine} does not deserialize on this GPU / TensorRT")
+            raise ExportFormatError(
+                "tensorrt_failed", stage="load", error=f"{engine} does not deserialize on this GPU / TensorRT"
+            )
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -154,11 +181,17 @@ class TensorRTDecoder(OnnxDecoder):
         self.eos = eos_ids(engine.parent)
         self._spare = torch.empty(1, device="cuda")  # an address for empty tensors (the first call's cache)
 
-    def forward(self, tokens: np.ndarray, past: dict[str, np.ndarray], start: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def forward(
+        self, tokens: np.ndarray, past: dict[str, np.ndarray], start: int
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         torch, trt = self.torch, self.trt
         batch, count = tokens.shape
-        feeds = {"input_ids": tokens, "attention_mask": np.ones((batch, start + count), dtype=np.int64),
-                 "position_ids": np.tile(np.arange(start, start + count, dtype=np.int64), (batch, 1)), **past}
+        feeds = {
+            "input_ids": tokens,
+            "attention_mask": np.ones((batch, start + count), dtype=np.int64),
+            "position_ids": np.tile(np.arange(start, start + count, dtype=np.int64), (batch, 1)),
+            **past,
+        }
         keep = {}
         for name in self.input_names:
             tensor = torch.from_numpy(np.ascontiguousarray(feeds[name])).cuda()
@@ -173,5 +206,25 @@ class TensorRTDecoder(OnnxDecoder):
         if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
             raise ExportFormatError("tensorrt_failed", stage="run", error="execute_async_v3 returned false")
         torch.cuda.synchronize()
-        present = {name: results[name.replace("past_key_values.", "present.")].cpu().numpy() for name in self.past_names}
+        present = {
+            name: results[name.replace("past_key_values.", "present.")].cpu().numpy() for name in self.past_names
+        }
         return results["logits"].float().cpu().numpy(), present
+
+
+def _export(ctx: ExportContext) -> dict[str, Any]:
+    return export_tensorrt(
+        ctx.merged, ctx.out, fp16=ctx.config.quantization_level == "fp16", max_batch=ctx.config.batch_size
+    )
+
+
+FORMAT = ExportFormat(
+    name="tensorrt",
+    levels={"none": "fp32 engine", "fp16": "fp16 engine"},
+    bytes_per_param=lambda config, base_size: {"fp16": 6.0}.get(config.quantization_level, 8.0),  # its graph + engine
+    export=_export,
+    runnables=lambda folder: [("tensorrt", folder / ENGINE_FILE)],
+    settings=lambda c: [c.batch_size],
+    extra="tensorrt",
+    description="TensorRT engine (experimental; an NVIDIA GPU and the tensorrt package)",
+)

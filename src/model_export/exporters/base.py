@@ -1,0 +1,50 @@
+"""The format interface: what every export format declares, and what an export hands to the steps after it.
+
+Each format is one ``ExportFormat`` object beside its exporter (``FORMAT`` in its module) and one line of
+``exporters.FORMATS``. The pipeline, the configuration rules, the disk preflight, verification and the benchmark read
+these declarations instead of deciding by a format's name or a file's suffix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ExportFormat", "ExportContext"]
+
+
+@dataclass(frozen=True)
+class ExportContext:
+    """What an exporter gets: the merged model (``merged``), the folder to write (``out``, a partial folder the
+    pipeline renames when the export is complete), the run's configuration, the checkpoint and the base model."""
+
+    merged: Path
+    out: Path
+    config: Any  # ExportConfiguration
+    checkpoint: Path
+    base: str
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One export format.
+
+    ``levels`` maps each quantization_level the format takes to what it becomes (a dtype or block type, in words for
+    the docs). ``bytes_per_param(config, base_bytes_per_param)`` is what the artifact writes per parameter (the disk
+    preflight). ``export(ctx)`` writes the artifact into ``ctx.out`` and returns its details (paths under ``ctx.out``).
+    ``runnables(folder)`` lists what verification and the benchmark run in a finished artifact, as (label, path):
+    the folder itself for transformers, a graph, an engine or a GGUF file. ``settings(config)`` are the configuration
+    values its export depends on (part of the export step's resume key). ``extra`` is the optional install it needs.
+    """
+
+    name: str
+    levels: dict[str, str]
+    bytes_per_param: Callable[[Any, float], float]
+    export: Callable[[ExportContext], dict[str, Any]]
+    runnables: Callable[[Path], list[tuple[str, Path]]] = lambda folder: []
+    settings: Callable[[Any], list[Any]] = lambda config: []
+    extra: str | None = None
+    description: str = ""
+    notes: dict[str, Any] = field(default_factory=dict)
