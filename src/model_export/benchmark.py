@@ -25,6 +25,7 @@ from typing import Any
 
 from .errors import ValidationError
 from .monitoring import logger
+from .runtimes import runtime_name
 
 __all__ = ["benchmark", "ArtifactBenchmark", "artifacts_of", "BENCHMARK_FILE"]
 
@@ -62,15 +63,11 @@ def artifacts_of(target: str | Path) -> list[tuple[str, Path]]:
 
         result = json.loads(manifest.read_text(encoding="utf-8"))["steps"].get("export", {}).get("result", {})
         return [(label, path) for label, path in verifiable(result.get("artifacts", {}))]
-    if (target / "model.engine").is_file():  # a TensorRT folder (its config.json is not a model's)
-        return [("tensorrt", target / "model.engine")]
-    if target.suffix in (".onnx", ".gguf", ".engine") or (target / "config.json").is_file():
-        return [(target.name, target)]
-    if (target / "model.onnx").is_file():
-        return [("onnx", target / "model.onnx")]
-    ggufs = sorted(target.glob("model-*.gguf"))
-    if ggufs:
-        return [("gguf", ggufs[0])]
+    from .runtimes import runnables_in
+
+    found = runnables_in(target)
+    if found:
+        return found
     raise ValidationError(
         "inference_failed", artifact=str(target), error="no run.json, model folder, ONNX graph or GGUF file here"
     )
@@ -130,13 +127,9 @@ def _child(
     data = json.loads(stdout.decode().strip().splitlines()[-1]) if process.returncode == 0 and stdout.strip() else None
     if data is None:
         error = (stderr.decode(errors="replace").strip().splitlines() or ["the benchmark process failed"])[-1]
-        return ArtifactBenchmark(label, str(path), _runtime(path), 0, new_tokens, error=error[:400])
+        return ArtifactBenchmark(label, str(path), runtime_name(path), 0, new_tokens, error=error[:400])
     peak = data.pop("peak_rss_kib")
     return ArtifactBenchmark(label=label, peak_rss_gib=round(peak / 2**20, 3), **data)
-
-
-def _runtime(path: Path) -> str:
-    return {".onnx": "onnxruntime", ".gguf": "llama.cpp", ".engine": "tensorrt"}.get(path.suffix, "transformers")
 
 
 def _median(values: list[float]) -> float:
@@ -146,129 +139,27 @@ def _median(values: list[float]) -> float:
 def _prompt_ids(path: Path, prompt: str) -> list[int]:
     from transformers import AutoTokenizer
 
+    from .runtimes import tokenizer_folder
     from .verify import _encode
 
-    folder = path.parent if path.suffix in (".onnx", ".gguf", ".engine") else path
-    return _encode(AutoTokenizer.from_pretrained(str(folder)), prompt).tolist()
-
-
-class _Transformers:
-    def __init__(self, path: Path, device: str = "cpu") -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        self.device, self.torch = device, torch
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", device_map=device).eval()
-        self._sync()
-
-    def _sync(self) -> None:
-        if self.device == "cuda":  # CUDA runs asynchronously: a timer stops only when the GPU has finished
-            self.torch.cuda.synchronize()
-
-    def run(self, ids: list[int], new_tokens: int, batch: int) -> tuple[float, float]:
-        torch = self.torch
-        inputs = torch.tensor([ids] * batch, device=self.device)
-        with torch.no_grad():
-            start = time.perf_counter()
-            out = self.model(inputs, use_cache=True)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            self._sync()
-            ttft = time.perf_counter() - start
-            past = out.past_key_values
-            start = time.perf_counter()
-            for step in range(new_tokens):
-                positions = torch.full((batch, 1), len(ids) + step, device=self.device)
-                out = self.model(token, past_key_values=past, position_ids=positions, use_cache=True)
-                past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-            self._sync()
-            return ttft, time.perf_counter() - start
-
-
-class _Onnx:
-    """onnxruntime (CPU) for a graph, TensorRT (GPU) for an engine: both through the decoder's forward."""
-
-    def __init__(self, path: Path) -> None:
-        if path.suffix == ".engine":
-            from .exporters.tensorrt_export import TensorRTDecoder
-
-            self.decoder = TensorRTDecoder(path)
-        else:
-            from .exporters.onnx_export import OnnxDecoder
-
-            self.decoder = OnnxDecoder(path, optimized=True)
-
-    def run(self, ids: list[int], new_tokens: int, batch: int) -> tuple[float, float]:
-        import numpy as np
-
-        d, past = self.decoder, self.decoder.empty_past(batch)
-
-        def step(tokens: np.ndarray, start: int) -> np.ndarray:
-            nonlocal past
-            logits, past = d.forward(tokens, past, start)
-            return logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-
-        start = time.perf_counter()
-        token = step(np.array([ids] * batch, dtype=np.int64), 0)
-        ttft = time.perf_counter() - start
-        start = time.perf_counter()
-        for i in range(new_tokens):
-            token = step(token, len(ids) + i)
-        return ttft, time.perf_counter() - start
-
-
-class _LlamaCpp:
-    batches = False  # llama-cpp-python's Llama holds one sequence
-
-    def __init__(self, path: Path) -> None:
-        from llama_cpp import Llama
-
-        self.llm = Llama(model_path=str(path), n_ctx=2048, verbose=False, n_threads=os.cpu_count() or 1)
-
-    def tokenize(self, prompt: str) -> list[int]:
-        """The GGUF's own tokenizer and chat template (a GGUF folder has no Hugging Face tokenizer)."""
-        text = self.llm.metadata.get("tokenizer.chat_template")
-        if text:
-            from jinja2 import Template
-
-            text = Template(text).render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True)
-        return self.llm.tokenize((text or prompt).encode("utf-8"), add_bos=False, special=True)
-
-    def run(self, ids: list[int], new_tokens: int, batch: int) -> tuple[float, float]:
-        import numpy as np
-
-        self.llm.reset()
-        start = time.perf_counter()
-        self.llm.eval(ids)
-        ttft = time.perf_counter() - start
-        token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            self.llm.eval([token])
-            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-        return ttft, time.perf_counter() - start
+    return _encode(AutoTokenizer.from_pretrained(str(tokenizer_folder(path))), prompt).tolist()
 
 
 def _measure(
     path: Path, prompt: str, new_tokens: int, batch_size: int, repeats: int, device: str = "cpu"
 ) -> dict[str, Any]:
     """In the child: load, warm up, time ``repeats`` runs at batch 1 and at ``batch_size``."""
-    runtime = _runtime(path)
-    if runtime == "llama.cpp":
-        from llama_cpp import Llama  # noqa: F401 - fail early with the import error when llama-cpp-python is missing
+    from .runtimes import runtime_for
+
+    runtime = runtime_name(path)
     # The onnxruntime and llama-cpp-python builds installed are CPU ones; a TensorRT engine runs on the GPU.
     device = device if runtime == "transformers" else "cuda" if runtime == "tensorrt" else "cpu"
     start = time.perf_counter()
-    runner = (
-        _Transformers(path, device)
-        if runtime == "transformers"
-        else _LlamaCpp(path)
-        if runtime == "llama.cpp"
-        else _Onnx(path)
-    )
+    runner = runtime_for(path, device, optimized=True)
     load = time.perf_counter() - start
-    ids = runner.tokenize(prompt) if hasattr(runner, "tokenize") else _prompt_ids(path, prompt)
-    runner.run(ids, 2, 1)  # warm-up
-    runs = [runner.run(ids, new_tokens, 1) for _ in range(repeats)]
+    ids = runner.tokenize(prompt) or _prompt_ids(path, prompt)
+    runner.timed(ids, 2, 1)  # warm-up
+    runs = [runner.timed(ids, new_tokens, 1) for _ in range(repeats)]
     data = {
         "artifact": str(path),
         "runtime": runtime,
@@ -281,8 +172,8 @@ def _measure(
         "batch_size": batch_size,
         "runs": [{"ttft_s": round(t, 5), "decode_s": round(d, 5)} for t, d in runs],
     }
-    if batch_size > 1 and getattr(runner, "batches", True):
-        batch_runs = [runner.run(ids, new_tokens, batch_size)[1] for _ in range(repeats)]
+    if batch_size > 1 and runner.batches:
+        batch_runs = [runner.timed(ids, new_tokens, batch_size)[1] for _ in range(repeats)]
         data["decode_tokens_per_s_batch"] = round(batch_size * new_tokens / _median(batch_runs), 3)
     elif batch_size > 1:
         data["note"] = f"{runtime} through its Python binding decodes one sequence: batch {batch_size} not measured"

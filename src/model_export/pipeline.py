@@ -362,8 +362,6 @@ def _steps(state: _Run) -> None:
     _report(state)
 
 
-# Bytes per parameter each artifact takes (merge-output dtype for none/bf16/fp16; the quantized formats' own layouts:
-# int8/int4 blocks with their scales). ONNX "none" widens bf16 to fp32; the optimized graph is a second copy.
 def disk_needed(config: ExportConfiguration, info: Any) -> dict[str, int]:
     """The bytes each part of the run will write under output_dir, from the base model's parameter count and dtypes
     and each format's declared bytes per parameter."""
@@ -393,7 +391,7 @@ def check_disk_space(config: ExportConfiguration, info: Any, out: Path) -> None:
 def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:
     """One folder per format under export/, each written by its format's exporter (exporters.FORMATS) into a hidden
     partial folder that is renamed when complete."""
-    from .exporters import FORMATS, ExportContext
+    from .exporters import FORMATS, WEIGHT_SUFFIXES, ExportContext
 
     c, export = state.config, state.out / "export"
     artifacts, details = {}, {}
@@ -407,14 +405,11 @@ def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:
         artifacts[fmt] = str(target)
         # The exporter named files under the partial folder, which is now the target.
         details[fmt] = {"path": str(target), **_relocate(details[fmt], str(partial), str(target))}
-    # An ONNX folder's size is that of one deployable graph: the optimized copy is reported on its own row.
-    sizes = {fmt: _size(Path(p), skip="model.optimized.onnx") for fmt, p in artifacts.items()}
+    # A folder's size is that of one deployable artifact: a second copy (ONNX's optimized graph) has its own row.
+    sizes = {fmt: _size(Path(p), skip=FORMATS[fmt].second_copy) for fmt, p in artifacts.items()}
     # The weights alone, to compare with the base's weights (tokenizer and config files are not worth a warning).
-    weights = {fmt: _size(Path(p), skip="model.optimized.onnx", only=WEIGHT_SUFFIXES) for fmt, p in artifacts.items()}
+    weights = {fmt: _size(Path(p), skip=FORMATS[fmt].second_copy, only=WEIGHT_SUFFIXES) for fmt, p in artifacts.items()}
     return {"artifacts": artifacts, "sizes": sizes, "weight_sizes": weights, "details": details}
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".data", ".gguf", ".engine")
 
 
 def _relocate(data: Any, old: str, new: str) -> Any:

@@ -27,6 +27,7 @@ from typing import Any
 from . import i18n
 from .errors import ResourceError, ValidationError
 from .monitoring import logger
+from .runtimes import precision_of
 
 __all__ = [
     "Reference",
@@ -181,52 +182,6 @@ def _encode(tokenizer: Any, prompt: str):
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _logits(model: Any, inputs: list[Any], batch_size: int = 1) -> list[Any]:
-    """Prompt logits (fp32, on the CPU) of a transformers model, ``batch_size`` sequences per forward pass.
-
-    A batch is padded on the right under an attention mask: a causal model's logits at the real positions never see
-    the padding after them, so each sequence's logits are those it has alone (to float rounding)."""
-    import torch
-
-    out = []
-    for start in range(0, len(inputs), batch_size):
-        batch = inputs[start : start + batch_size]
-        length = max(ids.numel() for ids in batch)
-        ids = torch.zeros(len(batch), length, dtype=torch.long)
-        mask = torch.zeros(len(batch), length, dtype=torch.long)
-        for row, seq in enumerate(batch):
-            ids[row, : seq.numel()], mask[row, : seq.numel()] = seq, 1
-        logger.debug("forward pass: batch of %d, %d tokens", len(batch), length)
-        with torch.no_grad():
-            logits = model(ids.to(model.device), attention_mask=mask.to(model.device)).logits.float().cpu()
-        out.extend(logits[row, : seq.numel()] for row, seq in enumerate(batch))
-    return out
-
-
-def _greedy(model: Any, input_ids: Any, new_tokens: int) -> list[int]:
-    """Greedy continuation of one sequence by a transformers model, on the model's device."""
-    import torch
-
-    if new_tokens == 0:
-        return []
-    ids = input_ids[None].to(model.device)
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=model.config.pad_token_id or 0,
-        )
-    return out[0, input_ids.numel() :].tolist()
-
-
-def _run(model: Any, inputs: list[tuple[Any, int]], batch_size: int = 1) -> list[tuple[Any, list[int]]]:
-    """Prompt logits (batched) and greedy continuations of a transformers model for ``(ids, new_tokens)`` inputs."""
-    logits = _logits(model, [ids for ids, _ in inputs], batch_size)
-    return [(got, _greedy(model, ids, count)) for got, (ids, count) in zip(logits, inputs)]
-
-
 def fit_length(ids: Any, new_tokens: int, max_length: int, label: str) -> Any:
     """``ids`` cut so that it and ``new_tokens`` generated tokens fit in ``max_length`` (max_sequence_length, or the
     model's own max_position_embeddings when smaller), with a warning naming the sample."""
@@ -291,6 +246,7 @@ def compute_reference(
     from transformers import AutoTokenizer
 
     from .reference import load_model, on_device
+    from .runtimes.hf import prompt_logits, run_model
 
     if device_map is not None:
         options = RunOptions(options.batch_size, options.max_length, options.mmap, device_map)
@@ -319,9 +275,9 @@ def compute_reference(
         )
         try:
             model = PeftModel.from_pretrained(model, str(checkpoint)).eval()
-            results = _run(model, [(ids, new_tokens) for ids in encoded] + [(heldout, 0)], options.batch_size)
+            results = run_model(model, [(ids, new_tokens) for ids in encoded] + [(heldout, 0)], options.batch_size)
             with model.disable_adapter():  # the base alone on the held-out text: what the adapter changed
-                base_logits = _logits(model, [heldout])[0]
+                base_logits = prompt_logits(model, [heldout])[0]
         finally:
             del model
             _release(device)
@@ -387,115 +343,30 @@ def _max_positions(model_dir: Path) -> int:
         return 2**31
 
 
-def precision_of(artifact: Path) -> str:
-    """'full' when every floating-point weight is fp32; 'int4' when weights are stored in 4 or 5 bits (GGUF q4_*/q5_*,
-    ONNX MatMulNBits bits=4, compressed-tensors num_bits 4); else 'reduced' (bf16, fp16, 8-bit)."""
-    from .tensor_io import read_header
-
-    if artifact.suffix == ".gguf":
-        import gguf
-
-        types = {t.tensor_type.name for t in gguf.GGUFReader(str(artifact)).tensors}
-        if types == {"F32"}:
-            return "full"
-        return "int4" if any(t.startswith(("Q4", "Q5")) for t in types) else "reduced"
-    if artifact.suffix == ".engine":
-        from .exporters.tensorrt_export import precision_of_engine
-
-        return precision_of_engine(artifact)
-    if artifact.suffix == ".onnx":
-        import onnx
-
-        graph = onnx.load(str(artifact), load_external_data=False).graph
-        bits = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
-        if bits and min(bits) <= 5:
-            return "int4"
-        reduced = bits or any(
-            t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) for t in graph.initializer
-        )
-        return "reduced" if reduced else "full"
-    quantization = json.loads((artifact / "config.json").read_text()).get("quantization_config")
-    if quantization:  # int8/int4 compressed-tensors
-        bits = [group.get("weights", {}).get("num_bits", 8) for group in quantization.get("config_groups", {}).values()]
-        return "int4" if bits and min(bits) <= 5 else "reduced"
-    dtypes = {t.dtype for shard in sorted(artifact.glob("*.safetensors")) for t in read_header(shard).tensors.values()}
-    if not dtypes:  # a .bin artifact: its config says
-        dtype = json.loads((artifact / "config.json").read_text()).get("dtype") or "float32"
-        return "full" if dtype == "float32" else "reduced"
-    return "reduced" if dtypes & {"BF16", "F16", "F8_E4M3", "F8_E5M2", "I8", "U8"} else "full"
-
-
 def _run_artifact(
     artifact: Path, reference: Reference, new_tokens: int, options: RunOptions = RunOptions()
 ) -> list[tuple[Any, list[int]]]:
-    """Prompt logits and greedy tokens of the artifact for every reference input (transformers, placed by
-    ``options.device_map``; onnxruntime for a graph; TensorRT for an engine; llama.cpp for a GGUF), then the held-out
-    text's logits (no generation)."""
-    import torch
+    """Prompt logits and greedy tokens of the artifact for every reference input, in its runtime (runtime_for:
+    transformers placed by ``options.device_map``, onnxruntime, llama.cpp, TensorRT), then the held-out text's logits
+    (no generation)."""
+    from .reference import on_device
+    from .runtimes import runtime_for, runtime_name
 
     inputs = [(ids, new_tokens) for ids in reference.input_ids]
     if reference.heldout_ids is not None:
         inputs.append((reference.heldout_ids, 0))
-    if artifact.suffix == ".gguf":
-        runs = [_llama_cpp_run(artifact, ids.tolist(), count) for ids, count in inputs]
-        return [(torch.from_numpy(logits), tokens) for logits, tokens in runs]
-    if artifact.suffix in (".onnx", ".engine"):
-        from .exporters.onnx_export import OnnxDecoder
-        from .exporters.tensorrt_export import TensorRTDecoder
-
-        decoder = OnnxDecoder(artifact) if artifact.suffix == ".onnx" else TensorRTDecoder(artifact)
-        runs = [decoder.generate(ids.tolist(), count) for ids, count in inputs]
-        del decoder
-        return [(torch.from_numpy(logits), tokens) for logits, tokens in runs]
-    from transformers import AutoModelForCausalLM
-
-    from .reference import on_device
 
     def work(device: str) -> list[tuple[Any, list[int]]]:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(artifact), dtype="auto", device_map=device, disable_mmap=not options.mmap
-        ).eval()
+        runtime = runtime_for(artifact, device, mmap=options.mmap)
         try:
-            return _run(model, inputs, options.batch_size)
+            return runtime.run(inputs, options.batch_size)
         finally:
-            del model
+            runtime.close()
             _release(device)
 
+    if runtime_name(artifact) != "transformers":
+        return work("cpu")
     return on_device(options.device_map, work, what=i18n.ui("doing_artifact", artifact=artifact))
-
-
-def _llama_cpp_run(artifact: Path, tokens: list[int], new_tokens: int) -> tuple[Any, list[int]]:
-    """Prompt logits and greedy continuation of a GGUF in llama.cpp (llama-cpp-python), fed the reference's token
-    ids."""
-    import os
-
-    import numpy as np
-    from llama_cpp import Llama
-
-    # An f32 KV cache (llama.cpp's default is f16), so an f32 file is judged on its weights, not on the cache's
-    # rounding.
-    llm = Llama(
-        model_path=str(artifact),
-        n_ctx=len(tokens) + new_tokens + 8,
-        logits_all=True,
-        verbose=False,
-        n_threads=os.cpu_count() or 1,
-        seed=0,
-        type_k=0,
-        type_v=0,
-    )
-    llm.eval(tokens)
-    logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    generated, last, eos = [], logits[-1], llm.token_eos()
-    for _ in range(new_tokens):
-        token = int(last.argmax())
-        generated.append(token)
-        if token == eos:
-            break
-        llm.eval([token])
-        last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
-    llm.close()
-    return logits, generated
 
 
 def verify_gguf(

@@ -131,7 +131,7 @@ def test_llama_cpp_runs_the_file_and_agrees_with_transformers(tiny_base, tmp_pat
     pytest.importorskip("llama_cpp")
     from transformers import AutoModelForCausalLM
 
-    from model_export.verify import _llama_cpp_run
+    from model_export.runtimes.llamacpp import llama_cpp_run as _llama_cpp_run
 
     export_gguf(tiny_base, tmp_path, gguf_type=gguf_type)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
@@ -295,7 +295,7 @@ def test_llama_and_scaled_rope_run_in_llama_cpp_as_in_transformers(tiny_base, tm
     pytest.importorskip("llama_cpp")
     from transformers import AutoModelForCausalLM
 
-    from model_export.verify import _llama_cpp_run
+    from model_export.runtimes.llamacpp import llama_cpp_run as _llama_cpp_run
 
     folder = tiny_model(tiny_base, tmp_path / "model", arch, rope)
     info = export_gguf(folder, tmp_path / "gguf", gguf_type="f32")

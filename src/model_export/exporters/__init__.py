@@ -5,9 +5,9 @@ the benchmark and the docs' format table read it from here."""
 from __future__ import annotations
 
 from . import gguf_export, onnx_export, pytorch_export, safetensors_export, tensorrt_export
-from .base import ExportContext, ExportFormat
+from .base import WEIGHT_SUFFIXES, ExportContext, ExportFormat
 
-__all__ = ["FORMATS", "ExportFormat", "ExportContext", "format_table"]
+__all__ = ["FORMATS", "ExportFormat", "ExportContext", "WEIGHT_SUFFIXES", "format_table"]
 
 FORMATS: dict[str, ExportFormat] = {
     f.name: f

@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ExportFormat", "ExportContext"]
+__all__ = ["ExportFormat", "ExportContext", "WEIGHT_SUFFIXES"]
+
+# Files that hold weights, in any format (sizes against the base count these, not tokenizer or config files).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".data", ".gguf", ".engine")
 
 
 @dataclass(frozen=True)
@@ -47,4 +50,5 @@ class ExportFormat:
     settings: Callable[[Any], list[Any]] = lambda config: []
     extra: str | None = None
     description: str = ""
+    second_copy: str | None = None  # a file name prefix in the folder that is a second copy of the artifact
     notes: dict[str, Any] = field(default_factory=dict)

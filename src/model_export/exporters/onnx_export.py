@@ -16,12 +16,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .. import extras
 from ..errors import ExportFormatError
 from ..hf_layout import copy_tokenizer, write_atomic
 from ..monitoring import logger
+from ..runtimes.ort import OnnxDecoder, _config_file, eos_ids  # noqa: F401 - the decoder lives with the runtimes
 from .base import ExportContext, ExportFormat
 
 __all__ = ["export_onnx", "choose_backend", "onnx_weight_type", "OnnxDecoder", "MODEL_FILE", "OPTIMIZED_FILE"]
@@ -192,98 +191,6 @@ def write_genai_config(out: Path, config: dict[str, Any]) -> None:
     write_atomic(out / "genai_config.json", json.dumps(genai, indent=2) + "\n")
 
 
-def _dim(value: Any, fallback: Any) -> Any:
-    return value if isinstance(value, int) else fallback
-
-
-def _config_file(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def eos_ids(folder: Path) -> set[int]:
-    """The end-of-sequence ids a decoder in ``folder`` stops at (generation_config.json, else config.json)."""
-    eos = (_config_file(folder / "generation_config.json") or _config_file(folder / "config.json")).get("eos_token_id")
-    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-
-
-class OnnxDecoder:
-    """An exported decoder in onnxruntime (CPU): prompt logits and greedy continuation with the KV cache."""
-
-    def __init__(self, graph: str | Path, optimized: bool | None = None) -> None:
-        import onnxruntime as ort
-
-        graph = Path(graph)
-        options = ort.SessionOptions()
-        if optimized is False or (optimized is None and graph.name == MODEL_FILE):
-            # The plain graph is run as written, so a fault in it is not hidden (or caused) by a fusion.
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
-        first = self.inputs[self.past_names[0]]
-        self.kv_shape = first.shape
-        self.kv_dtype = np.float16 if "float16" in first.type else np.float32
-        step = self.inputs["input_ids"].shape[1]
-        self.step = step if isinstance(step, int) else None  # a fixed sequence axis: feed that many tokens per call
-        genai = _config_file(graph.parent / "genai_config.json").get("model", {}).get("decoder", {})
-        # Graphs from other builders may leave the cache's head axes symbolic: genai_config.json says what they are.
-        self.kv_shape = [
-            self.kv_shape[0],
-            _dim(self.kv_shape[1], genai.get("num_key_value_heads")),
-            0,
-            _dim(self.kv_shape[3], genai.get("head_size")),
-        ]
-        self.eos = eos_ids(graph.parent)
-
-    def empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
-        """An empty cache for ``batch`` sequences."""
-        shape = [batch, self.kv_shape[1], 0, self.kv_shape[3]]
-        if not all(isinstance(d, int) for d in shape):
-            raise ValueError(f"the cache's shape {self.kv_shape} is not known: no genai_config.json beside the graph")
-        return {name: np.zeros(shape, dtype=self.kv_dtype) for name in self.past_names}
-
-    def forward(
-        self, tokens: np.ndarray, past: dict[str, np.ndarray], start: int
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One call: ``tokens`` [batch, new] at positions start.. after ``past``; (logits as the graph gives them, the
-        cache)."""
-        batch, count = tokens.shape
-        feeds = {"input_ids": tokens, "attention_mask": np.ones((batch, start + count), dtype=np.int64), **past}
-        if "position_ids" in self.inputs:  # graphs that rotate inside attention take positions from the mask
-            feeds["position_ids"] = np.tile(np.arange(start, start + count, dtype=np.int64), (batch, 1))
-        results = dict(zip(self.output_names, self.session.run(None, feeds)))
-        present = {name: results[name.replace("past_key_values.", "present.")] for name in self.past_names}
-        return results["logits"], present
-
-    def _forward(
-        self, tokens: list[int], past: dict[str, np.ndarray], start: int
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        logits, present = self.forward(np.array([tokens], dtype=np.int64), past, start)
-        return logits[0].astype(np.float32), present
-
-    def prompt(self, tokens: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Logits for every prompt position ([len, vocab], float32) and the cache after it."""
-        past, rows, step = self.empty_past(), [], self.step or len(tokens)
-        for start in range(0, len(tokens), step):
-            logits, past = self._forward(tokens[start : start + step], past, start)
-            rows.append(logits)
-        return np.concatenate(rows), past
-
-    def generate(self, tokens: list[int], new_tokens: int) -> tuple[np.ndarray, list[int]]:
-        """(prompt logits, greedy continuation of up to ``new_tokens``, stopping after an end-of-sequence token)."""
-        logits, past = self.prompt(tokens)
-        generated, last = [], logits[-1]
-        for _ in range(new_tokens):
-            token = int(last.argmax())
-            generated.append(token)
-            if token in self.eos:
-                break
-            step, past = self._forward([token], past, len(tokens) + len(generated) - 1)
-            last = step[-1]
-        return logits, generated
-
-
 def _export(ctx: ExportContext) -> dict[str, Any]:
     c = ctx.config
     return export_onnx(
@@ -333,4 +240,5 @@ FORMAT = ExportFormat(
     ],
     extra="onnx",
     description="decoder with KV cache for onnxruntime and onnxruntime-genai",
+    second_copy=OPTIMIZED_FILE,
 )

@@ -1,0 +1,100 @@
+"""The runtimes: the one place that knows which runtime runs an artifact and how (transformers, onnxruntime,
+llama.cpp, TensorRT). Verification and the benchmark call ``runtime_for(path)`` and use its small API
+(runtimes/base.py); ``precision_of(path)`` says what precision an artifact's weights are stored in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .base import Runtime
+
+__all__ = ["Runtime", "runtime_for", "runtime_name", "precision_of", "tokenizer_folder", "runnables_in"]
+
+_BY_SUFFIX = {".onnx": "onnxruntime", ".gguf": "llama.cpp", ".engine": "tensorrt"}
+
+
+def runtime_name(path: str | Path) -> str:
+    """transformers for a model folder; onnxruntime for a graph, llama.cpp for a GGUF, TensorRT for an engine."""
+    return _BY_SUFFIX.get(Path(path).suffix, "transformers")
+
+
+def runtime_for(path: str | Path, device: str = "cpu", *, mmap: bool = True, optimized: bool | None = None) -> Runtime:
+    """Load ``path`` in its runtime. ``device`` places a transformers model (the others run where their runtime does:
+    onnxruntime and llama.cpp on the CPU, TensorRT on the GPU); ``mmap`` false reads transformers' weights into
+    memory; ``optimized`` asks onnxruntime to optimize a graph (default: the plain graph as written)."""
+    path, name = Path(path), runtime_name(path)
+    if name == "onnxruntime":
+        from .ort import OnnxRuntime
+
+        return OnnxRuntime(path, optimized=optimized)
+    if name == "llama.cpp":
+        from .llamacpp import LlamaCppRuntime
+
+        return LlamaCppRuntime(path)
+    if name == "tensorrt":
+        from .tensorrt import TensorRTRuntime
+
+        return TensorRTRuntime(path)
+    from .hf import TransformersRuntime
+
+    return TransformersRuntime(path, device, mmap=mmap)
+
+
+def runnables_in(target: str | Path) -> list[tuple[str, Path]]:
+    """(label, path) of what runs in ``target`` when it is one artifact rather than a run directory: a graph, GGUF or
+    engine file itself; a TensorRT folder's engine; a model folder; an ONNX folder's graph; a GGUF folder's file."""
+    target = Path(target)
+    if (target / "model.engine").is_file():  # a TensorRT folder (its config.json is not a model's)
+        return [("tensorrt", target / "model.engine")]
+    if target.suffix in _BY_SUFFIX or (target / "config.json").is_file():
+        return [(target.name, target)]
+    if (target / "model.onnx").is_file():
+        return [("onnx", target / "model.onnx")]
+    ggufs = sorted(target.glob("model-*.gguf"))
+    return [("gguf", ggufs[0])] if ggufs else []
+
+
+def tokenizer_folder(path: str | Path) -> Path:
+    """Where the Hugging Face tokenizer of an artifact is: the folder itself, or the folder of a graph or engine."""
+    path = Path(path)
+    return path.parent if runtime_name(path) != "transformers" else path
+
+
+def precision_of(artifact: str | Path) -> str:
+    """'full' when every floating-point weight is fp32; 'int4' when weights are stored in 4 or 5 bits (GGUF q4_*/q5_*,
+    ONNX MatMulNBits bits=4, compressed-tensors num_bits 4); else 'reduced' (bf16, fp16, 8-bit)."""
+    from ..tensor_io import read_header
+
+    artifact, name = Path(artifact), runtime_name(artifact)
+    if name == "llama.cpp":
+        import gguf
+
+        types = {t.tensor_type.name for t in gguf.GGUFReader(str(artifact)).tensors}
+        if types == {"F32"}:
+            return "full"
+        return "int4" if any(t.startswith(("Q4", "Q5")) for t in types) else "reduced"
+    if name == "tensorrt":
+        from .tensorrt import precision_of_engine
+
+        return precision_of_engine(artifact)
+    if name == "onnxruntime":
+        import onnx
+
+        graph = onnx.load(str(artifact), load_external_data=False).graph
+        bits = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+        if bits and min(bits) <= 5:
+            return "int4"
+        reduced = bits or any(
+            t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) for t in graph.initializer
+        )
+        return "reduced" if reduced else "full"
+    quantization = json.loads((artifact / "config.json").read_text()).get("quantization_config")
+    if quantization:  # int8/int4 compressed-tensors
+        bits = [group.get("weights", {}).get("num_bits", 8) for group in quantization.get("config_groups", {}).values()]
+        return "int4" if bits and min(bits) <= 5 else "reduced"
+    dtypes = {t.dtype for shard in sorted(artifact.glob("*.safetensors")) for t in read_header(shard).tensors.values()}
+    if not dtypes:  # a .bin artifact: its config says
+        dtype = json.loads((artifact / "config.json").read_text()).get("dtype") or "float32"
+        return "full" if dtype == "float32" else "reduced"
+    return "reduced" if dtypes & {"BF16", "F16", "F8_E4M3", "F8_E5M2", "I8", "U8"} else "full"

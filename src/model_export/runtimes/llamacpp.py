@@ -1,0 +1,100 @@
+"""llama.cpp (llama-cpp-python): a GGUF file, fed token ids, on the CPU."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .base import Runtime
+
+__all__ = ["LlamaCppRuntime", "llama_cpp_run"]
+
+
+def llama_cpp_run(artifact: Path, tokens: list[int], new_tokens: int) -> tuple[Any, list[int]]:
+    """Prompt logits and greedy continuation of a GGUF in llama.cpp (llama-cpp-python), fed the reference's token
+    ids."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    # An f32 KV cache (llama.cpp's default is f16), so an f32 file is judged on its weights, not on the cache's
+    # rounding.
+    llm = Llama(
+        model_path=str(artifact),
+        n_ctx=len(tokens) + new_tokens + 8,
+        logits_all=True,
+        verbose=False,
+        n_threads=os.cpu_count() or 1,
+        seed=0,
+        type_k=0,
+        type_v=0,
+    )
+    llm.eval(tokens)
+    logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    generated, last, eos = [], logits[-1], llm.token_eos()
+    for _ in range(new_tokens):
+        token = int(last.argmax())
+        generated.append(token)
+        if token == eos:
+            break
+        llm.eval([token])
+        last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+    llm.close()
+    return logits, generated
+
+
+class LlamaCppRuntime(Runtime):
+    """A GGUF in llama.cpp. Verification runs each input in a context of its own size (logits of every position);
+    the benchmark decodes in one context of 2048 tokens."""
+
+    name = "llama.cpp"
+    batches = False  # llama-cpp-python's Llama holds one sequence
+
+    def __init__(self, path: Path) -> None:
+        from llama_cpp import Llama  # noqa: F401 - fail early with the import error when llama-cpp-python is missing
+
+        self.path, self.device, self._llm = Path(path), "cpu", None
+
+    def run(self, inputs: list[tuple[Any, int]], batch_size: int = 1) -> list[tuple[Any, list[int]]]:
+        import torch
+
+        runs = [llama_cpp_run(self.path, [int(i) for i in ids], count) for ids, count in inputs]
+        return [(torch.from_numpy(logits), tokens) for logits, tokens in runs]
+
+    @property
+    def llm(self) -> Any:
+        if self._llm is None:
+            from llama_cpp import Llama
+
+            self._llm = Llama(model_path=str(self.path), n_ctx=2048, verbose=False, n_threads=os.cpu_count() or 1)
+        return self._llm
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """The GGUF's own tokenizer and chat template (a GGUF folder has no Hugging Face tokenizer)."""
+        text = self.llm.metadata.get("tokenizer.chat_template")
+        if text:
+            from jinja2 import Template
+
+            text = Template(text).render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True)
+        return self.llm.tokenize((text or prompt).encode("utf-8"), add_bos=False, special=True)
+
+    def timed(self, ids: list[int], new_tokens: int, batch: int = 1) -> tuple[float, float]:
+        import numpy as np
+
+        llm = self.llm
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(ids)
+        ttft = time.perf_counter() - start
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return ttft, time.perf_counter() - start
+
+    def close(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
