@@ -59,10 +59,10 @@ def artifacts_of(target: str | Path) -> list[tuple[str, Path]]:
     target = Path(target)
     manifest = target / "run.json"
     if manifest.is_file():
+        from .manifest import RunManifest
         from .verify import verifiable
 
-        result = json.loads(manifest.read_text(encoding="utf-8"))["steps"].get("export", {}).get("result", {})
-        return [(label, path) for label, path in verifiable(result.get("artifacts", {}))]
+        return verifiable(RunManifest.load(manifest).export().artifacts)
     from .runtimes import runnables_in
 
     found = runnables_in(target)

@@ -35,15 +35,14 @@ from .config_validator import check_config
 from .errors import BaseModelError, ExportError, ResourceError, explain
 from .faults import crash_point
 from .hf_layout import tokenizer_source, write_atomic
+from .manifest import MANIFEST, RunManifest, StepRecord, finite
 from .model_merger import merge, merge_settings
 from .monitoring import MemoryMonitor, human_bytes, logger, setup_logging, timed_step
 from .reference import resolve_device
 from .tensor_io import file_sha256
-from .verify import finite
 
 __all__ = ["run", "RunResult", "MANIFEST", "STEPS"]
 
-MANIFEST = "run.json"
 STEP_FILE = ".step.json"  # each step's result, hidden so that it never joins an artifact
 STEPS = OUTPUT_STEPS
 
@@ -73,22 +72,14 @@ class _Run:
         self.config = config
         self.out = Path(config.output_dir)
         self.manifest_path = self.out / MANIFEST
-        self.manifest = self._load_manifest()
+        self.manifest = RunManifest.load(self.manifest_path)
         self.keys: dict[str, str] = {}
         self.results: dict[str, Any] = {}
         self.monitor = MemoryMonitor(config.memory_monitoring_interval, enabled=config.memory_monitoring)
         self.log_file = str(config.log_file or self.out / "export.log")
 
-    def _load_manifest(self) -> dict[str, Any]:
-        if self.manifest_path.is_file():
-            try:
-                return json.loads(self.manifest_path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                logger.warning(i18n.ui("manifest_unreadable", path=self.manifest_path))
-        return {"version": 1, "steps": {}}
-
     def _save(self) -> None:
-        write_atomic(self.manifest_path, json.dumps(finite(self.manifest), indent=2, default=str, allow_nan=False))
+        self.manifest.save(self.manifest_path)
 
     def step(
         self,
@@ -98,28 +89,28 @@ class _Run:
         outputs: Callable[[dict[str, Any]], list[Path]] = lambda result: [],
     ) -> dict[str, Any]:
         """Run ``action`` unless the manifest holds this step done with the same key and its output files
-        unchanged (name, size, modification time); record what happened."""
+        unchanged (name, size, modification time, sampled content); record what happened."""
         previous = [self.keys[s] for s in STEPS[: STEPS.index(name)] if s in self.keys]
         key = _hash([name, previous, inputs])
         self.keys[name] = key
-        record = self.manifest["steps"].get(name, {})
-        unchanged = record.get("outputs", []) == _fingerprint(outputs(record.get("result", {})))
+        record = self.manifest.steps.get(name) or StepRecord(status="none")
+        unchanged = record.outputs == _fingerprint(outputs(record.result))
         logger.debug(
             "step %s: key %s (recorded: %s, status %s), outputs unchanged: %s",
             name,
             key[:12],
-            str(record.get("key", "none"))[:12],
-            record.get("status", "none"),
+            record.key[:12] or "none",
+            record.status,
             unchanged,
         )
-        if record.get("status") == "done" and record.get("key") == key and unchanged:
-            logger.info(i18n.ui("step_skipped", step=name, when=record.get("finished", "?")))
-            record["skipped"] = True
-            self.results[name] = record.get("result", {})
+        if record.status == "done" and record.key == key and unchanged:
+            logger.info(i18n.ui("step_skipped", step=name, when=record.finished or "?"))
+            record.skipped = True
+            self.results[name] = record.result
             return self.results[name]
         first_sample = len(self.monitor.samples)
         self.monitor.sample()
-        self.manifest["steps"][name] = record = {"status": "running", "key": key, "skipped": False}
+        self.manifest.steps[name] = record = StepRecord(status="running", key=key)
         self._save()
         try:
             with timed_step(name) as timing:  # logs the step's duration, or its failure
@@ -129,22 +120,18 @@ class _Run:
                 error = ResourceError("disk_full", step=name, path=str(self.out), free=_free_space(self.out))
             else:
                 error = explain(exc, i18n.ui("where_step", step=name), self.log_file)
-            record.update(status="failed", error=error.to_dict(), seconds=round(timing["seconds"], 3))
+            record.status, record.error, record.seconds = "failed", error.to_dict(), round(timing["seconds"], 3)
             self._save()
             if error is exc:
                 raise
             raise error from exc
         self.monitor.sample()
         (self.out / name).mkdir(exist_ok=True)
-        write_atomic(self.out / name / STEP_FILE, json.dumps(result, indent=2, default=str))
-        record.update(
-            status="done",
-            result=result,
-            outputs=_fingerprint(outputs(result)),
-            seconds=round(timing["seconds"], 3),
-            peak_rss=max(rss for _, rss in self.monitor.samples[first_sample:]),
-            finished=time.strftime("%Y-%m-%d %H:%M:%S"),
-        )
+        write_atomic(self.out / name / STEP_FILE, json.dumps(finite(result), indent=2, default=str))
+        record.status, record.result, record.outputs = "done", result, _fingerprint(outputs(result))
+        record.seconds = round(timing["seconds"], 3)
+        record.peak_rss = max(rss for _, rss in self.monitor.samples[first_sample:])
+        record.finished = time.strftime("%Y-%m-%d %H:%M:%S")
         self._save()
         crash_point("step")
         self.results[name] = result
@@ -196,7 +183,7 @@ def run(config: ExportConfiguration) -> RunResult:
     with output_lock(out):
         setup_logging(config.log_level, config.log_file or out / "export.log")
         state = _Run(config)
-        state.manifest["config"] = config.model_dump(mode="json")
+        state.manifest.config = config.model_dump(mode="json")
         with state.monitor:
             try:
                 _steps(state)
@@ -211,7 +198,7 @@ def run(config: ExportConfiguration) -> RunResult:
     verify = state.results.get("verify", {})
     return RunResult(
         str(out),
-        state.manifest["steps"],
+        state.manifest.steps_dict(),
         state.results.get("export", {}).get("artifacts", {}),
         state.results.get("report", {}).get("html"),
         verify.get("passed"),
@@ -287,7 +274,7 @@ def _steps(state: _Run) -> None:
         from .exporters.tensorrt_export import check_tensorrt
 
         check_tensorrt()  # no tensorrt package or no GPU: ME810 naming what is missing, before anything is written
-    if state.manifest["steps"].get("merge", {}).get("status") != "done":
+    if "merge" not in state.manifest.steps or state.manifest.steps["merge"].status != "done":
         check_disk_space(c, info, state.out)
     settings = merge_settings(c)  # the same translation ModelMerger(config).merge() uses
     key = [settings[k] for k in ("dtype", "max_shard_size", "compress_weights", "remove_training_artifacts")]
@@ -332,7 +319,7 @@ def _steps(state: _Run) -> None:
         ]
         state.step("verify", settings, lambda: _verify(state, checkpoint, info.path))
     else:
-        state.manifest["steps"].pop("verify", None)
+        state.manifest.steps.pop("verify", None)
         state.results["verify"] = {"skipped": i18n.ui("reason_validation_off")}
     if c.run_benchmarks:
         from dataclasses import asdict
@@ -358,7 +345,7 @@ def _steps(state: _Run) -> None:
             },
         )
     else:
-        state.manifest["steps"].pop("benchmark", None)
+        state.manifest.steps.pop("benchmark", None)
     _report(state)
 
 
@@ -523,7 +510,9 @@ def verdict_counts(verdicts: dict[str, dict[str, Any]]) -> dict[str, int]:
 def _report(state: _Run, failure: ExportError | None = None) -> None:
     from .report import summary_rows, write_report
 
-    paths = write_report(state.out, state.manifest, state.results, state.monitor.samples, failure)
+    paths = write_report(
+        state.out, {"steps": state.manifest.steps_dict()}, state.results, state.monitor.samples, failure
+    )
     for row in summary_rows(state.results):
         if row["warning"]:
             logger.warning("%s: %s", row["format"], row["warning"])

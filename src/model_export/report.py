@@ -14,8 +14,9 @@ from typing import Any
 
 from . import i18n
 from .hf_layout import write_atomic
+from .manifest import RunManifest, finite
 from .monitoring import human_bytes
-from .verify import finite, reference_line
+from .verify import reference_line
 
 __all__ = ["write_report", "summary_rows", "verdict_summary"]
 
@@ -315,7 +316,6 @@ def write_report(
 
 def rerender_report(run_dir: Path, benchmark_results: list[dict[str, Any]]) -> str:
     """Write report.html and report.json of a finished run again, with benchmark results added; return the html path."""
-    manifest = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    results = {name: step.get("result", {}) for name, step in manifest.get("steps", {}).items()}
-    results["benchmark"] = {"results": benchmark_results}
-    return write_report(run_dir, manifest, results, [])["html"]
+    manifest = RunManifest.load(run_dir)
+    results = {**manifest.results(), "benchmark": {"results": benchmark_results}}
+    return write_report(run_dir, {"steps": manifest.steps_dict()}, results, [])["html"]

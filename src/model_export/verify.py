@@ -26,6 +26,7 @@ from typing import Any
 
 from . import i18n
 from .errors import ResourceError, ValidationError
+from .manifest import finite
 from .monitoring import logger
 from .runtimes import precision_of
 
@@ -116,17 +117,6 @@ class ArtifactVerdict:
         data["samples"] = [asdict(sample) for sample in self.samples]
         data.update(max_abs_diff=self.max_abs_diff, mean_kl=self.mean_kl, top1_agreement=self.top1_agreement)
         return finite(data)
-
-
-def finite(data: Any) -> Any:
-    """``data`` with every NaN or infinite float replaced by None, so json.dumps(allow_nan=False) accepts it."""
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {k: finite(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [finite(v) for v in data]
-    return data
 
 
 @dataclass

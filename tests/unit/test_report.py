@@ -77,3 +77,26 @@ def test_without_verification_nothing_is_called_verified():
     data["verify"] = {"skipped": "run_validation_tests is false"}
     [row] = summary_rows(data)
     assert row["status"] == "not_run" and row["reason"] == "run_validation_tests is false"
+
+
+def test_run_json_is_versioned_an_older_one_is_read_a_newer_one_refused(tmp_path):
+    import pytest
+
+    from model_export import ConfigError
+    from model_export.manifest import VERSION, RunManifest
+
+    old = {
+        "version": 1,
+        "steps": {
+            "export": {"status": "done", "key": "k", "result": {"artifacts": {"onnx": "x/onnx"}}, "unknown_field": 1}
+        },
+    }
+    (tmp_path / "run.json").write_text(json.dumps(old))
+    manifest = RunManifest.load(tmp_path)
+    assert manifest.steps["export"].status == "done" and manifest.export().artifacts == {"onnx": "x/onnx"}
+    manifest.save(tmp_path / "run.json")
+    assert json.loads((tmp_path / "run.json").read_text())["version"] == VERSION
+    (tmp_path / "run.json").write_text(json.dumps({"version": VERSION + 1, "steps": {}}))
+    with pytest.raises(ConfigError) as err:
+        RunManifest.load(tmp_path)
+    assert err.value.code == "ME109" and "pip install -U model-export" in err.value.hint()
