@@ -19,7 +19,7 @@ from .base_model import BaseModelInfo
 from .errors import MergeError
 from .tensor_io import TORCH_TO_SAFETENSORS, PlannedTensor, TensorInfo
 
-__all__ = ["LoraUpdate", "OutputTensor", "MergePlan", "make_plan", "OUTPUT_DTYPES"]
+__all__ = ["LoraUpdate", "OutputTensor", "MergePlan", "make_plan", "adapter_plan", "OUTPUT_DTYPES"]
 
 OUTPUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -184,6 +184,20 @@ def make_plan(
             config["tie_word_embeddings"] = False
     vocab = _vocab(tensors, embed_name, config)
     return MergePlan(tensors, config, untied, vocab)
+
+
+def adapter_plan(
+    checkpoint: Path, adapter_config: dict[str, Any], info: BaseModelInfo, dtype: str = "auto", compress: bool = True
+) -> tuple[MergePlan, Path]:
+    """The plan for ``checkpoint`` on ``info``: the adapter read (adapter_format.load_adapter_state), what it cannot
+    reproduce refused (ME701), whole tensors it saved put in place of the base's. The merge and the layer-streamed
+    reference read the adapter through this one function. Returns the plan and the adapter's weights file."""
+    from .adapter_format import load_adapter_state
+
+    lora, full, adapter_file = load_adapter_state(checkpoint)
+    check_supported(adapter_config, list(lora) + list(full))
+    full_by_base = {parse_adapter_key(k)[0]: v for k, v in full.items()}
+    return make_plan(adapter_config, lora, full_by_base, info, dtype, compress), adapter_file
 
 
 def _check_biases(modules: dict[str, LoraUpdate], base: BaseModelInfo) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import i18n
-from .adapter_format import ADAPTER_CONFIG, load_adapter_state, parse_adapter_key, read_adapter_config
+from .adapter_format import ADAPTER_CONFIG, read_adapter_config
 from .base_model import BaseModelInfo, inspect_base_model, resolve_base_model
 from .checkpoint_detector import detect
 from .checkpoint_validator import validate_checkpoint
@@ -39,7 +39,7 @@ from .hf_layout import (
     write_model_card,
 )
 from .merge_math import Workspace, merged_chunks
-from .merge_plan import MergePlan, OutputTensor, check_supported, make_plan
+from .merge_plan import MergePlan, OutputTensor, adapter_plan
 from .monitoring import MemoryMonitor, Progress, logger
 from .tensor_io import SafetensorsFormatError, ShardPlan, ShardWriter, file_sha256, plan_shards, readinto_full
 
@@ -114,7 +114,7 @@ def merge(
         if validate:  # the pipeline's check step has done it already
             validate_checkpoint(checkpoint, base, progress=False)
         info = inspect_base_model(base)
-        plan, adapter_file = _plan(checkpoint, adapter_config, info, dtype, compress_weights)
+        plan, adapter_file = adapter_plan(checkpoint, adapter_config, info, dtype, compress_weights)
         stem, suffix, index_name = FORMATS[format]
         shards = plan_shards([t.planned for t in plan.tensors], parse_size(max_shard_size), stem, suffix)
         key = _plan_key(
@@ -178,16 +178,6 @@ def _refuse_inputs_as_output(out: Path, checkpoint: Path, base_dir: Path) -> Non
     for path in (checkpoint.resolve(), base_dir.resolve()):
         if target == path or target.is_relative_to(path) or path.is_relative_to(target):
             raise MergeError("merge_output_is_input", out=str(out), input=str(path))
-
-
-def _plan(
-    checkpoint: Path, adapter_config: dict, info: BaseModelInfo, dtype: str, compress: bool
-) -> tuple[MergePlan, Path]:
-    lora, full, adapter_file = load_adapter_state(checkpoint)
-    check_supported(adapter_config, list(lora) + list(full))
-    full_by_base = {parse_adapter_key(k)[0]: v for k, v in full.items()}
-    plan = make_plan(adapter_config, lora, full_by_base, info, dtype, compress)
-    return plan, adapter_file
 
 
 def _plan_key(
