@@ -236,6 +236,14 @@ class ExportConfiguration(BaseModel):
         description="4- and 5-bit artifacts: largest mean KL divergence from the reference (llama.cpp measures "
         "0.072 for Llama 3 8B q4_0, 0.031 for q4_K_M, 0.445 for the broken-quality q2_K).",
     )
+    verification_runtime: Literal["auto", "streamed", "transformers"] = Field(
+        "auto",
+        description="How verification runs the reference (base + adapter) and safetensors artifacts. "
+        "streamed: layer by layer on the CPU (one decoder layer in memory at a time, the LoRA unmerged in fp32, "
+        "what PEFT computes) for Qwen3, Qwen2, Llama and Mistral; transformers: the whole model loaded, as the "
+        "libraries users deploy with load it; auto: streamed on the CPU, transformers on a GPU or with bitsandbytes "
+        "loading. Where streaming does not cover a model, transformers runs and the log says why.",
+    )
     validation_new_tokens: int = Field(
         16, ge=1, description="Tokens generated greedily per sample to compare generations."
     )

@@ -316,6 +316,7 @@ def _steps(state: _Run) -> None:
             c.max_sequence_length,
             c.batch_size,
             c.save_intermediate_results,
+            c.verification_runtime,
         ]
         state.step("verify", settings, lambda: _verify(state, checkpoint, info.path))
     else:

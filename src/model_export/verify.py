@@ -192,10 +192,24 @@ class RunOptions:
     max_length: int = 2048
     mmap: bool = True
     device_map: str = "cpu"
+    runtime: str = "auto"  # verification_runtime: auto, streamed, transformers
 
     @classmethod
     def from_config(cls, config: Any) -> RunOptions:
-        return cls(config.batch_size, config.max_sequence_length, config.use_memory_mapping, config.device_map)
+        return cls(
+            config.batch_size,
+            config.max_sequence_length,
+            config.use_memory_mapping,
+            config.device_map,
+            config.verification_runtime,
+        )
+
+    def placed(self, device_map: str | None) -> RunOptions:
+        return (
+            self
+            if device_map is None
+            else RunOptions(self.batch_size, self.max_length, self.mmap, device_map, self.runtime)
+        )
 
 
 def reference_line(device: str, precision: str) -> str:
@@ -238,8 +252,7 @@ def compute_reference(
     from .reference import load_model, on_device
     from .runtimes.hf import prompt_logits, run_model
 
-    if device_map is not None:
-        options = RunOptions(options.batch_size, options.max_length, options.mmap, device_map)
+    options = options.placed(device_map)
     limit = min(options.max_length, _max_positions(base_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     encoded = [fit_length(_encode(tokenizer, p), new_tokens, limit, repr(p[:40])) for p in prompts]
@@ -286,9 +299,81 @@ def compute_reference(
             entropy(base_logits),
         )
 
-    reference = on_device(options.device_map, work, what=i18n.ui("doing_reference"))
+    refused = _not_streamed(options, base_dir, checkpoint, load_in_4bit or load_in_8bit)
+    if refused is None:
+        reference = _streamed_reference(base_dir, checkpoint, prompts, encoded, heldout, new_tokens, options)
+    else:
+        if options.runtime != "transformers":
+            logger.info(i18n.ui("streamed_fallback", reason=refused))
+        reference = on_device(options.device_map, work, what=i18n.ui("doing_reference"))
     check_reference(reference, checkpoint)
     return reference
+
+
+def _not_streamed(options: RunOptions, base_dir: Path, checkpoint: Path, bitsandbytes: bool) -> str | None:
+    """Why the reference is not computed layer by layer (verification_runtime), or None when it is."""
+    from .adapter_format import read_adapter_config
+    from .errors import MergeError
+    from .reference import resolve_device
+    from .streamed import streamable
+
+    if options.runtime == "transformers":
+        return i18n.ui("streamed_off")
+    if bitsandbytes:
+        return i18n.ui("streamed_bitsandbytes")
+    if options.runtime == "auto" and resolve_device(options.device_map) == "cuda":
+        return i18n.ui("streamed_gpu")
+    reason = streamable(base_dir, read_adapter_config(checkpoint))
+    if reason is None:
+        from .base_model import inspect_base_model
+        from .merge_plan import adapter_plan
+
+        try:
+            adapter_plan(checkpoint, read_adapter_config(checkpoint), inspect_base_model(str(base_dir)))
+        except MergeError as exc:
+            reason = str(exc)
+    return reason
+
+
+def _streamed_reference(
+    base_dir: Path,
+    checkpoint: Path,
+    prompts: list[str],
+    encoded: list[Any],
+    heldout: Any,
+    new_tokens: int,
+    options: RunOptions,
+) -> Reference:
+    """The reference through the layer-streamed pass on the CPU (streamed.py), which agrees with PEFT's unmerged model
+    to fp32 rounding, one decoder layer in memory at a time."""
+    from .runtimes.hf import prompt_logits, run_model
+    from .streamed import StreamedModel
+
+    logger.info(reference_line("cpu", "full"))
+    model = StreamedModel(base_dir, checkpoint)
+    try:
+        results = run_model(model, [(ids, new_tokens) for ids in encoded] + [(heldout, 0)], options.batch_size)
+    finally:
+        model.close()
+    base = StreamedModel(base_dir)  # the base alone on the held-out text: what the adapter changed
+    try:
+        base_logits = prompt_logits(base, [heldout])[0]
+    finally:
+        base.close()
+    heldout_logits = results.pop()[0]
+    return Reference(
+        prompts,
+        encoded,
+        [r[0] for r in results],
+        [r[1] for r in results],
+        heldout,
+        perplexity(heldout_logits, heldout),
+        "cpu",
+        "full",
+        perplexity(base_logits, heldout),
+        entropy(heldout_logits),
+        entropy(base_logits),
+    )
 
 
 def check_reference(reference: Reference, checkpoint: Path) -> None:
@@ -347,7 +432,7 @@ def _run_artifact(
         inputs.append((reference.heldout_ids, 0))
 
     def work(device: str) -> list[tuple[Any, list[int]]]:
-        runtime = runtime_for(artifact, device, mmap=options.mmap)
+        runtime = runtime_for(artifact, device, mmap=options.mmap, streamed=options.runtime != "transformers")
         try:
             return runtime.run(inputs, options.batch_size)
         finally:
@@ -460,8 +545,7 @@ def verify_artifact(
     precision = "unknown"
     try:
         precision = precision_of(artifact)
-        if device_map is not None:
-            options = RunOptions(options.batch_size, options.max_length, options.mmap, device_map)
+        options = options.placed(device_map)
         runs = _run_artifact(artifact, reference, new_tokens, options)
         gc.collect()
     except (ResourceError, MemoryError, KeyboardInterrupt):  # the machine's fault or the user's, not the artifact's

@@ -240,8 +240,8 @@ def test_use_memory_mapping_decides_how_transformers_reads_the_weights(training,
         return original(cls, *args, **kwargs)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
-    run(config_for(training, tmp_path / "mapped"))
-    run(config_for(training, tmp_path / "read", use_memory_mapping=False))
+    run(config_for(training, tmp_path / "mapped", verification_runtime="transformers"))
+    run(config_for(training, tmp_path / "read", use_memory_mapping=False, verification_runtime="transformers"))
     assert seen == [False, False, True, True]  # reference and artifact, in each run
 
 
@@ -336,3 +336,28 @@ def test_square_brackets_in_messages_are_printed_not_swallowed(capsys, tmp_path)
     err = capsys.readouterr().err
     assert f"Checkpoint directory does not exist: {path}" in err
     assert i18n.ui("reason_no_llama_cpp").count("[llamacpp]") == 1
+
+
+def test_verification_runtime_streams_the_reference_or_loads_it_whole(training, tmp_path, monkeypatch):
+    """auto (the default, on the CPU): the reference and the safetensors artifact go through the layer-streamed pass
+    and transformers never loads a whole model; transformers: today's whole-model loading. Both give the same verdicts
+    and the same metrics to fp32 rounding."""
+    from transformers import AutoModelForCausalLM
+
+    loads = []
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        loads.append(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    streamed = run(config_for(training, tmp_path / "streamed"))
+    log = (tmp_path / "streamed" / "export.log").read_text(encoding="utf-8")
+    assert loads == [] and "Reference streamed layer by layer (2 decoder layers" in log
+    whole = run(config_for(training, tmp_path / "whole", verification_runtime="transformers"))
+    assert len(loads) == 2 and "streamed layer by layer" not in (tmp_path / "whole" / "export.log").read_text()
+    a = streamed.steps["verify"]["result"]["verdicts"]["safetensors"]
+    b = whole.steps["verify"]["result"]["verdicts"]["safetensors"]
+    assert a["status"] == b["status"] == "verified" and abs(a["max_abs_diff"] - b["max_abs_diff"]) < 1e-4
+    assert abs(a["perplexity"] - b["perplexity"]) < 1e-3 * b["perplexity"]

@@ -19,11 +19,18 @@ def runtime_name(path: str | Path) -> str:
     return _BY_SUFFIX.get(Path(path).suffix, "transformers")
 
 
-def runtime_for(path: str | Path, device: str = "cpu", *, mmap: bool = True, optimized: bool | None = None) -> Runtime:
+def runtime_for(
+    path: str | Path, device: str = "cpu", *, mmap: bool = True, optimized: bool | None = None, streamed: bool = False
+) -> Runtime:
     """Load ``path`` in its runtime. ``device`` places a transformers model (the others run where their runtime does:
     onnxruntime and llama.cpp on the CPU, TensorRT on the GPU); ``mmap`` false reads transformers' weights into
-    memory; ``optimized`` asks onnxruntime to optimize a graph (default: the plain graph as written)."""
+    memory; ``optimized`` asks onnxruntime to optimize a graph (default: the plain graph as written); ``streamed`` runs
+    a plain safetensors model folder on the CPU one layer at a time (streamed.py) where the architecture is covered."""
     path, name = Path(path), runtime_name(path)
+    if name == "transformers" and streamed and device == "cpu" and streamable_folder(path):
+        from .streamed import StreamedRuntime
+
+        return StreamedRuntime(path)
     if name == "onnxruntime":
         from .ort import OnnxRuntime
 
@@ -39,6 +46,18 @@ def runtime_for(path: str | Path, device: str = "cpu", *, mmap: bool = True, opt
     from .hf import TransformersRuntime
 
     return TransformersRuntime(path, device, mmap=mmap)
+
+
+def streamable_folder(path: Path) -> bool:
+    """A model folder of safetensors weights, not quantized, of an architecture the layer-streamed pass covers."""
+    from ..streamed import streamable
+
+    config = path / "config.json"
+    if not config.is_file() or not any(path.glob("*.safetensors")):
+        return False
+    if json.loads(config.read_text(encoding="utf-8")).get("quantization_config"):
+        return False
+    return streamable(path) is None
 
 
 def runnables_in(target: str | Path) -> list[tuple[str, Path]]:
