@@ -111,3 +111,18 @@ def test_what_it_does_not_cover_is_named(tiny_base, tmp_path):
     assert "GPT2LMHeadModel" in streamable(tmp_path)
     assert "fan_in_fan_out" in streamable(tiny_base, {"fan_in_fan_out": True})
     assert streamable(tiny_base, {"use_dora": True}) is None
+
+
+def test_lockstep_decoding_gives_each_sequence_its_lone_greedy_tokens(tiny_base, tmp_path):
+    """The streamed reference decodes its samples together (one pass per token for all); each continuation is the
+    one PEFT's model generates for that sample alone."""
+    from model_export.runtimes.hf import greedy, run_model
+
+    adapter = build_adapter(tiny_base, tmp_path / "adapter")
+    reference, streamed = peft_reference(tiny_base, adapter), StreamedModel(tiny_base, adapter)
+    inputs = [(torch.tensor([1, 5, 9, 22]), 8), (torch.tensor([3, 17, 40, 7, 7, 2, 11]), 8), (torch.tensor([9, 9]), 8)]
+    got = run_model(streamed, inputs)
+    for (ids, count), (logits, tokens) in zip(inputs, got):
+        assert tokens == greedy(reference, ids, count)
+        with torch.no_grad():
+            assert float((reference(ids[None]).logits[0] - logits).abs().max()) <= 1e-5
