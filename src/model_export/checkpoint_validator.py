@@ -32,6 +32,7 @@ from .adapter_format import (  # noqa: F401 - the adapter format's names, import
 )
 from .base_model import TOKENIZER_FILES, BaseModelInfo, inspect_base_model, tokenizer_source
 from .errors import BaseModelError, CheckpointValidationError
+from .hf_layout import TOKENIZER_SET
 from .monitoring import Progress, logger
 from .tensor_io import input_file, read_bytes, row_bytes
 
@@ -77,19 +78,7 @@ class CheckpointReport:
         return asdict(self)
 
 
-ROOT_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-    "trainer_state.json",
-)
+ROOT_FILES = (*TOKENIZER_SET, "generation_config.json", "trainer_state.json")
 
 
 def _check_root_files(root: Path) -> None:

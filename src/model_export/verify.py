@@ -284,20 +284,7 @@ def compute_reference(
         finally:
             del model
             _release(device)
-        heldout_logits = results.pop()[0]
-        return Reference(
-            prompts,
-            encoded,
-            [r[0] for r in results],
-            [r[1] for r in results],
-            heldout,
-            perplexity(heldout_logits, heldout),
-            device,
-            precision,
-            perplexity(base_logits, heldout),
-            entropy(heldout_logits),
-            entropy(base_logits),
-        )
+        return _reference(prompts, encoded, results, heldout, base_logits, device, precision)
 
     refused = _not_streamed(options, base_dir, checkpoint, load_in_4bit or load_in_8bit)
     if refused is None:
@@ -360,16 +347,31 @@ def _streamed_reference(
         base_logits = prompt_logits(base, [heldout])[0]
     finally:
         base.close()
-    heldout_logits = results.pop()[0]
+    return _reference(prompts, encoded, results, heldout, base_logits, "cpu", "full")
+
+
+def _reference(
+    prompts: list[str],
+    encoded: list[Any],
+    results: list[Any],
+    heldout: Any,
+    base_logits: Any,
+    device: str,
+    precision: str,
+) -> Reference:
+    """The Reference from the runs of every prompt and, last, of the held-out text (logits only), and the base's
+    held-out logits."""
+    heldout_logits = results[-1][0]
+    runs = results[:-1]
     return Reference(
         prompts,
         encoded,
-        [r[0] for r in results],
-        [r[1] for r in results],
+        [r[0] for r in runs],
+        [r[1] for r in runs],
         heldout,
         perplexity(heldout_logits, heldout),
-        "cpu",
-        "full",
+        device,
+        precision,
         perplexity(base_logits, heldout),
         entropy(heldout_logits),
         entropy(base_logits),
