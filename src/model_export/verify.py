@@ -435,6 +435,16 @@ def _run_artifact(
 
     def work(device: str) -> list[tuple[Any, list[int]]]:
         runtime = runtime_for(artifact, device, mmap=options.mmap, streamed=options.runtime != "transformers")
+        logger.info(
+            i18n.ui(
+                "verify_running",
+                artifact=artifact,
+                runtime=runtime.name,
+                samples=len(inputs),
+                tokens=sum(int(ids.numel()) for ids, _ in inputs),
+                new=new_tokens,
+            )
+        )
         try:
             return runtime.run(inputs, options.batch_size)
         finally:

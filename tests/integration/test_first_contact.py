@@ -361,3 +361,30 @@ def test_verification_runtime_streams_the_reference_or_loads_it_whole(training, 
     b = whole.steps["verify"]["result"]["verdicts"]["safetensors"]
     assert a["status"] == b["status"] == "verified" and abs(a["max_abs_diff"] - b["max_abs_diff"]) < 1e-4
     assert abs(a["perplexity"] - b["perplexity"]) < 1e-3 * b["perplexity"]
+
+
+def test_every_export_and_verification_says_how_far_it_is(training, tmp_path):
+    """Issue 16: no long step is silent: each exporter logs its progress (a line every few seconds and the last),
+    verification names what it runs, in which runtime, on how many inputs and tokens."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("gguf")
+    out = tmp_path / "out"
+    run(
+        config_for(
+            training,
+            out,
+            export_formats=["safetensors", "onnx", "gguf"],
+            quantization_level="int8",
+            onnx_optimize_graph=False,
+            validation_min_top1=0.5,
+            validation_max_kl=1.0,
+        )
+    )
+    log = (out / "export.log").read_text(encoding="utf-8")
+    for line in (
+        "Writing int8 safetensors: 100% complete",
+        "Writing ONNX: 100% complete",
+        "Writing GGUF q8_0: 100% complete",
+    ):
+        assert line in log
+    assert "in onnxruntime: 4 inputs" in log and "up to 16 new tokens each" in log

@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from .. import extras
+from .. import extras, i18n
 from ..errors import ExportFormatError
 from ..faults import crash_point
 from ..hf_layout import rope_inv_freq, rope_parameters, write_atomic
+from ..monitoring import Progress
 from ..tensor_io import read_header, torch_row_chunks
 from .base import ExportContext, ExportFormat
 
@@ -217,16 +218,19 @@ def export_gguf(
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     handles: dict[Path, Any] = {}
+    meter = Progress(i18n.ui("progress_export", format=f"GGUF {gguf_type}"), sum(s.info.nbytes for s in sources))
     try:
         for source in sources:
             fh = handles.get(source.path) or handles.setdefault(source.path, open(source.path, "rb"))  # noqa: SIM115
             writer.write_tensor_data(
                 _Chunks(_nbytes(source.shape, types[source.name]), _encoded(source, types[source.name], fh))
             )
+            meter.advance(source.info.nbytes)
         if rope_freqs is not None:
             writer.write_tensor_data(rope_freqs)
         writer.close()
     finally:
+        meter.close()
         for fh in handles.values():
             fh.close()
     os.replace(partial, path)

@@ -30,9 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from .. import i18n
 from ..errors import ExportFormatError
 from ..faults import crash_point
 from ..hf_layout import rope_inv_freq
+from ..monitoring import Progress
 from ..tensor_io import read_header, torch_row_chunks
 
 __all__ = ["build_onnx", "BuildResult", "SUPPORTED_ARCHITECTURES", "WEIGHT_TYPES"]
@@ -65,6 +67,8 @@ class _Weights:
             for name, info in read_header(shard).tensors.items():
                 self.where[name] = (shard, info)
         self.files: dict[Path, Any] = {}
+        total = sum(info.nbytes for _, info in self.where.values())
+        self.meter = Progress(i18n.ui("progress_export", format="ONNX"), total)
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -76,7 +80,9 @@ class _Weights:
         """The tensor in its stored dtype as torch tensors of at most _CHUNK_BYTES of float32 each (whole rows)."""
         path, info = self.where[name]
         fh = self.files.get(path) or self.files.setdefault(path, open(path, "rb"))  # noqa: SIM115 - closed in close()
-        return torch_row_chunks(fh, info, _CHUNK_BYTES)
+        for chunk in torch_row_chunks(fh, info, _CHUNK_BYTES):
+            self.meter.advance(chunk.numel() * chunk.element_size())
+            yield chunk
 
     def row_chunks(self, name: str) -> Iterator[np.ndarray]:
         """The tensor as float32 arrays of at most _CHUNK_BYTES each (whole rows); torch widens bf16 on every core."""
@@ -86,6 +92,7 @@ class _Weights:
             yield chunk.to(torch.float32).numpy()
 
     def close(self) -> None:
+        self.meter.close()
         for fh in self.files.values():
             fh.close()
 

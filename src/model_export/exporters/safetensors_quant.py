@@ -23,8 +23,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .. import extras
+from .. import extras, i18n
 from ..hf_layout import write_atomic, write_index
+from ..monitoring import Progress
 from ..tensor_io import PlannedTensor, ShardWriter, plan_shards, read_bytes, read_header, torch_dtype
 
 __all__ = ["export_quantized_safetensors", "group_size_for", "QUANT_FORMAT"]
@@ -122,6 +123,7 @@ def export_quantized_safetensors(
     shards = plan_shards(planned, max_shard_size)
     weight_map, handles = {}, {}
     pending: dict[str, Any] = {}  # a layer's packed, scale and shape tensors, made together, may straddle shards
+    meter = Progress(i18n.ui("progress_export", format=f"int{bits} safetensors"), sum(i.nbytes for _, i, _ in sources))
     try:
         for shard in shards:
             writer = ShardWriter(out / shard.filename, shard.tensors, {"format": "pt"})
@@ -133,6 +135,7 @@ def export_quantized_safetensors(
                     info, path = by_name[source]
                     fh = handles.get(path) or handles.setdefault(path, open(path, "rb"))  # noqa: SIM115
                     raw = read_bytes(fh, info)
+                    meter.advance(info.nbytes)
                     if source == tensor.name:
                         writer.write(raw)
                         continue
@@ -145,6 +148,7 @@ def export_quantized_safetensors(
                 writer.write(data.contiguous().view(-1).view(torch.uint8).numpy())
             writer.close()
     finally:
+        meter.close()
         for fh in handles.values():
             fh.close()
     if len(shards) > 1:
