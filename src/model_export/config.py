@@ -538,8 +538,11 @@ def init_config(path: str | Path = "model-export.yaml", force: bool = False) -> 
     path = Path(path)
     if path.exists() and not force:
         raise ConfigError("config_exists", path=str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(example_yaml(), encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(example_yaml(), encoding="utf-8")
+    except OSError as exc:  # a read-only folder, a full disk, a path through a file
+        raise ConfigError("config_write_failed", path=str(path), problem=exc.strerror or str(exc)) from None
     return path
 
 

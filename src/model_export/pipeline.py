@@ -79,7 +79,14 @@ class _Run:
         self.log_file = str(config.log_file or self.out / "export.log")
 
     def _save(self) -> None:
-        self.manifest.save(self.manifest_path)
+        try:
+            self.manifest.save(self.manifest_path)
+        except OSError as exc:  # the disk filled up (or went read-only) while run.json was written
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceError(
+                    "disk_full", step="run.json", path=str(self.out), free=_free_space(self.out)
+                ) from exc
+            raise
 
     def step(
         self,

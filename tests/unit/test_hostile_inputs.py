@@ -320,3 +320,28 @@ def test_a_base_rewritten_with_the_same_size_and_mtime_is_noticed(adapter, tiny_
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     again = run(config)
     assert again.steps["check"]["skipped"] is False and again.steps["merge"]["skipped"] is False
+
+
+def test_init_config_where_it_cannot_write_is_explained(capsys, tmp_path):
+    (tmp_path / "file").write_text("x")  # a path through a file: no folder can be made there, even as root
+    code, text = run_cli(capsys, "init-config", str(tmp_path / "file" / "model-export.yaml"))
+    assert code == 2 and "ME110" in text and "Cannot write" in text and "Traceback" not in text
+
+
+def test_a_full_disk_while_run_json_is_saved_is_explained(adapter, tiny_base, tmp_path, monkeypatch):
+    import errno
+
+    from model_export import ExportConfiguration, ResourceError, run
+    from model_export.manifest import RunManifest
+
+    def full(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RunManifest, "save", full)
+    with pytest.raises(ResourceError) as err:
+        run(
+            ExportConfiguration(
+                checkpoint_path=str(adapter), base_model_name=str(tiny_base), output_dir=str(tmp_path / "o")
+            )
+        )
+    assert err.value.code == "ME403" and "run.json" in str(err.value)
