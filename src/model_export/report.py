@@ -59,6 +59,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "status": v["status"],
                     "verified": v["status"] == "verified",
                     "reason": v.get("reason"),
+                    "runtime": v.get("runtime"),
                     "rule": v.get("rule"),
                     "max_abs_diff": v.get("max_abs_diff"),
                     "mean_kl": v.get("mean_kl"),
@@ -193,8 +194,9 @@ STATUS_TEXT = {"verified": "status_verified", "failed": "status_failed", "not_ru
 
 def _artifact_row(r: dict[str, Any]) -> str:
     verdict = f'<b class="{_STATUS_CLASS[r["status"]]}">{html.escape(i18n.ui(STATUS_TEXT[r["status"]]))}</b>'
-    if r["reason"]:
-        verdict += f'<br><span class="muted">{html.escape(r["reason"])}</span>'
+    for note in (r["reason"], r.get("runtime")):
+        if note:
+            verdict += f'<br><span class="muted">{html.escape(note)}</span>'
     ratio = "" if r["size_vs_base"] is None else f" ({r['size_vs_base']:.2f}×)"
     return (
         f"<tr><td><b>{r['format']}</b></td><td><code>{html.escape(r['path'])}</code></td><td>{human_bytes(r['bytes'])}{ratio}</td>"

@@ -92,6 +92,7 @@ class ArtifactVerdict:
     reference_perplexity: float | None = None
     readback: dict[str, Any] | None = None  # GGUF: what reading the file back against the merge found
     reason: str | None = None  # not_run: why it was not run
+    runtime: str | None = None  # what ran it, and where: "onnxruntime on cpu", "transformers (layer-streamed) on cpu"
     failure: ValidationError | None = field(default=None, repr=False)
     outputs: dict[str, Any] | None = field(default=None, repr=False)  # the artifact's logits and greedy tokens
 
@@ -421,11 +422,15 @@ def _max_positions(model_dir: Path) -> int:
 
 
 def _run_artifact(
-    artifact: Path, reference: Reference, new_tokens: int, options: RunOptions = RunOptions()
+    artifact: Path,
+    reference: Reference,
+    new_tokens: int,
+    options: RunOptions = RunOptions(),
+    ran_in: list | None = None,
 ) -> list[tuple[Any, list[int]]]:
     """Prompt logits and greedy tokens of the artifact for every reference input, in its runtime (runtime_for:
     transformers placed by ``options.device_map``, onnxruntime, llama.cpp, TensorRT), then the held-out text's logits
-    (no generation)."""
+    (no generation). The runtime that ran it is appended to ``ran_in``."""
     from .reference import on_device
     from .runtimes import runtime_for, runtime_name
 
@@ -435,6 +440,8 @@ def _run_artifact(
 
     def work(device: str) -> list[tuple[Any, list[int]]]:
         runtime = runtime_for(artifact, device, mmap=options.mmap, streamed=options.runtime != "transformers")
+        if ran_in is not None:
+            ran_in.append(f"{runtime.name} on {runtime.device}")
         logger.info(
             i18n.ui(
                 "verify_running",
@@ -558,7 +565,8 @@ def verify_artifact(
     try:
         precision = precision_of(artifact)
         options = options.placed(device_map)
-        runs = _run_artifact(artifact, reference, new_tokens, options)
+        ran_in: list[str] = []
+        runs = _run_artifact(artifact, reference, new_tokens, options, ran_in)
         gc.collect()
     except (ResourceError, MemoryError, KeyboardInterrupt):  # the machine's fault or the user's, not the artifact's
         raise
@@ -586,6 +594,7 @@ def verify_artifact(
         )
     verdict = ArtifactVerdict(str(artifact), precision, "verified", "", samples, _histogram(reference, logits))
     verdict.outputs = {"logits": logits, "greedy": [r[1] for r in runs]}
+    verdict.runtime = ran_in[-1] if ran_in else None
     if reference.heldout_ids is not None:
         verdict.perplexity = perplexity(heldout_logits, reference.heldout_ids)
         verdict.reference_perplexity = reference.heldout_perplexity

@@ -359,6 +359,9 @@ def test_verification_runtime_streams_the_reference_or_loads_it_whole(training, 
     assert len(loads) == 2 and "streamed layer by layer" not in (tmp_path / "whole" / "export.log").read_text()
     a = streamed.steps["verify"]["result"]["verdicts"]["safetensors"]
     b = whole.steps["verify"]["result"]["verdicts"]["safetensors"]
+    # The report says what ran each artifact: the two ways are not the same arithmetic for a bf16 artifact.
+    assert a["runtime"] == "transformers (layer-streamed) on cpu" and b["runtime"] == "transformers on cpu"
+    assert "transformers (layer-streamed) on cpu" in (tmp_path / "streamed" / "report.html").read_text()
     assert a["status"] == b["status"] == "verified" and abs(a["max_abs_diff"] - b["max_abs_diff"]) < 1e-4
     assert abs(a["perplexity"] - b["perplexity"]) < 1e-3 * b["perplexity"]
 
