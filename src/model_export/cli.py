@@ -191,12 +191,9 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if config.lang and "lang" not in vars(args):
         i18n.set_language(config.lang)
-    # --log-level and --log-file on the command line win over the configuration's log_level and log_file.
-    for flag in ("log_level", "log_file"):
-        if flag in vars(args):
-            setattr(config, flag, getattr(args, flag))
-    if getattr(args, "debug", False):
-        config.log_level = "DEBUG"
+    # --debug, --log-level and --log-file on the command line win over the configuration's log_level and log_file.
+    config.log_level = _log_level(args, config.log_level)
+    config.log_file = getattr(args, "log_file", config.log_file)
     result = run(config)
     _emit(args, result.to_dict(), lambda console: _print_run(console, "model-export", result.steps, result.report))
     return 0

@@ -20,7 +20,7 @@ from .errors import ConfigError
 from .hf_layout import write_atomic
 from .monitoring import logger
 
-__all__ = ["RunManifest", "StepRecord", "ExportResult", "MANIFEST", "VERSION", "finite"]
+__all__ = ["RunManifest", "StepRecord", "ExportResult", "MANIFEST", "VERSION", "finite", "strict_json"]
 
 MANIFEST = "run.json"
 VERSION = 2  # 1: the same layout without typed records (read as is)
@@ -37,6 +37,12 @@ def finite(data: Any) -> Any:
     if isinstance(data, (list, tuple)):
         return [finite(v) for v in data]
     return data
+
+
+def strict_json(data: Any) -> str:
+    """JSON that every parser accepts: NaN and infinities become null (json.dumps would write NaN, which is not
+    JSON)."""
+    return json.dumps(finite(data), indent=2, default=str, allow_nan=False)
 
 
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
@@ -114,7 +120,7 @@ class RunManifest:
 
     def save(self, path: str | Path) -> None:
         """Strict JSON (no NaN), written atomically."""
-        write_atomic(Path(path), json.dumps(finite(self.to_dict()), indent=2, default=str, allow_nan=False))
+        write_atomic(Path(path), strict_json(self.to_dict()))
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "steps": self.steps_dict(), "config": self.config}

@@ -35,7 +35,7 @@ from .config_validator import check_config
 from .errors import BaseModelError, ExportError, ResourceError, explain
 from .faults import crash_point
 from .hf_layout import tokenizer_source, write_atomic
-from .manifest import MANIFEST, RunManifest, StepRecord, finite
+from .manifest import MANIFEST, RunManifest, StepRecord, strict_json
 from .model_merger import merge, merge_settings
 from .monitoring import MemoryMonitor, human_bytes, logger, setup_logging, timed_step
 from .reference import resolve_device
@@ -134,7 +134,7 @@ class _Run:
             raise error from exc
         self.monitor.sample()
         (self.out / name).mkdir(exist_ok=True)
-        write_atomic(self.out / name / STEP_FILE, json.dumps(finite(result), indent=2, default=str))
+        write_atomic(self.out / name / STEP_FILE, strict_json(result))
         record.status, record.result, record.outputs = "done", result, _fingerprint(outputs(result))
         record.seconds = round(timing["seconds"], 3)
         record.peak_rss = max(rss for _, rss in self.monitor.samples[first_sample:])
@@ -493,7 +493,7 @@ def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
                 options=options,
             )
         verdicts[label] = verdict.to_dict()
-        write_atomic(verify_dir / f"{label}.json", json.dumps(verdicts[label], indent=2, allow_nan=False))
+        write_atomic(verify_dir / f"{label}.json", strict_json(verdicts[label]))
         if c.save_intermediate_results and verdict.outputs is not None:
             import torch
 

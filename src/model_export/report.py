@@ -8,13 +8,12 @@ can be mailed or opened offline.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Any
 
 from . import i18n
 from .hf_layout import write_atomic
-from .manifest import RunManifest, finite
+from .manifest import RunManifest, strict_json
 from .monitoring import human_bytes
 from .verify import reference_line
 
@@ -112,12 +111,6 @@ def _size_warning(label: str, weight_bytes: int, results: dict[str, Any], verdic
     if not causes:
         causes.append(i18n.ui("cause_unknown"))
     return i18n.ui("warn_larger", ratio=f"{weight_bytes / base_bytes:.2f}", causes="; ".join(causes))
-
-
-def strict_json(data: Any) -> str:
-    """JSON that every parser accepts: NaN and infinities become null (json.dumps would write NaN, which is not
-    JSON)."""
-    return json.dumps(finite(data), indent=2, default=str, allow_nan=False)
 
 
 def _graph_bytes(graph: str) -> int:

@@ -20,12 +20,12 @@ from __future__ import annotations
 import gc
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from . import i18n
-from .errors import ResourceError, ValidationError
+from .errors import MergeError, ResourceError, ValidationError
 from .manifest import finite
 from .monitoring import logger
 from .runtimes import precision_of
@@ -206,11 +206,7 @@ class RunOptions:
         )
 
     def placed(self, device_map: str | None) -> RunOptions:
-        return (
-            self
-            if device_map is None
-            else RunOptions(self.batch_size, self.max_length, self.mmap, device_map, self.runtime)
-        )
+        return self if device_map is None else replace(self, device_map=device_map)
 
 
 def reference_line(device: str, precision: str) -> str:
@@ -287,10 +283,13 @@ def compute_reference(
             _release(device)
         return _reference(prompts, encoded, results, heldout, base_logits, device, precision)
 
-    refused = _not_streamed(options, base_dir, checkpoint, load_in_4bit or load_in_8bit)
+    refused, reference = _not_streamed(options, base_dir, checkpoint, load_in_4bit or load_in_8bit), None
     if refused is None:
-        reference = _streamed_reference(base_dir, checkpoint, prompts, encoded, heldout, new_tokens, options)
-    else:
+        try:
+            reference = _streamed_reference(base_dir, checkpoint, prompts, encoded, heldout, new_tokens, options)
+        except MergeError as exc:  # an adapter feature the plan (the merge's, and so the streamed pass's) refuses
+            refused = str(exc)
+    if reference is None:
         if options.runtime != "transformers":
             logger.info(i18n.ui("streamed_fallback", reason=refused))
         reference = on_device(options.device_map, work, what=i18n.ui("doing_reference"))
@@ -301,7 +300,6 @@ def compute_reference(
 def _not_streamed(options: RunOptions, base_dir: Path, checkpoint: Path, bitsandbytes: bool) -> str | None:
     """Why the reference is not computed layer by layer (verification_runtime), or None when it is."""
     from .adapter_format import read_adapter_config
-    from .errors import MergeError
     from .reference import resolve_device
     from .streamed import streamable
 
@@ -311,16 +309,7 @@ def _not_streamed(options: RunOptions, base_dir: Path, checkpoint: Path, bitsand
         return i18n.ui("streamed_bitsandbytes")
     if options.runtime == "auto" and resolve_device(options.device_map) == "cuda":
         return i18n.ui("streamed_gpu")
-    reason = streamable(base_dir, read_adapter_config(checkpoint))
-    if reason is None:
-        from .base_model import inspect_base_model
-        from .merge_plan import adapter_plan
-
-        try:
-            adapter_plan(checkpoint, read_adapter_config(checkpoint), inspect_base_model(str(base_dir)))
-        except MergeError as exc:
-            reason = str(exc)
-    return reason
+    return streamable(base_dir, read_adapter_config(checkpoint))
 
 
 def _streamed_reference(
@@ -337,8 +326,8 @@ def _streamed_reference(
     from .runtimes.hf import prompt_logits, run_model
     from .streamed import StreamedModel
 
-    logger.info(reference_line("cpu", "full"))
     model = StreamedModel(base_dir, checkpoint)
+    logger.info(reference_line("cpu", "full"))
     try:
         results = run_model(model, [(ids, new_tokens) for ids in encoded] + [(heldout, 0)], options.batch_size)
     finally:

@@ -24,6 +24,12 @@ def training(tmp_path_factory):
     return build_training_run(shipped_base(), tmp_path_factory.mktemp("demo") / "qwen3-finetuned")
 
 
+def cli_sets(training, out):
+    """The --set options that point a CLI run at the demo's training run, its base and ``out``."""
+    base = config_for(training, out).base_model_name
+    return ["--set", f"checkpoint_path={training}", "--set", f"output_dir={out}", "--set", f"base_model_name={base}"]
+
+
 def config_for(training, out, **overrides):
     from model_export.demo.run import shipped_base
 
@@ -95,17 +101,7 @@ def test_ctrl_c_in_a_step_is_recorded_reported_and_printed_without_a_traceback(t
     assert steps["verify"]["status"] == "failed" and steps["verify"]["error"]["code"] == "ME998"
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "failed" and report["error"]["code"] == "ME998"
-    code = main(
-        [
-            "run",
-            "--set",
-            f"checkpoint_path={training}",
-            "--set",
-            f"output_dir={out}",
-            "--set",
-            f"base_model_name={config_for(training, out).base_model_name}",
-        ]
-    )
+    code = main(["run", *cli_sets(training, out)])
     captured = capsys.readouterr()
     assert code == 130 and "Traceback" not in captured.err
     assert (
@@ -143,17 +139,7 @@ def test_an_unexpected_exception_is_one_line_naming_the_log(training, tmp_path, 
 
     monkeypatch.setattr(pipeline, "merge", broken)
     out = tmp_path / "out"
-    code = main(
-        [
-            "run",
-            "--set",
-            f"checkpoint_path={training}",
-            "--set",
-            f"output_dir={out}",
-            "--set",
-            f"base_model_name={config_for(training, out).base_model_name}",
-        ]
-    )
+    code = main(["run", *cli_sets(training, out)])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert "InternalError: Internal error during the merge step: ZeroDivisionError: division by zero" in err
@@ -174,8 +160,7 @@ def test_log_level_debug_logs_debug_lines_and_info_does_not(training, tmp_path):
 
 def test_cli_log_flags_win_over_the_configuration(training, tmp_path, capsys):
     out, log = tmp_path / "out", tmp_path / "x.log"
-    base = config_for(training, out).base_model_name
-    args = ["--set", f"checkpoint_path={training}", "--set", f"output_dir={out}", "--set", f"base_model_name={base}"]
+    args = cli_sets(training, out)
     assert main(["--log-level", "DEBUG", "--log-file", str(log), "run", *args]) == 0
     assert " - DEBUG - " in log.read_text(encoding="utf-8") and not (out / "export.log").exists()
     capsys.readouterr()
@@ -299,23 +284,7 @@ def test_progress_is_a_line_every_few_seconds_not_ten_in_a_millisecond(training,
 def test_the_log_file_is_english_whatever_the_console_shows(training, tmp_path, capsys):
     """The guide's log lines and grep commands are English; the console speaks the user's language in full."""
     out = tmp_path / "out"
-    base = config_for(training, out).base_model_name
-    assert (
-        main(
-            [
-                "--lang",
-                "zh",
-                "run",
-                "--set",
-                f"checkpoint_path={training}",
-                "--set",
-                f"output_dir={out}",
-                "--set",
-                f"base_model_name={base}",
-            ]
-        )
-        == 0
-    )
+    assert main(["--lang", "zh", "run", *cli_sets(training, out)]) == 0
     err = capsys.readouterr().err
     assert "步骤 check 完成（耗时" in err and "duration" not in err
     log = (out / "export.log").read_text(encoding="utf-8")

@@ -157,16 +157,7 @@ def test_a_checkpoint_inside_a_folder_the_run_writes_is_refused_before_anything_
     out = tmp_path / "out"
     checkpoint = shutil.copytree(adapter, out / step)
     before = tree_digest(checkpoint)
-    code, text = run_cli(
-        capsys,
-        "run",
-        "--set",
-        f"checkpoint_path={checkpoint}",
-        "--set",
-        f"base_model_name={tiny_base}",
-        "--set",
-        f"output_dir={out}",
-    )
+    code, text = run_cli(capsys, *run_args(checkpoint, tiny_base, out))
     assert code == 2 and "which the run writes" in text and str(out / step.split("/")[0]) in text
     assert tree_digest(checkpoint) == before and not (out / "run.json").exists()
 
@@ -175,16 +166,7 @@ def test_a_checkpoint_linked_into_a_step_folder_is_refused_too(capsys, adapter, 
     out = tmp_path / "out"
     (out / "export").mkdir(parents=True)
     os.symlink(adapter, out / "export" / "safetensors")  # resolved through the link: the same folder
-    code, text = run_cli(
-        capsys,
-        "run",
-        "--set",
-        f"checkpoint_path={adapter}",
-        "--set",
-        f"base_model_name={tiny_base}",
-        "--set",
-        f"output_dir={out}",
-    )
+    code, text = run_cli(capsys, *run_args(adapter, tiny_base, out))
     assert code == 2 and "which the run writes" in text
 
 
@@ -194,18 +176,7 @@ def test_an_input_beside_the_step_folders_is_left_alone(capsys, adapter, tiny_ba
     checkpoint = shutil.copytree(adapter, out / "my-adapter")
     (checkpoint / "notes.partial").write_text("mine")  # cleanup_temp_files removes *.partial only in step folders
     before = tree_digest(checkpoint)
-    code, _ = run_cli(
-        capsys,
-        "run",
-        "--set",
-        f"checkpoint_path={checkpoint}",
-        "--set",
-        f"base_model_name={tiny_base}",
-        "--set",
-        f"output_dir={out}",
-        "--set",
-        "export_formats=[safetensors]",
-    )
+    code, _ = run_cli(capsys, *run_args(checkpoint, tiny_base, out))
     assert code == 0 and tree_digest(checkpoint) == before
 
 
@@ -243,16 +214,7 @@ def test_an_adapter_that_makes_the_outputs_uniform_is_not_a_reference(capsys, tm
             {k: v * scale if "lora_B" in k else v for k, v in tensors.items()}, adapter / "adapter_model.safetensors"
         )
         out = tmp_path / f"out-{scale:g}"
-        code, text = run_cli(
-            capsys,
-            "run",
-            "--set",
-            f"checkpoint_path={adapter}",
-            "--set",
-            f"base_model_name={shipped_base()}",
-            "--set",
-            f"output_dir={out}",
-        )
+        code, text = run_cli(capsys, *run_args(adapter, shipped_base(), out))
         assert code == 1 and "ME604" in text and words in text, text[-1500:]
         report = json.loads((out / "report.json").read_text())
         assert report["status"] == "failed" and not any(row["status"] == "verified" for row in report["artifacts"])
