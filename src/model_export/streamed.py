@@ -33,7 +33,9 @@ HEAD_BLOCK_BYTES = 64 << 20  # the head's rows multiplied at a time, as fp32
 
 
 def streamable(base_dir: str | Path, adapter_config: dict[str, Any] | None = None) -> str | None:
-    """None when the layer-streamed pass covers this base and adapter; else why not (the run then uses transformers)."""
+    """None when the layer-streamed pass covers this base (or artifact) and adapter; else why not (the run then uses
+    transformers). A quantized folder is covered when it is compressed-tensors ``pack-quantized`` (what the int8/int4
+    safetensors export writes) and the compressed-tensors package is installed."""
     import json
 
     config = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
@@ -42,7 +44,29 @@ def streamable(base_dir: str | Path, adapter_config: dict[str, Any] | None = Non
         return i18n.ui("streamed_unsupported_arch", architecture=architecture, supported=", ".join(SUPPORTED))
     if adapter_config and adapter_config.get("fan_in_fan_out"):
         return i18n.ui("streamed_unsupported_adapter", feature="fan_in_fan_out")
+    quantization = config.get("quantization_config")
+    if quantization is not None:
+        try:
+            _scheme(quantization)
+        except (ImportError, ValueError, TypeError, KeyError) as exc:
+            return i18n.ui("streamed_unsupported_quantization", problem=str(exc)[:200])
     return None
+
+
+def _scheme(quantization: Any):
+    """The one compressed-tensors scheme of a pack-quantized config whose group targets every Linear layer, as the
+    int8/int4 safetensors export writes it (ValueError for any other quantization)."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "compressed-tensors":
+        raise ValueError(f"quant_method {quantization.get('quant_method') if isinstance(quantization, dict) else '?'}")
+    parsed = QuantizationConfig.model_validate(quantization)
+    if parsed.format != "pack-quantized" or len(parsed.config_groups) != 1:
+        raise ValueError(f"compressed-tensors format {parsed.format} with {len(parsed.config_groups)} groups")
+    scheme = next(iter(parsed.config_groups.values()))
+    if list(scheme.targets) != ["Linear"] or scheme.weights is None or scheme.input_activations is not None:
+        raise ValueError(f"compressed-tensors targets {scheme.targets}")
+    return scheme
 
 
 def _fp32(raw: Any, dtype: str, shape: tuple[int, ...]):
@@ -61,18 +85,30 @@ class _Reader:
         self._files: dict[Path, Any] = {}
 
     def read(self, planned: Any, start: int | None = None, stop: int | None = None):
+        rows = tuple(planned.shape) if start is None else (stop - start, *planned.shape[1:])
+        return _fp32(self._bytes(planned, start, stop), planned.source.dtype, rows)
+
+    def native(self, planned: Any):
+        """The whole tensor in its stored dtype (packed int32 weights, their scales and shapes)."""
+        import torch
+
+        from .tensor_io import torch_dtype
+
+        raw = self._bytes(planned, None, None)
+        return torch.frombuffer(raw, dtype=torch_dtype(planned.source.dtype)).reshape(tuple(planned.shape))
+
+    def _bytes(self, planned: Any, start: int | None, stop: int | None):
         from .adapter_format import MemoryTensor
         from .tensor_io import read_bytes, tensor_range
 
         source = planned.source
-        rows = tuple(planned.shape) if start is None else (stop - start, *planned.shape[1:])
         if isinstance(source, MemoryTensor):
             offset, length = tensor_range(source, start, stop)
-            return _fp32(bytearray(source.raw[offset : offset + length]), source.dtype, rows)
+            return bytearray(source.raw[offset : offset + length])
         path = planned.source_file
         if path not in self._files:
             self._files[path] = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open for the model's life
-        return _fp32(read_bytes(self._files[path], source, start, stop), source.dtype, rows)
+        return read_bytes(self._files[path], source, start, stop)
 
     def close(self) -> None:
         for fh in self._files.values():
@@ -107,7 +143,10 @@ class StreamedModel:
         else:
             plan, _ = adapter_plan(Path(checkpoint), read_adapter_config(Path(checkpoint)), info, "fp32", False)
         self.tensors = {t.name: t for t in plan.tensors}
+        self.scheme = _scheme(info.config["quantization_config"]) if "quantization_config" in info.config else None
         config = AutoConfig.from_pretrained(str(base_dir))
+        if self.scheme is not None:  # the layers are built plain; their weights are unpacked as each layer runs
+            del config.quantization_config
         for key in ("tie_word_embeddings", "vocab_size"):
             if key in plan.config:
                 setattr(config, key, plan.config[key])
@@ -145,9 +184,23 @@ class StreamedModel:
     def _loader(self, prefix: str):
         def load(layer: Any, args: Any) -> None:
             for name, _ in list(layer.named_parameters()):
-                _set(layer, name, self.reader.read(self.tensors[f"{prefix}.{name}"]))
+                _set(layer, name, self._weight(f"{prefix}.{name}"))
 
         return load
+
+    def _weight(self, name: str):
+        """A parameter as fp32: read and widened, or for a compressed-tensors layer unpacked and dequantized by
+        compressed-tensors itself (its ``decompress``, the code transformers runs) from the packed weight and scale."""
+        planned = self.tensors.get(name)
+        if planned is not None or self.scheme is None or not name.endswith(".weight"):
+            return self.reader.read(planned if planned is not None else self.tensors[name])
+        from compressed_tensors.compressors import PackedQuantizationCompressor
+
+        stem = name.removesuffix(".weight")
+        parts = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+        names = {part: f"{stem}.{part}" for part in parts if f"{stem}.{part}" in self.tensors}
+        state = {part: self.reader.native(self.tensors[name]) for part, name in names.items()}
+        return PackedQuantizationCompressor.decompress(state, self.scheme)["weight"].float()
 
     def _unloader(self):
         def unload(layer: Any, args: Any, output: Any) -> None:

@@ -126,3 +126,31 @@ def test_lockstep_decoding_gives_each_sequence_its_lone_greedy_tokens(tiny_base,
         assert tokens == greedy(reference, ids, count)
         with torch.no_grad():
             assert float((reference(ids[None]).logits[0] - logits).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compressed_tensors_artifacts_stream_as_transformers_decompresses_them(tiny_base, tmp_path, bits):
+    """The int8/int4 safetensors artifact runs layer by layer, each layer unpacked by compressed-tensors itself: the
+    logits and greedy tokens transformers computes after decompressing the whole model."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    from model_export.exporters.safetensors_quant import export_quantized_safetensors
+    from model_export.runtimes import runtime_for
+
+    export_quantized_safetensors(tiny_base, tmp_path / "q", bits=bits, max_shard_size=60_000)
+    assert streamable(tmp_path / "q") is None
+    assert runtime_for(tmp_path / "q", streamed=True).name == "transformers (layer-streamed)"
+    whole = AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"), dtype=torch.float32).eval()
+    assert_same(whole, StreamedModel(tmp_path / "q"))
+
+
+def test_other_quantizations_are_not_streamed(tiny_base, tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(tiny_base, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    assert "gptq" in streamable(tmp_path / "m")

@@ -49,13 +49,12 @@ def runtime_for(
 
 
 def streamable_folder(path: Path) -> bool:
-    """A model folder of safetensors weights, not quantized, of an architecture the layer-streamed pass covers."""
+    """A model folder of safetensors weights (plain, or compressed-tensors int8/int4 as the export writes them) of an
+    architecture the layer-streamed pass covers."""
     from ..streamed import streamable
 
     config = path / "config.json"
     if not config.is_file() or not any(path.glob("*.safetensors")):
-        return False
-    if json.loads(config.read_text(encoding="utf-8")).get("quantization_config"):
         return False
     return streamable(path) is None
 
