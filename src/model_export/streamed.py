@@ -154,10 +154,10 @@ class StreamedModel:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         self.model, self.config, self.reader = model.eval(), config, _Reader()
-        self.lockstep = True  # every pass reads every layer: decode several sequences per pass (runtimes.hf.run_model)
         eos = model.generation_config.eos_token_id if model.generation_config else config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self._hooks = []
+        self.on_layer: Any = None  # called after each decoder layer has run (progress)
         self._bind(model)
         logger.info(i18n.ui("streamed_reference", layers=len(model.model.layers)))
 
@@ -206,6 +206,8 @@ class StreamedModel:
         def unload(layer: Any, args: Any, output: Any) -> None:
             for name, param in list(layer.named_parameters()):
                 _set(layer, name, param.new_empty(param.shape, device="meta"))
+            if self.on_layer is not None:
+                self.on_layer()
 
         return unload
 

@@ -323,18 +323,19 @@ def _streamed_reference(
 ) -> Reference:
     """The reference through the layer-streamed pass on the CPU (streamed.py), which agrees with PEFT's unmerged model
     to fp32 rounding, one decoder layer in memory at a time."""
-    from .runtimes.hf import prompt_logits, run_model
+    from .runtimes.streamed import run_streamed
     from .streamed import StreamedModel
 
     model = StreamedModel(base_dir, checkpoint)
     logger.info(reference_line("cpu", "full"))
+    inputs = [(ids, new_tokens) for ids in encoded] + [(heldout, 0)]
     try:
-        results = run_model(model, [(ids, new_tokens) for ids in encoded] + [(heldout, 0)], options.batch_size)
+        results = run_streamed(model, inputs, options.batch_size, label=i18n.ui("label_reference"))
     finally:
         model.close()
     base = StreamedModel(base_dir)  # the base alone on the held-out text: what the adapter changed
     try:
-        base_logits = prompt_logits(base, [heldout])[0]
+        base_logits = run_streamed(base, [(heldout, 0)], label=i18n.ui("label_base"))[0][0]
     finally:
         base.close()
     return _reference(prompts, encoded, results, heldout, base_logits, "cpu", "full")
@@ -442,7 +443,8 @@ def _run_artifact(
             )
         )
         try:
-            return runtime.run(inputs, options.batch_size)
+            drafts = [list(tokens) for tokens in reference.greedy] + [[]] * (len(inputs) - len(reference.greedy))
+            return runtime.run(inputs, options.batch_size, drafts)
         finally:
             runtime.close()
             _release(device)

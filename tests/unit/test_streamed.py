@@ -113,21 +113,6 @@ def test_what_it_does_not_cover_is_named(tiny_base, tmp_path):
     assert streamable(tiny_base, {"use_dora": True}) is None
 
 
-def test_lockstep_decoding_gives_each_sequence_its_lone_greedy_tokens(tiny_base, tmp_path):
-    """The streamed reference decodes its samples together (one pass per token for all); each continuation is the
-    one PEFT's model generates for that sample alone."""
-    from model_export.runtimes.hf import greedy, run_model
-
-    adapter = build_adapter(tiny_base, tmp_path / "adapter")
-    reference, streamed = peft_reference(tiny_base, adapter), StreamedModel(tiny_base, adapter)
-    inputs = [(torch.tensor([1, 5, 9, 22]), 8), (torch.tensor([3, 17, 40, 7, 7, 2, 11]), 8), (torch.tensor([9, 9]), 8)]
-    got = run_model(streamed, inputs)
-    for (ids, count), (logits, tokens) in zip(inputs, got):
-        assert tokens == greedy(reference, ids, count)
-        with torch.no_grad():
-            assert float((reference(ids[None]).logits[0] - logits).abs().max()) <= 1e-5
-
-
 @pytest.mark.parametrize("bits", [8, 4])
 def test_compressed_tensors_artifacts_stream_as_transformers_decompresses_them(tiny_base, tmp_path, bits):
     """The int8/int4 safetensors artifact runs layer by layer, each layer unpacked by compressed-tensors itself: the
@@ -154,3 +139,41 @@ def test_other_quantizations_are_not_streamed(tiny_base, tmp_path):
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     assert "gptq" in streamable(tmp_path / "m")
+
+
+def _passes(streamed):
+    """A counter of the forward passes a StreamedModel makes (each runs decoder layer 0 once)."""
+    count = [0]
+    streamed.model.model.layers[0].register_forward_hook(lambda *a: count.__setitem__(0, count[0] + 1))
+    return count
+
+
+@pytest.mark.parametrize("guess", ["none", "right", "wrong", "half"])
+def test_drafted_decoding_keeps_the_models_own_greedy_tokens(tiny_base, tmp_path, guess):
+    """A draft of each continuation (verification passes the reference's) changes how many passes decoding takes,
+    never the tokens: each continuation is the one PEFT's model generates alone, and with a right draft one pass gives
+    every prompt's logits and continuation."""
+    from model_export.runtimes.hf import greedy
+    from model_export.runtimes.streamed import run_streamed
+
+    adapter = build_adapter(tiny_base, tmp_path / "adapter")
+    reference, streamed = peft_reference(tiny_base, adapter), StreamedModel(tiny_base, adapter)
+    inputs = [(torch.tensor([1, 5, 9, 22]), 8), (torch.tensor([3, 17, 40, 7, 7, 2, 11]), 8), (torch.tensor([9, 9]), 5)]
+    inputs.append((torch.tensor([4, 8, 15, 16, 23, 42, 4, 8]), 0))  # scored only, like the held-out text
+    expected = [greedy(reference, ids, count) for ids, count in inputs]
+    drafts = {
+        "none": None,
+        "right": expected,
+        "wrong": [[(t + 1) % 100 for t in tokens] for tokens in expected],
+        "half": [tokens[: len(tokens) // 2] + [0] * 8 for tokens in expected],
+    }[guess]
+    passes = _passes(streamed)
+    got = run_streamed(streamed, inputs, batch_size=1, drafts=drafts)
+    for (ids, _), want, (logits, tokens) in zip(inputs, expected, got):
+        assert tokens == want
+        with torch.no_grad():
+            assert float((reference(ids[None]).logits[0] - logits).abs().max()) <= 1e-5
+    if guess == "right":
+        assert passes[0] == 2  # prompts and continuations in one pass, the scored text in another
+    else:
+        assert passes[0] <= 1 + 8 + 1  # never more than a pass per token (the first from the prompt pass), + scoring

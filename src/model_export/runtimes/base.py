@@ -12,10 +12,13 @@ __all__ = ["Runtime"]
 class Runtime:
     """An artifact loaded in the runtime a user deploys it with.
 
-    ``run(inputs, batch_size)``: for each (token ids, new tokens), the prompt's logits (fp32 torch tensor [len, vocab])
-    and the greedy continuation (stopping after an end-of-sequence token). ``timed(ids, new_tokens, batch)``: seconds to
-    the first token and for ``new_tokens`` more, decoding with the cache. ``tokenize(prompt)``: the runtime's own ids
-    for a chat-templated prompt, or None when the artifact's Hugging Face tokenizer applies. ``close()`` frees it.
+    ``run(inputs, batch_size, drafts)``: for each (token ids, new tokens), the prompt's logits (fp32 torch tensor [len,
+    vocab]) and the greedy continuation (stopping after an end-of-sequence token); ``drafts`` (verification passes the
+    reference's greedy tokens) is a guess of each continuation that a runtime may check several tokens at a time (the
+    layer-streamed one does); the result is the runtime's own greedy tokens whatever the guess.
+    ``timed(ids, new_tokens, batch)``: seconds to the first token and for ``new_tokens`` more, decoding with the cache.
+    ``tokenize(prompt)``: the runtime's own ids for a chat-templated prompt, or None when the artifact's Hugging Face
+    tokenizer applies. ``close()`` frees it.
     The default methods drive a decoder with ``generate`` and ``forward`` (onnxruntime, TensorRT).
     """
 
@@ -26,7 +29,9 @@ class Runtime:
     decoder: Any = None
     path: Path
 
-    def run(self, inputs: list[tuple[Any, int]], batch_size: int = 1) -> list[tuple[Any, list[int]]]:
+    def run(
+        self, inputs: list[tuple[Any, int]], batch_size: int = 1, drafts: list[list[int]] | None = None
+    ) -> list[tuple[Any, list[int]]]:
         import torch
 
         runs = [self.decoder.generate([int(i) for i in ids], count) for ids, count in inputs]

@@ -53,42 +53,10 @@ def greedy(model: Any, input_ids: Any, new_tokens: int) -> list[int]:
     return out[0, input_ids.numel() :].tolist()
 
 
-def greedy_lockstep(model: Any, inputs: list[Any], new_tokens: int, eos: set[int]) -> list[list[int]]:
-    """Greedy continuations of several sequences decoded together (left-padded under an attention mask), each cut
-    after its first end-of-sequence token as a lone run stops there. For a model whose every forward pass costs the
-    same whatever the batch (the layer-streamed one reads every layer per pass), this is one pass per token for all."""
-    import torch
-
-    length = max(ids.numel() for ids in inputs)
-    pad = model.config.pad_token_id or 0
-    batch = torch.full((len(inputs), length), pad, dtype=torch.long)
-    mask = torch.zeros(len(inputs), length, dtype=torch.long)
-    for row, ids in enumerate(inputs):
-        batch[row, length - ids.numel() :], mask[row, length - ids.numel() :] = ids, 1
-    with torch.no_grad():
-        out = model.generate(batch, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
-    continuations = []
-    for row in out[:, length:].tolist():
-        stop = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
-        continuations.append(row[:stop])
-    return continuations
-
-
 def run_model(model: Any, inputs: list[tuple[Any, int]], batch_size: int = 1) -> list[tuple[Any, list[int]]]:
-    """Prompt logits (batched) and greedy continuations of a transformers model for ``(ids, new_tokens)`` inputs.
-    A model that says ``lockstep`` (the layer-streamed one) decodes the continuations of equal length together."""
+    """Prompt logits (batched) and greedy continuations of a transformers model for ``(ids, new_tokens)`` inputs."""
     logits = prompt_logits(model, [ids for ids, _ in inputs], batch_size)
-    generated: dict[int, list[int]] = {}
-    if getattr(model, "lockstep", False):
-        for count in sorted({count for _, count in inputs if count}):
-            rows = [i for i, (_, n) in enumerate(inputs) if n == count]
-            eos = model.eos_ids
-            for i, tokens in zip(rows, greedy_lockstep(model, [inputs[i][0] for i in rows], count, eos)):
-                generated[i] = tokens
-    return [
-        (got, generated[i] if i in generated else greedy(model, ids, count))
-        for i, (got, (ids, count)) in enumerate(zip(logits, inputs))
-    ]
+    return [(got, greedy(model, ids, count)) for got, (ids, count) in zip(logits, inputs)]
 
 
 class TransformersRuntime(Runtime):
@@ -111,7 +79,9 @@ class TransformersRuntime(Runtime):
         if self.device == "cuda":  # CUDA runs asynchronously: a timer stops only when the GPU has finished
             self.torch.cuda.synchronize()
 
-    def run(self, inputs: list[tuple[Any, int]], batch_size: int = 1) -> list[tuple[Any, list[int]]]:
+    def run(
+        self, inputs: list[tuple[Any, int]], batch_size: int = 1, drafts: list[list[int]] | None = None
+    ) -> list[tuple[Any, list[int]]]:
         return run_model(self.model, inputs, batch_size)
 
     def timed(self, ids: list[int], new_tokens: int, batch: int = 1) -> tuple[float, float]:

@@ -56,7 +56,9 @@ class LlamaCppRuntime(Runtime):
 
         self.path, self.device, self._llm = Path(path), "cpu", None
 
-    def run(self, inputs: list[tuple[Any, int]], batch_size: int = 1) -> list[tuple[Any, list[int]]]:
+    def run(
+        self, inputs: list[tuple[Any, int]], batch_size: int = 1, drafts: list[list[int]] | None = None
+    ) -> list[tuple[Any, list[int]]]:
         import torch
 
         runs = [llama_cpp_run(self.path, [int(i) for i in ids], count) for ids, count in inputs]
