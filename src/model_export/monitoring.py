@@ -19,7 +19,16 @@ import psutil
 
 from . import i18n
 
-__all__ = ["setup_logging", "Progress", "MemoryMonitor", "timed_step", "memory_line", "logger", "human_bytes"]
+__all__ = [
+    "setup_logging",
+    "Progress",
+    "MemoryMonitor",
+    "timed_step",
+    "heartbeat",
+    "memory_line",
+    "logger",
+    "human_bytes",
+]
 
 logger = logging.getLogger("model_export")
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
@@ -236,13 +245,52 @@ def _not_progress(record: logging.LogRecord) -> bool:
     return not getattr(record, "progress", False)
 
 
+class _LastRecord(logging.Filter):
+    """When the ``model_export`` logger last emitted a line (the heartbeat speaks only after a silence)."""
+
+    at = time.monotonic()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.at = time.monotonic()
+        return True
+
+
+_last_record = _LastRecord()
+logger.addFilter(_last_record)
+HEARTBEAT_SECONDS = 30.0
+
+
+@contextlib.contextmanager
+def heartbeat(step: str, every: float | None = None) -> Iterator[None]:
+    """While the block runs, a line ``Step <step> still running (N s so far)`` whenever nothing was logged for most
+    of ``every`` seconds (HEARTBEAT_SECONDS): a log file never goes 30 s without a line during a long step, even
+    where no progress can be counted (a runtime's single native call, a third-party load)."""
+    every = HEARTBEAT_SECONDS if every is None else every
+    start, stop = time.perf_counter(), threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(min(1.0, every / 10)):
+            if time.monotonic() - _last_record.at >= 0.9 * every:
+                logger.info(i18n.ui("step_running", step=step, seconds=int(time.perf_counter() - start)))
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 @contextlib.contextmanager
 def timed_step(step: str) -> Iterator[dict]:
-    """Time a step and log its duration; the yielded dict receives ``seconds`` when the step ends."""
+    """Time a step and log its duration (with a heartbeat line after each silence of HEARTBEAT_SECONDS while it runs);
+    the yielded dict receives ``seconds`` when the step ends."""
     record: dict = {"step": step}
     start = time.perf_counter()
     try:
-        yield record
+        with heartbeat(step):
+            yield record
     except BaseException as exc:
         record["seconds"] = time.perf_counter() - start
         logger.error(i18n.ui("step_failed", step=step, seconds=record["seconds"], error=exc))

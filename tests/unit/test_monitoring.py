@@ -68,3 +68,27 @@ def test_log_file_uses_the_guides_format(tmp_path):
     lines = log.read_text().splitlines()
     assert re.fullmatch(r"\d{4}-\d\d-\d\d [\d:,]+ - model_export - DEBUG - hello", lines[0])
     assert " - INFO - Memory usage: " in lines[1]
+
+
+def test_a_silent_step_gets_a_heartbeat_line_in_the_log(tmp_path, monkeypatch):
+    """No step goes HEARTBEAT_SECONDS without a line in the log file, whether or not it counts progress; a step that
+    logs on its own gets no heartbeat."""
+    from model_export import monitoring
+
+    monkeypatch.setattr(monitoring, "HEARTBEAT_SECONDS", 0.5)
+    log = tmp_path / "export.log"
+    setup_logging("INFO", log, console=False)
+    try:
+        with timed_step("verify"):
+            time.sleep(1.8)  # a single native call: nothing to count
+        with timed_step("merge"):
+            for _ in range(18):
+                logging.getLogger("model_export").info("working")
+                time.sleep(0.1)
+    finally:
+        setup_logging("INFO", None)
+    lines = log.read_text().splitlines()
+    beats = [line for line in lines if "still running" in line]
+    assert len(beats) >= 2 and all(re.search(r"Step verify still running \(\d+ s so far\)", b) for b in beats)
+    stamps = [time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) for line in lines]
+    assert max(b - a for a, b in zip(stamps, stamps[1:])) <= 1.5
