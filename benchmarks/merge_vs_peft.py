@@ -24,6 +24,13 @@ from pathlib import Path
 SHAPES = {
     "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16),
     "4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        tie_word_embeddings=False,
+    ),
 }
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {"wall_vs_peft": 0.25, "wall_vs_copy": 2.0, "peak_rss_gib": 1.5}
@@ -51,13 +58,15 @@ def qwen3_config(size: str) -> dict:
     from transformers import Qwen3Config
 
     config = Qwen3Config(
-        vocab_size=151936,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=True,
-        max_position_embeddings=40960,
-        rope_theta=1000000.0,
-        **SHAPES[size],
+        **{
+            "vocab_size": 151936,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "tie_word_embeddings": True,
+            "max_position_embeddings": 40960,
+            "rope_theta": 1000000.0,
+            **SHAPES[size],
+        }
     )
     data = config.to_dict()
     data["architectures"] = ["Qwen3ForCausalLM"]
@@ -86,7 +95,10 @@ def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
             (p + "mlp.up_proj.weight", (i, h)),
             (p + "mlp.down_proj.weight", (h, i)),
         ]
-    return shapes + [("model.norm.weight", (h,))]
+    shapes.append(("model.norm.weight", (h,)))
+    if not config.get("tie_word_embeddings", True):  # Qwen3-8B and larger have their own head
+        shapes.append(("lm_head.weight", (config["vocab_size"], h)))
+    return shapes
 
 
 def write_base(path: Path, size: str) -> None:
@@ -137,9 +149,10 @@ def write_adapter(path: Path, base: Path, config: dict, r: int = 16) -> None:
     ).save_pretrained(str(path))
 
 
-def timed(command: list[str], gpu: bool = False) -> dict:
+def timed(command: list[str], gpu: bool = False, exit_codes: tuple[int, ...] = (0,)) -> dict:
     """Run ``command`` in its own process; wall time and its own peak RSS (wait4 reports it per child);
-    with ``gpu``, also the peak GPU memory the process reports through BENCH_GPU_PEAK."""
+    with ``gpu``, also the peak GPU memory the process reports through BENCH_GPU_PEAK. An exit code outside
+    ``exit_codes`` stops the benchmark; another accepted one is recorded as ``exit``."""
     import tempfile
 
     peak_file = Path(tempfile.mkstemp()[1])
@@ -150,9 +163,12 @@ def timed(command: list[str], gpu: bool = False) -> dict:
     stderr = process.stderr.read().decode(errors="replace")
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
+    code = os.waitstatus_to_exitcode(status)
+    if code not in exit_codes:
         raise SystemExit(f"{command[0]} failed:\n{stderr[-3000:]}")
     result = {"wall_s": round(wall, 2), "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2**30, 2)}
+    if code:
+        result["exit"] = code
     if gpu:
         result["peak_gpu_gib"] = round(int(peak_file.read_text() or 0) / 2**30, 2)
     peak_file.unlink()

@@ -141,6 +141,20 @@ def quiet_third_party(debug: bool = False) -> None:
         (enable_progress_bars if debug else disable_progress_bars)()
 
 
+@contextlib.contextmanager
+def third_party_output() -> Iterator[None]:
+    """Around a third-party call that draws its own progress bars whatever the environment says (compressed-tensors'
+    "Applying quantization config" and "Dispatching model" pass ``disable=False`` to tqdm explicitly): what it writes
+    to stderr is dropped unless debugging. Our own log lines go through handlers that keep the real stream."""
+    if logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
 def _gb(n: float) -> str:
     return f"{n / 1e9:.1f}GB"
 

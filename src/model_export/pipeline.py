@@ -128,6 +128,7 @@ class _Run:
             else:
                 error = explain(exc, i18n.ui("where_step", step=name), self.log_file)
             record.status, record.error, record.seconds = "failed", error.to_dict(), round(timing["seconds"], 3)
+            record.peak_rss = max((rss for _, rss in self.monitor.samples[first_sample:]), default=None)
             self._save()
             if error is exc:
                 raise

@@ -17,7 +17,7 @@ from . import i18n
 from .base_model import resolve_base_model
 from .errors import ResourceError
 from .extras import require
-from .monitoring import logger
+from .monitoring import logger, third_party_output
 
 __all__ = ["load_model", "cuda_oom_as_resource_error", "resolve_device", "on_device"]
 
@@ -104,4 +104,5 @@ def load_model(
             load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit and not load_in_4bit
         )
     with cuda_oom_as_resource_error():
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device_map, **kwargs)
+        with third_party_output():
+            return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device_map, **kwargs)

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from . import i18n
-from .monitoring import logger
 
 __all__ = ["StreamedModel", "SUPPORTED", "streamable"]
 
@@ -159,7 +158,6 @@ class StreamedModel:
         self._hooks = []
         self.on_layer: Any = None  # called after each decoder layer has run (progress)
         self._bind(model)
-        logger.info(i18n.ui("streamed_reference", layers=len(model.model.layers)))
 
     # ---- wiring ------------------------------------------------------------------------------------------
     def _bind(self, model: Any) -> None:

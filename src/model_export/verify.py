@@ -327,6 +327,7 @@ def _streamed_reference(
     from .streamed import StreamedModel
 
     model = StreamedModel(base_dir, checkpoint)
+    logger.info(i18n.ui("streamed_reference", layers=model.config.num_hidden_layers))
     logger.info(reference_line("cpu", "full"))
     inputs = [(ids, new_tokens) for ids in encoded] + [(heldout, 0)]
     try:

@@ -329,3 +329,22 @@ def test_a_lora_on_llama_q_and_k_applies_in_llama_cpp(tiny_base, tmp_path):
     np.testing.assert_allclose(
         logits, unmerged_logits(folder, adapter, torch.tensor([PROMPT]))[0].numpy(), atol=1e-3, rtol=0
     )
+
+
+def test_the_read_back_samples_large_quantized_tensors_and_still_finds_damage(tiny_base, tmp_path, monkeypatch):
+    """A quantized tensor larger than READBACK_SAMPLE_BYTES is re-encoded on four row ranges, its first and last rows
+    among them: damage in those rows is found; the rest is left to llama.cpp's run of the whole file."""
+    from model_export.exporters import gguf_export
+
+    monkeypatch.setattr(gguf_export, "READBACK_SAMPLE_BYTES", 4096)
+    info = export_gguf(tiny_base, tmp_path, gguf_type="q8_0")
+    assert read_back(info["path"], tiny_base)["tensors"] == 24
+    reader = gguf.GGUFReader(info["path"])
+    tensor = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    offset, size = tensor.data_offset, tensor.n_bytes
+    del reader, tensor
+    data = bytearray(open(info["path"], "rb").read())
+    data[offset + size - 5] ^= 0xFF  # in the last row
+    open(info["path"], "wb").write(bytes(data))
+    with pytest.raises(ExportFormatError, match="blk.1.ffn_down.weight differs from the merge"):
+        read_back(info["path"], tiny_base)

@@ -92,3 +92,23 @@ def test_a_silent_step_gets_a_heartbeat_line_in_the_log(tmp_path, monkeypatch):
     assert len(beats) >= 2 and all(re.search(r"Step verify still running \(\d+ s so far\)", b) for b in beats)
     stamps = [time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) for line in lines]
     assert max(b - a for a, b in zip(stamps, stamps[1:])) <= 1.5
+
+
+def test_third_party_bars_stay_silent_unless_debugging(tiny_base, tmp_path, capsys):
+    """compressed-tensors draws "Applying quantization config" bars with tqdm's disable=False, whatever TQDM_DISABLE
+    says: loading the int4 artifact in transformers writes nothing to stderr, except with --debug."""
+    pytest.importorskip("compressed_tensors")
+    from model_export.exporters.safetensors_quant import export_quantized_safetensors
+    from model_export.runtimes.hf import TransformersRuntime
+
+    export_quantized_safetensors(tiny_base, tmp_path / "q", bits=4)
+    setup_logging("INFO", None)
+    capsys.readouterr()
+    TransformersRuntime(tmp_path / "q").close()
+    assert "quantization config" not in capsys.readouterr().err
+    setup_logging("DEBUG", None)
+    try:
+        TransformersRuntime(tmp_path / "q").close()
+        assert "Applying quantization config" in capsys.readouterr().err
+    finally:
+        setup_logging("INFO", None)

@@ -148,6 +148,46 @@ def _float_chunks(source: _Source, fh) -> Iterator[np.ndarray]:
         yield values if source.shape else values.reshape(1)
 
 
+READBACK_SAMPLE_BYTES = 4 << 20  # float32 bytes of a large quantized tensor's rows re-encoded by the read-back
+
+
+def _checked_rows(source: _Source, ttype: str, fh) -> Iterator[tuple[int | None, np.ndarray]]:
+    """(first row, float32 rows) of the merged tensor that the read-back encodes again and compares (first row None:
+    the chunk follows the one before). Every row of
+    f32/f16/bf16 tensors (a cast), of small tensors and of those reordered per head; of a larger quantized tensor,
+    four evenly spread row ranges (first and last rows included) of READBACK_SAMPLE_BYTES in all, because
+    re-quantizing every block in numpy would cost more than the export did (llama.cpp then runs the whole file)."""
+    import torch
+
+    from ..tensor_io import read_bytes, torch_dtype
+
+    rows = source.shape[0] if len(source.shape) > 1 else 1
+    row_floats = math.prod(source.shape[1:]) if len(source.shape) > 1 else math.prod(source.shape or (1,))
+    whole = ttype in ("f32", "f16", "bf16") or source.heads or rows * row_floats * 4 <= READBACK_SAMPLE_BYTES
+    if whole:
+        for values in _float_chunks(source, fh):
+            yield None, values
+        return
+    take = max(1, READBACK_SAMPLE_BYTES // (4 * row_floats * 4))
+    for start in sorted({round(i * (rows - take) / 3) for i in range(4)}):
+        raw = read_bytes(fh, source.info, start, start + take)
+        values = torch.frombuffer(raw, dtype=torch_dtype(source.info.dtype)).to(torch.float32)
+        yield start, values.reshape(take, *source.shape[1:]).numpy()
+
+
+def _release_pages(reader: Any) -> None:
+    """Drop the GGUF file's pages read so far from this process's resident memory (they stay in the page cache):
+    reading a 2 GB file back must not leave 2 GB resident."""
+    import mmap
+
+    mapped = getattr(getattr(reader, "data", None), "_mmap", None)
+    if mapped is not None and hasattr(mapped, "madvise"):
+        try:
+            mapped.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
+
 def _encode(values: np.ndarray, ttype: str) -> np.ndarray:
     """Float32 rows in GGUF type ``ttype``: f32/f16 by cast, the rest through gguf.quants (llama.cpp's quantizers)."""
     import gguf
@@ -401,15 +441,20 @@ def read_back(gguf_path: str | Path, merged: str | Path) -> dict[str, Any]:
                     "gguf_readback_failed", path=str(gguf_path), detail=f"{target} has shape {list(tensor.shape)}"
                 )
             fh = handles.get(source.path) or handles.setdefault(source.path, open(source.path, "rb"))  # noqa: SIM115
-            chunks = list(_float_chunks(source, fh))  # read once: encoded again for the bytes, kept for the error
-            expected = np.concatenate([np.asarray(_encode(c, ttype)).reshape(-1) for c in chunks])
-            if not np.array_equal(np.asarray(tensor.data).reshape(-1).view(np.uint8), expected.view(np.uint8)):
-                raise ExportFormatError(
-                    "gguf_readback_failed", path=str(gguf_path), detail=f"{target} differs from the merge"
-                )
-            original = np.concatenate([c.reshape(-1) for c in chunks])
-            values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(-1).astype(np.float32)
-            worst[ttype] = max(worst.get(ttype, 0.0), float(np.abs(values - original).max()) if original.size else 0.0)
+            data, offset = np.asarray(tensor.data).reshape(-1).view(np.uint8), 0
+            for first, values in _checked_rows(source, ttype, fh):
+                encoded = np.asarray(_encode(values, ttype)).reshape(-1).view(np.uint8)
+                start = offset if first is None else first * (data.size // source.shape[0])
+                offset = start + encoded.size
+                got = data[start:offset]
+                if not np.array_equal(got, encoded):
+                    raise ExportFormatError(
+                        "gguf_readback_failed", path=str(gguf_path), detail=f"{target} differs from the merge"
+                    )
+                back = gguf.quants.dequantize(got, tensor.tensor_type).reshape(-1).astype(np.float32)
+                difference = float(np.abs(back - values.reshape(-1)).max()) if values.size else 0.0
+                worst[ttype] = max(worst.get(ttype, 0.0), difference)
+            _release_pages(reader)
     finally:
         for fh in handles.values():
             fh.close()

@@ -69,10 +69,13 @@ class TransformersRuntime(Runtime):
         import torch
         from transformers import AutoModelForCausalLM
 
+        from ..monitoring import third_party_output
+
         self.path, self.device, self.torch = Path(path), device, torch
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype="auto", device_map=device, disable_mmap=not mmap
-        ).eval()
+        with third_party_output():
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype="auto", device_map=device, disable_mmap=not mmap
+            ).eval()
         self._sync()
 
     def _sync(self) -> None:
