@@ -240,7 +240,8 @@ class ExportConfiguration(BaseModel):
         "auto",
         description="How verification runs the reference (base + adapter) and safetensors artifacts. "
         "streamed: layer by layer on the CPU (one decoder layer in memory at a time, the LoRA unmerged in fp32, "
-        "what PEFT computes) for Qwen3, Qwen2, Llama and Mistral; transformers: the whole model loaded, as the "
+        "what PEFT computes; int8/int4 compressed-tensors layers unpacked as they run) for Qwen3, Qwen2, Llama and "
+        "Mistral; transformers: the whole model loaded, as the "
         "libraries users deploy with load it; auto: streamed on the CPU, transformers on a GPU or with bitsandbytes "
         "loading. Where streaming does not cover a model, transformers runs and the log says why.",
     )
