@@ -157,6 +157,12 @@ class StreamedModel:
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self._hooks = []
         self.on_layer: Any = None  # called after each decoder layer has run (progress)
+        # The next layer is read and widened by a thread of its own while this one computes (its own file handles:
+        # the main thread reads embedding rows and head blocks meanwhile): two layers in memory at most.
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._ahead, self._ahead_reader, self._next = ThreadPoolExecutor(1, "layer-reader"), _Reader(), None
+        self._layer_params = [[name for name, _ in layer.named_parameters()] for layer in model.model.layers]
         self._bind(model)
 
     # ---- wiring ------------------------------------------------------------------------------------------
@@ -172,32 +178,45 @@ class StreamedModel:
         model.lm_head = _head_module(self, head)
         for index, layer in enumerate(inner.layers):
             prefix = f"model.layers.{index}"
-            self._hooks.append(layer.register_forward_pre_hook(self._loader(prefix)))
+            self._hooks.append(layer.register_forward_pre_hook(self._loader(index)))
             self._hooks.append(layer.register_forward_hook(self._unloader()))
             for name, module in layer.named_modules():
                 planned = self.tensors.get(f"{prefix}.{name}.weight")
                 if isinstance(module, torch.nn.Linear) and planned is not None and planned.lora is not None:
                     self._hooks.append(module.register_forward_hook(_lora_hook(planned.lora)))
 
-    def _loader(self, prefix: str):
+    def _loader(self, index: int):
         def load(layer: Any, args: Any) -> None:
-            for name, _ in list(layer.named_parameters()):
-                _set(layer, name, self._weight(f"{prefix}.{name}"))
+            ahead, self._next = self._next, None
+            if ahead is not None and ahead[0] == index:
+                weights = ahead[1].result()
+            else:
+                if ahead is not None:
+                    ahead[1].result()  # a layer read for a pass that did not come: wait, then drop it
+                weights = self._read_layer(index, self.reader)
+            for name, tensor in weights.items():
+                _set(layer, name, tensor)
+            following = (index + 1) % len(self._layer_params)  # after the last layer, the next pass's first
+            self._next = (following, self._ahead.submit(self._read_layer, following, self._ahead_reader))
 
         return load
 
-    def _weight(self, name: str):
+    def _read_layer(self, index: int, reader: _Reader) -> dict[str, Any]:
+        return {name: self._weight(f"model.layers.{index}.{name}", reader) for name in self._layer_params[index]}
+
+    def _weight(self, name: str, reader: _Reader | None = None):
         """A parameter as fp32: read and widened, or for a compressed-tensors layer unpacked and dequantized by
         compressed-tensors itself (its ``decompress``, the code transformers runs) from the packed weight and scale."""
+        reader = reader or self.reader
         planned = self.tensors.get(name)
         if planned is not None or self.scheme is None or not name.endswith(".weight"):
-            return self.reader.read(planned if planned is not None else self.tensors[name])
+            return reader.read(planned if planned is not None else self.tensors[name])
         from compressed_tensors.compressors import PackedQuantizationCompressor
 
         stem = name.removesuffix(".weight")
         parts = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
         names = {part: f"{stem}.{part}" for part in parts if f"{stem}.{part}" in self.tensors}
-        state = {part: self.reader.native(self.tensors[name]) for part, name in names.items()}
+        state = {part: reader.native(self.tensors[name]) for part, name in names.items()}
         return PackedQuantizationCompressor.decompress(state, self.scheme)["weight"].float()
 
     def _unloader(self):
@@ -225,7 +244,12 @@ class StreamedModel:
     def close(self) -> None:
         for hook in self._hooks:
             hook.remove()
+        if self._next is not None:
+            self._next[1].cancel()
+            self._next = None
+        self._ahead.shutdown(wait=True)
         self.reader.close()
+        self._ahead_reader.close()
 
 
 def _set(module: Any, name: str, tensor: Any) -> None:
