@@ -75,17 +75,21 @@ def summarize(out: Path) -> dict:
     }
     report = json.loads((out / "report.json").read_text())
     verdicts = {
-        Path(v["artifact"]).name + (f" ({Path(v['artifact']).parent.name})" if Path(v["artifact"]).suffix else ""): {
-            "status": v["status"],
-            "runtime": v.get("runtime"),
-            "rule": v.get("rule"),
-            "top1": v.get("top1_agreement"),
-            "kl": v.get("mean_kl"),
-            "perplexity": v.get("perplexity"),
-            "reference_perplexity": v.get("reference_perplexity"),
+        row["format"]: {
+            "status": row["status"],
+            "runtime": row.get("runtime"),
+            "gb": round((row.get("bytes") or 0) / 1e9, 2),
+            "top1": row.get("top1"),
+            "kl": row.get("mean_kl"),
+            "perplexity": row.get("perplexity"),
+            "reference_perplexity": row.get("reference_perplexity"),
         }
-        for v in report.get("verdicts", [])
+        for row in report.get("artifacts", [])
     }
+    samples = report.get("memory_samples") or []
+    peak = max(samples, key=lambda sample: sample[1], default=None)
+    if peak:
+        steps["peak_at_s"] = peak[0]  # seconds into the run when the sampled RSS peaked (find the step in the log)
     return {"status": report.get("status"), "steps": steps, "verdicts": verdicts}
 
 

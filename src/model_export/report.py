@@ -59,6 +59,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "verified": v["status"] == "verified",
                     "reason": v.get("reason"),
                     "runtime": v.get("runtime"),
+                    "peak_rss": v.get("peak_rss"),
                     "rule": v.get("rule"),
                     "max_abs_diff": v.get("max_abs_diff"),
                     "mean_kl": v.get("mean_kl"),
@@ -187,7 +188,10 @@ STATUS_TEXT = {"verified": "status_verified", "failed": "status_failed", "not_ru
 
 def _artifact_row(r: dict[str, Any]) -> str:
     verdict = f'<b class="{_STATUS_CLASS[r["status"]]}">{html.escape(i18n.ui(STATUS_TEXT[r["status"]]))}</b>'
-    for note in (r["reason"], r.get("runtime")):
+    ran = r.get("runtime")
+    if ran and r.get("peak_rss"):
+        ran = i18n.ui("verify_peak", runtime=ran, memory=human_bytes(r["peak_rss"]))
+    for note in (r["reason"], ran):
         if note:
             verdict += f'<br><span class="muted">{html.escape(note)}</span>'
     ratio = "" if r["size_vs_base"] is None else f" ({r['size_vs_base']:.2f}×)"

@@ -27,7 +27,7 @@ from typing import Any
 from . import i18n
 from .errors import MergeError, ResourceError, ValidationError
 from .manifest import finite
-from .monitoring import logger
+from .monitoring import MemoryMonitor, logger
 from .runtimes import precision_of
 
 __all__ = [
@@ -93,6 +93,7 @@ class ArtifactVerdict:
     readback: dict[str, Any] | None = None  # GGUF: what reading the file back against the merge found
     reason: str | None = None  # not_run: why it was not run
     runtime: str | None = None  # what ran it, and where: "onnxruntime on cpu", "transformers (layer-streamed) on cpu"
+    peak_rss: int | None = None  # this process's resident memory at its peak while the artifact was loaded and run
     failure: ValidationError | None = field(default=None, repr=False)
     outputs: dict[str, Any] | None = field(default=None, repr=False)  # the artifact's logits and greedy tokens
 
@@ -558,7 +559,8 @@ def verify_artifact(
         precision = precision_of(artifact)
         options = options.placed(device_map)
         ran_in: list[str] = []
-        runs = _run_artifact(artifact, reference, new_tokens, options, ran_in)
+        with MemoryMonitor(enabled=False, sample_every=0.1) as memory:
+            runs = _run_artifact(artifact, reference, new_tokens, options, ran_in)
         gc.collect()
     except (ResourceError, MemoryError, KeyboardInterrupt):  # the machine's fault or the user's, not the artifact's
         raise
@@ -587,6 +589,7 @@ def verify_artifact(
     verdict = ArtifactVerdict(str(artifact), precision, "verified", "", samples, _histogram(reference, logits))
     verdict.outputs = {"logits": logits, "greedy": [r[1] for r in runs]}
     verdict.runtime = ran_in[-1] if ran_in else None
+    verdict.peak_rss = memory.peak_rss
     if reference.heldout_ids is not None:
         verdict.perplexity = perplexity(heldout_logits, reference.heldout_ids)
         verdict.reference_perplexity = reference.heldout_perplexity

@@ -331,6 +331,11 @@ def test_verification_runtime_streams_the_reference_or_loads_it_whole(training, 
     # The report says what ran each artifact: the two ways are not the same arithmetic for a bf16 artifact.
     assert a["runtime"] == "transformers (layer-streamed) on cpu" and b["runtime"] == "transformers on cpu"
     assert "transformers (layer-streamed) on cpu" in (tmp_path / "streamed" / "report.html").read_text()
+    # ... and how much memory it took (this process's resident peak while the artifact was loaded and run)
+    assert (
+        10_000_000 < a["peak_rss"] < 8 << 30
+        and " resident at peak" in (tmp_path / "streamed" / "report.html").read_text()
+    )
     assert a["status"] == b["status"] == "verified" and abs(a["max_abs_diff"] - b["max_abs_diff"]) < 1e-4
     assert abs(a["perplexity"] - b["perplexity"]) < 1e-3 * b["perplexity"]
 
