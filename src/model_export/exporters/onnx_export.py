@@ -120,6 +120,9 @@ def optimize_graph(source: Path, target: Path) -> None:
     options.optimized_model_filepath = str(target)
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", target.name + ".data")
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    # Prepacked weights (onnxruntime's copies of the int4/int8 blocks in its kernels' layout) are not saved in the
+    # optimized file: making them only doubled this step's memory (4.1 GiB at the 4B shape; 0.78 -> 0.25 GB at 0.6B).
+    options.add_session_config_entry("session.disable_prepacking", "1")
     try:
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
