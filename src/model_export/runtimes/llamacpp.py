@@ -15,21 +15,38 @@ __all__ = ["LlamaCppRuntime", "llama_cpp_run"]
 def llama_cpp_run(artifact: Path, tokens: list[int], new_tokens: int) -> tuple[Any, list[int]]:
     """Prompt logits and greedy continuation of a GGUF in llama.cpp (llama-cpp-python), fed the reference's token
     ids."""
-    import numpy as np
+    llm = _verifier(artifact, len(tokens) + new_tokens)
+    try:
+        return _generate(llm, tokens, new_tokens)
+    finally:
+        llm.close()
+
+
+def _verifier(artifact: Path, longest: int) -> Any:
+    """The GGUF loaded once for verification: logits of every position, an f32 KV cache (llama.cpp's default is f16,
+    so an f32 file is judged on its weights, not on the cache's rounding), a context for the longest input. The file
+    is read rather than mapped: llama.cpp repacks quantized weights for the CPU's kernels, and with a mapping the
+    file's pages stayed resident beside the repacked copy (twice the file in RSS)."""
     from llama_cpp import Llama
 
-    # An f32 KV cache (llama.cpp's default is f16), so an f32 file is judged on its weights, not on the cache's
-    # rounding.
-    llm = Llama(
+    return Llama(
         model_path=str(artifact),
-        n_ctx=len(tokens) + new_tokens + 8,
+        n_ctx=longest + 8,
         logits_all=True,
         verbose=False,
         n_threads=os.cpu_count() or 1,
         seed=0,
         type_k=0,
         type_v=0,
+        use_mmap=False,
     )
+
+
+def _generate(llm: Any, tokens: list[int], new_tokens: int) -> tuple[Any, list[int]]:
+    """One input from an empty context: its prompt logits, then greedy tokens (stopping after end-of-sequence)."""
+    import numpy as np
+
+    llm.reset()
     llm.eval(tokens)
     logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
     generated, last, eos = [], logits[-1], llm.token_eos()
@@ -40,13 +57,12 @@ def llama_cpp_run(artifact: Path, tokens: list[int], new_tokens: int) -> tuple[A
             break
         llm.eval([token])
         last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
-    llm.close()
     return logits, generated
 
 
 class LlamaCppRuntime(Runtime):
-    """A GGUF in llama.cpp. Verification runs each input in a context of its own size (logits of every position);
-    the benchmark decodes in one context of 2048 tokens."""
+    """A GGUF in llama.cpp. Verification loads it once and runs each input from an empty context (logits of every
+    position); the benchmark decodes in one context of 2048 tokens."""
 
     name = "llama.cpp"
     batches = False  # llama-cpp-python's Llama holds one sequence
@@ -61,7 +77,11 @@ class LlamaCppRuntime(Runtime):
     ) -> list[tuple[Any, list[int]]]:
         import torch
 
-        runs = [llama_cpp_run(self.path, [int(i) for i in ids], count) for ids, count in inputs]
+        llm = _verifier(self.path, max(ids.numel() + count for ids, count in inputs))
+        try:
+            runs = [_generate(llm, [int(i) for i in ids], count) for ids, count in inputs]
+        finally:
+            llm.close()
         return [(torch.from_numpy(logits), tokens) for logits, tokens in runs]
 
     @property
