@@ -51,6 +51,7 @@ def setup_logging(level: str = "INFO", log_file: str | Path | None = None, conso
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
         handlers[-1].setFormatter(_EnglishFormatter(LOG_FORMAT))
         handlers[-1].addFilter(_ProgressThrottle())
+        handlers[-1].addFilter(_not_console_only)
     for handler in handlers:
         setattr(handler, _OUR_HANDLER, True)
         logger.addHandler(handler)
@@ -260,32 +261,46 @@ def _not_progress(record: logging.LogRecord) -> bool:
 
 
 class _LastRecord(logging.Filter):
-    """When the ``model_export`` logger last emitted a line (the heartbeat speaks only after a silence)."""
+    """When the ``model_export`` logger last emitted a line for every handler (``at``) and for the console only
+    (``console_at``): the heartbeat speaks only after a silence."""
 
-    at = time.monotonic()
+    at = console_at = time.monotonic()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        self.at = time.monotonic()
+        self.console_at = time.monotonic()
+        if not getattr(record, "console_only", False):
+            self.at = self.console_at
         return True
+
+
+def _not_console_only(record: logging.LogRecord) -> bool:
+    return not getattr(record, "console_only", False)
 
 
 _last_record = _LastRecord()
 logger.addFilter(_last_record)
-HEARTBEAT_SECONDS = 30.0
+HEARTBEAT_SECONDS = 30.0  # the longest a log file goes without a line during a step
+CONSOLE_HEARTBEAT_SECONDS = 5.0  # the same on a terminal
 
 
 @contextlib.contextmanager
-def heartbeat(step: str, every: float | None = None) -> Iterator[None]:
+def heartbeat(step: str, every: float | None = None, console_every: float | None = None) -> Iterator[None]:
     """While the block runs, a line ``Step <step> still running (N s so far)`` whenever nothing was logged for most
-    of ``every`` seconds (HEARTBEAT_SECONDS): a log file never goes 30 s without a line during a long step, even
-    where no progress can be counted (a runtime's single native call, a third-party load)."""
+    of ``every`` seconds (HEARTBEAT_SECONDS), and on a terminal after CONSOLE_HEARTBEAT_SECONDS (those lines stay out
+    of the log file): no step goes silent, even where no progress can be counted (a runtime's single native call, a
+    third-party load)."""
     every = HEARTBEAT_SECONDS if every is None else every
+    console_every = CONSOLE_HEARTBEAT_SECONDS if console_every is None else console_every
+    tty = sys.stderr.isatty()
     start, stop = time.perf_counter(), threading.Event()
 
     def beat() -> None:
-        while not stop.wait(min(1.0, every / 10)):
+        while not stop.wait(min(1.0, every / 10, console_every / 5)):
+            line = i18n.ui("step_running", step=step, seconds=int(time.perf_counter() - start))
             if time.monotonic() - _last_record.at >= 0.9 * every:
-                logger.info(i18n.ui("step_running", step=step, seconds=int(time.perf_counter() - start)))
+                logger.info(line)
+            elif tty and time.monotonic() - _last_record.console_at >= 0.9 * console_every:
+                logger.info(line, extra={"console_only": True})
 
     thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
     thread.start()

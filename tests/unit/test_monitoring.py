@@ -112,3 +112,26 @@ def test_third_party_bars_stay_silent_unless_debugging(tiny_base, tmp_path, caps
         assert "Applying quantization config" in capsys.readouterr().err
     finally:
         setup_logging("INFO", None)
+
+
+def test_on_a_terminal_the_heartbeat_speaks_every_few_seconds_but_the_log_file_keeps_its_pace(tmp_path, monkeypatch):
+    from model_export import monitoring
+
+    monkeypatch.setattr(monitoring, "HEARTBEAT_SECONDS", 2.0)
+    monkeypatch.setattr(monitoring, "CONSOLE_HEARTBEAT_SECONDS", 0.3)
+    monkeypatch.setattr(monitoring.sys.stderr, "isatty", lambda: True, raising=False)
+    log = tmp_path / "export.log"
+    setup_logging("INFO", log, console=False)
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("model_export").addHandler(handler)
+    try:
+        with timed_step("verify"):
+            time.sleep(2.6)
+    finally:
+        logging.getLogger("model_export").removeHandler(handler)
+        setup_logging("INFO", None)
+    console_beats = [m for m in seen if "still running" in m]
+    file_beats = [line for line in log.read_text().splitlines() if "still running" in line]
+    assert len(console_beats) >= 4 and len(file_beats) == 1
