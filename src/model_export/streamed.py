@@ -68,6 +68,30 @@ def _scheme(quantization: Any):
     return scheme
 
 
+TRIM_EVERY = 8  # decoder layers run between two returns of freed heap memory to the system
+
+
+def _trim() -> None:
+    """Give the heap's free memory back to the system (glibc's malloc_trim; nothing elsewhere). Each layer allocates
+    and frees tens to hundreds of MB of different sizes; glibc raises its mmap threshold after such frees, so later ones
+    come from the heap and stay resident when freed: without this the streamed pass grew by about a layer's weights per
+    pass (0.6B shape: 1.9 GB resident after five passes, 1.1 GB with a trim every eight layers, no slower)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
 def _fp32(raw: Any, dtype: str, shape: tuple[int, ...]):
     """Raw little-endian bytes as an fp32 tensor (torch widens bf16 several times faster than numpy does)."""
     import torch
@@ -157,6 +181,7 @@ class StreamedModel:
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self._hooks = []
         self.on_layer: Any = None  # called after each decoder layer has run (progress)
+        self._layers_run = 0
         # The next layer is read and widened by a thread of its own while this one computes (its own file handles:
         # the main thread reads embedding rows and head blocks meanwhile): two layers in memory at most.
         from concurrent.futures import ThreadPoolExecutor
@@ -223,6 +248,9 @@ class StreamedModel:
         def unload(layer: Any, args: Any, output: Any) -> None:
             for name, param in list(layer.named_parameters()):
                 _set(layer, name, param.new_empty(param.shape, device="meta"))
+            self._layers_run += 1
+            if self._layers_run % TRIM_EVERY == 0:
+                _trim()
             if self.on_layer is not None:
                 self.on_layer()
 
