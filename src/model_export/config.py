@@ -113,10 +113,11 @@ class ExportConfiguration(BaseModel):
     batch_size: int = Field(
         1,
         gt=0,
-        description="Sequences per forward pass when verification computes prompt logits (the reference and "
-        "transformers artifacts; padded on the right, so results do not change), the batch of the benchmark's second "
-        "decode "
-        "measurement, and the TensorRT engine's largest batch. 1 uses the least memory.",
+        description="Sequences per forward pass when verification computes prompt logits with whole models "
+        "(verification_runtime: transformers, or on a GPU; padded on the right, so results do not change), the batch "
+        "of the benchmark's second decode measurement, and the TensorRT engine's largest batch. 1 uses the least "
+        "memory. The layer-streamed pass puts every prompt in one pass whatever this says: its memory is one layer's "
+        "weights, and each pass reads every layer again.",
     )
     max_sequence_length: int = Field(
         2048,

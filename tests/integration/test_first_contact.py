@@ -150,7 +150,8 @@ def test_an_unexpected_exception_is_one_line_naming_the_log(training, tmp_path, 
 
 def test_log_level_debug_logs_debug_lines_and_info_does_not(training, tmp_path):
     out = tmp_path / "out"
-    run(config_for(training, out, log_level="DEBUG", batch_size=2))
+    # batch_size groups the passes of whole-model runs (the layer-streamed one puts every prompt in one pass)
+    run(config_for(training, out, log_level="DEBUG", batch_size=2, verification_runtime="transformers"))
     log = (out / "export.log").read_text(encoding="utf-8")
     assert " - DEBUG - " in log and "step merge: key" in log and "forward pass: batch of 2" in log
     again = tmp_path / "again"
