@@ -5,8 +5,8 @@ compressed-tensors unpacked layer by layer) so that no whole model is loaded.
 Every forward pass reads every layer again, so the number of passes is the cost, not the number of tokens in them.
 ``run_streamed`` therefore does three things a whole-model runtime does not need:
 
-- all the sequences that generate go through one pass together (left-padded under an attention mask), and that pass
-  gives their prompt logits and first token at once;
+- all the sequences that generate go through one pass together (padded on the right under an attention mask), and
+  that pass gives their prompt logits and first token at once;
 - given a *draft* of each continuation (verification passes the reference's greedy tokens), that first pass runs the
   prompt followed by the draft and keeps every predicted token up to and including the first that differs from the
   draft (teacher-forced checking, as speculative decoding does): the tokens kept are the model's own greedy tokens,
@@ -93,8 +93,9 @@ def run_streamed(
 
 
 def _first_pass(model: Any, prompts: list[Any], guesses: list[list[int]]) -> list[tuple[Any, list[int]]]:
-    """One forward pass over every prompt followed by its guess (left-padded, positions counted from each sequence's
-    first real token): each prompt's logits, and the token predicted after the prompt and after each guessed token."""
+    """One forward pass over every prompt followed by its guess, padded on the right under an attention mask (a causal
+    model's real positions never see the padding after them, so nothing computed there, even an overflow, reaches
+    them): each prompt's logits, and the token predicted after the prompt and after each guessed token."""
     import torch
 
     from ..monitoring import logger
@@ -104,14 +105,13 @@ def _first_pass(model: Any, prompts: list[Any], guesses: list[list[int]]) -> lis
     batch = torch.full((len(sequences), length), model.config.pad_token_id or 0, dtype=torch.long)
     mask = torch.zeros(len(sequences), length, dtype=torch.long)
     for row, seq in enumerate(sequences):
-        batch[row, length - seq.numel() :], mask[row, length - seq.numel() :] = seq, 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        batch[row, : seq.numel()], mask[row, : seq.numel()] = seq, 1
     logger.debug("forward pass: batch of %d, %d tokens, %d guessed", len(sequences), length, sum(map(len, guesses)))
     with torch.no_grad():
-        logits = model(batch, attention_mask=mask, position_ids=positions, use_cache=False).logits.float()
+        logits = model(batch, attention_mask=mask, use_cache=False).logits.float()
     out = []
     for row, (ids, seq) in enumerate(zip(prompts, sequences)):
-        rows = logits[row, length - seq.numel() :]
+        rows = logits[row, : seq.numel()]
         out.append((rows[: ids.numel()].clone(), rows[ids.numel() - 1 :].argmax(-1).tolist()))
     return out
 
