@@ -25,7 +25,7 @@ from typing import Any
 
 from . import i18n
 
-__all__ = ["StreamedModel", "SUPPORTED", "streamable"]
+__all__ = ["StreamedModel", "SUPPORTED", "streamable", "trim_heap"]
 
 SUPPORTED = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
 HEAD_BLOCK_BYTES = 64 << 20  # the head's rows multiplied at a time, as fp32
@@ -71,7 +71,7 @@ def _scheme(quantization: Any):
 TRIM_EVERY = 8  # decoder layers run between two returns of freed heap memory to the system
 
 
-def _trim() -> None:
+def trim_heap() -> None:
     """Give the heap's free memory back to the system (glibc's malloc_trim; nothing elsewhere). Each layer allocates
     and frees tens to hundreds of MB of different sizes; glibc raises its mmap threshold after such frees, so later ones
     come from the heap and stay resident when freed: without this the streamed pass grew by about a layer's weights per
@@ -250,7 +250,7 @@ class StreamedModel:
                 _set(layer, name, param.new_empty(param.shape, device="meta"))
             self._layers_run += 1
             if self._layers_run % TRIM_EVERY == 0:
-                _trim()
+                trim_heap()
             if self.on_layer is not None:
                 self.on_layer()
 

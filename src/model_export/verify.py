@@ -217,7 +217,12 @@ def reference_line(device: str, precision: str) -> str:
 
 
 def _release(device: str) -> None:
+    """After a model or runtime is closed: collect it, and give the freed heap back to the system (a runtime's arena
+    freed at close stayed resident under the next artifact's runtime)."""
+    from .streamed import trim_heap
+
     gc.collect()
+    trim_heap()
     if device == "cuda":
         import torch
 
