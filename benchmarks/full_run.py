@@ -34,7 +34,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from merge_vs_peft import bench_parser, qwen3_config, settle, timed, write_adapter, write_base  # noqa: E402
+from merge_vs_peft import (  # noqa: E402
+    bench_parser,
+    qwen3_config,
+    settle,
+    target_line,
+    timed,
+    write_adapter,
+    write_base,
+)
 
 TARGET_PEAK_GIB = {"4b": 4.0}
 VERIFY_BEFORE_S = {"4b": 261.0}  # the measurement of verify with the whole-model runtimes, this machine
@@ -123,11 +131,11 @@ def main() -> None:
         after = results["auto"]
         target = TARGET_PEAK_GIB.get(args.size)
         if target:
-            summary["target_peak"] = f"<= {target} GiB: {'met' if after['peak_rss_gib'] <= target else 'NOT met'}"
+            summary["target_peak"] = target_line(after["peak_rss_gib"], target, " GiB")
         before_verify = VERIFY_BEFORE_S.get(args.size)
         verify = after["steps"].get("verify", {}).get("seconds")
         if before_verify and verify:
-            summary["target_verify"] = f"<= {before_verify} s: {'met' if verify <= before_verify else 'NOT met'}"
+            summary["target_verify"] = target_line(verify, before_verify, " s")
     print(json.dumps(summary, indent=2))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -175,6 +175,11 @@ def timed(command: list[str], gpu: bool = False, exit_codes: tuple[int, ...] = (
     return result
 
 
+def target_line(value: float, limit: float, unit: str = "") -> str:
+    """``<= 4.0 GiB: met`` (or ``NOT met``): a figure against its target, for a benchmark's summary."""
+    return f"<= {limit}{unit}: {'met' if value <= limit else 'NOT met'}"
+
+
 def warm(path: Path) -> None:
     for file in sorted(path.glob("*.safetensors")):
         with file.open("rb") as fh:

@@ -21,7 +21,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from merge_vs_peft import bench_parser, qwen3_config, settle, timed, write_adapter, write_base  # noqa: E402
+from merge_vs_peft import (  # noqa: E402
+    bench_parser,
+    qwen3_config,
+    settle,
+    target_line,
+    timed,
+    write_adapter,
+    write_base,
+)
 
 TARGET_PEAK_GIB = {"4b": 4.0}
 
@@ -68,8 +76,7 @@ def main() -> None:
     }
     target = TARGET_PEAK_GIB.get(args.size)
     if target:
-        met = results["streamed"]["peak_rss_gib"] <= target
-        summary["target_peak_gib"] = f"<= {target}: {'met' if met else 'NOT met'}"
+        summary["target_peak_gib"] = target_line(results["streamed"]["peak_rss_gib"], target)
     print(json.dumps(summary, indent=2))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
