@@ -92,15 +92,6 @@ def trim_heap() -> None:
 _malloc_trim: Any = None
 
 
-def _fp32(raw: Any, dtype: str, shape: tuple[int, ...]):
-    """Raw little-endian bytes as an fp32 tensor (torch widens bf16 several times faster than numpy does)."""
-    import torch
-
-    from .tensor_io import torch_dtype
-
-    return torch.frombuffer(raw, dtype=torch_dtype(dtype)).to(torch.float32).reshape(shape)
-
-
 class _Reader:
     """Reads base (or adapter) tensors, whole or by rows, as fp32 torch tensors."""
 
@@ -108,17 +99,20 @@ class _Reader:
         self._files: dict[Path, Any] = {}
 
     def read(self, planned: Any, start: int | None = None, stop: int | None = None):
-        rows = tuple(planned.shape) if start is None else (stop - start, *planned.shape[1:])
-        return _fp32(self._bytes(planned, start, stop), planned.source.dtype, rows)
+        """The tensor, or its rows ``start:stop``, as fp32 (torch widens bf16 several times faster than numpy does)."""
+        import torch
 
-    def native(self, planned: Any):
-        """The whole tensor in its stored dtype (packed int32 weights, their scales and shapes)."""
+        return self.native(planned, start, stop).to(torch.float32)
+
+    def native(self, planned: Any, start: int | None = None, stop: int | None = None):
+        """The tensor, or its rows, in its stored dtype (packed int32 weights, their scales and shapes)."""
         import torch
 
         from .tensor_io import torch_dtype
 
-        raw = self._bytes(planned, None, None)
-        return torch.frombuffer(raw, dtype=torch_dtype(planned.source.dtype)).reshape(tuple(planned.shape))
+        rows = tuple(planned.shape) if start is None else (stop - start, *planned.shape[1:])
+        raw = self._bytes(planned, start, stop)
+        return torch.frombuffer(raw, dtype=torch_dtype(planned.source.dtype)).reshape(rows)
 
     def _bytes(self, planned: Any, start: int | None, stop: int | None):
         from .adapter_format import MemoryTensor
