@@ -192,10 +192,31 @@ class ExportConfiguration(BaseModel):
         description="int8/int4 ONNX weights: MatMulNBits compute precision, 0 (unset: fp32) to 4 (int8 activations, "
         "fastest on CPUs; what onnxruntime-genai's builder uses for CPU).",
     )
-    gguf_type: Literal["auto", "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"] = Field(
+    gguf_type: Literal[
         "auto",
-        description="GGUF tensor type; auto follows quantization_level (none: the merge's dtype, bf16, fp16: f16, "
-        "int8: q8_0, int4: q4_0). Norms and biases stay f32, as llama.cpp keeps them.",
+        "f32",
+        "f16",
+        "bf16",
+        "q8_0",
+        "q4_0",
+        "q4_1",
+        "q5_0",
+        "q5_1",
+        "q2_k",
+        "q3_k_s",
+        "q3_k_m",
+        "q3_k_l",
+        "q4_k_s",
+        "q4_k_m",
+        "q5_k_s",
+        "q5_k_m",
+        "q6_k",
+    ] = Field(
+        "auto",
+        description="GGUF tensor type or llama.cpp K mixture; auto follows quantization_level (none: the merge's "
+        "dtype, bf16, fp16: f16, int8: q8_0, int4: q4_k_m). In a K mixture (q2_k ... q6_k) each tensor gets the type "
+        "llama.cpp's quantizer gives it (q4_k_m: Q4_K, with Q6_K for the output and for attn_v and ffn_down in chosen "
+        "layers), the same bytes as llama-quantize, without compiling llama.cpp. Norms and biases stay f32.",
     )
     gguf_lora_adapter: bool = Field(
         False,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,12 +32,26 @@ from ..hf_layout import rope_inv_freq, rope_parameters, write_atomic
 from ..monitoring import Progress
 from ..tensor_io import read_header, torch_row_chunks
 from .base import ExportContext, ExportFormat
+from .kquants import K_TYPES, LEGACY_BYTES, QK_K
+from .kquants import quantize as k_quantize
 
 __all__ = ["export_gguf", "read_back", "gguf_type_for", "GGUF_TYPES", "SUPPORTED_ARCHITECTURES"]
 
 SUPPORTED_ARCHITECTURES = {"Qwen3ForCausalLM": "QWEN3", "Qwen2ForCausalLM": "QWEN2", "LlamaForCausalLM": "LLAMA"}
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
-_LEVEL_TYPES = {"bf16": "bf16", "fp16": "f16", "int8": "q8_0", "int4": "q4_0"}
+# llama.cpp's mixtures of K-quants (llama-quantize's names): the type most tensors get
+K_MIXTURES = {
+    "q2_k": "q2_k",
+    "q3_k_s": "q3_k",
+    "q3_k_m": "q3_k",
+    "q3_k_l": "q3_k",
+    "q4_k_s": "q4_k",
+    "q4_k_m": "q4_k",
+    "q5_k_s": "q5_k",
+    "q5_k_m": "q5_k",
+    "q6_k": "q6_k",
+}
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", *K_MIXTURES)
+_LEVEL_TYPES = {"bf16": "bf16", "fp16": "f16", "int8": "q8_0", "int4": "q4_k_m"}
 _FILE_TYPES = {
     "f32": "ALL_F32",
     "f16": "MOSTLY_F16",
@@ -47,7 +61,10 @@ _FILE_TYPES = {
     "q4_1": "MOSTLY_Q4_1",
     "q5_0": "MOSTLY_Q5_0",
     "q5_1": "MOSTLY_Q5_1",
+    **{mixture: f"MOSTLY_{mixture.upper()}" for mixture in K_MIXTURES},
 }
+# where a row is not whole 256-value blocks, llama.cpp falls back to these (then to f16)
+_K_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 _PRE_TOKENIZERS = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe"}
 _CHUNK_BYTES = 64 << 20
 
@@ -107,16 +124,70 @@ def _sources(merged: Path, arch: Any, config: dict[str, Any]) -> list[_Source]:
     return sources
 
 
-def _tensor_type(source: _Source, gguf_type: str) -> str:
-    """1-D tensors (norms, biases) stay f32, as llama.cpp keeps them; rows that are not whole blocks fall back to
-    f16."""
+def _block(ttype: str) -> int:
     import gguf
 
+    return gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, ttype.upper())][0]
+
+
+@dataclass(frozen=True)
+class _Model:
+    """What llama.cpp's choice of types per tensor looks at."""
+
+    layers: int
+    tied: bool  # no output.weight: token_embd is also the output
+    gqa: int  # attention heads per KV head
+
+
+def _more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers and every third one between."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def _mixture_type(target: str, mixture: str, model: _Model, columns: int) -> str:
+    """The type llama.cpp's quantizer (llama_tensor_get_type) gives GGUF tensor ``target`` in K mixture ``mixture``
+    for the dense architectures we export: the output (and a tied token embedding) in Q6_K, more bits for attn_v and
+    ffn_down in chosen layers, then a 32-value type where the rows are not whole 256-value blocks."""
+    kind = K_MIXTURES[mixture]
+    layer = int(target.split(".")[1]) if target.startswith("blk.") else -1
+    role = target.split(".")[-2] if layer >= 0 else target.removesuffix(".weight")
+    if role == "output" or (model.tied and role == "token_embd"):
+        kind = "q8_0" if columns % QK_K else "q6_k"
+    elif role == "attn_v":
+        kind = {
+            "q2_k": "q4_k" if model.gqa >= 4 else "q3_k",
+            "q3_k_m": "q5_k" if layer < 2 else "q4_k",
+            "q3_k_l": "q5_k",
+            "q4_k_m": "q6_k" if _more_bits(layer, model.layers) else kind,
+            "q5_k_m": "q6_k" if _more_bits(layer, model.layers) else kind,
+            "q4_k_s": "q5_k" if layer < 4 else kind,
+        }.get(mixture, kind)
+    elif role == "ffn_down":
+        kind = {
+            "q2_k": "q3_k",
+            "q3_k_m": "q5_k" if layer < model.layers // 16 else "q4_k",
+            "q3_k_l": "q5_k",
+            "q4_k_m": "q6_k" if _more_bits(layer, model.layers) else kind,
+            "q5_k_m": "q6_k" if _more_bits(layer, model.layers) else kind,
+            "q4_k_s": "q5_k" if layer < model.layers // 8 else kind,
+        }.get(mixture, kind)
+    elif role == "attn_output":
+        kind = {"q2_k": "q3_k", "q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(mixture, kind)
+    if columns % _block(kind):
+        kind = _K_FALLBACK.get(kind, kind)
+        if columns % _block(kind):
+            kind = "f16"
+    return kind
+
+
+def _tensor_type(source: _Source, gguf_type: str, model: _Model) -> str:
+    """1-D tensors (norms, biases) stay f32, as llama.cpp keeps them; in a K mixture each tensor gets llama.cpp's
+    type for it; rows that are not whole blocks fall back to f16."""
     if len(source.shape) < 2 or gguf_type == "f32":
         return "f32"
-    qtype = getattr(gguf.GGMLQuantizationType, gguf_type.upper())
-    block, _ = gguf.GGML_QUANT_SIZES[qtype]
-    return gguf_type if source.shape[-1] % block == 0 else "f16"
+    if gguf_type in K_MIXTURES:
+        return _mixture_type(source.target, gguf_type, model, source.shape[-1])
+    return gguf_type if source.shape[-1] % _block(gguf_type) == 0 else "f16"
 
 
 class _Chunks:
@@ -188,20 +259,42 @@ def _release_pages(reader: Any) -> None:
             pass
 
 
-def _encode(values: np.ndarray, ttype: str) -> np.ndarray:
-    """Float32 rows in GGUF type ``ttype``: f32/f16 by cast, the rest through gguf.quants (llama.cpp's quantizers)."""
+K_CHUNK_VALUES = 1 << 17  # K-quants work on this many values at a time (their temporaries stay in the CPU's caches)
+
+
+def _encode(values: np.ndarray, ttype: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """Float32 rows in GGUF type ``ttype``: f32/f16 by cast, K-quants by our kquants (with the tensor's importance
+    per column when an importance matrix has it), the legacy types through gguf.quants (llama.cpp's quantizers)."""
     import gguf
 
     if ttype == "f32":
         return values
     if ttype == "f16":
         return values.astype(np.float16)
+    if ttype in K_TYPES or (importance is not None and ttype in LEGACY_BYTES):
+        rows = values.reshape(-1, values.shape[-1])
+        step = max(1, K_CHUNK_VALUES // rows.shape[1])
+        return np.concatenate([k_quantize(rows[i : i + step], ttype, importance) for i in range(0, len(rows), step)])
     return gguf.quants.quantize(values, getattr(gguf.GGMLQuantizationType, ttype.upper()))
 
 
-def _encoded(source: _Source, ttype: str, fh) -> Iterator[np.ndarray]:
+def _encoded(source: _Source, ttype: str, fh, importance: np.ndarray | None = None) -> Iterator[np.ndarray]:
     """The tensor in GGUF type ``ttype``, in row chunks."""
-    return (_encode(values, ttype) for values in _float_chunks(source, fh))
+    return (_encode(values, ttype, importance) for values in _float_chunks(source, fh))
+
+
+def _importance(imatrix: Mapping[str, np.ndarray] | None, target: str, ttype: str) -> np.ndarray | None:
+    """The importance matrix's entry for a tensor, where its type uses one (as in llama.cpp: not f16, q8_0)."""
+    return imatrix.get(target) if imatrix and (ttype in K_TYPES or ttype in LEGACY_BYTES) else None
+
+
+def _model(sources: list[_Source], config: dict[str, Any]) -> _Model:
+    heads = config["num_attention_heads"]
+    return _Model(
+        layers=config["num_hidden_layers"],
+        tied=not any(s.target == "output.weight" for s in sources),
+        gqa=heads // (config.get("num_key_value_heads") or heads),
+    )
 
 
 def _nbytes(shape: tuple[int, ...], ttype: str) -> int:
@@ -213,9 +306,18 @@ def _nbytes(shape: tuple[int, ...], ttype: str) -> int:
 
 
 def export_gguf(
-    merged: str | Path, out: str | Path, *, gguf_type: str = "f16", name: str | None = None
+    merged: str | Path,
+    out: str | Path,
+    *,
+    gguf_type: str = "f16",
+    name: str | None = None,
+    imatrix: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Write ``out/model-<type>.gguf`` and an Ollama ``Modelfile`` from the merged model in ``merged``.
+
+    ``gguf_type`` is a tensor type (f32 ... q5_1) or one of llama.cpp's K mixtures (q2_k ... q6_k, q4_k_m), each tensor
+    then getting the type llama.cpp's quantizer gives it; ``imatrix`` (importance per input column, by GGUF tensor
+    name, as llama.cpp's imatrix holds it) steers the K-quants.
 
     Raises MissingDependencyError without the gguf extra, ExportFormatError for an architecture, rope type or
     tokenizer the GGUF export does not handle.
@@ -236,9 +338,9 @@ def export_gguf(
     partial = out / f"{path.name}.partial"
     writer = gguf.GGUFWriter(str(partial), gguf.MODEL_ARCH_NAMES[arch])
     _metadata(writer, gguf, config, merged, gguf_type, name or merged.name)
-    types = {}
+    types, model = {}, _model(sources, config)
     for source in sources:
-        ttype = types[source.name] = _tensor_type(source, gguf_type)
+        ttype = types[source.name] = _tensor_type(source, gguf_type, model)
         qtype = getattr(gguf.GGMLQuantizationType, ttype.upper())
         if ttype in ("f32", "f16"):
             writer.add_tensor_info(
@@ -262,9 +364,9 @@ def export_gguf(
     try:
         for source in sources:
             fh = handles.get(source.path) or handles.setdefault(source.path, open(source.path, "rb"))  # noqa: SIM115
-            writer.write_tensor_data(
-                _Chunks(_nbytes(source.shape, types[source.name]), _encoded(source, types[source.name], fh))
-            )
+            ttype = types[source.name]
+            importance = _importance(imatrix, source.target, ttype)
+            writer.write_tensor_data(_Chunks(_nbytes(source.shape, ttype), _encoded(source, ttype, fh, importance)))
             meter.advance(source.info.nbytes)
         if rope_freqs is not None:
             writer.write_tensor_data(rope_freqs)
@@ -403,9 +505,12 @@ def write_modelfile(out: Path, gguf_name: str, merged: Path) -> Path | None:
     return path
 
 
-def read_back(gguf_path: str | Path, merged: str | Path) -> dict[str, Any]:
+def read_back(
+    gguf_path: str | Path, merged: str | Path, imatrix: Mapping[str, np.ndarray] | None = None
+) -> dict[str, Any]:
     """Read the GGUF back and compare every tensor with the merged model: names, shapes and types as declared, and
-    data equal to the merged tensor encoded again (f32/f16 exactly; quantized types re-quantized with gguf.quants).
+    data equal to the merged tensor encoded again (f32/f16 exactly; quantized types re-quantized, with the importance
+    matrix the export used).
 
     Returns counts and the largest difference between the dequantized GGUF and the merged weights, per type.
     Raises ExportFormatError when a tensor is missing, misshapen or differs.
@@ -443,7 +548,8 @@ def read_back(gguf_path: str | Path, merged: str | Path) -> dict[str, Any]:
             fh = handles.get(source.path) or handles.setdefault(source.path, open(source.path, "rb"))  # noqa: SIM115
             data, offset = np.asarray(tensor.data).reshape(-1).view(np.uint8), 0
             for first, values in _checked_rows(source, ttype, fh):
-                encoded = np.asarray(_encode(values, ttype)).reshape(-1).view(np.uint8)
+                encoded = np.asarray(_encode(values, ttype, _importance(imatrix, target, ttype)))
+                encoded = encoded.reshape(-1).view(np.uint8)
                 start = offset if first is None else first * (data.size // source.shape[0])
                 offset = start + encoded.size
                 got = data[start:offset]
@@ -580,12 +686,33 @@ def _export(ctx: ExportContext) -> dict[str, Any]:
     return details
 
 
+_TYPE_BYTES = {  # per parameter; K mixtures as llama.cpp reports them for 7B-class models
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 1.0625,
+    "q4_0": 0.5625,
+    "q4_1": 0.625,
+    "q5_0": 0.6875,
+    "q5_1": 0.75,
+    "q2_k": 0.42,
+    "q3_k_s": 0.44,
+    "q3_k_m": 0.49,
+    "q3_k_l": 0.53,
+    "q4_k_s": 0.57,
+    "q4_k_m": 0.61,
+    "q5_k_s": 0.69,
+    "q5_k_m": 0.71,
+    "q6_k": 0.82,
+}
+
+
 def _bytes(config: Any, base_size: float) -> float:
     if config.gguf_type != "auto":
-        return {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.0625, "q5_0": 0.6875, "q5_1": 0.75}.get(
-            config.gguf_type, 0.5625
-        )
-    return {"fp16": 2.0, "bf16": 2.0, "int8": 1.0625, "int4": 0.5625}.get(config.quantization_level, base_size)
+        return _TYPE_BYTES[config.gguf_type]
+    return {"fp16": 2.0, "bf16": 2.0, "int8": 1.0625, "int4": _TYPE_BYTES["q4_k_m"]}.get(
+        config.quantization_level, base_size
+    )
 
 
 FORMAT = ExportFormat(
@@ -595,7 +722,7 @@ FORMAT = ExportFormat(
         "bf16": "bf16",
         "fp16": "f16",
         "int8": "q8_0",
-        "int4": "q4_0",
+        "int4": "q4_k_m (llama.cpp's Q4_K_M mixture)",
     },
     bytes_per_param=_bytes,
     export=_export,

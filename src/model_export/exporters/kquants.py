@@ -1,4 +1,5 @@
-"""GGUF K-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) in numpy, byte for byte what llama.cpp's quantizer writes.
+"""GGUF K-quants (Q2_K ... Q6_K) in numpy, byte for byte what llama.cpp's quantizer writes (and, with an importance
+matrix, the legacy q4_0 ... q5_1 blocks, which gguf's Python quantizers only do without one).
 
 Why our own code: ``gguf``'s Python package can only *dequantize* K-quants, and producing them otherwise takes a
 native llama.cpp build, the step that fails most often for GGUF exporters' users. This module re-expresses the
@@ -19,17 +20,19 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["K_TYPES", "QK_K", "quantize", "row_bytes"]
+__all__ = ["K_TYPES", "LEGACY_BYTES", "QK_K", "quantize", "row_bytes"]
 
 QK_K = 256
 F = np.float32
 _EPS = F(1e-15)  # GROUP_MAX_EPS
 BLOCK_BYTES = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210}
 K_TYPES = tuple(BLOCK_BYTES)
+LEGACY_BYTES = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24}  # 32-value blocks, here with an importance matrix
+BLOCK_VALUES = {**dict.fromkeys(K_TYPES, QK_K), **dict.fromkeys(LEGACY_BYTES, 32)}
 
 
 def row_bytes(k_type: str, columns: int) -> int:
-    return columns // QK_K * BLOCK_BYTES[k_type]
+    return columns // BLOCK_VALUES[k_type] * {**BLOCK_BYTES, **LEGACY_BYTES}[k_type]
 
 
 def _nearest(v: np.ndarray) -> np.ndarray:
@@ -43,19 +46,17 @@ def _clip(v: np.ndarray, low: int, high: int) -> np.ndarray:
 
 
 def _sum(terms: np.ndarray) -> np.ndarray:
-    """``float s = 0; for (i...) s += t[i];`` over axis 0."""
-    total = np.zeros(terms.shape[1:], dtype=F)
-    for term in terms:
-        total += term
-    return total
+    """``float s = t[0]; for (i = 1...) s += t[i];`` over axis 0 of a C-contiguous [n, groups] array: numpy reduces
+    over the outer axis row by row, in order, in float32 (not pairwise: that is only along the inner axis). C's
+    ``s = 0; s += t[0]`` differs from it only in the sign of a zero sum, which nothing here can tell apart."""
+    return np.add.reduce(np.ascontiguousarray(terms), axis=0)
 
 
-def _sum_from_first(terms: np.ndarray) -> np.ndarray:
-    """``float s = t[0]; for (i = 1...) s += t[i];`` over axis 0."""
-    total = terms[0].copy()
-    for term in terms[1:]:
-        total += term
-    return total
+def _levels(v: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``MAX(low, MIN(high, nearest_int(v)))`` as float32, in place. For |v| < 2**22 (every search here: v is at most
+    a few times nmax) nearest_int is exactly rint (both round half to even)."""
+    np.rint(v, out=v)
+    return np.clip(v, low, high, out=v)
 
 
 def _f16(v: np.ndarray) -> np.ndarray:
@@ -76,21 +77,30 @@ def _qkx(x, weights, nmax, rmin, rdelta, nstep, use_mad):
     """make_qkx2_quants / make_qkx3_quants over groups in columns: x, weights [n, groups]; (scale, the_min, L)."""
     low = first_low = np.minimum(x.min(axis=0), F(0))
     high = x.max(axis=0)
-    sum_w = _sum_from_first(weights)
-    sum_x = _sum_from_first(weights * x)
+    sum_w = _sum(weights)
+    sum_x = _sum(weights * x)
     flat = high <= low
-    iscale = F(nmax) / (high - low)
-    scale = F(1) / iscale
-    levels = _clip(_nearest(iscale * (x - low)), 0, nmax).astype(F)
 
     def error(s, m, lv):
-        diff = s * lv + m - x
-        return _sum(weights * (np.abs(diff) if use_mad else diff * diff))
+        diff = s * lv
+        diff += m
+        diff -= x
+        if use_mad:
+            np.abs(diff, out=diff)
+        else:
+            diff *= diff
+        diff *= weights
+        return _sum(diff)
 
+    iscale = F(nmax) / (high - low)
+    scale = F(1) / iscale
+    levels = _levels(iscale * (x - low), 0, nmax)
     best = error(scale, low, levels)
     for step in range(nstep + 1):
         iscale = (F(rmin) + F(rdelta) * F(step) + F(nmax)) / (high - low)
-        aux = _clip(_nearest(iscale * (x - low)), 0, nmax).astype(F)
+        aux = x - low
+        aux *= iscale
+        _levels(aux, 0, nmax)
         wl = weights * aux
         sum_l, sum_l2, sum_xl = _sum(wl), _sum(wl * aux), _sum(wl * x)
         det = sum_w * sum_l2 - sum_l * sum_l
@@ -101,10 +111,11 @@ def _qkx(x, weights, nmax, rmin, rdelta, nstep, use_mad):
         this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
         current = error(this_scale, this_min, aux)
         better = (det > 0) & (current < best)
-        levels = np.where(better, aux, levels)
-        best = np.where(better, current, best)
-        scale = np.where(better, this_scale, scale)
-        low = np.where(better, this_min, low)
+        if better.any():
+            levels = np.where(better, aux, levels)
+            best = np.where(better, current, best)
+            scale = np.where(better, this_scale, scale)
+            low = np.where(better, this_min, low)
     levels = np.where(flat, F(0), levels).astype(np.int32)
     return np.where(flat, F(0), scale), -np.where(flat, first_low, low), levels
 
@@ -117,9 +128,9 @@ def _qx(x, nmax, weights=None):
     wx = w * x
 
     def search(iscale):
-        lv = _clip(_nearest(iscale * x), -nmax, nmax - 1)
-        lf = lv.astype(F)
-        return lv, _sum(wx * lf), _sum(w * lf * lf)
+        lf = _levels(iscale * x, -nmax, nmax - 1)
+        wl = w * lf
+        return lf, _sum(wx * lf), _sum(wl * lf)
 
     levels, sumlx, suml2 = search(F(-nmax) / peak)
     scale = np.where(suml2 != 0, sumlx / suml2, F(0))
@@ -133,7 +144,7 @@ def _qx(x, nmax, weights=None):
         levels = np.where(better, lv, levels)
         scale = np.where(better, new_scale, scale)
         best = np.where(better, new_scale * sumlx, best)
-    return np.where(zero, F(0), scale), np.where(zero, 0, levels + nmax)
+    return np.where(zero, F(0), scale), np.where(zero, 0, levels.astype(np.int32) + nmax)
 
 
 def _q3(x, nmax):
@@ -400,6 +411,34 @@ def _q2_k(blocks, imatrix):
     return np.concatenate([packed, _two_bit(levels), _half_bytes(d), _half_bytes(dmin)], axis=1)
 
 
+def _row_sigma2(blocks: np.ndarray, columns: int) -> np.ndarray:
+    """sum(x * x) / n_per_row of each row (the legacy types' *_impl), repeated for each of its 32-value blocks."""
+    rows = blocks.reshape(-1, columns)
+    sigma2 = _sum(np.ascontiguousarray(rows.T) * np.ascontiguousarray(rows.T)) / F(columns)
+    return np.repeat(sigma2, columns // 32)
+
+
+def _legacy(blocks, imatrix, columns, kind):
+    """q4_0, q4_1, q5_0, q5_1 with an importance matrix (quantize_row_qN_M_impl): one 32-value block per column."""
+    x = np.ascontiguousarray(blocks.reshape(-1, 32).T)
+    weights = np.ascontiguousarray(imatrix.reshape(-1, 32).T) * np.sqrt(_row_sigma2(blocks, columns)[None] + x * x)
+    if kind in ("q4_0", "q5_0"):
+        nmax = 8 if kind == "q4_0" else 16
+        d, levels = _qx(x, nmax, weights)
+        head = _half_bytes(_f16(d))
+    else:
+        d, the_min, levels = _qkx(x, weights, 15 if kind == "q4_1" else 31, -0.9, 0.05, 36, False)
+        head = np.concatenate([_half_bytes(_f16(d)), _half_bytes(_f16(-the_min))], axis=1)
+    levels = levels.T.astype(np.uint8)  # [blocks, 32]
+    low, high = levels[:, :16], levels[:, 16:]
+    qs = (low & 0xF) | ((high & 0xF) << 4)
+    if kind in ("q4_0", "q4_1"):
+        return np.concatenate([head, qs], axis=1)
+    bits = ((levels >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)[None]
+    qh = np.bitwise_or.reduce(bits, axis=1).astype("<u4").view(np.uint8).reshape(-1, 4)
+    return np.concatenate([head, qh, qs], axis=1)
+
+
 _QUANTIZERS = {
     "q2_k": _q2_k,
     "q3_k": _q3_k,
@@ -410,16 +449,22 @@ _QUANTIZERS = {
 
 
 def quantize(rows: np.ndarray, k_type: str, imatrix: np.ndarray | None = None) -> np.ndarray:
-    """Rows [n, columns] (columns a multiple of 256) as ``k_type`` blocks: uint8 [n, row_bytes]. ``imatrix`` holds one
-    importance per column (llama.cpp's quant_weights); without it the reference (data-free) algorithm runs."""
+    """Rows [n, columns] as ``k_type`` blocks: uint8 [n, row_bytes]. ``imatrix`` holds one importance per column
+    (llama.cpp's quant_weights); without it the reference (data-free) algorithm runs. K-quants need columns in whole
+    256-value blocks; the legacy types (q4_0 ... q5_1, 32-value blocks) are done here only with an importance matrix
+    (without one, gguf.quants has them)."""
     rows = np.ascontiguousarray(rows, dtype=F)
     count, columns = rows.shape
-    if columns % QK_K:
-        raise ValueError(f"{k_type} needs rows of whole 256-value blocks, not {columns} values")
-    blocks = rows.reshape(-1, QK_K)
+    if columns % BLOCK_VALUES[k_type]:
+        raise ValueError(f"{k_type} needs rows of whole {BLOCK_VALUES[k_type]}-value blocks, not {columns} values")
     weights = None
     if imatrix is not None:
-        weights = np.broadcast_to(np.asarray(imatrix, dtype=F).reshape(1, -1), (count, columns)).reshape(-1, QK_K)
+        weights = np.broadcast_to(np.asarray(imatrix, dtype=F).reshape(1, -1), (count, columns))
     with np.errstate(all="ignore"):
-        out = _QUANTIZERS[k_type](blocks, weights)
+        if k_type in LEGACY_BYTES:
+            if weights is None:
+                raise ValueError(f"{k_type} without an importance matrix is gguf.quants' to do")
+            out = _legacy(rows, np.ascontiguousarray(weights), columns, k_type)
+        else:
+            out = _QUANTIZERS[k_type](rows.reshape(-1, QK_K), None if weights is None else weights.reshape(-1, QK_K))
     return np.ascontiguousarray(out, dtype=np.uint8).reshape(count, row_bytes(k_type, columns))

@@ -80,7 +80,7 @@ def tokenizer_folder(path: str | Path) -> Path:
 
 
 def precision_of(artifact: str | Path) -> str:
-    """'full' when every floating-point weight is fp32; 'int4' when weights are stored in 4 or 5 bits (GGUF q4_*/q5_*,
+    """'full' when every floating-point weight is fp32; 'int4' when weights are stored in 5 bits or fewer (GGUF q2_k ... q5_*,
     ONNX MatMulNBits bits=4, compressed-tensors num_bits 4); else 'reduced' (bf16, fp16, 8-bit)."""
     from ..tensor_io import read_header
 
@@ -91,7 +91,7 @@ def precision_of(artifact: str | Path) -> str:
         types = {t.tensor_type.name for t in gguf.GGUFReader(str(artifact)).tensors}
         if types == {"F32"}:
             return "full"
-        return "int4" if any(t.startswith(("Q4", "Q5")) for t in types) else "reduced"
+        return "int4" if any(t.startswith(("Q2", "Q3", "Q4", "Q5")) for t in types) else "reduced"
     if name == "tensorrt":
         from .tensorrt import precision_of_engine
 
