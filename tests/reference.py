@@ -1,4 +1,4 @@
-"""The reference implementations the tests compare against: PEFT's merge and PEFT's unmerged forward."""
+"""The reference implementations the tests compare against: PEFT's merge and unmerged forward, llama.cpp's quantizer."""
 
 from __future__ import annotations
 
@@ -64,3 +64,66 @@ def model_logits(path: Path, input_ids: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     with torch.no_grad():
         return model.eval()(input_ids).logits
+
+
+def _ggml_base():
+    """libggml-base from the llamacpp extra (llama-cpp-python), with ggml_quantize_chunk's signature."""
+    import ctypes
+
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(next((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.so*"))))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 2, *[ctypes.c_int64] * 3, ctypes.c_void_p]
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    return lib
+
+
+def ggml_quantize(rows, ggml_type: str, imatrix=None):
+    """llama.cpp's own quantization of float32 rows (ggml_quantize_chunk), as uint8 [rows, row bytes]."""
+    import gguf
+    import numpy as np
+
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    qtype = getattr(gguf.GGMLQuantizationType, ggml_type.upper())
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    out = np.zeros((rows.shape[0], rows.shape[1] // block * size), dtype=np.uint8)
+    weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    lib = _ggml_base()
+    lib.ggml_quantize_init(int(qtype))
+    written = lib.ggml_quantize_chunk(
+        int(qtype), rows.ctypes.data, out.ctypes.data, 0, *rows.shape, None if weights is None else weights.ctypes.data
+    )
+    assert written == out.size
+    return out
+
+
+def llama_quantize(source: Path, out: Path, mixture: str, imatrix=None, output_type=None, token_type=None) -> Path:
+    """llama.cpp's quantizer (llama_model_quantize, what llama-quantize runs) on a GGUF, with an importance matrix
+    given as {tensor name: importance per column} and --output-tensor-type / --token-embedding-type."""
+    import ctypes
+
+    import gguf
+    import llama_cpp
+    import numpy as np
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = 1
+    params.ftype = int(getattr(gguf.LlamaFileType, "MOSTLY_" + mixture.upper()))
+    if output_type:
+        params.output_tensor_type = int(getattr(gguf.GGMLQuantizationType, output_type.upper()))
+    if token_type:
+        params.token_embedding_type = int(getattr(gguf.GGMLQuantizationType, token_type.upper()))
+    keep = []
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(imatrix.items()):
+            values = np.ascontiguousarray(values, dtype=np.float32)
+            keep += [name.encode(), values]
+            entries[i].name, entries[i].size = keep[-2], values.size
+            entries[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[len(imatrix)].name = None
+        params.imatrix = entries
+    llama_cpp.llama_backend_init()
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    return out

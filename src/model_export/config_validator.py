@@ -232,12 +232,23 @@ def _samples_and_data(config: ExportConfiguration) -> list[ConfigProblem]:
     problems = []
     if config.run_validation_tests and not config.test_input_samples:
         problems.append(ConfigProblem("test_input_samples", "no_test_samples"))
-    if config.calibration_data and not Path(os.path.expanduser(config.calibration_data)).is_file():
-        problems.append(ConfigProblem("calibration_data", "calibration_missing", {"path": config.calibration_data}))
+    if config.calibration_data:
+        from .calibration import calibration_problems
+
+        problems += calibration_problems(config.calibration_data)  # missing, unreadable, a bad line (named)
     return problems
 
 
-_RULES = (_load_in_bits, _quantization, _opset, _dynamic_axes, _output_dir, _formats, _samples_and_data)
+def _format_keys(config: ExportConfiguration) -> list[ConfigProblem]:
+    """Keys that only one format reads, set for a run without that format."""
+    problems = []
+    for key in ("gguf_output_type", "gguf_token_embedding_type"):
+        if getattr(config, key) is not None and "gguf" not in config.formats:
+            problems.append(ConfigProblem(key, "key_without_format", {"format": "gguf"}))
+    return problems
+
+
+_RULES = (_load_in_bits, _quantization, _opset, _dynamic_axes, _output_dir, _formats, _samples_and_data, _format_keys)
 
 
 def configuration_markdown() -> str:

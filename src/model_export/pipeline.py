@@ -284,6 +284,7 @@ def _steps(state: _Run) -> None:
         check_tensorrt()  # no tensorrt package or no GPU: ME810 naming what is missing, before anything is written
     if "merge" not in state.manifest.steps or state.manifest.steps["merge"].status != "done":
         check_disk_space(c, info, state.out)
+    calibration = _calibration_set(c, checkpoint, info.path)  # bad or too-short data stops here, before the merge
     settings = merge_settings(c)  # the same translation ModelMerger(config).merge() uses
     key = [settings[k] for k in ("dtype", "max_shard_size", "compress_weights", "remove_training_artifacts")]
     state.step(
@@ -292,8 +293,18 @@ def _steps(state: _Run) -> None:
         lambda: merge(checkpoint, base, state.out / "merge", **settings, validate=False).to_dict(),
         outputs=lambda result: _files(result.get("output_dir")),
     )
-    if c.calibration_data and c.quantization_level in ("int8", "int4"):
-        logger.warning(i18n.ui("calibration_unused", path=c.calibration_data))
+    imatrix = None
+    if calibration is not None:
+        calibrated = state.step(
+            "calibrate",
+            [file_sha256(Path(calibration.path)), calibration.samples],
+            lambda: _calibrate(state, calibration),
+            outputs=lambda result: [Path(result["imatrix"])] if result.get("imatrix") else [],
+        )
+        imatrix = Path(calibrated["imatrix"])
+    unused = _calibration_unused(c)
+    if unused:
+        logger.warning(i18n.ui("calibration_unused", path=c.calibration_data, formats=", ".join(unused)))
     from .exporters import FORMATS
 
     export_settings = [
@@ -307,7 +318,7 @@ def _steps(state: _Run) -> None:
     state.step(
         "export",
         export_settings,
-        lambda: _export(state, checkpoint, base),
+        lambda: _export(state, checkpoint, base, imatrix),
         outputs=lambda result: [f for path in result.get("artifacts", {}).values() for f in _files(path)],
     )
     if c.run_validation_tests:
@@ -384,7 +395,77 @@ def check_disk_space(config: ExportConfiguration, info: Any, out: Path) -> None:
         )
 
 
-def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:
+def _calibration_set(c: ExportConfiguration, checkpoint: Path, base_dir: Path) -> Any:
+    """The calibration samples when an artifact of this run uses them (the GGUF's importance matrix), else None;
+    ConfigError when the data cannot be used."""
+    from .exporters.gguf_export import uses_importance
+
+    if not c.calibration_data or "gguf" not in c.formats or not uses_importance(c):
+        return None
+    from transformers import AutoTokenizer
+
+    from .calibration import calibration_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source([checkpoint, checkpoint.parent, base_dir])))
+    found = calibration_samples(c.calibration_data, tokenizer, c.calibration_samples, c.calibration_sequence_length)
+    logger.info(
+        i18n.ui(
+            "calibration_read",
+            path=found.path,
+            kind=found.kind,
+            samples=len(found.samples),
+            length=c.calibration_sequence_length,
+            asked=c.calibration_samples,
+        )
+    )
+    return found
+
+
+def _calibration_unused(c: ExportConfiguration) -> list[str]:
+    """The quantized artifacts of this run that calibration_data does not change (they are data-free)."""
+    from .exporters.gguf_export import uses_importance
+
+    if not c.calibration_data or c.quantization_level not in ("int8", "int4"):
+        return []
+    return [f for f in c.formats if f != "gguf" or not uses_importance(c)]
+
+
+def _calibrate(state: _Run, calibration: Any) -> dict[str, Any]:
+    """The importance matrix of the merged model on the calibration samples (layer-streamed), as llama.cpp's
+    imatrix.gguf in calibrate/."""
+    from .imatrix import collect_imatrix, write_imatrix
+    from .monitoring import Progress
+
+    folder = state.out / "calibrate"
+    folder.mkdir(exist_ok=True)
+    meter = Progress(i18n.ui("progress_calibrate"), len(calibration.samples))
+    done = [0]
+
+    def advance(finished: int, total: int) -> None:
+        meter.advance(finished - done[0])
+        done[0] = finished
+
+    try:
+        imatrix = collect_imatrix(state.out / "merge", calibration.samples, on_pass=advance)
+    finally:
+        meter.close()
+    path = write_imatrix(
+        folder / "imatrix.gguf",
+        imatrix,
+        datasets=[calibration.path],
+        chunk_size=len(calibration.samples[0]),
+    )
+    return {
+        "imatrix": str(path),
+        "data": calibration.path,
+        "kind": calibration.kind,
+        "samples": len(calibration.samples),
+        "tokens": calibration.tokens,
+        "matrices": len(imatrix),
+    }
+
+
+def _export(state: _Run, checkpoint: Path, base: str, imatrix: Path | None = None) -> dict[str, Any]:
     """One folder per format under export/, each written by its format's exporter (exporters.FORMATS) into a hidden
     partial folder that is renamed when complete."""
     from .exporters import FORMATS, WEIGHT_SUFFIXES, ExportContext
@@ -395,7 +476,7 @@ def _export(state: _Run, checkpoint: Path, base: str) -> dict[str, Any]:
         target = export / fmt
         partial = export / f".{fmt}.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        details[fmt] = FORMATS[fmt].export(ExportContext(state.out / "merge", partial, c, checkpoint, base))
+        details[fmt] = FORMATS[fmt].export(ExportContext(state.out / "merge", partial, c, checkpoint, base, imatrix))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(partial, target)
         artifacts[fmt] = str(target)
@@ -474,6 +555,7 @@ def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
     verdicts, failures = {}, []
     for label, path in verifiable(state.results["export"]["artifacts"]):
         if label == "gguf":
+            imatrix = state.results["export"]["details"].get("gguf", {}).get("imatrix")
             verdict = verify_gguf(
                 path,
                 state.out / "merge",
@@ -482,6 +564,7 @@ def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
                 new_tokens=c.validation_new_tokens,
                 floor=floor,
                 options=options,
+                imatrix=Path(imatrix) if imatrix else None,
             )
         else:
             verdict = verify_artifact(

@@ -59,6 +59,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "verified": v["status"] == "verified",
                     "reason": v.get("reason"),
                     "runtime": v.get("runtime"),
+                    "method": export.get("details", {}).get(fmt, {}).get("method"),
                     "peak_rss": v.get("peak_rss"),
                     "rule": v.get("rule"),
                     "max_abs_diff": v.get("max_abs_diff"),
@@ -195,8 +196,13 @@ def _artifact_row(r: dict[str, Any]) -> str:
         if note:
             verdict += f'<br><span class="muted">{html.escape(note)}</span>'
     ratio = "" if r["size_vs_base"] is None else f" ({r['size_vs_base']:.2f}×)"
+    method = r.get("method")
+    quantized = (
+        f'<br><span class="muted">{html.escape(i18n.ui("report_method", method=method))}</span>' if method else ""
+    )
     return (
-        f"<tr><td><b>{r['format']}</b></td><td><code>{html.escape(r['path'])}</code></td><td>{human_bytes(r['bytes'])}{ratio}</td>"
+        f"<tr><td><b>{r['format']}</b>{quantized}</td><td><code>{html.escape(r['path'])}</code></td>"
+        f"<td>{human_bytes(r['bytes'])}{ratio}</td>"
         f"<td>{verdict}</td><td>{html.escape(r['rule'] or '')}</td><td>{_number(r['max_abs_diff'], '.3g')}</td>"
         f"<td>{_number(r['mean_kl'], '.3g')}</td><td>{_number(r['top1'], '.3f')}</td>"
         f"<td>{_number(r['perplexity'], '.3f')}</td></tr>"

@@ -469,15 +469,22 @@ def verify_gguf(
     new_tokens: int,
     floor: str = "full",
     options: RunOptions = RunOptions(),
+    imatrix: Path | None = None,
 ) -> ArtifactVerdict:
-    """Read the GGUF back against the merge (always), then run it in llama.cpp and judge it like any artifact
-    (where llama-cpp-python is installed). A read-back failure is the guide's 'inference failed'."""
+    """Read the GGUF back against the merge (always; quantized blocks re-encoded with the importance matrix the
+    export used, ``imatrix``), then run it in llama.cpp and judge it like any artifact (where llama-cpp-python is
+    installed). A read-back failure is the guide's 'inference failed'."""
     from . import extras
     from .errors import ExportError
     from .exporters.gguf_export import read_back
 
     try:
-        readback = read_back(artifact, merged)
+        importance = None
+        if imatrix is not None:
+            from .imatrix import read_importance
+
+            importance = read_importance(imatrix)
+        readback = read_back(artifact, merged, importance)
     except ExportError as exc:
         verdict = ArtifactVerdict(str(artifact), precision_of(artifact), "failed", "read back", error=str(exc))
         verdict.failure = ValidationError("inference_failed", artifact=str(artifact), error=str(exc))

@@ -144,6 +144,17 @@ def test_formats_samples_and_calibration(tmp_path):
     ]
 
 
+def test_gguf_keys_without_a_gguf_are_refused():
+    config = ExportConfiguration(export_formats=["onnx"], gguf_output_type="q8_0", gguf_token_embedding_type="q6_k")
+    problems = validate_config(config)
+    assert kinds(problems) == [
+        ("gguf_output_type", "key_without_format"),
+        ("gguf_token_embedding_type", "key_without_format"),
+    ]
+    assert "export_formats has no gguf" in problems[0].message()
+    assert not validate_config(ExportConfiguration(export_formats=["gguf"], gguf_output_type="q8_0"))
+
+
 def test_every_problem_at_once_from_a_file(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

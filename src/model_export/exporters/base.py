@@ -21,13 +21,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".data", ".gguf", ".engine")
 @dataclass(frozen=True)
 class ExportContext:
     """What an exporter gets: the merged model (``merged``), the folder to write (``out``, a partial folder the
-    pipeline renames when the export is complete), the run's configuration, the checkpoint and the base model."""
+    pipeline renames when the export is complete), the run's configuration, the checkpoint, the base model and the
+    importance matrix from the calibration data (if any)."""
 
     merged: Path
     out: Path
     config: Any  # ExportConfiguration
     checkpoint: Path
     base: str
+    imatrix: Path | None = None  # calibrate/imatrix.gguf when the run has calibration data for a format that uses it
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,12 @@ def gguf_type_for(level: str, merged: Path, requested: str = "auto") -> str:
     return {"bfloat16": "bf16", "float16": "f16"}.get(dtype, "f32")
 
 
+def uses_importance(config: Any) -> bool:
+    """Whether the run's GGUF type takes an importance matrix (K mixtures, q4_0 ... q5_1; not f16/bf16/q8_0)."""
+    requested = config.gguf_type if config.gguf_type != "auto" else _LEVEL_TYPES.get(config.quantization_level)
+    return requested in K_MIXTURES or requested in LEGACY_BYTES
+
+
 @dataclass
 class _Source:
     name: str  # Hugging Face name
@@ -137,6 +143,8 @@ class _Model:
     layers: int
     tied: bool  # no output.weight: token_embd is also the output
     gqa: int  # attention heads per KV head
+    output_type: str | None = None  # llama-quantize --output-tensor-type (a tied token_embd too)
+    token_embd_type: str | None = None  # llama-quantize --token-embedding-type
 
 
 def _more_bits(layer: int, layers: int) -> bool:
@@ -173,21 +181,34 @@ def _mixture_type(target: str, mixture: str, model: _Model, columns: int) -> str
         }.get(mixture, kind)
     elif role == "attn_output":
         kind = {"q2_k": "q3_k", "q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(mixture, kind)
+    return _fitting(kind, columns)
+
+
+def _fitting(kind: str, columns: int) -> str:
+    """``kind``, or llama.cpp's fallback where a row is not whole blocks of it (then f16)."""
     if columns % _block(kind):
         kind = _K_FALLBACK.get(kind, kind)
-        if columns % _block(kind):
-            kind = "f16"
-    return kind
+    return kind if columns % _block(kind) == 0 else "f16"
 
 
 def _tensor_type(source: _Source, gguf_type: str, model: _Model) -> str:
-    """1-D tensors (norms, biases) stay f32, as llama.cpp keeps them; in a K mixture each tensor gets llama.cpp's
-    type for it; rows that are not whole blocks fall back to f16."""
-    if len(source.shape) < 2 or gguf_type == "f32":
+    """1-D tensors (norms, biases) stay f32, as llama.cpp keeps them; the output and token embedding take the types
+    asked for them (as llama-quantize's --output-tensor-type, --token-embedding-type); in a K mixture each tensor gets
+    llama.cpp's type for it; rows that are not whole blocks fall back to f16."""
+    if len(source.shape) < 2:
+        return "f32"
+    columns = source.shape[-1]
+    if model.token_embd_type and source.target == "token_embd.weight":
+        return _fitting(model.token_embd_type, columns)
+    if model.output_type and (
+        source.target == "output.weight" or (model.tied and source.target == "token_embd.weight")
+    ):
+        return _fitting(model.output_type, columns)
+    if gguf_type == "f32":
         return "f32"
     if gguf_type in K_MIXTURES:
-        return _mixture_type(source.target, gguf_type, model, source.shape[-1])
-    return gguf_type if source.shape[-1] % _block(gguf_type) == 0 else "f16"
+        return _mixture_type(source.target, gguf_type, model, columns)
+    return gguf_type if columns % _block(gguf_type) == 0 else "f16"
 
 
 class _Chunks:
@@ -260,6 +281,18 @@ def _release_pages(reader: Any) -> None:
 
 
 K_CHUNK_VALUES = 1 << 17  # K-quants work on this many values at a time (their temporaries stay in the CPU's caches)
+_K_POOL: list[Any] = []
+
+
+def _k_pool() -> Any:
+    """Threads for the K-quants, one per core this process may use: numpy releases the GIL inside each operation,
+    so row chunks quantize side by side."""
+    if not _K_POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        _K_POOL.append(ThreadPoolExecutor(max(1, cores), thread_name_prefix="k-quants"))
+    return _K_POOL[0]
 
 
 def _encode(values: np.ndarray, ttype: str, importance: np.ndarray | None = None) -> np.ndarray:
@@ -274,7 +307,8 @@ def _encode(values: np.ndarray, ttype: str, importance: np.ndarray | None = None
     if ttype in K_TYPES or (importance is not None and ttype in LEGACY_BYTES):
         rows = values.reshape(-1, values.shape[-1])
         step = max(1, K_CHUNK_VALUES // rows.shape[1])
-        return np.concatenate([k_quantize(rows[i : i + step], ttype, importance) for i in range(0, len(rows), step)])
+        parts = [rows[i : i + step] for i in range(0, len(rows), step)]
+        return np.concatenate(list(_k_pool().map(lambda part: k_quantize(part, ttype, importance), parts)))
     return gguf.quants.quantize(values, getattr(gguf.GGMLQuantizationType, ttype.upper()))
 
 
@@ -288,12 +322,14 @@ def _importance(imatrix: Mapping[str, np.ndarray] | None, target: str, ttype: st
     return imatrix.get(target) if imatrix and (ttype in K_TYPES or ttype in LEGACY_BYTES) else None
 
 
-def _model(sources: list[_Source], config: dict[str, Any]) -> _Model:
+def _model(sources: list[_Source], config: dict[str, Any], types: Mapping[str, str | None]) -> _Model:
     heads = config["num_attention_heads"]
     return _Model(
         layers=config["num_hidden_layers"],
         tied=not any(s.target == "output.weight" for s in sources),
         gqa=heads // (config.get("num_key_value_heads") or heads),
+        output_type=types.get("output"),
+        token_embd_type=types.get("token_embd"),
     )
 
 
@@ -312,12 +348,16 @@ def export_gguf(
     gguf_type: str = "f16",
     name: str | None = None,
     imatrix: Mapping[str, np.ndarray] | None = None,
+    output_type: str | None = None,
+    token_embedding_type: str | None = None,
 ) -> dict[str, Any]:
     """Write ``out/model-<type>.gguf`` and an Ollama ``Modelfile`` from the merged model in ``merged``.
 
     ``gguf_type`` is a tensor type (f32 ... q5_1) or one of llama.cpp's K mixtures (q2_k ... q6_k, q4_k_m), each tensor
     then getting the type llama.cpp's quantizer gives it; ``imatrix`` (importance per input column, by GGUF tensor
-    name, as llama.cpp's imatrix holds it) steers the K-quants.
+    name, as llama.cpp's imatrix holds it) steers the K-quants; ``output_type`` and ``token_embedding_type`` are
+    tensor types (f16 ... q6_k) for those two tensors, as llama-quantize's --output-tensor-type and
+    --token-embedding-type.
 
     Raises MissingDependencyError without the gguf extra, ExportFormatError for an architecture, rope type or
     tokenizer the GGUF export does not handle.
@@ -338,7 +378,7 @@ def export_gguf(
     partial = out / f"{path.name}.partial"
     writer = gguf.GGUFWriter(str(partial), gguf.MODEL_ARCH_NAMES[arch])
     _metadata(writer, gguf, config, merged, gguf_type, name or merged.name)
-    types, model = {}, _model(sources, config)
+    types, model = {}, _model(sources, config, {"output": output_type, "token_embd": token_embedding_type})
     for source in sources:
         ttype = types[source.name] = _tensor_type(source, gguf_type, model)
         qtype = getattr(gguf.GGMLQuantizationType, ttype.upper())
@@ -671,12 +711,25 @@ def read_back_lora(gguf_path: str | Path, checkpoint: str | Path, base: str | Pa
 
 def _export(ctx: ExportContext) -> dict[str, Any]:
     c = ctx.config
+    gguf_type = gguf_type_for(c.quantization_level, ctx.merged, c.gguf_type)
+    imatrix = None
+    if ctx.imatrix is not None and uses_importance(c):
+        from ..imatrix import read_importance
+
+        imatrix = read_importance(ctx.imatrix)
     details = export_gguf(
         ctx.merged,
         ctx.out,
-        gguf_type=gguf_type_for(c.quantization_level, ctx.merged, c.gguf_type),
+        gguf_type=gguf_type,
         name=ctx.checkpoint.parent.name,
+        imatrix=imatrix,
+        output_type=c.gguf_output_type,
+        token_embedding_type=c.gguf_token_embedding_type,
     )
+    if gguf_type in K_MIXTURES or gguf_type in LEGACY_BYTES or gguf_type == "q8_0":
+        details["method"] = "imatrix" if imatrix else "data-free"
+    if imatrix:
+        details["imatrix"] = str(ctx.imatrix)
     if c.gguf_lora_adapter:
         from ..base_model import resolve_base_model
 
@@ -727,7 +780,7 @@ FORMAT = ExportFormat(
     bytes_per_param=_bytes,
     export=_export,
     runnables=lambda folder: [("gguf", p) for p in sorted(folder.glob("model-*.gguf"))],
-    settings=lambda c: [c.gguf_type, c.gguf_lora_adapter],
+    settings=lambda c: [c.gguf_type, c.gguf_lora_adapter, c.gguf_output_type, c.gguf_token_embedding_type],
     extra="gguf",
     description="one file for llama.cpp and Ollama (with a Modelfile); run in llama.cpp with the llamacpp extra",
 )

@@ -331,7 +331,10 @@ def _q6_k(blocks, imatrix):
     new = _clip(_nearest(x / dj), -32, 31) + 32
     levels = _ungroup(np.where(dj != 0, new, levels), nb).reshape(nb, 2, 4, 32).astype(np.uint8)
     ql = np.concatenate(
-        [levels[:, :, 0] & 0xF | ((levels[:, :, 2] & 0xF) << 4), levels[:, :, 1] & 0xF | ((levels[:, :, 3] & 0xF) << 4)],
+        [
+            levels[:, :, 0] & 0xF | ((levels[:, :, 2] & 0xF) << 4),
+            levels[:, :, 1] & 0xF | ((levels[:, :, 3] & 0xF) << 4),
+        ],
         axis=2,
     ).reshape(nb, 128)
     hi = levels >> 4
@@ -370,7 +373,9 @@ def _q3_k(blocks, imatrix):
         weights = _groups(imatrix, 16) * np.sqrt(np.repeat(sigma2, 16)[None] + x * x)
         sw = _sum(weights)
         scales, levels = _qx(x, 4, weights)
-        d_block, l6 = _qx(np.ascontiguousarray(scales.reshape(nb, 16).T), 32, np.ascontiguousarray(sw.reshape(nb, 16).T))
+        d_block, l6 = _qx(
+            np.ascontiguousarray(scales.reshape(nb, 16).T), 32, np.ascontiguousarray(sw.reshape(nb, 16).T)
+        )
         l6 = l6.T
         packed = _q3_scales(l6)
         d = _f16(d_block)

@@ -196,7 +196,7 @@ def write_genai_config(out: Path, config: dict[str, Any]) -> None:
 
 def _export(ctx: ExportContext) -> dict[str, Any]:
     c = ctx.config
-    return export_onnx(
+    details = export_onnx(
         ctx.merged,
         ctx.out,
         backend=c.onnx_backend,
@@ -207,6 +207,9 @@ def _export(ctx: ExportContext) -> dict[str, Any]:
         block_size=c.onnx_block_size,
         accuracy_level=c.onnx_accuracy_level,
     )
+    if c.quantization_level in ("int8", "int4"):
+        details["method"] = "round-to-nearest"  # MatMulNBits blocks, data-free
+    return details
 
 
 def _runnables(folder: Path) -> list[tuple[str, Path]]:

@@ -80,8 +80,8 @@ def tokenizer_folder(path: str | Path) -> Path:
 
 
 def precision_of(artifact: str | Path) -> str:
-    """'full' when every floating-point weight is fp32; 'int4' when weights are stored in 5 bits or fewer (GGUF q2_k ... q5_*,
-    ONNX MatMulNBits bits=4, compressed-tensors num_bits 4); else 'reduced' (bf16, fp16, 8-bit)."""
+    """'full' when every floating-point weight is fp32; 'int4' when weights are stored in 5 bits or fewer (GGUF
+    q2_k to q5, ONNX MatMulNBits bits=4, compressed-tensors num_bits 4); else 'reduced' (bf16, fp16, 8-bit)."""
     from ..tensor_io import read_header
 
     artifact, name = Path(artifact), runtime_name(artifact)
