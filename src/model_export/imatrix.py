@@ -8,7 +8,7 @@ out unless asked.
 
     imatrix = collect_imatrix(merged_dir, calibration_set)     # {gguf tensor name: (in_sum2, count)}
     write_imatrix(path, imatrix, datasets=[...], chunk_size=256)
-    importance = read_importance(path)                         # {name: in_sum2 / count}, as llama-quantize reads it
+    exporters.gguf_export.read_importance(path)                # {name: in_sum2 / count}, as llama-quantize reads it
 """
 
 from __future__ import annotations
@@ -19,20 +19,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["collect_imatrix", "read_importance", "write_imatrix", "TOKENS_PER_PASS"]
+__all__ = ["collect_imatrix", "write_imatrix", "TOKENS_PER_PASS"]
 
 TOKENS_PER_PASS = 4096  # calibration tokens run through the decoder in one streamed pass (activations ~ this x width)
-
-
-def _gguf_names(config: Any, names: list[str]) -> dict[str, str]:
-    """transformers' module names (model.layers.N.self_attn.q_proj) -> llama.cpp's (blk.N.attn_q.weight)."""
-    import gguf
-
-    from .exporters.gguf_export import SUPPORTED_ARCHITECTURES
-
-    arch_name = SUPPORTED_ARCHITECTURES.get((config.architectures or ["?"])[0], "LLAMA")
-    table = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch_name), config.num_hidden_layers)
-    return {n: table.get_name(n + ".weight", try_suffixes=(".weight",)) for n in names}
 
 
 def collect_imatrix(
@@ -42,6 +31,7 @@ def collect_imatrix(
     GGUF tensor name of each linear layer of the decoder, (sum of squared inputs per column, tokens seen)."""
     import torch
 
+    from .exporters.gguf_export import gguf_names
     from .streamed import StreamedModel
 
     model = StreamedModel(model_dir)
@@ -53,7 +43,7 @@ def collect_imatrix(
         for name, module in layer.named_modules()
         if isinstance(module, torch.nn.Linear)
     ]
-    names = _gguf_names(model.config, [n for n, _ in linear])
+    names = gguf_names(model.config, [n for n, _ in linear])
 
     def hook(name: str):
         def record(module: Any, args: Any) -> None:
@@ -105,19 +95,3 @@ def write_imatrix(
     writer.close()
     partial.replace(path)
     return path
-
-
-def read_importance(path: str | Path) -> dict[str, np.ndarray]:
-    """{tensor name: importance per column} from an imatrix.gguf, as llama-quantize computes it (in_sum2 / count in
-    float32; 1 where the count is 0)."""
-    import gguf
-
-    tensors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1) for t in gguf.GGUFReader(str(path)).tensors}
-    importance = {}
-    for key, sums in tensors.items():
-        if not key.endswith(".in_sum2"):
-            continue
-        name = key.removesuffix(".in_sum2")
-        count = np.float32(round(float(tensors[f"{name}.counts"][0])))
-        importance[name] = sums / count if count > 0 else np.ones_like(sums)
-    return importance

@@ -481,7 +481,7 @@ def verify_gguf(
     try:
         importance = None
         if imatrix is not None:
-            from .imatrix import read_importance
+            from .exporters.gguf_export import read_importance
 
             importance = read_importance(imatrix)
         readback = read_back(artifact, merged, importance)

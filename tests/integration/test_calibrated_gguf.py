@@ -46,8 +46,7 @@ def demo_config(training, out, **settings):
 
 def test_demo_q4_k_m_with_imatrix_is_what_llama_quantize_writes(training, tmp_path):
     pytest.importorskip("llama_cpp")  # llama.cpp's quantizer is the reference
-    from model_export.exporters.gguf_export import export_gguf
-    from model_export.imatrix import read_importance
+    from model_export.exporters.gguf_export import export_gguf, read_importance
     from tests.reference import llama_quantize
 
     out = tmp_path / "out"
@@ -96,7 +95,7 @@ def test_too_short_calibration_data_stops_before_the_merge(training, tmp_path):
 
 
 def test_calibration_samples_and_length_decide_the_tokens_the_imatrix_sees(training, tmp_path):
-    from model_export.imatrix import read_importance
+    from model_export.exporters.gguf_export import read_importance
 
     seen = {}
     for samples, length in ((2, 16), (4, 32)):

@@ -107,7 +107,8 @@ def test_imatrix_equals_the_squared_inputs_transformers_computes(tiny_base, tmp_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from model_export.imatrix import collect_imatrix, read_importance, write_imatrix
+    from model_export.exporters.gguf_export import read_importance
+    from model_export.imatrix import collect_imatrix, write_imatrix
 
     samples = [[(7 * i + 3 * j) % 300 + 5 for j in range(24)] for i in range(5)]
     ours = collect_imatrix(tiny_base, samples)

@@ -35,7 +35,16 @@ from .base import ExportContext, ExportFormat
 from .kquants import K_TYPES, LEGACY_BYTES, QK_K
 from .kquants import quantize as k_quantize
 
-__all__ = ["export_gguf", "read_back", "gguf_type_for", "GGUF_TYPES", "SUPPORTED_ARCHITECTURES"]
+__all__ = [
+    "export_gguf",
+    "read_back",
+    "read_importance",
+    "gguf_names",
+    "gguf_type_for",
+    "GGUF_TYPES",
+    "K_MIXTURES",
+    "SUPPORTED_ARCHITECTURES",
+]
 
 SUPPORTED_ARCHITECTURES = {"Qwen3ForCausalLM": "QWEN3", "Qwen2ForCausalLM": "QWEN2", "LlamaForCausalLM": "LLAMA"}
 # llama.cpp's mixtures of K-quants (llama-quantize's names): the type most tensors get
@@ -77,6 +86,31 @@ def gguf_type_for(level: str, merged: Path, requested: str = "auto") -> str:
         return _LEVEL_TYPES[level]
     dtype = json.loads((merged / "config.json").read_text(encoding="utf-8")).get("dtype") or "float32"
     return {"bfloat16": "bf16", "float16": "f16"}.get(dtype, "f32")
+
+
+def gguf_names(config: Any, names: list[str]) -> dict[str, str]:
+    """transformers' module names (model.layers.N.self_attn.q_proj) -> llama.cpp's (blk.N.attn_q.weight)."""
+    import gguf
+
+    arch_name = SUPPORTED_ARCHITECTURES.get((config.architectures or ["?"])[0], "LLAMA")
+    table = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch_name), config.num_hidden_layers)
+    return {n: table.get_name(n + ".weight", try_suffixes=(".weight",)) for n in names}
+
+
+def read_importance(path: str | Path) -> dict[str, np.ndarray]:
+    """{tensor name: importance per column} from an imatrix.gguf, as llama-quantize computes it (in_sum2 / count in
+    float32; 1 where the count is 0)."""
+    import gguf
+
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1) for t in gguf.GGUFReader(str(path)).tensors}
+    importance = {}
+    for key, sums in tensors.items():
+        if not key.endswith(".in_sum2"):
+            continue
+        name = key.removesuffix(".in_sum2")
+        count = np.float32(round(float(tensors[f"{name}.counts"][0])))
+        importance[name] = sums / count if count > 0 else np.ones_like(sums)
+    return importance
 
 
 def uses_importance(config: Any) -> bool:
@@ -714,8 +748,6 @@ def _export(ctx: ExportContext) -> dict[str, Any]:
     gguf_type = gguf_type_for(c.quantization_level, ctx.merged, c.gguf_type)
     imatrix = None
     if ctx.imatrix is not None and uses_importance(c):
-        from ..imatrix import read_importance
-
         imatrix = read_importance(ctx.imatrix)
     details = export_gguf(
         ctx.merged,
