@@ -314,7 +314,7 @@ def _release_pages(reader: Any) -> None:
             pass
 
 
-K_CHUNK_VALUES = 1 << 17  # K-quants work on this many values at a time (their temporaries stay in the CPU's caches)
+K_CHUNK_VALUES = 1 << 19  # K-quants work on this many values at a time (measured: 128 Ki-2 Mi, this was fastest)
 _K_POOL: list[Any] = []
 
 
