@@ -167,6 +167,17 @@ class ExportConfiguration(BaseModel):
         "calibrate/imatrix.gguf, llama.cpp's format); the int8/int4 safetensors and ONNX quantizers are data-free "
         "(round-to-nearest) and a run says that it does not use it for them.",
     )
+    quantization_method: Literal["auto", "rtn", "gptq"] = Field(
+        "auto",
+        description="int4 safetensors: gptq (GPTQ on the calibration data, layer by layer: the layer outputs move "
+        "less than with rounding to nearest; needs calibration_data), rtn (round-to-nearest, data-free) or auto "
+        "(gptq when calibration_data is set, else rtn). ONNX int4 stays round-to-nearest in this version.",
+    )
+    gptq_act_order: bool = Field(
+        False,
+        description="GPTQ: round the columns in order of decreasing input energy (the Hessian's diagonal), with "
+        "the groups' scales fixed beforehand (static groups: the checkpoint needs no column order).",
+    )
     calibration_samples: int = Field(
         16,
         ge=1,

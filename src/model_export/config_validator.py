@@ -239,6 +239,25 @@ def _samples_and_data(config: ExportConfiguration) -> list[ConfigProblem]:
     return problems
 
 
+def _gptq(config: ExportConfiguration) -> list[ConfigProblem]:
+    from .gptq import GPTQ_MAX_TOKENS
+
+    if config.quantization_method != "gptq":
+        return []
+    problems = []
+    if not config.calibration_data:
+        problems.append(ConfigProblem("quantization_method", "gptq_without_data"))
+    if config.quantization_level != "int4" or "safetensors" not in config.formats:
+        params = {"level": config.quantization_level, "formats": ", ".join(config.formats) or "none"}
+        problems.append(ConfigProblem("quantization_method", "gptq_not_int4", params))
+    tokens = config.calibration_samples * config.calibration_sequence_length
+    if tokens > GPTQ_MAX_TOKENS:
+        problems.append(
+            ConfigProblem("calibration_samples", "gptq_too_many_tokens", {"tokens": tokens, "limit": GPTQ_MAX_TOKENS})
+        )
+    return problems
+
+
 def _format_keys(config: ExportConfiguration) -> list[ConfigProblem]:
     """Keys that only one format reads, set for a run without that format."""
     problems = []
@@ -248,7 +267,17 @@ def _format_keys(config: ExportConfiguration) -> list[ConfigProblem]:
     return problems
 
 
-_RULES = (_load_in_bits, _quantization, _opset, _dynamic_axes, _output_dir, _formats, _samples_and_data, _format_keys)
+_RULES = (
+    _load_in_bits,
+    _quantization,
+    _opset,
+    _dynamic_axes,
+    _output_dir,
+    _formats,
+    _samples_and_data,
+    _format_keys,
+    _gptq,
+)
 
 
 def configuration_markdown() -> str:

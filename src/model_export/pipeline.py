@@ -293,15 +293,16 @@ def _steps(state: _Run) -> None:
         lambda: merge(checkpoint, base, state.out / "merge", **settings, validate=False).to_dict(),
         outputs=lambda result: _files(result.get("output_dir")),
     )
-    imatrix = None
+    imatrix = gptq = None
     if calibration is not None:
         calibrated = state.step(
             "calibrate",
-            [file_sha256(Path(calibration.path)), calibration.samples],
+            [file_sha256(Path(calibration.path)), calibration.samples, _gptq_wanted(c), c.gptq_act_order],
             lambda: _calibrate(state, calibration),
-            outputs=lambda result: [Path(result["imatrix"])] if result.get("imatrix") else [],
+            outputs=lambda result: _files(str(state.out / "calibrate")) if result else [],
         )
-        imatrix = Path(calibrated["imatrix"])
+        imatrix = Path(calibrated["imatrix"]) if calibrated.get("imatrix") else None
+        gptq = Path(calibrated["gptq"]["folder"]) if calibrated.get("gptq") else None
     unused = _calibration_unused(c)
     if unused:
         logger.warning(i18n.ui("calibration_unused", path=c.calibration_data, formats=", ".join(unused)))
@@ -318,7 +319,7 @@ def _steps(state: _Run) -> None:
     state.step(
         "export",
         export_settings,
-        lambda: _export(state, checkpoint, base, imatrix),
+        lambda: _export(state, checkpoint, base, imatrix, gptq),
         outputs=lambda result: [f for path in result.get("artifacts", {}).values() for f in _files(path)],
     )
     if c.run_validation_tests:
@@ -400,7 +401,7 @@ def _calibration_set(c: ExportConfiguration, checkpoint: Path, base_dir: Path) -
     ConfigError when the data cannot be used."""
     from .exporters.gguf_export import uses_importance
 
-    if not c.calibration_data or "gguf" not in c.formats or not uses_importance(c):
+    if not c.calibration_data or not (("gguf" in c.formats and uses_importance(c)) or _gptq_wanted(c)):
         return None
     from transformers import AutoTokenizer
 
@@ -421,13 +422,24 @@ def _calibration_set(c: ExportConfiguration, checkpoint: Path, base_dir: Path) -
     return found
 
 
+def _gptq_wanted(c: ExportConfiguration) -> bool:
+    """int4 safetensors quantized by GPTQ: asked for, or auto with calibration data."""
+    return (
+        c.quantization_level == "int4"
+        and "safetensors" in c.formats
+        and c.quantization_method != "rtn"
+        and bool(c.calibration_data)
+    )
+
+
 def _calibration_unused(c: ExportConfiguration) -> list[str]:
     """The quantized artifacts of this run that calibration_data does not change (they are data-free)."""
     from .exporters.gguf_export import uses_importance
 
     if not c.calibration_data or c.quantization_level not in ("int8", "int4"):
         return []
-    return [f for f in c.formats if f != "gguf" or not uses_importance(c)]
+    used = {"gguf": uses_importance(c), "safetensors": _gptq_wanted(c)}
+    return [f for f in c.formats if not used.get(f, False)]
 
 
 def _calibrate(state: _Run, calibration: Any) -> dict[str, Any]:
@@ -445,27 +457,58 @@ def _calibrate(state: _Run, calibration: Any) -> dict[str, Any]:
         meter.advance(finished - done[0])
         done[0] = finished
 
-    try:
-        imatrix = collect_imatrix(state.out / "merge", calibration.samples, on_pass=advance)
-    finally:
-        meter.close()
-    path = write_imatrix(
-        folder / "imatrix.gguf",
-        imatrix,
-        datasets=[calibration.path],
-        chunk_size=len(calibration.samples[0]),
-    )
-    return {
-        "imatrix": str(path),
+    c = state.config
+    result: dict[str, Any] = {
         "data": calibration.path,
         "kind": calibration.kind,
         "samples": len(calibration.samples),
         "tokens": calibration.tokens,
-        "matrices": len(imatrix),
     }
+    from .exporters.gguf_export import uses_importance
+
+    if "gguf" in c.formats and uses_importance(c):
+        try:
+            imatrix = collect_imatrix(state.out / "merge", calibration.samples, on_pass=advance)
+        finally:
+            meter.close()
+        path = write_imatrix(
+            folder / "imatrix.gguf", imatrix, datasets=[calibration.path], chunk_size=len(calibration.samples[0])
+        )
+        result.update(imatrix=str(path), matrices=len(imatrix))
+    else:
+        meter.close()
+    if _gptq_wanted(c):
+        from .exporters.safetensors_quant import int4_group_size
+        from .gptq import calibrate_gptq
+
+        merged_config = json.loads((state.out / "merge" / "config.json").read_text(encoding="utf-8"))
+        layers = Progress(i18n.ui("progress_gptq"), merged_config["num_hidden_layers"])
+        seen = [0]
+
+        def layer_done(done: int, total: int) -> None:
+            layers.advance(done - seen[0])
+            seen[0] = done
+
+        try:
+            result["gptq"] = {
+                "folder": str(folder / "gptq"),
+                **calibrate_gptq(
+                    state.out / "merge",
+                    calibration.samples,
+                    folder / "gptq",
+                    group_size=int4_group_size(state.out / "merge"),
+                    act_order=c.gptq_act_order,
+                    on_layer=layer_done,
+                ),
+            }
+        finally:
+            layers.close()
+    return result
 
 
-def _export(state: _Run, checkpoint: Path, base: str, imatrix: Path | None = None) -> dict[str, Any]:
+def _export(
+    state: _Run, checkpoint: Path, base: str, imatrix: Path | None = None, gptq: Path | None = None
+) -> dict[str, Any]:
     """One folder per format under export/, each written by its format's exporter (exporters.FORMATS) into a hidden
     partial folder that is renamed when complete."""
     from .exporters import FORMATS, WEIGHT_SUFFIXES, ExportContext
@@ -476,7 +519,8 @@ def _export(state: _Run, checkpoint: Path, base: str, imatrix: Path | None = Non
         target = export / fmt
         partial = export / f".{fmt}.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        details[fmt] = FORMATS[fmt].export(ExportContext(state.out / "merge", partial, c, checkpoint, base, imatrix))
+        context = ExportContext(state.out / "merge", partial, c, checkpoint, base, imatrix, gptq)
+        details[fmt] = FORMATS[fmt].export(context)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(partial, target)
         artifacts[fmt] = str(target)

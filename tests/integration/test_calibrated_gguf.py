@@ -122,3 +122,45 @@ def test_calibration_samples_and_length_decide_the_tokens_the_imatrix_sees(train
         )
         assert read_importance(calibrate["imatrix"])
     assert seen == {(2, 16): (32, 16, {32.0}), (4, 32): (128, 32, {128.0})}
+
+
+def test_demo_int4_safetensors_by_gptq_loads_in_transformers_and_verifies(training, tmp_path):
+    """quantization_method auto with calibration data: GPTQ, packed as compressed-tensors int4 that transformers
+    loads; its layer outputs on the calibration data move less than round-to-nearest's; gptq_act_order changes the
+    levels; quantization_method rtn keeps the data-free export."""
+    pytest.importorskip("compressed_tensors")
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    packed = {}
+    for method, act_order in (("auto", False), ("auto", True), ("rtn", False)):
+        out = tmp_path / f"{method}-{act_order}"
+        config = demo_config(
+            training,
+            out,
+            export_formats=["safetensors"],
+            quantization_method=method,
+            gptq_act_order=act_order,
+            run_validation_tests=method == "auto" and not act_order,
+        )
+        result = run(config)
+        details = result.steps["export"]["result"]["details"]["safetensors"]
+        assert details["method"] == ("gptq" if method == "auto" else "round-to-nearest")
+        if method == "auto":
+            gptq = result.steps["calibrate"]["result"]["gptq"]
+            assert gptq["matrices"] == 14 and gptq["act_order"] is act_order
+            assert gptq["output_error"] < gptq["output_error_rtn"], gptq
+        else:
+            assert "calibrate" not in result.steps
+        artifact = out / "export" / "safetensors"
+        packed[(method, act_order)] = load_file(str(artifact / "model.safetensors"))[
+            "model.layers.0.mlp.down_proj.weight_packed"
+        ]
+        if method == "auto" and not act_order:
+            model = AutoModelForCausalLM.from_pretrained(str(artifact), dtype=torch.float32)  # transformers loads it
+            assert model(torch.tensor([[5, 6, 7]])).logits.shape[-1] == model.config.vocab_size
+            verdict = result.steps["verify"]["result"]["verdicts"]["safetensors"]
+            assert verdict["status"] == "verified" and verdict["precision"] == "int4", verdict
+    assert not torch.equal(packed[("auto", False)], packed[("rtn", False)])
+    assert not torch.equal(packed[("auto", False)], packed[("auto", True)])

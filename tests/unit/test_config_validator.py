@@ -179,3 +179,18 @@ def test_every_problem_at_once_from_a_file(tmp_path):
     i18n.set_language("zh")
     assert str(err.value).startswith("配置参数存在问题 (c.yaml)，共 5 项:")
     assert "最多只启用其中一个" in str(err.value)
+
+
+def test_gptq_needs_data_int4_safetensors_and_one_pass_of_tokens():
+    config = ExportConfiguration(
+        export_formats=["onnx"],
+        quantization_level="int8",
+        quantization_method="gptq",
+        calibration_samples=200,
+        calibration_sequence_length=512,
+    )
+    assert sorted(kinds(validate_config(config))) == [
+        ("calibration_samples", "gptq_too_many_tokens"),
+        ("quantization_method", "gptq_not_int4"),
+        ("quantization_method", "gptq_without_data"),
+    ]

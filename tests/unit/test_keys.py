@@ -27,6 +27,8 @@ KEY_EFFECTS = {
     "max_shard_size": "integration/test_pipeline.py::test_rerun_skips_and_a_changed_setting_reruns_what_follows",
     "quantization_level": "integration/test_pipeline.py::test_the_demo_at_int4_verifies_every_artifact_on_the_int4_bounds",
     "calibration_data": "integration/test_calibrated_gguf.py::test_calibration_samples_and_length_decide_the_tokens_the_imatrix_sees",
+    "quantization_method": "integration/test_calibrated_gguf.py::test_demo_int4_safetensors_by_gptq_loads_in_transformers_and_verifies",
+    "gptq_act_order": "integration/test_calibrated_gguf.py::test_demo_int4_safetensors_by_gptq_loads_in_transformers_and_verifies",
     "calibration_samples": "integration/test_calibrated_gguf.py::test_calibration_samples_and_length_decide_the_tokens_the_imatrix_sees",
     "calibration_sequence_length": "integration/test_calibrated_gguf.py::test_calibration_samples_and_length_decide_the_tokens_the_imatrix_sees",
     "compress_weights": "unit/test_model_merger.py::test_dtype_options_and_compress_weights",

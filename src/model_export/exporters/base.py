@@ -30,6 +30,7 @@ class ExportContext:
     checkpoint: Path
     base: str
     imatrix: Path | None = None  # calibrate/imatrix.gguf when the run has calibration data for a format that uses it
+    gptq: Path | None = None  # calibrate/gptq/: GPTQ's int4 levels per layer, for the int4 safetensors
 
 
 @dataclass(frozen=True)

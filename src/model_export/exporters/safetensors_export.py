@@ -24,10 +24,13 @@ def export(ctx: ExportContext) -> dict[str, Any]:
         from ..config import parse_size
         from .safetensors_quant import export_quantized_safetensors
 
-        details = export_quantized_safetensors(
-            ctx.merged, ctx.out, bits=8 if level == "int8" else 4, max_shard_size=parse_size(ctx.config.max_shard_size)
+        return export_quantized_safetensors(
+            ctx.merged,
+            ctx.out,
+            bits=8 if level == "int8" else 4,
+            max_shard_size=parse_size(ctx.config.max_shard_size),
+            gptq=ctx.gptq if level == "int4" else None,
         )
-        return {**details, "method": "round-to-nearest"}  # data-free: calibration_data does not change it
     shutil.copytree(ctx.merged, ctx.out, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(".*"))
     return {}
 

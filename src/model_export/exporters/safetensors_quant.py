@@ -8,11 +8,11 @@ bitsandbytes cannot be saved as int4 for CPU use. The packing and the config are
 compressed-tensors library's own (``PackedQuantizationCompressor``, ``QuantizationConfig``); we only
 choose the parameters and stream.
 
-Every linear layer of the decoder (the ``*_proj`` weights) is quantized, symmetric round-to-nearest
-(data-free): int8 per output channel, int4 per group of 128 inputs (64 or 32 when an input size is not
-a multiple of 128; one size for the whole model, as the config holds one). The embedding, the head and the norms stay
-as merged. The merged shards are
-read one tensor at a time and the output shards are laid out before any data is written.
+Every linear layer of the decoder (the ``*_proj`` weights) is quantized, symmetric round-to-nearest (data-free) or,
+for int4 with calibration data, by GPTQ (gptq.py; same grid, same packing): int8 per output channel, int4 per group
+of 128 inputs (64 or 32 when an input size is not a multiple of 128; one size for the whole model, as the config holds
+one). The embedding, the head and the norms stay as merged. The merged shards are read one tensor at a time and the
+output shards are laid out before any data is written.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ..hf_layout import write_atomic, write_index
 from ..monitoring import Progress
 from ..tensor_io import PlannedTensor, ShardWriter, plan_shards, read_bytes, read_header, torch_dtype
 
-__all__ = ["export_quantized_safetensors", "group_size_for", "QUANT_FORMAT"]
+__all__ = ["export_quantized_safetensors", "group_size_for", "int4_group_size", "QUANT_FORMAT"]
 
 QUANT_FORMAT = "pack-quantized"
 _SAFETENSORS_DTYPES = {
@@ -97,10 +97,44 @@ def _plan(sources: list[tuple[str, Any, Path]], bits: int) -> tuple[list[Planned
     return planned, groups
 
 
+def int4_group_size(merged: str | Path) -> int:
+    """The int4 group size the export uses for this merged model (one for all layers; 0 when none fits)."""
+    sources = [
+        (name, info)
+        for shard in sorted(Path(merged).glob("*.safetensors"))
+        for name, info in read_header(shard).tensors.items()
+    ]
+    common = math.gcd(*[info.shape[1] for name, info in sources if _quantized(name, tuple(info.shape))] or [0])
+    return group_size_for(common)
+
+
+def _gptq_layers(folder: Path) -> Any:
+    """name -> the packed tensors GPTQ wrote for it (calibrate/gptq/layer-N.safetensors), opened as needed."""
+    from safetensors import safe_open
+
+    opened: dict[str, Any] = {}
+
+    def get(stem: str) -> dict[str, Any]:
+        layer = stem.split(".")[2]
+        if layer not in opened:
+            opened.clear()  # one layer's file open at a time
+            opened[layer] = safe_open(str(folder / f"layer-{layer}.safetensors"), "pt")
+        handle = opened[layer]
+        return {part: handle.get_tensor(f"{stem}.{part}") for part in ("weight_packed", "weight_scale", "weight_shape")}
+
+    return get
+
+
 def export_quantized_safetensors(
-    merged: str | Path, out: str | Path, *, bits: int, max_shard_size: int = 5_000_000_000
+    merged: str | Path,
+    out: str | Path,
+    *,
+    bits: int,
+    max_shard_size: int = 5_000_000_000,
+    gptq: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Write an int8 (``bits=8``) or int4 (``bits=4``) compressed-tensors checkpoint of the merged model.
+    """Write an int8 (``bits=8``) or int4 (``bits=4``) compressed-tensors checkpoint of the merged model: each layer
+    rounded to nearest, or, for int4 with ``gptq`` (the folder calibrate_gptq wrote), GPTQ's levels and scales.
 
     Raises MissingDependencyError without compressed-tensors (the quant extra).
     """
@@ -120,6 +154,7 @@ def export_quantized_safetensors(
         raise ValueError(f"{bad}: the input size is not a multiple of 32")
     out.mkdir(parents=True, exist_ok=True)
     by_name = {name: (info, shard) for name, info, shard in sources}
+    from_gptq = _gptq_layers(Path(gptq)) if gptq is not None and bits == 4 else None
     shards = plan_shards(planned, max_shard_size)
     weight_map, handles = {}, {}
     pending: dict[str, Any] = {}  # a layer's packed, scale and shape tensors, made together, may straddle shards
@@ -139,9 +174,12 @@ def export_quantized_safetensors(
                     if source == tensor.name:
                         writer.write(raw)
                         continue
-                    weight = torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).view(tuple(info.shape))
-                    compressed = _compress(weight, bits, groups[source])
                     stem = source.removesuffix(".weight")
+                    if from_gptq is not None:
+                        compressed = from_gptq(stem)
+                    else:
+                        weight = torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).view(tuple(info.shape))
+                        compressed = _compress(weight, bits, groups[source])
                     pending.update({f"{stem}.{k}": v for k, v in compressed.items()})
                     data = pending.pop(tensor.name)
                 _check(tensor, data)
@@ -177,6 +215,7 @@ def export_quantized_safetensors(
         "format": QUANT_FORMAT,
         "layers": len(groups),
         "group_size": group if bits == 4 else None,
+        "method": "gptq" if from_gptq is not None else "round-to-nearest",
     }
 
 

@@ -1,0 +1,221 @@
+"""GPTQ for int4 weights (Frantar et al., 2022): each column rounded in turn, its rounding error spread over the columns
+not yet rounded through the inverse Hessian of the layer's inputs, so that the layer's *outputs* on the calibration
+data move as little as possible (round-to-nearest only keeps each weight close).
+
+The grid is compressed-tensors' W4A16 one (symmetric int4 in [-8, 7], one scale per group of ``group_size`` inputs,
+scale = max|w| / 7.5 over the group, stored in the model's dtype), so the result packs into the same checkpoint
+transformers and vLLM load as our round-to-nearest int4. The groups' scales are those of the weights before any
+rounding (static groups, as llm-compressor's observers compute them); with ``act_order`` the columns are rounded in
+order of decreasing Hessian diagonal (the inputs with the most energy first) while the groups stay those of the
+original order (llm-compressor's ``actorder: weight``), so no column permutation is stored. On the same layer and
+inputs the result is llm-compressor's (benchmarks/gptq_vs_llmcompressor.py).
+
+    q, scale = gptq(weight, hessian, group_size=128)     # int8 levels [out, in], scales [out, in / group_size]
+    hessian = inputs.T @ inputs (summed over calibration tokens; collect_hessians does it layer by layer)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["GPTQ_MAX_TOKENS", "calibrate_gptq", "gptq", "group_scales", "rtn"]
+
+LEVELS = (-8, 7)
+
+
+def group_scales(weight: Any, group_size: int, dtype: Any = None) -> Any:
+    """Symmetric int4 scales of [out, in] weights per group of inputs (compressed-tensors' calculate_qparams), rounded
+    to ``dtype`` (the checkpoint stores them so; the levels are chosen with the stored value)."""
+    import torch
+
+    blocks = weight.float().reshape(weight.shape[0], -1, group_size)
+    low = torch.clamp(blocks.amin(-1), max=0)
+    high = torch.clamp(blocks.amax(-1), min=0)
+    scale = torch.maximum(low.abs(), high) / ((LEVELS[1] - LEVELS[0]) / 2)
+    scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(torch.float32).eps), scale)
+    return scale.to(dtype).float() if dtype is not None else scale
+
+
+def _round(values: Any, scale: Any) -> Any:
+    import torch
+
+    return torch.clamp(torch.round(values / scale), *LEVELS)
+
+
+def rtn(weight: Any, group_size: int, dtype: Any = None) -> tuple[Any, Any]:
+    """Round-to-nearest on the same grid: (levels int8 [out, in], scales [out, groups])."""
+    scale = group_scales(weight, group_size, dtype)
+    columns = scale.repeat_interleave(group_size, dim=1)
+    import torch
+
+    return _round(weight.float(), columns).to(torch.int8), scale
+
+
+def gptq(
+    weight: Any,
+    hessian: Any,
+    *,
+    group_size: int = 128,
+    act_order: bool = False,
+    damp: float = 0.01,
+    block: int = 128,
+    dtype: Any = None,
+) -> tuple[Any, Any]:
+    """GPTQ levels and scales of an [out, in] weight, given the [in, in] Hessian sum of its inputs' outer products.
+
+    Returns (levels int8 [out, in] in [-8, 7], scales [out, in / group_size] float32, exact in ``dtype``)."""
+    import torch
+
+    w = weight.float().clone()
+    h = hessian.float().clone()
+    columns = w.shape[1]
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    scales = group_scales(w, group_size, dtype)  # static groups: the scales of the weights before any rounding
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(columns)
+    w, h = w[:, order], h[order][:, order]
+    column_scales = scales.repeat_interleave(group_size, dim=1)[:, order]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(columns)
+    hinv = _inverse_cholesky(h)
+    levels = torch.zeros_like(w)
+    for start in range(0, columns, block):
+        stop = min(start + block, columns)
+        chunk = w[:, start:stop].clone()
+        errors = torch.zeros_like(chunk)
+        inv = hinv[start:stop, start:stop]
+        for i in range(stop - start):
+            scale = column_scales[:, start + i]
+            q = _round(chunk[:, i], scale)
+            levels[:, start + i] = q
+            error = (chunk[:, i] - q * scale) / inv[i, i]
+            chunk[:, i:] -= error[:, None] * inv[i, i:][None, :]
+            errors[:, i] = error
+        w[:, stop:] -= errors @ hinv[start:stop, stop:]
+    restore = torch.argsort(order)
+    return levels[:, restore].to(torch.int8), scales
+
+
+def _inverse_cholesky(h: Any) -> Any:
+    """The upper Cholesky factor of H^-1 (what GPTQ's updates read), with more dampening if H is not positive
+    definite in float32."""
+    import torch
+
+    extra = 0.0
+    for _ in range(6):
+        try:
+            factor = torch.linalg.cholesky(h + extra * torch.eye(h.shape[0]))
+            inverse = torch.cholesky_inverse(factor)
+            return torch.linalg.cholesky(inverse, upper=True)
+        except torch.linalg.LinAlgError:
+            extra = max(extra * 10, 1e-6 * float(torch.mean(torch.diag(h))))
+    raise ValueError("the Hessian is not positive definite even with dampening")
+
+
+GPTQ_MAX_TOKENS = 16384  # calibration tokens run in GPTQ's single pass (their activations are held for one layer)
+
+
+def calibrate_gptq(
+    model_dir: Any,
+    samples: list[list[int]],
+    out_dir: Any,
+    *,
+    group_size: int,
+    act_order: bool = False,
+    on_layer: Any = None,
+) -> dict[str, Any]:
+    """GPTQ on every decoder matrix of the model in ``model_dir``, layer by layer: all ``samples`` run once through the
+    layer-streamed model; while a layer runs, hooks sum the outer products of each matrix's inputs (matrices that read
+    the same input share one sum); when it has run, each of its matrices is quantized and written, packed as
+    compressed-tensors writes int4 (``weight_packed``, ``weight_scale``, ``weight_shape``), to
+    ``out_dir/layer-N.safetensors``. One layer's weights and Hessians are in memory at a time. Returns counts and the
+    mean relative output error on the calibration inputs, GPTQ's and round-to-nearest's."""
+    from pathlib import Path
+
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from safetensors.torch import save_file
+
+    from .streamed import StreamedModel
+    from .tensor_io import torch_dtype
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = StreamedModel(model_dir)
+    layers = model.model.model.layers
+    linear = {
+        index: [f"model.layers.{index}.{n}" for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+        for index, layer in enumerate(layers)
+    }
+    hessians: dict[str, Any] = {}
+    shared: dict[int, tuple[Any, Any]] = {}
+    errors: list[tuple[float, float]] = []
+
+    def before(name: str):
+        def hook(module: Any, args: Any) -> None:
+            x = args[0]
+            seen = shared.get(id(x))
+            if seen is not None and seen[0] is x:
+                hessians[name] = seen[1]
+                return
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            shared[id(x)] = (x, flat.T @ flat)
+            hessians[name] = shared[id(x)][1]
+
+        return hook
+
+    def after(index: int):
+        def hook(layer: Any, args: Any, output: Any) -> None:
+            shared.clear()
+            tensors = {}
+            for name in linear[index]:
+                planned = model.tensors[f"{name}.weight"]
+                weight = model._weight(f"{name}.weight")
+                dtype = torch_dtype(planned.dtype)
+                hessian = hessians.pop(name)
+                levels, scales = gptq(weight, hessian, group_size=group_size, act_order=act_order, dtype=dtype)
+                errors.append(
+                    (
+                        _output_error(weight, levels, scales, hessian, group_size),
+                        _output_error(weight, *rtn(weight, group_size, dtype), hessian, group_size),
+                    )
+                )
+                tensors[f"{name}.weight_packed"] = pack_to_int32(levels, 4)
+                tensors[f"{name}.weight_scale"] = scales.to(dtype)
+                tensors[f"{name}.weight_shape"] = torch.tensor(tuple(weight.shape))
+            save_file(tensors, str(out_dir / f"layer-{index}.safetensors"))
+            if on_layer is not None:
+                on_layer(index + 1, len(layers))
+
+        return hook
+
+    handles = []
+    for index, layer in enumerate(layers):
+        for name, module in layer.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                handles.append(module.register_forward_pre_hook(before(f"model.layers.{index}.{name}")))
+        handles.append(layer.register_forward_hook(after(index)))
+    try:
+        with torch.inference_mode():
+            model.model.model(input_ids=torch.tensor(samples, dtype=torch.long), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.close()
+    return {
+        "layers": len(layers),
+        "matrices": len(errors),
+        "group_size": group_size,
+        "act_order": act_order,
+        "output_error": sum(e for e, _ in errors) / len(errors),
+        "output_error_rtn": sum(e for _, e in errors) / len(errors),
+    }
+
+
+def _output_error(weight: Any, levels: Any, scales: Any, hessian: Any, group_size: int) -> float:
+    """||X (W - Q)^T||^2 / ||X W^T||^2 on the calibration inputs, from their Hessian sum H = X^T X."""
+
+    delta = weight - levels.float() * scales.repeat_interleave(group_size, dim=1)
+    num = float(((delta @ hessian) * delta).sum())
+    den = float(((weight @ hessian) * weight).sum())
+    return num / den if den > 0 else 0.0
