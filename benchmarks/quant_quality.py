@@ -272,6 +272,30 @@ def main() -> None:
                 "reconstruction": None,
             }
         )
+        from model_export.exporters.safetensors_quant import int4_group_size
+        from model_export.gptq import calibrate_gptq
+
+        t0 = time.time()
+        gptq_stats = calibrate_gptq(
+            model_dir, calibration.samples, work / "gptq", group_size=int4_group_size(model_dir)
+        )
+        gptq_s = time.time() - t0
+        gptq_dir = work / "safetensors-int4-gptq"
+        export_quantized_safetensors(model_dir, gptq_dir, bits=4, gptq=work / "gptq")
+        quantized = AutoModelForCausalLM.from_pretrained(str(gptq_dir), dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = [quantized(torch.tensor([s])).logits[0].numpy() for s in samples]
+        size = sum(p.stat().st_size for p in gptq_dir.glob("*.safetensors"))
+        rows.append(
+            {
+                "artifact": "safetensors int4 (compressed-tensors, group 128)",
+                "method": "GPTQ",
+                "bytes": size,
+                **metrics(reference, got, samples),
+                "reconstruction": None,
+            }
+        )
+        print(json.dumps({"gptq": gptq_stats, "gptq_seconds": round(gptq_s, 2)}), flush=True)
     except ImportError as exc:
         print(f"safetensors row not run: {exc}")
     result = {

@@ -169,9 +169,10 @@ class ExportConfiguration(BaseModel):
     )
     quantization_method: Literal["auto", "rtn", "gptq"] = Field(
         "auto",
-        description="int4 safetensors: gptq (GPTQ on the calibration data, layer by layer: the layer outputs move "
-        "less than with rounding to nearest; needs calibration_data), rtn (round-to-nearest, data-free) or auto "
-        "(gptq when calibration_data is set, else rtn). ONNX int4 stays round-to-nearest in this version.",
+        description="int4 safetensors and ONNX: gptq (GPTQ on the calibration data, layer by layer: the layer "
+        "outputs move less than with rounding to nearest; needs calibration_data), rtn (round-to-nearest, "
+        "data-free) or auto (gptq when calibration_data is set, else rtn). The ONNX graph then has GPTQ's groups "
+        "(128) as its decoder's blocks; its embedding and head stay rounded in onnx_block_size blocks.",
     )
     gptq_act_order: bool = Field(
         False,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["GPTQ_MAX_TOKENS", "calibrate_gptq", "gptq", "group_scales", "rtn"]
+__all__ = ["GPTQ_MAX_TOKENS", "GptqLayers", "calibrate_gptq", "gptq", "group_scales", "rtn"]
 
 LEVELS = (-8, 7)
 
@@ -219,3 +219,32 @@ def _output_error(weight: Any, levels: Any, scales: Any, hessian: Any, group_siz
     num = float(((delta @ hessian) * delta).sum())
     den = float(((weight @ hessian) * weight).sum())
     return num / den if den > 0 else 0.0
+
+
+class GptqLayers:
+    """What calibrate_gptq wrote (``folder/layer-N.safetensors``), read one layer's file at a time: a matrix's packed
+    compressed-tensors tensors (for the int4 safetensors) or its levels and scales (for ONNX MatMulNBits blocks)."""
+
+    PARTS = ("weight_packed", "weight_scale", "weight_shape")
+
+    def __init__(self, folder: Any) -> None:
+        from pathlib import Path
+
+        self.folder, self._layer, self._handle = Path(folder), None, None
+
+    def packed(self, stem: str) -> dict[str, Any]:
+        """``stem`` (model.layers.N.mlp.down_proj): weight_packed, weight_scale, weight_shape."""
+        layer = stem.split(".")[2]
+        if layer != self._layer:
+            from safetensors import safe_open
+
+            self._layer, self._handle = layer, safe_open(str(self.folder / f"layer-{layer}.safetensors"), "pt")
+        return {part: self._handle.get_tensor(f"{stem}.{part}") for part in self.PARTS}
+
+    def levels(self, stem: str) -> tuple[Any, Any]:
+        """(levels int8 [out, in] in [-8, 7], scales float32 [out, groups])."""
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+        tensors = self.packed(stem)
+        shape = tuple(int(d) for d in tensors["weight_shape"])
+        return unpack_from_int32(tensors["weight_packed"], 4, shape), tensors["weight_scale"].float()

@@ -422,14 +422,16 @@ def _calibration_set(c: ExportConfiguration, checkpoint: Path, base_dir: Path) -
     return found
 
 
+def _gptq_formats(c: ExportConfiguration) -> list[str]:
+    """The int4 formats quantized by GPTQ (asked for, or auto with calibration data): safetensors, and ONNX from
+    the streaming builder."""
+    if c.quantization_level != "int4" or c.quantization_method == "rtn" or not c.calibration_data:
+        return []
+    return [f for f in c.formats if f == "safetensors" or (f == "onnx" and c.onnx_backend != "torch")]
+
+
 def _gptq_wanted(c: ExportConfiguration) -> bool:
-    """int4 safetensors quantized by GPTQ: asked for, or auto with calibration data."""
-    return (
-        c.quantization_level == "int4"
-        and "safetensors" in c.formats
-        and c.quantization_method != "rtn"
-        and bool(c.calibration_data)
-    )
+    return bool(_gptq_formats(c))
 
 
 def _calibration_unused(c: ExportConfiguration) -> list[str]:
@@ -438,7 +440,7 @@ def _calibration_unused(c: ExportConfiguration) -> list[str]:
 
     if not c.calibration_data or c.quantization_level not in ("int8", "int4"):
         return []
-    used = {"gguf": uses_importance(c), "safetensors": _gptq_wanted(c)}
+    used = {"gguf": uses_importance(c), **dict.fromkeys(_gptq_formats(c), True)}
     return [f for f in c.formats if not used.get(f, False)]
 
 

@@ -164,3 +164,53 @@ def test_demo_int4_safetensors_by_gptq_loads_in_transformers_and_verifies(traini
             assert verdict["status"] == "verified" and verdict["precision"] == "int4", verdict
     assert not torch.equal(packed[("auto", False)], packed[("rtn", False)])
     assert not torch.equal(packed[("auto", False)], packed[("auto", True)])
+
+
+def test_onnx_int4_takes_the_same_gptq_blocks_as_the_safetensors(training, tmp_path):
+    """With calibration data the ONNX int4 graph holds GPTQ's levels and groups as MatMulNBits blocks: run in
+    onnxruntime with fp32 compute it gives the logits of the GPTQ safetensors in transformers."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("compressed_tensors")
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from model_export.exporters.onnx_builder import quantize_blocks
+    from model_export.runtimes.ort import OnnxDecoder
+
+    out = tmp_path / "out"
+    config = demo_config(
+        training,
+        out,
+        export_formats=["safetensors", "onnx"],
+        onnx_optimize_graph=False,
+        onnx_accuracy_level=0,
+        run_validation_tests=False,
+    )
+    result = run(config)
+    details = result.steps["export"]["result"]["details"]
+    assert details["onnx"]["method"] == "gptq" and details["safetensors"]["method"] == "gptq"
+    graph = onnx.load(str(out / "export" / "onnx" / "model.onnx"), load_external_data=False).graph
+    blocks = {
+        a.i
+        for n in graph.node
+        if n.op_type == "MatMulNBits" and "lm_head" not in n.name  # the head is not GPTQ's (rounded, onnx_block_size)
+        for a in n.attribute
+        if a.name == "block_size"
+    }
+    assert blocks == {result.steps["calibrate"]["result"]["gptq"]["group_size"]}
+    ids = [5, 17, 33, 2, 90, 100, 7, 41]
+    onnx_logits, _ = OnnxDecoder(out / "export" / "onnx" / "model.onnx").prompt(ids)
+    model = AutoModelForCausalLM.from_pretrained(str(out / "export" / "safetensors"), dtype=torch.float32)
+    # The graph's tied embedding (its head, and the table its GatherBlockQuantized reads) is not a decoder matrix: it
+    # is rounded to onnx_block_size blocks there and kept whole in the safetensors. Give transformers' model the
+    # graph's table to compare the decoders alone.
+    head = model.lm_head.weight.detach().clone()
+    packed, scales, zeros = quantize_blocks(head, 4, 32)
+    levels = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(head.shape[0], -1, 32).astype(np.float32)
+    zero = np.stack([zeros & 0xF, zeros >> 4], axis=-1).reshape(head.shape[0], -1)[:, : levels.shape[1]]
+    rounded = ((levels - zero[..., None]) * scales[..., None]).reshape(head.shape)
+    model.lm_head.weight = model.model.embed_tokens.weight = torch.nn.Parameter(torch.from_numpy(rounded))
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(onnx_logits - expected).max() < 1e-3

@@ -233,10 +233,17 @@ class _Linear:
     """Writes one linear layer's weight and emits its node: Gemm(transB) for float, MatMulNBits for int8/int4."""
 
     def __init__(
-        self, graph: _Graph, weights: _Weights, weight_type: str, block_size: int, accuracy_level: int
+        self,
+        graph: _Graph,
+        weights: _Weights,
+        weight_type: str,
+        block_size: int,
+        accuracy_level: int,
+        gptq: Any = None,
     ) -> None:
         self.graph, self.weights, self.weight_type = graph, weights, weight_type
         self.block_size, self.accuracy_level = block_size, accuracy_level
+        self.gptq = gptq if weight_type == "int4" else None  # GptqLayers: GPTQ's levels instead of rounding
         self.float_dtype = np.float16 if weight_type == "fp16" else np.float32
 
     def float_weight(self, tensor: str) -> str:
@@ -249,7 +256,31 @@ class _Linear:
         out = self.quantized(x, tensor, name)
         return self.graph.op("Add", [out, self.float_weight(bias)], f"{name}/bias") if bias else out
 
+    def from_gptq(self, x: str, tensor: str, name: str) -> str:
+        """GPTQ's symmetric int4 levels and scales as MatMulNBits blocks (one block per GPTQ group, the default zero
+        point 8 of unsigned 4-bit: the values are exactly those of the int4 safetensors)."""
+        levels, scales = self.gptq.levels(tensor.removesuffix(".weight"))
+        n, k = levels.shape
+        group = k // scales.shape[1]
+        unsigned = (levels.numpy().astype(np.int16) + 8).astype(np.uint8).reshape(n, k // group, group)
+        packed = unsigned[..., 0::2] | (unsigned[..., 1::2] << 4)
+        q = self.graph.weight(f"{tensor}.q4", np.uint8, packed.shape, [packed])
+        s = self.graph.weight(f"{tensor}.scales", np.float32, tuple(scales.shape), [scales.numpy()])
+        return self.graph.op(
+            "MatMulNBits",
+            [x, q, s],
+            name,
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=4,
+            block_size=group,
+            accuracy_level=self.accuracy_level,
+        )
+
     def quantized(self, x: str, tensor: str, name: str) -> str:
+        if self.gptq is not None and ".layers." in tensor:  # GPTQ covers the decoder's matrices; the head is rounded
+            return self.from_gptq(x, tensor, name)
         bits = 4 if self.weight_type == "int4" else 8
         n, k = self.weights.info(tensor).shape
         scales, zeros = [], []
@@ -277,6 +308,14 @@ class _Linear:
             block_size=self.block_size,
             accuracy_level=self.accuracy_level,
         )
+
+
+def _gptq_layers(folder: str | Path | None) -> Any:
+    if folder is None:
+        return None
+    from ..gptq import GptqLayers
+
+    return GptqLayers(folder)
 
 
 def quantize_blocks(rows, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -319,10 +358,12 @@ def build_onnx(
     block_size: int = 32,
     accuracy_level: int = 4,
     dynamic_axes: dict[str, dict[int, str]] | None = None,
+    gptq: str | Path | None = None,
 ) -> BuildResult:
     """Write ``out/model.onnx`` and ``out/model.onnx.data`` from the merged safetensors folder ``merged``.
 
-    ``weight_type``: fp32, fp16, int8 or int4 (MatMulNBits blocks of ``block_size`` along K).
+    ``weight_type``: fp32, fp16, int8 or int4 (MatMulNBits blocks of ``block_size`` along K, rounded to nearest; with
+    ``gptq``, the folder calibrate_gptq wrote, int4 blocks are GPTQ's levels and groups).
     Raises ExportFormatError for an architecture the builder does not know.
     """
     from onnx import TensorProto, helper
@@ -340,7 +381,12 @@ def build_onnx(
     try:
         axes = _axes(dynamic_axes, spec)
         logits = _decoder(
-            graph, weights, spec, _Linear(graph, weights, weight_type, block_size, accuracy_level), merged, io_dtype
+            graph,
+            weights,
+            spec,
+            _Linear(graph, weights, weight_type, block_size, accuracy_level, _gptq_layers(gptq)),
+            merged,
+            io_dtype,
         )
         inputs = [
             helper.make_tensor_value_info("input_ids", TensorProto.INT64, axes["input_ids"]),

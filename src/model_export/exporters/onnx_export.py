@@ -67,6 +67,7 @@ def export_onnx(
     block_size: int = 32,
     accuracy_level: int = 4,
     tokenizer_dirs: list[Path] | None = None,
+    gptq: str | Path | None = None,
 ) -> dict[str, Any]:
     """Export the merged model in ``merged`` to an ONNX folder ``out``; return what was written.
 
@@ -85,10 +86,11 @@ def export_onnx(
         accuracy_level=accuracy_level,
         dynamic_axes=dynamic_axes,
     )
+    with_gptq = gptq is not None and weight_type == "int4" and chosen == "builder"
     if chosen == "builder":
         from .onnx_builder import build_onnx
 
-        build_onnx(merged, out, **kwargs)
+        build_onnx(merged, out, **kwargs, gptq=gptq if with_gptq else None)
     else:
         from .onnx_torch import export_torch
 
@@ -102,7 +104,10 @@ def export_onnx(
     if optimize:
         optimize_graph(out / MODEL_FILE, out / OPTIMIZED_FILE)
         files.append(OPTIMIZED_FILE)
-    return {"path": str(out), "backend": chosen, "weight_type": weight_type, "opset": opset, "graphs": files}
+    details = {"path": str(out), "backend": chosen, "weight_type": weight_type, "opset": opset, "graphs": files}
+    if weight_type in ("int8", "int4"):
+        details["method"] = "gptq" if with_gptq else "round-to-nearest"
+    return details
 
 
 def _config(folder: Path) -> dict[str, Any]:
@@ -206,9 +211,8 @@ def _export(ctx: ExportContext) -> dict[str, Any]:
         optimize=c.onnx_optimize_graph,
         block_size=c.onnx_block_size,
         accuracy_level=c.onnx_accuracy_level,
+        gptq=ctx.gptq,
     )
-    if c.quantization_level in ("int8", "int4"):
-        details["method"] = "round-to-nearest"  # MatMulNBits blocks, data-free
     return details
 
 

@@ -108,23 +108,6 @@ def int4_group_size(merged: str | Path) -> int:
     return group_size_for(common)
 
 
-def _gptq_layers(folder: Path) -> Any:
-    """name -> the packed tensors GPTQ wrote for it (calibrate/gptq/layer-N.safetensors), opened as needed."""
-    from safetensors import safe_open
-
-    opened: dict[str, Any] = {}
-
-    def get(stem: str) -> dict[str, Any]:
-        layer = stem.split(".")[2]
-        if layer not in opened:
-            opened.clear()  # one layer's file open at a time
-            opened[layer] = safe_open(str(folder / f"layer-{layer}.safetensors"), "pt")
-        handle = opened[layer]
-        return {part: handle.get_tensor(f"{stem}.{part}") for part in ("weight_packed", "weight_scale", "weight_shape")}
-
-    return get
-
-
 def export_quantized_safetensors(
     merged: str | Path,
     out: str | Path,
@@ -154,7 +137,11 @@ def export_quantized_safetensors(
         raise ValueError(f"{bad}: the input size is not a multiple of 32")
     out.mkdir(parents=True, exist_ok=True)
     by_name = {name: (info, shard) for name, info, shard in sources}
-    from_gptq = _gptq_layers(Path(gptq)) if gptq is not None and bits == 4 else None
+    from_gptq = None
+    if gptq is not None and bits == 4:
+        from ..gptq import GptqLayers
+
+        from_gptq = GptqLayers(gptq).packed
     shards = plan_shards(planned, max_shard_size)
     weight_map, handles = {}, {}
     pending: dict[str, Any] = {}  # a layer's packed, scale and shape tensors, made together, may straddle shards
