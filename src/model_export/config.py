@@ -174,6 +174,12 @@ class ExportConfiguration(BaseModel):
         "data-free) or auto (gptq when calibration_data is set, else rtn). The ONNX graph then has GPTQ's groups "
         "(128) as its decoder's blocks; its embedding and head stay rounded in onnx_block_size blocks.",
     )
+    quantization_group_size: int | None = Field(
+        None,
+        description="int4 safetensors (and GPTQ, whose groups the ONNX graph then takes): inputs per quantization "
+        "group, a power of two from 16 that divides every decoder layer's input size; smaller groups are more "
+        "accurate and larger. Unset: 128, else 64 or 32.",
+    )
     gptq_act_order: bool = Field(
         False,
         description="GPTQ: round the columns in order of decreasing input energy (the Hessian's diagonal), with "
@@ -391,6 +397,13 @@ class ExportConfiguration(BaseModel):
     def _check_path(cls, value: str | None) -> str | None:
         if value is not None and "\0" in value:  # no file system takes it; os functions would raise ValueError
             raise ValueError("a path cannot contain a NUL character")
+        return value
+
+    @field_validator("quantization_group_size")
+    @classmethod
+    def _check_group(cls, value: int | None) -> int | None:
+        if value is not None and (value < 16 or value & (value - 1)):
+            raise ValueError("must be a power of two from 16 (16, 32, 64, 128, ...)")
         return value
 
     @field_validator("export_formats")

@@ -498,7 +498,7 @@ def _calibrate(state: _Run, calibration: Any) -> dict[str, Any]:
                     state.out / "merge",
                     calibration.samples,
                     folder / "gptq",
-                    group_size=int4_group_size(state.out / "merge"),
+                    group_size=int4_group_size(state.out / "merge", c.quantization_group_size),
                     act_order=c.gptq_act_order,
                     on_layer=layer_done,
                 ),

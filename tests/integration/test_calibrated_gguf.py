@@ -214,3 +214,42 @@ def test_onnx_int4_takes_the_same_gptq_blocks_as_the_safetensors(training, tmp_p
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(onnx_logits - expected).max() < 1e-3
+
+
+def test_quantization_group_size_sets_the_int4_groups(training, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from safetensors import safe_open
+
+    from model_export.errors import ExportFormatError
+
+    scales = {}
+    for group in (None, 64):
+        out = tmp_path / f"g{group}"
+        config = demo_config(
+            training,
+            out,
+            export_formats=["safetensors"],
+            calibration_data=None,
+            quantization_group_size=group,
+            run_validation_tests=False,
+        )
+        result = run(config)
+        assert result.steps["export"]["result"]["details"]["safetensors"]["group_size"] == (group or 128)
+        quant = json.loads((out / "export" / "safetensors" / "config.json").read_text())["quantization_config"]
+        assert quant["config_groups"]["group_0"]["weights"]["group_size"] == (group or 128)
+        with safe_open(str(out / "export" / "safetensors" / "model.safetensors"), "pt") as f:
+            scales[group] = tuple(f.get_tensor("model.layers.0.mlp.down_proj.weight_scale").shape)
+    assert scales == {None: (256, 4), 64: (256, 8)}  # down_proj: 512 inputs
+    with pytest.raises(ExportFormatError, match="does not divide the input size"):
+        run(
+            demo_config(
+                training,
+                tmp_path / "g1024",
+                export_formats=["safetensors"],
+                calibration_data=None,
+                quantization_group_size=1024,
+                run_validation_tests=False,
+            )
+        )
+    with pytest.raises(Exception, match="power of two"):
+        demo_config(training, tmp_path / "g48", quantization_group_size=48)

@@ -76,17 +76,32 @@ def _compress(weight, bits: int, group: int) -> dict[str, Any]:
     return PackedQuantizationCompressor.compress(state, scheme)
 
 
-def _plan(sources: list[tuple[str, Any, Path]], bits: int) -> tuple[list[PlannedTensor], dict[str, int]]:
+def _group(sources: list[tuple[str, Any]], requested: int | None) -> int:
+    """One int4 group size for the whole model (the config has one scheme): ``requested``, which must divide every
+    quantized layer's input size (ExportFormatError ME812 otherwise), or 128, else 64 or 32."""
+    from ..errors import ExportFormatError
+
+    sizes = [(name, info.shape[1]) for name, info in sources if _quantized(name, tuple(info.shape))]
+    if requested:
+        for name, size in sizes:
+            if size % requested:
+                raise ExportFormatError("quant_group_mismatch", group=requested, size=size, tensor=name)
+        return requested
+    return group_size_for(math.gcd(*[size for _, size in sizes] or [0]))
+
+
+def _plan(
+    sources: list[tuple[str, Any, Path]], bits: int, group_size: int | None = None
+) -> tuple[list[PlannedTensor], dict[str, int]]:
     """The output tensors, known from the headers alone: quantized layers become packed, scale and shape."""
     planned, groups = [], {}
-    # One group size for the whole model (the config has one scheme): it must divide every layer's input size.
-    common = math.gcd(*[info.shape[1] for name, info, _ in sources if _quantized(name, tuple(info.shape))] or [0])
+    group_all = _group([(name, info) for name, info, _ in sources], group_size) if bits == 4 else 0
     for name, info, _ in sources:
         shape = tuple(info.shape)
         if not _quantized(name, shape):
             planned.append(PlannedTensor(name, info.dtype, shape))
             continue
-        group = groups[name] = 0 if bits == 8 else group_size_for(common)
+        group = groups[name] = group_all
         stem = name.removesuffix(".weight")
         columns = shape[1] // group if bits == 4 else 1
         planned += [
@@ -97,15 +112,14 @@ def _plan(sources: list[tuple[str, Any, Path]], bits: int) -> tuple[list[Planned
     return planned, groups
 
 
-def int4_group_size(merged: str | Path) -> int:
+def int4_group_size(merged: str | Path, requested: int | None = None) -> int:
     """The int4 group size the export uses for this merged model (one for all layers; 0 when none fits)."""
     sources = [
         (name, info)
         for shard in sorted(Path(merged).glob("*.safetensors"))
         for name, info in read_header(shard).tensors.items()
     ]
-    common = math.gcd(*[info.shape[1] for name, info in sources if _quantized(name, tuple(info.shape))] or [0])
-    return group_size_for(common)
+    return _group(sources, requested)
 
 
 def export_quantized_safetensors(
@@ -115,6 +129,7 @@ def export_quantized_safetensors(
     bits: int,
     max_shard_size: int = 5_000_000_000,
     gptq: str | Path | None = None,
+    group_size: int | None = None,
 ) -> dict[str, Any]:
     """Write an int8 (``bits=8``) or int4 (``bits=4``) compressed-tensors checkpoint of the merged model: each layer
     rounded to nearest, or, for int4 with ``gptq`` (the folder calibrate_gptq wrote), GPTQ's levels and scales.
@@ -131,7 +146,7 @@ def export_quantized_safetensors(
         for shard in sorted(merged.glob("*.safetensors"))
         for name, info in read_header(shard).tensors.items()
     ]
-    planned, groups = _plan(sources, bits)
+    planned, groups = _plan(sources, bits, group_size)
     if any(g == 0 for g in groups.values()) and bits == 4:
         bad = next(n for n, g in groups.items() if g == 0)
         raise ValueError(f"{bad}: the input size is not a multiple of 32")
