@@ -23,6 +23,7 @@ from . import i18n
 from .errors import ConfigError
 
 __all__ = [
+    "kept_module",
     "ExportConfiguration",
     "ConfigProblem",
     "load_config",
@@ -173,6 +174,13 @@ class ExportConfiguration(BaseModel):
         "outputs move less than with rounding to nearest; needs calibration_data), rtn (round-to-nearest, "
         "data-free) or auto (gptq when calibration_data is set, else rtn). The ONNX graph then has GPTQ's groups "
         "(128) as its decoder's blocks; its embedding and head stay rounded in onnx_block_size blocks.",
+    )
+    quantization_keep_modules: list[str] = Field(
+        default_factory=list,
+        description="Modules that stay in the merge's precision when quantizing (int8/int4 safetensors and ONNX, "
+        "quantized GGUF types): regular expressions searched in module names such as model.layers.0.mlp.down_proj, "
+        "model.embed_tokens or lm_head (a tied head is the embedding: either name keeps both). Example: "
+        "[lm_head, 'layers\\.0\\.'] keeps the head and the first layer.",
     )
     quantization_group_size: int | None = Field(
         None,
@@ -397,6 +405,18 @@ class ExportConfiguration(BaseModel):
     def _check_path(cls, value: str | None) -> str | None:
         if value is not None and "\0" in value:  # no file system takes it; os functions would raise ValueError
             raise ValueError("a path cannot contain a NUL character")
+        return value
+
+    @field_validator("quantization_keep_modules")
+    @classmethod
+    def _check_patterns(cls, value: list[str]) -> list[str]:
+        import re
+
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
         return value
 
     @field_validator("quantization_group_size")
@@ -639,3 +659,15 @@ def reference_markdown() -> str:
         default = json.dumps(defaults[name], ensure_ascii=False).replace("|", "\\|")
         lines.append(f"| `{name}` | {kind} | `{default}` | {info.description} |")
     return "\n".join(lines) + "\n"
+
+
+def kept_module(patterns: list[str], name: str, tied: bool = False) -> bool:
+    """Whether module ``name`` (weight names work too) stays unquantized under quantization_keep_modules; with a tied
+    head the embedding and the head are one matrix, so a pattern matching either name keeps it."""
+    import re
+
+    stem = name.removesuffix(".weight")
+    names = [stem]
+    if tied and stem in ("model.embed_tokens", "lm_head"):
+        names = ["model.embed_tokens", "lm_head"]
+    return any(re.search(pattern, n) for pattern in patterns for n in names)

@@ -314,6 +314,9 @@ def _steps(state: _Run) -> None:
         c.max_shard_size,
         c.compress_weights,
         c.remove_training_artifacts,
+        c.quantization_group_size,
+        c.quantization_keep_modules,
+        c.quantization_method,
     ]
     export_settings += [[fmt, *FORMATS[fmt].settings(c)] for fmt in c.formats]
     state.step(
@@ -498,7 +501,9 @@ def _calibrate(state: _Run, calibration: Any) -> dict[str, Any]:
                     state.out / "merge",
                     calibration.samples,
                     folder / "gptq",
-                    group_size=int4_group_size(state.out / "merge", c.quantization_group_size),
+                    group_size=int4_group_size(
+                        state.out / "merge", c.quantization_group_size, c.quantization_keep_modules
+                    ),
                     act_order=c.gptq_act_order,
                     on_layer=layer_done,
                 ),

@@ -253,3 +253,36 @@ def test_quantization_group_size_sets_the_int4_groups(training, tmp_path):
         )
     with pytest.raises(Exception, match="power of two"):
         demo_config(training, tmp_path / "g48", quantization_group_size=48)
+
+
+def test_quantization_keep_modules_keeps_them_in_every_format(training, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    config = demo_config(
+        training,
+        out,
+        export_formats=["safetensors", "onnx", "gguf"],
+        calibration_data=None,
+        quantization_keep_modules=["down_proj", "lm_head"],
+        onnx_optimize_graph=False,
+        run_validation_tests=False,
+    )
+    run(config)
+    export = out / "export"
+    with safe_open(str(export / "safetensors" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.1.mlp.down_proj.weight" in names and "model.layers.1.mlp.down_proj.weight_packed" not in names
+    assert "model.layers.1.mlp.up_proj.weight_packed" in names
+    ignore = json.loads((export / "safetensors" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert "model.layers.0.mlp.down_proj" in ignore and "lm_head" in ignore
+    graph = onnx.load(str(export / "onnx" / "model.onnx"), load_external_data=False).graph
+    ops = {n.name: n.op_type for n in graph.node}
+    assert ops["/model/layers.0/mlp/down_proj"] == "Gemm" and ops["/model/layers.0/mlp/up_proj"] == "MatMulNBits"
+    assert ops["/model/embed_tokens"] == "Gather" and ops["/lm_head/gemm"] == "Gemm"  # tied: "lm_head" keeps both
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(next((export / "gguf").glob("*.gguf"))).tensors}
+    assert types["blk.0.ffn_down.weight"] == "F32" and types["token_embd.weight"] == "F32"  # the demo merge is fp32
+    assert types["blk.0.ffn_up.weight"] == "Q4_K"

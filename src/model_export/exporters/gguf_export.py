@@ -179,6 +179,8 @@ class _Model:
     gqa: int  # attention heads per KV head
     output_type: str | None = None  # llama-quantize --output-tensor-type (a tied token_embd too)
     token_embd_type: str | None = None  # llama-quantize --token-embedding-type
+    keep: tuple[str, ...] = ()  # quantization_keep_modules: these stay in the merge's precision
+    full: str = "f16"  # the merge's precision as a GGUF type (f32, f16 or bf16)
 
 
 def _more_bits(layer: int, layers: int) -> bool:
@@ -232,6 +234,11 @@ def _tensor_type(source: _Source, gguf_type: str, model: _Model) -> str:
     if len(source.shape) < 2:
         return "f32"
     columns = source.shape[-1]
+    if model.keep and gguf_type not in ("f32", "f16", "bf16"):
+        from ..config import kept_module
+
+        if kept_module(list(model.keep), source.name, tied=model.tied):
+            return model.full
     if model.token_embd_type and source.target == "token_embd.weight":
         return _fitting(model.token_embd_type, columns)
     if model.output_type and (
@@ -356,7 +363,10 @@ def _importance(imatrix: Mapping[str, np.ndarray] | None, target: str, ttype: st
     return imatrix.get(target) if imatrix and (ttype in K_TYPES or ttype in LEGACY_BYTES) else None
 
 
-def _model(sources: list[_Source], config: dict[str, Any], types: Mapping[str, str | None]) -> _Model:
+def _model(
+    sources: list[_Source], config: dict[str, Any], types: Mapping[str, str | None], keep: list[str] | None = None
+) -> _Model:
+    keep = keep or []
     heads = config["num_attention_heads"]
     return _Model(
         layers=config["num_hidden_layers"],
@@ -364,6 +374,8 @@ def _model(sources: list[_Source], config: dict[str, Any], types: Mapping[str, s
         gqa=heads // (config.get("num_key_value_heads") or heads),
         output_type=types.get("output"),
         token_embd_type=types.get("token_embd"),
+        keep=tuple(keep),
+        full={"bfloat16": "bf16", "float32": "f32"}.get(config.get("dtype") or "float32", "f16"),
     )
 
 
@@ -384,6 +396,7 @@ def export_gguf(
     imatrix: Mapping[str, np.ndarray] | None = None,
     output_type: str | None = None,
     token_embedding_type: str | None = None,
+    keep: list[str] | None = None,
 ) -> dict[str, Any]:
     """Write ``out/model-<type>.gguf`` and an Ollama ``Modelfile`` from the merged model in ``merged``.
 
@@ -412,7 +425,8 @@ def export_gguf(
     partial = out / f"{path.name}.partial"
     writer = gguf.GGUFWriter(str(partial), gguf.MODEL_ARCH_NAMES[arch])
     _metadata(writer, gguf, config, merged, gguf_type, name or merged.name)
-    types, model = {}, _model(sources, config, {"output": output_type, "token_embd": token_embedding_type})
+    types = {}
+    model = _model(sources, config, {"output": output_type, "token_embd": token_embedding_type}, keep)
     for source in sources:
         ttype = types[source.name] = _tensor_type(source, gguf_type, model)
         qtype = getattr(gguf.GGMLQuantizationType, ttype.upper())
@@ -757,6 +771,7 @@ def _export(ctx: ExportContext) -> dict[str, Any]:
         imatrix=imatrix,
         output_type=c.gguf_output_type,
         token_embedding_type=c.gguf_token_embedding_type,
+        keep=c.quantization_keep_modules,
     )
     if gguf_type in K_MIXTURES or gguf_type in LEGACY_BYTES or gguf_type == "q8_0":
         details["method"] = "imatrix" if imatrix else "data-free"
@@ -812,7 +827,13 @@ FORMAT = ExportFormat(
     bytes_per_param=_bytes,
     export=_export,
     runnables=lambda folder: [("gguf", p) for p in sorted(folder.glob("model-*.gguf"))],
-    settings=lambda c: [c.gguf_type, c.gguf_lora_adapter, c.gguf_output_type, c.gguf_token_embedding_type],
+    settings=lambda c: [
+        c.gguf_type,
+        c.gguf_lora_adapter,
+        c.gguf_output_type,
+        c.gguf_token_embedding_type,
+        c.quantization_keep_modules,
+    ],
     extra="gguf",
     description="one file for llama.cpp and Ollama (with a Modelfile); run in llama.cpp with the llamacpp extra",
 )

@@ -240,9 +240,11 @@ class _Linear:
         block_size: int,
         accuracy_level: int,
         gptq: Any = None,
+        keep: Any = None,
     ) -> None:
         self.graph, self.weights, self.weight_type = graph, weights, weight_type
         self.block_size, self.accuracy_level = block_size, accuracy_level
+        self.keep = keep or (lambda tensor: False)  # quantization_keep_modules: float Gemm instead of blocks
         self.gptq = gptq if weight_type == "int4" else None  # GptqLayers: GPTQ's levels instead of rounding
         self.float_dtype = np.float16 if weight_type == "fp16" else np.float32
 
@@ -250,7 +252,7 @@ class _Linear:
         return self.graph.copy(self.weights, tensor, self.float_dtype)
 
     def __call__(self, x: str, tensor: str, name: str, bias: str | None = None) -> str:
-        if self.weight_type in ("fp32", "fp16"):
+        if self.weight_type in ("fp32", "fp16") or self.keep(tensor):
             inputs = [x, self.float_weight(tensor)] + ([self.float_weight(bias)] if bias else [])
             return self.graph.op("Gemm", inputs, name, transB=1)
         out = self.quantized(x, tensor, name)
@@ -310,6 +312,14 @@ class _Linear:
         )
 
 
+def _keeper(patterns: list[str] | None, spec: Any) -> Any:
+    if not patterns:
+        return None
+    from ..config import kept_module
+
+    return lambda tensor: kept_module(patterns, tensor, tied=spec.tied)
+
+
 def _gptq_layers(folder: str | Path | None) -> Any:
     if folder is None:
         return None
@@ -359,6 +369,7 @@ def build_onnx(
     accuracy_level: int = 4,
     dynamic_axes: dict[str, dict[int, str]] | None = None,
     gptq: str | Path | None = None,
+    keep: list[str] | None = None,
 ) -> BuildResult:
     """Write ``out/model.onnx`` and ``out/model.onnx.data`` from the merged safetensors folder ``merged``.
 
@@ -384,7 +395,7 @@ def build_onnx(
             graph,
             weights,
             spec,
-            _Linear(graph, weights, weight_type, block_size, accuracy_level, _gptq_layers(gptq)),
+            _Linear(graph, weights, weight_type, block_size, accuracy_level, _gptq_layers(gptq), _keeper(keep, spec)),
             merged,
             io_dtype,
         )
@@ -572,7 +583,7 @@ def _embedding(graph: _Graph, weights: _Weights, spec: _Spec, linear: _Linear, i
     """Gather rows of the embedding. A tied quantized model gathers from the head's blocks (GatherBlockQuantized),
     so the matrix is stored once, quantized, as onnxruntime-genai does; otherwise the embedding is float."""
     embed = "model.embed_tokens.weight"
-    if not (spec.tied and linear.weight_type in ("int8", "int4")):
+    if not (spec.tied and linear.weight_type in ("int8", "int4")) or linear.keep(embed):
         graph.copy(weights, embed, dtype)
         return graph.op("Gather", [embed, ids], "/model/embed_tokens", axis=0)
     bits = 4 if linear.weight_type == "int4" else 8
@@ -601,9 +612,9 @@ def _embedding(graph: _Graph, weights: _Weights, spec: _Spec, linear: _Linear, i
 
 def _lm_head(graph: _Graph, linear: _Linear, hidden: str, spec: _Spec) -> str:
     """Tied float heads reuse the embedding's initializer (Gemm transB=1); quantized heads get their own blocks."""
-    if spec.tied and linear.weight_type in ("fp32", "fp16"):
+    if spec.tied and (linear.weight_type in ("fp32", "fp16") or linear.keep("model.embed_tokens.weight")):
         return graph.op("Gemm", [hidden, "model.embed_tokens.weight"], "/lm_head/gemm", transB=1)
     source = "model.embed_tokens.weight" if spec.tied else "lm_head.weight"
-    if linear.weight_type in ("fp32", "fp16"):
+    if linear.weight_type in ("fp32", "fp16") or linear.keep(source):
         return linear(hidden, source, "/lm_head/gemm")
     return linear.quantized(hidden, source, "/lm_head/matmul")

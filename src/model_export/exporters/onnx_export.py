@@ -68,6 +68,7 @@ def export_onnx(
     accuracy_level: int = 4,
     tokenizer_dirs: list[Path] | None = None,
     gptq: str | Path | None = None,
+    keep: list[str] | None = None,
 ) -> dict[str, Any]:
     """Export the merged model in ``merged`` to an ONNX folder ``out``; return what was written.
 
@@ -90,7 +91,7 @@ def export_onnx(
     if chosen == "builder":
         from .onnx_builder import build_onnx
 
-        build_onnx(merged, out, **kwargs, gptq=gptq if with_gptq else None)
+        build_onnx(merged, out, **kwargs, gptq=gptq if with_gptq else None, keep=keep)
     else:
         from .onnx_torch import export_torch
 
@@ -212,6 +213,7 @@ def _export(ctx: ExportContext) -> dict[str, Any]:
         block_size=c.onnx_block_size,
         accuracy_level=c.onnx_accuracy_level,
         gptq=ctx.gptq,
+        keep=c.quantization_keep_modules,
     )
     return details
 

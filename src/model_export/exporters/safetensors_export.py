@@ -31,6 +31,7 @@ def export(ctx: ExportContext) -> dict[str, Any]:
             max_shard_size=parse_size(ctx.config.max_shard_size),
             gptq=ctx.gptq if level == "int4" else None,
             group_size=ctx.config.quantization_group_size,
+            keep=ctx.config.quantization_keep_modules,
         )
     shutil.copytree(ctx.merged, ctx.out, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(".*"))
     return {}

@@ -45,7 +45,11 @@ def group_size_for(in_features: int) -> int:
     return next((g for g in (128, 64, 32) if in_features % g == 0), 0)
 
 
-def _quantized(name: str, shape: tuple[int, ...]) -> bool:
+def _quantized(name: str, shape: tuple[int, ...], keep: list[str] | None = None) -> bool:
+    from ..config import kept_module
+
+    if keep and kept_module(keep, name):
+        return False
     return name.endswith("_proj.weight") and len(shape) == 2 and ".layers." in name
 
 
@@ -76,12 +80,12 @@ def _compress(weight, bits: int, group: int) -> dict[str, Any]:
     return PackedQuantizationCompressor.compress(state, scheme)
 
 
-def _group(sources: list[tuple[str, Any]], requested: int | None) -> int:
+def _group(sources: list[tuple[str, Any]], requested: int | None, keep: list[str] | None = None) -> int:
     """One int4 group size for the whole model (the config has one scheme): ``requested``, which must divide every
     quantized layer's input size (ExportFormatError ME812 otherwise), or 128, else 64 or 32."""
     from ..errors import ExportFormatError
 
-    sizes = [(name, info.shape[1]) for name, info in sources if _quantized(name, tuple(info.shape))]
+    sizes = [(name, info.shape[1]) for name, info in sources if _quantized(name, tuple(info.shape), keep)]
     if requested:
         for name, size in sizes:
             if size % requested:
@@ -91,14 +95,14 @@ def _group(sources: list[tuple[str, Any]], requested: int | None) -> int:
 
 
 def _plan(
-    sources: list[tuple[str, Any, Path]], bits: int, group_size: int | None = None
+    sources: list[tuple[str, Any, Path]], bits: int, group_size: int | None = None, keep: list[str] | None = None
 ) -> tuple[list[PlannedTensor], dict[str, int]]:
     """The output tensors, known from the headers alone: quantized layers become packed, scale and shape."""
     planned, groups = [], {}
-    group_all = _group([(name, info) for name, info, _ in sources], group_size) if bits == 4 else 0
+    group_all = _group([(name, info) for name, info, _ in sources], group_size, keep) if bits == 4 else 0
     for name, info, _ in sources:
         shape = tuple(info.shape)
-        if not _quantized(name, shape):
+        if not _quantized(name, shape, keep):
             planned.append(PlannedTensor(name, info.dtype, shape))
             continue
         group = groups[name] = group_all
@@ -112,14 +116,14 @@ def _plan(
     return planned, groups
 
 
-def int4_group_size(merged: str | Path, requested: int | None = None) -> int:
+def int4_group_size(merged: str | Path, requested: int | None = None, keep: list[str] | None = None) -> int:
     """The int4 group size the export uses for this merged model (one for all layers; 0 when none fits)."""
     sources = [
         (name, info)
         for shard in sorted(Path(merged).glob("*.safetensors"))
         for name, info in read_header(shard).tensors.items()
     ]
-    return _group(sources, requested)
+    return _group(sources, requested, keep)
 
 
 def export_quantized_safetensors(
@@ -130,6 +134,7 @@ def export_quantized_safetensors(
     max_shard_size: int = 5_000_000_000,
     gptq: str | Path | None = None,
     group_size: int | None = None,
+    keep: list[str] | None = None,
 ) -> dict[str, Any]:
     """Write an int8 (``bits=8``) or int4 (``bits=4``) compressed-tensors checkpoint of the merged model: each layer
     rounded to nearest, or, for int4 with ``gptq`` (the folder calibrate_gptq wrote), GPTQ's levels and scales.
@@ -146,7 +151,7 @@ def export_quantized_safetensors(
         for shard in sorted(merged.glob("*.safetensors"))
         for name, info in read_header(shard).tensors.items()
     ]
-    planned, groups = _plan(sources, bits, group_size)
+    planned, groups = _plan(sources, bits, group_size, keep)
     if any(g == 0 for g in groups.values()) and bits == 4:
         bad = next(n for n, g in groups.items() if g == 0)
         raise ValueError(f"{bad}: the input size is not a multiple of 32")
@@ -207,7 +212,7 @@ def export_quantized_safetensors(
         config_groups={"group_0": _scheme(bits, group)},
         format=QUANT_FORMAT,
         quantization_status="compressed",
-        ignore=["lm_head"],
+        ignore=["lm_head", *_kept_layers(sources, keep)],
     ).model_dump(mode="json")
     config["quantization_config"] = {**quant, "quant_method": "compressed-tensors"}
     write_atomic(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -219,6 +224,15 @@ def export_quantized_safetensors(
         "group_size": group if bits == 4 else None,
         "method": "gptq" if from_gptq is not None else "round-to-nearest",
     }
+
+
+def _kept_layers(sources: list[tuple[str, Any, Path]], keep: list[str] | None) -> list[str]:
+    """The decoder's linear layers quantization_keep_modules kept as merged (the config's ignore list names them)."""
+    return [
+        name.removesuffix(".weight")
+        for name, info, _ in sources
+        if _quantized(name, tuple(info.shape)) and not _quantized(name, tuple(info.shape), keep)
+    ]
 
 
 def _check(tensor: PlannedTensor, data: Any) -> None:
