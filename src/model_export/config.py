@@ -182,6 +182,12 @@ class ExportConfiguration(BaseModel):
         "model.embed_tokens or lm_head (a tied head is the embedding: either name keeps both). Example: "
         "[lm_head, 'layers\\.0\\.'] keeps the head and the first layer.",
     )
+    quantization_symmetric: bool | None = Field(
+        None,
+        description="int8/int4 safetensors and ONNX round-to-nearest: symmetric blocks (no zero points) or "
+        "asymmetric (a zero point per group). Unset: each format's usual choice (safetensors symmetric, as vLLM's "
+        "W4A16/W8A16 kernels take; ONNX asymmetric, as onnxruntime-genai's builder writes). GPTQ is symmetric.",
+    )
     quantization_group_size: int | None = Field(
         None,
         description="int4 safetensors (and GPTQ, whose groups the ONNX graph then takes): inputs per quantization "

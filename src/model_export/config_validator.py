@@ -242,9 +242,14 @@ def _samples_and_data(config: ExportConfiguration) -> list[ConfigProblem]:
 def _gptq(config: ExportConfiguration) -> list[ConfigProblem]:
     from .gptq import GPTQ_MAX_TOKENS
 
-    if config.quantization_method != "gptq":
-        return []
     problems = []
+    uses_gptq = config.quantization_method == "gptq" or (
+        config.quantization_method == "auto" and config.calibration_data and config.quantization_level == "int4"
+    )
+    if uses_gptq and config.quantization_symmetric is False and {"safetensors", "onnx"} & set(config.formats):
+        problems.append(ConfigProblem("quantization_symmetric", "gptq_symmetric"))
+    if config.quantization_method != "gptq":
+        return problems
     if not config.calibration_data:
         problems.append(ConfigProblem("quantization_method", "gptq_without_data"))
     if config.quantization_level != "int4" or "safetensors" not in config.formats:

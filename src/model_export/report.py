@@ -59,7 +59,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "verified": v["status"] == "verified",
                     "reason": v.get("reason"),
                     "runtime": v.get("runtime"),
-                    "method": export.get("details", {}).get(fmt, {}).get("method"),
+                    "method": _method(results, fmt),
                     "peak_rss": v.get("peak_rss"),
                     "rule": v.get("rule"),
                     "max_abs_diff": v.get("max_abs_diff"),
@@ -74,6 +74,19 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def _method(results: dict[str, Any], fmt: str) -> str | None:
+    """How an artifact was quantized, in words: the method, and for GPTQ its output error on the calibration inputs
+    against round-to-nearest's (what the calibrate step measured per matrix)."""
+    method = results.get("export", {}).get("details", {}).get(fmt, {}).get("method")
+    gptq = results.get("calibrate", {}).get("gptq")
+    if method == "gptq" and gptq:
+        return i18n.ui("report_gptq", error=gptq["output_error"], rtn=gptq["output_error_rtn"])
+    if method == "imatrix":
+        calibrate = results.get("calibrate", {})
+        return i18n.ui("report_imatrix", samples=calibrate.get("samples"), tokens=calibrate.get("tokens"))
+    return method
 
 
 def verdict_summary(rows: list[dict[str, Any]]) -> str:

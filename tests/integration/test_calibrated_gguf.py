@@ -70,6 +70,7 @@ def test_demo_q4_k_m_with_imatrix_is_what_llama_quantize_writes(training, tmp_pa
         assert np.array_equal(np.asarray(ours[tensor.name].data).view(np.uint8), np.asarray(tensor.data).view(np.uint8))
     verdict = steps["verify"]["result"]["verdicts"]["gguf"]
     assert verdict["status"] == ("verified" if LLAMA else "not_run"), verdict
+    assert "quantized: importance matrix (" in (out / "report.html").read_text(encoding="utf-8")
     assert verdict["rule"].startswith("read back")  # re-encoded with the imatrix: equal to what was written
 
     # resumed with the same data: calibration and export are skipped; other data: collected again
@@ -162,6 +163,7 @@ def test_demo_int4_safetensors_by_gptq_loads_in_transformers_and_verifies(traini
             assert model(torch.tensor([[5, 6, 7]])).logits.shape[-1] == model.config.vocab_size
             verdict = result.steps["verify"]["result"]["verdicts"]["safetensors"]
             assert verdict["status"] == "verified" and verdict["precision"] == "int4", verdict
+            assert "quantized: GPTQ, layer output error" in (out / "report.html").read_text(encoding="utf-8")
     assert not torch.equal(packed[("auto", False)], packed[("rtn", False)])
     assert not torch.equal(packed[("auto", False)], packed[("auto", True)])
 
@@ -286,3 +288,40 @@ def test_quantization_keep_modules_keeps_them_in_every_format(training, tmp_path
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(next((export / "gguf").glob("*.gguf"))).tensors}
     assert types["blk.0.ffn_down.weight"] == "F32" and types["token_embd.weight"] == "F32"  # the demo merge is fp32
     assert types["blk.0.ffn_up.weight"] == "Q4_K"
+
+
+def test_quantization_symmetric_decides_zero_points(training, tmp_path):
+    """Unset: symmetric safetensors (vLLM's W4A16), asymmetric ONNX blocks (onnxruntime-genai's choice); set, both
+    follow it. Each artifact still verifies on the int4 bounds; GPTQ (symmetric only) refuses false."""
+    pytest.importorskip("compressed_tensors")
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from safetensors import safe_open
+
+    seen = {}
+    for symmetric in (None, False, True):
+        out = tmp_path / str(symmetric)
+        config = demo_config(
+            training,
+            out,
+            export_formats=["safetensors", "onnx"],
+            calibration_data=None,
+            quantization_symmetric=symmetric,
+            onnx_optimize_graph=False,
+        )
+        result = run(config)
+        assert all(v["status"] == "verified" for v in result.steps["verify"]["result"]["verdicts"].values())
+        export = out / "export"
+        quant = json.loads((export / "safetensors" / "config.json").read_text())["quantization_config"]
+        with safe_open(str(export / "safetensors" / "model.safetensors"), "pt") as f:
+            zero_points = any(k.endswith("weight_zero_point") for k in f.keys())
+        graph = onnx.load(str(export / "onnx" / "model.onnx"), load_external_data=False).graph
+        onnx_zero_points = any(len(n.input) == 4 for n in graph.node if n.op_type == "MatMulNBits")
+        seen[symmetric] = (quant["config_groups"]["group_0"]["weights"]["symmetric"], zero_points, onnx_zero_points)
+    assert seen == {None: (True, False, True), False: (False, True, True), True: (True, False, False)}
+    from model_export.config_validator import validate_config
+
+    problems = validate_config(
+        demo_config(training, tmp_path / "x", export_formats=["safetensors"], quantization_symmetric=False)
+    )
+    assert [p.kind for p in problems] == ["gptq_symmetric"]

@@ -29,6 +29,7 @@ KEY_EFFECTS = {
     "calibration_data": "integration/test_calibrated_gguf.py::test_calibration_samples_and_length_decide_the_tokens_the_imatrix_sees",
     "quantization_method": "integration/test_calibrated_gguf.py::test_demo_int4_safetensors_by_gptq_loads_in_transformers_and_verifies",
     "quantization_keep_modules": "integration/test_calibrated_gguf.py::test_quantization_keep_modules_keeps_them_in_every_format",
+    "quantization_symmetric": "integration/test_calibrated_gguf.py::test_quantization_symmetric_decides_zero_points",
     "quantization_group_size": "integration/test_calibrated_gguf.py::test_quantization_group_size_sets_the_int4_groups",
     "gptq_act_order": "integration/test_calibrated_gguf.py::test_demo_int4_safetensors_by_gptq_loads_in_transformers_and_verifies",
     "calibration_samples": "integration/test_calibrated_gguf.py::test_calibration_samples_and_length_decide_the_tokens_the_imatrix_sees",

@@ -241,8 +241,10 @@ class _Linear:
         accuracy_level: int,
         gptq: Any = None,
         keep: Any = None,
+        symmetric: bool = False,
     ) -> None:
         self.graph, self.weights, self.weight_type = graph, weights, weight_type
+        self.symmetric = symmetric  # blocks without zero points (MatMulNBits then centres on 2**(bits-1))
         self.block_size, self.accuracy_level = block_size, accuracy_level
         self.keep = keep or (lambda tensor: False)  # quantization_keep_modules: float Gemm instead of blocks
         self.gptq = gptq if weight_type == "int4" else None  # GptqLayers: GPTQ's levels instead of rounding
@@ -289,7 +291,7 @@ class _Linear:
 
         def packed_chunks():
             for rows in self.weights.raw_chunks(tensor):
-                packed, scale, zero = quantize_blocks(rows, bits, self.block_size)
+                packed, scale, zero = quantize_blocks(rows, bits, self.block_size, self.symmetric)
                 scales.append(scale)
                 zeros.append(zero)
                 yield packed
@@ -301,7 +303,7 @@ class _Linear:
         z = self.graph.weight(f"{tensor}.zero_points", np.uint8, (n, -(-k_blocks * bits // 8)), zeros)
         return self.graph.op(
             "MatMulNBits",
-            [x, q, s, z],
+            [x, q, s] if self.symmetric else [x, q, s, z],
             name,
             domain="com.microsoft",
             K=k,
@@ -328,9 +330,11 @@ def _gptq_layers(folder: str | Path | None) -> Any:
     return GptqLayers(folder)
 
 
-def quantize_blocks(rows, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Asymmetric round-to-nearest blocks along K of a [N, K] weight (numpy or torch, any float dtype), by
-    onnxruntime's own quantizer kernel.
+def quantize_blocks(
+    rows, bits: int, block_size: int, symmetric: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round-to-nearest blocks along K of a [N, K] weight (numpy or torch, any float dtype), asymmetric (a zero point
+    per block) or symmetric (none: MatMulNBits then centres on 2**(bits-1)), by onnxruntime's own quantizer kernel.
 
     Returns (packed [N, k_blocks, block_size*bits/8] uint8, scales [N, k_blocks] float32, zero points uint8),
     exactly what onnxruntime's MatMulNBitsQuantizer stores for the same weight.
@@ -349,7 +353,7 @@ def quantize_blocks(rows, bits: int, block_size: int) -> tuple[np.ndarray, np.nd
     scales = np.zeros((n, k_blocks), dtype=np.float32)
     zeros = np.zeros((n, -(-k_blocks * bits // 8)), dtype=np.uint8)
     kernel = ort_c.quantize_matmul_4bits if bits == 4 else ort_c.quantize_matmul_8bits
-    kernel(packed, source, scales, zeros, block_size, n, k, False)
+    kernel(packed, source, scales, zeros, block_size, n, k, symmetric)
     return packed, scales, zeros
 
 
@@ -370,6 +374,7 @@ def build_onnx(
     dynamic_axes: dict[str, dict[int, str]] | None = None,
     gptq: str | Path | None = None,
     keep: list[str] | None = None,
+    symmetric: bool = False,
 ) -> BuildResult:
     """Write ``out/model.onnx`` and ``out/model.onnx.data`` from the merged safetensors folder ``merged``.
 
@@ -395,7 +400,16 @@ def build_onnx(
             graph,
             weights,
             spec,
-            _Linear(graph, weights, weight_type, block_size, accuracy_level, _gptq_layers(gptq), _keeper(keep, spec)),
+            _Linear(
+                graph,
+                weights,
+                weight_type,
+                block_size,
+                accuracy_level,
+                _gptq_layers(gptq),
+                _keeper(keep, spec),
+                symmetric,
+            ),
             merged,
             io_dtype,
         )
@@ -595,7 +609,7 @@ def _embedding(graph: _Graph, weights: _Weights, spec: _Spec, linear: _Linear, i
     )
     rows = graph.op(
         "GatherBlockQuantized",
-        [flat, ids, f"{embed}.scales", f"{embed}.zero_points"],
+        [flat, ids, f"{embed}.scales"] + ([] if linear.symmetric else [f"{embed}.zero_points"]),
         "/model/embed_tokens",
         domain="com.microsoft",
         bits=bits,

@@ -69,6 +69,7 @@ def export_onnx(
     tokenizer_dirs: list[Path] | None = None,
     gptq: str | Path | None = None,
     keep: list[str] | None = None,
+    symmetric: bool = False,
 ) -> dict[str, Any]:
     """Export the merged model in ``merged`` to an ONNX folder ``out``; return what was written.
 
@@ -91,7 +92,7 @@ def export_onnx(
     if chosen == "builder":
         from .onnx_builder import build_onnx
 
-        build_onnx(merged, out, **kwargs, gptq=gptq if with_gptq else None, keep=keep)
+        build_onnx(merged, out, **kwargs, gptq=gptq if with_gptq else None, keep=keep, symmetric=symmetric)
     else:
         from .onnx_torch import export_torch
 
@@ -214,6 +215,7 @@ def _export(ctx: ExportContext) -> dict[str, Any]:
         accuracy_level=c.onnx_accuracy_level,
         gptq=ctx.gptq,
         keep=c.quantization_keep_modules,
+        symmetric=bool(c.quantization_symmetric),  # unset: asymmetric blocks, as onnxruntime-genai's builder writes
     )
     return details
 

@@ -32,6 +32,7 @@ def export(ctx: ExportContext) -> dict[str, Any]:
             gptq=ctx.gptq if level == "int4" else None,
             group_size=ctx.config.quantization_group_size,
             keep=ctx.config.quantization_keep_modules,
+            symmetric=ctx.config.quantization_symmetric is not False,  # unset: symmetric, as W4A16/W8A16 serve
         )
     shutil.copytree(ctx.merged, ctx.out, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(".*"))
     return {}

@@ -53,22 +53,22 @@ def _quantized(name: str, shape: tuple[int, ...], keep: list[str] | None = None)
     return name.endswith("_proj.weight") and len(shape) == 2 and ".layers." in name
 
 
-def _scheme(bits: int, group: int):
+def _scheme(bits: int, group: int, symmetric: bool = True):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     if bits == 8:
-        args = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
+        args = QuantizationArgs(num_bits=8, type="int", symmetric=symmetric, strategy="channel")
     else:
-        args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group)
+        args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=group)
     return QuantizationScheme(targets=["Linear"], weights=args)
 
 
-def _compress(weight, bits: int, group: int) -> dict[str, Any]:
-    """compressed-tensors' own quantization and packing of one [out, in] weight."""
+def _compress(weight, bits: int, group: int, symmetric: bool = True) -> dict[str, Any]:
+    """compressed-tensors' own quantization and packing of one [out, in] weight (asymmetric: with zero points)."""
     from compressed_tensors.compressors import PackedQuantizationCompressor
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    scheme = _scheme(bits, group)
+    scheme = _scheme(bits, group, symmetric)
     values = weight.float()
     if bits == 4:
         blocks = values.reshape(values.shape[0], -1, group)
@@ -95,7 +95,11 @@ def _group(sources: list[tuple[str, Any]], requested: int | None, keep: list[str
 
 
 def _plan(
-    sources: list[tuple[str, Any, Path]], bits: int, group_size: int | None = None, keep: list[str] | None = None
+    sources: list[tuple[str, Any, Path]],
+    bits: int,
+    group_size: int | None = None,
+    keep: list[str] | None = None,
+    symmetric: bool = True,
 ) -> tuple[list[PlannedTensor], dict[str, int]]:
     """The output tensors, known from the headers alone: quantized layers become packed, scale and shape."""
     planned, groups = [], {}
@@ -113,6 +117,10 @@ def _plan(
             PlannedTensor(f"{stem}.weight_scale", info.dtype, (shape[0], columns)),
             PlannedTensor(f"{stem}.weight_shape", "I64", (2,)),
         ]
+        if not symmetric:  # zero points, packed along the output dimension as compressed-tensors packs them
+            planned.append(
+                PlannedTensor(f"{stem}.weight_zero_point", "I32", (math.ceil(shape[0] * bits / 32), columns))
+            )
     return planned, groups
 
 
@@ -135,6 +143,7 @@ def export_quantized_safetensors(
     gptq: str | Path | None = None,
     group_size: int | None = None,
     keep: list[str] | None = None,
+    symmetric: bool = True,
 ) -> dict[str, Any]:
     """Write an int8 (``bits=8``) or int4 (``bits=4``) compressed-tensors checkpoint of the merged model: each layer
     rounded to nearest, or, for int4 with ``gptq`` (the folder calibrate_gptq wrote), GPTQ's levels and scales.
@@ -151,7 +160,9 @@ def export_quantized_safetensors(
         for shard in sorted(merged.glob("*.safetensors"))
         for name, info in read_header(shard).tensors.items()
     ]
-    planned, groups = _plan(sources, bits, group_size, keep)
+    if gptq is not None and not symmetric:
+        raise ValueError("GPTQ levels are symmetric")  # validate_config refuses the combination first
+    planned, groups = _plan(sources, bits, group_size, keep, symmetric)
     if any(g == 0 for g in groups.values()) and bits == 4:
         bad = next(n for n, g in groups.items() if g == 0)
         raise ValueError(f"{bad}: the input size is not a multiple of 32")
@@ -186,7 +197,7 @@ def export_quantized_safetensors(
                         compressed = from_gptq(stem)
                     else:
                         weight = torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).view(tuple(info.shape))
-                        compressed = _compress(weight, bits, groups[source])
+                        compressed = _compress(weight, bits, groups[source], symmetric)
                     pending.update({f"{stem}.{k}": v for k, v in compressed.items()})
                     data = pending.pop(tensor.name)
                 _check(tensor, data)
@@ -209,7 +220,7 @@ def export_quantized_safetensors(
     config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
     group = next(iter(groups.values()), 0)
     quant = QuantizationConfig(
-        config_groups={"group_0": _scheme(bits, group)},
+        config_groups={"group_0": _scheme(bits, group, symmetric)},
         format=QUANT_FORMAT,
         quantization_status="compressed",
         ignore=["lm_head", *_kept_layers(sources, keep)],
