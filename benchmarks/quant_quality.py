@@ -101,7 +101,7 @@ def train(model_dir: Path, seconds: float) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         step += 1
     model.save_pretrained(str(model_dir))
     params = sum(p.numel() for p in model.parameters())
@@ -296,6 +296,37 @@ def main() -> None:
             }
         )
         print(json.dumps({"gptq": gptq_stats, "gptq_seconds": round(gptq_s, 2)}), flush=True)
+        from model_export.exporters.onnx_builder import build_onnx
+        from model_export.runtimes.ort import OnnxDecoder
+
+        onnx_gptq = work / "onnx-int4-gptq"
+        build_onnx(model_dir, onnx_gptq, weight_type="int4", gptq=work / "gptq")
+        decoder = OnnxDecoder(onnx_gptq / "model.onnx")
+        got = [decoder.prompt(s)[0] for s in samples]
+        size = sum(p.stat().st_size for p in onnx_gptq.glob("model.onnx*"))
+        rows.append(
+            {
+                "artifact": "ONNX int4 (MatMulNBits, GPTQ groups of 128)",
+                "method": "GPTQ",
+                "bytes": size,
+                **metrics(reference, got, samples),
+                "reconstruction": None,
+            }
+        )
+        kept = work / "onnx-int4-gptq-head"
+        build_onnx(model_dir, kept, weight_type="int4", gptq=work / "gptq", keep=["lm_head"])
+        decoder = OnnxDecoder(kept / "model.onnx")
+        got = [decoder.prompt(s)[0] for s in samples]
+        size = sum(p.stat().st_size for p in kept.glob("model.onnx*"))
+        rows.append(
+            {
+                "artifact": "ONNX int4, GPTQ, tied embedding/head kept fp32 (keep_modules: [lm_head])",
+                "method": "GPTQ",
+                "bytes": size,
+                **metrics(reference, got, samples),
+                "reconstruction": None,
+            }
+        )
     except ImportError as exc:
         print(f"safetensors row not run: {exc}")
     result = {
