@@ -123,13 +123,16 @@ def calibrate_gptq(
     group_size: int,
     act_order: bool = False,
     on_layer: Any = None,
+    imatrix: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """GPTQ on every decoder matrix of the model in ``model_dir``, layer by layer: all ``samples`` run once through the
     layer-streamed model; while a layer runs, hooks sum the outer products of each matrix's inputs (matrices that read
     the same input share one sum); when it has run, each of its matrices is quantized and written, packed as
     compressed-tensors writes int4 (``weight_packed``, ``weight_scale``, ``weight_shape``), to
     ``out_dir/layer-N.safetensors``. One layer's weights and Hessians are in memory at a time. Returns counts and the
-    mean relative output error on the calibration inputs, GPTQ's and round-to-nearest's."""
+    mean relative output error on the calibration inputs, GPTQ's and round-to-nearest's. Given a dict ``imatrix``, the
+    same pass fills it with the importance matrix as collect_imatrix returns it (the diagonal of the Hessian sums,
+    summed as collect_imatrix sums them), so a run that needs both reads the model once."""
     from pathlib import Path
 
     import torch
@@ -148,19 +151,21 @@ def calibrate_gptq(
         for index, layer in enumerate(layers)
     }
     hessians: dict[str, Any] = {}
-    shared: dict[int, tuple[Any, Any]] = {}
+    squares: dict[str, Any] = {}
+    shared: dict[int, tuple[Any, Any, Any]] = {}
     errors: list[tuple[float, float]] = []
 
     def before(name: str):
         def hook(module: Any, args: Any) -> None:
             x = args[0]
             seen = shared.get(id(x))
-            if seen is not None and seen[0] is x:
-                hessians[name] = seen[1]
-                return
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
-            shared[id(x)] = (x, flat.T @ flat)
-            hessians[name] = shared[id(x)][1]
+            if seen is None or seen[0] is not x:
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                square = (flat * flat).sum(dim=0, dtype=torch.float64) if imatrix is not None else None
+                seen = shared[id(x)] = (x, flat.T @ flat, square)
+            hessians[name] = seen[1]
+            if imatrix is not None:
+                squares[name] = seen[2]
 
         return hook
 
@@ -202,6 +207,12 @@ def calibrate_gptq(
         for handle in handles:
             handle.remove()
         model.close()
+    if imatrix is not None:
+        from .exporters.gguf_export import gguf_names
+
+        names = gguf_names(model.config, list(squares))
+        tokens = len(samples) * len(samples[0])
+        imatrix.update({names[n]: (total.to(torch.float32).numpy(), tokens) for n, total in squares.items()})
     return {
         "layers": len(layers),
         "matrices": len(errors),

@@ -447,69 +447,67 @@ def _calibration_unused(c: ExportConfiguration) -> list[str]:
     return [f for f in c.formats if not used.get(f, False)]
 
 
-def _calibrate(state: _Run, calibration: Any) -> dict[str, Any]:
-    """The importance matrix of the merged model on the calibration samples (layer-streamed), as llama.cpp's
-    imatrix.gguf in calibrate/."""
-    from .imatrix import collect_imatrix, write_imatrix
-    from .monitoring import Progress
-
-    folder = state.out / "calibrate"
-    folder.mkdir(exist_ok=True)
-    meter = Progress(i18n.ui("progress_calibrate"), len(calibration.samples))
+def _progress_to(meter: Any) -> Callable[[int, int], None]:
+    """A callback taking (done, total) counts that advances ``meter`` to ``done``."""
     done = [0]
 
     def advance(finished: int, total: int) -> None:
         meter.advance(finished - done[0])
         done[0] = finished
 
-    c = state.config
+    return advance
+
+
+def _calibrate(state: _Run, calibration: Any) -> dict[str, Any]:
+    """What the calibration samples give the export, in one layer-streamed pass of the merged model: GPTQ's levels
+    (calibrate/gptq/) when int4 safetensors or ONNX use them, and the importance matrix as llama.cpp's imatrix.gguf
+    when the GGUF does (GPTQ's pass collects it too, so the model runs once)."""
+    from .exporters.gguf_export import uses_importance
+    from .imatrix import collect_imatrix, write_imatrix
+    from .monitoring import Progress
+
+    c, merged = state.config, state.out / "merge"
+    folder = state.out / "calibrate"
+    folder.mkdir(exist_ok=True)
     result: dict[str, Any] = {
         "data": calibration.path,
         "kind": calibration.kind,
         "samples": len(calibration.samples),
         "tokens": calibration.tokens,
     }
-    from .exporters.gguf_export import uses_importance
-
-    if "gguf" in c.formats and uses_importance(c):
-        try:
-            imatrix = collect_imatrix(state.out / "merge", calibration.samples, on_pass=advance)
-        finally:
-            meter.close()
-        path = write_imatrix(
-            folder / "imatrix.gguf", imatrix, datasets=[calibration.path], chunk_size=len(calibration.samples[0])
-        )
-        result.update(imatrix=str(path), matrices=len(imatrix))
-    else:
-        meter.close()
+    imatrix = {} if "gguf" in c.formats and uses_importance(c) else None
     if _gptq_wanted(c):
         from .exporters.safetensors_quant import int4_group_size
         from .gptq import calibrate_gptq
 
-        merged_config = json.loads((state.out / "merge" / "config.json").read_text(encoding="utf-8"))
-        layers = Progress(i18n.ui("progress_gptq"), merged_config["num_hidden_layers"])
-        seen = [0]
-
-        def layer_done(done: int, total: int) -> None:
-            layers.advance(done - seen[0])
-            seen[0] = done
-
+        layers = json.loads((merged / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"]
+        meter = Progress(i18n.ui("progress_gptq"), layers)
         try:
             result["gptq"] = {
                 "folder": str(folder / "gptq"),
                 **calibrate_gptq(
-                    state.out / "merge",
+                    merged,
                     calibration.samples,
                     folder / "gptq",
-                    group_size=int4_group_size(
-                        state.out / "merge", c.quantization_group_size, c.quantization_keep_modules
-                    ),
+                    group_size=int4_group_size(merged, c.quantization_group_size, c.quantization_keep_modules),
                     act_order=c.gptq_act_order,
-                    on_layer=layer_done,
+                    on_layer=_progress_to(meter),
+                    imatrix=imatrix,
                 ),
             }
         finally:
-            layers.close()
+            meter.close()
+    elif imatrix is not None:
+        meter = Progress(i18n.ui("progress_calibrate"), len(calibration.samples))
+        try:
+            imatrix = collect_imatrix(merged, calibration.samples, on_pass=_progress_to(meter))
+        finally:
+            meter.close()
+    if imatrix is not None:
+        path = write_imatrix(
+            folder / "imatrix.gguf", imatrix, datasets=[calibration.path], chunk_size=len(calibration.samples[0])
+        )
+        result.update(imatrix=str(path), matrices=len(imatrix))
     return result
 
 

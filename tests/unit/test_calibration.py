@@ -152,3 +152,21 @@ def test_imatrix_equals_the_squared_inputs_transformers_computes(tiny_base, tmp_
     importance = read_importance(path)
     sums, count = ours["blk.1.ffn_down.weight"]
     assert np.array_equal(importance["blk.1.ffn_down.weight"], sums / np.float32(count))
+
+
+def test_gptq_pass_collects_the_same_importance_matrix(tiny_base, tmp_path):
+    """A run with both GPTQ and an imatrix GGUF reads the model once: GPTQ's pass fills the imatrix, equal to
+    collect_imatrix's."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("compressed_tensors")
+    from model_export.gptq import calibrate_gptq
+    from model_export.imatrix import collect_imatrix
+
+    samples = [[(5 * i + 11 * j) % 300 + 5 for j in range(32)] for i in range(4)]
+    alone = collect_imatrix(tiny_base, samples)
+    together: dict = {}
+    calibrate_gptq(tiny_base, samples, tmp_path / "gptq", group_size=32, imatrix=together)
+    assert set(together) == set(alone)
+    for name, (sums, count) in alone.items():
+        assert together[name][1] == count
+        np.testing.assert_array_equal(together[name][0], sums)
