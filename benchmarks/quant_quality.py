@@ -194,15 +194,35 @@ def main() -> None:
     imatrix = {n: s / np.float32(c) for n, (s, c) in collect_imatrix(model_dir, calibration.samples).items()}
     imatrix_s = time.time() - t0
     held_importance = {n: s / np.float32(c) for n, (s, c) in collect_imatrix(model_dir, samples).items()}
-    rows = [
-        {
-            "artifact": "fp32 (transformers)",
-            "method": "-",
-            "bytes": (model_dir / "model.safetensors").stat().st_size,
-            **metrics(reference, reference, samples),
-            "reconstruction": 0.0,
-        }
-    ]
+    rows: list[dict] = []
+
+    def row(artifact: str, method: str, measured: tuple[list, int], recon: float | None = None) -> None:
+        """A table row from (logits per held-out sequence, artifact bytes)."""
+        got, size = measured
+        rows.append(
+            {
+                "artifact": artifact,
+                "method": method,
+                "bytes": size,
+                **metrics(reference, got, samples),
+                "reconstruction": recon,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+
+    def in_transformers(folder: Path) -> tuple[list, int]:
+        quantized = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = [quantized(torch.tensor([s])).logits[0].numpy() for s in samples]
+        return got, sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+    def in_onnxruntime(folder: Path) -> tuple[list, int]:
+        from model_export.runtimes.ort import OnnxDecoder
+
+        decoder = OnnxDecoder(folder / "model.onnx")
+        return [decoder.prompt(s)[0] for s in samples], sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+
+    row("fp32 (transformers)", "-", (reference, (model_dir / "model.safetensors").stat().st_size), 0.0)
     variants = [
         ("q8_0", None),
         ("q4_0", None),
@@ -224,109 +244,36 @@ def main() -> None:
         method = (
             "imatrix" if importance else ("round-to-nearest" if gguf_type in ("q8_0", "q4_0") else "K-quant search")
         )
-        rows.append(
-            {
-                "artifact": f"GGUF {gguf_type}",
-                "method": method,
-                "bytes": path.stat().st_size,
-                **metrics(reference, got, samples),
-                "reconstruction": reconstruction(model_dir, path, held_importance),
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
+        row(f"GGUF {gguf_type}", method, (got, path.stat().st_size), reconstruction(model_dir, path, held_importance))
     try:
         from model_export.exporters.onnx_builder import build_onnx
-        from model_export.runtimes.ort import OnnxDecoder
 
-        onnx_dir = work / "onnx-int4"
-        build_onnx(model_dir, onnx_dir, weight_type="int4")
-        decoder = OnnxDecoder(onnx_dir / "model.onnx")
-        got = [decoder.prompt(s)[0] for s in samples]
-        size = sum(p.stat().st_size for p in onnx_dir.glob("model.onnx*"))
-        rows.append(
-            {
-                "artifact": "ONNX int4 (MatMulNBits, block 32)",
-                "method": "round-to-nearest",
-                "bytes": size,
-                **metrics(reference, got, samples),
-                "reconstruction": None,
-            }
-        )
+        build_onnx(model_dir, work / "onnx-int4", weight_type="int4")
+        row("ONNX int4 (MatMulNBits, block 32)", "round-to-nearest", in_onnxruntime(work / "onnx-int4"))
     except ImportError as exc:
         print(f"ONNX row not run: {exc}")
     try:
-        from model_export.exporters.safetensors_quant import export_quantized_safetensors
-
-        st_dir = work / "safetensors-int4"
-        export_quantized_safetensors(model_dir, st_dir, bits=4)
-        quantized = AutoModelForCausalLM.from_pretrained(str(st_dir), dtype=torch.float32).eval()
-        with torch.no_grad():
-            got = [quantized(torch.tensor([s])).logits[0].numpy() for s in samples]
-        size = sum(p.stat().st_size for p in st_dir.glob("*.safetensors"))
-        rows.append(
-            {
-                "artifact": "safetensors int4 (compressed-tensors, group 128)",
-                "method": "round-to-nearest",
-                "bytes": size,
-                **metrics(reference, got, samples),
-                "reconstruction": None,
-            }
-        )
-        from model_export.exporters.safetensors_quant import int4_group_size
+        from model_export.exporters.onnx_builder import build_onnx
+        from model_export.exporters.safetensors_quant import export_quantized_safetensors, int4_group_size
         from model_export.gptq import calibrate_gptq
 
+        export_quantized_safetensors(model_dir, work / "safetensors-int4", bits=4)
+        label = "safetensors int4 (compressed-tensors, group 128)"
+        row(label, "round-to-nearest", in_transformers(work / "safetensors-int4"))
         t0 = time.time()
         gptq_stats = calibrate_gptq(
             model_dir, calibration.samples, work / "gptq", group_size=int4_group_size(model_dir)
         )
         gptq_s = time.time() - t0
-        gptq_dir = work / "safetensors-int4-gptq"
-        export_quantized_safetensors(model_dir, gptq_dir, bits=4, gptq=work / "gptq")
-        quantized = AutoModelForCausalLM.from_pretrained(str(gptq_dir), dtype=torch.float32).eval()
-        with torch.no_grad():
-            got = [quantized(torch.tensor([s])).logits[0].numpy() for s in samples]
-        size = sum(p.stat().st_size for p in gptq_dir.glob("*.safetensors"))
-        rows.append(
-            {
-                "artifact": "safetensors int4 (compressed-tensors, group 128)",
-                "method": "GPTQ",
-                "bytes": size,
-                **metrics(reference, got, samples),
-                "reconstruction": None,
-            }
-        )
         print(json.dumps({"gptq": gptq_stats, "gptq_seconds": round(gptq_s, 2)}), flush=True)
-        from model_export.exporters.onnx_builder import build_onnx
-        from model_export.runtimes.ort import OnnxDecoder
-
-        onnx_gptq = work / "onnx-int4-gptq"
-        build_onnx(model_dir, onnx_gptq, weight_type="int4", gptq=work / "gptq")
-        decoder = OnnxDecoder(onnx_gptq / "model.onnx")
-        got = [decoder.prompt(s)[0] for s in samples]
-        size = sum(p.stat().st_size for p in onnx_gptq.glob("model.onnx*"))
-        rows.append(
-            {
-                "artifact": "ONNX int4 (MatMulNBits, GPTQ groups of 128)",
-                "method": "GPTQ",
-                "bytes": size,
-                **metrics(reference, got, samples),
-                "reconstruction": None,
-            }
-        )
+        export_quantized_safetensors(model_dir, work / "safetensors-int4-gptq", bits=4, gptq=work / "gptq")
+        row(label, "GPTQ", in_transformers(work / "safetensors-int4-gptq"))
+        build_onnx(model_dir, work / "onnx-int4-gptq", weight_type="int4", gptq=work / "gptq")
+        row("ONNX int4 (MatMulNBits, GPTQ groups of 128)", "GPTQ", in_onnxruntime(work / "onnx-int4-gptq"))
         kept = work / "onnx-int4-gptq-head"
         build_onnx(model_dir, kept, weight_type="int4", gptq=work / "gptq", keep=["lm_head"])
-        decoder = OnnxDecoder(kept / "model.onnx")
-        got = [decoder.prompt(s)[0] for s in samples]
-        size = sum(p.stat().st_size for p in kept.glob("model.onnx*"))
-        rows.append(
-            {
-                "artifact": "ONNX int4, GPTQ, tied embedding/head kept fp32 (keep_modules: [lm_head])",
-                "method": "GPTQ",
-                "bytes": size,
-                **metrics(reference, got, samples),
-                "reconstruction": None,
-            }
-        )
+        label = "ONNX int4, GPTQ, tied embedding/head kept fp32 (keep_modules: [lm_head])"
+        row(label, "GPTQ", in_onnxruntime(kept))
     except ImportError as exc:
         print(f"safetensors row not run: {exc}")
     result = {

@@ -15,14 +15,6 @@ gguf = pytest.importorskip("gguf")
 LLAMA = importlib.util.find_spec("llama_cpp") is not None
 
 
-@pytest.fixture(scope="module")
-def training(tmp_path_factory):
-    from model_export.demo.run import shipped_base
-    from model_export.demo.tiny import build_training_run
-
-    return build_training_run(shipped_base(), tmp_path_factory.mktemp("demo") / "qwen3-finetuned")
-
-
 def demo_config(training, out, **settings):
     from importlib import resources
 
@@ -325,3 +317,15 @@ def test_quantization_symmetric_decides_zero_points(training, tmp_path):
         demo_config(training, tmp_path / "x", export_formats=["safetensors"], quantization_symmetric=False)
     )
     assert [p.kind for p in problems] == ["gptq_symmetric"]
+
+
+def test_gptq_and_imatrix_come_from_one_calibration_pass(training, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    out = tmp_path / "out"
+    result = run(demo_config(training, out, export_formats=["safetensors", "gguf"], run_validation_tests=False))
+    calibrate = result.steps["calibrate"]["result"]
+    assert calibrate["gptq"]["matrices"] == calibrate["matrices"] == 14
+    details = result.steps["export"]["result"]["details"]
+    assert details["gguf"]["method"] == "imatrix" and details["safetensors"]["method"] == "gptq"
+    log = (out / "export.log").read_text(encoding="utf-8")
+    assert "GPTQ, layer by layer" in log and "Collecting the importance matrix" not in log  # the model ran once

@@ -16,14 +16,6 @@ pytestmark = pytest.mark.integration
 LLAMA = importlib.util.find_spec("llama_cpp") is not None
 
 
-@pytest.fixture(scope="module")
-def training(tmp_path_factory):
-    from model_export.demo.run import shipped_base
-    from model_export.demo.tiny import build_training_run
-
-    return build_training_run(shipped_base(), tmp_path_factory.mktemp("demo") / "qwen3-finetuned")
-
-
 def cli_sets(training, out):
     """The --set options that point a CLI run at the demo's training run, its base and ``out``."""
     base = config_for(training, out).base_model_name

@@ -19,14 +19,6 @@ from tests.conftest import tree_digest
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def training(tmp_path_factory):
-    from model_export.demo.run import shipped_base
-    from model_export.demo.tiny import build_training_run
-
-    return build_training_run(shipped_base(), tmp_path_factory.mktemp("demo") / "qwen3-finetuned")
-
-
 def config_for(training, out, **overrides):
     from model_export.demo.run import shipped_base
 
