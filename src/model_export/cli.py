@@ -195,8 +195,39 @@ def _run(args: argparse.Namespace) -> int:
     config.log_level = _log_level(args, config.log_level)
     config.log_file = getattr(args, "log_file", config.log_file)
     result = run(config)
+    if hasattr(result, "adapters"):  # a batch: its exit code says whether any adapter or artifact failed
+        _emit(args, result.to_dict(), lambda console: _print_batch(console, result))
+        return 0 if result.passed is not False else 1
     _emit(args, result.to_dict(), lambda console: _print_run(console, "model-export", result.steps, result.report))
     return 0
+
+
+def _print_batch(console: Console, result: Any) -> None:
+    """A batch's summary: one row per adapter (its status, artifacts verified / failed / not run, time), then the
+    banner and where the aggregate report is."""
+    from .report import batch_banner
+
+    table = Table(title="model-export batch")
+    for column in ("adapter", "status", "verified", "failed", "not run", "seconds", "detail"):
+        table.add_column(column, overflow="fold")
+    for line in result.adapters:
+        counts = line.get("counts") or {}
+        table.add_row(
+            Text(line["name"]),
+            Text(line["status"] + (" (skipped)" if line.get("skipped") else ""), style=_BATCH_STYLE[line["status"]]),
+            Text(str(counts.get("verified", 0))),
+            Text(str(counts.get("failed", 0))),
+            Text(str(counts.get("not_run", 0))),
+            Text(f"{line.get('seconds', 0):.1f}"),
+            Text((line.get("error") or {}).get("message", "") or line.get("report") or ""),
+        )
+    console.print(table)
+    kind, text = batch_banner({"counts": result.counts, "passed": result.passed})
+    console.print(Text(text, style={"pass": "green", "partial": "yellow"}.get(kind, "red")))
+    console.print(Text(i18n.ui("run_done", report=result.report)))
+
+
+_BATCH_STYLE = {"done": "green", "failed": "red"}
 
 
 _VERDICT_STYLE = {"verified": "green", "failed": "red", "not_run": "yellow"}

@@ -98,6 +98,33 @@ class ExportConfiguration(BaseModel):
         description="Which checkpoint-N to use: the highest step ('latest') or the Trainer's "
         "best_model_checkpoint from trainer_state.json ('best').",
     )
+    adapters: list[str] | dict[str, str] = Field(
+        default_factory=list,
+        description="Several adapters on one base in one run (a batch): each entry a training run or adapter folder, "
+        "a glob (runs/lr-*) or a sweep folder whose sub-folders are training runs; a mapping {name: path} names "
+        "them. Each run's checkpoint is picked by checkpoint_selection. Output: output_dir/<name>/ per adapter (its "
+        "own run.json and report), batch.json and an aggregate report.html. Empty: checkpoint_path alone (a glob or a "
+        "sweep folder there makes a batch too).",
+    )
+    batch_outputs: Literal["merged", "adapters", "both"] = Field(
+        "merged",
+        description="A batch's artifacts: 'merged' (each adapter merged into export_formats, as a single run), "
+        "'adapters' (the base converted once under output_dir/base/, and per adapter only what loads on it: a PEFT "
+        "folder for vLLM's --lora-modules, and with gguf a LoRA GGUF and an Ollama Modelfile whose ADAPTER line "
+        "points at the base GGUF), or 'both'.",
+    )
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description="Where a batch's adapters run: 'local' (a pool of processes on this machine) or 'ray' (one Ray "
+        "task per adapter, on the cluster at RAY_ADDRESS or a local instance; needs the ray extra and an output_dir "
+        "every node sees).",
+    )
+    max_parallel_adapters: int | None = Field(
+        None,
+        ge=1,
+        description="Most adapters of a batch worked on at once by the local pool; empty: as many as the machine's "
+        "memory and cores allow (the rule is in docs/design.md).",
+    )
     base_model_name: str | None = Field(
         None,
         description="Base model: a local directory or a hub id such as Qwen/Qwen3-4B-Thinking-2507. "
@@ -430,6 +457,14 @@ class ExportConfiguration(BaseModel):
     def _check_group(cls, value: int | None) -> int | None:
         if value is not None and (value < 16 or value & (value - 1)):
             raise ValueError("must be a power of two from 16 (16, 32, 64, 128, ...)")
+        return value
+
+    @field_validator("adapters")
+    @classmethod
+    def _check_adapters(cls, value: list[str] | dict[str, str]) -> list[str] | dict[str, str]:
+        for path in value.values() if isinstance(value, dict) else value:
+            if "\0" in path:
+                raise ValueError("a path cannot contain a NUL character")
         return value
 
     @field_validator("export_formats")

@@ -19,6 +19,7 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {
     "bitsandbytes": ("bitsandbytes", "gpu"),
     "llama_cpp": ("llama-cpp-python", "llamacpp"),
     "tensorrt": ("tensorrt", "tensorrt"),
+    "ray": ("ray", "ray"),
 }
 
 

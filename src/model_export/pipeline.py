@@ -77,6 +77,7 @@ class _Run:
         self.results: dict[str, Any] = {}
         self.monitor = MemoryMonitor(config.memory_monitoring_interval, enabled=config.memory_monitoring)
         self.log_file = str(config.log_file or self.out / "export.log")
+        self.shared: dict[str, Any] = {}
 
     def _save(self) -> None:
         try:
@@ -180,17 +181,30 @@ def sampled_hash(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def run(config: ExportConfiguration) -> RunResult:
-    """Take the checkpoint to verified artifacts, resuming where an earlier run of the same config stopped.
+def run(config: ExportConfiguration) -> Any:
+    """Take the checkpoint to verified artifacts, resuming where an earlier run of the same config stopped: a
+    RunResult. Several adapters (``adapters``, or a glob or sweep folder in checkpoint_path) make a batch (batch.py):
+    a BatchResult, with one run per adapter under output_dir/<name>/.
 
     Raises ConfigError, CheckpointValidationError, BaseModelError, MergeError, ValidationError.
     """
+    from .batch import is_batch, run_batch
+
+    if is_batch(config):
+        return run_batch(config)
+    return run_adapter(config)
+
+
+def run_adapter(config: ExportConfiguration, shared: dict[str, Any] | None = None) -> RunResult:
+    """One adapter's run (``run`` of a single checkpoint). ``shared`` is what a batch made once for all its adapters
+    (prepare_base): the base alone on the held-out text, the base's GGUF, and which artifacts the batch asks for."""
     check_config(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
         setup_logging(config.log_level, config.log_file or out / "export.log")
         state = _Run(config)
+        state.shared = shared or {}
         state.manifest.config = config.model_dump(mode="json")
         with state.monitor:
             try:
@@ -212,6 +226,77 @@ def run(config: ExportConfiguration) -> RunResult:
         verify.get("passed"),
         verify.get("counts", {}),
     )
+
+
+def prepare_base(config: ExportConfiguration, base: str, folder: Path) -> dict[str, Any]:
+    """What a batch makes once for all its adapters, under output_dir/base/ (its own run.json; resumed as a run's
+    steps are): the base alone on the held-out text, which every adapter's layer-streamed reference reuses, and, when
+    the batch asks for the adapters themselves (batch_outputs adapters or both) with gguf, the base's GGUF that each
+    adapter's LoRA GGUF and Modelfile load on. Returns what each adapter's run is given (run_adapter's ``shared``)."""
+    c = config
+    info = inspect_base_model(base)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = _Run(ExportConfiguration(**{**c.model_dump(mode="json"), "output_dir": str(folder), "adapters": []}))
+    state.manifest.config = {"base": str(info.path), "batch_outputs": c.batch_outputs}
+    shared: dict[str, Any] = {"outputs": c.batch_outputs, "base": str(info.path)}
+    if c.batch_outputs != "merged" and "gguf" in c.formats:
+        from .exporters import FORMATS
+
+        result = state.step(
+            "export",
+            [str(info.path), _fingerprint(info.shards), c.quantization_level, FORMATS["gguf"].settings(c)],
+            lambda: _base_gguf(c, info.path, folder / "export"),
+            outputs=lambda result: _files(result.get("folder")),
+        )
+        shared["base_gguf"] = result["path"]
+    if c.run_validation_tests and c.verification_runtime != "transformers":
+        from .verify import base_heldout_logits, heldout_ids
+
+        path = folder / "verify" / "base-heldout.pt"
+
+        def heldout() -> dict[str, Any]:
+            from transformers import AutoTokenizer
+
+            from .verify import _max_positions
+
+            tokenizer = AutoTokenizer.from_pretrained(str(info.path))
+            ids = heldout_ids(tokenizer, min(c.max_sequence_length, _max_positions(info.path)))
+            base_heldout_logits(info.path, ids, save_to=path)
+            return {"path": str(path), "tokens": int(ids.numel())}
+
+        state.step(
+            "verify",
+            [str(info.path), _fingerprint(info.shards), c.max_sequence_length],
+            heldout,
+            outputs=lambda result: [Path(result["path"])] if result.get("path") else [],
+        )
+        shared["base_heldout"] = str(path)
+    return shared
+
+
+def _base_gguf(c: ExportConfiguration, base_dir: Path, export: Path) -> dict[str, Any]:
+    """The base model as a GGUF (the configured quantization, data-free: an importance matrix belongs to one merged
+    model), read back against the base, in export/gguf with base.json naming the base folder."""
+    from .exporters.gguf_export import export_gguf, gguf_type_for, read_back
+
+    target, partial = export / "gguf", export / ".gguf.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    details = export_gguf(
+        base_dir,
+        partial,
+        gguf_type=gguf_type_for(c.quantization_level, base_dir, c.gguf_type),
+        name=base_dir.name,
+        output_type=c.gguf_output_type,
+        token_embedding_type=c.gguf_token_embedding_type,
+        keep=c.quantization_keep_modules,
+    )
+    readback = read_back(details["path"], base_dir)
+    write_atomic(partial / "base.json", strict_json({"base_dir": str(base_dir)}))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
+    details = _relocate(details, str(partial), str(target))
+    return {**details, "folder": str(target), "readback": readback}
 
 
 LOCK_FILE = ".model-export.lock"
@@ -277,22 +362,28 @@ def _steps(state: _Run) -> None:
             "base_dtypes": sorted({t.dtype for t in info.tensors.values()}),
         },
     )
+    outputs = state.shared.get("outputs", "merged")  # a batch may ask for the adapters alone, on its shared base
     resolve_device(c.device_map)  # device_map: cuda without a GPU stops here (ME405), before anything is written
     if "tensorrt" in c.formats:
         from .exporters.tensorrt_export import check_tensorrt
 
         check_tensorrt()  # no tensorrt package or no GPU: ME810 naming what is missing, before anything is written
-    if "merge" not in state.manifest.steps or state.manifest.steps["merge"].status != "done":
+    merged = outputs != "adapters"
+    if merged and ("merge" not in state.manifest.steps or state.manifest.steps["merge"].status != "done"):
         check_disk_space(c, info, state.out)
-    calibration = _calibration_set(c, checkpoint, info.path)  # bad or too-short data stops here, before the merge
-    settings = merge_settings(c)  # the same translation ModelMerger(config).merge() uses
-    key = [settings[k] for k in ("dtype", "max_shard_size", "compress_weights", "remove_training_artifacts")]
-    state.step(
-        "merge",
-        key,
-        lambda: merge(checkpoint, base, state.out / "merge", **settings, validate=False).to_dict(),
-        outputs=lambda result: _files(result.get("output_dir")),
-    )
+    calibration = _calibration_set(c, checkpoint, info.path) if merged else None  # bad data stops before the merge
+    if merged:
+        settings = merge_settings(c)  # the same translation ModelMerger(config).merge() uses
+        key = [settings[k] for k in ("dtype", "max_shard_size", "compress_weights", "remove_training_artifacts")]
+        state.step(
+            "merge",
+            key,
+            lambda: merge(checkpoint, base, state.out / "merge", **settings, validate=False).to_dict(),
+            outputs=lambda result: _files(result.get("output_dir")),
+        )
+    else:
+        for name in ("merge", "calibrate"):
+            state.manifest.steps.pop(name, None)
     imatrix = gptq = None
     if calibration is not None:
         calibrated = state.step(
@@ -303,7 +394,7 @@ def _steps(state: _Run) -> None:
         )
         imatrix = Path(calibrated["imatrix"]) if calibrated.get("imatrix") else None
         gptq = Path(calibrated["gptq"]["folder"]) if calibrated.get("gptq") else None
-    unused = _calibration_unused(c)
+    unused = _calibration_unused(c) if merged else []
     if unused:
         logger.warning(i18n.ui("calibration_unused", path=c.calibration_data, formats=", ".join(unused)))
     from .exporters import FORMATS
@@ -319,10 +410,11 @@ def _steps(state: _Run) -> None:
         c.quantization_method,
     ]
     export_settings += [[fmt, *FORMATS[fmt].settings(c)] for fmt in c.formats]
+    export_settings += [outputs, state.shared.get("base_gguf")]
     state.step(
         "export",
         export_settings,
-        lambda: _export(state, checkpoint, base, imatrix, gptq),
+        lambda: _export(state, checkpoint, base, imatrix, gptq, merged=merged),
         outputs=lambda result: [f for path in result.get("artifacts", {}).values() for f in _files(path)],
     )
     if c.run_validation_tests:
@@ -512,30 +604,76 @@ def _calibrate(state: _Run, calibration: Any) -> dict[str, Any]:
 
 
 def _export(
-    state: _Run, checkpoint: Path, base: str, imatrix: Path | None = None, gptq: Path | None = None
+    state: _Run,
+    checkpoint: Path,
+    base: str,
+    imatrix: Path | None = None,
+    gptq: Path | None = None,
+    *,
+    merged: bool = True,
 ) -> dict[str, Any]:
     """One folder per format under export/, each written by its format's exporter (exporters.FORMATS) into a hidden
-    partial folder that is renamed when complete."""
+    partial folder that is renamed when complete; in a batch that asks for the adapters themselves, also (or only)
+    what loads on the shared base: export/peft and, with the base's GGUF, export/gguf-lora."""
     from .exporters import FORMATS, WEIGHT_SUFFIXES, ExportContext
 
     c, export = state.config, state.out / "export"
     artifacts, details = {}, {}
-    for fmt in c.formats:
+    writers: list[tuple[str, Callable[[Path], dict[str, Any]]]] = []
+    if merged:
+        for fmt in c.formats:
+            context = lambda partial, fmt=fmt: ExportContext(  # noqa: E731
+                state.out / "merge", partial, c, checkpoint, base, imatrix, gptq
+            )
+            writers.append((fmt, lambda partial, fmt=fmt, context=context: FORMATS[fmt].export(context(partial))))
+    if state.shared.get("outputs") in ("adapters", "both"):
+        writers.append(("peft", lambda partial: _peft_folder(checkpoint, partial)))
+        if state.shared.get("base_gguf"):
+            gguf = Path(state.shared["base_gguf"])
+            writers.append(("gguf-lora", lambda partial: _gguf_lora(checkpoint, gguf, partial)))
+    for fmt, write in writers:
         target = export / fmt
         partial = export / f".{fmt}.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        context = ExportContext(state.out / "merge", partial, c, checkpoint, base, imatrix, gptq)
-        details[fmt] = FORMATS[fmt].export(context)
+        details[fmt] = write(partial)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(partial, target)
         artifacts[fmt] = str(target)
         # The exporter named files under the partial folder, which is now the target.
         details[fmt] = {"path": str(target), **_relocate(details[fmt], str(partial), str(target))}
     # A folder's size is that of one deployable artifact: a second copy (ONNX's optimized graph) has its own row.
-    sizes = {fmt: _size(Path(p), skip=FORMATS[fmt].second_copy) for fmt, p in artifacts.items()}
+    skip = {fmt: FORMATS[fmt].second_copy if fmt in FORMATS else None for fmt in artifacts}
+    sizes = {fmt: _size(Path(p), skip=skip[fmt]) for fmt, p in artifacts.items()}
     # The weights alone, to compare with the base's weights (tokenizer and config files are not worth a warning).
-    weights = {fmt: _size(Path(p), skip=FORMATS[fmt].second_copy, only=WEIGHT_SUFFIXES) for fmt, p in artifacts.items()}
+    weights = {fmt: _size(Path(p), skip=skip[fmt], only=WEIGHT_SUFFIXES) for fmt, p in artifacts.items()}
     return {"artifacts": artifacts, "sizes": sizes, "weight_sizes": weights, "details": details}
+
+
+ADAPTER_ARTIFACTS = ("peft", "gguf-lora")  # a batch's per-adapter files, loaded on its shared base
+
+
+def _peft_folder(checkpoint: Path, out: Path) -> dict[str, Any]:
+    """The adapter as PEFT saved it (adapter_config.json and its weights, nothing of the training state), for vLLM's
+    --lora-modules NAME=PATH or PEFT's PeftModel.from_pretrained on the base."""
+    files = [checkpoint / "adapter_config.json", weights_file(checkpoint)]
+    out.mkdir(parents=True)
+    for source in files:
+        shutil.copyfile(source, out / source.name)  # copies the bytes: a symlinked input never becomes a link here
+    return {"files": [str(out / f.name) for f in files]}
+
+
+def _gguf_lora(checkpoint: Path, base_gguf: Path, out: Path) -> dict[str, Any]:
+    """The adapter as a LoRA GGUF and an Ollama Modelfile whose FROM is the batch's base GGUF (relative, so the
+    output folder can move as a whole) and whose ADAPTER is the LoRA."""
+    from .base_model import resolve_base_model
+    from .exporters.gguf_export import export_gguf_lora, write_modelfile
+
+    base_dir = Path(json.loads((base_gguf.parent / "base.json").read_text(encoding="utf-8"))["base_dir"])
+    lora = export_gguf_lora(checkpoint, resolve_base_model(str(base_dir)), out)
+    # the folder's final place is export/gguf-lora, a sibling of this partial folder
+    relative = os.path.relpath(base_gguf, out.parent / "gguf-lora")
+    write_modelfile(out, relative, base_dir, adapter=Path(lora["path"]).name)
+    return {**lora, "base_gguf": str(base_gguf), "modelfile": str(out / "Modelfile")}
 
 
 def _relocate(data: Any, old: str, new: str) -> Any:
@@ -564,11 +702,22 @@ def _size(path: Path, skip: str | None = None, only: tuple[str, ...] | None = No
 
 
 def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
-    from .verify import Bounds, RunOptions, compute_reference, precision_of, verifiable, verify_artifact, verify_gguf
+    from .verify import (
+        Bounds,
+        RunOptions,
+        compute_reference,
+        precision_of,
+        verifiable,
+        verify_artifact,
+        verify_gguf,
+        verify_gguf_lora,
+        verify_peft_folder,
+    )
 
     c = state.config
     options = RunOptions.from_config(c)
     tokenizer_dir = tokenizer_source([checkpoint, checkpoint.parent, base_dir]) or base_dir
+    shared_logits = state.shared.get("base_heldout")
     reference = compute_reference(
         base_dir,
         checkpoint,
@@ -578,6 +727,7 @@ def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
         load_in_4bit=c.base_model_load_in_4bit,
         load_in_8bit=c.base_model_load_in_8bit,
         options=options,
+        base_heldout=Path(shared_logits) if shared_logits else None,
     )
     verify_dir = state.out / "verify"
     verify_dir.mkdir(exist_ok=True)
@@ -596,14 +746,29 @@ def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
             verify_dir / "reference.pt",
         )
     # Every artifact was written from the merge: its weights went through the merge's dtype (bf16 for a bf16 base).
-    floor = precision_of(state.out / "merge")
+    floor = precision_of(state.out / "merge") if (state.out / "merge").is_dir() else precision_of(base_dir)
     bounds, where = (
         Bounds.from_config(c),
         {"device": reference.device, "precision": reference.precision, "merge": floor},
     )
     verdicts, failures = {}, []
-    for label, path in verifiable(state.results["export"]["artifacts"]):
-        if label == "gguf":
+    artifacts = state.results["export"]["artifacts"]
+    runnable = verifiable({f: p for f, p in artifacts.items() if f not in ADAPTER_ARTIFACTS})
+    runnable += [(f, Path(artifacts[f])) for f in ADAPTER_ARTIFACTS if f in artifacts]
+    for label, path in runnable:
+        if label == "peft":
+            verdict = verify_peft_folder(path, checkpoint)
+        elif label == "gguf-lora":
+            verdict = verify_gguf_lora(
+                path / "adapter-lora-f32.gguf",
+                checkpoint,
+                base_dir,
+                reference,
+                bounds,
+                new_tokens=c.validation_new_tokens,
+                options=options,
+            )
+        elif label == "gguf":
             imatrix = state.results["export"]["details"].get("gguf", {}).get("imatrix")
             verdict = verify_gguf(
                 path,

@@ -8,6 +8,7 @@ can be mailed or opened offline.
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from .manifest import RunManifest, strict_json
 from .monitoring import human_bytes
 from .verify import reference_line
 
-__all__ = ["write_report", "summary_rows", "verdict_summary"]
+__all__ = ["write_report", "summary_rows", "verdict_summary", "write_batch_report"]
 
 _CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:980px;color:#1d2330}
 h1{font-size:22px}h2{font-size:17px;margin-top:2em}table{border-collapse:collapse;width:100%}
@@ -337,3 +338,98 @@ def rerender_report(run_dir: Path, benchmark_results: list[dict[str, Any]]) -> s
     manifest = RunManifest.load(run_dir)
     results = {**manifest.results(), "benchmark": {"results": benchmark_results}}
     return write_report(run_dir, {"steps": manifest.steps_dict()}, results, [])["html"]
+
+
+def batch_banner(data: dict[str, Any]) -> tuple[str, str]:
+    counts = data["counts"]
+    if counts["failed"] or counts["artifacts_failed"]:
+        return "fail", i18n.ui("batch_report_fail", **counts)
+    if data["passed"]:
+        return "pass", i18n.ui("batch_report_pass", **counts)
+    return "partial", i18n.ui("batch_report_partial", **counts)
+
+
+def _adapter_cell(row: dict[str, Any]) -> str:
+    """One adapter's artifacts: format, size, verdict and its quality figures, one line each."""
+    lines = []
+    for a in row.get("artifacts", []):
+        status = a.get("status") or "not_run"
+        figures = [
+            f"max|Δ| {_number(a.get('max_abs_diff'), '.3g')}" if a.get("max_abs_diff") is not None else "",
+            f"KL {_number(a.get('mean_kl'), '.3g')}" if a.get("mean_kl") is not None else "",
+            f"top-1 {_number(a.get('top1'), '.3f')}" if a.get("top1") is not None else "",
+            f"ppl {_number(a.get('perplexity'), '.3f')}" if a.get("perplexity") is not None else "",
+        ]
+        note = a.get("reason") or ""
+        verdict = html.escape(i18n.ui(STATUS_TEXT.get(status, "status_not_run")))
+        lines.append(
+            f"<b>{html.escape(str(a.get('format')))}</b> {human_bytes(a.get('bytes') or 0)} "
+            f'<b class="{_STATUS_CLASS.get(status, "warn")}">{verdict}</b> '
+            f'<span class="muted">{html.escape(" · ".join(f for f in figures if f) or note)}</span>'
+        )
+    return "<br>".join(lines)
+
+
+def write_batch_report(out: Path, data: dict[str, Any]) -> str:
+    """output_dir/report.html of a batch: one row per adapter (its verdicts, sizes, quality figures and time, a link to
+    its own report, or why it failed), the base work done once, the executor and how to serve the adapters."""
+    kind, text = batch_banner(data)
+    rows = []
+    for row in data["adapters"]:
+        link = html.escape(row["name"])
+        if row.get("report"):
+            link = f'<a href="{html.escape(row["name"])}/report.html">{link}</a>'
+        status = row["status"]
+        error = row.get("error") or {}
+        cell = _adapter_cell(row)
+        if error:
+            cell += f'<br><b class="bad">{html.escape(error.get("code", ""))}</b> '
+            cell += html.escape(error.get("message", ""))
+            cell += f'<br><span class="muted">{html.escape(error.get("hint", ""))}</span>'
+        skipped = ""
+        if row.get("skipped"):
+            skipped = f' <span class="muted">({html.escape(i18n.ui("batch_report_skipped"))})</span>'
+        rows.append(
+            f"<tr><td><b>{link}</b><br><code>{html.escape(row['path'])}</code></td>"
+            f'<td><b class="{"ok" if status == "done" else "bad"}">{html.escape(status)}</b>{skipped}</td>'
+            f'<td>{cell}</td><td>{_number(row.get("seconds"), ".1f")} s<br><span class="muted">'
+            f"{html.escape(str(row.get('host') or ''))}</span></td></tr>"
+        )
+    shared = data.get("shared", {})
+    base_items = [f"<li>{html.escape(i18n.ui('batch_report_base', base=data['base']))}</li>"]
+    if shared.get("base_heldout"):
+        base_items.append(f"<li><code>{html.escape(shared['base_heldout'])}</code></li>")
+    if shared.get("base_gguf"):
+        base_items.append(f"<li><code>{html.escape(shared['base_gguf'])}</code></li>")
+    serve = _serving(out, data)
+    executor = data.get("executor", {})
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>model-export batch report</title>
+<style>{_CSS}</style></head><body><h1>model-export batch report</h1>
+<p class="banner {kind}">{html.escape(text)}</p>
+<table><tr><th>{html.escape(i18n.ui("batch_report_adapter"))}</th><th>{html.escape(i18n.ui("batch_report_status"))}</th>
+<th>{html.escape(i18n.ui("batch_report_artifacts"))}</th><th>{html.escape(i18n.ui("batch_report_time"))}</th></tr>
+{"".join(rows)}</table>
+<h2>{html.escape(i18n.ui("batch_report_shared"))}</h2><ul>{"".join(base_items)}</ul>
+<h2>{html.escape(i18n.ui("batch_report_executor"))}</h2><p><code>{html.escape(json.dumps(executor, default=str))}</code>
+<br>{html.escape(i18n.ui("batch_report_seconds", seconds=data.get("seconds", 0)))}</p>
+{serve}</body></html>"""
+    write_atomic(out / "report.html", page)
+    return str(out / "report.html")
+
+
+def _serving(out: Path, data: dict[str, Any]) -> str:
+    """How to serve what the batch wrote: vLLM with every PEFT folder, Ollama with every Modelfile."""
+    done = [r for r in data["adapters"] if r["status"] == "done"]
+    peft = [(r["name"], out / r["name"] / "export" / "peft") for r in done]
+    peft = [(n, p) for n, p in peft if p.is_dir()]
+    modelfiles = [(r["name"], out / r["name"] / "export" / "gguf-lora" / "Modelfile") for r in done]
+    modelfiles = [(n, p) for n, p in modelfiles if p.is_file()]
+    if not peft and not modelfiles:
+        return ""
+    lines = []
+    if peft:
+        modules = " ".join(f"{n}={p.resolve()}" for n, p in peft)
+        lines.append(f"vllm serve {data['base']} --enable-lora --max-lora-rank 64 --lora-modules {modules}")
+    lines += [f"ollama create {n} -f {p.resolve()}" for n, p in modelfiles]
+    body = "".join(f"<pre><code>{html.escape(line)}</code></pre>" for line in lines)
+    return f"<h2>{html.escape(i18n.ui('batch_report_serve'))}</h2>{body}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -240,8 +241,12 @@ def compute_reference(
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
     options: RunOptions = RunOptions(),
+    base_heldout: Path | None = None,
 ) -> Reference:
     """Logits and greedy tokens of base + adapter through PEFT, unmerged, in fp32; the model is released after.
+
+    ``base_heldout`` is a file of base_heldout_logits (a batch makes it once for all its adapters): the base alone on
+    the held-out text, reused by the layer-streamed reference when its token ids are this tokenizer's.
 
     ``options.device_map`` places it (cpu, cuda, auto: the GPU when there is one, the CPU after a CUDA out-of-memory);
     ``load_in_4bit`` / ``load_in_8bit`` load the base through bitsandbytes on the GPU (then the reference itself is
@@ -259,10 +264,7 @@ def compute_reference(
     limit = min(options.max_length, _max_positions(base_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     encoded = [fit_length(_encode(tokenizer, p), new_tokens, limit, repr(p[:40])) for p in prompts]
-    heldout_ids = torch.tensor(
-        tokenizer(heldout_text(), add_special_tokens=False)["input_ids"][:HELDOUT_TOKENS], dtype=torch.long
-    )
-    heldout = fit_length(heldout_ids, 0, limit, "held-out text")
+    heldout = heldout_ids(tokenizer, limit)
 
     def work(device: str) -> Reference:
         bits = 4 if load_in_4bit else 8 if load_in_8bit else None
@@ -292,7 +294,9 @@ def compute_reference(
     refused, reference = _not_streamed(options, base_dir, checkpoint, load_in_4bit or load_in_8bit), None
     if refused is None:
         try:
-            reference = _streamed_reference(base_dir, checkpoint, prompts, encoded, heldout, new_tokens, options)
+            reference = _streamed_reference(
+                base_dir, checkpoint, prompts, encoded, heldout, new_tokens, options, base_heldout
+            )
         except MergeError as exc:  # an adapter feature the plan (the merge's, and so the streamed pass's) refuses
             refused = str(exc)
     if reference is None:
@@ -326,6 +330,7 @@ def _streamed_reference(
     heldout: Any,
     new_tokens: int,
     options: RunOptions,
+    base_heldout: Path | None = None,
 ) -> Reference:
     """The reference through the layer-streamed pass on the CPU (streamed.py), which agrees with PEFT's unmerged model
     to fp32 rounding, one decoder layer in memory at a time."""
@@ -340,12 +345,54 @@ def _streamed_reference(
         results = run_streamed(model, inputs, options.batch_size, label=i18n.ui("label_reference"))
     finally:
         model.close()
-    base = StreamedModel(base_dir)  # the base alone on the held-out text: what the adapter changed
+    base_logits = _shared_base_logits(base_heldout, heldout)
+    if base_logits is None:
+        base_logits = base_heldout_logits(base_dir, heldout)
+    return _reference(prompts, encoded, results, heldout, base_logits, "cpu", "full")
+
+
+def heldout_ids(tokenizer: Any, limit: int) -> Any:
+    """The bundled held-out text as the reference tokenizes it, cut to ``limit`` positions."""
+    import torch
+
+    ids = torch.tensor(
+        tokenizer(heldout_text(), add_special_tokens=False)["input_ids"][:HELDOUT_TOKENS], dtype=torch.long
+    )
+    return fit_length(ids, 0, limit, "held-out text")
+
+
+def base_heldout_logits(base_dir: Path, heldout: Any, save_to: Path | None = None) -> Any:
+    """The base alone on the held-out text (what an adapter changed is measured against it), layer-streamed; saved
+    with its token ids to ``save_to`` when given (a batch's base/, for every adapter's reference)."""
+    from .runtimes.streamed import run_streamed
+    from .streamed import StreamedModel
+
+    base = StreamedModel(base_dir)
     try:
-        base_logits = run_streamed(base, [(heldout, 0)], label=i18n.ui("label_base"))[0][0]
+        logits = run_streamed(base, [(heldout, 0)], label=i18n.ui("label_base"))[0][0]
     finally:
         base.close()
-    return _reference(prompts, encoded, results, heldout, base_logits, "cpu", "full")
+    if save_to is not None:
+        import torch
+
+        save_to.parent.mkdir(parents=True, exist_ok=True)
+        partial = save_to.with_name(save_to.name + ".partial")
+        torch.save({"ids": heldout, "logits": logits}, partial)
+        os.replace(partial, save_to)
+    return logits
+
+
+def _shared_base_logits(path: Path | None, heldout: Any) -> Any:
+    """The batch's base logits on the held-out text when they were made from these very token ids, else None."""
+    if path is None or not Path(path).is_file():
+        return None
+    import torch
+
+    saved = torch.load(path, weights_only=True)
+    if saved["ids"].shape != heldout.shape or not torch.equal(saved["ids"], heldout):
+        return None
+    logger.info(i18n.ui("base_logits_shared", path=path))
+    return saved["logits"]
 
 
 def _reference(
@@ -672,3 +719,69 @@ def verifiable(artifacts: dict[str, str]) -> list[tuple[str, Path]]:
     from .exporters import FORMATS
 
     return [item for fmt, path in artifacts.items() for item in FORMATS[fmt].runnables(Path(path))]
+
+
+def verify_peft_folder(folder: Path, checkpoint: Path) -> ArtifactVerdict:
+    """A batch's PEFT folder (for vLLM's --lora-modules): PEFT reads its config, and its files are byte for byte the
+    adapter the reference ran (sha256), so loaded on the base it gives the reference's outputs."""
+    from peft import PeftConfig
+
+    from .adapter_format import weights_file
+    from .tensor_io import file_sha256
+
+    pairs = [(folder / "adapter_config.json", checkpoint / "adapter_config.json")]
+    pairs.append((folder / weights_file(checkpoint).name, weights_file(checkpoint)))
+    rule = i18n.ui("peft_rule", files=len(pairs))
+    try:
+        PeftConfig.from_pretrained(str(folder))
+        differ = [str(ours) for ours, theirs in pairs if file_sha256(ours) != file_sha256(theirs)]
+    except Exception as exc:  # noqa: BLE001 - any reason PEFT cannot read it fails the artifact
+        differ, error = [str(folder)], f"{type(exc).__name__}: {exc}"
+    else:
+        error = None
+    if differ:
+        error = error or i18n.ui("peft_differs", files=", ".join(differ))
+        verdict = ArtifactVerdict(str(folder), "full", "failed", rule, error=str(error), runtime="PEFT (files)")
+        verdict.failure = ValidationError("inference_failed", artifact=str(folder), error=str(error))
+        return verdict
+    return ArtifactVerdict(str(folder), "full", "verified", str(rule), runtime="PEFT (files)")
+
+
+def verify_gguf_lora(
+    artifact: Path,
+    checkpoint: Path,
+    base_dir: Path,
+    reference: Reference,
+    bounds: Bounds = Bounds(),
+    *,
+    new_tokens: int,
+    options: RunOptions = RunOptions(),
+) -> ArtifactVerdict:
+    """A LoRA GGUF with its Modelfile: read back against the adapter (every A and scaled B), then run in llama.cpp on
+    the base GGUF the Modelfile names, as Ollama would load the pair, and judged like any artifact against the
+    reference (where llama-cpp-python is installed; else not run, never a pass)."""
+    from . import extras
+    from .errors import ExportError
+    from .exporters.gguf_export import read_back_lora
+
+    try:
+        readback = read_back_lora(artifact, checkpoint, base_dir)
+        precision = precision_of(artifact)  # the base GGUF's (the Modelfile is checked here too)
+    except ExportError as exc:
+        verdict = ArtifactVerdict(str(artifact), "full", "failed", "read back", error=str(exc))
+        verdict.failure = ValidationError("inference_failed", artifact=str(artifact), error=str(exc))
+        return verdict
+    if extras.is_available("llama_cpp"):
+        verdict = verify_artifact(
+            artifact, reference, bounds, new_tokens=new_tokens, raise_on_failure=False, floor=precision, options=options
+        )
+        verdict.rule = f"read back ({readback['tensors']} LoRA tensors), llama.cpp on the base GGUF: {verdict.rule}"
+    else:
+        verdict = not_run(
+            artifact,
+            precision,
+            i18n.ui("reason_no_llama_cpp"),
+            rule=f"read back ({readback['tensors']} LoRA tensors equal to the adapter's)",
+        )
+    verdict.readback = readback
+    return verdict

@@ -159,6 +159,7 @@ def build_training_run(
     save_steps: int = 10,
     seed: int = 0,
     base_name: str | None = None,
+    learning_rate: float = 5e-3,
 ) -> Path:
     """Fine-tune a LoRA on the bundled corpus with transformers' Trainer and PEFT, leaving checkpoint-N folders."""
     import torch
@@ -179,7 +180,7 @@ def build_training_run(
         eval_steps=save_steps,
         per_device_train_batch_size=4,
         per_device_eval_batch_size=4,
-        learning_rate=5e-3,
+        learning_rate=learning_rate,
         logging_steps=save_steps,
         metric_for_best_model="eval_loss",
         greater_is_better=False,

@@ -570,8 +570,9 @@ _CHATML = '''TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}
 '''
 
 
-def write_modelfile(out: Path, gguf_name: str, merged: Path) -> Path | None:
-    """An Ollama Modelfile: FROM the GGUF, the ChatML template for chat templates that use it, and stop tokens."""
+def write_modelfile(out: Path, gguf_name: str, merged: Path, adapter: str | None = None) -> Path | None:
+    """An Ollama Modelfile: FROM the GGUF (a file name in ``out``, or a path relative to it), ADAPTER a LoRA GGUF in
+    ``out`` when given, the ChatML template for chat templates that use it, and stop tokens."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged))
@@ -582,7 +583,9 @@ def write_modelfile(out: Path, gguf_name: str, merged: Path) -> Path | None:
     if tokenizer.eos_token and tokenizer.eos_token not in stops:
         stops.append(tokenizer.eos_token)
     template = getattr(tokenizer, "chat_template", None) or ""
-    lines = [f"FROM ./{gguf_name}\n"]
+    lines = [f"FROM {gguf_name if '/' in gguf_name else './' + gguf_name}\n"]
+    if adapter:
+        lines.append(f"ADAPTER ./{adapter}\n")
     if "<|im_start|>" in template:
         lines.append(_CHATML)
         if "<|im_end|>" not in stops:

@@ -88,6 +88,9 @@ def precision_of(artifact: str | Path) -> str:
     if name == "llama.cpp":
         import gguf
 
+        from .llamacpp import gguf_pair
+
+        artifact = gguf_pair(artifact)[0]  # a LoRA adapter runs on its base GGUF: the base's types bound it
         types = {t.tensor_type.name for t in gguf.GGUFReader(str(artifact)).tensors}
         if types == {"F32"}:
             return "full"

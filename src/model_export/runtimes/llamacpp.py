@@ -9,7 +9,33 @@ from typing import Any
 
 from .base import Runtime
 
-__all__ = ["LlamaCppRuntime", "llama_cpp_run"]
+__all__ = ["LlamaCppRuntime", "llama_cpp_run", "gguf_pair"]
+
+
+def gguf_pair(artifact: Path) -> tuple[Path, Path | None]:
+    """(model, LoRA adapter or None) for a GGUF: a model file stands alone; a LoRA adapter GGUF (general.type adapter)
+    runs on the base its folder's Ollama Modelfile names (FROM, relative to the Modelfile, and ADAPTER naming this
+    file), as Ollama reads it. Raises ExportFormatError when the Modelfile is missing or does not name them."""
+    import gguf
+
+    from ..errors import ExportFormatError
+
+    artifact = Path(artifact)
+    field = gguf.GGUFReader(str(artifact)).get_field("general.type")
+    if field is None or field.contents() != "adapter":
+        return artifact, None
+    modelfile = artifact.parent / "Modelfile"
+    lines = modelfile.read_text(encoding="utf-8").splitlines() if modelfile.is_file() else []
+    named = dict(line.split(None, 1) for line in lines if line.startswith(("FROM ", "ADAPTER ")))
+    base = (artifact.parent / named["FROM"].strip()).resolve() if "FROM" in named else None
+    adapter = (artifact.parent / named["ADAPTER"].strip()).resolve() if "ADAPTER" in named else None
+    if base is None or not base.is_file() or adapter != artifact.resolve():
+        raise ExportFormatError(
+            "gguf_readback_failed",
+            path=str(modelfile),
+            detail=f"its FROM must name an existing base GGUF and its ADAPTER {artifact.name}",
+        )
+    return base, artifact
 
 
 def llama_cpp_run(artifact: Path, tokens: list[int], new_tokens: int) -> tuple[Any, list[int]]:
@@ -29,8 +55,10 @@ def _verifier(artifact: Path, longest: int) -> Any:
     file's pages stayed resident beside the repacked copy (twice the file in RSS)."""
     from llama_cpp import Llama
 
+    model, lora = gguf_pair(artifact)
     return Llama(
-        model_path=str(artifact),
+        model_path=str(model),
+        lora_path=str(lora) if lora else None,
         n_ctx=longest + 8,
         logits_all=True,
         verbose=False,
@@ -89,7 +117,14 @@ class LlamaCppRuntime(Runtime):
         if self._llm is None:
             from llama_cpp import Llama
 
-            self._llm = Llama(model_path=str(self.path), n_ctx=2048, verbose=False, n_threads=os.cpu_count() or 1)
+            model, lora = gguf_pair(self.path)
+            self._llm = Llama(
+                model_path=str(model),
+                lora_path=str(lora) if lora else None,
+                n_ctx=2048,
+                verbose=False,
+                n_threads=os.cpu_count() or 1,
+            )
         return self._llm
 
     def tokenize(self, prompt: str) -> list[int]:

@@ -1,0 +1,485 @@
+"""Many adapters on one base in one run (a batch): find and name them, do the base's work once, run each adapter's own
+pipeline in a pool of processes or as Ray tasks, and collect one manifest and one report.
+
+    output_dir/
+      batch.json     the batch: executor and its width, the shared base work, and per adapter its path, status, key,
+                     seconds, verdict counts or error
+      report.html    one row per adapter (verdicts, sizes, quality, time), each linking to the adapter's own report
+      base/          what does not depend on an adapter, made once: the base alone on the held-out text (every
+                     adapter's reference reuses it) and, with batch_outputs adapters/both and gguf, the base's GGUF
+      <name>/        each adapter's own run, exactly as a single run writes it (run.json, export/, verify/, report.html)
+
+A batch is what ``run(config)`` does when ``adapters`` is set, or ``checkpoint_path`` is a glob or a sweep folder (a
+folder whose sub-folders are training runs). Each adapter's run resumes step by step as a single run does; an adapter
+recorded done with the same key is not started again; one adapter's failure is recorded and the others go on.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import secrets
+import socket
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import i18n
+from .config import OUTPUT_FILES, OUTPUT_STEPS, ExportConfiguration
+from .errors import CheckpointValidationError, ConfigError, ExportError, ResourceError, explain
+from .hf_layout import write_atomic
+from .manifest import strict_json
+from .monitoring import human_bytes, logger
+
+__all__ = ["Adapter", "BatchResult", "find_adapters", "is_batch", "pool_width", "run_batch", "BATCH_MANIFEST"]
+
+BATCH_MANIFEST = "batch.json"
+BASE_DIR = "base"
+TOKEN_FILE = ".batch-token"  # written by the driver, read by every task: proves the task sees the same output_dir
+RESERVED = {BASE_DIR, *OUTPUT_STEPS, *OUTPUT_FILES, BATCH_MANIFEST, TOKEN_FILE}
+_GLOB = re.compile(r"[*?\[]")
+_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+GIB = 2**30
+
+
+@dataclass
+class Adapter:
+    name: str
+    path: str  # a training run folder (checkpoint-N inside) or an adapter folder
+    source: str  # the configuration entry it came from
+
+
+@dataclass
+class BatchResult:
+    output_dir: str
+    adapters: list[dict[str, Any]]
+    report: str | None = None
+    passed: bool | None = None  # True: every adapter's every artifact verified; False: one failed; None: some not run
+    counts: dict[str, int] = field(default_factory=dict)  # adapters done, failed; artifacts verified, failed, not_run
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "output_dir": self.output_dir,
+            "batch": True,
+            "adapters": self.adapters,
+            "report": self.report,
+            "passed": self.passed,
+            "counts": self.counts,
+        }
+
+
+# --- which adapters ------------------------------------------------------------------------------------------------
+
+
+def _holds_adapter(path: Path) -> bool:
+    """A training run (checkpoint-N folders) or an adapter folder."""
+    return (path / "adapter_config.json").is_file() or any(p.is_dir() for p in path.glob("checkpoint-*"))
+
+
+def is_batch(config: ExportConfiguration) -> bool:
+    """Several adapters: ``adapters`` set, or checkpoint_path a glob or a sweep folder (sub-folders that are runs)."""
+    if config.adapters:
+        return True
+    path = Path(os.path.expanduser(config.checkpoint_path))
+    if _GLOB.search(config.checkpoint_path) and not path.exists():
+        return True
+    return path.is_dir() and not _holds_adapter(path) and any(_holds_adapter(p) for p in _subfolders(path))
+
+
+def _subfolders(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _expand(entry: str) -> list[Path]:
+    """The adapter folders of one entry: a glob's matches, a sweep folder's runs, or the folder itself."""
+    raw = os.path.expanduser(entry)
+    if _GLOB.search(entry) and not Path(raw).exists():
+        matches = [Path(m) for m in sorted(glob.glob(raw)) if Path(m).is_dir()]
+        if not matches:
+            raise ConfigError("batch_no_adapters", entry=entry)
+        return matches
+    path = Path(raw)
+    if not path.exists():
+        raise CheckpointValidationError("checkpoint_not_found", path=entry, cwd=str(Path.cwd()))
+    if path.is_dir() and not _holds_adapter(path):
+        runs = [p for p in _subfolders(path) if _holds_adapter(p)]
+        if runs:
+            return runs
+    return [path]
+
+
+def _name(path: Path) -> str:
+    """A run folder's name; a checkpoint-N given directly is named with its run: lr-1e-4-checkpoint-30."""
+    name = path.resolve().name
+    if re.fullmatch(r"checkpoint-\d+", name):
+        name = f"{path.resolve().parent.name}-{name}"
+    return _NAME.sub("-", name).strip("-.") or "adapter"
+
+
+def find_adapters(config: ExportConfiguration) -> list[Adapter]:
+    """Every adapter of the batch with its output folder's name, in the configuration's order.
+
+    Raises ConfigError (ME111) when two adapters would write the same folder, or a name is not a plain folder name or
+    is one the batch uses itself; ConfigError (ME112) when a glob matches nothing; CheckpointValidationError (ME201)
+    for a path that does not exist. Nothing is written before these are known."""
+    entries: list[tuple[str | None, str]]
+    if isinstance(config.adapters, dict):
+        entries = list(config.adapters.items())
+    else:
+        entries = [(None, e) for e in (config.adapters or [config.checkpoint_path])]
+    found: list[Adapter] = []
+    seen: set[Path] = set()
+    for given, entry in entries:
+        for path in _expand(entry):
+            if path.resolve() in seen:  # the same folder listed twice (a path and a glob): one adapter
+                continue
+            seen.add(path.resolve())
+            found.append(Adapter(given if given is not None else _name(path), str(path), entry))
+    problems = []
+    by_name: dict[str, list[Adapter]] = {}
+    for adapter in found:
+        by_name.setdefault(adapter.name.lower(), []).append(adapter)  # Foo and foo are one folder on some disks
+        if adapter.name in RESERVED or _NAME.search(adapter.name) or adapter.name.startswith("."):
+            problems.append(i18n.ui("batch_name_bad", name=adapter.name, path=adapter.path))
+    for same in by_name.values():
+        if len(same) > 1:
+            paths = ", ".join(a.path for a in same)
+            problems.append(i18n.ui("batch_name_twice", name=same[0].name, paths=paths))
+    if problems:
+        raise ConfigError("batch_names", names="\n".join(f"  - {p}" for p in problems))
+    return found
+
+
+# --- how many at once ------------------------------------------------------------------------------------------------
+
+
+def memory_per_adapter(config: ExportConfiguration, base_bytes: int) -> int:
+    """The memory one adapter's run is planned to hold at its peak, from the base's weight bytes: a process with torch
+    and transformers (about 0.6 GiB), plus the largest of what its steps hold: the streamed merge and reference (a
+    decoder layer or the embedding, at most a quarter of the weights here, in fp32: base_bytes x 2 for a bf16 base,
+    taken as base_bytes), a runtime holding a whole artifact (onnxruntime prepacks int4 graphs to 1.4x; llama.cpp and
+    transformers hold about the file), or the whole model in fp32 when verification_runtime is transformers."""
+    from .exporters import FORMATS
+
+    params = base_bytes / 2  # bf16/fp16 bases; an fp32 base only overestimates
+    artifacts = [FORMATS[f].bytes_per_param(config, 2.0) * params * 1.4 for f in config.formats]
+    whole = 4 * params * 2 if config.verification_runtime == "transformers" else 0
+    return int(0.6 * GIB + max([base_bytes, whole, *artifacts]))
+
+
+def pool_width(adapters: int, per_adapter: int, limit: int | None = None) -> tuple[int, int, str]:
+    """(processes, threads per process, the rule in words): as many processes as the available memory holds at
+    ``per_adapter`` each with 1 GiB kept free, at most one per core, at most ``limit`` and the number of adapters;
+    the cores are shared out evenly as threads."""
+    import psutil
+
+    cores = os.cpu_count() or 1
+    available = psutil.virtual_memory().available
+    by_memory = max(1, int((available - GIB) // max(per_adapter, 1)))
+    width = max(1, min(by_memory, cores, adapters, limit or adapters))
+    rule = (
+        f"{width} = min(memory {human_bytes(available)} - 1 GiB over {human_bytes(per_adapter)} per adapter "
+        f"= {by_memory}, cores {cores}, adapters {adapters}"
+        + (f", max_parallel_adapters {limit}" if limit else "")
+        + f"); {max(1, cores // width)} thread(s) each"
+    )
+    return width, max(1, cores // width), rule
+
+
+# --- one adapter, wherever it runs -----------------------------------------------------------------------------------
+
+
+def adapter_task(task: dict[str, Any]) -> dict[str, Any]:
+    """Run one adapter's pipeline (in a pool process or a Ray worker) and return its line of batch.json; never raises
+    for the adapter's own failures, which are recorded."""
+    start = time.time()
+    line = {"name": task["name"], "path": task["path"], "host": socket.gethostname(), "pid": os.getpid()}
+    try:
+        threads = task.get("threads")
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        if task.get("lang"):
+            i18n.set_language(task["lang"])
+        out = Path(task["config"]["output_dir"])
+        token = Path(task["token_file"])
+        if not token.is_file() or token.read_text(encoding="utf-8") != task["token"]:
+            raise ResourceError("batch_not_shared", path=str(out.parent), host=socket.gethostname())
+        from .pipeline import run_adapter
+
+        result = run_adapter(ExportConfiguration(**task["config"]), task["shared"])
+        line.update(status="done", passed=result.passed)
+    except BaseException as exc:  # the adapter failed: say why in the manifest, let the others finish
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        error = explain(exc, task["name"], str(Path(task["config"]["output_dir"]) / "export.log"))
+        line.update(status="failed", error=error.to_dict())
+    line.update(_artifacts(Path(task["config"]["output_dir"])))
+    line["seconds"] = round(time.time() - start, 3)
+    return line
+
+
+ROW_KEYS = ("format", "path", "bytes", "status", "reason", "runtime", "max_abs_diff", "mean_kl", "top1", "perplexity")
+
+
+def _artifacts(run_dir: Path) -> dict[str, Any]:
+    """An adapter's artifacts as its own report.json lists them (format, size, verdict, quality), their verdict
+    counts, and its report's path; nothing when the run stopped before writing a report."""
+    try:
+        rows = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))["artifacts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"artifacts": [], "counts": {}}
+    statuses = [r.get("status") for r in rows]
+    return {
+        "artifacts": [{k: r.get(k) for k in ROW_KEYS} for r in rows],
+        "counts": {status: statuses.count(status) for status in ("verified", "failed", "not_run")},
+        "report": str(run_dir / "report.html"),
+    }
+
+
+def _local(tasks: list[dict[str, Any]], width: int) -> list[dict[str, Any]]:
+    """Each task in a fresh process (spawned: no forked torch state; one task per process, so each adapter's memory
+    goes back when it ends). A process killed mid-task (out of memory, kill -9) breaks the pool: the tasks it had not
+    finished run again once in a new pool, resuming their steps from their run.json."""
+    import multiprocessing
+
+    lines: dict[str, dict[str, Any]] = {}
+    for attempt in range(2):
+        pending = [t for t in tasks if t["name"] not in lines]
+        if not pending:
+            break
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(width, len(pending)), mp_context=context, max_tasks_per_child=1) as pool:
+            futures = {pool.submit(adapter_task, t): t for t in pending}
+            for future in as_completed(futures):
+                task = futures[future]
+                try:
+                    lines[task["name"]] = future.result()
+                except BrokenProcessPool:
+                    if attempt:
+                        lines[task["name"]] = _lost(task, i18n.ui("batch_worker_died"))
+                    else:
+                        logger.warning(i18n.ui("batch_retry", name=task["name"]))
+                _announce(lines.get(task["name"]))
+    return [lines[t["name"]] for t in tasks]
+
+
+def _lost(task: dict[str, Any], why: str) -> dict[str, Any]:
+    error = ResourceError("batch_task_lost", name=task["name"], reason=why)
+    return {"name": task["name"], "path": task["path"], "status": "failed", "error": error.to_dict()}
+
+
+def _ray(tasks: list[dict[str, Any]], per_adapter: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One Ray task per adapter, declaring the cores and memory it needs, on the cluster at RAY_ADDRESS or on a local
+    instance started here. A task whose worker dies is retried by Ray (twice), resuming its steps from run.json."""
+    from . import extras
+
+    ray = extras.require("ray", "executor: ray")
+    address = os.environ.get("RAY_ADDRESS")
+    started = not ray.is_initialized()
+    if started:
+        env = {k: v for k, v in os.environ.items() if k.startswith(("MODEL_EXPORT_", "HF_"))}
+        options: dict[str, Any] = {
+            "include_dashboard": False,
+            "logging_level": "ERROR",
+            "log_to_driver": False,
+            "runtime_env": {"env_vars": env},
+        }
+        if not address:
+            options["num_cpus"] = os.cpu_count() or 1
+        ray.init(**options)
+    try:
+        resources = ray.cluster_resources()
+        cpus = max(1, min(int(resources.get("CPU", 1)), os.cpu_count() or 1))
+        remote = ray.remote(adapter_task).options(
+            num_cpus=1, memory=per_adapter, max_retries=2, retry_exceptions=False, name="model-export-adapter"
+        )
+        refs = {remote.remote({**t, "threads": t.get("threads") or 1}): t for t in tasks}
+        lines: dict[str, dict[str, Any]] = {}
+        waiting = list(refs)
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            task = refs[done[0]]
+            try:
+                lines[task["name"]] = ray.get(done[0])
+            except Exception as exc:  # the worker died more times than Ray retries, or the node went away
+                lines[task["name"]] = _lost(task, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            _announce(lines[task["name"]])
+        info = {
+            "address": address or "local instance",
+            "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+            "cpus": int(resources.get("CPU", 0)),
+            "task": {"num_cpus": 1, "memory": per_adapter, "max_retries": 2},
+            "threads_hint": cpus,
+        }
+        return [lines[t["name"]] for t in tasks], info
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _announce(line: dict[str, Any] | None) -> None:
+    if not line:
+        return
+    if line["status"] == "failed":
+        logger.error(i18n.ui("batch_adapter_failed", name=line["name"], error=line["error"]["message"]))
+    else:
+        logger.info(i18n.ui("batch_adapter_done", name=line["name"], seconds=line.get("seconds", 0)))
+
+
+# --- the batch -------------------------------------------------------------------------------------------------------
+
+
+def _adapter_config(config: ExportConfiguration, adapter: Adapter, out: Path) -> dict[str, Any]:
+    data = config.model_dump(mode="json")
+    data.update(checkpoint_path=adapter.path, output_dir=str(out / adapter.name), adapters=[], log_file=None)
+    return data
+
+
+def _bases(config: ExportConfiguration, adapters: list[Adapter]) -> str:
+    """The one base every adapter is merged into: base_model_name, or the base all their adapter_config.json name.
+    Raises ConfigError (ME113) when they name different bases and base_model_name does not settle it."""
+    if config.base_model_name:
+        return config.base_model_name
+    from .adapter_format import read_adapter_config
+    from .checkpoint_detector import detect
+
+    named: dict[str, list[str]] = {}
+    for adapter in adapters:
+        try:
+            base = read_adapter_config(detect(adapter.path, config.checkpoint_selection).path).get(
+                "base_model_name_or_path"
+            )
+        except ExportError:
+            continue  # this adapter fails on its own, in its own run, with its own error
+        if base:
+            named.setdefault(base, []).append(adapter.name)
+    if len(named) > 1:
+        listed = "; ".join(f"{base}: {', '.join(names)}" for base, names in named.items())
+        raise ConfigError("batch_bases_differ", bases=listed)
+    if not named:
+        from .errors import BaseModelError
+
+        raise BaseModelError("base_model_unknown", path=", ".join(a.path for a in adapters))
+    return next(iter(named))
+
+
+def _key(data: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _done(out: Path, line: dict[str, Any] | None, key: str) -> bool:
+    """Recorded done with this key, and its run.json still says every step it ran is done."""
+    if not line or line.get("status") != "done" or line.get("key") != key:
+        return False
+    try:
+        steps = json.loads((out / line["name"] / "run.json").read_text(encoding="utf-8"))["steps"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return bool(steps) and all(s.get("status") == "done" for s in steps.values())
+
+
+def run_batch(config: ExportConfiguration) -> BatchResult:
+    """Export every adapter of the batch; see the module's docstring. Raises ConfigError before writing anything when
+    names collide or the adapters are not on one base; one adapter's failure is recorded in batch.json and its row."""
+    from .config_validator import check_config
+    from .monitoring import setup_logging
+
+    check_config(config)
+    adapters = find_adapters(config)  # names checked before anything is written
+    base = _bases(config, adapters)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from .pipeline import output_lock, prepare_base
+
+    with output_lock(out):
+        setup_logging(config.log_level, config.log_file or out / "export.log")
+        manifest_path = out / BATCH_MANIFEST
+        try:
+            previous = {a["name"]: a for a in json.loads(manifest_path.read_text(encoding="utf-8"))["adapters"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            previous = {}
+        logger.info(i18n.ui("batch_start", count=len(adapters), base=base, executor=config.executor))
+        start = time.time()
+        shared = prepare_base(config, base, out / BASE_DIR)
+        token = secrets.token_hex(8)
+        write_atomic(out / TOKEN_FILE, token)
+        from .base_model import inspect_base_model
+
+        per_adapter = memory_per_adapter(config, inspect_base_model(base).weight_bytes)
+        width, threads, rule = pool_width(len(adapters), per_adapter, config.max_parallel_adapters)
+        lines: dict[str, dict[str, Any]] = {}
+        tasks = []
+        for adapter in adapters:
+            data = _adapter_config(config, adapter, out)
+            data["base_model_name"] = base
+            key = _key([data, shared])
+            if _done(out, previous.get(adapter.name), key):
+                lines[adapter.name] = {**previous[adapter.name], "skipped": True}
+                logger.info(i18n.ui("batch_adapter_skipped", name=adapter.name))
+                continue
+            tasks.append(
+                {
+                    "name": adapter.name,
+                    "path": adapter.path,
+                    "key": key,
+                    "config": data,
+                    "shared": shared,
+                    "token": token,
+                    "token_file": str((out / TOKEN_FILE).resolve()),
+                    "threads": threads,
+                    "lang": i18n.current_language(),
+                }
+            )
+        executor: dict[str, Any] = {"name": config.executor, "memory_per_adapter": per_adapter}
+        if tasks and config.executor == "ray":
+            done, info = _ray(tasks, per_adapter)
+            executor.update(info)
+        elif tasks:
+            logger.info(i18n.ui("batch_pool", rule=rule))
+            done = _local(tasks, width)
+            executor.update(width=width, threads=threads, rule=rule)
+        else:
+            done = []
+        for task, line in zip(tasks, done):
+            lines[task["name"]] = {**line, "key": task["key"], "path": task["path"]}
+        ordered = [lines[a.name] for a in adapters]
+        counts = _counts(ordered)
+        passed = False if counts["failed"] or counts["artifacts_failed"] else True
+        if passed and counts["not_run"]:
+            passed = None
+        data = {
+            "version": 1,
+            "base": base,
+            "shared": shared,
+            "executor": executor,
+            "seconds": round(time.time() - start, 3),
+            "counts": counts,
+            "passed": passed,
+            "adapters": ordered,
+        }
+        write_atomic(manifest_path, strict_json(data))
+        from .report import write_batch_report
+
+        report = write_batch_report(out, data)
+        logger.info(i18n.ui("batch_done", done=counts["done"], failed=counts["failed"], report=report))
+    return BatchResult(str(out), ordered, report, passed, counts)
+
+
+def _counts(lines: list[dict[str, Any]]) -> dict[str, int]:
+    counts = {"adapters": len(lines), "done": 0, "failed": 0, "verified": 0, "artifacts_failed": 0, "not_run": 0}
+    for line in lines:
+        counts["done" if line["status"] == "done" else "failed"] += 1
+        found = line.get("counts") or {}
+        counts["verified"] += found.get("verified", 0)
+        counts["artifacts_failed"] += found.get("failed", 0)
+        counts["not_run"] += found.get("not_run", 0)
+    return counts
