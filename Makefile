@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch, which pip finds on this kind of machine. To bring your own (a CUDA
 # build, say), install it into the venv first, or run: make install TORCH_SPEC="torch==2.13.0 --index-url ..."
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,onnx,gguf,genai,quant
+EXTRAS ?= dev,onnx,gguf,genai,quant,ray
 
 .PHONY: install demo test lint clean
 

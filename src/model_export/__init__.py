@@ -5,6 +5,7 @@ Heavy backends (torch, onnx, gguf) are imported only when a stage needs them.
 """
 
 from .base_model import BaseModelInfo, inspect_base_model, resolve_base_model
+from .batch import BatchResult, run, run_batch
 from .checkpoint_detector import CheckpointDetector, Detection, detect
 from .checkpoint_validator import CheckpointReport, check, validate_checkpoint
 from .config import ConfigProblem, ExportConfiguration, init_config, load_config
@@ -23,12 +24,13 @@ from .errors import (
 )
 from .i18n import set_language
 from .model_merger import MergeResult, ModelMerger, merge
-from .pipeline import RunResult, run
+from .pipeline import RunResult, run_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BaseModelError",
+    "BatchResult",
     "BaseModelInfo",
     "CheckpointDetector",
     "CheckpointReport",
@@ -57,6 +59,8 @@ __all__ = [
     "merge",
     "resolve_base_model",
     "run",
+    "run_adapter",
+    "run_batch",
     "set_language",
     "validate_checkpoint",
     "validate_config",

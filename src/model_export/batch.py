@@ -36,7 +36,7 @@ from .hf_layout import write_atomic
 from .manifest import strict_json
 from .monitoring import human_bytes, logger
 
-__all__ = ["Adapter", "BatchResult", "find_adapters", "is_batch", "pool_width", "run_batch", "BATCH_MANIFEST"]
+__all__ = ["Adapter", "BatchResult", "find_adapters", "is_batch", "pool_width", "run", "run_batch", "BATCH_MANIFEST"]
 
 BATCH_MANIFEST = "batch.json"
 BASE_DIR = "base"
@@ -71,6 +71,14 @@ class BatchResult:
             "passed": self.passed,
             "counts": self.counts,
         }
+
+
+def run(config: ExportConfiguration) -> Any:
+    """What ``model-export run CONFIG`` does: a batch (run_batch, a BatchResult) when the configuration names several
+    adapters, else the one checkpoint's run (pipeline.run_adapter, a RunResult)."""
+    from .pipeline import run_adapter
+
+    return run_batch(config) if is_batch(config) else run_adapter(config)
 
 
 # --- which adapters ------------------------------------------------------------------------------------------------
@@ -338,7 +346,13 @@ def _announce(line: dict[str, Any] | None) -> None:
 
 def _adapter_config(config: ExportConfiguration, adapter: Adapter, out: Path) -> dict[str, Any]:
     data = config.model_dump(mode="json")
-    data.update(checkpoint_path=adapter.path, output_dir=str(out / adapter.name), adapters=[], log_file=None)
+    # Absolute paths: a Ray task may run in another working directory, or on another node that mounts the same paths.
+    data.update(
+        checkpoint_path=str(Path(adapter.path).resolve()),
+        output_dir=str(out.resolve() / adapter.name),
+        adapters=[],
+        log_file=None,
+    )
     return data
 
 
@@ -377,14 +391,23 @@ def _key(data: Any) -> str:
 
 
 def _done(out: Path, line: dict[str, Any] | None, key: str) -> bool:
-    """Recorded done with this key, and its run.json still says every step it ran is done."""
+    """Recorded done with this key, its run.json still says every step is done, and every file its steps wrote is
+    as they left it (name, size, time, sampled bytes: the check a run makes before skipping a step)."""
+    from .manifest import RunManifest
+    from .pipeline import _fingerprint
+
     if not line or line.get("status") != "done" or line.get("key") != key:
         return False
     try:
-        steps = json.loads((out / line["name"] / "run.json").read_text(encoding="utf-8"))["steps"]
-    except (OSError, ValueError, KeyError):
+        steps = RunManifest.load(out / line["name"]).steps
+    except ExportError:
         return False
-    return bool(steps) and all(s.get("status") == "done" for s in steps.values())
+    for record in steps.values():
+        if record.status != "done":
+            return False
+        if record.outputs != _fingerprint([Path(item[0]) for item in record.outputs or []]):
+            return False
+    return bool(steps)
 
 
 def run_batch(config: ExportConfiguration) -> BatchResult:
@@ -409,7 +432,9 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
             previous = {}
         logger.info(i18n.ui("batch_start", count=len(adapters), base=base, executor=config.executor))
         start = time.time()
-        shared = prepare_base(config, base, out / BASE_DIR)
+        if Path(os.path.expanduser(base)).is_dir():
+            base = str(Path(os.path.expanduser(base)).resolve())
+        shared = prepare_base(config, base, out.resolve() / BASE_DIR)
         token = secrets.token_hex(8)
         write_atomic(out / TOKEN_FILE, token)
         from .base_model import inspect_base_model

@@ -185,8 +185,8 @@ def _emit(args: argparse.Namespace, data: Any, human: Callable[[Console], None])
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .batch import run
     from .config import load_config
-    from .pipeline import run
 
     config = load_config(args.config, args.overrides)
     if config.lang and "lang" not in vars(args):

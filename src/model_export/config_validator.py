@@ -179,6 +179,8 @@ def _output_dir(config: ExportConfiguration) -> list[ConfigProblem]:
     (or holds) a step folder or file the run writes under output_dir, and log_file is not inside an input."""
     output = _resolved(config.output_dir)
     inputs = [("what_checkpoint", config.checkpoint_path)]
+    adapters = config.adapters.values() if isinstance(config.adapters, dict) else config.adapters
+    inputs += [("what_checkpoint", _fixed_part(entry)) for entry in adapters]
     if config.base_model_name and Path(os.path.expanduser(config.base_model_name)).is_dir():
         inputs.append(("what_base", config.base_model_name))
     if config.calibration_data:
@@ -218,6 +220,25 @@ def _output_dir(config: ExportConfiguration) -> list[ConfigProblem]:
                     )
                 )
                 break
+    return problems
+
+
+def _fixed_part(entry: str) -> str:
+    """A glob's folder before its first wildcard (runs/lr-* -> runs): what it can match lies inside it."""
+    parts = Path(entry).parts
+    fixed = [p for p in parts[: next((i for i, p in enumerate(parts) if re.search(r"[*?\[]", p)), len(parts))]]
+    return str(Path(*fixed)) if fixed else "."
+
+
+def _batch(config: ExportConfiguration) -> list[ConfigProblem]:
+    """A batch's keys: artifacts that cannot be written per adapter on a shared base, a Ray executor without Ray."""
+    problems = []
+    if config.batch_outputs == "adapters":
+        alone = [f for f in config.formats if f not in ("safetensors", "gguf")]
+        if alone:
+            problems.append(ConfigProblem("batch_outputs", "batch_outputs_merged_only", {"formats": ", ".join(alone)}))
+    if config.executor == "ray" and not extras.is_available("ray"):
+        problems.append(ConfigProblem("executor", "ray_missing"))
     return problems
 
 
@@ -282,6 +303,7 @@ _RULES = (
     _samples_and_data,
     _format_keys,
     _gptq,
+    _batch,
 )
 
 

@@ -7,7 +7,7 @@ every step whose key is unchanged and says so; a changed setting changes that st
 the keys of every step after it, which rerun.
 
     from model_export import load_config, run
-    result = run(load_config("export.yaml"))
+    result = run(load_config("export.yaml"))   # batch.run: this run, or one per adapter of a batch
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from .monitoring import MemoryMonitor, human_bytes, logger, setup_logging, timed
 from .reference import resolve_device
 from .tensor_io import file_sha256
 
-__all__ = ["run", "RunResult", "MANIFEST", "STEPS"]
+__all__ = ["run_adapter", "prepare_base", "RunResult", "MANIFEST", "STEPS"]
 
 STEP_FILE = ".step.json"  # each step's result, hidden so that it never joins an artifact
 STEPS = OUTPUT_STEPS
@@ -181,23 +181,13 @@ def sampled_hash(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def run(config: ExportConfiguration) -> Any:
-    """Take the checkpoint to verified artifacts, resuming where an earlier run of the same config stopped: a
-    RunResult. Several adapters (``adapters``, or a glob or sweep folder in checkpoint_path) make a batch (batch.py):
-    a BatchResult, with one run per adapter under output_dir/<name>/.
+def run_adapter(config: ExportConfiguration, shared: dict[str, Any] | None = None) -> RunResult:
+    """Take one checkpoint to verified artifacts, resuming where an earlier run of the same config stopped.
+    ``shared`` is what a batch (batch.py) made once for all its adapters (prepare_base): the base alone on the
+    held-out text, the base's GGUF, and which artifacts the batch asks for.
 
     Raises ConfigError, CheckpointValidationError, BaseModelError, MergeError, ValidationError.
     """
-    from .batch import is_batch, run_batch
-
-    if is_batch(config):
-        return run_batch(config)
-    return run_adapter(config)
-
-
-def run_adapter(config: ExportConfiguration, shared: dict[str, Any] | None = None) -> RunResult:
-    """One adapter's run (``run`` of a single checkpoint). ``shared`` is what a batch made once for all its adapters
-    (prepare_base): the base alone on the held-out text, the base's GGUF, and which artifacts the batch asks for."""
     check_config(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -614,7 +604,7 @@ def _export(
 ) -> dict[str, Any]:
     """One folder per format under export/, each written by its format's exporter (exporters.FORMATS) into a hidden
     partial folder that is renamed when complete; in a batch that asks for the adapters themselves, also (or only)
-    what loads on the shared base: export/peft and, with the base's GGUF, export/gguf-lora."""
+    what loads on the shared base: export/peft and, with the base's GGUF, export/gguf_lora."""
     from .exporters import FORMATS, WEIGHT_SUFFIXES, ExportContext
 
     c, export = state.config, state.out / "export"
@@ -630,7 +620,7 @@ def _export(
         writers.append(("peft", lambda partial: _peft_folder(checkpoint, partial)))
         if state.shared.get("base_gguf"):
             gguf = Path(state.shared["base_gguf"])
-            writers.append(("gguf-lora", lambda partial: _gguf_lora(checkpoint, gguf, partial)))
+            writers.append(("gguf_lora", lambda partial: _gguf_lora(checkpoint, gguf, partial)))
     for fmt, write in writers:
         target = export / fmt
         partial = export / f".{fmt}.partial"
@@ -649,7 +639,7 @@ def _export(
     return {"artifacts": artifacts, "sizes": sizes, "weight_sizes": weights, "details": details}
 
 
-ADAPTER_ARTIFACTS = ("peft", "gguf-lora")  # a batch's per-adapter files, loaded on its shared base
+ADAPTER_ARTIFACTS = ("peft", "gguf_lora")  # a batch's per-adapter files, loaded on its shared base
 
 
 def _peft_folder(checkpoint: Path, out: Path) -> dict[str, Any]:
@@ -670,8 +660,8 @@ def _gguf_lora(checkpoint: Path, base_gguf: Path, out: Path) -> dict[str, Any]:
 
     base_dir = Path(json.loads((base_gguf.parent / "base.json").read_text(encoding="utf-8"))["base_dir"])
     lora = export_gguf_lora(checkpoint, resolve_base_model(str(base_dir)), out)
-    # the folder's final place is export/gguf-lora, a sibling of this partial folder
-    relative = os.path.relpath(base_gguf, out.parent / "gguf-lora")
+    # the folder's final place is export/gguf_lora, a sibling of this partial folder
+    relative = os.path.relpath(base_gguf, out.parent / "gguf_lora")
     write_modelfile(out, relative, base_dir, adapter=Path(lora["path"]).name)
     return {**lora, "base_gguf": str(base_gguf), "modelfile": str(out / "Modelfile")}
 
@@ -758,7 +748,7 @@ def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
     for label, path in runnable:
         if label == "peft":
             verdict = verify_peft_folder(path, checkpoint)
-        elif label == "gguf-lora":
+        elif label == "gguf_lora":
             verdict = verify_gguf_lora(
                 path / "adapter-lora-f32.gguf",
                 checkpoint,

@@ -422,7 +422,7 @@ def _serving(out: Path, data: dict[str, Any]) -> str:
     done = [r for r in data["adapters"] if r["status"] == "done"]
     peft = [(r["name"], out / r["name"] / "export" / "peft") for r in done]
     peft = [(n, p) for n, p in peft if p.is_dir()]
-    modelfiles = [(r["name"], out / r["name"] / "export" / "gguf-lora" / "Modelfile") for r in done]
+    modelfiles = [(r["name"], out / r["name"] / "export" / "gguf_lora" / "Modelfile") for r in done]
     modelfiles = [(n, p) for n, p in modelfiles if p.is_file()]
     if not peft and not modelfiles:
         return ""

@@ -17,7 +17,7 @@ import yaml
 from .. import extras, i18n
 from ..config import ExportConfiguration
 from ..monitoring import logger
-from ..pipeline import run
+from ..pipeline import run_adapter
 from .tiny import TASK_PROMPTS, build_training_run
 
 __all__ = ["demo", "shipped_base"]
@@ -52,7 +52,7 @@ def demo(workdir: str | Path = ".") -> dict[str, Any]:
     config_file.write_text(
         yaml.safe_dump(config.model_dump(mode="json"), allow_unicode=True, sort_keys=False), encoding="utf-8"
     )
-    result = run(config)
+    result = run_adapter(config)
     logger.info(
         i18n.ui("demo_done", checkpoint=result.steps["detect"]["result"]["selected"], base=base, config=config_file)
     )
