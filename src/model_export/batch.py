@@ -207,6 +207,10 @@ def adapter_task(task: dict[str, Any]) -> dict[str, Any]:
     for the adapter's own failures, which are recorded."""
     start = time.time()
     line = {"name": task["name"], "path": task["path"], "host": socket.gethostname(), "pid": os.getpid()}
+    if task.get("ray"):  # which node ran it
+        import ray
+
+        line["node"] = ray.get_runtime_context().get_node_id()
     try:
         threads = task.get("threads")
         if threads:
@@ -308,7 +312,7 @@ def _ray(tasks: list[dict[str, Any]], per_adapter: int) -> tuple[list[dict[str, 
         remote = ray.remote(adapter_task).options(
             num_cpus=1, memory=per_adapter, max_retries=2, retry_exceptions=False, name="model-export-adapter"
         )
-        refs = {remote.remote({**t, "threads": t.get("threads") or 1}): t for t in tasks}
+        refs = {remote.remote({**t, "threads": 1, "ray": True}): t for t in tasks}
         lines: dict[str, dict[str, Any]] = {}
         waiting = list(refs)
         while waiting:

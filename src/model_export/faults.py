@@ -5,6 +5,9 @@ out-of-memory killer or a power cut would; nothing is flushed or cleaned up. Uns
 dictionary lookup per call. MODEL_EXPORT_CRASH_COUNTS=FILE writes, at exit, how many times each
 point was passed (the crash soak learns from a clean run where it can kill the next ones).
 
+MODEL_EXPORT_CRASH_ONCE=FILE makes the kill happen once among all processes that share it: the first to reach the point
+creates FILE and dies; every later pass (a retried task, the other workers of a batch) goes on.
+
 Points: tensor (a merged tensor written), shard, layout (the merge's folder), export_tensor (an
 ONNX or GGUF tensor written), step (a pipeline step recorded).
 """
@@ -36,4 +39,10 @@ def crash_point(name: str) -> None:
         return
     _counts[name] = _counts.get(name, 0) + 1
     if target == f"{name}:{_counts[name]}":
+        once = os.environ.get("MODEL_EXPORT_CRASH_ONCE")
+        if once:
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
         os.kill(os.getpid(), signal.SIGKILL)

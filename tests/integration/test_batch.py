@@ -1,0 +1,253 @@
+"""Many adapters in one run (issue 18): a sweep folder of three Trainer runs, through the local pool and through Ray
+(a local instance, and a head plus a second node on loopback), with a bad adapter, a killed worker and a rerun."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model_export import BatchResult, ConfigError, ExportConfiguration, extras, run
+from model_export.cli import main
+
+pytestmark = pytest.mark.integration
+
+LEARNING_RATES = ("1e-3", "3e-3", "1e-2")
+LLAMA = extras.is_available("llama_cpp")
+needs_ray = pytest.mark.skipif(not extras.is_available("ray"), reason="the ray extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A learning-rate sweep: three run folders of the demo's Trainer (checkpoint-10 each), one base."""
+    from model_export.demo.run import shipped_base
+    from model_export.demo.tiny import build_training_run
+
+    root = tmp_path_factory.mktemp("sweep") / "runs"
+    for lr in LEARNING_RATES:
+        build_training_run(shipped_base(), root / f"lr-{lr}", steps=10, learning_rate=float(lr))
+    return root
+
+
+def batch_config(checkpoint_path, out, **overrides):
+    from model_export.demo.run import shipped_base
+
+    settings = {
+        "export_formats": ["safetensors", "gguf"],
+        "batch_outputs": "both",
+        "test_input_samples": ["Hello", "Write a haiku about autumn."],
+        "validation_new_tokens": 4,
+        **overrides,
+    }
+    return ExportConfiguration(
+        checkpoint_path=str(checkpoint_path), base_model_name=str(shipped_base()), output_dir=str(out), **settings
+    )
+
+
+def artifact_bytes(out: Path) -> dict[str, bytes]:
+    """Every file each adapter exported, by its path under output_dir."""
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.glob("*/export/**/*"))
+        if p.is_file() and p.name != ".step.json"
+    }
+
+
+def check_all_verified(result: BatchResult, out: Path, adapters: int = 3) -> None:
+    """Every adapter done; every artifact verified (the GGUFs not run, and said so, without llama-cpp-python)."""
+    assert [a["status"] for a in result.adapters] == ["done"] * adapters
+    assert result.counts["failed"] == 0 and result.counts["artifacts_failed"] == 0
+    for line in result.adapters:
+        rows = {a["format"]: a for a in line["artifacts"]}
+        assert set(rows) == {"safetensors", "gguf", "peft", "gguf_lora"}
+        for fmt, row in rows.items():
+            if fmt.startswith("gguf") and not LLAMA:
+                assert row["status"] == "not_run" and "llama-cpp-python" in row["reason"]
+            else:
+                assert row["status"] == "verified", (line["name"], fmt, row)
+    assert result.passed is (True if LLAMA else None)
+
+
+@pytest.fixture(scope="module")
+def pooled(sweep, tmp_path_factory):
+    """The sweep folder through the local pool (the default executor)."""
+    out = tmp_path_factory.mktemp("pool") / "out"
+    return run(batch_config(sweep, out)), out
+
+
+def test_a_sweep_folder_exports_every_run_with_the_local_pool(pooled, sweep):
+    result, out = pooled
+    assert isinstance(result, BatchResult)
+    assert [a["name"] for a in result.adapters] == sorted(f"lr-{lr}" for lr in LEARNING_RATES)  # by folder name
+    check_all_verified(result, out)
+    manifest = json.loads((out / "batch.json").read_text())
+    assert manifest["executor"]["name"] == "local" and manifest["executor"]["width"] >= 1
+    assert "memory" in manifest["executor"]["rule"] and "cores" in manifest["executor"]["rule"]
+    for lr in LEARNING_RATES:  # each adapter is a whole run of its own, of its run folder's latest checkpoint
+        run_json = json.loads((out / f"lr-{lr}" / "run.json").read_text())
+        assert run_json["steps"]["detect"]["result"]["selected"].endswith(f"lr-{lr}/checkpoint-10")
+        assert (out / f"lr-{lr}" / "report.html").is_file()
+        # the base alone on the held-out text was computed once, in base/, and reused by every reference
+        assert "reused from" in (out / f"lr-{lr}" / "export.log").read_text()
+        modelfile = (out / f"lr-{lr}" / "export" / "gguf_lora" / "Modelfile").read_text()
+        assert "FROM ../../../base/export/gguf/model-" in modelfile and "ADAPTER ./adapter-lora-f32.gguf" in modelfile
+    assert len(list(out.glob("base/export/gguf/model-*.gguf"))) == 1
+    page = (out / "report.html").read_text()
+    for lr in LEARNING_RATES:
+        assert f'<a href="lr-{lr}/report.html">lr-{lr}</a>' in page
+    assert "--lora-modules lr-1e-2=" in page and " lr-3e-3=" in page and "ollama create lr-1e-3 -f" in page
+    # the adapters differ (three learning rates), and the merged artifacts with them
+    weights = {
+        (out / f"lr-{lr}" / "export" / "peft" / "adapter_model.safetensors").read_bytes() for lr in LEARNING_RATES
+    }
+    assert len(weights) == 3
+
+
+def test_a_rerun_skips_the_adapters_that_are_done_and_redoes_one_whose_file_changed(pooled, sweep):
+    _, out = pooled
+    config = batch_config(sweep, out)
+    again = run(config)
+    assert [a.get("skipped") for a in again.adapters] == [True, True, True]
+    damaged = out / "lr-3e-3" / "export" / "peft" / "adapter_config.json"
+    damaged.write_text(damaged.read_text() + " ")
+    again = run(config)
+    assert [bool(a.get("skipped")) for a in again.adapters] == [True, True, False]
+    assert json.loads(damaged.read_text())  # written again by its export step
+    check_all_verified(again, out)
+
+
+@needs_ray
+def test_ray_gives_the_same_artifacts_as_the_local_pool(pooled, sweep, tmp_path):
+    _, pool_out = pooled
+    out = tmp_path / "ray"
+    result = run(batch_config(sweep, out, executor="ray"))
+    check_all_verified(result, out)
+    manifest = json.loads((out / "batch.json").read_text())
+    assert manifest["executor"]["name"] == "ray" and manifest["executor"]["address"] == "local instance"
+    assert manifest["executor"]["task"]["num_cpus"] == 1 and manifest["executor"]["task"]["memory"] > 0
+    assert len({line["pid"] for line in result.adapters}) >= 2  # at least two worker processes did the work
+    assert artifact_bytes(out) == artifact_bytes(pool_out)
+    assert len(artifact_bytes(out)) >= 3 * 6
+
+
+def test_a_bad_adapter_fails_alone_and_the_exit_code_says_so(sweep, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(sweep, runs)
+    broken = runs / "lr-3e-3" / "checkpoint-10" / "adapter_model.safetensors"
+    broken.write_bytes(broken.read_bytes()[:100])  # cut short, as a copy that stopped would leave it
+    out = tmp_path / "out"
+    path = tmp_path / "batch.yaml"
+    config = batch_config(runs, out, export_formats=["safetensors"], batch_outputs="merged")
+    path.write_text(json.dumps(config.model_dump(mode="json")))
+    assert main(["run", str(path)]) == 1
+    manifest = json.loads((out / "batch.json").read_text())
+    lines = {line["name"]: line for line in manifest["adapters"]}
+    assert lines["lr-3e-3"]["status"] == "failed" and lines["lr-3e-3"]["error"]["code"].startswith("ME2")
+    assert [lines[f"lr-{lr}"]["status"] for lr in ("1e-3", "1e-2")] == ["done", "done"]
+    assert manifest["passed"] is False and manifest["counts"]["failed"] == 1
+    page = (out / "report.html").read_text()
+    assert lines["lr-3e-3"]["error"]["code"] in page and "Failed: 1 of 3 adapter(s) failed" in page
+
+
+def test_names_that_collide_stop_before_anything_is_written(sweep, tmp_path):
+    other = tmp_path / "other" / "lr-1e-3"
+    shutil.copytree(sweep / "lr-1e-3", other)
+    out = tmp_path / "out"
+    config = batch_config(sweep, out, adapters=[str(sweep / "lr-1e-3"), str(other)])
+    with pytest.raises(ConfigError) as caught:
+        run(config)
+    assert (
+        caught.value.code == "ME111"
+        and str(other) in str(caught.value)
+        and "adapters: {name: path" in (caught.value.hint())
+    )
+    assert not out.exists()
+    named = run(
+        batch_config(
+            sweep,
+            out,
+            adapters={"first": str(sweep / "lr-1e-3"), "second": str(other)},
+            export_formats=["safetensors"],
+            batch_outputs="adapters",
+        )
+    )
+    assert [a["name"] for a in named.adapters] == ["first", "second"]
+    assert sorted(p.name for p in (out / "first" / "export").iterdir() if p.is_dir()) == ["peft"]  # no merge
+    assert not (out / "first" / "merge").exists()
+
+
+def test_a_killed_worker_is_run_again_and_resumes(sweep, tmp_path, monkeypatch):
+    """The first process to record its third step dies (SIGKILL, as the OOM killer would): the pool runs that adapter
+    again, which resumes after its last finished step."""
+    monkeypatch.setenv("MODEL_EXPORT_CRASH_AT", "step:3")
+    monkeypatch.setenv("MODEL_EXPORT_CRASH_ONCE", str(tmp_path / "killed-once"))
+    out = tmp_path / "out"
+    result = run(batch_config(sweep, out, export_formats=["safetensors"], batch_outputs="merged"))
+    assert (tmp_path / "killed-once").exists()
+    assert [a["status"] for a in result.adapters] == ["done"] * 3
+    logs = [(out / f"lr-{lr}" / "export.log").read_text() for lr in LEARNING_RATES]
+    assert sum("Step detect skipped" in log for log in logs) == 1  # the killed one resumed: its first steps kept
+
+
+@needs_ray
+def test_a_killed_ray_worker_is_retried_by_ray(sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("MODEL_EXPORT_CRASH_AT", "step:3")
+    monkeypatch.setenv("MODEL_EXPORT_CRASH_ONCE", str(tmp_path / "killed-once"))
+    out = tmp_path / "out"
+    result = run(batch_config(sweep, out, executor="ray", export_formats=["safetensors"], batch_outputs="merged"))
+    assert (tmp_path / "killed-once").exists()
+    assert [a["status"] for a in result.adapters] == ["done"] * 3
+    logs = [(out / f"lr-{lr}" / "export.log").read_text() for lr in LEARNING_RATES]
+    assert sum("Step detect skipped" in log for log in logs) == 1
+
+
+@needs_ray
+def test_a_head_and_a_second_node_on_loopback_share_the_batch(sweep, tmp_path, monkeypatch):
+    """`ray start --head` and `ray start --address` on this machine: two nodes, one CPU each; the batch reaches the
+    cluster through RAY_ADDRESS and its tasks run on both nodes."""
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    port = "6391"
+    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    try:
+        subprocess.run(
+            [ray_cli, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [ray_cli, "start", f"--address=127.0.0.1:{port}", *common], env=env, check=True, capture_output=True
+        )
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")
+        out = tmp_path / "out"
+        result = run(batch_config(sweep, out, executor="ray", export_formats=["safetensors"], batch_outputs="merged"))
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True)
+    assert [a["status"] for a in result.adapters] == ["done"] * 3
+    manifest = json.loads((out / "batch.json").read_text())
+    assert manifest["executor"]["nodes"] == 2 and manifest["executor"]["address"] == f"127.0.0.1:{port}"
+    assert len({line["node"] for line in result.adapters}) == 2
+
+
+def test_a_node_that_cannot_see_output_dir_fails_clearly(sweep, tmp_path):
+    """The task checks the file the driver wrote in output_dir; here it reads another (as a node without the shared
+    mount would find nothing), so every adapter fails with ME407 naming the host and the path."""
+    from model_export.batch import adapter_task
+
+    line = adapter_task(
+        {
+            "name": "lr-1e-3",
+            "path": str(sweep / "lr-1e-3"),
+            "config": batch_config(sweep / "lr-1e-3", tmp_path / "out" / "lr-1e-3").model_dump(mode="json"),
+            "shared": {},
+            "token": "abc",
+            "token_file": str(tmp_path / "not-there"),
+        }
+    )
+    assert line["status"] == "failed" and line["error"]["code"] == "ME407"
+    assert str(tmp_path / "out") in line["error"]["message"] and "NFS" in line["error"]["hint"]
