@@ -140,7 +140,7 @@ def test_a_bad_adapter_fails_alone_and_the_exit_code_says_so(sweep, tmp_path):
     broken.write_bytes(broken.read_bytes()[:100])  # cut short, as a copy that stopped would leave it
     out = tmp_path / "out"
     path = tmp_path / "batch.yaml"
-    config = batch_config(runs, out, export_formats=["safetensors"], batch_outputs="merged")
+    config = batch_config(runs, out, export_formats=["safetensors"], batch_outputs="merged", max_parallel_adapters=1)
     path.write_text(json.dumps(config.model_dump(mode="json")))
     assert main(["run", str(path)]) == 1
     manifest = json.loads((out / "batch.json").read_text())
@@ -148,6 +148,7 @@ def test_a_bad_adapter_fails_alone_and_the_exit_code_says_so(sweep, tmp_path):
     assert lines["lr-3e-3"]["status"] == "failed" and lines["lr-3e-3"]["error"]["code"].startswith("ME2")
     assert [lines[f"lr-{lr}"]["status"] for lr in ("1e-3", "1e-2")] == ["done", "done"]
     assert manifest["passed"] is False and manifest["counts"]["failed"] == 1
+    assert manifest["executor"]["width"] == 1 and "max_parallel_adapters 1" in manifest["executor"]["rule"]
     page = (out / "report.html").read_text()
     assert lines["lr-3e-3"]["error"]["code"] in page and "Failed: 1 of 3 adapter(s) failed" in page
 

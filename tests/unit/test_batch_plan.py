@@ -1,0 +1,98 @@
+"""Planning a batch (batch.py): which folders are adapters, their names, how many run at once, the config rules."""
+
+import json
+
+import pytest
+
+from model_export import ConfigError, ExportConfiguration
+from model_export.batch import find_adapters, is_batch, memory_per_adapter, pool_width
+from model_export.config_validator import validate_config
+from model_export.errors import CheckpointValidationError
+
+
+def adapter(folder):
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "base"}))
+    return folder
+
+
+def trainer_run(folder, steps=(10, 20)):
+    for step in steps:
+        adapter(folder / f"checkpoint-{step}")
+    return folder
+
+
+def config(tmp_path, **settings):
+    return ExportConfiguration(output_dir=str(tmp_path / "out"), **settings)
+
+
+def test_a_sweep_folder_a_glob_a_list_and_a_mapping(tmp_path):
+    sweep = tmp_path / "sweep"
+    for name in ("lr-1e-3", "lr-3e-3"):
+        trainer_run(sweep / name)
+    (sweep / "notes").mkdir()  # neither a run nor an adapter: not part of the sweep
+    single = trainer_run(tmp_path / "single")
+    assert not is_batch(config(tmp_path, checkpoint_path=str(single)))
+    assert is_batch(config(tmp_path, checkpoint_path=str(sweep)))
+    assert [a.name for a in find_adapters(config(tmp_path, checkpoint_path=str(sweep)))] == ["lr-1e-3", "lr-3e-3"]
+    globbed = config(tmp_path, checkpoint_path=str(sweep / "lr-*"))
+    assert is_batch(globbed) and [a.name for a in find_adapters(globbed)] == ["lr-1e-3", "lr-3e-3"]
+    listed = config(
+        tmp_path, adapters=[str(single / "checkpoint-20"), str(sweep), str(sweep / "lr-1e-3")]
+    )  # the last is already in the sweep: one adapter, not two
+    assert [a.name for a in find_adapters(listed)] == ["single-checkpoint-20", "lr-1e-3", "lr-3e-3"]
+    named = config(tmp_path, adapters={"support": str(single), "sales": str(sweep / "lr-1e-3")})
+    assert [(a.name, a.path) for a in find_adapters(named)] == [
+        ("support", str(single)),
+        ("sales", str(sweep / "lr-1e-3")),
+    ]
+
+
+def test_names_that_collide_or_are_reserved_are_all_reported(tmp_path):
+    a, b = trainer_run(tmp_path / "x" / "run"), trainer_run(tmp_path / "y" / "RUN")
+    base = trainer_run(tmp_path / "base")
+    with pytest.raises(ConfigError) as caught:
+        find_adapters(config(tmp_path, adapters=[str(a), str(b), str(base)]))
+    message = str(caught.value)
+    assert caught.value.code == "ME111" and "'base'" in message and str(a) in message and str(b) in message
+    with pytest.raises(ConfigError) as caught:
+        find_adapters(config(tmp_path, adapters={"a/b": str(a)}))
+    assert "'a/b'" in str(caught.value)
+
+
+def test_missing_paths_and_empty_globs(tmp_path):
+    with pytest.raises(CheckpointValidationError) as caught:
+        find_adapters(config(tmp_path, adapters=[str(tmp_path / "nowhere")]))
+    assert caught.value.code == "ME201"
+    with pytest.raises(ConfigError) as caught:
+        find_adapters(config(tmp_path, adapters=[str(tmp_path / "runs-*")]))
+    assert caught.value.code == "ME112" and "runs-*" in str(caught.value)
+
+
+def test_the_pool_width_follows_memory_cores_and_the_limit(monkeypatch):
+    import psutil
+
+    class Memory:
+        available = 9 * 2**30
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert pool_width(10, 2 * 2**30)[:2] == (4, 2)  # (9 - 1) GiB / 2 GiB = 4 processes, 8 cores / 4 = 2 threads
+    assert pool_width(10, 1 * 2**30)[:2] == (8, 1)  # the cores bound it
+    assert pool_width(3, 1 * 2**30)[:2] == (3, 2)  # the adapters bound it
+    width, threads, rule = pool_width(10, 1 * 2**30, limit=2)
+    assert (width, threads) == (2, 4) and "max_parallel_adapters 2" in rule and "cores 8" in rule
+    assert pool_width(10, 20 * 2**30)[:2] == (1, 8)  # one at a time even when one does not fit: it may still run
+
+
+def test_the_memory_planned_per_adapter_grows_with_the_base_and_the_formats(tmp_path):
+    small = memory_per_adapter(config(tmp_path, export_formats=["safetensors"]), 2 * 10**9)
+    whole = memory_per_adapter(
+        config(tmp_path, export_formats=["safetensors"], verification_runtime="transformers"), 2 * 10**9
+    )
+    assert 2 * 10**9 < small < whole and whole >= 8 * 10**9  # the fp32 model twice when loaded whole
+
+
+def test_batch_keys_are_checked(tmp_path):
+    problems = validate_config(config(tmp_path, batch_outputs="adapters", export_formats=["onnx", "gguf"]))
+    assert [p.key for p in problems] == ["batch_outputs"] and "onnx" in problems[0].message()
