@@ -130,13 +130,13 @@ def write_base(path: Path, size: str) -> None:
         )
 
 
-def write_adapter(path: Path, base: Path, config: dict, r: int = 16) -> None:
+def write_adapter(path: Path, base: Path, config: dict, r: int = 16, seed: int = 1) -> None:
     import torch
     from peft import LoraConfig
     from safetensors.torch import save_file
 
     shapes = dict(tensor_shapes(config))
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, (out_features, in_features) in ((n, s) for n, s in shapes.items() if n.split(".")[-2] in PROJECTIONS):
         module = "base_model.model." + name.removesuffix(".weight")
