@@ -167,11 +167,16 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     base, sweep = write_sweep(work, args.size, args.adapters)
-    results = {}
+    saved = work / f"results-{args.size}-{args.adapters}.json"  # modes run earlier (another invocation) are kept
+    results = json.loads(saved.read_text()) if saved.is_file() else {}
     for mode in args.modes.split(","):
         print(f"running {mode} ...", flush=True)
         results[mode] = run_mode(mode, base, sweep, work, args.adapters)
         print(json.dumps({mode: results[mode]}), flush=True)
+        saved.write_text(json.dumps(results, indent=1))
+        if not args.keep:  # 8 merged adapters write ~19 GB at this shape: one mode's outputs at a time
+            subprocess.run(["rm", "-rf", str(work / f"out-{mode}")], check=True)
+    results = {mode: results[mode] for mode in MODES if mode in results}
     limit = psutil.virtual_memory().total / 2**30
     print(f"\n{args.adapters} adapters, Qwen3-{args.size} shape, export_formats [safetensors, gguf], verified")
     print(f"{'mode':<10} {'wall s':>9} {'peak GiB':>9} {'ratio':>7}  artifacts (verified/failed/not run)")

@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import socket
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -255,7 +256,7 @@ def _artifacts(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def _local(tasks: list[dict[str, Any]], width: int) -> list[dict[str, Any]]:
+def _local(tasks: list[dict[str, Any]], width: int, record: Any = None) -> list[dict[str, Any]]:
     """Each task in a fresh process (spawned: no forked torch state; one task per process, so each adapter's memory
     goes back when it ends). A process killed mid-task (out of memory, kill -9) breaks the pool: the tasks it had not
     finished run again once in a new pool, resuming their steps from their run.json."""
@@ -267,7 +268,8 @@ def _local(tasks: list[dict[str, Any]], width: int) -> list[dict[str, Any]]:
         if not pending:
             break
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(width, len(pending)), mp_context=context, max_tasks_per_child=1) as pool:
+        fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}  # 3.10: processes are reused
+        with ProcessPoolExecutor(min(width, len(pending)), mp_context=context, **fresh) as pool:
             futures = {pool.submit(adapter_task, t): t for t in pending}
             for future in as_completed(futures):
                 task = futures[future]
@@ -279,6 +281,8 @@ def _local(tasks: list[dict[str, Any]], width: int) -> list[dict[str, Any]]:
                     else:
                         logger.warning(i18n.ui("batch_retry", name=task["name"]))
                 _announce(lines.get(task["name"]))
+                if record and task["name"] in lines:
+                    record(task, lines[task["name"]])
     return [lines[t["name"]] for t in tasks]
 
 
@@ -287,7 +291,9 @@ def _lost(task: dict[str, Any], why: str) -> dict[str, Any]:
     return {"name": task["name"], "path": task["path"], "status": "failed", "error": error.to_dict()}
 
 
-def _ray(tasks: list[dict[str, Any]], per_adapter: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _ray(
+    tasks: list[dict[str, Any]], per_adapter: int, record: Any = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One Ray task per adapter, declaring the cores and memory it needs, on the cluster at RAY_ADDRESS or on a local
     instance started here. A task whose worker dies is retried by Ray (twice), resuming its steps from run.json."""
     from . import extras
@@ -305,7 +311,12 @@ def _ray(tasks: list[dict[str, Any]], per_adapter: int) -> tuple[list[dict[str, 
         }
         if not address:
             options["num_cpus"] = os.cpu_count() or 1
-        ray.init(**options)
+        try:
+            ray.init(**options)
+        except (ConnectionError, RuntimeError) as exc:  # RAY_ADDRESS names no cluster we can reach (or may join)
+            raise ResourceError(
+                "ray_unreachable", address=address or "local instance", error=str(exc).splitlines()[0][:300]
+            ) from exc
     try:
         resources = ray.cluster_resources()
         cpus = max(1, min(int(resources.get("CPU", 1)), os.cpu_count() or 1))
@@ -323,6 +334,8 @@ def _ray(tasks: list[dict[str, Any]], per_adapter: int) -> tuple[list[dict[str, 
             except Exception as exc:  # the worker died more times than Ray retries, or the node went away
                 lines[task["name"]] = _lost(task, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
             _announce(lines[task["name"]])
+            if record:
+                record(task, lines[task["name"]])
         info = {
             "address": address or "local instance",
             "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
@@ -443,7 +456,8 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
         write_atomic(out / TOKEN_FILE, token)
         from .base_model import inspect_base_model
 
-        per_adapter = memory_per_adapter(config, inspect_base_model(base).weight_bytes)
+        info = inspect_base_model(base)
+        per_adapter = memory_per_adapter(config, info.weight_bytes)
         width, threads, rule = pool_width(len(adapters), per_adapter, config.max_parallel_adapters)
         lines: dict[str, dict[str, Any]] = {}
         tasks = []
@@ -468,33 +482,44 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
                     "lang": i18n.current_language(),
                 }
             )
+        _check_disk(config, info, out, [t["name"] for t in tasks])  # all of them must fit, before any starts
         executor: dict[str, Any] = {"name": config.executor, "memory_per_adapter": per_adapter}
+
+        def manifest() -> dict[str, Any]:
+            ordered = [lines.get(a.name) or {"name": a.name, "path": a.path, "status": "pending"} for a in adapters]
+            counts = _counts(ordered)
+            passed = False if counts["failed"] or counts["artifacts_failed"] else True
+            if passed and (counts["not_run"] or counts["done"] < len(adapters)):
+                passed = None
+            return {
+                "version": 1,
+                "base": base,
+                "shared": shared,
+                "executor": executor,
+                "seconds": round(time.time() - start, 3),
+                "counts": counts,
+                "passed": passed,
+                "adapters": ordered,
+            }
+
+        def record(task: dict[str, Any], line: dict[str, Any]) -> None:
+            """Each adapter's line as it finishes: a run killed now keeps what was done (its rerun skips it)."""
+            lines[task["name"]] = {**line, "key": task["key"], "path": task["path"]}
+            write_atomic(manifest_path, strict_json(manifest()))
+
         if tasks and config.executor == "ray":
-            done, info = _ray(tasks, per_adapter)
+            done, info = _ray(tasks, per_adapter, record)
             executor.update(info)
         elif tasks:
             logger.info(i18n.ui("batch_pool", rule=rule))
-            done = _local(tasks, width)
             executor.update(width=width, threads=threads, rule=rule)
+            done = _local(tasks, width, record)
         else:
             done = []
         for task, line in zip(tasks, done):
             lines[task["name"]] = {**line, "key": task["key"], "path": task["path"]}
-        ordered = [lines[a.name] for a in adapters]
-        counts = _counts(ordered)
-        passed = False if counts["failed"] or counts["artifacts_failed"] else True
-        if passed and counts["not_run"]:
-            passed = None
-        data = {
-            "version": 1,
-            "base": base,
-            "shared": shared,
-            "executor": executor,
-            "seconds": round(time.time() - start, 3),
-            "counts": counts,
-            "passed": passed,
-            "adapters": ordered,
-        }
+        data = manifest()
+        ordered, counts, passed = data["adapters"], data["counts"], data["passed"]
         write_atomic(manifest_path, strict_json(data))
         from .report import write_batch_report
 
@@ -503,10 +528,35 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
     return BatchResult(str(out), ordered, report, passed, counts)
 
 
+def _check_disk(config: ExportConfiguration, info: Any, out: Path, pending: list[str]) -> None:
+    """Stop before any adapter starts when output_dir's disk cannot hold what the adapters still to run will write
+    (ME404, with the numbers): each adapter's run checks its own need when it starts, but side by side they share the
+    disk, and a batch that fits only half way would fail hours in."""
+    import shutil
+
+    from .pipeline import disk_needed
+
+    if not pending or config.batch_outputs == "adapters":  # adapter files: megabytes each
+        return
+    each = disk_needed(config, info)
+    free = shutil.disk_usage(out).free
+    total = sum(each.values()) * len(pending)
+    if total > free:
+        parts = ", ".join(f"{part} {human_bytes(size)}" for part, size in each.items())
+        raise ResourceError(
+            "disk_too_small",
+            path=str(out),
+            free=human_bytes(free),
+            need=human_bytes(total),
+            parts=i18n.ui("batch_disk_parts", count=len(pending), parts=parts),
+        )
+
+
 def _counts(lines: list[dict[str, Any]]) -> dict[str, int]:
     counts = {"adapters": len(lines), "done": 0, "failed": 0, "verified": 0, "artifacts_failed": 0, "not_run": 0}
     for line in lines:
-        counts["done" if line["status"] == "done" else "failed"] += 1
+        if line["status"] in ("done", "failed"):
+            counts[line["status"]] += 1
         found = line.get("counts") or {}
         counts["verified"] += found.get("verified", 0)
         counts["artifacts_failed"] += found.get("failed", 0)

@@ -403,7 +403,8 @@ def write_batch_report(out: Path, data: dict[str, Any]) -> str:
         base_items.append(f"<li><code>{html.escape(shared['base_gguf'])}</code></li>")
     serve = _serving(out, data)
     executor = data.get("executor", {})
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>model-export batch report</title>
+    page = f"""<!doctype html><html lang="{i18n.current_language()}"><head><meta charset="utf-8">
+<title>model-export batch report</title>
 <style>{_CSS}</style></head><body><h1>model-export batch report</h1>
 <p class="banner {kind}">{html.escape(text)}</p>
 <table><tr><th>{html.escape(i18n.ui("batch_report_adapter"))}</th><th>{html.escape(i18n.ui("batch_report_status"))}</th>

@@ -252,3 +252,38 @@ def test_a_node_that_cannot_see_output_dir_fails_clearly(sweep, tmp_path):
     )
     assert line["status"] == "failed" and line["error"]["code"] == "ME407"
     assert str(tmp_path / "out") in line["error"]["message"] and "NFS" in line["error"]["hint"]
+
+
+def test_a_batch_killed_whole_resumes_per_adapter(sweep, tmp_path):
+    """kill -9 of the whole process group once the first adapter is recorded in batch.json; the rerun skips what was
+    recorded done and finishes the rest."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    config = batch_config(sweep, out, export_formats=["safetensors"], batch_outputs="merged", max_parallel_adapters=1)
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps(config.model_dump(mode="json")))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "model_export.cli", "run", str(path)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    recorded = []
+    while time.time() < deadline and process.poll() is None:
+        try:
+            recorded = [a for a in json.loads((out / "batch.json").read_text())["adapters"] if a["status"] == "done"]
+        except (OSError, ValueError, KeyError):
+            recorded = []
+        if recorded:
+            break
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert recorded, "no adapter was recorded before the deadline"
+    result = run(config)
+    assert [a["status"] for a in result.adapters] == ["done"] * 3
+    skipped = [a["name"] for a in result.adapters if a.get("skipped")]
+    assert recorded[0]["name"] in skipped and len(skipped) < 3

@@ -96,3 +96,19 @@ def test_the_memory_planned_per_adapter_grows_with_the_base_and_the_formats(tmp_
 def test_batch_keys_are_checked(tmp_path):
     problems = validate_config(config(tmp_path, batch_outputs="adapters", export_formats=["onnx", "gguf"]))
     assert [p.key for p in problems] == ["batch_outputs"] and "onnx" in problems[0].message()
+
+
+def test_a_ray_cluster_that_cannot_be_reached_is_explained(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    from model_export.batch import _ray
+    from model_export.errors import ResourceError
+
+    def refuse(**options):
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379")
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(ResourceError) as caught:
+        _ray([], 2**30)
+    assert caught.value.code == "ME409" and "10.0.0.5:6379" in str(caught.value)
+    assert "RAY_AUTH_MODE=token" in caught.value.hint()
