@@ -214,9 +214,12 @@ def adapter_task(task: dict[str, Any]) -> dict[str, Any]:
         line["node"] = ray.get_runtime_context().get_node_id()
     try:
         threads = task.get("threads")
-        if threads:
+        if threads:  # this process's share of the cores, for torch and every runtime it starts
             import torch
 
+            from .runtimes.base import THREADS_ENV
+
+            os.environ[THREADS_ENV] = str(threads)
             torch.set_num_threads(threads)
         if task.get("lang"):
             i18n.set_language(task["lang"])

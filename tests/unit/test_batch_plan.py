@@ -112,3 +112,15 @@ def test_a_ray_cluster_that_cannot_be_reached_is_explained(tmp_path, monkeypatch
         _ray([], 2**30)
     assert caught.value.code == "ME409" and "10.0.0.5:6379" in str(caught.value)
     assert "RAY_AUTH_MODE=token" in caught.value.hint()
+
+
+def test_runtimes_take_the_share_of_the_cores_a_batch_gives_them(monkeypatch):
+    from model_export.runtimes.base import THREADS_ENV, threads
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert threads() == 8
+    monkeypatch.setenv(THREADS_ENV, "2")
+    assert threads() == 2
+    monkeypatch.setenv(THREADS_ENV, "none")
+    assert threads() == 8

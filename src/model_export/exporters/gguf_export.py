@@ -331,7 +331,10 @@ def _k_pool() -> Any:
     if not _K_POOL:
         from concurrent.futures import ThreadPoolExecutor
 
+        from ..runtimes.base import THREADS_ENV, threads
+
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = threads() if os.environ.get(THREADS_ENV) else cores  # a batch's share of the cores
         _K_POOL.append(ThreadPoolExecutor(max(1, cores), thread_name_prefix="k-quants"))
     return _K_POOL[0]
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from .base import Runtime
+from .base import Runtime, threads
 
 __all__ = ["LlamaCppRuntime", "llama_cpp_run", "gguf_pair"]
 
@@ -62,7 +61,7 @@ def _verifier(artifact: Path, longest: int) -> Any:
         n_ctx=longest + 8,
         logits_all=True,
         verbose=False,
-        n_threads=os.cpu_count() or 1,
+        n_threads=threads(),
         seed=0,
         type_k=0,
         type_v=0,
@@ -123,7 +122,7 @@ class LlamaCppRuntime(Runtime):
                 lora_path=str(lora) if lora else None,
                 n_ctx=2048,
                 verbose=False,
-                n_threads=os.cpu_count() or 1,
+                n_threads=threads(),
             )
         return self._llm
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Runtime
+from .base import Runtime, threads
 
 __all__ = ["OnnxDecoder", "OnnxRuntime", "eos_ids"]
 
@@ -37,6 +37,7 @@ class OnnxDecoder:
 
         graph = Path(graph)
         options = ort.SessionOptions()
+        options.intra_op_num_threads = threads()
         if optimized is False or (optimized is None and graph.name == MODEL_FILE):
             # The plain graph is run as written, so a fault in it is not hidden (or caused) by a fusion.
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
