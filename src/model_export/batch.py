@@ -322,9 +322,13 @@ def _ray(
             ) from exc
     try:
         resources = ray.cluster_resources()
-        cpus = max(1, min(int(resources.get("CPU", 1)), os.cpu_count() or 1))
+        largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        declared = per_adapter
+        if largest and per_adapter > largest:  # no node could take the task: Ray would wait for ever
+            logger.warning(i18n.ui("batch_ray_memory", need=human_bytes(per_adapter), largest=human_bytes(largest)))
+            declared = int(largest)
         remote = ray.remote(adapter_task).options(
-            num_cpus=1, memory=per_adapter, max_retries=2, retry_exceptions=False, name="model-export-adapter"
+            num_cpus=1, memory=declared, max_retries=2, retry_exceptions=False, name="model-export-adapter"
         )
         refs = {remote.remote({**t, "threads": 1, "ray": True}): t for t in tasks}
         lines: dict[str, dict[str, Any]] = {}
@@ -343,8 +347,7 @@ def _ray(
             "address": address or "local instance",
             "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
             "cpus": int(resources.get("CPU", 0)),
-            "task": {"num_cpus": 1, "memory": per_adapter, "max_retries": 2},
-            "threads_hint": cpus,
+            "task": {"num_cpus": 1, "memory": declared, "max_retries": 2},
         }
         return [lines[t["name"]] for t in tasks], info
     finally:
