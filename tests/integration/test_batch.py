@@ -190,7 +190,9 @@ def test_a_killed_worker_is_run_again_and_resumes(sweep, tmp_path, monkeypatch):
     assert (tmp_path / "killed-once").exists()
     assert [a["status"] for a in result.adapters] == ["done"] * 3
     logs = [(out / f"lr-{lr}" / "export.log").read_text() for lr in LEARNING_RATES]
-    assert sum("Step detect skipped" in log for log in logs) == 1  # the killed one resumed: its first steps kept
+    # the killed one resumed with its first steps kept (a broken pool also stops the adapter running beside it,
+    # which resumes the same way)
+    assert 1 <= sum("Step detect skipped" in log for log in logs) <= 2
 
 
 @needs_ray
