@@ -24,6 +24,7 @@ import secrets
 import socket
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -259,15 +260,16 @@ def _artifacts(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def _local(tasks: list[dict[str, Any]], width: int, record: Any = None) -> list[dict[str, Any]]:
+def _local(tasks: list[dict[str, Any]], width: int, record: Callable[[dict, dict], None]) -> None:
     """Each task in a fresh process (spawned: no forked torch state; one task per process, so each adapter's memory
-    goes back when it ends). A process killed mid-task (out of memory, kill -9) breaks the pool: the tasks it had not
-    finished run again once in a new pool, resuming their steps from their run.json."""
+    goes back when it ends), ``record(task, line)`` as each finishes. A process killed mid-task (out of memory,
+    kill -9) breaks the pool: the tasks it had not finished run again once in a new pool, resuming their steps from
+    their run.json."""
     import multiprocessing
 
-    lines: dict[str, dict[str, Any]] = {}
+    finished: set[str] = set()
     for attempt in range(2):
-        pending = [t for t in tasks if t["name"] not in lines]
+        pending = [t for t in tasks if t["name"] not in finished]
         if not pending:
             break
         context = multiprocessing.get_context("spawn")
@@ -277,16 +279,15 @@ def _local(tasks: list[dict[str, Any]], width: int, record: Any = None) -> list[
             for future in as_completed(futures):
                 task = futures[future]
                 try:
-                    lines[task["name"]] = future.result()
+                    line = future.result()
                 except BrokenProcessPool:
-                    if attempt:
-                        lines[task["name"]] = _lost(task, i18n.ui("batch_worker_died"))
-                    else:
+                    if not attempt:
                         logger.warning(i18n.ui("batch_retry", name=task["name"]))
-                _announce(lines.get(task["name"]))
-                if record and task["name"] in lines:
-                    record(task, lines[task["name"]])
-    return [lines[t["name"]] for t in tasks]
+                        continue
+                    line = _lost(task, i18n.ui("batch_worker_died"))
+                finished.add(task["name"])
+                _announce(line)
+                record(task, line)
 
 
 def _lost(task: dict[str, Any], why: str) -> dict[str, Any]:
@@ -294,11 +295,10 @@ def _lost(task: dict[str, Any], why: str) -> dict[str, Any]:
     return {"name": task["name"], "path": task["path"], "status": "failed", "error": error.to_dict()}
 
 
-def _ray(
-    tasks: list[dict[str, Any]], per_adapter: int, record: Any = None
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _ray(tasks: list[dict[str, Any]], per_adapter: int, record: Callable[[dict, dict], None]) -> dict[str, Any]:
     """One Ray task per adapter, declaring the cores and memory it needs, on the cluster at RAY_ADDRESS or on a local
-    instance started here. A task whose worker dies is retried by Ray (twice), resuming its steps from run.json."""
+    instance started here, ``record(task, line)`` as each finishes; returns what batch.json says of the executor. A
+    task whose worker dies is retried by Ray (twice), resuming its steps from run.json."""
     from . import extras
 
     ray = extras.require("ray", "executor: ray")
@@ -331,25 +331,22 @@ def _ray(
             num_cpus=1, memory=declared, max_retries=2, retry_exceptions=False, name="model-export-adapter"
         )
         refs = {remote.remote({**t, "threads": 1, "ray": True}): t for t in tasks}
-        lines: dict[str, dict[str, Any]] = {}
         waiting = list(refs)
         while waiting:
             done, waiting = ray.wait(waiting, num_returns=1)
             task = refs[done[0]]
             try:
-                lines[task["name"]] = ray.get(done[0])
+                line = ray.get(done[0])
             except Exception as exc:  # the worker died more times than Ray retries, or the node went away
-                lines[task["name"]] = _lost(task, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
-            _announce(lines[task["name"]])
-            if record:
-                record(task, lines[task["name"]])
-        info = {
+                line = _lost(task, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            _announce(line)
+            record(task, line)
+        return {
             "address": address or "local instance",
             "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
             "cpus": int(resources.get("CPU", 0)),
             "task": {"num_cpus": 1, "memory": declared, "max_retries": 2},
         }
-        return [lines[t["name"]] for t in tasks], info
     finally:
         if started:
             ray.shutdown()
@@ -407,12 +404,6 @@ def _bases(config: ExportConfiguration, adapters: list[Adapter]) -> str:
     return next(iter(named))
 
 
-def _key(data: Any) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _done(out: Path, line: dict[str, Any] | None, key: str) -> bool:
     """Recorded done with this key, its run.json still says every step is done, and every file its steps wrote is
     as they left it (name, size, time, sampled bytes: the check a run makes before skipping a step)."""
@@ -444,7 +435,7 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
     base = _bases(config, adapters)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from .pipeline import output_lock, prepare_base
+    from .pipeline import _hash, check_disk_space, output_lock, prepare_base
 
     with output_lock(out):
         setup_logging(config.log_level, config.log_file or out / "export.log")
@@ -470,7 +461,7 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
         for adapter in adapters:
             data = _adapter_config(config, adapter, out)
             data["base_model_name"] = base
-            key = _key([data, shared])
+            key = _hash([data, shared])
             if _done(out, previous.get(adapter.name), key):
                 lines[adapter.name] = {**previous[adapter.name], "skipped": True}
                 logger.info(i18n.ui("batch_adapter_skipped", name=adapter.name))
@@ -488,7 +479,8 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
                     "lang": i18n.current_language(),
                 }
             )
-        _check_disk(config, info, out, [t["name"] for t in tasks])  # all of them must fit, before any starts
+        if tasks and config.batch_outputs != "adapters":  # all of them must fit, before any starts (adapter files: MBs)
+            check_disk_space(config, info, out, adapters=len(tasks))
         executor: dict[str, Any] = {"name": config.executor, "memory_per_adapter": per_adapter}
 
         def manifest() -> dict[str, Any]:
@@ -514,16 +506,11 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
             write_atomic(manifest_path, strict_json(manifest()))
 
         if tasks and config.executor == "ray":
-            done, info = _ray(tasks, per_adapter, record)
-            executor.update(info)
+            executor.update(_ray(tasks, per_adapter, record))
         elif tasks:
             logger.info(i18n.ui("batch_pool", rule=rule))
             executor.update(width=width, threads=threads, rule=rule)
-            done = _local(tasks, width, record)
-        else:
-            done = []
-        for task, line in zip(tasks, done):
-            lines[task["name"]] = {**line, "key": task["key"], "path": task["path"]}
+            _local(tasks, width, record)
         data = manifest()
         ordered, counts, passed = data["adapters"], data["counts"], data["passed"]
         write_atomic(manifest_path, strict_json(data))
@@ -532,30 +519,6 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
         report = write_batch_report(out, data)
         logger.info(i18n.ui("batch_done", done=counts["done"], failed=counts["failed"], report=report))
     return BatchResult(str(out), ordered, report, passed, counts)
-
-
-def _check_disk(config: ExportConfiguration, info: Any, out: Path, pending: list[str]) -> None:
-    """Stop before any adapter starts when output_dir's disk cannot hold what the adapters still to run will write
-    (ME404, with the numbers): each adapter's run checks its own need when it starts, but side by side they share the
-    disk, and a batch that fits only half way would fail hours in."""
-    import shutil
-
-    from .pipeline import disk_needed
-
-    if not pending or config.batch_outputs == "adapters":  # adapter files: megabytes each
-        return
-    each = disk_needed(config, info)
-    free = shutil.disk_usage(out).free
-    total = sum(each.values()) * len(pending)
-    if total > free:
-        parts = ", ".join(f"{part} {human_bytes(size)}" for part, size in each.items())
-        raise ResourceError(
-            "disk_too_small",
-            path=str(out),
-            free=human_bytes(free),
-            need=human_bytes(total),
-            parts=i18n.ui("batch_disk_parts", count=len(pending), parts=parts),
-        )
 
 
 def _counts(lines: list[dict[str, Any]]) -> dict[str, int]:

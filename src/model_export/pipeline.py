@@ -269,24 +269,21 @@ def _base_gguf(c: ExportConfiguration, base_dir: Path, export: Path) -> dict[str
     model), read back against the base, in export/gguf with base.json naming the base folder."""
     from .exporters.gguf_export import export_gguf, gguf_type_for, read_back
 
-    target, partial = export / "gguf", export / ".gguf.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    details = export_gguf(
-        base_dir,
-        partial,
-        gguf_type=gguf_type_for(c.quantization_level, base_dir, c.gguf_type),
-        name=base_dir.name,
-        output_type=c.gguf_output_type,
-        token_embedding_type=c.gguf_token_embedding_type,
-        keep=c.quantization_keep_modules,
-    )
-    readback = read_back(details["path"], base_dir)
-    write_atomic(partial / "base.json", strict_json({"base_dir": str(base_dir)}))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(partial, target)
-    details = _relocate(details, str(partial), str(target))
-    return {**details, "folder": str(target), "readback": readback}
+    def write(partial: Path) -> dict[str, Any]:
+        details = export_gguf(
+            base_dir,
+            partial,
+            gguf_type=gguf_type_for(c.quantization_level, base_dir, c.gguf_type),
+            name=base_dir.name,
+            output_type=c.gguf_output_type,
+            token_embedding_type=c.gguf_token_embedding_type,
+            keep=c.quantization_keep_modules,
+        )
+        write_atomic(partial / "base.json", strict_json({"base_dir": str(base_dir)}))
+        return {**details, "readback": read_back(details["path"], base_dir)}
+
+    target = export / "gguf"
+    return {**_into_folder(target, write), "folder": str(target)}
 
 
 LOCK_FILE = ".model-export.lock"
@@ -468,14 +465,16 @@ def disk_needed(config: ExportConfiguration, info: Any) -> dict[str, int]:
     return {part: int(per * params) for part, per in needs.items()}
 
 
-def check_disk_space(config: ExportConfiguration, info: Any, out: Path) -> None:
+def check_disk_space(config: ExportConfiguration, info: Any, out: Path, adapters: int = 1) -> None:
     """Stop before writing anything when output_dir's disk cannot hold what the run will write (ME404), with the
-    numbers."""
+    numbers; a batch asks for its ``adapters`` still to run at once, as side by side they share the disk."""
     needs = disk_needed(config, info)
     free = shutil.disk_usage(out).free
-    total = sum(needs.values())
+    total = sum(needs.values()) * adapters
     if total > free:
         parts = ", ".join(f"{part} {human_bytes(size)}" for part, size in needs.items())
+        if adapters > 1:
+            parts = i18n.ui("batch_disk_parts", count=adapters, parts=parts)
         raise ResourceError(
             "disk_too_small", path=str(out), free=human_bytes(free), need=human_bytes(total), parts=parts
         )
@@ -612,10 +611,14 @@ def _export(
     writers: list[tuple[str, Callable[[Path], dict[str, Any]]]] = []
     if merged:
         for fmt in c.formats:
-            context = lambda partial, fmt=fmt: ExportContext(  # noqa: E731
-                state.out / "merge", partial, c, checkpoint, base, imatrix, gptq
+            writers.append(
+                (
+                    fmt,
+                    lambda partial, fmt=fmt: FORMATS[fmt].export(
+                        ExportContext(state.out / "merge", partial, c, checkpoint, base, imatrix, gptq)
+                    ),
+                )
             )
-            writers.append((fmt, lambda partial, fmt=fmt, context=context: FORMATS[fmt].export(context(partial))))
     if state.shared.get("outputs") in ("adapters", "both"):
         writers.append(("peft", lambda partial: _peft_folder(checkpoint, partial)))
         if state.shared.get("base_gguf"):
@@ -623,14 +626,8 @@ def _export(
             writers.append(("gguf_lora", lambda partial: _gguf_lora(checkpoint, gguf, partial)))
     for fmt, write in writers:
         target = export / fmt
-        partial = export / f".{fmt}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        details[fmt] = write(partial)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(partial, target)
         artifacts[fmt] = str(target)
-        # The exporter named files under the partial folder, which is now the target.
-        details[fmt] = {"path": str(target), **_relocate(details[fmt], str(partial), str(target))}
+        details[fmt] = {"path": str(target), **_into_folder(target, write)}
     # A folder's size is that of one deployable artifact: a second copy (ONNX's optimized graph) has its own row.
     skip = {fmt: FORMATS[fmt].second_copy if fmt in FORMATS else None for fmt in artifacts}
     sizes = {fmt: _size(Path(p), skip=skip[fmt]) for fmt, p in artifacts.items()}
@@ -664,6 +661,17 @@ def _gguf_lora(checkpoint: Path, base_gguf: Path, out: Path) -> dict[str, Any]:
     relative = os.path.relpath(base_gguf, out.parent / "gguf_lora")
     write_modelfile(out, relative, base_dir, adapter=Path(lora["path"]).name)
     return {**lora, "base_gguf": str(base_gguf), "modelfile": str(out / "Modelfile")}
+
+
+def _into_folder(target: Path, write: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """``write(partial)`` into a hidden partial folder beside ``target``, renamed to ``target`` when complete (a killed
+    write never leaves a folder that looks finished); the paths ``write`` returned are moved to ``target`` too."""
+    partial = target.parent / f".{target.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    details = write(partial)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
+    return _relocate(details, str(partial), str(target))
 
 
 def _relocate(data: Any, old: str, new: str) -> Any:

@@ -401,7 +401,7 @@ def write_batch_report(out: Path, data: dict[str, Any]) -> str:
         base_items.append(f"<li><code>{html.escape(shared['base_heldout'])}</code></li>")
     if shared.get("base_gguf"):
         base_items.append(f"<li><code>{html.escape(shared['base_gguf'])}</code></li>")
-    serve = _serving(out, data)
+    serve = _serving(data)
     executor = data.get("executor", {})
     page = f"""<!doctype html><html lang="{i18n.current_language()}"><head><meta charset="utf-8">
 <title>model-export batch report</title>
@@ -418,13 +418,11 @@ def write_batch_report(out: Path, data: dict[str, Any]) -> str:
     return str(out / "report.html")
 
 
-def _serving(out: Path, data: dict[str, Any]) -> str:
+def _serving(data: dict[str, Any]) -> str:
     """How to serve what the batch wrote: vLLM with every PEFT folder, Ollama with every Modelfile."""
-    done = [r for r in data["adapters"] if r["status"] == "done"]
-    peft = [(r["name"], out / r["name"] / "export" / "peft") for r in done]
-    peft = [(n, p) for n, p in peft if p.is_dir()]
-    modelfiles = [(r["name"], out / r["name"] / "export" / "gguf_lora" / "Modelfile") for r in done]
-    modelfiles = [(n, p) for n, p in modelfiles if p.is_file()]
+    written = [(r["name"], a) for r in data["adapters"] if r["status"] == "done" for a in r.get("artifacts", [])]
+    peft = [(n, Path(a["path"])) for n, a in written if a["format"] == "peft"]
+    modelfiles = [(n, Path(a["path"]) / "Modelfile") for n, a in written if a["format"] == "gguf_lora"]
     if not peft and not modelfiles:
         return ""
     lines = []

@@ -21,6 +21,7 @@ import gc
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -521,32 +522,70 @@ def verify_gguf(
     """Read the GGUF back against the merge (always; quantized blocks re-encoded with the importance matrix the
     export used, ``imatrix``), then run it in llama.cpp and judge it like any artifact (where llama-cpp-python is
     installed). A read-back failure is the guide's 'inference failed'."""
-    from . import extras
-    from .errors import ExportError
     from .exporters.gguf_export import read_back
 
-    try:
+    def read() -> tuple[dict[str, Any], str]:
         importance = None
         if imatrix is not None:
             from .exporters.gguf_export import read_importance
 
             importance = read_importance(imatrix)
-        readback = read_back(artifact, merged, importance)
+        return read_back(artifact, merged, importance), precision_of(artifact)
+
+    return _read_back_then_run(
+        artifact,
+        read,
+        lambda: precision_of(artifact),
+        reference,
+        bounds,
+        new_tokens=new_tokens,
+        floor=lambda precision: floor,
+        options=options,
+        ran="read back ({tensors} tensors), llama.cpp: ",
+        unrun="read back ({tensors} tensors equal to the merge)",
+    )
+
+
+def _read_back_then_run(
+    artifact: Path,
+    read: Callable[[], tuple[dict[str, Any], str]],
+    failed_precision: Callable[[], str],
+    reference: Reference,
+    bounds: Bounds,
+    *,
+    new_tokens: int,
+    floor: Callable[[str], str],
+    options: RunOptions,
+    ran: str,
+    unrun: str,
+) -> ArtifactVerdict:
+    """A GGUF's verdict: ``read()`` reads it back (returning what it found and the artifact's precision; an
+    ExportError fails the artifact as the guide's 'inference failed', at ``failed_precision()``), then llama.cpp runs
+    it and judges it like any artifact on ``floor(precision)``, or, without llama-cpp-python, it is not run (never a
+    pass). ``ran`` prefixes the rule of a run, ``unrun`` is the rule of one not run (both take {tensors})."""
+    from . import extras
+    from .errors import ExportError
+
+    try:
+        readback, precision = read()
     except ExportError as exc:
-        verdict = ArtifactVerdict(str(artifact), precision_of(artifact), "failed", "read back", error=str(exc))
+        verdict = ArtifactVerdict(str(artifact), failed_precision(), "failed", "read back", error=str(exc))
         verdict.failure = ValidationError("inference_failed", artifact=str(artifact), error=str(exc))
         return verdict
     if extras.is_available("llama_cpp"):
         verdict = verify_artifact(
-            artifact, reference, bounds, new_tokens=new_tokens, raise_on_failure=False, floor=floor, options=options
-        )
-        verdict.rule = f"read back ({readback['tensors']} tensors), llama.cpp: {verdict.rule}"
-    else:  # read back equal to the merge, but never run: not a pass
-        verdict = not_run(
             artifact,
-            precision_of(artifact),
-            i18n.ui("reason_no_llama_cpp"),
-            rule=f"read back ({readback['tensors']} tensors equal to the merge)",
+            reference,
+            bounds,
+            new_tokens=new_tokens,
+            raise_on_failure=False,
+            floor=floor(precision),
+            options=options,
+        )
+        verdict.rule = ran.format(tensors=readback["tensors"]) + verdict.rule
+    else:
+        verdict = not_run(
+            artifact, precision, i18n.ui("reason_no_llama_cpp"), rule=unrun.format(tensors=readback["tensors"])
         )
     verdict.readback = readback
     return verdict
@@ -760,28 +799,18 @@ def verify_gguf_lora(
     """A LoRA GGUF with its Modelfile: read back against the adapter (every A and scaled B), then run in llama.cpp on
     the base GGUF the Modelfile names, as Ollama would load the pair, and judged like any artifact against the
     reference (where llama-cpp-python is installed; else not run, never a pass)."""
-    from . import extras
-    from .errors import ExportError
     from .exporters.gguf_export import read_back_lora
 
-    try:
-        readback = read_back_lora(artifact, checkpoint, base_dir)
-        precision = precision_of(artifact)  # the base GGUF's (the Modelfile is checked here too)
-    except ExportError as exc:
-        verdict = ArtifactVerdict(str(artifact), "full", "failed", "read back", error=str(exc))
-        verdict.failure = ValidationError("inference_failed", artifact=str(artifact), error=str(exc))
-        return verdict
-    if extras.is_available("llama_cpp"):
-        verdict = verify_artifact(
-            artifact, reference, bounds, new_tokens=new_tokens, raise_on_failure=False, floor=precision, options=options
-        )
-        verdict.rule = f"read back ({readback['tensors']} LoRA tensors), llama.cpp on the base GGUF: {verdict.rule}"
-    else:
-        verdict = not_run(
-            artifact,
-            precision,
-            i18n.ui("reason_no_llama_cpp"),
-            rule=f"read back ({readback['tensors']} LoRA tensors equal to the adapter's)",
-        )
-    verdict.readback = readback
-    return verdict
+    return _read_back_then_run(
+        artifact,
+        # the base GGUF's precision (the Modelfile is checked here too)
+        lambda: (read_back_lora(artifact, checkpoint, base_dir), precision_of(artifact)),
+        lambda: "full",
+        reference,
+        bounds,
+        new_tokens=new_tokens,
+        floor=lambda precision: precision,
+        options=options,
+        ran="read back ({tensors} LoRA tensors), llama.cpp on the base GGUF: ",
+        unrun="read back ({tensors} LoRA tensors equal to the adapter's)",
+    )

@@ -109,7 +109,7 @@ def test_a_ray_cluster_that_cannot_be_reached_is_explained(tmp_path, monkeypatch
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
     monkeypatch.setattr(ray, "init", refuse)
     with pytest.raises(ResourceError) as caught:
-        _ray([], 2**30)
+        _ray([], 2**30, lambda task, line: None)
     assert caught.value.code == "ME409" and "10.0.0.5:6379" in str(caught.value)
     assert "RAY_AUTH_MODE=token" in caught.value.hint()
 
