@@ -18,7 +18,14 @@ from . import i18n
 from .errors import BaseModelError
 from .tensor_io import SafetensorsFormatError, TensorInfo, read_header
 
-__all__ = ["BaseModelInfo", "resolve_base_model", "inspect_base_model", "hub_cache_dir", "is_offline"]
+__all__ = [
+    "BaseModelInfo",
+    "resolve_base_model",
+    "inspect_base_model",
+    "hub_cache_dir",
+    "is_offline",
+    "local_base_dirs",
+]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
@@ -60,6 +67,19 @@ def hub_cache_dir() -> Path:
         return Path(os.path.expanduser(os.environ["HF_HUB_CACHE"]))
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
     return Path(os.path.expanduser(home)) / "hub"
+
+
+def local_base_dirs(name: str) -> list[Path]:
+    """Where base ``name`` already lies on this machine, found without downloading anything: the folder itself for a
+    path, or for a hub id its folder in the hub cache (``models--org--name``: the snapshots whose files link into its
+    blobs). The overlap rule keeps a run from writing into any of them."""
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        return [path]
+    if not _HUB_ID.match(name) or name.startswith((".", "~")):
+        return []
+    repo = hub_cache_dir() / ("models--" + name.replace("/", "--"))
+    return [repo] if repo.is_dir() else []
 
 
 def resolve_base_model(name: str) -> Path:

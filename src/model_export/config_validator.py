@@ -181,8 +181,7 @@ def _output_dir(config: ExportConfiguration) -> list[ConfigProblem]:
     inputs = [("what_checkpoint", config.checkpoint_path)]
     adapters = config.adapters.values() if isinstance(config.adapters, dict) else config.adapters
     inputs += [("what_checkpoint", _fixed_part(entry)) for entry in adapters]
-    if config.base_model_name and Path(os.path.expanduser(config.base_model_name)).is_dir():
-        inputs.append(("what_base", config.base_model_name))
+    inputs += [("what_base", str(path)) for path in _base_dirs(config, [raw for _, raw in inputs])]
     if config.calibration_data:
         inputs.append(("what_calibration", config.calibration_data))
     written = [("output_dir", path) for path in _written_paths(output)]
@@ -221,6 +220,35 @@ def _output_dir(config: ExportConfiguration) -> list[ConfigProblem]:
                 )
                 break
     return problems
+
+
+def _base_dirs(config: ExportConfiguration, checkpoints: list[str]) -> list[Path]:
+    """The base model's folders on this machine, however it is named: base_model_name, or else each base the
+    adapters' adapter_config.json files name (a path, relative to where the run starts as the run reads it, or a hub
+    id found in the hub cache); nothing is downloaded."""
+    from .base_model import local_base_dirs
+
+    names = [config.base_model_name] if config.base_model_name else _named_bases(checkpoints)
+    return [path for name in dict.fromkeys(names) for path in local_base_dirs(name)]
+
+
+def _named_bases(checkpoints: list[str]) -> list[str]:
+    """base_model_name_or_path of every adapter_config.json the checkpoint paths can select: the folder itself, its
+    checkpoint-N folders, and those of a sweep folder's runs (unreadable ones are other rules' problems)."""
+    import json
+
+    names = []
+    for raw in checkpoints:
+        root = Path(os.path.expanduser(raw))
+        patterns = ("adapter_config.json", "*/adapter_config.json", "*/*/adapter_config.json")
+        for file in (f for pattern in patterns for f in sorted(root.glob(pattern))[:1000]):
+            try:
+                name = json.loads(file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(name, str) and name and "\0" not in name:
+                names.append(name)
+    return names
 
 
 def _fixed_part(entry: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 from . import i18n
 from .adapter_format import ADAPTER_CONFIG, read_adapter_config
-from .base_model import BaseModelInfo, inspect_base_model, resolve_base_model
+from .base_model import BaseModelInfo, inspect_base_model, local_base_dirs, resolve_base_model
 from .checkpoint_detector import detect
 from .checkpoint_validator import validate_checkpoint
 from .config import parse_size
@@ -109,7 +109,7 @@ def merge(
     if not base:
         raise BaseModelError("base_model_unknown", path=str(checkpoint / ADAPTER_CONFIG))
     out = Path(out)
-    _refuse_inputs_as_output(out, checkpoint, resolve_base_model(base))
+    _refuse_inputs_as_output(out, checkpoint, resolve_base_model(base), *local_base_dirs(base))
     with MemoryMonitor(enabled=memory_monitoring) as monitor:
         if validate:  # the pipeline's check step has done it already
             validate_checkpoint(checkpoint, base, progress=False)
@@ -173,9 +173,11 @@ def _one_compute_thread():
         torch.set_num_threads(before)
 
 
-def _refuse_inputs_as_output(out: Path, checkpoint: Path, base_dir: Path) -> None:
+def _refuse_inputs_as_output(out: Path, *inputs: Path) -> None:
+    """ME704 when ``out`` is an input, lies in one or holds one (the checkpoint, the base's folder, and a hub id's whole
+    cache folder, whose snapshots link into its blobs)."""
     target = out.resolve()
-    for path in (checkpoint.resolve(), base_dir.resolve()):
+    for path in (p.resolve() for p in inputs):
         if target == path or target.is_relative_to(path) or path.is_relative_to(target):
             raise MergeError("merge_output_is_input", out=str(out), input=str(path))
 
