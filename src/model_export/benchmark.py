@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import i18n
 from .errors import ValidationError
 from .monitoring import logger
 from .runtimes import runtime_name
@@ -50,13 +51,17 @@ class ArtifactBenchmark:
     peak_gpu_gib: float | None = None  # torch's peak allocation on the GPU
     repeats: int = 0
     note: str | None = None
-    error: str | None = None
+    error: str | None = None  # failed: the runtime started but could not load or run the artifact
     runs: list[dict[str, float]] = field(default_factory=list)
+    status: str = "measured"  # measured | failed | not_run, as the run's verdicts: a runtime that could not start
+    reason: str | None = None  # not_run: why (the runtime's package missing, or installed but failing to import)
 
 
 def artifacts_of(target: str | Path) -> list[tuple[str, Path]]:
     """(label, path) of what to benchmark: every artifact of a run directory (its run.json), or ``target`` itself."""
     target = Path(target)
+    if not target.exists():
+        raise ValidationError("benchmark_target_missing", path=str(target))
     manifest = target / "run.json"
     if manifest.is_file():
         from .manifest import RunManifest
@@ -68,9 +73,7 @@ def artifacts_of(target: str | Path) -> list[tuple[str, Path]]:
     found = runnables_in(target)
     if found:
         return found
-    raise ValidationError(
-        "inference_failed", artifact=str(target), error="no run.json, model folder, ONNX graph or GGUF file here"
-    )
+    raise ValidationError("benchmark_target_empty", path=str(target))
 
 
 def benchmark(
@@ -87,16 +90,27 @@ def benchmark(
     directory.
 
     ``device_map`` places the transformers runs (cpu, cuda, auto: the GPU when there is one).
-    Raises ValidationError ('inference_failed') when ``target`` holds nothing to benchmark, ResourceError (ME405)
-    for device_map cuda without a GPU.
+    An artifact whose runtime cannot start here (its package missing, or installed but failing to import) is
+    ``not_run`` with the reason, as in the run's verification; one that its runtime cannot load or run is ``failed``.
+    Raises ValidationError: ME605 when ``target`` does not exist, ME606 when it holds nothing to benchmark;
+    ResourceError (ME405) for device_map cuda without a GPU.
     """
     from .reference import resolve_device
+    from .runtimes import runtime_problem
 
     target = Path(target)
+    found = artifacts_of(target)
     device = resolve_device(device_map)
     results = []
-    for label, path in artifacts_of(target):
-        logger.info("Benchmarking %s (%s)", label, path)
+    for label, path in found:
+        problem = runtime_problem(path)
+        if problem is not None:
+            logger.warning(i18n.ui("benchmark_not_run", artifact=path, reason=problem))
+            results.append(
+                ArtifactBenchmark(label, str(path), runtime_name(path), 0, new_tokens, status="not_run", reason=problem)
+            )
+            continue
+        logger.info(i18n.ui("benchmark_running", label=label, artifact=path))
         results.append(_child(label, path, prompt, new_tokens, batch_size, repeats, device))
     destination = Path(out) if out else (target / BENCHMARK_FILE if (target / "run.json").is_file() else None)
     if destination:
@@ -127,7 +141,9 @@ def _child(
     data = json.loads(stdout.decode().strip().splitlines()[-1]) if process.returncode == 0 and stdout.strip() else None
     if data is None:
         error = (stderr.decode(errors="replace").strip().splitlines() or ["the benchmark process failed"])[-1]
-        return ArtifactBenchmark(label, str(path), runtime_name(path), 0, new_tokens, error=error[:400])
+        return ArtifactBenchmark(
+            label, str(path), runtime_name(path), 0, new_tokens, error=error[:400], status="failed"
+        )
     peak = data.pop("peak_rss_kib")
     return ArtifactBenchmark(label=label, peak_rss_gib=round(peak / 2**20, 3), **data)
 

@@ -379,45 +379,47 @@ def _benchmark(args: argparse.Namespace) -> int:
     )
 
     def human(console: Console) -> None:
-        table = Table(title="model-export benchmark")
-        for column in (
-            "artifact",
-            "runtime",
-            "device",
-            "load (s)",
-            "first token (ms)",
-            "decode (tok/s)",
-            f"batch {args.batch_size} (tok/s)",
-            "peak RSS (GiB)",
-            "peak GPU (GiB)",
-        ):
-            table.add_column(column)
-        for r in results:
-            if r.error:
-                table.add_row(r.label, r.runtime, r.device, Text(str(r.error), style="red"), "", "", "", "", "")
-                continue
-            batch = f"{r.decode_tokens_per_s_batch:.1f}" if r.decode_tokens_per_s_batch else "-"
-            gpu = f"{r.peak_gpu_gib:.2f}" if r.peak_gpu_gib is not None else "-"
-            table.add_row(
-                r.label,
-                r.runtime,
-                r.device,
-                f"{r.load_s:.2f}",
-                f"{r.ttft_s * 1000:.2f}",
-                f"{r.decode_tokens_per_s:.1f}",
-                batch,
-                f"{r.peak_rss_gib:.2f}",
-                gpu,
-            )
-        console.print(table)
-        for r in results:
-            if r.note:
-                console.print(f"{r.label}: {r.note}")
+        _print_benchmark(console, results, args.batch_size)
         if report:
             console.print(i18n.ui("benchmark_written", path=Path(args.target) / BENCHMARK_FILE, report=report))
 
     _emit(args, [asdict(r) for r in results], human)
-    return 1 if any(r.error for r in results) else 0
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def _print_benchmark(console: Console, results: list[Any], batch_size: int) -> None:
+    """One row per artifact in 80 columns (short headers; the batch, GPU and device columns only when they say
+    something); an artifact not run or failed says so in its row, and why in a line under the table."""
+    from .report import STATUS_TEXT
+
+    gpu = any(r.peak_gpu_gib is not None for r in results)
+    device = any(r.device != "cpu" for r in results)
+    columns = ["artifact", "runtime", "load s", "TTFT ms", "tok/s"] + (
+        [f"batch {batch_size}"] if batch_size > 1 else []
+    )
+    columns += ["RSS GiB"] + (["GPU GiB"] if gpu else []) + (["device"] if device else [])
+    table = Table(title="model-export benchmark")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    notes = []
+    for r in results:
+        if r.status != "measured":
+            text = i18n.ui(STATUS_TEXT["not_run" if r.status == "not_run" else "failed"])
+            cells = [Text(text, style=_VERDICT_STYLE[r.status])] + [Text("")] * (len(columns) - 3)
+            notes.append(Text(f"{r.label}: {text}: {r.reason or r.error}", style=_VERDICT_STYLE[r.status]))
+        else:
+            cells = [Text(f"{r.load_s:.2f}"), Text(f"{r.ttft_s * 1000:.1f}"), Text(f"{r.decode_tokens_per_s:.1f}")]
+            if batch_size > 1:
+                cells.append(Text(f"{r.decode_tokens_per_s_batch:.1f}" if r.decode_tokens_per_s_batch else "-"))
+            cells.append(Text(f"{r.peak_rss_gib:.2f}"))
+            cells += [Text(f"{r.peak_gpu_gib:.2f}" if r.peak_gpu_gib is not None else "-")] if gpu else []
+            cells += [Text(r.device)] if device else []
+            if r.note:
+                notes.append(Text(f"{r.label}: {r.note}"))
+        table.add_row(Text(r.label), Text(r.runtime), *cells)
+    console.print(table)
+    for note in notes:
+        console.print(note, soft_wrap=False)  # wrapped at words to the terminal's width, as the table is
 
 
 def _validate_config(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from types import ModuleType
@@ -25,6 +26,24 @@ OPTIONAL_PACKAGES: dict[str, tuple[str, str]] = {
 
 def is_available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
+
+
+@functools.cache
+def import_problem(module: str) -> str | None:
+    """Why ``module`` cannot be used here, in words with the fix, or None when it imports: not installed (the pip
+    command), or installed but failing to import (a wheel built for another glibc or CPU, a missing shared library:
+    its own error quoted, and how to rebuild it)."""
+    from . import i18n
+
+    package, extra = OPTIONAL_PACKAGES.get(module, (module, "all"))
+    if not is_available(module):
+        return i18n.ui("reason_package_missing", package=package, extra=extra)
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - ImportError, OSError from a shared library, anything its import raises
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        return i18n.ui("reason_package_broken", package=package, extra=extra, error=error)
+    return None
 
 
 def require(module: str, feature: str) -> ModuleType:

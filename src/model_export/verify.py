@@ -565,6 +565,7 @@ def _read_back_then_run(
     pass). ``ran`` prefixes the rule of a run, ``unrun`` is the rule of one not run (both take {tensors})."""
     from . import extras
     from .errors import ExportError
+    from .runtimes import runtime_problem
 
     try:
         readback, precision = read()
@@ -572,7 +573,8 @@ def _read_back_then_run(
         verdict = ArtifactVerdict(str(artifact), failed_precision(), "failed", "read back", error=str(exc))
         verdict.failure = ValidationError("inference_failed", artifact=str(artifact), error=str(exc))
         return verdict
-    if extras.is_available("llama_cpp"):
+    problem = runtime_problem(artifact)
+    if problem is None:
         verdict = verify_artifact(
             artifact,
             reference,
@@ -584,9 +586,9 @@ def _read_back_then_run(
         )
         verdict.rule = ran.format(tensors=readback["tensors"]) + verdict.rule
     else:
-        verdict = not_run(
-            artifact, precision, i18n.ui("reason_no_llama_cpp"), rule=unrun.format(tensors=readback["tensors"])
-        )
+        reason = i18n.ui("reason_no_llama_cpp") if not extras.is_available("llama_cpp") else None
+        reason = reason or i18n.ui("reason_read_back_only", problem=problem)
+        verdict = not_run(artifact, precision, reason, rule=unrun.format(tensors=readback["tensors"]))
     verdict.readback = readback
     return verdict
 
@@ -651,6 +653,11 @@ def verify_artifact(
     """
     import torch
 
+    from .runtimes import runtime_problem
+
+    problem = runtime_problem(artifact)
+    if problem is not None:  # the runtime could not start: nothing is known of the artifact
+        return not_run(artifact, _precision_or_unknown(artifact), problem)
     precision = "unknown"
     try:
         precision = precision_of(artifact)
@@ -706,6 +713,13 @@ def verify_artifact(
     if failure is not None and raise_on_failure:
         raise failure
     return verdict
+
+
+def _precision_or_unknown(artifact: Path) -> str:
+    try:
+        return precision_of(artifact)
+    except Exception:  # noqa: BLE001 - reading the precision needs the format's package too (onnx, gguf)
+        return "unknown"
 
 
 _COARSENESS = {"full": 0, "reduced": 1, "int4": 2}

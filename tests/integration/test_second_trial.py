@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -71,3 +70,100 @@ def test_output_dir_in_the_hub_cache_of_a_base_named_by_its_hub_id_is_refused(
         problems = validate_config({"checkpoint_path": str(training), "output_dir": str(output)})
         assert [p.key for p in problems] == ["output_dir"], output
     assert validate_config({"checkpoint_path": str(training), "output_dir": str(tmp_path / "out")}) == []
+
+
+# --- a runtime that cannot start is not the artifact's failure; the benchmark speaks the run's verdicts -------------
+
+
+@pytest.fixture
+def broken_llama_cpp(tmp_path, monkeypatch):
+    """llama-cpp-python installed but failing to import, as a wheel built for a newer glibc does on Debian 12."""
+    from model_export import extras
+
+    fake = tmp_path / "site" / "llama_cpp"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("libc.so.6: version `GLIBC_2.38\' not found")\n')
+    monkeypatch.syspath_prepend(str(fake.parent))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.delitem(sys.modules, "llama_cpp", raising=False)
+    extras.import_problem.cache_clear()
+    yield
+    extras.import_problem.cache_clear()
+
+
+def test_a_gguf_whose_runtime_cannot_be_imported_is_not_run_with_the_import_error(
+    training, tmp_path, broken_llama_cpp, capsys
+):
+    pytest.importorskip("gguf")
+    out = tmp_path / "out"
+    sets = ["--set", f"checkpoint_path={training}", "--set", f"output_dir={out}", "--set", "export_formats=[gguf]"]
+    assert main(["run", *sets]) == 0  # exit 1 before: ME602 "check the model files" for a runtime that never started
+    verdict = json.loads((out / "run.json").read_text())["steps"]["verify"]["result"]["verdicts"]["gguf"]
+    assert verdict["status"] == "not_run"
+    assert "cannot be imported" in verdict["reason"] and "GLIBC_2.38" in verdict["reason"]
+    assert "read back" in verdict["reason"] and "llamacpp" in verdict["reason"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "not_verified" and "GLIBC_2.38" in report["summary"]
+
+
+@pytest.fixture(scope="module")
+def exported(training, tmp_path_factory):
+    """A run with every format the default install runs or reads: safetensors, ONNX, GGUF."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("gguf")
+    from model_export.demo.run import shipped_base
+
+    out = tmp_path_factory.mktemp("exported") / "out"
+    config = ExportConfiguration(
+        checkpoint_path=str(training),
+        base_model_name=str(shipped_base()),
+        output_dir=str(out),
+        export_formats=["safetensors", "onnx", "gguf"],
+    )
+    run(config)
+    return out
+
+
+def _benchmark(capsys, *args):
+    code = main(["benchmark", *args, "--repeats", "1", "--new-tokens", "2"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_benchmark_of_a_runtime_that_cannot_start_is_not_run_and_exits_0_in_80_columns(
+    exported, broken_llama_cpp, capsys, monkeypatch
+):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, err = _benchmark(capsys, str(exported))
+    assert code == 0, out + err  # exit 1 before, "ModuleNotFoundError" in the load column
+    lines = out.splitlines()
+    assert all(len(line) <= 80 for line in lines if not line.startswith("Benchmark results:")), out
+    assert "…" not in out and "..." not in out.split("gguf: not run")[0]
+    row = next(line for line in lines if line.startswith("│ gguf"))
+    assert "not run" in row
+    assert "gguf: not run: llama-cpp-python is installed but cannot be imported" in " ".join(out.split())
+    results = json.loads((exported / "benchmark" / "benchmark.json").read_text())
+    by_label = {r["label"]: r for r in results}
+    assert by_label["gguf"]["status"] == "not_run" and "GLIBC_2.38" in by_label["gguf"]["reason"]
+    assert by_label["onnx"]["status"] == "measured" and by_label["onnx"]["decode_tokens_per_s"] > 0
+
+
+def test_benchmark_takes_every_form_the_readme_lists(exported, capsys):
+    forms = {
+        exported / "export" / "onnx": {"onnx", "onnx-optimized"},
+        exported / "export" / "onnx" / "model.onnx": {"model.onnx"},
+        exported / "export" / "safetensors": {"safetensors"},
+        exported / "export" / "gguf": {"gguf"},
+    }
+    for target, labels in forms.items():
+        code, out, err = _benchmark(capsys, str(target), "--json")
+        results = json.loads(out)
+        assert {r["label"] for r in results} == labels, target
+        assert code == 0 and all(r["status"] in ("measured", "not_run") for r in results), (target, results)
+
+
+def test_benchmark_of_a_missing_path_says_it_is_missing(tmp_path, capsys):
+    code, out, err = _benchmark(capsys, str(tmp_path / "no" / "such" / "path"))
+    assert code == 1 and "ME605" in err and "does not exist" in err and "simpler input" not in err
+    code, out, err = _benchmark(capsys, str(tmp_path))
+    assert code == 1 and "ME606" in err and "Nothing to benchmark" in err

@@ -9,9 +9,28 @@ from pathlib import Path
 
 from .base import Runtime
 
-__all__ = ["Runtime", "runtime_for", "runtime_name", "precision_of", "tokenizer_folder", "runnables_in"]
+__all__ = [
+    "Runtime",
+    "runtime_for",
+    "runtime_name",
+    "runtime_problem",
+    "precision_of",
+    "tokenizer_folder",
+    "runnables_in",
+]
 
 _BY_SUFFIX = {".onnx": "onnxruntime", ".gguf": "llama.cpp", ".engine": "tensorrt"}
+_MODULE = {"onnxruntime": "onnxruntime", "llama.cpp": "llama_cpp", "tensorrt": "tensorrt"}
+
+
+def runtime_problem(path: str | Path) -> str | None:
+    """Why the runtime of ``path`` cannot start on this machine (its package is missing, or installed but cannot be
+    imported), or None. Such an artifact is ``not run`` with this reason, never failed: the runtime could not start,
+    the artifact was not at fault."""
+    from .. import extras
+
+    module = _MODULE.get(runtime_name(path))
+    return extras.import_problem(module) if module else None
 
 
 def runtime_name(path: str | Path) -> str:
@@ -63,14 +82,18 @@ def runnables_in(target: str | Path) -> list[tuple[str, Path]]:
     """(label, path) of what runs in ``target`` when it is one artifact rather than a run directory: a graph, GGUF or
     engine file itself; a TensorRT folder's engine; a model folder; an ONNX folder's graph; a GGUF folder's file."""
     target = Path(target)
+    if target.is_file():
+        return [(target.name, target)] if target.suffix in _BY_SUFFIX else []
     if (target / "model.engine").is_file():  # a TensorRT folder (its config.json is not a model's)
         return [("tensorrt", target / "model.engine")]
-    if target.suffix in _BY_SUFFIX or (target / "config.json").is_file():
-        return [(target.name, target)]
-    if (target / "model.onnx").is_file():
-        return [("onnx", target / "model.onnx")]
+    if (target / "model.onnx").is_file():  # before config.json: an ONNX folder holds the model's config too
+        graphs = [("onnx", target / "model.onnx")]
+        optimized = target / "model.optimized.onnx"
+        return graphs + ([("onnx-optimized", optimized)] if optimized.is_file() else [])
     ggufs = sorted(target.glob("model-*.gguf"))
-    return [("gguf", ggufs[0])] if ggufs else []
+    if ggufs:
+        return [("gguf", ggufs[0])]
+    return [(target.name, target)] if (target / "config.json").is_file() else []
 
 
 def tokenizer_folder(path: str | Path) -> Path:
