@@ -90,7 +90,8 @@ def resolve_base_model(name: str) -> Path:
             raise BaseModelError("base_model_invalid", path=name, problem=i18n.ui("reason_not_a_dir"))
         return path
     if not _HUB_ID.match(name) or name.startswith((".", "~")):
-        raise BaseModelError("base_model_not_found", name=name, reason=i18n.ui("reason_no_dir"))
+        fix = i18n.ui("fix_base_path", name=name, cwd=str(Path.cwd()))
+        raise BaseModelError("base_model_not_found", name=name, reason=i18n.ui("reason_no_dir"), fix=fix)
     return _from_hub(name)
 
 
@@ -104,7 +105,10 @@ def _from_hub(repo_id: str) -> Path:
         cached_error = exc
     if is_offline():
         raise BaseModelError(
-            "base_model_not_found", name=repo_id, reason=i18n.ui("reason_offline_not_cached", cache=cache)
+            "base_model_not_found",
+            name=repo_id,
+            reason=i18n.ui("reason_offline_not_cached", cache=cache),
+            fix=i18n.ui("fix_base_offline", name=repo_id),
         ) from cached_error
     try:
         return Path(
@@ -120,6 +124,7 @@ def _from_hub(repo_id: str) -> Path:
             "base_model_not_found",
             name=repo_id,
             reason=i18n.ui("reason_download_failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0]),
+            fix=i18n.ui("fix_base_download", name=repo_id),
         ) from exc
 
 

@@ -22,7 +22,17 @@ from typing import Any
 
 from .config import ConfigProblem
 
-__all__ = ["CalibrationSet", "calibration_problems", "calibration_samples", "read_calibration"]
+__all__ = [
+    "CalibrationSet",
+    "calibration_problems",
+    "calibration_samples",
+    "read_calibration",
+    "calibration_used",
+    "calibration_unused",
+    "gptq_formats",
+    "gptq_wanted",
+    "sample_problems",
+]
 
 KEY = "calibration_data"
 
@@ -147,3 +157,59 @@ def calibration_samples(path: str | Path, tokenizer: Any, samples: int, length: 
         raise ConfigError("config_invalid", problems=[problem], where=f" ({path})")
     chunks = [ids[i : i + length] for i in range(0, min(len(ids), samples * length) - length + 1, length)]
     return CalibrationSet(str(path), kind, chunks, len(ids))
+
+
+def gptq_formats(c: Any) -> list[str]:
+    """The int4 formats quantized by GPTQ (asked for, or auto with calibration data): safetensors, and ONNX from
+    the streaming builder."""
+    if c.quantization_level != "int4" or c.quantization_method == "rtn" or not c.calibration_data:
+        return []
+    return [f for f in c.formats if f == "safetensors" or (f == "onnx" and c.onnx_backend != "torch")]
+
+
+def gptq_wanted(c: Any) -> bool:
+    return bool(gptq_formats(c))
+
+
+def calibration_used(c: Any) -> bool:
+    """Whether an artifact of this configuration is quantized on calibration_data: the GGUF's importance matrix (K
+    mixtures, q4_0 ... q5_1) or GPTQ."""
+    from .exporters.gguf_export import uses_importance
+
+    return bool(c.calibration_data) and (("gguf" in c.formats and uses_importance(c)) or gptq_wanted(c))
+
+
+def calibration_unused(c: Any) -> list[str]:
+    """The quantized artifacts of this run that calibration_data does not change (round-to-nearest: no data)."""
+    from .exporters.gguf_export import uses_importance
+
+    if not c.calibration_data or c.quantization_level not in ("int8", "int4"):
+        return []
+    used = {"gguf": uses_importance(c), **dict.fromkeys(gptq_formats(c), True)}
+    return [f for f in c.formats if not used.get(f, False)]
+
+
+def sample_problems(c: Any, tokenizer_dirs: list[Path]) -> list[ConfigProblem]:
+    """What the run would find only once it tokenizes the data: fewer tokens than one sample, or chat records for a
+    tokenizer without a chat template. Checked with the first tokenizer found in ``tokenizer_dirs`` (the checkpoint's,
+    its run's, the base's), as the run reads it; [] when the data is not used or no tokenizer is found here."""
+    from .errors import ConfigError
+
+    if not calibration_used(c) or calibration_problems(c.calibration_data):
+        return []
+    from .base_model import tokenizer_source
+
+    folder = tokenizer_source(tokenizer_dirs)
+    if folder is None:
+        return []
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception:  # noqa: BLE001 - an unreadable tokenizer is the check step's to explain
+        return []
+    try:
+        calibration_samples(c.calibration_data, tokenizer, c.calibration_samples, c.calibration_sequence_length)
+    except ConfigError as exc:
+        return exc.problems
+    return []

@@ -61,6 +61,13 @@ _UNITS = {
 }
 
 
+def _invalid(kind: str, template: str, **context: Any) -> Exception:
+    """A field's problem as pydantic reports it, with a type of ours that the catalogue translates (``pydantic``)."""
+    from pydantic_core import PydanticCustomError
+
+    return PydanticCustomError(kind, template, context)
+
+
 def parse_size(value: int | str) -> int:
     """Bytes from an int or a text such as ``5GB``, ``500MB`` or ``2GiB`` (as transformers' max_shard_size)."""
     if isinstance(value, int):
@@ -192,8 +199,9 @@ class ExportConfiguration(BaseModel):
         description="Calibration text: a plain text file, JSON Lines with a 'text' field, or JSON Lines chat records "
         "('messages', rendered through the model's chat template). A GGUF in a K mixture (q4_k_m, the int4 default) "
         "or q4_0 ... q5_1 is then quantized with an importance matrix collected on it (written as "
-        "calibrate/imatrix.gguf, llama.cpp's format); the int8/int4 safetensors and ONNX quantizers are data-free "
-        "(round-to-nearest) and a run says that it does not use it for them.",
+        "calibrate/imatrix.gguf, llama.cpp's format), and int4 safetensors and ONNX by GPTQ on it (with "
+        "quantization_method auto or gptq). int8 safetensors and ONNX, and int4 with quantization_method rtn, "
+        "are round-to-nearest, which uses no data: a run says when it does not use the data for a format.",
     )
     quantization_method: Literal["auto", "rtn", "gptq"] = Field(
         "auto",
@@ -429,15 +437,19 @@ class ExportConfiguration(BaseModel):
     @field_validator("max_shard_size")
     @classmethod
     def _check_size(cls, value: str) -> str:
-        if parse_size(value) <= 0:
-            raise ValueError("must be larger than 0")
+        try:
+            size = parse_size(value)
+        except ValueError:
+            raise _invalid("me_size", "not a size (write e.g. 5GB, 500MB or 2GiB)") from None
+        if size <= 0:
+            raise _invalid("me_positive", "must be larger than 0")
         return value
 
     @field_validator("checkpoint_path", "base_model_name", "output_dir", "calibration_data", "log_file")
     @classmethod
     def _check_path(cls, value: str | None) -> str | None:
         if value is not None and "\0" in value:  # no file system takes it; os functions would raise ValueError
-            raise ValueError("a path cannot contain a NUL character")
+            raise _invalid("me_nul", "a path cannot contain a NUL character")
         return value
 
     @field_validator("quantization_keep_modules")
@@ -449,14 +461,16 @@ class ExportConfiguration(BaseModel):
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+                raise _invalid(
+                    "me_regex", "{pattern} is not a regular expression: {error}", pattern=repr(pattern), error=str(exc)
+                ) from None
         return value
 
     @field_validator("quantization_group_size")
     @classmethod
     def _check_group(cls, value: int | None) -> int | None:
         if value is not None and (value < 16 or value & (value - 1)):
-            raise ValueError("must be a power of two from 16 (16, 32, 64, 128, ...)")
+            raise _invalid("me_group", "must be a power of two from 16 (16, 32, 64, 128, ...)")
         return value
 
     @field_validator("adapters")
@@ -464,7 +478,7 @@ class ExportConfiguration(BaseModel):
     def _check_adapters(cls, value: list[str] | dict[str, str]) -> list[str] | dict[str, str]:
         for path in value.values() if isinstance(value, dict) else value:
             if "\0" in path:
-                raise ValueError("a path cannot contain a NUL character")
+                raise _invalid("me_nul", "a path cannot contain a NUL character")
         return value
 
     @field_validator("export_formats")
@@ -497,13 +511,17 @@ class ConfigProblem:
     line: int | None = None
 
     def message(self, lang: str | None = None) -> str:
-        return i18n.render("problems", self.kind, lang=lang, key=self.key, **self.params)
+        return i18n.render("problems", self.kind, lang=lang, key=self.key, **self._params(lang))
 
     def fix(self, lang: str | None = None) -> str:
-        return i18n.render("problems", self.kind, "fix", lang=lang, key=self.key, **self.params)
+        return i18n.render("problems", self.kind, "fix", lang=lang, key=self.key, **self._params(lang))
+
+    def _params(self, lang: str | None) -> dict[str, Any]:
+        # A parameter may be a text of its own (a library's message): rendered in the same language.
+        return {k: (v.render(lang) if hasattr(v, "render") else v) for k, v in self.params.items()}
 
     def render(self, lang: str | None = None) -> str:
-        where = f"line {self.line}: " if self.line else ""
+        where = i18n.render("ui", "problem_line", lang=lang, line=self.line) if self.line else ""
         return f"{where}{self.key}: {self.message(lang)} -> {self.fix(lang)}"
 
     def __str__(self) -> str:
@@ -527,8 +545,7 @@ def problems_from_pydantic(exc: pydantic.ValidationError) -> list[ConfigProblem]
         if err["type"] in ("extra_forbidden", "no_such_attribute"):
             problems.append(unknown_key_problem(key))
         else:
-            message = err["msg"].removeprefix("Value error, ")
-            problems.append(ConfigProblem(key, "field_invalid", {"problem": f"{message} (got {err.get('input')!r})"}))
+            problems.append(ConfigProblem(key, "field_invalid", {"problem": i18n.Foreign.pydantic(err)}))
     return problems
 
 
@@ -581,7 +598,9 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
             path=str(path),
             line=0,
             column=exc.start + 1,
-            problem=f"the file is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})",
+            problem=i18n.Foreign.parser(
+                f"the file is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+            ),
         ) from None
     except OSError as exc:
         raise ConfigError("config_parse", path=str(path), line=0, column=0, problem=exc.strerror or str(exc)) from None
@@ -589,10 +608,16 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - safe subclass
     except RecursionError:
         raise ConfigError(
-            "config_parse", path=str(path), line=0, column=0, problem="nested too deeply to be a configuration"
+            "config_parse",
+            path=str(path),
+            line=0,
+            column=0,
+            problem=i18n.Foreign.parser("nested too deeply to be a configuration"),
         ) from None
     except json.JSONDecodeError as exc:
-        raise ConfigError("config_parse", path=str(path), line=exc.lineno, column=exc.colno, problem=exc.msg) from None
+        raise ConfigError(
+            "config_parse", path=str(path), line=exc.lineno, column=exc.colno, problem=i18n.Foreign.parser(exc.msg)
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise ConfigError(
@@ -600,10 +625,12 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
             path=str(path),
             line=mark.line + 1 if mark else 0,
             column=mark.column + 1 if mark else 0,
-            problem=exc.problem or str(exc),
+            problem=i18n.Foreign.parser(exc.problem or str(exc)),
         ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError("config_parse", path=str(path), line=0, column=0, problem=str(exc)) from None
+        raise ConfigError(
+            "config_parse", path=str(path), line=0, column=0, problem=i18n.Foreign.parser(str(exc))
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

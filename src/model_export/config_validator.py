@@ -271,10 +271,13 @@ def _batch(config: ExportConfiguration) -> list[ConfigProblem]:
 
 
 def _formats(config: ExportConfiguration) -> list[ConfigProblem]:
-    formats = config.formats
-    if not formats:
-        return [ConfigProblem("export_formats", "no_formats")]
-    return []
+    """A run left with no format: named by the key that emptied it (export_onnx: false, the guide's way to skip ONNX,
+    removing the only format listed) or else export_formats."""
+    if config.formats:
+        return []
+    if config.export_onnx is False and "onnx" in config.export_formats:
+        return [ConfigProblem("export_onnx", "export_onnx_removes_all")]
+    return [ConfigProblem("export_formats", "no_formats")]
 
 
 def _samples_and_data(config: ExportConfiguration) -> list[ConfigProblem]:
@@ -285,7 +288,22 @@ def _samples_and_data(config: ExportConfiguration) -> list[ConfigProblem]:
         from .calibration import calibration_problems
 
         problems += calibration_problems(config.calibration_data)  # missing, unreadable, a bad line (named)
+        problems += _calibration_samples(config)
     return problems
+
+
+def _calibration_samples(config: ExportConfiguration) -> list[ConfigProblem]:
+    """The data tokenized as the run will tokenize it (too short for one sample, chat records without a template),
+    with the tokenizer the run would take: the checkpoints', their runs', then the base's."""
+    from .calibration import sample_problems
+
+    checkpoints = [Path(os.path.expanduser(config.checkpoint_path))]
+    adapters = config.adapters.values() if isinstance(config.adapters, dict) else config.adapters
+    checkpoints += [Path(os.path.expanduser(_fixed_part(entry))) for entry in adapters]
+    folders = [p for root in checkpoints for p in [*sorted(root.glob("checkpoint-*"), reverse=True), root]]
+    bases = _base_dirs(config, [str(p) for p in checkpoints])
+    folders += [d for base in bases for d in [base, *sorted(base.glob("snapshots/*"))]]
+    return sample_problems(config, folders)
 
 
 def _gptq(config: ExportConfiguration) -> list[ConfigProblem]:

@@ -87,3 +87,42 @@ def ui(name: str, /, **params: Any) -> Text:
     text = Text(render("ui", name, **params))
     text.key, text.params = name, params
     return text
+
+
+class Foreign:
+    """A message written by another library (pydantic, PyYAML, json): English as the library wrote it; in another
+    language from the catalogue (``pydantic`` by error type with its context fields, ``parser`` by pattern), and a text
+    the catalogue does not know is wrapped whole in a sentence of that language rather than left bare."""
+
+    def __init__(self, english: str, template: str | None, params: dict[str, Any]) -> None:
+        self.english, self.template, self.params = english, template, params
+
+    @classmethod
+    def pydantic(cls, error: Any) -> Foreign:
+        """One of pydantic's ``ValidationError.errors()``, with the value it got."""
+        message = str(error["msg"]).removeprefix("Value error, ")
+        english = f"{message} (got {error.get('input')!r})"
+        params = {k: str(format_number(v)) for k, v in (error.get("ctx") or {}).items()}
+        if "expected" in params:  # "'none', 'bf16' or 'fp16'": the list, in the sentence's language
+            params["expected"] = params["expected"].replace(" or ", ", ")
+        entries = catalogue()["pydantic"]
+        template = entries.get(error.get("type"), entries["unknown"]).get("zh")
+        params["message"] = message
+        return cls(english, template and template + f"（得到 {error.get('input')!r}）", params)
+
+    @classmethod
+    def parser(cls, text: str) -> Foreign:
+        """A YAML or JSON parser's problem."""
+        for entry in catalogue()["parser"]:
+            match = re.fullmatch(entry["pattern"], text.strip(), re.S)
+            if match:
+                return cls(text, entry["zh"], {**match.groupdict(), "message": text})
+        return cls(text, None, {})
+
+    def render(self, lang: str | None = None) -> str:
+        if (lang or current_language()) == "en" or self.template is None:
+            return self.english
+        return _FORMATTER.format(self.template, **self.params)
+
+    def __str__(self) -> str:
+        return self.render()

@@ -28,6 +28,7 @@ from typing import Any
 from . import i18n
 from .adapter_format import read_adapter_config, weights_file
 from .base_model import inspect_base_model
+from .calibration import calibration_unused, calibration_used, gptq_wanted
 from .checkpoint_detector import detect
 from .checkpoint_validator import validate_checkpoint
 from .config import OUTPUT_STEPS, ExportConfiguration
@@ -375,13 +376,13 @@ def _steps(state: _Run) -> None:
     if calibration is not None:
         calibrated = state.step(
             "calibrate",
-            [file_sha256(Path(calibration.path)), calibration.samples, _gptq_wanted(c), c.gptq_act_order],
+            [file_sha256(Path(calibration.path)), calibration.samples, gptq_wanted(c), c.gptq_act_order],
             lambda: _calibrate(state, calibration),
             outputs=lambda result: _files(str(state.out / "calibrate")) if result else [],
         )
         imatrix = Path(calibrated["imatrix"]) if calibrated.get("imatrix") else None
         gptq = Path(calibrated["gptq"]["folder"]) if calibrated.get("gptq") else None
-    unused = _calibration_unused(c) if merged else []
+    unused = calibration_unused(c) if merged else []
     if unused:
         logger.warning(i18n.ui("calibration_unused", path=c.calibration_data, formats=", ".join(unused)))
     from .exporters import FORMATS
@@ -483,9 +484,7 @@ def check_disk_space(config: ExportConfiguration, info: Any, out: Path, adapters
 def _calibration_set(c: ExportConfiguration, checkpoint: Path, base_dir: Path) -> Any:
     """The calibration samples when an artifact of this run uses them (the GGUF's importance matrix), else None;
     ConfigError when the data cannot be used."""
-    from .exporters.gguf_export import uses_importance
-
-    if not c.calibration_data or not (("gguf" in c.formats and uses_importance(c)) or _gptq_wanted(c)):
+    if not calibration_used(c):
         return None
     from transformers import AutoTokenizer
 
@@ -504,28 +503,6 @@ def _calibration_set(c: ExportConfiguration, checkpoint: Path, base_dir: Path) -
         )
     )
     return found
-
-
-def _gptq_formats(c: ExportConfiguration) -> list[str]:
-    """The int4 formats quantized by GPTQ (asked for, or auto with calibration data): safetensors, and ONNX from
-    the streaming builder."""
-    if c.quantization_level != "int4" or c.quantization_method == "rtn" or not c.calibration_data:
-        return []
-    return [f for f in c.formats if f == "safetensors" or (f == "onnx" and c.onnx_backend != "torch")]
-
-
-def _gptq_wanted(c: ExportConfiguration) -> bool:
-    return bool(_gptq_formats(c))
-
-
-def _calibration_unused(c: ExportConfiguration) -> list[str]:
-    """The quantized artifacts of this run that calibration_data does not change (they are data-free)."""
-    from .exporters.gguf_export import uses_importance
-
-    if not c.calibration_data or c.quantization_level not in ("int8", "int4"):
-        return []
-    used = {"gguf": uses_importance(c), **dict.fromkeys(_gptq_formats(c), True)}
-    return [f for f in c.formats if not used.get(f, False)]
 
 
 def _progress_to(meter: Any) -> Callable[[int, int], None]:
@@ -557,7 +534,7 @@ def _calibrate(state: _Run, calibration: Any) -> dict[str, Any]:
         "tokens": calibration.tokens,
     }
     imatrix = {} if "gguf" in c.formats and uses_importance(c) else None
-    if _gptq_wanted(c):
+    if gptq_wanted(c):
         from .exporters.safetensors_quant import int4_group_size
         from .gptq import calibrate_gptq
 

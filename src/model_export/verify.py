@@ -258,10 +258,14 @@ def compute_reference(
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from .reference import load_model, on_device
+    from .reference import load_model, on_device, resolve_device
     from .runtimes.hf import prompt_logits, run_model
 
     options = options.placed(device_map)
+    if (load_in_4bit or load_in_8bit) and resolve_device(options.device_map) != "cuda":
+        # bitsandbytes needs CUDA: said once, and the reference is then computed as without the setting (streamed)
+        logger.warning(i18n.ui("bits_without_cuda", bits=4 if load_in_4bit else 8))
+        load_in_4bit = load_in_8bit = False
     limit = min(options.max_length, _max_positions(base_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     encoded = [fit_length(_encode(tokenizer, p), new_tokens, limit, repr(p[:40])) for p in prompts]
@@ -269,7 +273,7 @@ def compute_reference(
 
     def work(device: str) -> Reference:
         bits = 4 if load_in_4bit else 8 if load_in_8bit else None
-        if bits and device != "cuda":
+        if bits and device != "cuda":  # fell back to the CPU after a CUDA out-of-memory
             logger.warning(i18n.ui("bits_without_cuda", bits=bits))
             bits = None
         precision = {4: "int4", 8: "reduced", None: "full"}[bits]

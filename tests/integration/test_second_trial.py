@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -167,3 +168,78 @@ def test_benchmark_of_a_missing_path_says_it_is_missing(tmp_path, capsys):
     assert code == 1 and "ME605" in err and "does not exist" in err and "simpler input" not in err
     code, out, err = _benchmark(capsys, str(tmp_path))
     assert code == 1 and "ME606" in err and "Nothing to benchmark" in err
+
+
+# --- messages that say what is true ---------------------------------------------------------------------------------
+
+
+def test_a_missing_base_folder_says_the_path_is_empty_and_names_no_download(adapter, tmp_path, capsys):
+    missing = tmp_path / "no-base-here"
+    assert main(["check", str(adapter), "--base", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert "ME301" in err and "nothing is there" in err and "download" not in err.split("what to do:")[1]
+
+
+def test_a_hub_id_offline_and_not_cached_says_to_unset_hf_hub_offline_with_the_cli_that_exists(
+    adapter, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert main(["check", str(adapter), "--base", "Qwen/Qwen3-4B-Thinking-2507"]) == 1
+    hint = capsys.readouterr().err.split("what to do:")[1]
+    assert "unset HF_HUB_OFFLINE" in hint and "hf download Qwen/Qwen3-4B-Thinking-2507" in hint
+    assert shutil.which("hf", path=str(Path(sys.executable).parent)), "the venv has the command the hint names"
+    assert main(["--lang", "zh", "check", str(adapter), "--base", "Qwen/Qwen3-4B-Thinking-2507"]) == 1
+    assert "取消该变量" in capsys.readouterr().err
+
+
+def test_calibration_data_shorter_than_one_sample_is_a_validate_config_problem(training, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("Hello there.\n")
+    config = tmp_path / "export.yaml"
+    config.write_text(
+        f"checkpoint_path: {training}\noutput_dir: {tmp_path / 'out'}\nexport_formats: [gguf]\n"
+        f"quantization_level: int4\ncalibration_data: {short}\n"
+    )
+    assert main(["validate-config", str(config)]) == 2  # "no problem" before; the run stopped on it later
+    out = capsys.readouterr().out
+    assert "calibration_data" in out and "fewer than one sample of 256" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_4bit_loading_on_a_machine_without_cuda_says_one_consistent_thing(training, tmp_path, caplog):
+    from model_export.demo.run import shipped_base
+
+    config = ExportConfiguration(
+        checkpoint_path=str(training),
+        base_model_name=str(shipped_base()),
+        output_dir=str(tmp_path / "out"),
+        base_model_load_in_4bit=True,
+    )
+    run(config)
+    said = [r.getMessage() for r in caplog.records if "4-bit" in r.getMessage() or "in_4bit" in r.getMessage()]
+    assert len(said) == 1 and "full precision" in said[0], said  # "loaded in 4-bit" then "full precision" before
+
+
+def test_chinese_config_messages_translate_pydantic_and_yaml(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("quantization_level: int3\nrun_validation_tests: maybe\nmax_shard_size: lots\n")
+    assert main(["--lang", "zh", "validate-config", str(bad)]) == 2
+    out = capsys.readouterr().out
+    assert "取值应为 'none', 'bf16', 'fp16', 'int8', 'int4' 之一" in out and "第 1 行" in out
+    assert "应为布尔值" in out and "不是大小" in out
+    assert "Input should" not in out and "line 1" not in out
+    tabs = tmp_path / "tabs.yaml"
+    tabs.write_text("output_dir: out\n\texport_formats: [onnx]\n")
+    assert main(["--lang", "zh", "validate-config", str(tabs)]) == 2
+    err = capsys.readouterr().err
+    assert "制表符" in err and "found character" not in err
+    assert main(["validate-config", str(tabs)]) == 2  # English keeps the library's own words
+    assert "found character '\\t' that cannot start any token" in capsys.readouterr().err
+
+
+def test_a_key_that_empties_export_formats_is_the_key_named(capsys, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("export_formats: [onnx]\nexport_onnx: false\n")
+    assert main(["validate-config", str(config)]) == 2
+    out = capsys.readouterr().out
+    assert "export_onnx: export_onnx: false removes onnx, the only format export_formats lists" in out

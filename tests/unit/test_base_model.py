@@ -43,9 +43,11 @@ def test_not_cached_and_offline_gives_the_guides_fixes(hub_cache):
     )
     hint = err.value.hint()
     for fix in (
+        "unset HF_HUB_OFFLINE",  # what stopped it, first
         "base_model_name: /path/to/local/model",
         "export HF_ENDPOINT=https://hf-mirror.com",
-        "huggingface-cli download Qwen/Qwen3-4B-Thinking-2507",
+        "hf download Qwen/Qwen3-4B-Thinking-2507",  # the command huggingface_hub installs today
+        "huggingface-cli download Qwen/Qwen3-4B-Thinking-2507",  # the guide's, named for older installs
     ):
         assert fix in hint
 
@@ -66,12 +68,14 @@ def test_online_download_honours_hf_endpoint(hub_cache, monkeypatch):
         resolve_base_model("Qwen/Qwen3-4B-Thinking-2507")
     assert calls[1]["endpoint"] == "https://hf-mirror.example" and "*.safetensors" in calls[1]["allow_patterns"]
     assert "download failed: OSError: connection refused" in str(err.value)
+    assert "1) check the network" in err.value.hint() and "hf download Qwen/Qwen3-4B-Thinking-2507" in err.value.hint()
 
 
 def test_a_missing_local_path(tmp_path):
     with pytest.raises(BaseModelError) as err:
         resolve_base_model(str(tmp_path / "model"))
     assert err.value.code == "ME301" and "no such local directory" in str(err.value)
+    assert "nothing is there" in err.value.hint() and "download" not in err.value.hint()
 
 
 def test_unusable_directories(tiny_base, tmp_path):

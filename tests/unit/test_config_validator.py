@@ -139,9 +139,12 @@ def test_formats_samples_and_calibration(tmp_path):
         ("calibration_data", "calibration_missing"),
         ("test_input_samples", "no_test_samples"),
     ]
+    # The key that emptied the list is the one named (issue 24: export_formats was blamed for export_onnx: false)
     assert kinds(validate_config(ExportConfiguration(export_formats=["onnx"], export_onnx=False))) == [
-        ("export_formats", "no_formats")
+        ("export_onnx", "export_onnx_removes_all")
     ]
+    assert kinds(validate_config(ExportConfiguration(export_formats=[]))) == [("export_formats", "no_formats")]
+    assert validate_config(ExportConfiguration(export_formats=["onnx", "gguf"], export_onnx=False)) == []
 
 
 def test_gguf_keys_without_a_gguf_are_refused():

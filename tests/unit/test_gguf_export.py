@@ -3,6 +3,7 @@ llama.cpp."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -348,3 +349,24 @@ def test_the_read_back_samples_large_quantized_tensors_and_still_finds_damage(ti
     open(info["path"], "wb").write(bytes(data))
     with pytest.raises(ExportFormatError, match="blk.1.ffn_down.weight differs from the merge"):
         read_back(info["path"], tiny_base)
+
+
+def test_llama_cpp_extra_buffers_are_off_on_an_amx_cpu_unless_asked(monkeypatch):
+    """llama-cpp-python 0.3.36 built natively crashed (SIGSEGV in ggml_backend_amx_mul_mat) on every quantized GGUF
+    on a CPU with AMX: its extra buffer types are off there, and the environment variable decides when set."""
+    from model_export.runtimes import llamacpp
+
+    amx = "amx_int8" in Path("/proc/cpuinfo").read_text()
+    assert llamacpp.extra_buffers() is (not amx)
+    monkeypatch.setenv(llamacpp.EXTRA_BUFFERS_ENV, "0")
+    assert llamacpp.extra_buffers() is False
+    llama_cpp = pytest.importorskip("llama_cpp")
+    seen = []
+    real = llama_cpp.Llama
+    monkeypatch.setattr(llama_cpp, "Llama", lambda **kw: seen.append(llama_cpp.llama_cpp.llama_model_default_params()))
+    llamacpp.load_llama(model_path="x")
+    assert seen[0].use_extra_bufts is False
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is True  # put back after loading
+    monkeypatch.setenv(llamacpp.EXTRA_BUFFERS_ENV, "1")
+    llamacpp.load_llama(model_path="x")
+    assert seen[1].use_extra_bufts is True and real is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -47,15 +48,53 @@ def llama_cpp_run(artifact: Path, tokens: list[int], new_tokens: int) -> tuple[A
         llm.close()
 
 
+EXTRA_BUFFERS_ENV = "MODEL_EXPORT_LLAMA_EXTRA_BUFFERS"
+
+
+def extra_buffers() -> bool:
+    """Whether llama.cpp may put weights in its extra buffer types (AMX tiles, CPU-repacked blocks): yes, except on a
+    CPU with AMX, where llama-cpp-python 0.3.36's AMX matrix multiply (built natively, as pip builds it) crashed the
+    process with SIGSEGV on every quantized GGUF here (q8_0, q4_k_m; f32 files do not use it). ``MODEL_EXPORT_LLAMA_
+    EXTRA_BUFFERS=1`` or ``0`` decides instead."""
+    given = os.environ.get(EXTRA_BUFFERS_ENV, "")
+    if given in ("0", "1"):
+        return given == "1"
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return True
+    return " amx_int8" not in flags and " amx_tile" not in flags
+
+
+def load_llama(**kwargs: Any) -> Any:
+    """``llama_cpp.Llama(**kwargs)``, with llama.cpp's extra buffer types off where extra_buffers() says so (the model
+    parameter llama.cpp's own ``--no-repack`` sets, which Llama() does not take as an argument)."""
+    import llama_cpp.llama_cpp as api
+    from llama_cpp import Llama
+
+    if extra_buffers():
+        return Llama(**kwargs)
+    default = api.llama_model_default_params
+
+    def without_extra_buffers() -> Any:
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    api.llama_model_default_params = without_extra_buffers
+    try:
+        return Llama(**kwargs)
+    finally:
+        api.llama_model_default_params = default
+
+
 def _verifier(artifact: Path, longest: int) -> Any:
     """The GGUF loaded once for verification: logits of every position, an f32 KV cache (llama.cpp's default is f16,
     so an f32 file is judged on its weights, not on the cache's rounding), a context for the longest input. The file
     is read rather than mapped: llama.cpp repacks quantized weights for the CPU's kernels, and with a mapping the
     file's pages stayed resident beside the repacked copy (twice the file in RSS)."""
-    from llama_cpp import Llama
-
     model, lora = gguf_pair(artifact)
-    return Llama(
+    return load_llama(
         model_path=str(model),
         lora_path=str(lora) if lora else None,
         n_ctx=longest + 8,
@@ -114,10 +153,8 @@ class LlamaCppRuntime(Runtime):
     @property
     def llm(self) -> Any:
         if self._llm is None:
-            from llama_cpp import Llama
-
             model, lora = gguf_pair(self.path)
-            self._llm = Llama(
+            self._llm = load_llama(
                 model_path=str(model),
                 lora_path=str(lora) if lora else None,
                 n_ctx=2048,
