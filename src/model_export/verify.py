@@ -545,8 +545,8 @@ def verify_gguf(
         new_tokens=new_tokens,
         floor=lambda precision: floor,
         options=options,
-        ran="read back ({tensors} tensors), llama.cpp: ",
-        unrun="read back ({tensors} tensors equal to the merge)",
+        ran="{read}, llama.cpp: ",
+        unrun="{read}",
     )
 
 
@@ -566,7 +566,8 @@ def _read_back_then_run(
     """A GGUF's verdict: ``read()`` reads it back (returning what it found and the artifact's precision; an
     ExportError fails the artifact as the guide's 'inference failed', at ``failed_precision()``), then llama.cpp runs
     it and judges it like any artifact on ``floor(precision)``, or, without llama-cpp-python, it is not run (never a
-    pass). ``ran`` prefixes the rule of a run, ``unrun`` is the rule of one not run (both take {tensors})."""
+    pass). ``ran`` prefixes the rule of a run, ``unrun`` is the rule of one not run (both take {tensors}, and {read}:
+    what the read back found, readback_words)."""
     from . import extras
     from .errors import ExportError
     from .runtimes import runtime_problem
@@ -588,13 +589,30 @@ def _read_back_then_run(
             floor=floor(precision),
             options=options,
         )
-        verdict.rule = ran.format(tensors=readback["tensors"]) + verdict.rule
+        verdict.rule = ran.format(tensors=readback["tensors"], read=readback_words(readback)) + verdict.rule
     else:
         reason = i18n.ui("reason_no_llama_cpp") if not extras.is_available("llama_cpp") else None
         reason = reason or i18n.ui("reason_read_back_only", problem=problem)
-        verdict = not_run(artifact, precision, reason, rule=unrun.format(tensors=readback["tensors"]))
+        rule = unrun.format(tensors=readback["tensors"], read=readback_words(readback))
+        verdict = not_run(artifact, precision, reason, rule=rule)
     verdict.readback = readback
     return verdict
+
+
+def readback_words(readback: dict[str, Any]) -> str:
+    """What a GGUF's read back established, in words: tensors equal to the merge where every type stores it exactly
+    (f32, or the merge's own half type); else the merge encoded again in each type, and how far the dequantized file
+    lies from the merge (so a q4_k_m's rule never claims equality its verdict file contradicts)."""
+    worst = readback.get("max_abs_diff_by_type") or {}
+    tensors = readback["tensors"]
+    if not any(worst.values()):
+        return f"read back ({tensors} tensors equal to the merge)"
+    types = ", ".join(sorted(worst))
+    largest = max(worst, key=worst.get)
+    return (
+        f"read back ({tensors} tensors byte-equal to the merge encoded again as {types}; dequantized, at most "
+        f"{i18n.format_number(round(worst[largest], 4))} from the merge ({largest}))"
+    )
 
 
 def not_run(artifact: str | Path, precision: str, reason: str, rule: str = "") -> ArtifactVerdict:
