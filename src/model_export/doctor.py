@@ -21,7 +21,7 @@ from typing import Any
 from packaging.requirements import Requirement
 from packaging.version import InvalidVersion, Version
 
-from . import i18n
+from . import extras, i18n
 from .base_model import inspect_base_model, is_offline
 from .errors import ExportError
 
@@ -29,15 +29,10 @@ __all__ = ["doctor", "DoctorReport", "Check", "MIN_PYTHON"]
 
 MIN_PYTHON = (3, 10)
 CORE = ("torch", "transformers", "peft", "accelerate", "safetensors", "huggingface_hub", "pydantic", "PyYAML", "numpy")
-OPTIONAL = {
-    "onnx": "onnx",
-    "onnxruntime": "onnx",
-    "gguf": "gguf",
-    "compressed-tensors": "quant",
-    "bitsandbytes": "gpu",
-    "llama-cpp-python": "llamacpp",
-    "tensorrt": "tensorrt",
-}
+# Every optional package, from the one table of them (extras.OPTIONAL_PACKAGES: distribution -> extra), so that an
+# extra added there is listed here too.
+OPTIONAL = {package: extra for package, extra in extras.OPTIONAL_PACKAGES.values()}
+_MODULES = {package: module for module, (package, _) in extras.OPTIONAL_PACKAGES.items()}
 DISK_MIN_FACTOR, DISK_RECOMMENDED_FACTOR = 3, 5
 
 
@@ -91,6 +86,9 @@ def _package(name: str, minimum: str | None, optional_extra: str | None) -> Chec
         too_old = False
     if too_old:
         return Check(name, "fail", i18n.ui("doctor_too_old", version=version, minimum=minimum))
+    problem = extras.import_problem(_MODULES[name]) if name in _MODULES else None
+    if problem:  # installed, but its import fails here (a wheel built for another glibc or CPU): what runs it says so
+        return Check(name, "warn", f"{version}: {problem}")
     return Check(name, "ok", version + (f" (>= {minimum})" if minimum else ""))
 
 

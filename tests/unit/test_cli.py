@@ -123,6 +123,23 @@ def test_doctor_table_and_json(capsys, adapter, tiny_base, tmp_path):
     assert code == 1 and "Checkpoint目录不存在" in out
 
 
+def test_doctor_lists_every_package_of_every_extra(capsys, tmp_path):
+    """Issue 24: onnxruntime-genai and ray, which `make` installs, were missing from doctor's table."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    code, out, _ = run(capsys, "doctor", "--json", "--output-dir", str(tmp_path))
+    listed = {c["name"].lower() for c in json.loads(out)["checks"]}
+    extras = [e for e in metadata.metadata("model-export").get_all("Provides-Extra") if e != "dev"]
+    wanted = {
+        r.name.lower()
+        for r in map(Requirement, metadata.requires("model-export"))
+        if r.marker and any(r.marker.evaluate({"extra": e}) for e in extras)
+    }
+    assert wanted and wanted <= listed, wanted - listed
+
+
 def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["no-such-command"])
