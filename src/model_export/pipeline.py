@@ -724,7 +724,14 @@ def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
     floor = precision_of(state.out / "merge") if (state.out / "merge").is_dir() else precision_of(base_dir)
     bounds, where = (
         Bounds.from_config(c),
-        {"device": reference.device, "precision": reference.precision, "merge": floor},
+        {
+            "device": reference.device,
+            "precision": reference.precision,
+            "merge": floor,
+            # on the held-out text: what the adapter changed, beside which each artifact's perplexity reads
+            "perplexity": reference.heldout_perplexity,
+            "base_perplexity": reference.base_perplexity,
+        },
     )
     verdicts, failures = {}, []
     artifacts = state.results["export"]["artifacts"]

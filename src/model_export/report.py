@@ -22,7 +22,8 @@ __all__ = ["write_report", "summary_rows", "verdict_summary", "write_batch_repor
 
 _CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:980px;color:#1d2330}
 h1{font-size:22px}h2{font-size:17px;margin-top:2em}table{border-collapse:collapse;width:100%}
-td,th{border-bottom:1px solid #e3e6ec;padding:6px 8px;text-align:left}th{background:#f5f7fa}
+td,th{border-bottom:1px solid #e3e6ec;padding:6px 8px;text-align:left;vertical-align:top}th{background:#f5f7fa}
+td code{overflow-wrap:anywhere}.rule{font-size:12px}.artifacts td:nth-child(2){min-width:11em}.note{font-size:13px;max-width:440px}
 .banner{padding:14px 18px;border-radius:8px;font-size:17px;font-weight:600}
 .pass{background:#e5f6ea;color:#17642f}.fail{background:#fde8e8;color:#9b1c1c}.partial{background:#fef3c7;color:#92400e}.muted{color:#6b7280}
 .grid{display:grid;grid-template-columns:1fr 1fr;gap:18px}
@@ -145,17 +146,29 @@ def _bars(title: str, labels: list[str], values: list[float], fmt: Any, color: s
     ]
     for i, (label, value) in enumerate(zip(labels, values)):
         y = 30 + i * row
-        w = 220 * value / top
+        w = 210 * value / top
         parts.append(
             f'<text x="10" y="{y + 16}">{html.escape(label)}</text>'
-            f'<rect x="120" y="{y + 4}" width="{w:.1f}" height="16" fill="{color}" rx="2"/>'
-            f'<text x="{126 + w:.1f}" y="{y + 16}" class="muted">{html.escape(fmt(value))}</text>'
+            f'<rect x="132" y="{y + 4}" width="{w:.1f}" height="16" fill="{color}" rx="2"/>'
+            f'<text x="{138 + w:.1f}" y="{y + 16}" class="muted">{html.escape(fmt(value))}</text>'
         )
     return "".join(parts) + "</svg>"
 
 
-def _histogram(title: str, histogram: dict[str, list[float]]) -> str:
+def _histogram(title: str, verdict: dict[str, Any]) -> str:
+    """The distribution of |logit difference| of one artifact against the reference; an artifact with none to show
+    (not run, failed to run, a folder checked file by file) gets a panel that says why instead of an empty plot."""
+    histogram = verdict.get("diff_histogram") or {}
     counts, edges = histogram.get("counts", []), histogram.get("edges", [])
+    if not any(counts):
+        if verdict.get("status") == "not_run":
+            why = i18n.ui("report_no_diffs_not_run", reason=verdict.get("reason") or "")
+        elif verdict.get("error"):
+            why = i18n.ui("report_no_diffs_failed", error=verdict["error"])
+        else:
+            why = i18n.ui("report_no_diffs_files")
+        text = html.escape(i18n.ui("report_no_diffs", why=why))
+        return f'<div class="note"><b>{html.escape(title)}</b><p class="muted">{text}</p></div>'
     width, height = 440, 190
     top = max(counts, default=0) or 1
     bar = 400 / max(len(counts), 1)
@@ -193,6 +206,16 @@ def _memory(samples: list[tuple[float, int]]) -> str:
     )
 
 
+def _perplexities(reference: dict[str, Any], measured: list[dict[str, Any]]) -> dict[str, float]:
+    """Perplexity on the held-out text: the base alone, the reference (base + adapter), then each artifact."""
+    values = {i18n.ui("report_base_alone"): reference.get("base_perplexity")}
+    values[i18n.ui("report_reference")] = reference.get("perplexity") or (
+        measured[0]["reference_perplexity"] if measured else None
+    )
+    values.update({r["format"]: r["perplexity"] for r in measured})
+    return {label: value for label, value in values.items() if value is not None}
+
+
 def _number(value: float | None, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
@@ -214,10 +237,12 @@ def _artifact_row(r: dict[str, Any]) -> str:
     quantized = (
         f'<br><span class="muted">{html.escape(i18n.ui("report_method", method=method))}</span>' if method else ""
     )
+    if r["rule"]:
+        verdict += f'<br><span class="muted rule">{html.escape(r["rule"])}</span>'
     return (
         f"<tr><td><b>{r['format']}</b>{quantized}</td><td><code>{html.escape(r['path'])}</code></td>"
         f"<td>{human_bytes(r['bytes'])}{ratio}</td>"
-        f"<td>{verdict}</td><td>{html.escape(r['rule'] or '')}</td><td>{_number(r['max_abs_diff'], '.3g')}</td>"
+        f"<td>{verdict}</td><td>{_number(r['max_abs_diff'], '.3g')}</td>"
         f"<td>{_number(r['mean_kl'], '.3g')}</td><td>{_number(r['top1'], '.3f')}</td>"
         f"<td>{_number(r['perplexity'], '.3f')}</td></tr>"
     )
@@ -258,10 +283,12 @@ def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, fail
         sizes = ([base_bytes] if base_bytes else []) + [r["bytes"] for r in rows]
         plots.append(_bars(i18n.ui("report_sizes"), labels, sizes, human_bytes, "#10b981"))
     measured = [r for r in rows if r["perplexity"] is not None]
-    if measured:
-        labels = [i18n.ui("report_reference")] + [r["format"] for r in measured]
-        values = [measured[0]["reference_perplexity"]] + [r["perplexity"] for r in measured]
-        plots.append(_bars(i18n.ui("report_perplexity"), labels, values, lambda v: f"{v:.3f}", "#8b5cf6"))
+    reference = results.get("verify", {}).get("reference") or {}
+    ppl = _perplexities(reference, measured)
+    if len(ppl) > 1:
+        plots.append(
+            _bars(i18n.ui("report_perplexity"), list(ppl), list(ppl.values()), lambda v: f"{v:.3f}", "#8b5cf6")
+        )
     timings = [r for r in results.get("benchmark", {}).get("results", []) if r.get("decode_tokens_per_s")]
     if timings:
         labels = [r["label"] for r in timings]
@@ -287,12 +314,21 @@ def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, fail
             _bars(i18n.ui("report_load"), labels, [r["load_s"] for r in timings], lambda v: f"{v:.2f} s", "#0ea5e9")
         )
     for fmt, verdict in results.get("verify", {}).get("verdicts", {}).items():
-        plots.append(_histogram(i18n.ui("report_diffs", format=fmt), verdict.get("diff_histogram", {})))
+        plots.append(_histogram(i18n.ui("report_diffs", format=fmt), verdict))
     plots.append(_memory(samples))
+    skipped_steps = [name for name, s in steps.items() if s.get("skipped")]
+    if skipped_steps and samples:
+        note = i18n.ui("report_memory_skipped", count=len(skipped_steps), steps=", ".join(skipped_steps))
+        plots.append(f'<p class="muted note">{html.escape(note)}</p>')
     detection = results.get("detect", {})
     check = results.get("check", {})
-    reference = results.get("verify", {}).get("reference")
     where = " · " + html.escape(reference_line(reference["device"], reference["precision"])) if reference else ""
+    ppl_line = ""
+    if reference.get("base_perplexity") is not None and reference.get("perplexity") is not None:
+        text = i18n.ui(
+            "report_ppl_line", base=f"{reference['base_perplexity']:.3f}", reference=f"{reference['perplexity']:.3f}"
+        )
+        ppl_line = f'<p class="muted">{html.escape(text)}</p>'
     t = lambda key: html.escape(i18n.ui(key))  # noqa: E731
     columns = "".join(f"<th>{html.escape(c)}</th>" for c in i18n.ui("report_columns").split(";"))
     step_columns = "".join(f"<th>{html.escape(c)}</th>" for c in i18n.ui("report_step_columns").split(";"))
@@ -307,7 +343,7 @@ def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, fail
 <div class="banner {banner_class}">{html.escape(str(banner_text))}</div>
 <p class="muted">{t("report_checkpoint")} <code>{selected}</code> · {t("report_base")}
 <code>{base}</code> · LoRA r={check.get("rank", "?")}, alpha={check.get("lora_alpha", "?")}{where}</p>
-<h2>{t("report_artifacts")}</h2><table><tr>{columns}</tr>{table}</table>{warnings}
+<h2>{t("report_artifacts")}</h2><table class="artifacts"><tr>{columns}</tr>{table}</table>{ppl_line}{warnings}
 <h2>{t("report_plots")}</h2><div class="grid">{"".join(plots)}</div>
 <h2>{t("report_steps")}</h2><table><tr>{step_columns}</tr>{step_rows}</table>
 <p class="muted">{t("report_footer")}</p></body></html>"""

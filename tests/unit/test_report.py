@@ -100,3 +100,42 @@ def test_run_json_is_versioned_an_older_one_is_read_a_newer_one_refused(tmp_path
     with pytest.raises(ConfigError) as err:
         RunManifest.load(tmp_path)
     assert err.value.code == "ME109" and "pip install -U model-export" in err.value.hint()
+
+
+def test_an_empty_logit_panel_says_why(tmp_path):
+    """Issue 24: the 'Logit differences: gguf' panel of an artifact not run was an empty frame."""
+    data = results(900, "reduced", fmt="gguf", status="not_run")
+    data["verify"]["verdicts"]["gguf"].update(reason="llama-cpp-python is not installed", diff_histogram={})
+    write_report(tmp_path, {"steps": {}}, data, [])
+    page = (tmp_path / "report.html").read_text()
+    panel = page.split("Logit differences: gguf")[1][:400]
+    assert "No logit differences to show: not run (llama-cpp-python is not installed)" in panel
+
+
+def test_the_base_alone_perplexity_stands_beside_the_adapters(tmp_path):
+    data = results(900, "full")
+    data["verify"]["reference"] = {"device": "cpu", "precision": "full", "perplexity": 9.4, "base_perplexity": 12.25}
+    write_report(tmp_path, {"steps": {}}, data, [])
+    page = (tmp_path / "report.html").read_text()
+    assert "base alone 12.250, base + adapter (the reference) 9.400" in page
+    chart = page[page.index("Perplexity on the held-out text (lower is better)") :].split("</svg>")[0]
+    assert chart.index(">base alone<") < chart.index(">reference<") < chart.index(">safetensors<")
+
+
+def test_a_rerun_that_skipped_steps_says_whose_memory_the_chart_shows(tmp_path):
+    """The chart is this process's memory (0.24 GiB after skipping everything) while the steps table keeps the peaks of
+    the run that did the work (0.44 GiB): the page says which is which."""
+    steps = {"merge": {"status": "done", "skipped": True, "seconds": 1.0, "peak_rss": 0.44 * 2**30}}
+    write_report(tmp_path, {"steps": steps}, results(900, "full"), [(0.0, 2**28), (1.0, 2**28)])
+    page = (tmp_path / "report.html").read_text()
+    assert "1 step(s) skipped in this run (merge): this chart is this run" in page and "0.44 GiB" in page
+
+
+def test_the_artifacts_table_keeps_the_rule_under_the_verdict_and_wraps_paths(tmp_path):
+    data = results(900, "full")
+    data["verify"]["verdicts"]["safetensors"]["rule"] = "read back (24 tensors ...), llama.cpp: top-1 >= 0.85"
+    write_report(tmp_path, {"steps": {}}, data, [])
+    page = (tmp_path / "report.html").read_text()
+    header = page.split('<table class="artifacts"><tr>')[1].split("</tr>")[0]
+    assert header.count("<th>") == 8 and "rule" in header  # "verification and rule": no column of its own
+    assert 'class="muted rule">read back (24 tensors' in page and "td code{overflow-wrap:anywhere}" in page
