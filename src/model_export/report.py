@@ -23,7 +23,8 @@ __all__ = ["write_report", "summary_rows", "verdict_summary", "write_batch_repor
 _CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:980px;color:#1d2330}
 h1{font-size:22px}h2{font-size:17px;margin-top:2em}table{border-collapse:collapse;width:100%}
 td,th{border-bottom:1px solid #e3e6ec;padding:6px 8px;text-align:left;vertical-align:top}th{background:#f5f7fa}
-td code{overflow-wrap:anywhere}.rule{font-size:12px}.artifacts td:nth-child(2){min-width:11em}.note{font-size:13px;max-width:440px}
+td code{overflow-wrap:anywhere}.rule{font-size:12px}.artifacts td:nth-child(2){min-width:11em}
+.note{font-size:13px;max-width:440px}
 .banner{padding:14px 18px;border-radius:8px;font-size:17px;font-weight:600}
 .pass{background:#e5f6ea;color:#17642f}.fail{background:#fde8e8;color:#9b1c1c}.partial{background:#fef3c7;color:#92400e}.muted{color:#6b7280}
 .grid{display:grid;grid-template-columns:1fr 1fr;gap:18px}
