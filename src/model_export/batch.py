@@ -21,6 +21,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -224,6 +225,9 @@ def adapter_task(task: dict[str, Any]) -> dict[str, Any]:
             torch.set_num_threads(threads)
         if task.get("lang"):
             i18n.set_language(task["lang"])
+        from .monitoring import LOG_CONTEXT_ENV
+
+        os.environ[LOG_CONTEXT_ENV] = task["name"]  # console lines of adapters side by side say whose they are
         out = Path(task["config"]["output_dir"])
         token = Path(task["token_file"])
         if not token.is_file() or token.read_text(encoding="utf-8") != task["token"]:
@@ -238,8 +242,18 @@ def adapter_task(task: dict[str, Any]) -> dict[str, Any]:
         error = explain(exc, task["name"], str(Path(task["config"]["output_dir"]) / "export.log"))
         line.update(status="failed", error=error.to_dict())
     line.update(_artifacts(Path(task["config"]["output_dir"])))
+    line["checkpoint"] = _checkpoint(Path(task["config"]["output_dir"]))
     line["seconds"] = round(time.time() - start, 3)
     return line
+
+
+def _checkpoint(run_dir: Path) -> str | None:
+    """The checkpoint the adapter's run selected (checkpoint_selection: latest or best), from its detect step."""
+    try:
+        steps = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))["steps"]
+        return steps["detect"]["result"]["selected"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 ROW_KEYS = ("format", "path", "bytes", "status", "reason", "runtime", "max_abs_diff", "mean_kl", "top1", "perplexity")
@@ -274,7 +288,8 @@ def _local(tasks: list[dict[str, Any]], width: int, record: Callable[[dict, dict
             break
         context = multiprocessing.get_context("spawn")
         fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}  # 3.10: processes are reused
-        with ProcessPoolExecutor(min(width, len(pending)), mp_context=context, **fresh) as pool:
+        watch = {"initializer": _exit_with_parent, "initargs": (os.getpid(),)}
+        with ProcessPoolExecutor(min(width, len(pending)), mp_context=context, **fresh, **watch) as pool:
             futures = {pool.submit(adapter_task, t): t for t in pending}
             for future in as_completed(futures):
                 task = futures[future]
@@ -288,6 +303,19 @@ def _local(tasks: list[dict[str, Any]], width: int, record: Callable[[dict, dict
                 finished.add(task["name"])
                 _announce(line)
                 record(task, line)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In each pool worker: end this process when the batch's process is gone (kill -9 leaves workers orphaned, and
+    they would go on writing for minutes); what they had done is kept in their run.json, and the rerun resumes it."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="model-export-parent-watch", daemon=True).start()
 
 
 def _lost(task: dict[str, Any], why: str) -> dict[str, Any]:
@@ -356,7 +384,16 @@ def _announce(line: dict[str, Any] | None) -> None:
     if not line:
         return
     if line["status"] == "failed":
-        logger.error(i18n.ui("batch_adapter_failed", name=line["name"], error=line["error"]["message"]))
+        error = line["error"]
+        logger.error(
+            i18n.ui(
+                "batch_adapter_failed",
+                name=line["name"],
+                code=error["code"],
+                error=error["message"],
+                hint=error["hint"],
+            )
+        )
     else:
         logger.info(i18n.ui("batch_adapter_done", name=line["name"], seconds=line.get("seconds", 0)))
 

@@ -219,12 +219,20 @@ def _print_batch(console: Console, result: Any) -> None:
             Text(str(counts.get("failed", 0))),
             Text(str(counts.get("not_run", 0))),
             Text(f"{line.get('seconds', 0):.1f}"),
-            Text((line.get("error") or {}).get("message", "") or line.get("report") or ""),
+            Text(_batch_detail(line)),
         )
     console.print(table)
     kind, text = batch_banner({"counts": result.counts, "passed": result.passed})
     console.print(Text(text, style={"pass": "green", "partial": "yellow"}.get(kind, "red")))
     console.print(Text(i18n.ui("run_done", report=result.report)))
+
+
+def _batch_detail(line: dict[str, Any]) -> str:
+    """A failed adapter's code, message and fix, as batch.json has them; else the checkpoint it used and its report."""
+    error = line.get("error")
+    if error:
+        return f"{error.get('code', '')} {error.get('message', '')} ({i18n.ui('error_hint')}: {error.get('hint', '')})"
+    return "\n".join(str(part) for part in (line.get("checkpoint"), line.get("report")) if part)
 
 
 _BATCH_STYLE = {"done": "green", "failed": "red"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -35,8 +36,14 @@ LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 _OUR_HANDLER = "_model_export_handler"
 
 
+LOG_CONTEXT_ENV = "MODEL_EXPORT_LOG_CONTEXT"
+
+
 def setup_logging(level: str = "INFO", log_file: str | Path | None = None, console: bool = True) -> None:
-    """Configure the ``model_export`` logger: console (stderr) and, when given, a log file. Idempotent."""
+    """Configure the ``model_export`` logger: console (stderr) and, when given, a log file. Idempotent.
+
+    In a batch's worker (MODEL_EXPORT_LOG_CONTEXT names its adapter) each console line says which adapter it is about,
+    since several adapters' lines interleave on one terminal; its log file is the adapter's own and needs no name."""
     logger.setLevel(level)
     for handler in [h for h in logger.handlers if getattr(h, _OUR_HANDLER, False)]:
         logger.removeHandler(handler)
@@ -44,8 +51,10 @@ def setup_logging(level: str = "INFO", log_file: str | Path | None = None, conso
     handlers: list[logging.Handler] = [logging.StreamHandler()] if console else []
     if console:  # on a terminal the live bar shows progress; elsewhere (a pipe, CI) a line every few seconds
         handlers[0].addFilter(_not_progress if sys.stderr.isatty() else _ProgressThrottle())
+    context = os.environ.get(LOG_CONTEXT_ENV)
+    console_format = LOG_FORMAT.replace("%(message)s", f"[{context}] %(message)s") if context else LOG_FORMAT
     for handler in handlers:
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(logging.Formatter(console_format))  # an adapter's name is plain (batch._NAME): no %
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))

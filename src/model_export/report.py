@@ -8,7 +8,6 @@ can be mailed or opened offline.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Any
 
@@ -426,8 +425,12 @@ def write_batch_report(out: Path, data: dict[str, Any]) -> str:
         skipped = ""
         if row.get("skipped"):
             skipped = f' <span class="muted">({html.escape(i18n.ui("batch_report_skipped"))})</span>'
+        used = ""
+        if row.get("checkpoint"):
+            used = f'<br><span class="muted">{html.escape(i18n.ui("batch_report_checkpoint", path=row["checkpoint"]))}'
+            used += "</span>"
         rows.append(
-            f"<tr><td><b>{link}</b><br><code>{html.escape(row['path'])}</code></td>"
+            f"<tr><td><b>{link}</b><br><code>{html.escape(row['path'])}</code>{used}</td>"
             f'<td><b class="{"ok" if status == "done" else "bad"}">{html.escape(status)}</b>{skipped}</td>'
             f'<td>{cell}</td><td>{_number(row.get("seconds"), ".1f")} s<br><span class="muted">'
             f"{html.escape(str(row.get('host') or ''))}</span></td></tr>"
@@ -448,11 +451,36 @@ def write_batch_report(out: Path, data: dict[str, Any]) -> str:
 <th>{html.escape(i18n.ui("batch_report_artifacts"))}</th><th>{html.escape(i18n.ui("batch_report_time"))}</th></tr>
 {"".join(rows)}</table>
 <h2>{html.escape(i18n.ui("batch_report_shared"))}</h2><ul>{"".join(base_items)}</ul>
-<h2>{html.escape(i18n.ui("batch_report_executor"))}</h2><p><code>{html.escape(json.dumps(executor, default=str))}</code>
+<h2>{html.escape(i18n.ui("batch_report_executor"))}</h2><p>{html.escape(executor_sentence(executor))}
 <br>{html.escape(i18n.ui("batch_report_seconds", seconds=data.get("seconds", 0)))}</p>
 {serve}</body></html>"""
     write_atomic(out / "report.html", page)
     return str(out / "report.html")
+
+
+def executor_sentence(executor: dict[str, Any]) -> str:
+    """What ran the batch's adapters, in a sentence (batch.json keeps the figures)."""
+    memory = human_bytes(executor.get("memory_per_adapter") or 0)
+    if executor.get("name") == "ray" and "address" in executor:
+        task = executor.get("task", {})
+        return i18n.ui(
+            "batch_executor_ray",
+            address=executor["address"],
+            nodes=executor.get("nodes", "?"),
+            cpus=executor.get("cpus", "?"),
+            task_cpus=task.get("num_cpus", 1),
+            memory=human_bytes(task.get("memory") or 0),
+            retries=task.get("max_retries", 0),
+        )
+    if "width" in executor:
+        return i18n.ui(
+            "batch_executor_pool",
+            width=executor["width"],
+            threads=executor.get("threads", 1),
+            rule=executor.get("rule", ""),
+            memory=memory,
+        )
+    return i18n.ui("batch_executor_idle", name=executor.get("name", "local"))
 
 
 def _serving(data: dict[str, Any]) -> str:

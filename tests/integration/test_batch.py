@@ -133,7 +133,7 @@ def test_ray_gives_the_same_artifacts_as_the_local_pool(pooled, sweep, tmp_path)
     assert len(artifact_bytes(out)) >= 3 * 6
 
 
-def test_a_bad_adapter_fails_alone_and_the_exit_code_says_so(sweep, tmp_path):
+def test_a_bad_adapter_fails_alone_and_the_exit_code_says_so(sweep, tmp_path, capfd):
     runs = tmp_path / "runs"
     shutil.copytree(sweep, runs)
     broken = runs / "lr-3e-3" / "checkpoint-10" / "adapter_model.safetensors"
@@ -151,6 +151,17 @@ def test_a_bad_adapter_fails_alone_and_the_exit_code_says_so(sweep, tmp_path):
     assert manifest["executor"]["width"] == 1 and "max_parallel_adapters 1" in manifest["executor"]["rule"]
     page = (out / "report.html").read_text()
     assert lines["lr-3e-3"]["error"]["code"] in page and "Failed: 1 of 3 adapter(s) failed" in page
+    # Issue 24: the console keeps the code and the fix batch.json has; lines from workers say whose they are; each
+    # adapter's checkpoint is named; the executor reads as a sentence.
+    code, hint = lines["lr-3e-3"]["error"]["code"], lines["lr-3e-3"]["error"]["hint"]
+    err = capfd.readouterr().err
+    failed = err[err.index("Adapter lr-3e-3 failed") :]
+    assert failed.startswith(f"Adapter lr-3e-3 failed: {code} ") and f"(what to do: {hint})" in failed
+    assert " - INFO - [lr-1e-3] " in err and " - INFO - [lr-1e-2] " in err  # "... - INFO - [lr-1e-3] Step merge ..."
+    for name in ("lr-1e-3", "lr-1e-2"):
+        assert lines[name]["checkpoint"].endswith(f"{name}/checkpoint-10")
+        assert f"checkpoint {lines[name]['checkpoint']}" in page
+    assert "A local process pool ran 1 adapter(s) at a time with" in page and "{&quot;" not in page
 
 
 def test_names_that_collide_stop_before_anything_is_written(sweep, tmp_path):
@@ -254,6 +265,55 @@ def test_a_node_that_cannot_see_output_dir_fails_clearly(sweep, tmp_path):
     )
     assert line["status"] == "failed" and line["error"]["code"] == "ME407"
     assert str(tmp_path / "out") in line["error"]["message"] and "NFS" in line["error"]["hint"]
+
+
+def test_kill_9_of_the_batch_stops_its_workers_and_the_rerun_resumes_them(sweep, tmp_path):
+    """kill -9 of the batch's own process alone (as a terminal closed on it, or the OOM killer choosing it): its pool
+    workers end with it instead of going on for seconds; their adapters resume on the rerun."""
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "out"
+    config = batch_config(sweep, out, export_formats=["safetensors"], batch_outputs="merged", max_parallel_adapters=2)
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps(config.model_dump(mode="json")))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "model_export.cli", "run", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline, workers = time.time() + 120, []
+    while time.time() < deadline and process.poll() is None:
+        started = [p for p in out.glob("lr-*/run.json")]
+        workers = _pool_workers(process.pid)
+        if started and workers:
+            break
+        time.sleep(0.1)
+    assert workers, "no worker started before the deadline"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=3)
+    assert not alive, f"workers still running 3 s after the batch was killed: {[p.pid for p in alive]}"
+    result = run(config)
+    assert [a["status"] for a in result.adapters] == ["done"] * 3
+
+
+def _pool_workers(pid):
+    """The processes of the batch's pool (spawned: their command line names multiprocessing's spawn entry), not its
+    resource tracker."""
+    import psutil
+
+    found = []
+    for child in psutil.Process(pid).children():
+        try:
+            command = " ".join(child.cmdline())
+        except psutil.Error:  # gone, or a zombie, between listing and reading
+            continue
+        if "spawn_main" in command:
+            found.append(child)
+    return found
 
 
 def test_a_batch_killed_whole_resumes_per_adapter(sweep, tmp_path):
