@@ -25,6 +25,7 @@ __all__ = [
     "hub_cache_dir",
     "is_offline",
     "local_base_dirs",
+    "is_hub_id",
 ]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -69,6 +70,11 @@ def hub_cache_dir() -> Path:
     return Path(os.path.expanduser(home)) / "hub"
 
 
+def is_hub_id(name: str) -> bool:
+    """``org/name`` (or ``name``) as the hub spells repositories, and not a path (./x, ~/x, /x)."""
+    return bool(_HUB_ID.match(name)) and not name.startswith((".", "~"))
+
+
 def local_base_dirs(name: str) -> list[Path]:
     """Where base ``name`` already lies on this machine, found without downloading anything: the folder itself for a
     path, or for a hub id its folder in the hub cache (``models--org--name``: the snapshots whose files link into its
@@ -76,7 +82,7 @@ def local_base_dirs(name: str) -> list[Path]:
     path = Path(os.path.expanduser(name))
     if path.is_dir():
         return [path]
-    if not _HUB_ID.match(name) or name.startswith((".", "~")):
+    if not is_hub_id(name):
         return []
     repo = hub_cache_dir() / ("models--" + name.replace("/", "--"))
     return [repo] if repo.is_dir() else []
@@ -89,7 +95,7 @@ def resolve_base_model(name: str) -> Path:
         if not path.is_dir():
             raise BaseModelError("base_model_invalid", path=name, problem=i18n.ui("reason_not_a_dir"))
         return path
-    if not _HUB_ID.match(name) or name.startswith((".", "~")):
+    if not is_hub_id(name):
         fix = i18n.ui("fix_base_path", name=name, cwd=str(Path.cwd()))
         raise BaseModelError("base_model_not_found", name=name, reason=i18n.ui("reason_no_dir"), fix=fix)
     return _from_hub(name)

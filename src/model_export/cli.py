@@ -208,13 +208,17 @@ def _print_batch(console: Console, result: Any) -> None:
     from .report import batch_banner
 
     table = Table(title="model-export batch")
-    for column in ("adapter", "status", "verified", "failed", "not run", "seconds", "detail"):
+    for column in i18n.ui("cols_batch").split(";"):
         table.add_column(column, overflow="fold")
     for line in result.adapters:
         counts = line.get("counts") or {}
         table.add_row(
             Text(line["name"]),
-            Text(line["status"] + (" (skipped)" if line.get("skipped") else ""), style=_BATCH_STYLE[line["status"]]),
+            Text(
+                i18n.ui(_BATCH_STATUS[line["status"]])
+                + (i18n.ui("batch_status_skipped") if line.get("skipped") else ""),
+                style=_BATCH_STYLE[line["status"]],
+            ),
             Text(str(counts.get("verified", 0))),
             Text(str(counts.get("failed", 0))),
             Text(str(counts.get("not_run", 0))),
@@ -235,7 +239,8 @@ def _batch_detail(line: dict[str, Any]) -> str:
     return "\n".join(str(part) for part in (line.get("checkpoint"), line.get("report")) if part)
 
 
-_BATCH_STYLE = {"done": "green", "failed": "red"}
+_BATCH_STYLE = {"done": "green", "failed": "red", "pending": "yellow"}
+_BATCH_STATUS = {"done": "batch_status_done", "failed": "batch_status_failed", "pending": "batch_status_pending"}
 
 
 _VERDICT_STYLE = {"verified": "green", "failed": "red", "not_run": "yellow"}
@@ -247,7 +252,7 @@ def _print_run(console: Console, title: str, steps: dict, report: str | None) ->
     from .report import STATUS_TEXT, banner, summary_rows
 
     table = Table(title=title)
-    for column in ("format", "path", "size", "verification"):
+    for column in i18n.ui("cols_run").split(";"):
         table.add_column(column, overflow="fold")
     results = {name: steps.get(name, {}).get("result", {}) for name in ("check", "export", "verify")}
     if "verify" not in steps:
@@ -268,7 +273,9 @@ def _print_run(console: Console, title: str, steps: dict, report: str | None) ->
 
 
 def _step_text(name: str, step: dict) -> str:
-    return f"{name} skipped" if step.get("skipped") else f"{name} {step.get('seconds', 0):.1f}s"
+    if step.get("skipped"):
+        return i18n.ui("step_text_skipped", name=name)
+    return f"{name} {step.get('seconds', 0):.1f}s"
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -402,10 +409,9 @@ def _print_benchmark(console: Console, results: list[Any], batch_size: int) -> N
 
     gpu = any(r.peak_gpu_gib is not None for r in results)
     device = any(r.device != "cpu" for r in results)
-    columns = ["artifact", "runtime", "load s", "TTFT ms", "tok/s"] + (
-        [f"batch {batch_size}"] if batch_size > 1 else []
-    )
-    columns += ["RSS GiB"] + (["GPU GiB"] if gpu else []) + (["device"] if device else [])
+    names = i18n.ui("cols_benchmark", batch=batch_size).split(";")  # artifact .. tok/s, batch, RSS, GPU, device
+    columns = names[:5] + (names[5:6] if batch_size > 1 else []) + names[6:7]
+    columns += (names[7:8] if gpu else []) + (names[8:9] if device else [])
     table = Table(title="model-export benchmark")
     for column in columns:
         table.add_column(column, overflow="fold")

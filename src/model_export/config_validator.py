@@ -36,9 +36,14 @@ ONNX_IO_RANKS: dict[str, int] = {
 }
 
 
-def validate_config(config: ExportConfiguration | Mapping[str, Any] | str | Path) -> list[ConfigProblem]:
+def validate_config(
+    config: ExportConfiguration | Mapping[str, Any] | str | Path, *, inputs: bool = True
+) -> list[ConfigProblem]:
     """Return every problem of ``config`` (a configuration, a mapping, or a YAML/JSON path); [] when sound.
 
+    ``inputs`` also checks what the run would find only when it starts (the checkpoint and the adapters found and
+    complete, the base found on this machine or downloadable, a GPU for device_map cuda, TensorRT): each reported with
+    the error the run would raise, its code and its fix. The run itself raises those errors, typed, from its steps.
     Raises ConfigError only when a file cannot be read or parsed at all.
     """
     lines: dict[str, int] = {}
@@ -56,14 +61,17 @@ def validate_config(config: ExportConfiguration | Mapping[str, Any] | str | Path
         config = built
     for rule in _RULES:
         problems.extend(rule(config))
+    if inputs and not problems:  # the inputs of a configuration that is sound in itself
+        problems.extend(_inputs(config))
     for problem in problems:
         problem.line = problem.line or lines.get(problem.key.split(".")[0])
     return problems
 
 
 def check_config(config: ExportConfiguration, source: str | None = None) -> ExportConfiguration:
-    """Raise ConfigError (ME101) listing every problem of ``config``; return it when sound."""
-    problems = validate_config(config)
+    """Raise ConfigError (ME101) listing every problem of ``config``; return it when sound. The inputs are left to
+    the run's steps, which raise each its own error (ME201 for a missing checkpoint, as the guide shows it)."""
+    problems = validate_config(config, inputs=False)
     if problems:
         raise ConfigError("config_invalid", problems=problems, where=f" ({source})" if source else "")
     return config
@@ -337,6 +345,74 @@ def _format_keys(config: ExportConfiguration) -> list[ConfigProblem]:
         if getattr(config, key) is not None and "gguf" not in config.formats:
             problems.append(ConfigProblem(key, "key_without_format", {"format": "gguf"}))
     return problems
+
+
+class _Said:
+    """An error's message or hint, rendered in the language asked for when the problem is printed."""
+
+    def __init__(self, error: Any, part: str) -> None:
+        self.error, self.part = error, part
+
+    def render(self, lang: str | None = None) -> str:
+        return self.error.render(lang) if self.part == "message" else self.error.hint(lang)
+
+
+def _predicted(key: str, error: Any) -> ConfigProblem:
+    return ConfigProblem(
+        key, "run_would_fail", {"code": error.code, "message": _Said(error, "message"), "hint": _Said(error, "hint")}
+    )
+
+
+def _inputs(config: ExportConfiguration) -> list[ConfigProblem]:
+    """What the run would stop on before writing anything, found now: the checkpoint (or a batch's adapters and their
+    one base), the base model, the device, TensorRT. Nothing is downloaded or loaded (headers only)."""
+    from .errors import ExportError
+
+    problems: list[ConfigProblem] = []
+    try:
+        base = _input_base(config)
+    except ExportError as exc:
+        problems.append(_predicted("adapters" if config.adapters else "checkpoint_path", exc))
+        base = config.base_model_name
+    if base:
+        try:
+            _check_base(base)
+        except ExportError as exc:
+            problems.append(_predicted("base_model_name", exc))
+    try:
+        from .reference import resolve_device
+
+        resolve_device(config.device_map)
+        if "tensorrt" in config.formats:
+            from .exporters.tensorrt_export import check_tensorrt
+
+            check_tensorrt()
+    except ExportError as exc:
+        problems.append(_predicted("device_map" if exc.code == "ME405" else "export_formats", exc))
+    return problems
+
+
+def _input_base(config: ExportConfiguration) -> str | None:
+    """The checkpoint(s) as the run finds them, and the base they are merged into (None when not named anywhere:
+    the run's check step says so). Raises the run's own errors (ME201, ME211, ME111-ME113, ...)."""
+    from .adapter_format import read_adapter_config
+    from .adapters import find_adapters, is_batch, shared_base
+    from .checkpoint_detector import detect
+
+    if is_batch(config):
+        return shared_base(config, find_adapters(config))
+    checkpoint = detect(config.checkpoint_path, config.checkpoint_selection).path
+    return config.base_model_name or read_adapter_config(checkpoint).get("base_model_name_or_path")
+
+
+def _check_base(name: str) -> None:
+    """The base found on this machine (a folder, or the hub cache) and readable, or a hub id the run may download:
+    raises what the run would (ME301, ME303) otherwise."""
+    from .base_model import inspect_base_model, is_hub_id, is_offline, local_base_dirs
+
+    if not local_base_dirs(name) and is_hub_id(name) and not is_offline():
+        return  # the run downloads it (validate-config never does)
+    inspect_base_model(name)
 
 
 _RULES = (

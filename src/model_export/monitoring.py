@@ -54,7 +54,7 @@ def setup_logging(level: str = "INFO", log_file: str | Path | None = None, conso
     context = os.environ.get(LOG_CONTEXT_ENV)
     console_format = LOG_FORMAT.replace("%(message)s", f"[{context}] %(message)s") if context else LOG_FORMAT
     for handler in handlers:
-        handler.setFormatter(logging.Formatter(console_format))  # an adapter's name is plain (batch._NAME): no %
+        handler.setFormatter(logging.Formatter(console_format))  # an adapter's name is plain (adapters._NAME): no %
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))

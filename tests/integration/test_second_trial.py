@@ -61,6 +61,8 @@ def test_output_dir_in_the_hub_cache_of_a_base_named_by_its_hub_id_is_refused(
     snapshot = repo / "snapshots" / "0123abcd"
     snapshot.mkdir(parents=True)
     (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")  # as huggingface_hub lays out a download
     for file in tiny_base.iterdir():
         blob = repo / "blobs" / file.name
         shutil.copy(file, blob)

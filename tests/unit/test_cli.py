@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,7 +65,7 @@ def test_zh_locale_selects_chinese(capsys, monkeypatch):
     assert "Checkpoint目录不存在: ./qwen3-finetuned" in err
 
 
-def test_validate_config_prints_every_problem_and_exits_2(capsys, tmp_path):
+def test_validate_config_prints_every_problem_and_exits_2(capsys, tmp_path, adapter):
     path = tmp_path / "c.yaml"
     path.write_text(
         "base_model_load_in_4bit: true\nbase_model_load_in_8bit: true\nexport_formats: [onnx]\n"
@@ -90,6 +91,17 @@ def test_validate_config_prints_every_problem_and_exits_2(capsys, tmp_path):
         "--set",
         "export_formats=[safetensors]",
     )
+    # a sound configuration whose checkpoint is not there: the run's own error, found before the run (issue 24)
+    assert code == 2 and "checkpoint_path: Checkpoint directory does not exist: ./qwen3-finetuned (ME201)" in out
+    sound = [
+        "--set",
+        "base_model_load_in_8bit=false",
+        "--set",
+        "onnx_opset_version=17",
+        "--set",
+        f"checkpoint_path={adapter}",
+    ]
+    code, out, _ = run(capsys, "validate-config", str(path), *sound, "--set", "export_formats=[safetensors]")
     assert code == 0 and "no problems found" in out
     path.write_text("lang: zh\nbatch_size: 0\n")
     code, out, _ = run(capsys, "validate-config", str(path))
@@ -103,11 +115,14 @@ def test_validate_config_parse_error_exits_2(capsys, tmp_path):
     assert code == 2 and "ConfigError: Cannot parse" in err and "code: ME102" in err
 
 
-def test_init_config(capsys, tmp_path):
+def test_init_config(capsys, tmp_path, make_run):
     code, out, _ = run(capsys, "init-config", str(tmp_path / "m.yaml"))
     assert code == 0 and (tmp_path / "m.yaml").is_file()
     code, _, err = run(capsys, "init-config", str(tmp_path / "m.yaml"))
     assert code == 2 and "ME107" in err
+    code, out, _ = run(capsys, "validate-config", str(tmp_path / "m.yaml"))
+    assert code == 2 and "Checkpoint directory does not exist: ./qwen3-finetuned (ME201)" in out  # none here yet
+    make_run([10, 20], root=Path.cwd() / "qwen3-finetuned")
     code, out, _ = run(capsys, "validate-config", str(tmp_path / "m.yaml"))
     assert code == 0
 

@@ -229,5 +229,5 @@ def test_shipped_example_configs_are_valid():
     assert examples
     for example in examples:
         load_config(example)
-        problems = validate_config(example)
+        problems = validate_config(example, inputs=False)  # their paths are the user's, not this machine's
         assert not [p for p in problems if p.key != "output_dir"], (example, problems)

@@ -7,58 +7,76 @@ import yaml
 from model_export import ConfigError, ExportConfiguration, check_config, i18n, validate_config
 
 
+def rules(config):
+    """The configuration's own rules, without looking for its inputs (these tests name paths that do not exist)."""
+    return validate_config(config, inputs=False)
+
+
 def kinds(problems):
     return sorted((p.key, p.kind) for p in problems)
 
 
 def test_tensorrt_is_a_format_like_the_others_and_bitsandbytes_needs_the_gpu():
-    assert (
-        validate_config(ExportConfiguration(export_formats=["safetensors", "tensorrt"], quantization_level="fp16"))
-        == []
-    )
-    problems = validate_config(ExportConfiguration(base_model_load_in_4bit=True, device_map="cpu"))
+    assert rules(ExportConfiguration(export_formats=["safetensors", "tensorrt"], quantization_level="fp16")) == []
+    problems = rules(ExportConfiguration(base_model_load_in_4bit=True, device_map="cpu"))
     assert [p.render() for p in problems] == [
         "base_model_load_in_4bit: base_model_load_in_4bit loads the base model through bitsandbytes on a CUDA GPU, but "
         "device_map "
         "is cpu -> set device_map: auto (or cuda), or base_model_load_in_4bit: false (on the CPU the reference runs in "
         "full precision)"
     ]
-    assert kinds(validate_config(ExportConfiguration(base_model_load_in_8bit=True, device_map="cpu"))) == [
+    assert kinds(rules(ExportConfiguration(base_model_load_in_8bit=True, device_map="cpu"))) == [
         ("base_model_load_in_8bit", "bits_on_cpu")
     ]
-    assert validate_config(ExportConfiguration(base_model_load_in_8bit=True, device_map="auto")) == []
+    assert rules(ExportConfiguration(base_model_load_in_8bit=True, device_map="auto")) == []
 
 
 def test_onnx_alone_takes_every_level_it_can_hold():
     for level in ("none", "fp16", "int8", "int4"):
         assert (
-            validate_config(
-                ExportConfiguration(export_formats=["safetensors", "onnx", "gguf"], quantization_level=level)
-            )
-            == []
+            rules(ExportConfiguration(export_formats=["safetensors", "onnx", "gguf"], quantization_level=level)) == []
         )
-    problems = validate_config(
-        ExportConfiguration(export_formats=["onnx"], quantization_level="int4", onnx_block_size=48)
-    )
+    problems = rules(ExportConfiguration(export_formats=["onnx"], quantization_level="int4", onnx_block_size=48))
     assert [(p.key, p.kind) for p in problems] == [("onnx_block_size", "block_size_invalid")]
 
 
-def test_a_sound_configuration_has_no_problems(tmp_path):
-    assert (
-        validate_config(ExportConfiguration(checkpoint_path=str(tmp_path / "run"), output_dir=str(tmp_path / "out")))
-        == []
-    )
+def test_a_sound_configuration_has_no_problems(tmp_path, adapter):
+    assert rules(ExportConfiguration(checkpoint_path=str(tmp_path / "run"), output_dir=str(tmp_path / "out"))) == []
+    assert validate_config(ExportConfiguration(checkpoint_path=str(adapter), output_dir=str(tmp_path / "out"))) == []
+
+
+def test_the_inputs_are_checked_as_the_run_would_find_them(tmp_path, adapter, monkeypatch):
+    """Issue 24: validate-config said "no problems" for what the run stopped on at once."""
+    out = str(tmp_path / "out")
+    cases = {
+        "checkpoint_path": ({"checkpoint_path": str(tmp_path / "nope")}, "ME201"),
+        "base_model_name": ({"checkpoint_path": str(adapter), "base_model_name": str(tmp_path / "no-base")}, "ME301"),
+        "device_map": ({"checkpoint_path": str(adapter), "device_map": "cuda"}, "ME405"),
+    }
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for key, (settings, code) in cases.items():
+        problems = validate_config(ExportConfiguration(output_dir=out, **settings))
+        assert [(p.key, p.params.get("code")) for p in problems] == [(key, code)], key
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    [problem] = validate_config(ExportConfiguration(checkpoint_path=str(adapter), base_model_name="Org/Missing"))
+    assert problem.params["code"] == "ME301" and "unset HF_HUB_OFFLINE" in problem.render()
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # online: the run may download it, which validate-config never does
+    assert validate_config(ExportConfiguration(checkpoint_path=str(adapter), base_model_name="Org/Missing")) == []
+    # the run itself raises the typed error from its step, as the guide shows it (not ME101)
+    assert validate_config(ExportConfiguration(checkpoint_path=str(tmp_path / "nope")), inputs=False) == []
 
 
 def test_4bit_and_8bit_together():
-    problems = validate_config(ExportConfiguration(base_model_load_in_4bit=True, base_model_load_in_8bit=True))
+    problems = rules(ExportConfiguration(base_model_load_in_4bit=True, base_model_load_in_8bit=True))
     assert kinds(problems) == [("base_model_load_in_8bit", "both_4bit_8bit")]
     assert "keep at most one of them true" in problems[0].render()
 
 
 @pytest.mark.parametrize("fmt,level", [("pytorch", "int4"), ("onnx", "bf16"), ("tensorrt", "int8")])
 def test_quantization_level_a_format_cannot_hold(fmt, level):
-    problems = validate_config(ExportConfiguration(export_formats=[fmt], quantization_level=level))
+    problems = rules(ExportConfiguration(export_formats=[fmt], quantization_level=level))
     assert ("quantization_level", "quant_format") in kinds(problems)
     text = next(p for p in problems if p.kind == "quant_format").render()
     assert f"quantization_level {level} cannot be stored in the {fmt} format" in text
@@ -67,7 +85,7 @@ def test_quantization_level_a_format_cannot_hold(fmt, level):
 def test_opset_too_low_states_the_minimum():
     problems = [
         p
-        for p in validate_config(ExportConfiguration(export_formats=["onnx"], onnx_opset_version=11))
+        for p in rules(ExportConfiguration(export_formats=["onnx"], onnx_opset_version=11))
         if p.kind == "opset_too_low"
     ]
     assert (
@@ -75,18 +93,16 @@ def test_opset_too_low_states_the_minimum():
     )
     problems = [
         p
-        for p in validate_config(
-            ExportConfiguration(export_formats=["onnx"], onnx_backend="torch", onnx_opset_version=17)
-        )
+        for p in rules(ExportConfiguration(export_formats=["onnx"], onnx_backend="torch", onnx_opset_version=17))
         if p.kind == "opset_too_low"
     ]
     assert "needs at least 18" in problems[0].render()
-    assert validate_config(ExportConfiguration(export_formats=["safetensors"], onnx_opset_version=11)) == []
+    assert rules(ExportConfiguration(export_formats=["safetensors"], onnx_opset_version=11)) == []
 
 
 def test_opset_newer_than_installed_onnx():
     too_new = onnx.defs.onnx_opset_version() + 1
-    problems = validate_config(ExportConfiguration(export_formats=["onnx"], onnx_opset_version=too_new))
+    problems = rules(ExportConfiguration(export_formats=["onnx"], onnx_opset_version=too_new))
     assert kinds(problems) == [("onnx_opset_version", "opset_too_high")]
 
 
@@ -97,7 +113,7 @@ def test_dynamic_axes_must_name_real_inputs_and_axes():
         "past_key_values.3.key": {2: "past"},
         "present.0.value": {5: "y"},
     }
-    problems = validate_config(ExportConfiguration(onnx_dynamic_axes=axes))
+    problems = rules(ExportConfiguration(onnx_dynamic_axes=axes))
     assert kinds(problems) == [
         ("onnx_dynamic_axes.input_ids", "dynamic_axes_bad_axis"),
         ("onnx_dynamic_axes.pixel_values", "dynamic_axes_unknown_input"),
@@ -109,7 +125,7 @@ def test_dynamic_axes_must_name_real_inputs_and_axes():
 def test_non_positive_numbers_are_reported_from_files(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("batch_size: 0\nmax_sequence_length: -5\nvalidation_tolerance: 0\n")
-    problems = validate_config(path)
+    problems = rules(path)
     assert [(p.key, p.line) for p in problems] == [
         ("batch_size", 1),
         ("max_sequence_length", 2),
@@ -122,10 +138,10 @@ def test_output_dir_inside_an_input(tmp_path, tiny_base, inside):
     run = tmp_path / "run"
     run.mkdir()
     output = run / "export" if inside else run
-    problems = validate_config(ExportConfiguration(checkpoint_path=str(run), output_dir=str(output)))
+    problems = rules(ExportConfiguration(checkpoint_path=str(run), output_dir=str(output)))
     assert kinds(problems) == [("output_dir", "output_inside_input")]
     assert ("inside" if inside else "the same directory as") in problems[0].render()
-    problems = validate_config(
+    problems = rules(
         ExportConfiguration(checkpoint_path=str(run), base_model_name=str(tiny_base), output_dir=str(tiny_base / "out"))
     )
     assert "base model directory" in problems[0].render()
@@ -135,27 +151,27 @@ def test_formats_samples_and_calibration(tmp_path):
     config = ExportConfiguration(
         export_formats=["tensorrt"], test_input_samples=[], calibration_data=str(tmp_path / "none.txt")
     )
-    assert kinds(validate_config(config)) == [
+    assert kinds(rules(config)) == [
         ("calibration_data", "calibration_missing"),
         ("test_input_samples", "no_test_samples"),
     ]
     # The key that emptied the list is the one named (issue 24: export_formats was blamed for export_onnx: false)
-    assert kinds(validate_config(ExportConfiguration(export_formats=["onnx"], export_onnx=False))) == [
+    assert kinds(rules(ExportConfiguration(export_formats=["onnx"], export_onnx=False))) == [
         ("export_onnx", "export_onnx_removes_all")
     ]
-    assert kinds(validate_config(ExportConfiguration(export_formats=[]))) == [("export_formats", "no_formats")]
-    assert validate_config(ExportConfiguration(export_formats=["onnx", "gguf"], export_onnx=False)) == []
+    assert kinds(rules(ExportConfiguration(export_formats=[]))) == [("export_formats", "no_formats")]
+    assert rules(ExportConfiguration(export_formats=["onnx", "gguf"], export_onnx=False)) == []
 
 
 def test_gguf_keys_without_a_gguf_are_refused():
     config = ExportConfiguration(export_formats=["onnx"], gguf_output_type="q8_0", gguf_token_embedding_type="q6_k")
-    problems = validate_config(config)
+    problems = rules(config)
     assert kinds(problems) == [
         ("gguf_output_type", "key_without_format"),
         ("gguf_token_embedding_type", "key_without_format"),
     ]
     assert "export_formats has no gguf" in problems[0].message()
-    assert not validate_config(ExportConfiguration(export_formats=["gguf"], gguf_output_type="q8_0"))
+    assert not rules(ExportConfiguration(export_formats=["gguf"], gguf_output_type="q8_0"))
 
 
 def test_every_problem_at_once_from_a_file(tmp_path):
@@ -173,7 +189,7 @@ def test_every_problem_at_once_from_a_file(tmp_path):
     }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    problems = [p for p in validate_config(path) if p.kind != "format_unavailable"]
+    problems = [p for p in rules(path) if p.kind != "format_unavailable"]
     assert len(problems) == 5
     assert all(p.line for p in problems)
     with pytest.raises(ConfigError) as err:
@@ -192,7 +208,7 @@ def test_gptq_needs_data_int4_safetensors_and_one_pass_of_tokens():
         calibration_samples=200,
         calibration_sequence_length=512,
     )
-    assert sorted(kinds(validate_config(config))) == [
+    assert sorted(kinds(rules(config))) == [
         ("calibration_samples", "gptq_too_many_tokens"),
         ("quantization_method", "gptq_not_int4"),
         ("quantization_method", "gptq_without_data"),
