@@ -69,8 +69,12 @@ def _scan(root: Path) -> list[Candidate]:
 
 
 def detect(path: str | Path, selection: Literal["latest", "best"] = "latest") -> Detection:
-    """Find the checkpoint to export under ``path``. Raises CheckpointValidationError (ME201, ME203, ME211, ME212)."""
+    """Find the checkpoint to export under ``path``.
+
+    Raises CheckpointValidationError (ME201, ME203, ME211, ME212, ME220)."""
     root = Path(path)
+    if root.is_file():  # a configuration file given to `check`, an adapter_model.safetensors: say what it is
+        raise CheckpointValidationError("checkpoint_is_file", path=str(path))
     if not root.is_dir():
         raise CheckpointValidationError("checkpoint_not_found", path=str(path), cwd=str(Path.cwd()))
     candidates = _scan(root)

@@ -265,3 +265,11 @@ def test_a_quantized_ggufs_rule_says_how_far_it_is_from_the_merge_not_that_it_eq
     assert {"q4_k", "q6_k"} <= set(worst) and max(worst.values()) > 0.001
     assert "equal to the merge)" not in verdict["rule"]  # "read back (24 tensors equal to the merge)" before
     assert "encoded again as" in verdict["rule"] and f"{round(max(worst.values()), 4):.4g}" in verdict["rule"]
+
+
+def test_a_file_given_as_the_checkpoint_says_it_is_a_file(tmp_path, capsys):
+    config = tmp_path / "export.yaml"
+    config.write_text("checkpoint_path: ./qwen3-finetuned\n")
+    assert main(["check", str(config)]) == 1  # "Checkpoint directory does not exist" before: it does exist
+    err = capsys.readouterr().err
+    assert "ME220" in err and "is a file, not a checkpoint directory" in err and "model-export run FILE" in err
