@@ -58,16 +58,27 @@ class ArtifactBenchmark:
 
 
 def artifacts_of(target: str | Path) -> list[tuple[str, Path]]:
-    """(label, path) of what to benchmark: every artifact of a run directory (its run.json), or ``target`` itself."""
+    """(label, path) of what to benchmark: every artifact of a run directory (its run.json), of every adapter of a
+    batch's output_dir (batch.json), or ``target`` itself."""
     target = Path(target)
     if not target.exists():
         raise ValidationError("benchmark_target_missing", path=str(target))
     manifest = target / "run.json"
     if manifest.is_file():
+        from .exporters import FORMATS
         from .manifest import RunManifest
         from .verify import verifiable
 
-        return verifiable(RunManifest.load(manifest).export().artifacts)
+        artifacts = RunManifest.load(manifest).export().artifacts
+        found = verifiable({f: p for f, p in artifacts.items() if f in FORMATS})
+        if "gguf_lora" in artifacts:  # a batch adapter's LoRA GGUF, run on the base GGUF its Modelfile names
+            found.append(("gguf_lora", Path(artifacts["gguf_lora"]) / "adapter-lora-f32.gguf"))
+        return found  # a PEFT folder is files for vLLM, not a model to time alone
+    if (target / "batch.json").is_file():  # a batch: every adapter's run, labelled with its name
+        runs = sorted(p.parent for p in target.glob("*/run.json") if p.parent.name != "base")
+        found = [(f"{run.name}/{label}", path) for run in runs for label, path in artifacts_of(run)]
+        if found:
+            return found
     from .runtimes import runnables_in
 
     found = runnables_in(target)

@@ -106,6 +106,18 @@ def test_a_sweep_folder_exports_every_run_with_the_local_pool(pooled, sweep):
     assert len(weights) == 3
 
 
+def test_benchmark_takes_a_batch_and_each_adapters_run(pooled, capsys):
+    """A batch's output_dir and an adapter's run with batch_outputs both (PEFT folder, LoRA GGUF): every runnable
+    artifact, labelled with its adapter; a traceback (KeyError 'peft') before."""
+    _, out = pooled
+    assert main(["benchmark", str(out), "--json", "--repeats", "1", "--new-tokens", "2"]) == 0
+    labels = {r["label"]: r for r in json.loads(capsys.readouterr().out)}
+    for lr in LEARNING_RATES:
+        assert {f"lr-{lr}/safetensors", f"lr-{lr}/gguf", f"lr-{lr}/gguf_lora"} <= set(labels)
+    assert all(r["status"] in ("measured", "not_run") for r in labels.values())
+    assert labels["lr-1e-3/gguf_lora"]["status"] == ("measured" if LLAMA else "not_run")
+
+
 def test_a_rerun_skips_the_adapters_that_are_done_and_redoes_one_whose_file_changed(pooled, sweep):
     _, out = pooled
     config = batch_config(sweep, out)
