@@ -6,6 +6,7 @@ errors = validate_config(config)      # [] when the configuration is sound
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from collections.abc import Mapping
@@ -186,16 +187,20 @@ def _output_dir(config: ExportConfiguration) -> list[ConfigProblem]:
     """No step ever writes, creates or deletes inside an input: output_dir is not an input or inside one, no input is
     (or holds) a step folder or file the run writes under output_dir, and log_file is not inside an input."""
     output = _resolved(config.output_dir)
-    inputs = [("what_checkpoint", config.checkpoint_path)]
-    adapters = config.adapters.values() if isinstance(config.adapters, dict) else config.adapters
-    inputs += [("what_checkpoint", _fixed_part(entry)) for entry in adapters]
+    entries = list(config.adapters.values() if isinstance(config.adapters, dict) else config.adapters)
+    entries.append(config.checkpoint_path)  # a glob there makes a batch too
+    inputs = [("what_checkpoint", path) for entry in entries for path in _entry_paths(entry)]
     inputs += [("what_base", str(path)) for path in _base_dirs(config, [raw for _, raw in inputs])]
     if config.calibration_data:
         inputs.append(("what_calibration", config.calibration_data))
     written = [("output_dir", path) for path in _written_paths(output)]
     if config.log_file:
         written.append(("log_file", _resolved(config.log_file)))
-    problems = []
+    problems = [
+        ConfigProblem("output_dir", "output_matches_glob", {"output": config.output_dir, "entry": entry})
+        for entry in entries
+        if _GLOB.search(entry) and output.match(str(_resolved_pattern(entry)))  # absolute: whole path, * within a name
+    ]
     if output.exists() and not output.is_dir():
         problems.append(ConfigProblem("output_dir", "output_not_dir", {"path": config.output_dir}))
     elif not _writable(output):
@@ -257,6 +262,24 @@ def _named_bases(checkpoints: list[str]) -> list[str]:
             if isinstance(name, str) and name and "\0" not in name:
                 names.append(name)
     return names
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def _entry_paths(entry: str) -> list[str]:
+    """The folders a checkpoint_path or adapters entry names: a glob's matches (the run takes those), else itself."""
+    raw = os.path.expanduser(entry)
+    if _GLOB.search(entry) and not Path(raw).exists():
+        return sorted(glob.glob(raw))
+    return [entry]
+
+
+def _resolved_pattern(entry: str) -> Path:
+    """A glob made absolute as the output is (its folder part resolved), to compare the output with it."""
+    pattern = Path(os.path.expanduser(entry))
+    fixed = _fixed_part(entry)
+    return _resolved(fixed) / pattern.relative_to(fixed) if fixed != "." else Path.cwd().resolve() / pattern
 
 
 def _fixed_part(entry: str) -> str:

@@ -273,3 +273,22 @@ def test_a_file_given_as_the_checkpoint_says_it_is_a_file(tmp_path, capsys):
     assert main(["check", str(config)]) == 1  # "Checkpoint directory does not exist" before: it does exist
     err = capsys.readouterr().err
     assert "ME220" in err and "is a file, not a checkpoint directory" in err and "model-export run FILE" in err
+
+
+def test_an_adapters_glob_in_the_current_folder_is_judged_by_what_it_matches(adapter, tmp_path, monkeypatch):
+    """adapters: ['lr-*'] in the working folder refused every output_dir there (the glob's folder, '.', counted as the
+    input); an output_dir the glob would match is refused, since the next run would take it for an adapter."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("lr-1", "lr-2"):
+        shutil.copytree(adapter, tmp_path / name)
+
+    def problems(output):
+        return [(p.key, p.kind) for p in validate_config({"adapters": ["lr-*"], "output_dir": output}, inputs=False)]
+
+    assert problems("out") == []
+    assert problems("lr-out") == [("output_dir", "output_matches_glob")]
+    assert problems("lr-1/out") == [("output_dir", "output_inside_input")]
+    assert problems(str(tmp_path / "lr-2")) == [
+        ("output_dir", "output_matches_glob"),
+        ("output_dir", "output_inside_input"),
+    ]
