@@ -321,7 +321,7 @@ def _done(out: Path, line: dict[str, Any] | None, key: str) -> bool:
     """Recorded done with this key, its run.json still says every step is done, and every file its steps wrote is
     as they left it (name, size, time, sampled bytes: the check a run makes before skipping a step)."""
     from .manifest import RunManifest
-    from .pipeline import _fingerprint
+    from .steps import fingerprint as _fingerprint
 
     if not line or line.get("status") != "done" or line.get("key") != key:
         return False

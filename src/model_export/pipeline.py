@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +40,13 @@ from .manifest import MANIFEST, RunManifest, StepRecord, strict_json
 from .model_merger import merge, merge_settings
 from .monitoring import MemoryMonitor, human_bytes, logger, setup_logging, timed_step
 from .reference import resolve_device
+from .steps import STEP_FILE
+from .steps import files_in as _files
+from .steps import fingerprint as _fingerprint
 from .tensor_io import file_sha256
 
 __all__ = ["run_adapter", "prepare_base", "RunResult", "MANIFEST", "STEPS"]
 
-STEP_FILE = ".step.json"  # each step's result, hidden so that it never joins an artifact
 STEPS = OUTPUT_STEPS
 
 
@@ -130,6 +132,7 @@ class _Run:
             else:
                 error = explain(exc, i18n.ui("where_step", step=name), self.log_file)
             record.status, record.error, record.seconds = "failed", error.to_dict(), round(timing["seconds"], 3)
+            record.result = self.results.get(name)  # what a failing step judged before it stopped (verify's verdicts)
             record.peak_rss = max((rss for _, rss in self.monitor.samples[first_sample:]), default=None)
             self._save()
             if error is exc:
@@ -157,29 +160,6 @@ def _free_space(path: Path) -> str:
 
 def _hash(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _fingerprint(paths: list[Path]) -> list[list[Any]]:
-    """Name, size, modification time and a hash of sampled bytes of files: a file rewritten with the same size and
-    mtime (touch -r, a copy that keeps times) is still noticed where its header or any sampled block changed."""
-    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns, sampled_hash(p)] for p in paths if p.is_file()]
-
-
-SAMPLES, SAMPLE_BYTES = 16, 1 << 16
-
-
-def sampled_hash(path: Path) -> str:
-    """sha256 of the first 64 KiB (a safetensors or GGUF header is there) and 15 more 64 KiB blocks spread evenly over
-    the file: about 1 MiB read per file whatever its size."""
-    digest = hashlib.sha256()
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        for i in range(SAMPLES):
-            fh.seek(0 if i == 0 else max(size - SAMPLE_BYTES, 0) * i // (SAMPLES - 1))
-            digest.update(fh.read(SAMPLE_BYTES))
-            if size <= SAMPLE_BYTES:
-                break
-    return digest.hexdigest()[:16]
 
 
 def run_adapter(config: ExportConfiguration, shared: dict[str, Any] | None = None) -> RunResult:
@@ -399,10 +379,11 @@ def _steps(state: _Run) -> None:
     ]
     export_settings += [[fmt, *FORMATS[fmt].settings(c)] for fmt in c.formats]
     export_settings += [outputs, state.shared.get("base_gguf")]
+    earlier = state.manifest.steps.get("export")
     state.step(
         "export",
         export_settings,
-        lambda: _export(state, checkpoint, base, imatrix, gptq, merged=merged),
+        lambda: _export(state, checkpoint, base, imatrix, gptq, merged=merged, previous=earlier and earlier.result),
         outputs=lambda result: [f for path in result.get("artifacts", {}).values() for f in _files(path)],
     )
     if c.run_validation_tests:
@@ -421,7 +402,8 @@ def _steps(state: _Run) -> None:
             c.save_intermediate_results,
             c.verification_runtime,
         ]
-        state.step("verify", settings, lambda: _verify(state, checkpoint, info.path))
+        earlier = state.manifest.steps.get("verify")
+        state.step("verify", settings, lambda: _verify(state, checkpoint, info.path, earlier and earlier.result))
     else:
         state.manifest.steps.pop("verify", None)
         state.results["verify"] = {"skipped": i18n.ui("reason_validation_off")}
@@ -577,43 +559,53 @@ def _export(
     gptq: Path | None = None,
     *,
     merged: bool = True,
+    previous: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One folder per format under export/, each written by its format's exporter (exporters.FORMATS) into a hidden
     partial folder that is renamed when complete; in a batch that asks for the adapters themselves, also (or only)
-    what loads on the shared base: export/peft and, with the base's GGUF, export/gguf_lora."""
+    what loads on the shared base: export/peft and, with the base's GGUF, export/gguf_lora.
+
+    Each format is a unit of its own (steps.Unit: ``export:gguf``) that reads only the keys it declares: a folder the
+    ``previous`` export wrote with the same key and untouched files is kept as it is (a GGUF-only change rewrites the
+    GGUF alone), and one that is written again says why."""
     from .exporters import FORMATS, WEIGHT_SUFFIXES, ExportContext
+    from .steps import ConfigView, Unit
 
     c, export = state.config, state.out / "export"
     artifacts, details = {}, {}
-    writers: list[tuple[str, Callable[[Path], dict[str, Any]]]] = []
+    calibrated = [state.keys.get("calibrate")] if imatrix or gptq else []
+    writers: list[tuple[Unit, Callable[[Path], dict[str, Any]]]] = []
     if merged:
         for fmt in c.formats:
-            writers.append(
-                (
-                    fmt,
-                    lambda partial, fmt=fmt: FORMATS[fmt].export(
-                        ExportContext(state.out / "merge", partial, c, checkpoint, base, imatrix, gptq)
-                    ),
-                )
-            )
+            view = ConfigView(c, FORMATS[fmt].keys, f"export:{fmt}")
+            context = ExportContext(state.out / "merge", Path(), view, checkpoint, base, imatrix, gptq)
+            unit = Unit(f"export:{fmt}", view.values(), [state.keys.get("merge"), *calibrated])
+            writers.append((unit, lambda partial, ctx=context, fmt=fmt: FORMATS[fmt].export(replace(ctx, out=partial))))
     if state.shared.get("outputs") in ("adapters", "both"):
-        writers.append(("peft", lambda partial: _peft_folder(checkpoint, partial)))
+        adapter = [state.keys.get("check")]
+        writers.append((Unit("export:peft", {}, adapter), lambda partial: _peft_folder(checkpoint, partial)))
         if state.shared.get("base_gguf"):
             gguf = Path(state.shared["base_gguf"])
-            writers.append(("gguf_lora", lambda partial: _gguf_lora(checkpoint, gguf, partial)))
-    for fmt, write in writers:
+            unit = Unit("export:gguf_lora", {}, [*adapter, str(gguf), _fingerprint([gguf])])
+            writers.append((unit, lambda partial: _gguf_lora(checkpoint, gguf, partial)))
+    earlier = (previous or {}).get("details", {})
+    for unit, write in writers:
+        fmt = unit.name.split(":", 1)[1]
         target = export / fmt
         artifacts[fmt] = str(target)
-        details[fmt] = {"path": str(target), **_into_folder(target, write)}
+        if unit.kept(earlier.get(fmt), _fingerprint(_files(str(target)))):
+            logger.info(i18n.ui("unit_kept", unit=unit.name))
+            details[fmt] = earlier[fmt]
+            continue
+        logger.info(i18n.ui("unit_reruns", unit=unit.name, why=unit.why(earlier.get(fmt))))
+        done = {"path": str(target), **_into_folder(target, write)}
+        details[fmt] = {**done, **unit.record(_fingerprint(_files(str(target))))}
     # A folder's size is that of one deployable artifact: a second copy (ONNX's optimized graph) has its own row.
     skip = {fmt: FORMATS[fmt].second_copy if fmt in FORMATS else None for fmt in artifacts}
     sizes = {fmt: _size(Path(p), skip=skip[fmt]) for fmt, p in artifacts.items()}
     # The weights alone, to compare with the base's weights (tokenizer and config files are not worth a warning).
     weights = {fmt: _size(Path(p), skip=skip[fmt], only=WEIGHT_SUFFIXES) for fmt, p in artifacts.items()}
     return {"artifacts": artifacts, "sizes": sizes, "weight_sizes": weights, "details": details}
-
-
-ADAPTER_ARTIFACTS = ("peft", "gguf_lora")  # a batch's per-adapter files, loaded on its shared base
 
 
 def _peft_folder(checkpoint: Path, out: Path) -> dict[str, Any]:
@@ -662,12 +654,6 @@ def _relocate(data: Any, old: str, new: str) -> Any:
     return data
 
 
-def _files(folder: str | None) -> list[Path]:
-    if not folder or not Path(folder).is_dir():
-        return []
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != STEP_FILE)
-
-
 def _size(path: Path, skip: str | None = None, only: tuple[str, ...] | None = None) -> int:
     return sum(
         f.stat().st_size
@@ -676,123 +662,23 @@ def _size(path: Path, skip: str | None = None, only: tuple[str, ...] | None = No
     )
 
 
-def _verify(state: _Run, checkpoint: Path, base_dir: Path) -> dict[str, Any]:
-    from .verify import (
-        Bounds,
-        RunOptions,
-        compute_reference,
-        precision_of,
-        verifiable,
-        verify_artifact,
-        verify_gguf,
-        verify_gguf_lora,
-        verify_peft_folder,
-    )
+def _verify(state: _Run, checkpoint: Path, base_dir: Path, previous: dict[str, Any] | None) -> dict[str, Any]:
+    """The verify step, unit by unit (verify_step.py): the reference and each artifact, kept while unchanged."""
+    from .verify_step import VerifyInputs, verify_step
 
-    c = state.config
-    options = RunOptions.from_config(c)
-    tokenizer_dir = tokenizer_source([checkpoint, checkpoint.parent, base_dir]) or base_dir
-    shared_logits = state.shared.get("base_heldout")
-    reference = compute_reference(
-        base_dir,
+    export = state.results["export"]
+    inputs = VerifyInputs(
+        state.config,
+        state.out,
         checkpoint,
-        tokenizer_dir,
-        c.test_input_samples,
-        c.validation_new_tokens,
-        load_in_4bit=c.base_model_load_in_4bit,
-        load_in_8bit=c.base_model_load_in_8bit,
-        options=options,
-        base_heldout=Path(shared_logits) if shared_logits else None,
+        base_dir,
+        export["artifacts"],
+        export.get("details", {}),
+        [state.keys.get("check")],
+        state.shared,
+        previous,
     )
-    verify_dir = state.out / "verify"
-    verify_dir.mkdir(exist_ok=True)
-    for stale in verify_dir.glob("*.pt"):  # intermediate results of an earlier run are never mistaken for this one's
-        stale.unlink()
-    if c.save_intermediate_results:  # kept whatever the verdicts, to debug a failure against the reference
-        import torch
-
-        torch.save(
-            {
-                "prompts": reference.prompts,
-                "input_ids": reference.input_ids,
-                "logits": reference.logits,
-                "greedy": reference.greedy,
-            },
-            verify_dir / "reference.pt",
-        )
-    # Every artifact was written from the merge: its weights went through the merge's dtype (bf16 for a bf16 base).
-    floor = precision_of(state.out / "merge") if (state.out / "merge").is_dir() else precision_of(base_dir)
-    bounds, where = (
-        Bounds.from_config(c),
-        {
-            "device": reference.device,
-            "precision": reference.precision,
-            "merge": floor,
-            # on the held-out text: what the adapter changed, beside which each artifact's perplexity reads
-            "perplexity": reference.heldout_perplexity,
-            "base_perplexity": reference.base_perplexity,
-        },
-    )
-    verdicts, failures = {}, []
-    artifacts = state.results["export"]["artifacts"]
-    runnable = verifiable({f: p for f, p in artifacts.items() if f not in ADAPTER_ARTIFACTS})
-    runnable += [(f, Path(artifacts[f])) for f in ADAPTER_ARTIFACTS if f in artifacts]
-    for label, path in runnable:
-        if label == "peft":
-            verdict = verify_peft_folder(path, checkpoint)
-        elif label == "gguf_lora":
-            verdict = verify_gguf_lora(
-                path / "adapter-lora-f32.gguf",
-                checkpoint,
-                base_dir,
-                reference,
-                bounds,
-                new_tokens=c.validation_new_tokens,
-                options=options,
-            )
-        elif label == "gguf":
-            imatrix = state.results["export"]["details"].get("gguf", {}).get("imatrix")
-            verdict = verify_gguf(
-                path,
-                state.out / "merge",
-                reference,
-                bounds,
-                new_tokens=c.validation_new_tokens,
-                floor=floor,
-                options=options,
-                imatrix=Path(imatrix) if imatrix else None,
-            )
-        else:
-            verdict = verify_artifact(
-                path,
-                reference,
-                bounds,
-                new_tokens=c.validation_new_tokens,
-                raise_on_failure=False,
-                floor=floor,
-                options=options,
-            )
-        verdicts[label] = verdict.to_dict()
-        write_atomic(verify_dir / f"{label}.json", strict_json(verdicts[label]))
-        if c.save_intermediate_results and verdict.outputs is not None:
-            import torch
-
-            torch.save(verdict.outputs, verify_dir / f"{label}.pt")
-        failures.append(verdict.failure)
-    counts = verdict_counts(verdicts)
-    # passed: true when every artifact was run and verified; null when none failed but some were not run.
-    result = {"passed": None if counts["not_run"] else True, "counts": counts, "verdicts": verdicts, "reference": where}
-    failed = [f for f in failures if f is not None]
-    if failed:  # every artifact was judged first, so the report shows them all; the first failure is raised
-        state.results["verify"] = {**result, "passed": False}
-        raise failed[0]
-    return result
-
-
-def verdict_counts(verdicts: dict[str, dict[str, Any]]) -> dict[str, int]:
-    """How many artifacts were verified, failed, and not run."""
-    statuses = [v["status"] for v in verdicts.values()]
-    return {status: statuses.count(status) for status in ("verified", "failed", "not_run")}
+    return verify_step(inputs, lambda result: state.results.__setitem__("verify", result))
 
 
 def _report(state: _Run, failure: ExportError | None = None) -> None:

@@ -96,6 +96,7 @@ class ArtifactVerdict:
     reason: str | None = None  # not_run: why it was not run
     runtime: str | None = None  # what ran it, and where: "onnxruntime on cpu", "transformers (layer-streamed) on cpu"
     peak_rss: int | None = None  # this process's resident memory at its peak while the artifact was loaded and run
+    rule_prefix: str = ""  # what the rule says before the bounds (a GGUF's read back): kept when judged again
     failure: ValidationError | None = field(default=None, repr=False)
     outputs: dict[str, Any] | None = field(default=None, repr=False)  # the artifact's logits and greedy tokens
 
@@ -589,7 +590,8 @@ def _read_back_then_run(
             floor=floor(precision),
             options=options,
         )
-        verdict.rule = ran.format(tensors=readback["tensors"], read=readback_words(readback)) + verdict.rule
+        verdict.rule_prefix = ran.format(tensors=readback["tensors"], read=readback_words(readback))
+        verdict.rule = verdict.rule_prefix + verdict.rule
     else:
         reason = i18n.ui("reason_no_llama_cpp") if not extras.is_available("llama_cpp") else None
         reason = reason or i18n.ui("reason_read_back_only", problem=problem)
@@ -742,6 +744,18 @@ def _precision_or_unknown(artifact: Path) -> str:
         return precision_of(artifact)
     except Exception:  # noqa: BLE001 - reading the precision needs the format's package too (onnx, gguf)
         return "unknown"
+
+
+def rejudge(recorded: dict[str, Any], bounds: Bounds, reference_precision: str, floor: str) -> ArtifactVerdict:
+    """A recorded verdict (ArtifactVerdict.to_dict) judged again on ``bounds`` from its metrics, without running the
+    artifact: what a change of validation_* alone needs."""
+    names = {f.name for f in fields(ArtifactVerdict)} - {"samples", "failure", "outputs"}
+    verdict = ArtifactVerdict(**{k: v for k, v in recorded.items() if k in names})
+    verdict.samples = [SampleResult(**sample) for sample in recorded.get("samples", [])]
+    verdict.failure = judge(verdict, bounds, reference_precision, floor)
+    verdict.rule = verdict.rule_prefix + verdict.rule
+    verdict.status = "verified" if verdict.failure is None else "failed"
+    return verdict
 
 
 _COARSENESS = {"full": 0, "reduced": 1, "int4": 2}

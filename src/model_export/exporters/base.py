@@ -26,7 +26,7 @@ class ExportContext:
 
     merged: Path
     out: Path
-    config: Any  # ExportConfiguration
+    config: Any  # the configuration as this format sees it: steps.ConfigView of its declared keys
     checkpoint: Path
     base: str
     imatrix: Path | None = None  # calibrate/imatrix.gguf when the run has calibration data for a format that uses it
@@ -41,8 +41,9 @@ class ExportFormat:
     the docs). ``bytes_per_param(config, base_bytes_per_param)`` is what the artifact writes per parameter (the disk
     preflight). ``export(ctx)`` writes the artifact into ``ctx.out`` and returns its details (paths under ``ctx.out``).
     ``runnables(folder)`` lists what verification and the benchmark run in a finished artifact, as (label, path):
-    the folder itself for transformers, a graph, an engine or a GGUF file. ``settings(config)`` are the configuration
-    values its export depends on (part of the export step's resume key). ``extra`` is the optional install it needs.
+    the folder itself for transformers, a graph, an engine or a GGUF file. ``keys`` are the configuration keys its
+    export reads: it is given a view of the configuration that refuses any other (steps.ConfigView), and its values
+    of them are part of its resume key (``settings(config)``). ``extra`` is the optional install it needs.
     """
 
     name: str
@@ -50,8 +51,12 @@ class ExportFormat:
     bytes_per_param: Callable[[Any, float], float]
     export: Callable[[ExportContext], dict[str, Any]]
     runnables: Callable[[Path], list[tuple[str, Path]]] = lambda folder: []
-    settings: Callable[[Any], list[Any]] = lambda config: []
+    keys: tuple[str, ...] = ()
     extra: str | None = None
     description: str = ""
     second_copy: str | None = None  # a file name prefix in the folder that is a second copy of the artifact
     notes: dict[str, Any] = field(default_factory=dict)
+
+    def settings(self, config: Any) -> list[Any]:
+        """The values of its declared keys, in their order."""
+        return [getattr(config, key) for key in self.keys]

@@ -833,13 +833,14 @@ FORMAT = ExportFormat(
     bytes_per_param=_bytes,
     export=_export,
     runnables=lambda folder: [("gguf", p) for p in sorted(folder.glob("model-*.gguf"))],
-    settings=lambda c: [
-        c.gguf_type,
-        c.gguf_lora_adapter,
-        c.gguf_output_type,
-        c.gguf_token_embedding_type,
-        c.quantization_keep_modules,
-    ],
+    keys=(
+        "quantization_level",
+        "gguf_type",
+        "gguf_lora_adapter",
+        "gguf_output_type",
+        "gguf_token_embedding_type",
+        "quantization_keep_modules",
+    ),
     extra="gguf",
     description="one file for llama.cpp and Ollama (with a Modelfile); run in llama.cpp with the llamacpp extra",
 )

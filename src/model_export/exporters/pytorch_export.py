@@ -34,5 +34,15 @@ FORMAT = ExportFormat(
     bytes_per_param=_bytes,
     export=export,
     runnables=lambda folder: [("pytorch", folder)],
+    # merge_settings reads these (it merges again, writing .bin shards)
+    keys=(
+        "quantization_level",
+        "max_shard_size",
+        "compress_weights",
+        "remove_training_artifacts",
+        "device_map",
+        "checkpoint_selection",
+        "enable_progress_monitoring",
+    ),
     description="pytorch_model*.bin shards (torch.load with weights_only=True reads them)",
 )

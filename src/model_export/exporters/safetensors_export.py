@@ -54,6 +54,13 @@ FORMAT = ExportFormat(
     bytes_per_param=_bytes,
     export=export,
     runnables=lambda folder: [("safetensors", folder)],
+    keys=(
+        "quantization_level",
+        "max_shard_size",
+        "quantization_group_size",
+        "quantization_keep_modules",
+        "quantization_symmetric",
+    ),
     extra="quant",
     description="Hugging Face layout (transformers, vLLM); hard links to the merge unless quantized",
 )

@@ -159,7 +159,7 @@ FORMAT = ExportFormat(
     bytes_per_param=lambda config, base_size: {"fp16": 6.0}.get(config.quantization_level, 8.0),  # its graph + engine
     export=_export,
     runnables=lambda folder: [("tensorrt", folder / ENGINE_FILE)],
-    settings=lambda c: [c.batch_size],
+    keys=("quantization_level", "batch_size"),
     extra="tensorrt",
     description="TensorRT engine (experimental; an NVIDIA GPU and the tensorrt package)",
 )
