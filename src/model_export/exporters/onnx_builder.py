@@ -218,15 +218,18 @@ def _spec(folder: Path, weights: _Weights) -> tuple[_Spec, dict[str, Any]]:
 
 
 def _rotary_cache(folder: Path, spec: _Spec, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin for every position, computed as transformers computes them (in torch, fp32): the frequencies
-    and attention scaling of hf_layout.rope_inv_freq, so the tables are the reference's for every rope type."""
+    """cos and sin for every position at the angles transformers computes (fp32 frequencies and attention scaling of
+    hf_layout.rope_inv_freq, fp32 products), so the tables are the reference's for every rope type. cos and sin are
+    taken in float64 by numpy and rounded once: within one fp32 ulp of torch's values, and the same bytes every time
+    (torch's fp32 cos gave the upper half of the demo's table 1.5e-4 off in some processes: the crash soak saw two
+    different graphs from one configuration)."""
     import torch
 
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     inv_freq, scaling = rope_inv_freq(folder, config, spec.head_dim)
     positions = torch.arange(spec.max_positions, dtype=torch.float32)
-    freqs = positions[:, None] * inv_freq[None, :]
-    return (freqs.cos() * scaling).numpy().astype(dtype), (freqs.sin() * scaling).numpy().astype(dtype)
+    angles = (positions[:, None] * inv_freq[None, :]).numpy().astype(np.float64)
+    return (np.cos(angles) * scaling).astype(dtype), (np.sin(angles) * scaling).astype(dtype)
 
 
 class _Linear:
