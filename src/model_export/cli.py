@@ -99,7 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         _benchmark,
         "benchmark every artifact of a run (or one artifact): load time, first token, decode speed, memory",
     )
-    p.add_argument("target", help="a run's output_dir (with run.json), or one artifact: a model folder, .onnx or .gguf")
+    p.add_argument(
+        "target",
+        help="a run's output_dir (run.json), a batch's (batch.json), or one artifact: a model folder, an ONNX folder "
+        "or .onnx, a GGUF folder or .gguf, a TensorRT folder",
+    )
     p.add_argument(
         "--prompt",
         default=None,
