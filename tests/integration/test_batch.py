@@ -287,15 +287,7 @@ def test_kill_9_of_the_batch_stops_its_workers_and_the_rerun_resumes_them(sweep,
 
     import psutil
 
-    out = tmp_path / "out"
-    config = batch_config(sweep, out, export_formats=["safetensors"], batch_outputs="merged", max_parallel_adapters=2)
-    path = tmp_path / "batch.json"
-    path.write_text(json.dumps(config.model_dump(mode="json")))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "model_export.cli", "run", str(path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    config, out, process = _batch_process(sweep, tmp_path, width=2)
     deadline, workers = time.time() + 120, []
     while time.time() < deadline and process.poll() is None:
         started = [p for p in out.glob("lr-*/run.json")]
@@ -310,6 +302,19 @@ def test_kill_9_of_the_batch_stops_its_workers_and_the_rerun_resumes_them(sweep,
     assert not alive, f"workers still running 3 s after the batch was killed: {[p.pid for p in alive]}"
     result = run(config)
     assert [a["status"] for a in result.adapters] == ["done"] * 3
+
+
+def _batch_process(sweep, tmp_path, width, **popen):
+    """`model-export run` of the sweep (safetensors, merged) in a process of its own: (config, out, process)."""
+    out = tmp_path / "out"
+    config = batch_config(
+        sweep, out, export_formats=["safetensors"], batch_outputs="merged", max_parallel_adapters=width
+    )
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps(config.model_dump(mode="json")))
+    command = [sys.executable, "-m", "model_export.cli", "run", str(path)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    return config, out, process
 
 
 def _pool_workers(pid):
@@ -334,16 +339,7 @@ def test_a_batch_killed_whole_resumes_per_adapter(sweep, tmp_path):
     import signal
     import time
 
-    out = tmp_path / "out"
-    config = batch_config(sweep, out, export_formats=["safetensors"], batch_outputs="merged", max_parallel_adapters=1)
-    path = tmp_path / "batch.json"
-    path.write_text(json.dumps(config.model_dump(mode="json")))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "model_export.cli", "run", str(path)],
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    config, out, process = _batch_process(sweep, tmp_path, width=1, start_new_session=True)
     deadline = time.time() + 120
     recorded = []
     while time.time() < deadline and process.poll() is None:
