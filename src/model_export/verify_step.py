@@ -90,14 +90,15 @@ def verify_step(inputs: VerifyInputs, failed: Callable[[dict[str, Any]], None]) 
         unit = Unit(f"verify:{label}", run_view.values(), ran)
         earlier = previous.get("verdicts", {}).get(label)
         record = previous.get("units", {}).get(unit.name)
-        if earlier and unit.kept(record) and not c.save_intermediate_results:
-            verdict, failure = _kept(unit, earlier, record, bounds, reference, floor, verify_dir / f"{label}.json")
+        verdict_file = verify_dir / f"{label}.json"  # kept only while its verdict file is as it was left
+        if earlier and unit.kept(record, fingerprint([verdict_file])) and not c.save_intermediate_results:
+            verdict, failure = _kept(unit, earlier, record, bounds, reference, floor, verdict_file)
         else:
             logger.info(i18n.ui("unit_reruns", unit=unit.name, why=unit.why(record)))
             verdict = _run_one(label, path, inputs, reference, Bounds.from_config(bounds), floor)
             failure = verdict.failure
-            verdict = verdict_record(verdict, verify_dir / f"{label}.json", c.save_intermediate_results)
-        units[unit.name] = {**unit.record(), "bounds": bounds.values()}
+            verdict = verdict_record(verdict, verdict_file, c.save_intermediate_results)
+        units[unit.name] = {**unit.record(fingerprint([verdict_file])), "bounds": bounds.values()}
         verdicts[label] = verdict
         failures.append(failure)
     counts = verdict_counts(verdicts)

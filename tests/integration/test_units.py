@@ -116,3 +116,11 @@ def test_every_format_declares_what_its_export_reads(training, tmp_path):
     fields = set(ExportConfiguration.model_fields)
     for fmt in FORMATS.values():
         assert fmt.keys and set(fmt.keys) <= fields, fmt.name
+
+
+def test_a_verdict_file_removed_since_is_made_again(first_run, training, caplog):
+    (first_run / "verify" / "onnx.json").unlink()
+    run(_config(training, first_run, gguf_output_type="q6_k"))  # a change that makes the verify step run
+    assert "verify:onnx reruns: its files changed since" in caplog.text
+    assert "verify:safetensors skipped (unchanged)" in caplog.text
+    assert (first_run / "verify" / "onnx.json").is_file()
