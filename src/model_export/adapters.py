@@ -21,7 +21,7 @@ BATCH_MANIFEST = "batch.json"
 BASE_DIR = "base"
 TOKEN_FILE = ".batch-token"  # written by the driver, read by every task: proves the task sees the same output_dir
 RESERVED = {BASE_DIR, *OUTPUT_STEPS, *OUTPUT_FILES, BATCH_MANIFEST, TOKEN_FILE}
-_GLOB = re.compile(r"[*?\[]")
+GLOB = re.compile(r"[*?\[]")  # what makes a checkpoint entry a glob (the validator reads it too)
 _NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -42,7 +42,7 @@ def is_batch(config: ExportConfiguration) -> bool:
     if config.adapters:
         return True
     path = Path(os.path.expanduser(config.checkpoint_path))
-    if _GLOB.search(config.checkpoint_path) and not path.exists():
+    if GLOB.search(config.checkpoint_path) and not path.exists():
         return True
     return path.is_dir() and not _holds_adapter(path) and any(_holds_adapter(p) for p in _subfolders(path))
 
@@ -54,7 +54,7 @@ def _subfolders(path: Path) -> list[Path]:
 def _expand(entry: str) -> list[Path]:
     """The adapter folders of one entry: a glob's matches, a sweep folder's runs, or the folder itself."""
     raw = os.path.expanduser(entry)
-    if _GLOB.search(entry) and not Path(raw).exists():
+    if GLOB.search(entry) and not Path(raw).exists():
         matches = [Path(m) for m in sorted(glob.glob(raw)) if Path(m).is_dir()]
         if not matches:
             raise ConfigError("batch_no_adapters", entry=entry)

@@ -348,7 +348,8 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
     base = shared_base(config, adapters)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from .pipeline import _hash, check_disk_space, output_lock, prepare_base
+    from .pipeline import check_disk_space, output_lock, prepare_base
+    from .steps import key_hash as _hash
 
     with output_lock(out):
         setup_logging(config.log_level, config.log_file or out / "export.log")

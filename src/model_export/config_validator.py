@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import extras, i18n
+from .adapters import GLOB as _GLOB
 from .config import OUTPUT_FILES, OUTPUT_STEPS, ConfigProblem, ExportConfiguration, check_dict, read_config_file
 from .errors import ConfigError
 from .exporters import FORMATS
@@ -187,8 +188,7 @@ def _output_dir(config: ExportConfiguration) -> list[ConfigProblem]:
     """No step ever writes, creates or deletes inside an input: output_dir is not an input or inside one, no input is
     (or holds) a step folder or file the run writes under output_dir, and log_file is not inside an input."""
     output = _resolved(config.output_dir)
-    entries = list(config.adapters.values() if isinstance(config.adapters, dict) else config.adapters)
-    entries.append(config.checkpoint_path)  # a glob there makes a batch too
+    entries = _checkpoint_entries(config)
     inputs = [("what_checkpoint", path) for entry in entries for path in _entry_paths(entry)]
     inputs += [("what_base", str(path)) for path in _base_dirs(config, [raw for _, raw in inputs])]
     if config.calibration_data:
@@ -264,7 +264,11 @@ def _named_bases(checkpoints: list[str]) -> list[str]:
     return names
 
 
-_GLOB = re.compile(r"[*?\[]")
+def _checkpoint_entries(config: ExportConfiguration) -> list[str]:
+    """Every checkpoint entry as written: the adapters (a list or a mapping's paths) and checkpoint_path (a glob or a
+    sweep folder there makes a batch too)."""
+    adapters = config.adapters.values() if isinstance(config.adapters, dict) else config.adapters
+    return [*adapters, config.checkpoint_path]
 
 
 def _entry_paths(entry: str) -> list[str]:
@@ -328,9 +332,7 @@ def _calibration_samples(config: ExportConfiguration) -> list[ConfigProblem]:
     with the tokenizer the run would take: the checkpoints', their runs', then the base's."""
     from .calibration import sample_problems
 
-    checkpoints = [Path(os.path.expanduser(config.checkpoint_path))]
-    adapters = config.adapters.values() if isinstance(config.adapters, dict) else config.adapters
-    checkpoints += [Path(os.path.expanduser(_fixed_part(entry))) for entry in adapters]
+    checkpoints = [Path(os.path.expanduser(_fixed_part(entry))) for entry in _checkpoint_entries(config)]
     folders = [p for root in checkpoints for p in [*sorted(root.glob("checkpoint-*"), reverse=True), root]]
     bases = _base_dirs(config, [str(p) for p in checkpoints])
     folders += [d for base in bases for d in [base, *sorted(base.glob("snapshots/*"))]]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import math
 import os
@@ -43,6 +42,7 @@ from .reference import resolve_device
 from .steps import STEP_FILE
 from .steps import files_in as _files
 from .steps import fingerprint as _fingerprint
+from .steps import key_hash as _hash
 from .tensor_io import file_sha256
 
 __all__ = ["run_adapter", "prepare_base", "RunResult", "MANIFEST", "STEPS"]
@@ -156,10 +156,6 @@ def _free_space(path: Path) -> str:
         return human_bytes(shutil.disk_usage(path).free)
     except OSError:
         return "?"
-
-
-def _hash(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def run_adapter(config: ExportConfiguration, shared: dict[str, Any] | None = None) -> RunResult:

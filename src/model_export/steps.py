@@ -29,6 +29,7 @@ __all__ = [
     "sampled_hash",
     "files_in",
     "STEP_FILE",
+    "key_hash",
 ]
 
 STEP_FILE = ".step.json"  # each step's result, hidden so that it never joins an artifact
@@ -68,7 +69,8 @@ class ConfigView:
         return {key: dumped[key] for key in sorted(self._keys)}
 
 
-def _hash(data: Any) -> str:
+def key_hash(data: Any) -> str:
+    """The sha256 of ``data`` as sorted JSON: every step's and unit's key."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -83,7 +85,7 @@ class Unit:
 
     @property
     def key(self) -> str:
-        return _hash([self.name, self.values, self.inputs])
+        return key_hash([self.name, self.values, self.inputs])
 
     def kept(self, previous: dict[str, Any] | None, files: list[Any] | None = None) -> bool:
         """An earlier record of this unit with the same key, whose files are as it left them (``files``: their

@@ -1,7 +1,7 @@
 """The verify step, unit by unit: ``verify:reference`` (base + adapter, unmerged), then ``verify:<artifact>`` for each
 artifact the export wrote, each declaring the configuration keys it reads (steps.Unit).
 
-A rerun keeps what did not change. The reference is kept on disk (verify/.reference.pt) and reused while its key
+A rerun keeps what did not change. The reference is kept on disk (verify/.reference.cache) and reused while its key
 holds; an artifact whose file and run settings are unchanged keeps its verdict and its verdict file untouched; when
 only a bound changed (validation_*), it is judged again from its recorded metrics, without running a model. An
 artifact that runs again says why (``verify:gguf reruns: its inputs changed``).
@@ -168,8 +168,8 @@ def _artifact_files(path: Path, inputs: VerifyInputs) -> list[Any]:
     it (external data, genai_config.json, the tokenizer, a Modelfile), and a LoRA GGUF's base GGUF."""
     if path.is_dir():
         return fingerprint(files_in(str(path)))
-    files = [p for p in files_in(str(path.parent)) if not p.name.endswith((".onnx", ".gguf")) or p == path]
-    files += sorted(path.parent.glob(path.name + ".*"))
+    others = tuple(p.name for p in path.parent.iterdir() if p.suffix in (".onnx", ".gguf") and p != path)
+    files = [p for p in files_in(str(path.parent)) if p.name.startswith(path.name) or not p.name.startswith(others)]
     if inputs.shared.get("base_gguf") and path.suffix == ".gguf":
         files.append(Path(inputs.shared["base_gguf"]))
     return fingerprint(sorted(set(files)))
