@@ -26,7 +26,7 @@ SAMPLES, LENGTH = 16, 256
 
 IMATRIX = """
 import json, random, sys, time
-from model_export.imatrix import collect_imatrix
+from model_export.quantize.imatrix import collect_imatrix
 random.seed(0)
 samples = [[random.randrange(1000, 100000) for _ in range({length})] for _ in range({samples})]
 start = time.perf_counter()
@@ -37,7 +37,7 @@ open(sys.argv[-1], "w").write(json.dumps({{"seconds": time.perf_counter() - star
 GPTQ = """
 import json, random, sys, time
 from model_export.exporters.safetensors_quant import int4_group_size
-from model_export.gptq import calibrate_gptq
+from model_export.quantize.gptq import calibrate_gptq
 random.seed(0)
 samples = [[random.randrange(1000, 100000) for _ in range({length})] for _ in range({samples})]
 times = []

@@ -82,7 +82,7 @@ def model_layers(model_dir: Path) -> list[tuple[str, torch.Tensor, torch.Tensor]
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from quant_quality import SEQ, calibration_file
 
-    from model_export.calibration import calibration_samples
+    from model_export.quantize.calibration import calibration_samples
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     samples = calibration_samples(calibration_file(model_dir, Path(tempfile.mkdtemp())), tokenizer, 16, SEQ).samples
@@ -114,7 +114,7 @@ def main() -> None:
     from compressed_tensors.quantization.utils import calculate_qparams
     from onnxruntime.quantization.neural_compressor.weight_only import gptq as onnxruntime_gptq
 
-    from model_export.gptq import gptq, rtn
+    from model_export.quantize.gptq import gptq, rtn
 
     layers = random_layers() + (model_layers(Path(args.model)) if args.model else [])
     rows = []

@@ -104,8 +104,8 @@ def tensor_shapes(config: dict) -> list[tuple[str, tuple[int, ...]]]:
 def write_base(path: Path, size: str) -> None:
     import torch
 
+    from model_export.checkpoint.hf_layout import write_index
     from model_export.demo.tiny import build_tokenizer
-    from model_export.hf_layout import write_index
     from model_export.tensor_io import PlannedTensor, ShardWriter, plan_shards
 
     path.mkdir(parents=True)

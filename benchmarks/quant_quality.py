@@ -143,7 +143,7 @@ def reconstruction(model_dir: Path, gguf_path: Path, importance: dict) -> float:
     import gguf
     from safetensors.numpy import load_file
 
-    from model_export.exporters.gguf_export import gguf_names
+    from model_export.quantize.gguf_types import gguf_names
 
     weights = load_file(str(model_dir / "model.safetensors"))
     names = gguf_names(
@@ -170,9 +170,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from model_export.calibration import calibration_samples
     from model_export.exporters.gguf_export import export_gguf
-    from model_export.imatrix import collect_imatrix
+    from model_export.quantize.calibration import calibration_samples
+    from model_export.quantize.imatrix import collect_imatrix
     from model_export.runtimes.llamacpp import _generate, _verifier
 
     work = Path(args.workdir)
@@ -255,7 +255,7 @@ def main() -> None:
     try:
         from model_export.exporters.onnx_builder import build_onnx
         from model_export.exporters.safetensors_quant import export_quantized_safetensors, int4_group_size
-        from model_export.gptq import calibrate_gptq
+        from model_export.quantize.gptq import calibrate_gptq
 
         export_quantized_safetensors(model_dir, work / "safetensors-int4", bits=4)
         label = "safetensors int4 (compressed-tensors, group 128)"

@@ -36,7 +36,7 @@ TARGET_PEAK_GIB = {"4b": 4.0}
 CHILD = """
 import json, sys, torch
 from pathlib import Path
-from model_export.verify import RunOptions, compute_reference
+from model_export.verify.artifacts import RunOptions, compute_reference
 base, adapter, runtime, out = sys.argv[1:5]
 prompts = ["Hello", "简单测试", "Write a haiku about autumn."]
 reference = compute_reference(Path(base), Path(adapter), Path(base), prompts, 16, options=RunOptions(runtime=runtime))

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from model_export.config_validator import configuration_markdown
+from model_export.pipeline.validate import configuration_markdown
 
 if __name__ == "__main__":
     target = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"

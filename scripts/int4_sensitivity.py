@@ -28,7 +28,7 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from model_export.verify import HELDOUT_TOKENS, _encode, heldout_text
+    from model_export.verify.reference import HELDOUT_TOKENS, encode_prompt, heldout_text
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base")
@@ -38,7 +38,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, args.checkpoint).merge_and_unload().eval()
-    inputs = {p: _encode(tokenizer, p) for p in args.prompts}
+    inputs = {p: encode_prompt(tokenizer, p) for p in args.prompts}
     inputs["(held-out text)"] = torch.tensor(
         tokenizer(heldout_text(), add_special_tokens=False)["input_ids"][:HELDOUT_TOKENS]
     )

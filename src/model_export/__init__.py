@@ -4,12 +4,12 @@ The public API mirrors the CLI: each subcommand calls the function of the same n
 Heavy backends (torch, onnx, gguf) are imported only when a stage needs them.
 """
 
-from .base_model import BaseModelInfo, inspect_base_model, resolve_base_model
-from .batch import BatchResult, run, run_batch
-from .checkpoint_detector import CheckpointDetector, Detection, detect
-from .checkpoint_validator import CheckpointReport, check, validate_checkpoint
-from .config import ConfigProblem, ExportConfiguration, init_config, load_config
-from .config_validator import check_config, validate_config
+from .checkpoint.base_model import BaseModelInfo, inspect_base_model, resolve_base_model
+from .checkpoint.detect import CheckpointDetector, Detection, detect
+from .checkpoint.validate import CheckpointReport, check, validate_checkpoint
+from .config import ExportConfiguration
+from .config_file import init_config, load_config
+from .config_problems import ConfigProblem
 from .doctor import DoctorReport, doctor
 from .errors import (
     BaseModelError,
@@ -23,8 +23,11 @@ from .errors import (
     ValidationError,
 )
 from .i18n import set_language
-from .model_merger import MergeResult, ModelMerger, merge
-from .pipeline import RunResult, run_adapter
+from .merging.merger import MergeResult, ModelMerger, merge
+from .pipeline.batch import BatchResult, run, run_batch
+from .pipeline.run import run_adapter
+from .pipeline.state import RunResult
+from .pipeline.validate import check_config, validate_config
 
 __version__ = "0.1.0"
 

@@ -19,10 +19,9 @@ from rich.table import Table
 from rich.text import Text
 
 from . import i18n
+from .console import STATUS_STYLE, print_batch, print_benchmark, print_run
 from .errors import ExportError, explain
 from .monitoring import setup_logging
-
-_STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
 
 
 def _common() -> argparse.ArgumentParser:
@@ -54,10 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    for add in (_run_command, _inspect_commands, _merge_command, _benchmark_command, _config_commands, _demo_command):
+        add(command)
+    return parser
+
+
+Command = Callable[..., argparse.ArgumentParser]
+
+
+def _run_command(command: Command) -> None:
     p = command("run", _run, "run the whole pipeline: detect, check, merge, export, verify, report (resumable)")
     p.add_argument("config", nargs="?", help="YAML or JSON configuration (default: the defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+
+def _inspect_commands(command: Command) -> None:
     p = command("doctor", _doctor, "check Python, packages, GPU, disk space, checkpoint and hub access")
     p.add_argument("--checkpoint", help="training output or adapter directory to check as well")
     p.add_argument("--base", help="base model (local directory or hub id) for the disk estimate and fit check")
@@ -78,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_options(p)
 
+
+def _merge_command(command: Command) -> None:
     p = command("merge", _merge, "merge a LoRA adapter into its base model, streaming tensor by tensor")
     p.add_argument("--adapter", help="adapter or training output directory (default: checkpoint_path of --config)")
     p.add_argument(
@@ -94,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where the update math runs (default: device_map)")
     _config_options(p)
 
+
+def _benchmark_command(command: Command) -> None:
     p = command(
         "benchmark",
         _benchmark,
@@ -119,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="where transformers runs (auto: the GPU when there is one); onnxruntime and llama.cpp run on the CPU",
     )
 
+
+def _demo_command(command: Command) -> None:
+    p = command(
+        "demo", _demo, "fine-tune a LoRA on the bundled tiny model, then run the whole pipeline on it (offline)"
+    )
+    p.add_argument("--workdir", default=".", help="where qwen3-finetuned/ and export-demo/ go (default: here)")
+
+
+def _config_commands(command: Command) -> None:
     p = command("validate-config", _validate_config, "report every problem of a YAML or JSON configuration")
     p.add_argument("file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -126,12 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("init-config", _init_config, "write a commented example configuration", json_flag=False)
     p.add_argument("path", nargs="?", default="model-export.yaml")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
-
-    p = command(
-        "demo", _demo, "fine-tune a LoRA on the bundled tiny model, then run the whole pipeline on it (offline)"
-    )
-    p.add_argument("--workdir", default=".", help="where qwen3-finetuned/ and export-demo/ go (default: here)")
-    return parser
 
 
 def _positive(text: str) -> int:
@@ -172,7 +189,7 @@ def _log_level(args: argparse.Namespace, configured: str = "INFO") -> str:
 def _load(args: argparse.Namespace):
     """The configuration named by --config/--set (defaults otherwise); its lang and logging apply unless flags say
     else."""
-    from .config import load_config
+    from .config_file import load_config
 
     config = load_config(args.config, args.overrides)
     if config.lang and "lang" not in vars(args):
@@ -189,8 +206,8 @@ def _emit(args: argparse.Namespace, data: Any, human: Callable[[Console], None])
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .batch import run
-    from .config import load_config
+    from .config_file import load_config
+    from .pipeline.batch import run
 
     config = load_config(args.config, args.overrides)
     if config.lang and "lang" not in vars(args):
@@ -200,86 +217,10 @@ def _run(args: argparse.Namespace) -> int:
     config.log_file = getattr(args, "log_file", config.log_file)
     result = run(config)
     if hasattr(result, "adapters"):  # a batch: its exit code says whether any adapter or artifact failed
-        _emit(args, result.to_dict(), lambda console: _print_batch(console, result))
+        _emit(args, result.to_dict(), lambda console: print_batch(console, result))
         return 0 if result.passed is not False else 1
-    _emit(args, result.to_dict(), lambda console: _print_run(console, "model-export", result.steps, result.report))
+    _emit(args, result.to_dict(), lambda console: print_run(console, "model-export", result.steps, result.report))
     return 0
-
-
-def _print_batch(console: Console, result: Any) -> None:
-    """A batch's summary: one row per adapter (its status, artifacts verified / failed / not run, time), then the
-    banner and where the aggregate report is."""
-    from .report import batch_banner
-
-    table = Table(title="model-export batch")
-    for column in i18n.ui("cols_batch").split(";"):
-        table.add_column(column, overflow="fold")
-    for line in result.adapters:
-        counts = line.get("counts") or {}
-        table.add_row(
-            Text(line["name"]),
-            Text(
-                i18n.ui(_BATCH_STATUS[line["status"]])
-                + (i18n.ui("batch_status_skipped") if line.get("skipped") else ""),
-                style=_BATCH_STYLE[line["status"]],
-            ),
-            Text(str(counts.get("verified", 0))),
-            Text(str(counts.get("failed", 0))),
-            Text(str(counts.get("not_run", 0))),
-            Text(f"{line.get('seconds', 0):.1f}"),
-            Text(_batch_detail(line)),
-        )
-    console.print(table)
-    kind, text = batch_banner({"counts": result.counts, "passed": result.passed})
-    console.print(Text(text, style={"pass": "green", "partial": "yellow"}.get(kind, "red")))
-    console.print(Text(i18n.ui("run_done", report=result.report)))
-
-
-def _batch_detail(line: dict[str, Any]) -> str:
-    """A failed adapter's code, message and fix, as batch.json has them; else the checkpoint it used and its report."""
-    error = line.get("error")
-    if error:
-        return f"{error.get('code', '')} {error.get('message', '')} ({i18n.ui('error_hint')}: {error.get('hint', '')})"
-    return "\n".join(str(part) for part in (line.get("checkpoint"), line.get("report")) if part)
-
-
-_BATCH_STYLE = {"done": "green", "failed": "red", "pending": "yellow"}
-_BATCH_STATUS = {"done": "batch_status_done", "failed": "batch_status_failed", "pending": "batch_status_pending"}
-
-
-_VERDICT_STYLE = {"verified": "green", "failed": "red", "not_run": "yellow"}
-
-
-def _print_run(console: Console, title: str, steps: dict, report: str | None) -> None:
-    """The summary at the end of a run: one row per artifact, how many were verified, failed and not run (and why),
-    then the steps and where the report is. Plain text throughout: paths and reasons are never read as markup."""
-    from .report import STATUS_TEXT, banner, summary_rows
-
-    table = Table(title=title)
-    for column in i18n.ui("cols_run").split(";"):
-        table.add_column(column, overflow="fold")
-    results = {name: steps.get(name, {}).get("result", {}) for name in ("check", "export", "verify")}
-    if "verify" not in steps:
-        results["verify"] = {"skipped": i18n.ui("reason_validation_off")}
-    rows = summary_rows(results)
-    for r in rows:
-        table.add_row(
-            Text(r["format"]),
-            Text(r["path"]),
-            Text(f"{r['bytes'] / 1e6:.2f} MB"),
-            Text(i18n.ui(STATUS_TEXT[r["status"]]), style=_VERDICT_STYLE[r["status"]]),
-        )
-    console.print(table)
-    kind, text = banner(rows, None)
-    console.print(Text(text, style={"pass": "green", "partial": "yellow"}.get(kind, "red")))
-    console.print(Text(", ".join(_step_text(name, step) for name, step in steps.items())))
-    console.print(Text(i18n.ui("run_done", report=report)))
-
-
-def _step_text(name: str, step: dict) -> str:
-    if step.get("skipped"):
-        return i18n.ui("step_text_skipped", name=name)
-    return f"{name} {step.get('seconds', 0):.1f}s"
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -292,7 +233,7 @@ def _doctor(args: argparse.Namespace) -> int:
         for column in ("doctor_check", "doctor_status", "doctor_detail"):
             table.add_column(i18n.ui(column), overflow="fold")
         for c in report.checks:
-            table.add_row(c.name, Text(c.status, style=_STATUS_STYLE[c.status]), c.detail)
+            table.add_row(c.name, Text(c.status, style=STATUS_STYLE[c.status]), c.detail)
         console.print(table)
         console.print(
             i18n.ui(
@@ -305,7 +246,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _detect(args: argparse.Namespace) -> int:
-    from .checkpoint_detector import detect
+    from .checkpoint.detect import detect
 
     config = _load(args)
     result = detect(args.path or config.checkpoint_path, args.selection or config.checkpoint_selection)
@@ -318,7 +259,7 @@ def _detect(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .checkpoint_validator import check
+    from .checkpoint.validate import check
 
     report = check(args.checkpoint, args.base, args.selection, config=_load(args))
 
@@ -344,7 +285,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .model_merger import ModelMerger
+    from .merging.merger import ModelMerger
 
     config = _load(args)
     options = {"format": args.format}  # the rest from the configuration (merge_settings) unless a flag says otherwise
@@ -379,8 +320,8 @@ def _benchmark(args: argparse.Namespace) -> int:
     from dataclasses import asdict
     from pathlib import Path
 
-    from .benchmark import BENCHMARK_FILE, DEFAULT_PROMPT, benchmark
-    from .report import rerender_report
+    from .pipeline.benchmark import BENCHMARK_FILE, DEFAULT_PROMPT, benchmark
+    from .pipeline.report import rerender_report
 
     setup_logging(_log_level(args), getattr(args, "log_file", None))
     results = benchmark(
@@ -398,7 +339,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     )
 
     def human(console: Console) -> None:
-        _print_benchmark(console, results, args.batch_size)
+        print_benchmark(console, results, args.batch_size)
         if report:
             console.print(i18n.ui("benchmark_written", path=Path(args.target) / BENCHMARK_FILE, report=report))
 
@@ -406,43 +347,9 @@ def _benchmark(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "failed" for r in results) else 0
 
 
-def _print_benchmark(console: Console, results: list[Any], batch_size: int) -> None:
-    """One row per artifact in 80 columns (short headers; the batch, GPU and device columns only when they say
-    something); an artifact not run or failed says so in its row, and why in a line under the table."""
-    from .report import STATUS_TEXT
-
-    gpu = any(r.peak_gpu_gib is not None for r in results)
-    device = any(r.device != "cpu" for r in results)
-    names = i18n.ui("cols_benchmark", batch=batch_size).split(";")  # artifact .. tok/s, batch, RSS, GPU, device
-    columns = names[:5] + (names[5:6] if batch_size > 1 else []) + names[6:7]
-    columns += (names[7:8] if gpu else []) + (names[8:9] if device else [])
-    table = Table(title="model-export benchmark")
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    notes = []
-    for r in results:
-        if r.status != "measured":
-            text = i18n.ui(STATUS_TEXT["not_run" if r.status == "not_run" else "failed"])
-            cells = [Text(text, style=_VERDICT_STYLE[r.status])] + [Text("")] * (len(columns) - 3)
-            notes.append(Text(f"{r.label}: {text}: {r.reason or r.error}", style=_VERDICT_STYLE[r.status]))
-        else:
-            cells = [Text(f"{r.load_s:.2f}"), Text(f"{r.ttft_s * 1000:.1f}"), Text(f"{r.decode_tokens_per_s:.1f}")]
-            if batch_size > 1:
-                cells.append(Text(f"{r.decode_tokens_per_s_batch:.1f}" if r.decode_tokens_per_s_batch else "-"))
-            cells.append(Text(f"{r.peak_rss_gib:.2f}"))
-            cells += [Text(f"{r.peak_gpu_gib:.2f}" if r.peak_gpu_gib is not None else "-")] if gpu else []
-            cells += [Text(r.device)] if device else []
-            if r.note:
-                notes.append(Text(f"{r.label}: {r.note}"))
-        table.add_row(Text(r.label), Text(r.runtime), *cells)
-    console.print(table)
-    for note in notes:
-        console.print(note, soft_wrap=False)  # wrapped at words to the terminal's width, as the table is
-
-
 def _validate_config(args: argparse.Namespace) -> int:
-    from .config import apply_overrides, read_config_file
-    from .config_validator import validate_config
+    from .config_file import apply_overrides, read_config_file
+    from .pipeline.validate import validate_config
 
     data, _ = read_config_file(args.file)
     if "lang" not in vars(args) and data.get("lang") in i18n.LANGUAGES:
@@ -460,7 +367,7 @@ def _validate_config(args: argparse.Namespace) -> int:
 
 
 def _init_config(args: argparse.Namespace) -> int:
-    from .config import init_config
+    from .config_file import init_config
 
     path = init_config(args.path, force=args.force)
     print(i18n.ui("config_written", path=path))
@@ -471,7 +378,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo.run import demo
 
     result = demo(args.workdir)
-    _emit(args, result, lambda console: _print_run(console, "model-export demo", result["steps"], result["report"]))
+    _emit(args, result, lambda console: print_run(console, "model-export demo", result["steps"], result["report"]))
     return 0
 
 

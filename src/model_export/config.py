@@ -7,32 +7,16 @@ all at once as one ConfigError; rules that involve several fields live in
 
 from __future__ import annotations
 
-import difflib
-import json
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from . import i18n
+from .config_problems import problems_from_pydantic, unknown_key_problem
 from .errors import ConfigError
 
-__all__ = [
-    "kept_module",
-    "ExportConfiguration",
-    "ConfigProblem",
-    "load_config",
-    "config_from_dict",
-    "init_config",
-    "example_yaml",
-    "parse_size",
-    "EXPORT_FORMATS",
-]
+__all__ = ["ExportConfiguration", "parse_size", "EXPORT_FORMATS"]
 
 EXPORT_FORMATS = ("safetensors", "pytorch", "onnx", "gguf", "tensorrt")
 # What a run writes under output_dir: one folder per step and these files; nothing else there is touched.
@@ -79,7 +63,7 @@ def parse_size(value: int | str) -> int:
     return int(float(number) * _UNITS[(unit or "B").lower()])
 
 
-def _default_dynamic_axes() -> dict[str, dict[int, str]]:
+def default_dynamic_axes() -> dict[str, dict[int, str]]:
     axes = {0: "batch_size", 1: "sequence_length"}
     # With a KV cache the mask covers past and new tokens, so its length axis is not the sequence's.
     return {
@@ -319,7 +303,7 @@ class ExportConfiguration(BaseModel):
         "on a GGUF of the base model; PEFT's scaling (rsLoRA, rank and alpha patterns) is carried exactly.",
     )
     onnx_dynamic_axes: dict[str, dict[int, str]] | None = Field(
-        default_factory=_default_dynamic_axes,
+        default_factory=default_dynamic_axes,
         description="Dynamic axes per ONNX input/output name, e.g. {input_ids: {0: batch_size, 1: sequence_length}}; "
         "axes not named are fixed (batch and sequence to 1); the KV cache's length axes stay dynamic. Empty (null): "
         "batch 1, one token per call.",
@@ -422,17 +406,23 @@ class ExportConfiguration(BaseModel):
         try:
             super().__init__(**data)
         except pydantic.ValidationError as exc:
-            raise ConfigError("config_invalid", problems=problems_from_pydantic(exc), where="") from None
+            raise ConfigError(
+                "config_invalid", problems=problems_from_pydantic(exc, list(type(self).model_fields)), where=""
+            ) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
         try:
             super().__setattr__(name, value)
         except pydantic.ValidationError as exc:
-            raise ConfigError("config_invalid", problems=problems_from_pydantic(exc), where="") from None
+            raise ConfigError(
+                "config_invalid", problems=problems_from_pydantic(exc, list(type(self).model_fields)), where=""
+            ) from None
         except (AttributeError, ValueError) as exc:  # unknown attribute
             if name in type(self).model_fields:
                 raise
-            raise ConfigError("config_invalid", problems=[unknown_key_problem(name)], where="") from exc
+            raise ConfigError(
+                "config_invalid", problems=[unknown_key_problem(name, list(type(self).model_fields))], where=""
+            ) from exc
 
     @field_validator("max_shard_size")
     @classmethod
@@ -499,243 +489,3 @@ class ExportConfiguration(BaseModel):
         if self.export_onnx is False and "onnx" in formats:
             formats.remove("onnx")
         return formats
-
-
-@dataclass
-class ConfigProblem:
-    """One problem with one key. ``kind`` names its entry in the ``problems`` section of messages.yaml."""
-
-    key: str
-    kind: str
-    params: dict[str, Any] = field(default_factory=dict)
-    line: int | None = None
-
-    def message(self, lang: str | None = None) -> str:
-        return i18n.render("problems", self.kind, lang=lang, key=self.key, **self._params(lang))
-
-    def fix(self, lang: str | None = None) -> str:
-        return i18n.render("problems", self.kind, "fix", lang=lang, key=self.key, **self._params(lang))
-
-    def _params(self, lang: str | None) -> dict[str, Any]:
-        # A parameter may be a text of its own (a library's message): rendered in the same language.
-        return {k: (v.render(lang) if hasattr(v, "render") else v) for k, v in self.params.items()}
-
-    def render(self, lang: str | None = None) -> str:
-        where = i18n.render("ui", "problem_line", lang=lang, line=self.line) if self.line else ""
-        return f"{where}{self.key}: {self.message(lang)} -> {self.fix(lang)}"
-
-    def __str__(self) -> str:
-        return self.render()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "line": self.line, "message": self.message(), "fix": self.fix()}
-
-
-def unknown_key_problem(key: str, line: int | None = None) -> ConfigProblem:
-    head = key.split(".")[0]
-    close = difflib.get_close_matches(head, list(ExportConfiguration.model_fields), n=1, cutoff=0.6)
-    suggestion = i18n.render("problems", "did_you_mean", candidate=close[0]) if close else ""
-    return ConfigProblem(key, "unknown_key", {"suggestion": suggestion}, line)
-
-
-def problems_from_pydantic(exc: pydantic.ValidationError) -> list[ConfigProblem]:
-    problems = []
-    for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
-        if err["type"] in ("extra_forbidden", "no_such_attribute"):
-            problems.append(unknown_key_problem(key))
-        else:
-            problems.append(ConfigProblem(key, "field_invalid", {"problem": i18n.Foreign.pydantic(err)}))
-    return problems
-
-
-def check_dict(
-    data: Mapping[str, Any], lines: Mapping[str, int] | None = None
-) -> tuple[ExportConfiguration | None, list[ConfigProblem]]:
-    """Build a configuration from ``data``; return it (or None) and every field problem found."""
-    try:  # YAML allows keys that are not strings (`? ` or `1:`); they are reported as unknown keys, under their text
-        return ExportConfiguration(**{str(k): v for k, v in dict(data).items()}), []
-    except ConfigError as exc:
-        for problem in exc.problems:
-            problem.line = (lines or {}).get(problem.key.split(".")[0])
-        return None, exc.problems
-
-
-def config_from_dict(
-    data: Mapping[str, Any], source: str | None = None, lines: Mapping[str, int] | None = None
-) -> ExportConfiguration:
-    """Build a configuration; raise ConfigError (ME101) listing every field problem at once."""
-    config, problems = check_dict(data, lines)
-    if problems:
-        raise ConfigError("config_invalid", problems=problems, where=f" ({source})" if source else "")
-    return config
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """yaml.SafeLoader without aliases: a configuration has no use for them, and nested aliases are how a
-    few lines of YAML expand into billions of values (the "billion laughs")."""
-
-    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
-        if self.check_event(yaml.AliasEvent):
-            raise yaml.composer.ComposerError(
-                None, None, "aliases (*name) are not allowed in a configuration", self.peek_event().start_mark
-            )
-        return super().compose_node(parent, index)
-
-
-def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """Parse a YAML or JSON file safely; return its mapping and the line of each top-level key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("config_not_found", path=str(path))
-    if path.suffix.lower() not in (".yaml", ".yml", ".json"):
-        raise ConfigError("config_unsupported_suffix", path=str(path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            "config_parse",
-            path=str(path),
-            line=0,
-            column=exc.start + 1,
-            problem=i18n.Foreign.parser(
-                f"the file is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
-            ),
-        ) from None
-    except OSError as exc:
-        raise ConfigError("config_parse", path=str(path), line=0, column=0, problem=exc.strerror or str(exc)) from None
-    try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - safe subclass
-    except RecursionError:
-        raise ConfigError(
-            "config_parse",
-            path=str(path),
-            line=0,
-            column=0,
-            problem=i18n.Foreign.parser("nested too deeply to be a configuration"),
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            "config_parse", path=str(path), line=exc.lineno, column=exc.colno, problem=i18n.Foreign.parser(exc.msg)
-        ) from None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise ConfigError(
-            "config_parse",
-            path=str(path),
-            line=mark.line + 1 if mark else 0,
-            column=mark.column + 1 if mark else 0,
-            problem=i18n.Foreign.parser(exc.problem or str(exc)),
-        ) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(
-            "config_parse", path=str(path), line=0, column=0, problem=i18n.Foreign.parser(str(exc))
-        ) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError("config_not_mapping", path=str(path), found=type(data).__name__)
-    return data, _key_lines(text)
-
-
-def _key_lines(text: str) -> dict[str, int]:
-    try:
-        node = yaml.compose(text, Loader=_ConfigLoader)
-    except (yaml.YAMLError, RecursionError):
-        return {}
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``--set key=value`` overrides; values are read as YAML (``2``, ``true``, ``[onnx,gguf]``)."""
-    data = dict(data)
-    for text in overrides:
-        key, sep, raw = text.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError("config_bad_override", text=text)
-        try:
-            value = yaml.load(raw, Loader=_ConfigLoader) if raw.strip() else None  # noqa: S506 - safe subclass
-        except yaml.YAMLError:
-            value = raw
-        parts = [int(p) if p.isdigit() else p for p in key.split(".")]
-        target = data
-        for part in parts[:-1]:
-            child = target.get(part)
-            target[part] = child = dict(child) if isinstance(child, dict) else {}
-            target = child
-        target[parts[-1]] = value
-    return data
-
-
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExportConfiguration:
-    """Load a configuration from YAML or JSON (or the defaults when ``path`` is None), then apply overrides.
-
-    Raises ConfigError: the file is missing or unparsable (ME102 names line and column), or its
-    keys or values are invalid (ME101 lists every problem at once).
-    """
-    data, lines = read_config_file(path) if path is not None else ({}, {})
-    data = apply_overrides(data, overrides)
-    return config_from_dict(data, source=str(path) if path is not None else None, lines=lines)
-
-
-def example_yaml() -> str:
-    """A commented YAML of every key with its default, generated from the schema."""
-    lines = [
-        "# model-export configuration. Every key is optional; the value shown is the default.",
-        "# Check it with: model-export validate-config FILE",
-        "",
-    ]
-    defaults = ExportConfiguration().model_dump(mode="json")
-    for name, info in ExportConfiguration.model_fields.items():
-        lines.append(f"# {info.description}")
-        dumped = yaml.safe_dump({name: defaults[name]}, allow_unicode=True, default_flow_style=False, sort_keys=False)
-        lines.extend(dumped.rstrip("\n").splitlines())
-        lines.append("")
-    return "\n".join(lines)
-
-
-def init_config(path: str | Path = "model-export.yaml", force: bool = False) -> Path:
-    """Write example_yaml() to ``path``. Raises ConfigError if the file exists and ``force`` is false."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise ConfigError("config_exists", path=str(path))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(example_yaml(), encoding="utf-8")
-    except OSError as exc:  # a read-only folder, a full disk, a path through a file
-        raise ConfigError("config_write_failed", path=str(path), problem=exc.strerror or str(exc)) from None
-    return path
-
-
-def reference_markdown() -> str:
-    """docs/configuration.md: a table of every key, generated from the schema (scripts/gen_config_docs.py)."""
-    lines = [
-        "# Configuration reference",
-        "",
-        "Generated from `ExportConfiguration` by `python scripts/gen_config_docs.py`; do not edit by hand.",
-        "Cross-key rules are checked by `model-export validate-config FILE` (see troubleshooting.en.md).",
-        "",
-        "| key | type | default | description |",
-        "|---|---|---|---|",
-    ]
-    defaults = ExportConfiguration().model_dump(mode="json")
-    for name, info in ExportConfiguration.model_fields.items():
-        kind = str(info.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("|", "or")
-        default = json.dumps(defaults[name], ensure_ascii=False).replace("|", "\\|")
-        lines.append(f"| `{name}` | {kind} | `{default}` | {info.description} |")
-    return "\n".join(lines) + "\n"
-
-
-def kept_module(patterns: list[str], name: str, tied: bool = False) -> bool:
-    """Whether module ``name`` (weight names work too) stays unquantized under quantization_keep_modules; with a tied
-    head the embedding and the head are one matrix, so a pattern matching either name keeps it."""
-    import re
-
-    stem = name.removesuffix(".weight")
-    names = [stem]
-    if tied and stem in ("model.embed_tokens", "lm_head"):
-        names = ["model.embed_tokens", "lm_head"]
-    return any(re.search(pattern, n) for pattern in patterns for n in names)

@@ -22,7 +22,7 @@ from packaging.requirements import Requirement
 from packaging.version import InvalidVersion, Version
 
 from . import extras, i18n
-from .base_model import inspect_base_model, is_offline
+from .checkpoint.base_model import inspect_base_model, is_offline
 from .errors import ExportError
 
 __all__ = ["doctor", "DoctorReport", "Check", "MIN_PYTHON"]
@@ -162,8 +162,8 @@ def _hub() -> Check:
 
 def doctor(checkpoint: str | None = None, base_model: str | None = None, output_dir: str = ".") -> DoctorReport:
     """Run every check and return them; never raises for a failed check."""
-    from .checkpoint_detector import detect
-    from .checkpoint_validator import read_adapter_config, validate_checkpoint
+    from .checkpoint.detect import detect
+    from .checkpoint.validate import read_adapter_config, validate_checkpoint
 
     report = DoctorReport()
     ok = sys.version_info >= MIN_PYTHON

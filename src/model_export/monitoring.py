@@ -335,3 +335,14 @@ def timed_step(step: str) -> Iterator[dict]:
         raise
     record["seconds"] = time.perf_counter() - start
     logger.info(i18n.ui("step_done", step=step, seconds=record["seconds"]))
+
+
+THREADS_ENV = "MODEL_EXPORT_THREADS"
+
+
+def threads() -> int:
+    """Threads a runtime may use: the share of the cores a batch gave this process (MODEL_EXPORT_THREADS, set by the
+    local pool and the Ray tasks), else every core. llama.cpp's and onnxruntime's threads spin while they wait, so two
+    processes each taking every core run far slower than each taking its share."""
+    given = os.environ.get(THREADS_ENV, "")
+    return int(given) if given.isdigit() and int(given) > 0 else (os.cpu_count() or 1)

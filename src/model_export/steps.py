@@ -22,6 +22,7 @@ from typing import Any
 
 __all__ = [
     "ConfigView",
+    "StepSpec",
     "UndeclaredKey",
     "Unit",
     "changed_values",
@@ -76,16 +77,28 @@ def key_hash(data: Any) -> str:
 
 @dataclass
 class Unit:
-    """One unit of a step: its name, its declared values, and what else its result depends on (fingerprints of its
-    input files, upstream keys)."""
+    """One step's unit of work: its name, its declared values, what else its result depends on (fingerprints of its
+    input files, upstream content keys), and its layout values (graph.StepSpec.layout: in its key, not in its content
+    key, which is what the steps after it take in)."""
 
     name: str
     values: dict[str, Any]
     inputs: list[Any] = field(default_factory=list)
+    layout: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def content_key(self) -> str:
+        """What the steps that need this one take in: the same whatever its layout values."""
+        return key_hash([self.name, self.values, self.inputs])
 
     @property
     def key(self) -> str:
-        return key_hash([self.name, self.values, self.inputs])
+        return key_hash([self.content_key, self.layout]) if self.layout else self.content_key
+
+    @property
+    def declared(self) -> dict[str, Any]:
+        """Every declared value, layout included, as run.json records them."""
+        return {**self.values, **self.layout}
 
     def kept(self, previous: dict[str, Any] | None, files: list[Any] | None = None) -> bool:
         """An earlier record of this unit with the same key, whose files are as it left them (``files``: their
@@ -96,21 +109,47 @@ class Unit:
 
     def record(self, files: list[Any] | None = None) -> dict[str, Any]:
         """What run.json keeps of this unit: its key, its declared values, the fingerprints of what it wrote."""
-        return {"key": self.key, "values": self.values, **({"files": files} if files is not None else {})}
+        return {"key": self.key, "values": self.declared, **({"files": files} if files is not None else {})}
 
     def why(self, previous: dict[str, Any] | None) -> str:
         """Why this unit runs again, in words: the declared values that changed, else its inputs (files, an upstream
         step), else that nothing was recorded of it."""
         from . import i18n
 
-        if not previous or "key" not in previous:
+        if not previous or not previous.get("key"):
             return i18n.ui("why_new")
-        changed = changed_values(previous.get("values") or {}, self.values)
+        changed = changed_values(previous.get("values") or {}, self.declared)
         if changed:
             return changed
         if previous.get("key") == self.key:
             return i18n.ui("why_files")
         return i18n.ui("why_inputs")
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One step of the run as data (see the module's docstring for what each kind of key does)."""
+
+    name: str
+    keys: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
+    writes: str | None = None
+    layout: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
+    bounds: tuple[str, ...] = ()
+
+    def view(self, config: Any) -> ConfigView:
+        """The configuration as this step may read it."""
+        return ConfigView(config, self.keys + self.layout + self.reads + self.bounds, self.name)
+
+    def unit(self, config: Any, inputs: list[Any], upstream: dict[str, str]) -> Unit:
+        """This step's unit of work for ``config``: its declared values, ``inputs`` (fingerprints) and the content keys
+        of the steps it needs (``upstream``: name -> content key; a step that did not run here is left out)."""
+        dumped = config.model_dump(mode="json")
+        values = {key: dumped[key] for key in sorted(self.keys)}
+        layout = {key: dumped[key] for key in sorted(self.layout)}
+        needed = [[need, upstream[need]] for need in self.needs if need in upstream]
+        return Unit(self.name, values, [*inputs, needed], layout)
 
 
 def changed_values(before: dict[str, Any], now: dict[str, Any]) -> str:

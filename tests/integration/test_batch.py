@@ -263,7 +263,7 @@ def test_a_head_and_a_second_node_on_loopback_share_the_batch(sweep, tmp_path, m
 def test_a_node_that_cannot_see_output_dir_fails_clearly(sweep, tmp_path):
     """The task checks the file the driver wrote in output_dir; here it reads another (as a node without the shared
     mount would find nothing), so every adapter fails with ME407 naming the host and the path."""
-    from model_export.batch import adapter_task
+    from model_export.pipeline.batch import adapter_task
 
     line = adapter_task(
         {

@@ -38,7 +38,8 @@ def demo_config(training, out, **settings):
 
 def test_demo_q4_k_m_with_imatrix_is_what_llama_quantize_writes(training, tmp_path):
     pytest.importorskip("llama_cpp")  # llama.cpp's quantizer is the reference
-    from model_export.exporters.gguf_export import export_gguf, read_importance
+    from model_export.exporters.gguf_export import export_gguf
+    from model_export.quantize.gguf_types import read_importance
     from tests.reference import llama_quantize
 
     out = tmp_path / "out"
@@ -88,7 +89,7 @@ def test_too_short_calibration_data_stops_before_the_merge(training, tmp_path):
 
 
 def test_calibration_samples_and_length_decide_the_tokens_the_imatrix_sees(training, tmp_path):
-    from model_export.exporters.gguf_export import read_importance
+    from model_export.quantize.gguf_types import read_importance
 
     seen = {}
     for samples, length in ((2, 16), (4, 32)):
@@ -169,7 +170,7 @@ def test_onnx_int4_takes_the_same_gptq_blocks_as_the_safetensors(training, tmp_p
     import torch
     from transformers import AutoModelForCausalLM
 
-    from model_export.exporters.onnx_builder import quantize_blocks
+    from model_export.exporters.onnx_linear import quantize_blocks
     from model_export.runtimes.ort import OnnxDecoder
 
     out = tmp_path / "out"
@@ -311,7 +312,7 @@ def test_quantization_symmetric_decides_zero_points(training, tmp_path):
         onnx_zero_points = any(len(n.input) == 4 for n in graph.node if n.op_type == "MatMulNBits")
         seen[symmetric] = (quant["config_groups"]["group_0"]["weights"]["symmetric"], zero_points, onnx_zero_points)
     assert seen == {None: (True, False, True), False: (False, True, True), True: (True, False, False)}
-    from model_export.config_validator import validate_config
+    from model_export.pipeline.validate import validate_config
 
     problems = validate_config(
         demo_config(training, tmp_path / "x", export_formats=["safetensors"], quantization_symmetric=False)

@@ -78,7 +78,7 @@ def test_the_guides_fp32_bound_still_applies_to_an_fp32_merge(training, tmp_path
 
 
 def test_ctrl_c_in_a_step_is_recorded_reported_and_printed_without_a_traceback(training, tmp_path, monkeypatch, capsys):
-    import model_export.verify as verify
+    import model_export.verify.reference as verify
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -105,7 +105,7 @@ def test_ctrl_c_in_a_step_is_recorded_reported_and_printed_without_a_traceback(t
 
 
 def test_memory_error_gets_the_guides_memory_message(training, tmp_path, monkeypatch, capsys):
-    import model_export.verify as verify
+    import model_export.verify.artifacts as verify
 
     def out_of_memory(*args, **kwargs):
         raise MemoryError("Unable to allocate array with shape (151936, 2560)")
@@ -124,7 +124,7 @@ def test_memory_error_gets_the_guides_memory_message(training, tmp_path, monkeyp
 
 
 def test_an_unexpected_exception_is_one_line_naming_the_log(training, tmp_path, monkeypatch, capsys):
-    import model_export.pipeline as pipeline
+    import model_export.pipeline.run as pipeline
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
@@ -163,7 +163,7 @@ def test_cli_log_flags_win_over_the_configuration(training, tmp_path, capsys):
 
 def test_batch_size_batches_the_forward_passes_without_changing_the_logits(training, tmp_path):
     from model_export.demo.run import shipped_base
-    from model_export.verify import RunOptions, compute_reference
+    from model_export.verify.reference import RunOptions, compute_reference
 
     prompts = ["Hello", "简单测试", "Write a haiku about autumn, the falling leaves and the cold wind."]
     checkpoint = training / "checkpoint-30"

@@ -36,7 +36,12 @@ def test_a_run_exports_verifies_and_reports(training, tmp_path):
         "check",
         "merge",
         "export",
+        "export:safetensors",
+        "export:pytorch",
         "verify",
+        "verify:reference",
+        "verify:safetensors",
+        "verify:pytorch",
     ]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["status"] == "passed" and {a["format"] for a in report["artifacts"]} == {"safetensors", "pytorch"}
@@ -45,7 +50,8 @@ def test_a_run_exports_verifies_and_reports(training, tmp_path):
     page = (tmp_path / "out" / "report.html").read_text()
     assert "Passed: 2 artifact(s)" in page and page.count("<svg") >= 5 and "http" not in page.replace("http-equiv", "")
     manifest = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert all({"status", "key", "seconds", "peak_rss"} <= set(step) for step in manifest["steps"].values())
+    for name, step in manifest["steps"].items():  # a unit of export or verify: its own time, its declared values
+        assert {"status", "key", "seconds", "values"} <= set(step) if ":" in name else {"peak_rss"} <= set(step), name
     assert "Memory usage" not in (tmp_path / "out" / "export.log").read_text()  # memory_monitoring is off by default
     i18n.set_language("zh")
     try:
@@ -64,15 +70,27 @@ def test_rerun_skips_and_a_changed_setting_reruns_what_follows(training, tmp_pat
     again = run(config)
     assert all(step["skipped"] for step in again.steps.values())
     changed = run(config_for(training, tmp_path / "out", validation_new_tokens=4))
-    assert [name for name, step in changed.steps.items() if not step["skipped"]] == ["verify"]
+    verify = ["verify", "verify:reference", "verify:safetensors", "verify:pytorch"]
+    assert [name for name, step in changed.steps.items() if not step["skipped"]] == verify
+    assert changed.steps["verify:reference"]["values"]["validation_new_tokens"] == 4
+    # a layout key: the merge's shards change, not its tensors; the formats that declare it rewrite their files,
+    # and only their verifications run again (the reference needs no merge)
     changed = run(config_for(training, tmp_path / "out", validation_new_tokens=4, max_shard_size="300KB"))
-    assert [name for name, step in changed.steps.items() if not step["skipped"]] == ["merge", "export", "verify"]
+    assert [name for name, step in changed.steps.items() if not step["skipped"]] == [
+        "merge",
+        "export",
+        "export:safetensors",
+        "export:pytorch",
+        "verify",
+        "verify:safetensors",
+        "verify:pytorch",
+    ]
 
 
 def test_a_broken_artifact_fails_verification_with_the_guides_message(training, tmp_path, monkeypatch, capsys):
     import torch
 
-    from model_export import merge_math
+    from model_export.merging import arithmetic as merge_math
 
     original = merge_math._apply
 
@@ -206,7 +224,8 @@ def test_a_damaged_onnx_graph_fails_verification(training, tmp_path):
     """The ONNX check can fail: one weight changed in model.onnx.data is caught against the reference."""
     import onnx
 
-    from model_export.verify import compute_reference, verify_artifact
+    from model_export.verify.artifacts import verify_artifact
+    from model_export.verify.reference import compute_reference
 
     out = tmp_path / "out"
     run(config_for(training, out, export_formats=["onnx"], onnx_optimize_graph=False, run_validation_tests=False))
@@ -347,7 +366,8 @@ def test_a_full_run_never_modifies_its_inputs(training, tmp_path):
 def test_a_full_disk_mid_step_is_explained_marks_nothing_done_and_a_rerun_finishes(training, tmp_path, monkeypatch):
     import errno
 
-    from model_export import ResourceError, pipeline
+    from model_export import ResourceError
+    from model_export.pipeline import run as pipeline
 
     original = pipeline.merge
 
@@ -369,14 +389,15 @@ def test_a_disk_too_small_stops_the_run_before_anything_is_written(training, tmp
     import shutil as shutil_module
     from collections import namedtuple
 
-    from model_export import ResourceError, pipeline
-    from model_export.base_model import inspect_base_model
+    from model_export import ResourceError
+    from model_export.checkpoint.base_model import inspect_base_model
     from model_export.demo.run import shipped_base
+    from model_export.pipeline import preflight
 
     config = config_for(
         training, tmp_path / "out", export_formats=["safetensors", "onnx", "gguf"], quantization_level="int4"
     )
-    needs = pipeline.disk_needed(config, inspect_base_model(str(shipped_base())))
+    needs = preflight.disk_needed(config, inspect_base_model(str(shipped_base())))
     params = sum(__import__("math").prod(t.shape) for t in inspect_base_model(str(shipped_base())).tensors.values())
     assert needs["merge"] == 4 * params and needs["safetensors"] == int(0.56 * params)  # fp32 demo base; int4 blocks
     assert needs["onnx"] == int(2 * 0.57 * params) and needs["gguf"] == int(

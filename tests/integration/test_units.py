@@ -9,6 +9,7 @@ import pytest
 from model_export import ExportConfiguration, run
 from model_export.cli import main
 from model_export.steps import ConfigView, UndeclaredKey, Unit
+from model_export.verify.step import RUN_KEYS
 
 pytestmark = pytest.mark.integration
 
@@ -63,9 +64,12 @@ def test_a_gguf_setting_redoes_the_gguf_alone_and_says_which_key(first_run, trai
     for name, before in verdicts.items():
         assert _state_of(out / "verify" / f"{name}.json") == before, name
     steps = json.loads((out / "run.json").read_text())["steps"]
-    details = steps["export"]["result"]["details"]
-    assert details["gguf"]["values"]["gguf_output_type"] == "q6_k" and "onnx_backend" in details["onnx"]["values"]
-    assert "gguf_output_type" not in details["onnx"]["values"]  # each format records the keys it reads, no others
+    # each format is a step of run.json recording the keys it reads, no others; a kept one says so
+    assert steps["export:gguf"]["values"]["gguf_output_type"] == "q6_k" and not steps["export:gguf"]["skipped"]
+    assert "onnx_backend" in steps["export:onnx"]["values"] and "gguf_output_type" not in steps["export:onnx"]["values"]
+    assert steps["export:onnx"]["skipped"] and steps["verify:onnx"]["skipped"] and not steps["verify:gguf"]["skipped"]
+    assert set(steps["verify:onnx"]["values"]) == set(RUN_KEYS)
+    assert "validation_min_top1" in steps["verify:onnx"]["result"]["bounds"]
     assert _state(out / "export" / "gguf") != gguf_before  # written anew, its output tensor in q6_k now
 
 
@@ -75,7 +79,7 @@ def _state_of(path):
 
 def test_a_bound_change_is_judged_again_without_running_a_model(first_run, training, monkeypatch, caplog):
     import model_export.runtimes as runtimes
-    import model_export.verify as verify
+    import model_export.verify.reference as verify
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was run to judge a bound change")
@@ -120,7 +124,7 @@ def test_every_format_declares_what_its_export_reads(training, tmp_path):
 
 def test_a_verdict_file_removed_since_is_made_again(first_run, training, caplog):
     (first_run / "verify" / "onnx.json").unlink()
-    run(_config(training, first_run, gguf_output_type="q6_k"))  # a change that makes the verify step run
+    run(_config(training, first_run))
     assert "verify:onnx reruns: its files changed since" in caplog.text
     assert "verify:safetensors skipped (unchanged)" in caplog.text
     assert (first_run / "verify" / "onnx.json").is_file()

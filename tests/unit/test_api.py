@@ -46,8 +46,8 @@ def test_missing_extra_names_the_pip_command(monkeypatch):
 
 
 def test_guide_snippets_work_with_the_package_prefix(tmp_path, make_run):
-    from model_export.checkpoint_detector import CheckpointDetector
-    from model_export.config_validator import validate_config
+    from model_export.checkpoint.detect import CheckpointDetector
+    from model_export.pipeline.validate import validate_config
 
     config = model_export.ExportConfiguration(base_model_load_in_4bit=True)
     config.checkpoint_path = str(make_run([10, 30]))

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from model_export import ConfigError, ExportConfiguration
-from model_export.batch import find_adapters, is_batch, memory_per_adapter, pool_width
-from model_export.config_validator import validate_config
 from model_export.errors import CheckpointValidationError
+from model_export.pipeline.batch import find_adapters, is_batch, memory_per_adapter, pool_width
+from model_export.pipeline.validate import validate_config
 
 
 def adapter(folder):
@@ -100,8 +100,8 @@ def test_batch_keys_are_checked(tmp_path):
 
 def test_a_ray_cluster_that_cannot_be_reached_is_explained(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
-    from model_export.batch import _ray
     from model_export.errors import ResourceError
+    from model_export.pipeline.batch import _ray
 
     def refuse(**options):
         raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from model_export.calibration import calibration_problems, calibration_samples
-from model_export.config_validator import validate_config
 from model_export.errors import ConfigError
+from model_export.pipeline.validate import validate_config
+from model_export.quantize.calibration import calibration_problems, calibration_samples
 
 TEXT = (
     "The export tool reads a checkpoint, merges the adapter and writes the model. "
@@ -107,8 +107,8 @@ def test_imatrix_equals_the_squared_inputs_transformers_computes(tiny_base, tmp_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from model_export.exporters.gguf_export import read_importance
-    from model_export.imatrix import collect_imatrix, write_imatrix
+    from model_export.quantize.gguf_types import read_importance
+    from model_export.quantize.imatrix import collect_imatrix, write_imatrix
 
     samples = [[(7 * i + 3 * j) % 300 + 5 for j in range(24)] for i in range(5)]
     ours = collect_imatrix(tiny_base, samples)
@@ -159,8 +159,8 @@ def test_gptq_pass_collects_the_same_importance_matrix(tiny_base, tmp_path):
     collect_imatrix's."""
     pytest.importorskip("gguf")
     pytest.importorskip("compressed_tensors")
-    from model_export.gptq import calibrate_gptq
-    from model_export.imatrix import collect_imatrix
+    from model_export.quantize.gptq import calibrate_gptq
+    from model_export.quantize.imatrix import collect_imatrix
 
     samples = [[(5 * i + 11 * j) % 300 + 5 for j in range(32)] for i in range(4)]
     alone = collect_imatrix(tiny_base, samples)

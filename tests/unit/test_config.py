@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from model_export import ConfigError, ExportConfiguration, load_config
-from model_export.config import apply_overrides, example_yaml, init_config, parse_size
+from model_export.config import parse_size
+from model_export.config_file import apply_overrides, example_yaml, init_config
 
 GUIDE_KEYS = [
     "checkpoint_path",

@@ -122,7 +122,7 @@ def test_guide_chinese_texts_are_used_verbatim():
 
 
 def test_configuration_reference_is_generated_from_the_schema():
-    from model_export.config_validator import configuration_markdown
+    from model_export.pipeline.validate import configuration_markdown
 
     assert (DOCS / "configuration.md").read_text(encoding="utf-8") == configuration_markdown(), (
         "run python scripts/gen_config_docs.py"

@@ -12,7 +12,9 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from model_export.errors import ExportFormatError  # noqa: E402
-from model_export.exporters.gguf_export import GGUF_TYPES, K_MIXTURES, export_gguf, read_back  # noqa: E402
+from model_export.exporters.gguf_export import export_gguf  # noqa: E402
+from model_export.exporters.gguf_readback import read_back  # noqa: E402
+from model_export.quantize.gguf_types import GGUF_TYPES, K_MIXTURES  # noqa: E402
 
 PROMPT = [5, 17, 33, 2, 90, 100, 7, 41, 3]
 
@@ -159,7 +161,8 @@ def test_a_lora_only_adapter_applies_peft_scaling_in_llama_cpp(tiny_base, adapte
     """rsLoRA (alpha/sqrt(r)) with a rank pattern: each lora_b carries its module's scaling, so llama.cpp's
     base + --lora equals PEFT's unmerged model."""
     from model_export.demo.tiny import build_adapter
-    from model_export.exporters.gguf_export import export_gguf_lora, read_back_lora
+    from model_export.exporters.gguf_lora import export_gguf_lora
+    from model_export.exporters.gguf_readback import read_back_lora
     from tests.reference import unmerged_logits
 
     other = adapter
@@ -199,7 +202,7 @@ def test_a_lora_only_adapter_applies_peft_scaling_in_llama_cpp(tiny_base, adapte
 
 def test_adapters_llama_cpp_cannot_hold_are_refused(tiny_base, tmp_path):
     from model_export.demo.tiny import build_adapter
-    from model_export.exporters.gguf_export import export_gguf_lora
+    from model_export.exporters.gguf_lora import export_gguf_lora
 
     adapter = build_adapter(tiny_base, tmp_path / "dora", use_dora=True, target_modules=["q_proj"])
     with pytest.raises(ExportFormatError, match="an adapter with DoRA"):
@@ -312,7 +315,8 @@ def test_llama_and_scaled_rope_run_in_llama_cpp_as_in_transformers(tiny_base, tm
 def test_a_lora_on_llama_q_and_k_applies_in_llama_cpp(tiny_base, tmp_path):
     """lora_b of q/k reordered like the base's rows, so base GGUF + --lora equals PEFT's unmerged Llama."""
     from model_export.demo.tiny import build_adapter
-    from model_export.exporters.gguf_export import export_gguf_lora, read_back_lora
+    from model_export.exporters.gguf_lora import export_gguf_lora
+    from model_export.exporters.gguf_readback import read_back_lora
     from tests.reference import unmerged_logits
 
     folder = tiny_model(tiny_base, tmp_path / "llama", "llama")
@@ -335,9 +339,9 @@ def test_a_lora_on_llama_q_and_k_applies_in_llama_cpp(tiny_base, tmp_path):
 def test_the_read_back_samples_large_quantized_tensors_and_still_finds_damage(tiny_base, tmp_path, monkeypatch):
     """A quantized tensor larger than READBACK_SAMPLE_BYTES is re-encoded on four row ranges, its first and last rows
     among them: damage in those rows is found; the rest is left to llama.cpp's run of the whole file."""
-    from model_export.exporters import gguf_export
+    from model_export.exporters import gguf_readback
 
-    monkeypatch.setattr(gguf_export, "READBACK_SAMPLE_BYTES", 4096)
+    monkeypatch.setattr(gguf_readback, "READBACK_SAMPLE_BYTES", 4096)
     info = export_gguf(tiny_base, tmp_path, gguf_type="q8_0")
     assert read_back(info["path"], tiny_base)["tensors"] == 24
     reader = gguf.GGUFReader(info["path"])

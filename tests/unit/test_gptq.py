@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from model_export.gptq import gptq, group_scales, rtn
+from model_export.quantize.gptq import gptq, group_scales, rtn
 
 
 def layer(seed=0, out=96, inputs=256, tokens=768):

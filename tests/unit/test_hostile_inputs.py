@@ -294,7 +294,7 @@ def test_a_full_disk_while_run_json_is_saved_is_explained(adapter, tiny_base, tm
     import errno
 
     from model_export import ExportConfiguration, ResourceError, run
-    from model_export.manifest import RunManifest
+    from model_export.pipeline.manifest import RunManifest
 
     def full(self, path):
         raise OSError(errno.ENOSPC, "No space left on device")

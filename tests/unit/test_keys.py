@@ -95,7 +95,7 @@ def test_export_onnx_adds_or_removes_onnx():
 
 
 def test_reduced_precision_bounds_decide_the_verdict():
-    from model_export.verify import ArtifactVerdict, Bounds, SampleResult, judge
+    from model_export.verify.judge import ArtifactVerdict, Bounds, SampleResult, judge
 
     def verdict():
         return ArtifactVerdict("a", "reduced", "verified", "", [SampleResult("p", 0.5, 0.01, 0.02, 0.95, 1.0)])

@@ -7,8 +7,10 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from model_export.exporters import kquants  # noqa: E402
-from model_export.exporters.gguf_export import K_MIXTURES, export_gguf, read_back  # noqa: E402
+from model_export.exporters.gguf_export import export_gguf  # noqa: E402
+from model_export.exporters.gguf_readback import read_back  # noqa: E402
+from model_export.quantize import kquants  # noqa: E402
+from model_export.quantize.gguf_types import K_MIXTURES  # noqa: E402
 from tests.reference import ggml_quantize, llama_quantize  # noqa: E402
 
 ALL = (*kquants.K_TYPES, *kquants.LEGACY_BYTES)

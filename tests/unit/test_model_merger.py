@@ -317,7 +317,7 @@ def test_load_base_model_gives_the_transformers_model(tiny_base):
 
 def test_cuda_out_of_memory_falls_back_to_the_cpu(tiny_base, adapter, tmp_path, monkeypatch, caplog):
     """Without a GPU here, a GPU whose every transfer runs out of memory stands in for a full one."""
-    from model_export import merge_math
+    from model_export.merging import arithmetic as merge_math
 
     class FullGpu(merge_math._Backend):
         def take(self, weight):

@@ -10,8 +10,9 @@ from onnx import numpy_helper
 
 from model_export import ExportConfiguration, check_config
 from model_export.errors import ConfigError, ExportFormatError, OnnxExportError
-from model_export.exporters.onnx_builder import build_onnx, quantize_blocks
+from model_export.exporters.onnx_builder import build_onnx
 from model_export.exporters.onnx_export import OnnxDecoder, export_onnx
+from model_export.exporters.onnx_linear import quantize_blocks
 from model_export.exporters.onnx_torch import translate_export_error
 from tests.conftest import spread_model
 

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from model_export import CheckpointValidationError, ConfigError, validate_config
-from model_export.checkpoint_detector import detect
+from model_export.checkpoint.detect import detect
 from model_export.tensor_io import SafetensorsFormatError, read_header
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

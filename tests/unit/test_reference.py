@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model_export import ExportConfiguration, MissingDependencyError, ResourceError
-from model_export.reference import cuda_oom_as_resource_error, load_model
+from model_export.checkpoint.loading import cuda_oom_as_resource_error, load_model
 
 
 def test_cuda_out_of_memory_becomes_the_guides_error():
@@ -45,8 +45,8 @@ def _pretend_cuda(monkeypatch):
 def test_device_map_resolves_and_cuda_without_a_gpu_is_explained(monkeypatch):
     import torch
 
+    from model_export.checkpoint.loading import resolve_device
     from model_export.errors import ResourceError
-    from model_export.reference import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("cpu") == "cpu" and resolve_device("auto") == "cpu"
@@ -60,8 +60,8 @@ def test_device_map_resolves_and_cuda_without_a_gpu_is_explained(monkeypatch):
 def test_a_cuda_out_of_memory_falls_back_to_the_cpu_under_auto_and_stops_under_cuda(monkeypatch, caplog):
     import torch
 
+    from model_export.checkpoint.loading import on_device
     from model_export.errors import ResourceError
-    from model_export.reference import on_device
 
     _pretend_cuda(monkeypatch)
     calls = []
@@ -91,8 +91,8 @@ def test_the_reference_falls_back_to_the_cpu_and_equals_the_cpu_reference(tiny_b
     """The whole reference computation, with the GPU load failing for lack of memory: the CPU result, identical."""
     import torch
 
-    import model_export.reference as reference
-    from model_export.verify import compute_reference
+    import model_export.checkpoint.loading as reference
+    from model_export.verify.reference import compute_reference
 
     cpu = compute_reference(tiny_base, adapter, tiny_base, ["Hello"], 4, device_map="cpu")
     real = reference.load_model
@@ -115,7 +115,7 @@ def test_the_reference_falls_back_to_the_cpu_and_equals_the_cpu_reference(tiny_b
 
 
 def test_a_4bit_reference_holds_every_artifact_to_the_4bit_bounds():
-    from model_export.verify import ArtifactVerdict, Bounds, SampleResult, judge
+    from model_export.verify.judge import ArtifactVerdict, Bounds, SampleResult, judge
 
     fp32 = ArtifactVerdict("a", "full", True, "", [SampleResult("p", 0.8, 0.1, 0.07, 0.88, 1.0)])
     assert judge(fp32, Bounds()).code == "ME601"  # against a full-precision reference: 0.8 > 1e-3
@@ -133,7 +133,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_reference_on_the_gpu_equals_the_cpu_reference(tiny_base, adapter):
     import torch
 
-    from model_export.verify import compute_reference
+    from model_export.verify.reference import compute_reference
 
     cpu = compute_reference(tiny_base, adapter, tiny_base, ["Hello", "简单测试"], 6, device_map="cpu")
     gpu = compute_reference(tiny_base, adapter, tiny_base, ["Hello", "简单测试"], 6, device_map="cuda")
@@ -148,8 +148,8 @@ def test_the_reference_on_the_gpu_equals_the_cpu_reference(tiny_base, adapter):
 def test_a_real_cuda_out_of_memory_falls_back_under_auto(caplog):
     import torch
 
+    from model_export.checkpoint.loading import on_device
     from model_export.errors import ResourceError
-    from model_export.reference import on_device
 
     def work(device):
         total = torch.cuda.get_device_properties(0).total_memory
@@ -168,7 +168,7 @@ def test_a_real_cuda_out_of_memory_falls_back_under_auto(caplog):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_bitsandbytes_reference_on_the_gpu(tiny_base, adapter, bits):
     pytest.importorskip("bitsandbytes")
-    from model_export.verify import compute_reference
+    from model_export.verify.reference import compute_reference
 
     full = compute_reference(tiny_base, adapter, tiny_base, ["Hello"], 4, device_map="cuda")
     quantized = compute_reference(
@@ -186,7 +186,8 @@ def test_an_out_of_memory_while_verifying_is_the_machines_fault_not_the_artifact
     CPU."""
     import transformers
 
-    from model_export.verify import compute_reference, verify_artifact
+    from model_export.verify.artifacts import verify_artifact
+    from model_export.verify.reference import compute_reference
 
     reference = compute_reference(tiny_base, adapter, tiny_base, ["Hello"], 2, device_map="cpu")
     real = transformers.AutoModelForCausalLM.from_pretrained

@@ -2,7 +2,7 @@
 
 import json
 
-from model_export.report import summary_rows, write_report
+from model_export.pipeline.report import summary_rows, write_report
 
 
 def results(size, precision, fmt="safetensors", base_dtypes=("BF16",), untied=False, status="verified"):
@@ -79,27 +79,30 @@ def test_without_verification_nothing_is_called_verified():
     assert row["status"] == "not_run" and row["reason"] == "run_validation_tests is false"
 
 
-def test_run_json_is_versioned_an_older_one_is_read_a_newer_one_refused(tmp_path):
+def test_run_json_of_this_version_is_read_its_steps_mapped_and_any_other_version_refused(tmp_path):
     import pytest
 
     from model_export import ConfigError
-    from model_export.manifest import VERSION, RunManifest
+    from model_export.pipeline.manifest import VERSION, RunManifest
 
-    old = {
-        "version": 1,
-        "steps": {
-            "export": {"status": "done", "key": "k", "result": {"artifacts": {"onnx": "x/onnx"}}, "unknown_field": 1}
-        },
+    steps = {
+        "export:onnx": {"status": "done", "key": "k", "values": {"onnx_opset_version": 17}, "unknown_field": 1},
+        "export": {"status": "done", "key": "k2", "result": {"artifacts": {"onnx": "x/onnx"}}},
+        "no-such-step": {"status": "done", "key": "k3"},
     }
-    (tmp_path / "run.json").write_text(json.dumps(old))
+    (tmp_path / "run.json").write_text(json.dumps({"version": VERSION, "steps": steps}))
     manifest = RunManifest.load(tmp_path)
-    assert manifest.steps["export"].status == "done" and manifest.export().artifacts == {"onnx": "x/onnx"}
+    assert list(manifest.steps) == ["export:onnx", "export"]  # a step the run does not declare is not read
+    assert manifest.steps["export:onnx"].values == {"onnx_opset_version": 17}
+    assert manifest.export().artifacts == {"onnx": "x/onnx"}
     manifest.save(tmp_path / "run.json")
     assert json.loads((tmp_path / "run.json").read_text())["version"] == VERSION
-    (tmp_path / "run.json").write_text(json.dumps({"version": VERSION + 1, "steps": {}}))
-    with pytest.raises(ConfigError) as err:
-        RunManifest.load(tmp_path)
-    assert err.value.code == "ME109" and "pip install -U model-export" in err.value.hint()
+    for version in (1, VERSION - 1, VERSION + 1, "3"):
+        (tmp_path / "run.json").write_text(json.dumps({"version": version, "steps": {}}))
+        with pytest.raises(ConfigError) as err:
+            RunManifest.load(tmp_path)
+        assert err.value.code == "ME109" and "pip install -U model-export" in err.value.hint()
+        assert f"run.json version {version};" in str(err.value)
 
 
 def test_an_empty_logit_panel_says_why(tmp_path):

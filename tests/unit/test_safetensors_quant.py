@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("compressed_tensors")
 
-from model_export.exporters.safetensors_quant import export_quantized_safetensors, group_size_for  # noqa: E402
-from model_export.tensor_io import read_header  # noqa: E402
+from model_export.exporters.safetensors_quant import export_quantized_safetensors, group_size_for
+from model_export.tensor_io import read_header
 
 PROMPT = [5, 17, 33, 2, 90, 100, 7, 41, 3]
 

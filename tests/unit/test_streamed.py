@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model_export.demo.tiny import build_adapter, save_as_trained
-from model_export.streamed import StreamedModel, streamable
+from model_export.merging.streamed import StreamedModel, streamable
 
 IDS = torch.tensor([[1, 5, 9, 22, 40, 7, 3, 17]])
 

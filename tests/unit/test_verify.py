@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from model_export.verify import ArtifactVerdict, Bounds, SampleResult, judge, precision_of
+from model_export.verify.artifacts import precision_of
+from model_export.verify.judge import ArtifactVerdict, Bounds, SampleResult, judge
 
 
 def verdict(precision: str, top1: float, kl: float, max_diff: float = 0.5) -> ArtifactVerdict:

@@ -17,7 +17,7 @@ import yaml
 from .. import extras, i18n
 from ..config import ExportConfiguration
 from ..monitoring import logger
-from ..pipeline import run_adapter
+from ..pipeline.run import run_adapter
 from .tiny import TASK_PROMPTS, build_training_run
 
 __all__ = ["demo", "shipped_base"]

@@ -23,28 +23,21 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .. import i18n
+from ..checkpoint.hf_layout import rope_inv_freq
 from ..errors import ExportFormatError
-from ..faults import crash_point
-from ..hf_layout import rope_inv_freq
-from ..monitoring import Progress
-from ..tensor_io import read_header, torch_row_chunks
+from .onnx_graph import DATA_FILE, DataFile, Graph, Weights
+from .onnx_linear import Linear, gptq_layers, keeper
 
 __all__ = ["build_onnx", "BuildResult", "SUPPORTED_ARCHITECTURES", "WEIGHT_TYPES"]
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
 WEIGHT_TYPES = ("fp32", "fp16", "int8", "int4")
-DATA_FILE = "model.onnx.data"
-_ALIGN = 4096  # large tensors start on page boundaries, so onnxruntime can map them
-_ALIGN_SMALL = 64  # small ones (norms, scales of small layers) are not worth a page each
-_CHUNK_BYTES = 64 << 20  # rows of one tensor converted at a time
 
 
 @dataclass
@@ -56,123 +49,6 @@ class BuildResult:
     tensors: int
     io_dtype: str
     axes: dict[str, list[str | int]] = field(default_factory=dict)
-
-
-class _Weights:
-    """Merged safetensors, read one tensor (or a few rows of one) at a time."""
-
-    def __init__(self, folder: Path) -> None:
-        self.where: dict[str, tuple[Path, Any]] = {}
-        for shard in sorted(folder.glob("*.safetensors")):
-            for name, info in read_header(shard).tensors.items():
-                self.where[name] = (shard, info)
-        self.files: dict[Path, Any] = {}
-        total = sum(info.nbytes for _, info in self.where.values())
-        self.meter = Progress(i18n.ui("progress_export", format="ONNX"), total)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.where
-
-    def info(self, name: str):
-        return self.where[name][1]
-
-    def raw_chunks(self, name: str) -> Iterator[Any]:
-        """The tensor in its stored dtype as torch tensors of at most _CHUNK_BYTES of float32 each (whole rows)."""
-        path, info = self.where[name]
-        fh = self.files.get(path) or self.files.setdefault(path, open(path, "rb"))  # noqa: SIM115 - closed in close()
-        for chunk in torch_row_chunks(fh, info, _CHUNK_BYTES):
-            self.meter.advance(chunk.numel() * chunk.element_size())
-            yield chunk
-
-    def row_chunks(self, name: str) -> Iterator[np.ndarray]:
-        """The tensor as float32 arrays of at most _CHUNK_BYTES each (whole rows); torch widens bf16 on every core."""
-        import torch
-
-        for chunk in self.raw_chunks(name):
-            yield chunk.to(torch.float32).numpy()
-
-    def close(self) -> None:
-        self.meter.close()
-        for fh in self.files.values():
-            fh.close()
-
-
-class _DataFile:
-    """Appends tensors to the external data file and returns TensorProtos that point at them."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fh = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self.offset = 0
-        self.count = 0
-
-    def add(self, name: str, dtype: np.dtype, shape: tuple[int, ...], chunks) -> Any:
-        from onnx import TensorProto, helper
-
-        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        pad = (-self.offset) % (_ALIGN if expected >= (1 << 20) else _ALIGN_SMALL)
-        self.fh.write(b"\0" * pad)
-        start = self.offset = self.offset + pad
-        for chunk in chunks:
-            data = np.ascontiguousarray(chunk, dtype=dtype)
-            self.fh.write(memoryview(data).cast("B"))
-            self.offset += data.nbytes
-        length = self.offset - start
-        if length != expected:  # a bug, not a user error: never write a tensor that lies about its size
-            raise AssertionError(f"{name}: wrote {length} bytes, expected {expected}")
-        crash_point("export_tensor")
-        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=list(shape))
-        tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(start)), ("length", str(length))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
-        self.count += 1
-        return tensor
-
-    def close(self) -> None:
-        self.fh.close()
-
-
-class _Graph:
-    """Nodes, initializers and names of the graph being built."""
-
-    def __init__(self, data: _DataFile, opset: int) -> None:
-        self.data, self.opset = data, opset
-        self.nodes: list[Any] = []
-        self.initializers: list[Any] = []
-        self.constants: dict[tuple, str] = {}
-
-    def op(
-        self, op_type: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "", **attrs
-    ) -> Any:
-        from onnx import helper
-
-        names = (
-            outputs
-            if isinstance(outputs, list)
-            else [f"{name}/out{i}" if outputs > 1 else f"{name}/out" for i in range(outputs)]
-        )
-        self.nodes.append(helper.make_node(op_type, inputs, names, name=name, domain=domain or None, **attrs))
-        return names[0] if len(names) == 1 else names
-
-    def const(self, values, dtype=np.int64) -> str:
-        from onnx import numpy_helper
-
-        array = np.asarray(values, dtype=dtype)
-        key = (array.dtype.str, array.shape, array.tobytes())
-        if key not in self.constants:
-            name = f"/const/{len(self.constants)}"
-            self.initializers.append(numpy_helper.from_array(array, name))
-            self.constants[key] = name
-        return self.constants[key]
-
-    def weight(self, name: str, dtype, shape, chunks) -> str:
-        self.initializers.append(self.data.add(name, dtype, tuple(shape), chunks))
-        return name
-
-    def copy(self, weights: _Weights, name: str, dtype) -> str:
-        """A merged tensor as an initializer of the same name, in ``dtype`` (fp32 or fp16), streamed in row chunks."""
-        return self.weight(name, dtype, weights.info(name).shape, weights.row_chunks(name))
 
 
 @dataclass
@@ -192,7 +68,7 @@ class _Spec:
     sliding_window: int
 
 
-def _spec(folder: Path, weights: _Weights) -> tuple[_Spec, dict[str, Any]]:
+def _spec(folder: Path, weights: Weights) -> tuple[_Spec, dict[str, Any]]:
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     arch = (config.get("architectures") or ["?"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -232,135 +108,7 @@ def _rotary_cache(folder: Path, spec: _Spec, dtype) -> tuple[np.ndarray, np.ndar
     return (np.cos(angles) * scaling).astype(dtype), (np.sin(angles) * scaling).astype(dtype)
 
 
-class _Linear:
-    """Writes one linear layer's weight and emits its node: Gemm(transB) for float, MatMulNBits for int8/int4."""
-
-    def __init__(
-        self,
-        graph: _Graph,
-        weights: _Weights,
-        weight_type: str,
-        block_size: int,
-        accuracy_level: int,
-        gptq: Any = None,
-        keep: Any = None,
-        symmetric: bool = False,
-    ) -> None:
-        self.graph, self.weights, self.weight_type = graph, weights, weight_type
-        self.symmetric = symmetric  # blocks without zero points (MatMulNBits then centres on 2**(bits-1))
-        self.block_size, self.accuracy_level = block_size, accuracy_level
-        self.keep = keep or (lambda tensor: False)  # quantization_keep_modules: float Gemm instead of blocks
-        self.gptq = gptq if weight_type == "int4" else None  # GptqLayers: GPTQ's levels instead of rounding
-        self.float_dtype = np.float16 if weight_type == "fp16" else np.float32
-
-    def float_weight(self, tensor: str) -> str:
-        return self.graph.copy(self.weights, tensor, self.float_dtype)
-
-    def __call__(self, x: str, tensor: str, name: str, bias: str | None = None) -> str:
-        if self.weight_type in ("fp32", "fp16") or self.keep(tensor):
-            inputs = [x, self.float_weight(tensor)] + ([self.float_weight(bias)] if bias else [])
-            return self.graph.op("Gemm", inputs, name, transB=1)
-        out = self.quantized(x, tensor, name)
-        return self.graph.op("Add", [out, self.float_weight(bias)], f"{name}/bias") if bias else out
-
-    def from_gptq(self, x: str, tensor: str, name: str) -> str:
-        """GPTQ's symmetric int4 levels and scales as MatMulNBits blocks (one block per GPTQ group, the default zero
-        point 8 of unsigned 4-bit: the values are exactly those of the int4 safetensors)."""
-        levels, scales = self.gptq.levels(tensor.removesuffix(".weight"))
-        n, k = levels.shape
-        group = k // scales.shape[1]
-        unsigned = (levels.numpy().astype(np.int16) + 8).astype(np.uint8).reshape(n, k // group, group)
-        packed = unsigned[..., 0::2] | (unsigned[..., 1::2] << 4)
-        q = self.graph.weight(f"{tensor}.q4", np.uint8, packed.shape, [packed])
-        s = self.graph.weight(f"{tensor}.scales", np.float32, tuple(scales.shape), [scales.numpy()])
-        return self.graph.op(
-            "MatMulNBits",
-            [x, q, s],
-            name,
-            domain="com.microsoft",
-            K=k,
-            N=n,
-            bits=4,
-            block_size=group,
-            accuracy_level=self.accuracy_level,
-        )
-
-    def quantized(self, x: str, tensor: str, name: str) -> str:
-        if self.gptq is not None and ".layers." in tensor:  # GPTQ covers the decoder's matrices; the head is rounded
-            return self.from_gptq(x, tensor, name)
-        bits = 4 if self.weight_type == "int4" else 8
-        n, k = self.weights.info(tensor).shape
-        scales, zeros = [], []
-
-        def packed_chunks():
-            for rows in self.weights.raw_chunks(tensor):
-                packed, scale, zero = quantize_blocks(rows, bits, self.block_size, self.symmetric)
-                scales.append(scale)
-                zeros.append(zero)
-                yield packed
-
-        k_blocks = -(-k // self.block_size)
-        blob = self.block_size * bits // 8
-        q = self.graph.weight(f"{tensor}.q{bits}", np.uint8, (n, k_blocks, blob), packed_chunks())
-        s = self.graph.weight(f"{tensor}.scales", np.float32, (n, k_blocks), scales)
-        z = self.graph.weight(f"{tensor}.zero_points", np.uint8, (n, -(-k_blocks * bits // 8)), zeros)
-        return self.graph.op(
-            "MatMulNBits",
-            [x, q, s] if self.symmetric else [x, q, s, z],
-            name,
-            domain="com.microsoft",
-            K=k,
-            N=n,
-            bits=bits,
-            block_size=self.block_size,
-            accuracy_level=self.accuracy_level,
-        )
-
-
-def _keeper(patterns: list[str] | None, spec: Any) -> Any:
-    if not patterns:
-        return None
-    from ..config import kept_module
-
-    return lambda tensor: kept_module(patterns, tensor, tied=spec.tied)
-
-
-def _gptq_layers(folder: str | Path | None) -> Any:
-    if folder is None:
-        return None
-    from ..gptq import GptqLayers
-
-    return GptqLayers(folder)
-
-
-def quantize_blocks(
-    rows, bits: int, block_size: int, symmetric: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Round-to-nearest blocks along K of a [N, K] weight (numpy or torch, any float dtype), asymmetric (a zero point
-    per block) or symmetric (none: MatMulNBits then centres on 2**(bits-1)), by onnxruntime's own quantizer kernel.
-
-    Returns (packed [N, k_blocks, block_size*bits/8] uint8, scales [N, k_blocks] float32, zero points uint8),
-    exactly what onnxruntime's MatMulNBitsQuantizer stores for the same weight.
-    """
-    import torch
-    from onnxruntime.capi import _pybind_state as ort_c
-
-    n, k = rows.shape
-    k_blocks = -(-k // block_size)
-    # The kernel reads [K, N]: widen and transpose in one torch copy (numpy's strided transpose is 4x slower).
-    padded = torch.empty((k_blocks * block_size, n), dtype=torch.float32)
-    padded[k:].zero_()
-    padded[:k].copy_(torch.as_tensor(rows).t())
-    source = padded.numpy()
-    packed = np.zeros((n, k_blocks, block_size * bits // 8), dtype=np.uint8)
-    scales = np.zeros((n, k_blocks), dtype=np.float32)
-    zeros = np.zeros((n, -(-k_blocks * bits // 8)), dtype=np.uint8)
-    kernel = ort_c.quantize_matmul_4bits if bits == 4 else ort_c.quantize_matmul_8bits
-    kernel(packed, source, scales, zeros, block_size, n, k, symmetric)
-    return packed, scales, zeros
-
-
-def _rms_norm(graph: _Graph, x: str, weight: str, eps: float, name: str) -> str:
+def _rms_norm(graph: Graph, x: str, weight: str, eps: float, name: str) -> str:
     if graph.opset >= 23:
         return graph.op("RMSNormalization", [x, weight], name, axis=-1, epsilon=eps, stash_type=1)
     return graph.op("SimplifiedLayerNormalization", [x, weight], name, axis=-1, epsilon=eps, stash_type=1)
@@ -385,47 +133,24 @@ def build_onnx(
     ``gptq``, the folder calibrate_gptq wrote, int4 blocks are GPTQ's levels and groups).
     Raises ExportFormatError for an architecture the builder does not know.
     """
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     merged, out = Path(merged), Path(out)
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight_type must be one of {WEIGHT_TYPES}, got {weight_type!r}")
-    weights = _Weights(merged)
+    weights = Weights(merged)
     spec, config = _spec(merged, weights)
     out.mkdir(parents=True, exist_ok=True)
-    data = _DataFile(out / DATA_FILE)
-    graph = _Graph(data, opset)
+    data = DataFile(out / DATA_FILE)
+    graph = Graph(data, opset)
     io_dtype = np.float16 if weight_type == "fp16" else np.float32
-    io_type = helper.np_dtype_to_tensor_dtype(np.dtype(io_dtype))
+    linear = Linear(
+        graph, weights, weight_type, block_size, accuracy_level, gptq_layers(gptq), keeper(keep, spec), symmetric
+    )
     try:
         axes = _axes(dynamic_axes, spec)
-        logits = _decoder(
-            graph,
-            weights,
-            spec,
-            _Linear(
-                graph,
-                weights,
-                weight_type,
-                block_size,
-                accuracy_level,
-                _gptq_layers(gptq),
-                _keeper(keep, spec),
-                symmetric,
-            ),
-            merged,
-            io_dtype,
-        )
-        inputs = [
-            helper.make_tensor_value_info("input_ids", TensorProto.INT64, axes["input_ids"]),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, axes["attention_mask"]),
-            helper.make_tensor_value_info("position_ids", TensorProto.INT64, axes["position_ids"]),
-        ]
-        outputs = [helper.make_tensor_value_info(logits, io_type, axes["logits"])]
-        for i in range(spec.layers):
-            for kind in ("key", "value"):
-                inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", io_type, axes["past"]))
-                outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", io_type, axes["present"]))
+        logits = _decoder(graph, weights, spec, linear, merged, io_dtype)
+        inputs, outputs = _io(spec, axes, logits, helper.np_dtype_to_tensor_dtype(np.dtype(io_dtype)))
     finally:
         weights.close()
         data.close()
@@ -447,6 +172,22 @@ def build_onnx(
         np.dtype(io_dtype).name,
         {k: list(v) for k, v in axes.items()},
     )
+
+
+def _io(spec: _Spec, axes: dict[str, list[str | int]], logits: str, io_type: int) -> tuple[list, list]:
+    """The graph's inputs and outputs: ids, mask and positions in, logits out, and each layer's cache both ways."""
+    from onnx import TensorProto, helper
+
+    inputs = [
+        helper.make_tensor_value_info(name, TensorProto.INT64, axes[name])
+        for name in ("input_ids", "attention_mask", "position_ids")
+    ]
+    outputs = [helper.make_tensor_value_info(logits, io_type, axes["logits"])]
+    for i in range(spec.layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", io_type, axes["past"]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", io_type, axes["present"]))
+    return inputs, outputs
 
 
 def _ir_version(opset: int) -> int:
@@ -485,11 +226,22 @@ def _axes(dynamic_axes: dict[str, dict[int, str]] | None, spec: _Spec) -> dict[s
     }
 
 
-def _decoder(graph: _Graph, weights: _Weights, spec: _Spec, linear: _Linear, folder: Path, io_dtype) -> str:
-    """Emit the whole decoder; returns the logits' name."""
+@dataclass
+class _Shared:
+    """Names computed once from the graph's inputs and read by every layer."""
+
+    ids_shape: str
+    bs_hidden: str  # [batch, sequence, -1]: the 3-d shape attention takes
+    flat_ids: str
+    seqlens: str  # per sequence, its length in the cache minus one (GroupQueryAttention's seqlens_k)
+    total: str  # the attention mask's length: past and new tokens
+    cos: str
+    sin: str
+
+
+def _shared(graph: Graph, folder: Path, spec: _Spec, io_dtype) -> _Shared:
     from onnx import TensorProto
 
-    # Shapes and attention lengths computed once from the inputs.
     ids_shape = graph.op("Shape", ["input_ids"], "/model/ids_shape")
     bs_hidden = graph.op("Concat", [ids_shape, graph.const([-1])], "/model/bs_minus1", axis=0)
     flat_ids = graph.op("Reshape", ["input_ids", graph.const([-1])], "/model/flat_ids")
@@ -500,103 +252,96 @@ def _decoder(graph: _Graph, weights: _Weights, spec: _Spec, linear: _Linear, fol
         "/model/seqlens_k",
         to=TensorProto.INT32,
     )
-    total = graph.op(
-        "Cast",
-        [
-            graph.op(
-                "Gather",
-                [graph.op("Shape", ["attention_mask"], "/model/mask_shape"), graph.const(1)],
-                "/model/total64",
-                axis=0,
-            )
-        ],
-        "/model/total_seq_len",
-        to=TensorProto.INT32,
-    )
+    mask_shape = graph.op("Shape", ["attention_mask"], "/model/mask_shape")
+    total64 = graph.op("Gather", [mask_shape, graph.const(1)], "/model/total64", axis=0)
+    total = graph.op("Cast", [total64], "/model/total_seq_len", to=TensorProto.INT32)
     cos, sin = _rotary_cache(folder, spec, io_dtype)
     cos_name = graph.weight("/model/rotary/cos_cache", io_dtype, cos.shape, [cos])
     sin_name = graph.weight("/model/rotary/sin_cache", io_dtype, sin.shape, [sin])
+    return _Shared(ids_shape, bs_hidden, flat_ids, seqlens, total, cos_name, sin_name)
 
-    embed_dtype = np.float16 if linear.weight_type == "fp16" else np.float32
-    hidden = _embedding(graph, weights, spec, linear, flat_ids, embed_dtype)
-    norm_dtype = embed_dtype
+
+def _decoder(graph: Graph, weights: Weights, spec: _Spec, linear: Linear, folder: Path, io_dtype) -> str:
+    """Emit the whole decoder; returns the logits' name."""
+    shared = _shared(graph, folder, spec, io_dtype)
+    norm_dtype = np.float16 if linear.weight_type == "fp16" else np.float32
+    hidden = _embedding(graph, weights, spec, linear, shared.flat_ids, norm_dtype)
     for i in range(spec.layers):
-        p = f"model.layers.{i}"
-        n = f"/model/layers.{i}"
-
-        def norm_weight(tensor):
-            return graph.copy(weights, tensor, norm_dtype)
-
-        x = _rms_norm(graph, hidden, norm_weight(f"{p}.input_layernorm.weight"), spec.eps, f"{n}/input_layernorm")
-        qkv = {}
-        for proj in ("q", "k", "v"):
-            bias = f"{p}.self_attn.{proj}_proj.bias"
-            qkv[proj] = linear(
-                x, f"{p}.self_attn.{proj}_proj.weight", f"{n}/attn/{proj}_proj", bias if bias in weights else None
-            )
-        for proj, heads in (("q", spec.heads), ("k", spec.kv_heads)):
-            if spec.qk_norm:
-                per_head = graph.op("Reshape", [qkv[proj], graph.const([-1, spec.head_dim])], f"{n}/attn/{proj}_heads")
-                qkv[proj] = _rms_norm(
-                    graph, per_head, norm_weight(f"{p}.self_attn.{proj}_norm.weight"), spec.eps, f"{n}/attn/{proj}_norm"
-                )
-            shaped = graph.op("Reshape", [qkv[proj], bs_hidden], f"{n}/attn/{proj}_3d")
-            qkv[proj] = graph.op(
-                "RotaryEmbedding",
-                [shaped, "position_ids", cos_name, sin_name],
-                f"{n}/attn/{proj}_rotary",
-                domain="com.microsoft",
-                interleaved=0,
-                num_heads=heads,
-            )
-        value = graph.op("Reshape", [qkv["v"], bs_hidden], f"{n}/attn/v_3d")
-        attn, _, _ = graph.op(
-            "GroupQueryAttention",
-            [qkv["q"], qkv["k"], value, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total],
-            f"{n}/attn/gqa",
-            outputs=[f"{n}/attn/gqa/out", f"present.{i}.key", f"present.{i}.value"],
-            domain="com.microsoft",
-            num_heads=spec.heads,
-            kv_num_heads=spec.kv_heads,
-            scale=1.0 / math.sqrt(spec.head_dim),
-            local_window_size=spec.sliding_window,
-            do_rotary=0,
-        )
-        attn2d = graph.op("Reshape", [attn, graph.const([-1, spec.heads * spec.head_dim])], f"{n}/attn/flat")
-        o_bias = f"{p}.self_attn.o_proj.bias"
-        hidden = graph.op(
-            "Add",
-            [
-                hidden,
-                linear(
-                    attn2d, f"{p}.self_attn.o_proj.weight", f"{n}/attn/o_proj", o_bias if o_bias in weights else None
-                ),
-            ],
-            f"{n}/attn_residual",
-        )
-        x = _rms_norm(
-            graph,
-            hidden,
-            norm_weight(f"{p}.post_attention_layernorm.weight"),
-            spec.eps,
-            f"{n}/post_attention_layernorm",
-        )
-        gate = linear(x, f"{p}.mlp.gate_proj.weight", f"{n}/mlp/gate_proj")
-        up = linear(x, f"{p}.mlp.up_proj.weight", f"{n}/mlp/up_proj")
-        act = graph.op("Mul", [gate, graph.op("Sigmoid", [gate], f"{n}/mlp/sigmoid")], f"{n}/mlp/silu")
-        down = linear(graph.op("Mul", [act, up], f"{n}/mlp/gated"), f"{p}.mlp.down_proj.weight", f"{n}/mlp/down_proj")
-        hidden = graph.op("Add", [hidden, down], f"{n}/mlp_residual")
+        hidden = _attention(graph, weights, spec, linear, shared, hidden, i, norm_dtype)
+        hidden = _mlp(graph, weights, spec, linear, hidden, i, norm_dtype)
     final = _rms_norm(graph, hidden, graph.copy(weights, "model.norm.weight", norm_dtype), spec.eps, "/model/norm")
     head = _lm_head(graph, linear, final, spec)
     return graph.op(
         "Reshape",
-        [head, graph.op("Concat", [ids_shape, graph.const([spec.vocab])], "/lm_head/shape", axis=0)],
+        [head, graph.op("Concat", [shared.ids_shape, graph.const([spec.vocab])], "/lm_head/shape", axis=0)],
         "/lm_head/logits",
         outputs=["logits"],
     )
 
 
-def _embedding(graph: _Graph, weights: _Weights, spec: _Spec, linear: _Linear, ids: str, dtype) -> str:
+def _attention(
+    graph: Graph, weights: Weights, spec: _Spec, linear: Linear, shared: _Shared, hidden: str, i: int, norm_dtype
+) -> str:
+    """Layer ``i``'s attention block and its residual: the hidden state after it."""
+    p, n = f"model.layers.{i}", f"/model/layers.{i}"
+
+    def norm_weight(tensor):
+        return graph.copy(weights, tensor, norm_dtype)
+
+    def bias(tensor: str) -> str | None:
+        return tensor if tensor in weights else None
+
+    x = _rms_norm(graph, hidden, norm_weight(f"{p}.input_layernorm.weight"), spec.eps, f"{n}/input_layernorm")
+    qkv = {}
+    for proj in ("q", "k", "v"):
+        tensor = f"{p}.self_attn.{proj}_proj"
+        qkv[proj] = linear(x, f"{tensor}.weight", f"{n}/attn/{proj}_proj", bias(f"{tensor}.bias"))
+    for proj, heads in (("q", spec.heads), ("k", spec.kv_heads)):
+        if spec.qk_norm:
+            per_head = graph.op("Reshape", [qkv[proj], graph.const([-1, spec.head_dim])], f"{n}/attn/{proj}_heads")
+            weight = norm_weight(f"{p}.self_attn.{proj}_norm.weight")
+            qkv[proj] = _rms_norm(graph, per_head, weight, spec.eps, f"{n}/attn/{proj}_norm")
+        shaped = graph.op("Reshape", [qkv[proj], shared.bs_hidden], f"{n}/attn/{proj}_3d")
+        qkv[proj] = graph.op(
+            "RotaryEmbedding",
+            [shaped, "position_ids", shared.cos, shared.sin],
+            f"{n}/attn/{proj}_rotary",
+            domain="com.microsoft",
+            interleaved=0,
+            num_heads=heads,
+        )
+    value = graph.op("Reshape", [qkv["v"], shared.bs_hidden], f"{n}/attn/v_3d")
+    past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+    attn, _, _ = graph.op(
+        "GroupQueryAttention",
+        [qkv["q"], qkv["k"], value, *past, shared.seqlens, shared.total],
+        f"{n}/attn/gqa",
+        outputs=[f"{n}/attn/gqa/out", f"present.{i}.key", f"present.{i}.value"],
+        domain="com.microsoft",
+        num_heads=spec.heads,
+        kv_num_heads=spec.kv_heads,
+        scale=1.0 / math.sqrt(spec.head_dim),
+        local_window_size=spec.sliding_window,
+        do_rotary=0,
+    )
+    attn2d = graph.op("Reshape", [attn, graph.const([-1, spec.heads * spec.head_dim])], f"{n}/attn/flat")
+    out = linear(attn2d, f"{p}.self_attn.o_proj.weight", f"{n}/attn/o_proj", bias(f"{p}.self_attn.o_proj.bias"))
+    return graph.op("Add", [hidden, out], f"{n}/attn_residual")
+
+
+def _mlp(graph: Graph, weights: Weights, spec: _Spec, linear: Linear, hidden: str, i: int, norm_dtype) -> str:
+    """Layer ``i``'s gated MLP (SiLU) and its residual."""
+    p, n = f"model.layers.{i}", f"/model/layers.{i}"
+    weight = graph.copy(weights, f"{p}.post_attention_layernorm.weight", norm_dtype)
+    x = _rms_norm(graph, hidden, weight, spec.eps, f"{n}/post_attention_layernorm")
+    gate = linear(x, f"{p}.mlp.gate_proj.weight", f"{n}/mlp/gate_proj")
+    up = linear(x, f"{p}.mlp.up_proj.weight", f"{n}/mlp/up_proj")
+    act = graph.op("Mul", [gate, graph.op("Sigmoid", [gate], f"{n}/mlp/sigmoid")], f"{n}/mlp/silu")
+    down = linear(graph.op("Mul", [act, up], f"{n}/mlp/gated"), f"{p}.mlp.down_proj.weight", f"{n}/mlp/down_proj")
+    return graph.op("Add", [hidden, down], f"{n}/mlp_residual")
+
+
+def _embedding(graph: Graph, weights: Weights, spec: _Spec, linear: Linear, ids: str, dtype) -> str:
     """Gather rows of the embedding. A tied quantized model gathers from the head's blocks (GatherBlockQuantized),
     so the matrix is stored once, quantized, as onnxruntime-genai does; otherwise the embedding is float."""
     embed = "model.embed_tokens.weight"
@@ -627,7 +372,7 @@ def _embedding(graph: _Graph, weights: _Weights, spec: _Spec, linear: _Linear, i
     return rows
 
 
-def _lm_head(graph: _Graph, linear: _Linear, hidden: str, spec: _Spec) -> str:
+def _lm_head(graph: Graph, linear: Linear, hidden: str, spec: _Spec) -> str:
     """Tied float heads reuse the embedding's initializer (Gemm transB=1); quantized heads get their own blocks."""
     if spec.tied and (linear.weight_type in ("fp32", "fp16") or linear.keep("model.embed_tokens.weight")):
         return graph.op("Gemm", [hidden, "model.embed_tokens.weight"], "/lm_head/gemm", transB=1)

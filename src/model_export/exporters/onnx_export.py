@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import extras
+from ..checkpoint.hf_layout import copy_tokenizer
 from ..errors import ExportFormatError
-from ..hf_layout import copy_tokenizer, write_atomic
+from ..files import write_atomic
 from ..monitoring import logger
-from ..runtimes.ort import OnnxDecoder, _config_file, eos_ids  # noqa: F401 - the decoder lives with the runtimes
+from ..runtimes.ort import OnnxDecoder, config_file
 from .base import ExportContext, ExportFormat
 
 __all__ = ["export_onnx", "choose_backend", "onnx_weight_type", "OnnxDecoder", "MODEL_FILE", "OPTIMIZED_FILE"]
@@ -136,6 +137,24 @@ def optimize_graph(source: Path, target: Path) -> None:
         raise ExportFormatError("onnx_optimize_failed", error=f"{type(exc).__name__}: {exc}"[:400]) from exc
 
 
+# onnxruntime-genai's search settings for greedy decoding (what verification compares with the reference)
+_GREEDY_SEARCH = {
+    "diversity_penalty": 0.0,
+    "do_sample": False,
+    "early_stopping": True,
+    "length_penalty": 1.0,
+    "min_length": 0,
+    "no_repeat_ngram_size": 0,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "past_present_share_buffer": False,
+    "repetition_penalty": 1.0,
+    "temperature": 1.0,
+    "top_k": 1,
+    "top_p": 1.0,
+}
+
+
 def write_genai_config(out: Path, config: dict[str, Any]) -> None:
     """genai_config.json, so onnxruntime-genai can load the folder (decoder with separate past and present)."""
     import onnx
@@ -145,7 +164,7 @@ def write_genai_config(out: Path, config: dict[str, Any]) -> None:
     dims = past[0].type.tensor_type.shape.dim
     heads = config["num_attention_heads"]
     eos = config.get("eos_token_id")
-    generation = _config_file(out / "generation_config.json")
+    generation = config_file(out / "generation_config.json")
     eos = generation.get("eos_token_id", eos)
     context = int(config.get("max_position_embeddings", 4096))
     first_eos = eos[0] if isinstance(eos, list) and eos else eos
@@ -181,22 +200,7 @@ def write_genai_config(out: Path, config: dict[str, Any]) -> None:
             "type": _GENAI_TYPES.get((config.get("architectures") or ["?"])[0], config.get("model_type", "decoder")),
             "vocab_size": config["vocab_size"],
         },
-        "search": {
-            "diversity_penalty": 0.0,
-            "do_sample": False,
-            "early_stopping": True,
-            "length_penalty": 1.0,
-            "max_length": context,
-            "min_length": 0,
-            "no_repeat_ngram_size": 0,
-            "num_beams": 1,
-            "num_return_sequences": 1,
-            "past_present_share_buffer": False,
-            "repetition_penalty": 1.0,
-            "temperature": 1.0,
-            "top_k": 1,
-            "top_p": 1.0,
-        },
+        "search": {**_GREEDY_SEARCH, "max_length": context},
     }
     write_atomic(out / "genai_config.json", json.dumps(genai, indent=2) + "\n")
 

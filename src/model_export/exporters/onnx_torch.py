@@ -49,32 +49,14 @@ def export_torch(
     out.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if weight_type == "fp16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=dtype).eval()
-    config = model.config
-    layers = config.num_hidden_layers
+    layers = model.config.num_hidden_layers
     wrapper = _decoder(model).eval()
     named = dynamic_axes or {}
-    batch = 2 if 0 in named.get("input_ids", {}) else 1
-    seq = 3 if 1 in named.get("input_ids", {}) else 1
-    past, kv_heads = 4, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    args = (
-        torch.ones(batch, seq, dtype=torch.long),
-        torch.ones(batch, past + seq, dtype=torch.long),
-        torch.arange(past, past + seq)[None].expand(batch, seq).contiguous(),
-        [torch.zeros(batch, kv_heads, past, head_dim, dtype=dtype) for _ in range(2 * layers)],
-    )
+    args, shapes = _example_inputs(model.config, named, dtype)
     inputs = ["input_ids", "attention_mask", "position_ids"] + [
         f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")
     ]
     outputs = ["logits"] + [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
-    dynamic = torch.export.Dim.DYNAMIC
-    row = {0: dynamic} if batch > 1 else {}
-    shapes = {
-        "input_ids": {**row, **({1: dynamic} if seq > 1 else {})},
-        "attention_mask": {**row, 1: dynamic},
-        "position_ids": {**row, **({1: dynamic} if seq > 1 else {})},
-        "past": [{**row, 2: dynamic}] * (2 * layers),
-    }
     path = out / "model.onnx"
     try:
         program = torch.onnx.export(
@@ -97,6 +79,33 @@ def export_torch(
     if weight_type in ("int8", "int4"):
         _quantize(path, 4 if weight_type == "int4" else 8, block_size, accuracy_level)
     return {"path": str(path), "weight_type": weight_type, "opset": opset}
+
+
+def _example_inputs(config: Any, named: dict[str, dict[int, str]], dtype: Any) -> tuple[tuple, dict[str, Any]]:
+    """Inputs to trace with (a cache of 4 past tokens; two rows and three tokens where those axes are dynamic), and
+    the dynamic shapes torch.export takes for them."""
+    import torch
+
+    layers = config.num_hidden_layers
+    batch = 2 if 0 in named.get("input_ids", {}) else 1
+    seq = 3 if 1 in named.get("input_ids", {}) else 1
+    past, kv_heads = 4, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    args = (
+        torch.ones(batch, seq, dtype=torch.long),
+        torch.ones(batch, past + seq, dtype=torch.long),
+        torch.arange(past, past + seq)[None].expand(batch, seq).contiguous(),
+        [torch.zeros(batch, kv_heads, past, head_dim, dtype=dtype) for _ in range(2 * layers)],
+    )
+    dynamic = torch.export.Dim.DYNAMIC
+    row = {0: dynamic} if batch > 1 else {}
+    shapes = {
+        "input_ids": {**row, **({1: dynamic} if seq > 1 else {})},
+        "attention_mask": {**row, 1: dynamic},
+        "position_ids": {**row, **({1: dynamic} if seq > 1 else {})},
+        "past": [{**row, 2: dynamic}] * (2 * layers),
+    }
+    return args, shapes
 
 
 def _decoder(model):

@@ -10,7 +10,7 @@ __all__ = ["FORMAT"]
 
 
 def export(ctx: ExportContext) -> dict[str, Any]:
-    from ..model_merger import STATE_FILE, merge, merge_settings
+    from ..merging.merger import STATE_FILE, merge, merge_settings
 
     merge(
         ctx.checkpoint,

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import extras, i18n
-from ..hf_layout import write_atomic, write_index
+from ..checkpoint.hf_layout import write_index
+from ..files import write_atomic
 from ..monitoring import Progress
 from ..tensor_io import PlannedTensor, ShardWriter, plan_shards, read_bytes, read_header, torch_dtype
 
@@ -46,7 +47,7 @@ def group_size_for(in_features: int) -> int:
 
 
 def _quantized(name: str, shape: tuple[int, ...], keep: list[str] | None = None) -> bool:
-    from ..config import kept_module
+    from ..quantize.keep import kept_module
 
     if keep and kept_module(keep, name):
         return False
@@ -152,7 +153,6 @@ def export_quantized_safetensors(
     """
     extras.require("compressed_tensors", f"int{bits} safetensors")
     import torch
-    from compressed_tensors.quantization import QuantizationConfig
 
     merged, out = Path(merged), Path(out)
     sources = [
@@ -160,23 +160,61 @@ def export_quantized_safetensors(
         for shard in sorted(merged.glob("*.safetensors"))
         for name, info in read_header(shard).tensors.items()
     ]
-    if gptq is not None and not symmetric:
-        raise ValueError("GPTQ levels are symmetric")  # validate_config refuses the combination first
-    planned, groups = _plan(sources, bits, group_size, keep, symmetric)
-    if any(g == 0 for g in groups.values()) and bits == 4:
-        bad = next(n for n, g in groups.items() if g == 0)
-        raise ValueError(f"{bad}: the input size is not a multiple of 32")
+    planned, groups = _checked_plan(sources, bits, group_size, keep, symmetric, gptq is not None)
     out.mkdir(parents=True, exist_ok=True)
     by_name = {name: (info, shard) for name, info, shard in sources}
     from_gptq = None
     if gptq is not None and bits == 4:
-        from ..gptq import GptqLayers
+        from ..quantize.gptq import GptqLayers
 
         from_gptq = GptqLayers(gptq).packed
     shards = plan_shards(planned, max_shard_size)
-    weight_map, handles = {}, {}
-    pending: dict[str, Any] = {}  # a layer's packed, scale and shape tensors, made together, may straddle shards
+
+    def compress(stem: str, source: str, raw: Any, info: Any) -> dict[str, Any]:
+        if from_gptq is not None:
+            return from_gptq(stem)
+        weight = torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).view(tuple(info.shape))
+        return _compress(weight, bits, groups[source], symmetric)
+
     meter = Progress(i18n.ui("progress_export", format=f"int{bits} safetensors"), sum(i.nbytes for _, i, _ in sources))
+    try:
+        weight_map = _write_shards(out, shards, by_name, compress, meter)
+    finally:
+        meter.close()
+    if len(shards) > 1:
+        write_index(out, "model.safetensors.index.json", weight_map, sum(s.nbytes for s in shards))
+    group = next(iter(groups.values()), 0)
+    _write_config(merged, out, _scheme(bits, group, symmetric), ["lm_head", *_kept_layers(sources, keep)])
+    return {
+        "path": str(out),
+        "bits": bits,
+        "format": QUANT_FORMAT,
+        "layers": len(groups),
+        "group_size": group if bits == 4 else None,
+        "method": "gptq" if from_gptq is not None else "round-to-nearest",
+    }
+
+
+def _checked_plan(
+    sources: list[Any], bits: int, group_size: int | None, keep: list[str] | None, symmetric: bool, gptq: bool
+) -> tuple[list[Any], dict[str, int]]:
+    """_plan's tensors and groups, refusing what cannot be written (validate_config refuses both first)."""
+    if gptq and not symmetric:
+        raise ValueError("GPTQ levels are symmetric")
+    planned, groups = _plan(sources, bits, group_size, keep, symmetric)
+    if any(g == 0 for g in groups.values()) and bits == 4:
+        bad = next(n for n, g in groups.items() if g == 0)
+        raise ValueError(f"{bad}: the input size is not a multiple of 32")
+    return planned, groups
+
+
+def _write_shards(out: Path, shards: list[Any], by_name: dict[str, Any], compress: Any, meter: Any) -> dict[str, str]:
+    """Each planned shard, its tensors in order: a tensor kept as it is copied, a quantized layer's packed, scale and
+    shape tensors made together by ``compress`` (they may straddle shards). Returns the weight map."""
+    import torch
+
+    weight_map, handles = {}, {}
+    pending: dict[str, Any] = {}
     try:
         for shard in shards:
             writer = ShardWriter(out / shard.filename, shard.tensors, {"format": "pt"})
@@ -193,22 +231,22 @@ def export_quantized_safetensors(
                         writer.write(raw)
                         continue
                     stem = source.removesuffix(".weight")
-                    if from_gptq is not None:
-                        compressed = from_gptq(stem)
-                    else:
-                        weight = torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).view(tuple(info.shape))
-                        compressed = _compress(weight, bits, groups[source], symmetric)
-                    pending.update({f"{stem}.{k}": v for k, v in compressed.items()})
+                    pending.update({f"{stem}.{k}": v for k, v in compress(stem, source, raw, info).items()})
                     data = pending.pop(tensor.name)
                 _check(tensor, data)
                 writer.write(data.contiguous().view(-1).view(torch.uint8).numpy())
             writer.close()
     finally:
-        meter.close()
         for fh in handles.values():
             fh.close()
-    if len(shards) > 1:
-        write_index(out, "model.safetensors.index.json", weight_map, sum(s.nbytes for s in shards))
+    return weight_map
+
+
+def _write_config(merged: Path, out: Path, scheme: Any, ignore: list[str]) -> None:
+    """The merge's other files (tokenizer, generation config, ...) copied, and config.json with compressed-tensors'
+    quantization_config."""
+    from compressed_tensors.quantization import QuantizationConfig
+
     for extra in merged.iterdir():
         if (
             extra.is_file()
@@ -218,23 +256,11 @@ def export_quantized_safetensors(
         ):
             shutil.copyfile(extra, out / extra.name)
     config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
-    group = next(iter(groups.values()), 0)
     quant = QuantizationConfig(
-        config_groups={"group_0": _scheme(bits, group, symmetric)},
-        format=QUANT_FORMAT,
-        quantization_status="compressed",
-        ignore=["lm_head", *_kept_layers(sources, keep)],
+        config_groups={"group_0": scheme}, format=QUANT_FORMAT, quantization_status="compressed", ignore=ignore
     ).model_dump(mode="json")
     config["quantization_config"] = {**quant, "quant_method": "compressed-tensors"}
     write_atomic(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return {
-        "path": str(out),
-        "bits": bits,
-        "format": QUANT_FORMAT,
-        "layers": len(groups),
-        "group_size": group if bits == 4 else None,
-        "method": "gptq" if from_gptq is not None else "round-to-nearest",
-    }
 
 
 def _kept_layers(sources: list[tuple[str, Any, Path]], keep: list[str] | None) -> list[str]:

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import extras
+from ..checkpoint.hf_layout import copy_generation_config, copy_tokenizer
 from ..errors import ExportFormatError
-from ..hf_layout import copy_generation_config, copy_tokenizer, write_atomic
-from ..runtimes.tensorrt import TensorRTDecoder, precision_of_engine  # noqa: F401 - they live with the runtimes
+from ..files import write_atomic
+from ..runtimes.tensorrt import TensorRTDecoder
 from .base import ExportContext, ExportFormat
 
 __all__ = [
@@ -124,10 +125,10 @@ def export_tensorrt(
 def export_standard_graph(merged: str | Path, out: str | Path) -> Path:
     """``out/model.onnx``: the decoder (KV cache, batch and sequence dynamic) in standard ONNX operators only, fp32,
     by torch.onnx.export: what TensorRT's parser reads."""
-    from ..config import _default_dynamic_axes
+    from ..config import default_dynamic_axes
     from .onnx_torch import export_torch
 
-    export_torch(merged, out, weight_type="fp32", opset=18, dynamic_axes=_default_dynamic_axes())
+    export_torch(merged, out, weight_type="fp32", opset=18, dynamic_axes=default_dynamic_axes())
     return Path(out) / "model.onnx"
 
 

@@ -44,7 +44,8 @@ def runtime_for(
     """Load ``path`` in its runtime. ``device`` places a transformers model (the others run where their runtime does:
     onnxruntime and llama.cpp on the CPU, TensorRT on the GPU); ``mmap`` false reads transformers' weights into
     memory; ``optimized`` asks onnxruntime to optimize a graph (default: the plain graph as written); ``streamed`` runs
-    a plain safetensors model folder on the CPU one layer at a time (streamed.py) where the architecture is covered."""
+    a plain safetensors model folder on the CPU one layer at a time (merging/streamed.py) where the architecture is
+    covered."""
     path, name = Path(path), runtime_name(path)
     if name == "transformers" and streamed and device == "cpu" and streamable_folder(path):
         from .streamed import StreamedRuntime
@@ -70,7 +71,7 @@ def runtime_for(
 def streamable_folder(path: Path) -> bool:
     """A model folder of safetensors weights (plain, or compressed-tensors int8/int4 as the export writes them) of an
     architecture the layer-streamed pass covers."""
-    from ..streamed import streamable
+    from ..merging.streamed import streamable
 
     config = path / "config.json"
     if not config.is_file() or not any(path.glob("*.safetensors")):

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Runtime", "threads"]
+from ..monitoring import THREADS_ENV, threads
 
-THREADS_ENV = "MODEL_EXPORT_THREADS"
-
-
-def threads() -> int:
-    """Threads a runtime may use: the share of the cores a batch gave this process (MODEL_EXPORT_THREADS, set by the
-    local pool and the Ray tasks), else every core. llama.cpp's and onnxruntime's threads spin while they wait, so two
-    processes each taking every core run far slower than each taking its share."""
-    given = os.environ.get(THREADS_ENV, "")
-    return int(given) if given.isdigit() and int(given) > 0 else (os.cpu_count() or 1)
+__all__ = ["Runtime", "threads", "THREADS_ENV"]
 
 
 class Runtime:

@@ -19,13 +19,13 @@ def _dim(value: Any, fallback: Any) -> Any:
     return value if isinstance(value, int) else fallback
 
 
-def _config_file(path: Path) -> dict[str, Any]:
+def config_file(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def eos_ids(folder: Path) -> set[int]:
     """The end-of-sequence ids a decoder in ``folder`` stops at (generation_config.json, else config.json)."""
-    eos = (_config_file(folder / "generation_config.json") or _config_file(folder / "config.json")).get("eos_token_id")
+    eos = (config_file(folder / "generation_config.json") or config_file(folder / "config.json")).get("eos_token_id")
     return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
@@ -50,7 +50,7 @@ class OnnxDecoder:
         self.kv_dtype = np.float16 if "float16" in first.type else np.float32
         step = self.inputs["input_ids"].shape[1]
         self.step = step if isinstance(step, int) else None  # a fixed sequence axis: feed that many tokens per call
-        genai = _config_file(graph.parent / "genai_config.json").get("model", {}).get("decoder", {})
+        genai = config_file(graph.parent / "genai_config.json").get("model", {}).get("decoder", {})
         # Graphs from other builders may leave the cache's head axes symbolic: genai_config.json says what they are.
         self.kv_shape = [
             self.kv_shape[0],

@@ -29,7 +29,7 @@ class StreamedRuntime(Runtime):
     name = "transformers (layer-streamed)"
 
     def __init__(self, path: Path) -> None:
-        from ..streamed import StreamedModel
+        from ..merging.streamed import StreamedModel
 
         self.path, self.device = Path(path), "cpu"
         self.model = StreamedModel(path)

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import ExportFormatError
 from .base import Runtime
-from .ort import OnnxDecoder, _config_file, eos_ids
+from .ort import OnnxDecoder, config_file, eos_ids
 
 __all__ = ["TensorRTDecoder", "TensorRTRuntime", "precision_of_engine"]
 
@@ -41,7 +41,7 @@ class TensorRTDecoder(OnnxDecoder):
         self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if n not in self.input_names]
         self.past_names = [n for n in self.input_names if n.startswith("past_key_values.")]
-        config = _config_file(engine.parent / "config.json")
+        config = config_file(engine.parent / "config.json")
         heads = config.get("num_key_value_heads") or config["num_attention_heads"]
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         self.kv_shape, self.kv_dtype, self.step = [1, heads, 0, head_dim], np.float32, None

@@ -1,0 +1,360 @@
+"""A layer-streamed forward pass: base + adapter, the LoRA unmerged in fp32, one decoder layer in memory at a time.
+
+Verification needs the logits and greedy continuation of base + adapter (what PEFT's unmerged model computes). Loading
+that model whole costs 4 bytes per parameter in fp32 (16 GB at 4B). Here transformers builds the model on the meta
+device (no memory), and hooks around each decoder layer read that layer's tensors from the base's safetensors (through
+the page cache, explicit reads, no whole-model copy) into fp32 just before it runs and drop them after. The LoRA
+updates are applied unmerged, as PEFT's layers do: ``W x + b + scaling * B (A x)`` (rsLoRA, rank and alpha patterns,
+lora bias), DoRA as PEFT computes it, LoRA on embeddings, and whole tensors the adapter saved (modules_to_save, added
+tokens) in place of the base's. The embedding reads only the rows asked for; the head multiplies in row blocks. The
+layers run in transformers' own code, so attention, rotary embeddings, masks, the KV cache and ``generate`` are
+transformers'.
+
+    model = StreamedModel(base_dir, checkpoint)      # (Qwen3, Qwen2, Llama, Mistral)
+    logits = model(ids).logits                        # [batch, seq, vocab], fp32
+    model.generate(ids, max_new_tokens=16, do_sample=False)
+
+Which tensor is which comes from the merge's plan (merge_plan.make_plan), so the streamed model and the merge read the
+adapter the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .. import i18n
+
+__all__ = ["StreamedModel", "SUPPORTED", "streamable", "trim_heap"]
+
+SUPPORTED = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
+HEAD_BLOCK_BYTES = 64 << 20  # the head's rows multiplied at a time, as fp32
+
+
+def streamable(base_dir: str | Path, adapter_config: dict[str, Any] | None = None) -> str | None:
+    """None when the layer-streamed pass covers this base (or artifact) and adapter; else why not (the run then uses
+    transformers). A quantized folder is covered when it is compressed-tensors ``pack-quantized`` (what the int8/int4
+    safetensors export writes) and the compressed-tensors package is installed."""
+    import json
+
+    config = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
+    architecture = (config.get("architectures") or ["?"])[0]
+    if architecture not in SUPPORTED:
+        return i18n.ui("streamed_unsupported_arch", architecture=architecture, supported=", ".join(SUPPORTED))
+    if adapter_config and adapter_config.get("fan_in_fan_out"):
+        return i18n.ui("streamed_unsupported_adapter", feature="fan_in_fan_out")
+    quantization = config.get("quantization_config")
+    if quantization is not None:
+        try:
+            _scheme(quantization)
+        except (ImportError, ValueError, TypeError, KeyError) as exc:
+            return i18n.ui("streamed_unsupported_quantization", problem=str(exc)[:200])
+    return None
+
+
+def _scheme(quantization: Any):
+    """The one compressed-tensors scheme of a pack-quantized config whose group targets every Linear layer, as the
+    int8/int4 safetensors export writes it (ValueError for any other quantization)."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "compressed-tensors":
+        raise ValueError(f"quant_method {quantization.get('quant_method') if isinstance(quantization, dict) else '?'}")
+    parsed = QuantizationConfig.model_validate(quantization)
+    if parsed.format != "pack-quantized" or len(parsed.config_groups) != 1:
+        raise ValueError(f"compressed-tensors format {parsed.format} with {len(parsed.config_groups)} groups")
+    scheme = next(iter(parsed.config_groups.values()))
+    if list(scheme.targets) != ["Linear"] or scheme.weights is None or scheme.input_activations is not None:
+        raise ValueError(f"compressed-tensors targets {scheme.targets}")
+    return scheme
+
+
+TRIM_EVERY = 8  # decoder layers run between two returns of freed heap memory to the system
+
+
+def trim_heap() -> None:
+    """Give the heap's free memory back to the system (glibc's malloc_trim; nothing elsewhere). Each layer allocates
+    and frees tens to hundreds of MB of different sizes; glibc raises its mmap threshold after such frees, so later ones
+    come from the heap and stay resident when freed: without this the streamed pass grew by about a layer's weights per
+    pass (0.6B shape: 1.9 GB resident after five passes, 1.1 GB with a trim every eight layers, no slower)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
+class _Reader:
+    """Reads base (or adapter) tensors, whole or by rows, as fp32 torch tensors."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, Any] = {}
+
+    def read(self, planned: Any, start: int | None = None, stop: int | None = None):
+        """The tensor, or its rows ``start:stop``, as fp32 (torch widens bf16 several times faster than numpy does)."""
+        import torch
+
+        return self.native(planned, start, stop).to(torch.float32)
+
+    def native(self, planned: Any, start: int | None = None, stop: int | None = None):
+        """The tensor, or its rows, in its stored dtype (packed int32 weights, their scales and shapes)."""
+        import torch
+
+        from ..tensor_io import torch_dtype
+
+        rows = tuple(planned.shape) if start is None else (stop - start, *planned.shape[1:])
+        raw = self._bytes(planned, start, stop)
+        return torch.frombuffer(raw, dtype=torch_dtype(planned.source.dtype)).reshape(rows)
+
+    def _bytes(self, planned: Any, start: int | None, stop: int | None):
+        from ..checkpoint.adapter_format import MemoryTensor
+        from ..tensor_io import read_bytes, tensor_range
+
+        source = planned.source
+        if isinstance(source, MemoryTensor):
+            offset, length = tensor_range(source, start, stop)
+            return bytearray(source.raw[offset : offset + length])
+        path = planned.source_file
+        if path not in self._files:
+            self._files[path] = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open for the model's life
+        return read_bytes(self._files[path], source, start, stop)
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()
+
+
+def _lora_delta(lora: Any, x: Any):
+    """scaling * B (A x) (+ the lora bias), PEFT's unmerged update of a linear layer, in fp32."""
+    import torch
+
+    A, B = torch.from_numpy(lora.A).float(), torch.from_numpy(lora.B).float()
+    return torch.nn.functional.linear(torch.nn.functional.linear(x, A), B) * lora.scaling
+
+
+class StreamedModel:
+    """base + adapter with the LoRA unmerged in fp32, one decoder layer materialized at a time (see the module doc).
+
+    Calls go to the transformers model (``model(ids)``, ``model.generate``); ``close()`` releases the files."""
+
+    def __init__(self, base_dir: str | Path, checkpoint: str | Path | None = None) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from ..checkpoint.adapter_format import read_adapter_config
+        from ..checkpoint.base_model import inspect_base_model
+        from .plan import adapter_plan, make_plan
+
+        info = inspect_base_model(str(base_dir))
+        if checkpoint is None:
+            plan = make_plan({}, {}, {}, info, dtype="fp32", compress_weights=False)
+        else:
+            plan, _ = adapter_plan(Path(checkpoint), read_adapter_config(Path(checkpoint)), info, "fp32", False)
+        self.tensors = {t.name: t for t in plan.tensors}
+        self.scheme = _scheme(info.config["quantization_config"]) if "quantization_config" in info.config else None
+        config = AutoConfig.from_pretrained(str(base_dir))
+        if self.scheme is not None:  # the layers are built plain; their weights are unpacked as each layer runs
+            del config.quantization_config
+        for key in ("tie_word_embeddings", "vocab_size"):
+            if key in plan.config:
+                setattr(config, key, plan.config[key])
+        config._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        self.model, self.config, self.reader = model.eval(), config, _Reader()
+        eos = model.generation_config.eos_token_id if model.generation_config else config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self._hooks = []
+        self.on_layer: Any = None  # called after each decoder layer has run (progress)
+        self._layers_run = 0
+        # The next layer is read and widened by a thread of its own while this one computes (its own file handles:
+        # the main thread reads embedding rows and head blocks meanwhile): two layers in memory at most.
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._ahead, self._ahead_reader, self._next = ThreadPoolExecutor(1, "layer-reader"), _Reader(), None
+        self._layer_params = [[name for name, _ in layer.named_parameters()] for layer in model.model.layers]
+        self._bind(model)
+
+    # ---- wiring ------------------------------------------------------------------------------------------
+    def _bind(self, model: Any) -> None:
+        import torch
+
+        inner = model.model
+        # Buffers computed in __init__ (rotary inv_freq) were made on meta: make them again for real.
+        inner.rotary_emb = type(inner.rotary_emb)(config=self.config)
+        inner.norm.weight = torch.nn.Parameter(self.reader.read(self.tensors["model.norm.weight"]), requires_grad=False)
+        inner.embed_tokens = _embedding_module(self, "model.embed_tokens.weight")
+        head = "lm_head.weight" if "lm_head.weight" in self.tensors else "model.embed_tokens.weight"
+        model.lm_head = _head_module(self, head)
+        for index, layer in enumerate(inner.layers):
+            prefix = f"model.layers.{index}"
+            self._hooks.append(layer.register_forward_pre_hook(self._loader(index)))
+            self._hooks.append(layer.register_forward_hook(self._unloader()))
+            for name, module in layer.named_modules():
+                planned = self.tensors.get(f"{prefix}.{name}.weight")
+                if isinstance(module, torch.nn.Linear) and planned is not None and planned.lora is not None:
+                    self._hooks.append(module.register_forward_hook(_lora_hook(planned.lora)))
+
+    def _loader(self, index: int):
+        def load(layer: Any, args: Any) -> None:
+            ahead, self._next = self._next, None
+            if ahead is not None and ahead[0] == index:
+                weights = ahead[1].result()
+            else:
+                if ahead is not None:
+                    ahead[1].result()  # a layer read for a pass that did not come: wait, then drop it
+                weights = self._read_layer(index, self.reader)
+            for name, tensor in weights.items():
+                _set(layer, name, tensor)
+            following = (index + 1) % len(self._layer_params)  # after the last layer, the next pass's first
+            self._next = (following, self._ahead.submit(self._read_layer, following, self._ahead_reader))
+
+        return load
+
+    def _read_layer(self, index: int, reader: _Reader) -> dict[str, Any]:
+        return {name: self._weight(f"model.layers.{index}.{name}", reader) for name in self._layer_params[index]}
+
+    def _weight(self, name: str, reader: _Reader | None = None):
+        """A parameter as fp32: read and widened, or for a compressed-tensors layer unpacked and dequantized by
+        compressed-tensors itself (its ``decompress``, the code transformers runs) from the packed weight and scale."""
+        reader = reader or self.reader
+        planned = self.tensors.get(name)
+        if planned is not None or self.scheme is None or not name.endswith(".weight"):
+            return reader.read(planned if planned is not None else self.tensors[name])
+        from compressed_tensors.compressors import PackedQuantizationCompressor
+
+        stem = name.removesuffix(".weight")
+        parts = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+        names = {part: f"{stem}.{part}" for part in parts if f"{stem}.{part}" in self.tensors}
+        state = {part: reader.native(self.tensors[name]) for part, name in names.items()}
+        return PackedQuantizationCompressor.decompress(state, self.scheme)["weight"].float()
+
+    def _unloader(self):
+        def unload(layer: Any, args: Any, output: Any) -> None:
+            for name, param in list(layer.named_parameters()):
+                _set(layer, name, param.new_empty(param.shape, device="meta"))
+            self._layers_run += 1
+            if self._layers_run % TRIM_EVERY == 0:
+                trim_heap()
+            if self.on_layer is not None:
+                self.on_layer()
+
+        return unload
+
+    # ---- the model's API -------------------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.generate(*args, **kwargs)
+
+    @property
+    def device(self) -> Any:
+        import torch
+
+        return torch.device("cpu")
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        if self._next is not None:
+            self._next[1].cancel()
+            self._next = None
+        self._ahead.shutdown(wait=True)
+        self.reader.close()
+        self._ahead_reader.close()
+
+
+def _set(module: Any, name: str, tensor: Any) -> None:
+    import torch
+
+    *path, leaf = name.split(".")
+    for part in path:
+        module = getattr(module, part)
+    module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+
+
+def _lora_hook(lora: Any):
+    """PEFT's unmerged LoRA on a linear layer whose base weight (and bias) has just run: add scaling * B (A x) and the
+    lora bias; for DoRA, rescale by magnitude / ||W + scaling B A|| as PEFT's DoRA layer does."""
+    import torch
+
+    def hook(module: Any, args: Any, output: Any) -> Any:
+        delta = _lora_delta(lora, args[0])
+        if lora.magnitude is not None:
+            A, B = torch.from_numpy(lora.A).float(), torch.from_numpy(lora.B).float()
+            weight = module.weight + lora.scaling * (B @ A)
+            scale = torch.from_numpy(lora.magnitude).float().reshape(-1) / weight.norm(p=2, dim=1)
+            base = output - module.bias if module.bias is not None else output
+            output = output + (scale - 1) * base + scale * delta
+        else:
+            output = output + delta
+        if lora.bias is not None:
+            output = output + torch.from_numpy(lora.bias).float()
+        return output
+
+    return hook
+
+
+def _embedding_module(owner: StreamedModel, name: str):
+    import torch
+
+    class StreamedEmbedding(torch.nn.Module):
+        """Only the rows asked for are read; PEFT's LoRA on embeddings is added as it computes it."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.planned = owner.tensors[name]
+            self.num_embeddings, self.embedding_dim = self.planned.shape
+
+        @property
+        def weight(self) -> Any:  # generate() asks for the embedding's dtype and device
+            return torch.empty(self.planned.shape, dtype=torch.float32, device="meta")
+
+        def forward(self, ids: Any) -> Any:
+            flat = ids.reshape(-1)
+            unique, inverse = torch.unique(flat, return_inverse=True)
+            rows = torch.stack([owner.reader.read(self.planned, int(i), int(i) + 1)[0] for i in unique])
+            out = rows[inverse].reshape(*ids.shape, self.embedding_dim)
+            lora = self.planned.lora
+            if lora is not None:
+                A, B = torch.from_numpy(lora.A).float(), torch.from_numpy(lora.B).float()
+                out = out + torch.nn.functional.embedding(ids, A.T) @ B.T * lora.scaling
+            return out
+
+    return StreamedEmbedding()
+
+
+def _head_module(owner: StreamedModel, name: str):
+    import torch
+
+    class StreamedHead(torch.nn.Module):
+        """hidden @ W.T in blocks of rows read from disk; the head's LoRA (when it has one) added unmerged."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.planned = owner.tensors[name]
+            self.lora = owner.tensors["lm_head.weight"].lora if "lm_head.weight" in owner.tensors else None
+
+        def forward(self, hidden: Any) -> Any:
+            rows, width = self.planned.shape
+            step = max(1, HEAD_BLOCK_BYTES // (4 * width))
+            blocks = [
+                torch.nn.functional.linear(hidden, owner.reader.read(self.planned, start, min(rows, start + step)))
+                for start in range(0, rows, step)
+            ]
+            logits = torch.cat(blocks, dim=-1)
+            if self.lora is not None:
+                logits = logits + _lora_delta(self.lora, hidden)
+            return logits
+
+    return StreamedHead()

@@ -1,0 +1,399 @@
+"""The reference every artifact is judged against: the base with the adapter, unmerged, on the prompts and the
+held-out text.
+
+Layer-streamed by default (one decoder layer in memory at a time, the adapter applied as PEFT applies it), or loaded
+whole by transformers and PEFT (verification_runtime: transformers, or 4-bit/8-bit loading); the base alone on the
+held-out text gives the perplexity the adapter changed."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .. import i18n
+from ..errors import MergeError, ValidationError
+from ..monitoring import logger
+
+__all__ = [
+    "Reference",
+    "RunOptions",
+    "compute_reference",
+    "reference_line",
+    "fit_length",
+    "heldout_ids",
+    "base_heldout_logits",
+    "check_reference",
+    "perplexity",
+]
+
+
+@dataclass
+class Reference:
+    prompts: list[str]
+    input_ids: list[Any]  # one 1-D LongTensor per prompt
+    logits: list[Any]  # fp32 logits per prompt, [seq, vocab]
+    greedy: list[list[int]]
+    heldout_ids: Any = None  # the bundled held-out text, tokenized (1-D LongTensor)
+    heldout_perplexity: float | None = None
+    device: str = "cpu"  # where the reference ran
+    precision: str = "full"  # full; reduced (base loaded in 8-bit) or int4 (in 4-bit) through bitsandbytes
+    base_perplexity: float | None = None  # the base alone (adapter disabled) on the held-out text
+    heldout_entropy: float | None = None  # mean entropy (nats) of the next-token distributions on the held-out text
+    base_entropy: float | None = None
+
+
+HELDOUT_TOKENS = 256
+
+
+def heldout_text() -> str:
+    """A short English and Chinese text that no demo or test model was trained on, for perplexity."""
+    from importlib import resources
+
+    return resources.files("model_export").joinpath("data", "heldout.txt").read_text(encoding="utf-8")
+
+
+def perplexity(logits: Any, ids: Any) -> float:
+    """exp of the mean negative log-likelihood of each next token."""
+    import torch
+
+    nll = torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:].long())
+    return float(torch.exp(nll))
+
+
+def entropy(logits: Any) -> float:
+    """Mean entropy, in nats, of the next-token distributions: log(vocabulary size) for a uniform guess."""
+
+    logp = logits.float().log_softmax(-1)
+    return float(-(logp.exp() * logp).nan_to_num().sum(-1).mean())
+
+
+def encode_prompt(tokenizer: Any, prompt: str):
+    import torch
+
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = prompt
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def fit_length(ids: Any, new_tokens: int, max_length: int, label: str) -> Any:
+    """``ids`` cut so that it and ``new_tokens`` generated tokens fit in ``max_length`` (max_sequence_length, or the
+    model's own max_position_embeddings when smaller), with a warning naming the sample."""
+    keep = max(max_length - new_tokens, 1)
+    if ids.numel() <= keep:
+        return ids
+    logger.warning(i18n.ui("sample_truncated", sample=label, tokens=ids.numel(), kept=keep, limit=max_length))
+    return ids[:keep]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How models run in verification: ``batch_size`` sequences per forward pass (batch_size), sequences cut to
+    ``max_length`` tokens with the generated ones (max_sequence_length), weight files memory-mapped or read whole
+    (use_memory_mapping), on ``device_map``."""
+
+    batch_size: int = 1
+    max_length: int = 2048
+    mmap: bool = True
+    device_map: str = "cpu"
+    runtime: str = "auto"  # verification_runtime: auto, streamed, transformers
+
+    @classmethod
+    def from_config(cls, config: Any) -> RunOptions:
+        return cls(
+            config.batch_size,
+            config.max_sequence_length,
+            config.use_memory_mapping,
+            config.device_map,
+            config.verification_runtime,
+        )
+
+    def placed(self, device_map: str | None) -> RunOptions:
+        return self if device_map is None else replace(self, device_map=device_map)
+
+
+def reference_line(device: str, precision: str) -> str:
+    """Where the reference ran, and in what precision, in words (the log and report.html)."""
+    bits = {"int4": " (bitsandbytes 4-bit)", "reduced": " (bitsandbytes 8-bit)"}.get(precision, "")
+    return i18n.ui("reference_device", device=device, quantized=bits)
+
+
+def release(device: str) -> None:
+    """After a model or runtime is closed: collect it, and give the freed heap back to the system (a runtime's arena
+    freed at close stayed resident under the next artifact's runtime)."""
+    from ..merging.streamed import trim_heap
+
+    gc.collect()
+    trim_heap()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _whole_reference(
+    device: str,
+    base_dir: Path,
+    checkpoint: Path,
+    prompts: list[str],
+    encoded: list[Any],
+    heldout: Any,
+    new_tokens: int,
+    options: RunOptions,
+    bits: int | None,
+) -> Reference:
+    """The reference by transformers and PEFT with the whole model loaded on ``device`` (bitsandbytes' 4-bit or 8-bit
+    base with ``bits``, on a GPU)."""
+    import torch
+    from peft import PeftModel
+
+    from ..checkpoint.loading import load_model
+    from ..runtimes.hf import prompt_logits, run_model
+
+    if bits and device != "cuda":  # fell back to the CPU after a CUDA out-of-memory
+        logger.warning(i18n.ui("bits_without_cuda", bits=bits))
+        bits = None
+    precision = {4: "int4", 8: "reduced", None: "full"}[bits]
+    logger.info(reference_line(device, precision))
+    model = load_model(
+        str(base_dir),
+        dtype=torch.float32,
+        device_map=device,
+        load_in_4bit=bits == 4,
+        load_in_8bit=bits == 8,
+        disable_mmap=not options.mmap,
+    )
+    try:
+        model = PeftModel.from_pretrained(model, str(checkpoint)).eval()
+        results = run_model(model, [(ids, new_tokens) for ids in encoded] + [(heldout, 0)], options.batch_size)
+        with model.disable_adapter():  # the base alone on the held-out text: what the adapter changed
+            base_logits = prompt_logits(model, [heldout])[0]
+    finally:
+        del model
+        release(device)
+    return _reference(prompts, encoded, results, heldout, base_logits, device, precision)
+
+
+def compute_reference(
+    base_dir: Path,
+    checkpoint: Path,
+    tokenizer_dir: Path,
+    prompts: list[str],
+    new_tokens: int,
+    *,
+    device_map: str | None = None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    options: RunOptions = RunOptions(),
+    base_heldout: Path | None = None,
+) -> Reference:
+    """Logits and greedy tokens of base + adapter through PEFT, unmerged, in fp32; the model is released after.
+
+    ``base_heldout`` is a file of base_heldout_logits (a batch makes it once for all its adapters): the base alone on
+    the held-out text, reused by the layer-streamed reference when its token ids are this tokenizer's.
+
+    ``options.device_map`` places it (cpu, cuda, auto: the GPU when there is one, the CPU after a CUDA out-of-memory);
+    ``load_in_4bit`` / ``load_in_8bit`` load the base through bitsandbytes on the GPU (then the reference itself is
+    approximate, and the artifacts are judged on the bounds of that precision). Every sequence is cut to
+    ``options.max_length`` (or the model's max_position_embeddings) with its generated tokens.
+    """
+    from transformers import AutoTokenizer
+
+    from ..checkpoint.loading import on_device, resolve_device
+
+    options = options.placed(device_map)
+    if (load_in_4bit or load_in_8bit) and resolve_device(options.device_map) != "cuda":
+        # bitsandbytes needs CUDA: said once, and the reference is then computed as without the setting (streamed)
+        logger.warning(i18n.ui("bits_without_cuda", bits=4 if load_in_4bit else 8))
+        load_in_4bit = load_in_8bit = False
+    limit = min(options.max_length, _max_positions(base_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    encoded = [fit_length(encode_prompt(tokenizer, p), new_tokens, limit, repr(p[:40])) for p in prompts]
+    heldout = heldout_ids(tokenizer, limit)
+
+    bits = 4 if load_in_4bit else 8 if load_in_8bit else None
+
+    def work(device: str) -> Reference:
+        return _whole_reference(device, base_dir, checkpoint, prompts, encoded, heldout, new_tokens, options, bits)
+
+    refused, reference = _not_streamed(options, base_dir, checkpoint, load_in_4bit or load_in_8bit), None
+    if refused is None:
+        try:
+            reference = _streamed_reference(
+                base_dir, checkpoint, prompts, encoded, heldout, new_tokens, options, base_heldout
+            )
+        except MergeError as exc:  # an adapter feature the plan (the merge's, and so the streamed pass's) refuses
+            refused = str(exc)
+    if reference is None:
+        if options.runtime != "transformers":
+            logger.info(i18n.ui("streamed_fallback", reason=refused))
+        reference = on_device(options.device_map, work, what=i18n.ui("doing_reference"))
+    check_reference(reference, checkpoint)
+    return reference
+
+
+def _not_streamed(options: RunOptions, base_dir: Path, checkpoint: Path, bitsandbytes: bool) -> str | None:
+    """Why the reference is not computed layer by layer (verification_runtime), or None when it is."""
+    from ..checkpoint.adapter_format import read_adapter_config
+    from ..checkpoint.loading import resolve_device
+    from ..merging.streamed import streamable
+
+    if options.runtime == "transformers":
+        return i18n.ui("streamed_off")
+    if bitsandbytes:
+        return i18n.ui("streamed_bitsandbytes")
+    if options.runtime == "auto" and resolve_device(options.device_map) == "cuda":
+        return i18n.ui("streamed_gpu")
+    return streamable(base_dir, read_adapter_config(checkpoint))
+
+
+def _streamed_reference(
+    base_dir: Path,
+    checkpoint: Path,
+    prompts: list[str],
+    encoded: list[Any],
+    heldout: Any,
+    new_tokens: int,
+    options: RunOptions,
+    base_heldout: Path | None = None,
+) -> Reference:
+    """The reference through the layer-streamed pass on the CPU (streamed.py), which agrees with PEFT's unmerged model
+    to fp32 rounding, one decoder layer in memory at a time."""
+    from ..merging.streamed import StreamedModel
+    from ..runtimes.streamed import run_streamed
+
+    model = StreamedModel(base_dir, checkpoint)
+    logger.info(i18n.ui("streamed_reference", layers=model.config.num_hidden_layers))
+    logger.info(reference_line("cpu", "full"))
+    inputs = [(ids, new_tokens) for ids in encoded] + [(heldout, 0)]
+    try:
+        results = run_streamed(model, inputs, options.batch_size, label=i18n.ui("label_reference"))
+    finally:
+        model.close()
+    base_logits = _shared_base_logits(base_heldout, heldout)
+    if base_logits is None:
+        base_logits = base_heldout_logits(base_dir, heldout)
+    return _reference(prompts, encoded, results, heldout, base_logits, "cpu", "full")
+
+
+def heldout_ids(tokenizer: Any, limit: int) -> Any:
+    """The bundled held-out text as the reference tokenizes it, cut to ``limit`` positions."""
+    import torch
+
+    ids = torch.tensor(
+        tokenizer(heldout_text(), add_special_tokens=False)["input_ids"][:HELDOUT_TOKENS], dtype=torch.long
+    )
+    return fit_length(ids, 0, limit, "held-out text")
+
+
+def base_heldout_logits(base_dir: Path, heldout: Any, save_to: Path | None = None) -> Any:
+    """The base alone on the held-out text (what an adapter changed is measured against it), layer-streamed; saved
+    with its token ids to ``save_to`` when given (a batch's base/, for every adapter's reference)."""
+    from ..merging.streamed import StreamedModel
+    from ..runtimes.streamed import run_streamed
+
+    base = StreamedModel(base_dir)
+    try:
+        logits = run_streamed(base, [(heldout, 0)], label=i18n.ui("label_base"))[0][0]
+    finally:
+        base.close()
+    if save_to is not None:
+        import torch
+
+        save_to.parent.mkdir(parents=True, exist_ok=True)
+        partial = save_to.with_name(save_to.name + ".partial")
+        torch.save({"ids": heldout, "logits": logits}, partial)
+        os.replace(partial, save_to)
+    return logits
+
+
+def _shared_base_logits(path: Path | None, heldout: Any) -> Any:
+    """The batch's base logits on the held-out text when they were made from these very token ids, else None."""
+    if path is None or not Path(path).is_file():
+        return None
+    import torch
+
+    saved = torch.load(path, weights_only=True)
+    if saved["ids"].shape != heldout.shape or not torch.equal(saved["ids"], heldout):
+        return None
+    logger.info(i18n.ui("base_logits_shared", path=path))
+    return saved["logits"]
+
+
+def _reference(
+    prompts: list[str],
+    encoded: list[Any],
+    results: list[Any],
+    heldout: Any,
+    base_logits: Any,
+    device: str,
+    precision: str,
+) -> Reference:
+    """The Reference from the runs of every prompt and, last, of the held-out text (logits only), and the base's
+    held-out logits."""
+    heldout_logits = results[-1][0]
+    runs = results[:-1]
+    return Reference(
+        prompts,
+        encoded,
+        [r[0] for r in runs],
+        [r[1] for r in runs],
+        heldout,
+        perplexity(heldout_logits, heldout),
+        device,
+        precision,
+        perplexity(base_logits, heldout),
+        entropy(heldout_logits),
+        entropy(base_logits),
+    )
+
+
+def check_reference(reference: Reference, checkpoint: Path) -> None:
+    """A reference that is itself garbage cannot vouch for anything (ME604): logits that are not finite (the adapter's
+    update overflows), or an adapter that makes a base's predictions uniform: on the held-out text, a mean entropy
+    within
+    2% of log(vocabulary size), or a perplexity at or above the vocabulary size, where the base alone is clearly better
+    (entropy below 90% of that bound, perplexity below the vocabulary size). A base that is itself no better than chance
+    (a randomly initialized test model) is not judged this way."""
+    import torch
+
+    vocab = reference.logits[0].shape[-1] if reference.logits else 0
+    if not all(bool(torch.isfinite(logits).all()) for logits in reference.logits):
+        raise ValidationError("reference_broken", checkpoint=str(checkpoint), problem=i18n.ui("reference_nonfinite"))
+    if not vocab or reference.base_entropy is None or reference.heldout_entropy is None:
+        return
+    uniform = math.log(vocab)
+    flat = reference.heldout_entropy >= 0.98 * uniform and reference.base_entropy < 0.9 * uniform
+    worse = (reference.heldout_perplexity or 0) >= vocab and (reference.base_perplexity or math.inf) < vocab
+    if flat or worse:
+        raise ValidationError(
+            "reference_broken",
+            checkpoint=str(checkpoint),
+            problem=i18n.ui(
+                "reference_uniform",
+                perplexity=reference.heldout_perplexity,
+                vocab=vocab,
+                base=reference.base_perplexity,
+                entropy=reference.heldout_entropy,
+                base_entropy=reference.base_entropy,
+                uniform=uniform,
+            ),
+        )
+
+
+def _max_positions(model_dir: Path) -> int:
+    """The model's max_position_embeddings (no limit when its config.json does not say)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        return int(config.get("max_position_embeddings") or 2**31)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 2**31

@@ -1,0 +1,334 @@
+"""The verify step, unit by unit: ``verify:reference`` (base + adapter, unmerged), then ``verify:<artifact>`` for each
+artifact the export wrote, each declaring the configuration keys it reads (steps.Unit).
+
+A rerun keeps what did not change. The reference is kept on disk (verify/.reference.cache) and reused while its key
+holds; an artifact whose file and run settings are unchanged keeps its verdict and its verdict file untouched; when
+only a bound changed (validation_*), it is judged again from its recorded metrics, without running a model. An
+artifact that runs again says why (``verify:gguf reruns: its inputs changed``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import i18n
+from ..checkpoint.base_model import tokenizer_source
+from ..files import strict_json, write_atomic
+from ..monitoring import logger
+from ..steps import ConfigView, StepSpec, Unit, changed_values, files_in, fingerprint
+
+__all__ = [
+    "verify_step",
+    "reference_spec",
+    "verify_spec",
+    "verdict_counts",
+    "REFERENCE_KEYS",
+    "RUN_KEYS",
+    "BOUND_KEYS",
+    "ADAPTER_ARTIFACTS",
+]
+
+ADAPTER_ARTIFACTS = ("peft", "gguf_lora")  # a batch's per-adapter files, loaded on its shared base
+# What the reference reads; what running an artifact on the reference's inputs reads; the bounds that judge it.
+REFERENCE_KEYS = (
+    "test_input_samples",
+    "validation_new_tokens",
+    "max_sequence_length",
+    "batch_size",
+    "use_memory_mapping",
+    "device_map",
+    "verification_runtime",
+    "base_model_load_in_4bit",
+    "base_model_load_in_8bit",
+)
+RUN_KEYS = ("validation_new_tokens", "max_sequence_length", "batch_size", "use_memory_mapping", "device_map")
+RUN_KEYS += ("verification_runtime", "save_intermediate_results")
+BOUND_KEYS = (
+    "validation_tolerance",
+    "validation_min_top1",
+    "validation_max_kl",
+    "validation_int4_min_top1",
+    "validation_int4_max_kl",
+)
+REFERENCE_CACHE = ".reference.cache"  # torch.save of the Reference (not a .pt: those are save_intermediate_results')
+
+
+def reference_spec() -> StepSpec:
+    """``verify:reference``: the base with the adapter, unmerged, on the prompts and the held-out text."""
+    return StepSpec(
+        "verify:reference", keys=REFERENCE_KEYS, reads=("save_intermediate_results",), needs=("check",), writes="verify"
+    )
+
+
+def verify_spec(label: str) -> StepSpec:
+    """``verify:<artifact>``: one artifact run on the reference's inputs and judged on the bounds."""
+    from .step import BOUND_KEYS
+    from .step import RUN_KEYS as RUN_KEYS
+
+    return StepSpec(
+        f"verify:{label}",
+        keys=RUN_KEYS,
+        bounds=BOUND_KEYS,
+        needs=("verify:reference", f"export:{label.split('/')[0]}"),
+        writes="verify",
+    )
+
+
+@dataclass
+class VerifyInputs:
+    """What the verify step is given by the run: its configuration and folders, the checkpoint and base, the export's
+    artifacts, the content keys of the steps before it, what a batch shares, the previous verify step's result and
+    its units' records (run.json's ``verify:<unit>`` steps), and where to record each unit."""
+
+    config: Any
+    out: Path
+    checkpoint: Path
+    base_dir: Path
+    artifacts: dict[str, str]
+    details: dict[str, Any]
+    upstream: dict[str, str]
+    shared: dict[str, Any] = field(default_factory=dict)
+    previous: dict[str, Any] | None = None
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    record: Callable[[str, dict[str, Any]], None] = lambda name, record: None
+
+
+def verify_step(inputs: VerifyInputs, failed: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Verify every artifact; return the step's result (verdicts, counts, reference, units). ``failed(result)`` is
+    called with the result before the first failure is raised (the report shows every verdict)."""
+    from ..runtimes import runtime_problem
+    from .artifacts import precision_of, verifiable
+    from .judge import Bounds
+
+    c, verify_dir = inputs.config, inputs.out / "verify"
+    verify_dir.mkdir(exist_ok=True)
+    for stale in verify_dir.glob("*.pt"):  # an earlier run's intermediate results are never mistaken for this one's
+        stale.unlink()
+    previous = inputs.previous or {}
+    reference = _LazyReference(inputs)
+    # Every artifact was written from the merge: its weights went through the merge's dtype (bf16 for a bf16 base).
+    merge = inputs.out / "merge"
+    floor = precision_of(merge) if merge.is_dir() else precision_of(inputs.base_dir)
+    bounds = ConfigView(c, BOUND_KEYS, "verify:bounds")
+    upstream = {**inputs.upstream, "verify:reference": reference.unit.content_key}
+    runnable = verifiable({f: p for f, p in inputs.artifacts.items() if f not in ADAPTER_ARTIFACTS})
+    runnable += [(f, Path(inputs.artifacts[f])) for f in ADAPTER_ARTIFACTS if f in inputs.artifacts]
+    verdicts, failures = {}, []
+    for label, path in runnable:
+        # whether its runtime can start here is an input too: a GGUF not run for want of llama.cpp runs once it is there
+        ran = [_artifact_files(path, inputs), floor, runtime_problem(path)]
+        unit = verify_spec(label).unit(c, ran, upstream)
+        earlier = previous.get("verdicts", {}).get(label)
+        record = inputs.records.get(unit.name)
+        verdict_file = verify_dir / f"{label}.json"  # kept only while its verdict file is as it was left
+        if earlier and unit.kept(record, fingerprint([verdict_file])) and not c.save_intermediate_results:
+            verdict, failure = _kept(unit, earlier, record, bounds, reference, floor, verdict_file)
+        else:
+            if record:  # a first run says nothing: every unit runs
+                logger.info(i18n.ui("unit_reruns", unit=unit.name, why=unit.why(record)))
+            view = verify_spec(label).view(c)
+            if label != "peft":
+                reference.get()  # the reference's time is its own unit's, not this artifact's
+            started = time.monotonic()
+            verdict = _run_one(label, path, inputs, view, reference, Bounds.from_config(bounds), floor)
+            failure = verdict.failure
+            verdict = verdict_record(verdict, verdict_file, c.save_intermediate_results)
+            record = {"seconds": round(time.monotonic() - started, 3)}
+        seconds = {"seconds": record["seconds"]} if record and "seconds" in record else {}
+        unit_record = {**unit.record(fingerprint([verdict_file])), "bounds": bounds.values(), **seconds}
+        inputs.record(unit.name, unit_record)
+        verdicts[label] = verdict
+        failures.append(failure)
+    counts = verdict_counts(verdicts)
+    # passed: true when every artifact was run and verified; null when none failed but some were not run.
+    result = {
+        "passed": None if counts["not_run"] else True,
+        "counts": counts,
+        "verdicts": verdicts,
+        "reference": reference.summary(floor, previous.get("reference")),
+    }
+    failed_now = [f for f in failures if f is not None]
+    if failed_now:  # every artifact was judged first, so the report shows them all; the first failure is raised
+        failed({**result, "passed": False})
+        raise failed_now[0]
+    return result
+
+
+def verdict_counts(verdicts: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """How many artifacts were verified, failed, and not run."""
+    statuses = [v["status"] for v in verdicts.values()]
+    return {status: statuses.count(status) for status in ("verified", "failed", "not_run")}
+
+
+def verdict_record(verdict: Any, path: Path, intermediate: bool) -> dict[str, Any]:
+    """The verdict as run.json and verify/<label>.json hold it (and its logits beside it with
+    save_intermediate_results)."""
+    data = verdict.to_dict()
+    write_atomic(path, strict_json(data))
+    if intermediate and verdict.outputs is not None:
+        import torch
+
+        torch.save(verdict.outputs, path.with_suffix(".pt"))
+    return data
+
+
+def _kept(
+    unit: Unit, earlier: dict, record: dict, bounds: ConfigView, reference: Any, floor: str, path: Path
+) -> tuple[dict[str, Any], Any]:
+    """An artifact unchanged since it was verified: its verdict as it was (its file untouched), or, when a bound
+    changed, judged again on the new bounds from its recorded metrics (no model runs)."""
+    from .judge import Bounds, rejudge
+
+    changed = changed_values(record.get("bounds") or {}, bounds.values())
+    if not changed or earlier.get("status") == "not_run" or earlier.get("error"):
+        logger.info(i18n.ui("unit_kept", unit=unit.name))
+        return earlier, _recorded_failure(earlier, Bounds.from_config(bounds), reference.precision, floor)
+    logger.info(i18n.ui("unit_rejudged", unit=unit.name, why=changed))
+    verdict = rejudge(earlier, Bounds.from_config(bounds), reference.precision, floor)
+    return verdict_record(verdict, path, False), verdict.failure
+
+
+def _recorded_failure(earlier: dict, bounds: Any, precision: str, floor: str) -> Any:
+    """The failure a kept verdict stands for (the run still fails on it), judged again on the same bounds."""
+    if earlier.get("status") != "failed":
+        return None
+    from ..errors import ValidationError
+    from .judge import rejudge
+
+    if earlier.get("error"):
+        return ValidationError("inference_failed", artifact=earlier["artifact"], error=earlier["error"])
+    return rejudge(earlier, bounds, precision, floor).failure
+
+
+def _artifact_files(path: Path, inputs: VerifyInputs) -> list[Any]:
+    """Fingerprints of what running an artifact reads: a folder's files, or a graph or GGUF file with what lies beside
+    it (external data, genai_config.json, the tokenizer, a Modelfile), and a LoRA GGUF's base GGUF."""
+    if path.is_dir():
+        return fingerprint(files_in(str(path)))
+    others = tuple(p.name for p in path.parent.iterdir() if p.suffix in (".onnx", ".gguf") and p != path)
+    files = [p for p in files_in(str(path.parent)) if p.name.startswith(path.name) or not p.name.startswith(others)]
+    if inputs.shared.get("base_gguf") and path.suffix == ".gguf":
+        files.append(Path(inputs.shared["base_gguf"]))
+    return fingerprint(sorted(set(files)))
+
+
+def _run_one(
+    label: str, path: Path, inputs: VerifyInputs, c: ConfigView, reference: Any, bounds: Any, floor: str
+) -> Any:
+    """Load and run one artifact in its runtime (reading the keys its unit declares) against the reference, and judge
+    it."""
+    from .artifacts import verify_artifact, verify_gguf, verify_gguf_lora, verify_peft_folder
+    from .reference import RunOptions
+
+    options = RunOptions.from_config(c)
+    new_tokens = c.validation_new_tokens
+    if label == "peft":
+        return verify_peft_folder(path, inputs.checkpoint)
+    if label == "gguf_lora":
+        artifact = path / "adapter-lora-f32.gguf"
+        run = reference.get()
+        return verify_gguf_lora(
+            artifact, inputs.checkpoint, inputs.base_dir, run, bounds, new_tokens=new_tokens, options=options
+        )
+    if label == "gguf":
+        imatrix = inputs.details.get("gguf", {}).get("imatrix")
+        return verify_gguf(
+            path,
+            inputs.out / "merge",
+            reference.get(),
+            bounds,
+            new_tokens=new_tokens,
+            floor=floor,
+            options=options,
+            imatrix=Path(imatrix) if imatrix else None,
+        )
+    run = reference.get()
+    return verify_artifact(
+        path, run, bounds, new_tokens=new_tokens, raise_on_failure=False, floor=floor, options=options
+    )
+
+
+class _LazyReference:
+    """``verify:reference``, computed (or read back from verify/.reference.pt while its key holds) only when an
+    artifact runs."""
+
+    def __init__(self, inputs: VerifyInputs) -> None:
+        self.inputs = inputs
+        shared = inputs.shared.get("base_heldout")
+        self.unit = reference_spec().unit(inputs.config, [shared and fingerprint([Path(shared)])], inputs.upstream)
+        self.earlier = inputs.records.get(self.unit.name)
+        self.reference: Any = None
+        self.cache = inputs.out / "verify" / REFERENCE_CACHE
+        if self.earlier is not None:
+            inputs.record(self.unit.name, self.earlier)  # kept unless it runs again
+        self.precision = (self.earlier or {}).get("precision", "full")
+
+    def get(self) -> Any:
+        if self.reference is None:
+            self.reference = self._load() or self._compute()
+            self.precision = self.reference.precision
+            if (
+                reference_spec().view(self.inputs.config).save_intermediate_results
+            ):  # kept whatever the verdicts, to debug a failure
+                import torch
+
+                data = {k: getattr(self.reference, k) for k in ("prompts", "input_ids", "logits", "greedy")}
+                torch.save(data, self.cache.parent / "reference.pt")
+        return self.reference
+
+    def _load(self) -> Any:
+        import torch
+
+        if not self.unit.kept(self.earlier, fingerprint([self.cache])) or not self.cache.is_file():
+            return None
+        from .reference import Reference
+
+        logger.info(i18n.ui("unit_kept", unit=self.unit.name))
+        return Reference(**torch.load(self.cache, weights_only=True))  # our own file, read as data only
+
+    def _compute(self) -> Any:
+        import dataclasses
+
+        import torch
+
+        from .reference import RunOptions, compute_reference
+
+        if self.earlier:
+            logger.info(i18n.ui("unit_reruns", unit=self.unit.name, why=self.unit.why(self.earlier)))
+        c, inputs = reference_spec().view(self.inputs.config), self.inputs
+        shared = inputs.shared.get("base_heldout")
+        started = time.monotonic()
+        reference = compute_reference(
+            inputs.base_dir,
+            inputs.checkpoint,
+            tokenizer_source([inputs.checkpoint, inputs.checkpoint.parent, inputs.base_dir]) or inputs.base_dir,
+            c.test_input_samples,
+            c.validation_new_tokens,
+            load_in_4bit=c.base_model_load_in_4bit,
+            load_in_8bit=c.base_model_load_in_8bit,
+            options=RunOptions.from_config(c),
+            base_heldout=Path(shared) if shared else None,
+        )
+        torch.save(dataclasses.asdict(reference), self.cache)
+        record = {**self.unit.record(fingerprint([self.cache])), "seconds": round(time.monotonic() - started, 3)}
+        self.inputs.record(self.unit.name, {**record, "precision": reference.precision})
+        return reference
+
+    def summary(self, floor: str, earlier: dict[str, Any] | None) -> dict[str, Any]:
+        """Where the reference ran, its precision, the merge's, and perplexities on the held-out text (recorded from
+        the run that computed it when no artifact needed it this time)."""
+        if self.reference is None and earlier:
+            return {**earlier, "merge": floor}
+        r = self.get()
+        return {
+            "device": r.device,
+            "precision": r.precision,
+            "merge": floor,
+            # on the held-out text: what the adapter changed, beside which each artifact's perplexity reads
+            "perplexity": r.heldout_perplexity,
+            "base_perplexity": r.base_perplexity,
+        }
