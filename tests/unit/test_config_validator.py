@@ -106,6 +106,23 @@ def test_opset_newer_than_installed_onnx():
     assert kinds(problems) == [("onnx_opset_version", "opset_too_high")]
 
 
+def test_an_opset_every_allowed_onnx_knows_is_checked_without_importing_onnx():
+    """The check imports onnx (half a second) only above the newest opset of the oldest onnx the extra allows; that
+    opset is onnx's own table's for that version, and the installed onnx knows at least as many."""
+    import re
+    from pathlib import Path
+
+    from onnx.helper import VERSION_TABLE
+
+    from model_export.pipeline.validate import OPSET_OF_OLDEST_ONNX
+
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text(encoding="utf-8")
+    oldest = re.search(r'^onnx = \["onnx>=([\d.]+)"', pyproject, re.MULTILINE).group(1)
+    assert max(opset for version, _, opset, *_ in VERSION_TABLE if version.startswith(oldest)) == OPSET_OF_OLDEST_ONNX
+    assert onnx.defs.onnx_opset_version() >= OPSET_OF_OLDEST_ONNX
+    assert rules(ExportConfiguration(export_formats=["onnx"], onnx_opset_version=OPSET_OF_OLDEST_ONNX)) == []
+
+
 def test_dynamic_axes_must_name_real_inputs_and_axes():
     axes = {
         "input_ids": {0: "b", 2: "x"},

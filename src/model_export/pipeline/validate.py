@@ -24,6 +24,8 @@ from ..exporters import FORMATS
 __all__ = ["validate_config", "check_config", "ONNX_MIN_OPSET", "ONNX_IO_RANKS"]
 
 # The lowest opset each ONNX export path needs, and why.
+# The newest opset of onnx 1.16, the oldest onnx the onnx extra allows (pyproject.toml: onnx>=1.16)
+OPSET_OF_OLDEST_ONNX = 21
 ONNX_MIN_OPSET: dict[str, tuple[int, str]] = {
     "builder": (14, "the builder's graph (Reshape-14, ReduceSum-13 with axes as an input)"),
     "torch": (18, "torch.onnx.export with dynamo=True"),
@@ -120,7 +122,8 @@ def _opset(config: ExportConfiguration) -> list[ConfigProblem]:
         problems.append(
             ConfigProblem("onnx_opset_version", "opset_too_low", {"opset": opset, "reason": reason, "minimum": minimum})
         )
-    if extras.is_available("onnx"):
+    # Importing onnx costs half a second (ml_dtypes): only an opset newer than every allowed onnx knows needs it.
+    if opset > OPSET_OF_OLDEST_ONNX and extras.is_available("onnx"):
         import onnx
 
         maximum = onnx.defs.onnx_opset_version()
