@@ -140,17 +140,23 @@ def release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _whole_reference(
-    device: str,
-    base_dir: Path,
-    checkpoint: Path,
-    prompts: list[str],
-    encoded: list[Any],
-    heldout: Any,
-    new_tokens: int,
-    options: RunOptions,
-    bits: int | None,
-) -> Reference:
+@dataclass
+class _Asked:
+    """What a reference is computed on: the prompts and their token ids, the held-out text's ids, how many tokens each
+    prompt generates, and how the model runs."""
+
+    prompts: list[str]
+    encoded: list[Any]
+    heldout: Any
+    new_tokens: int
+    options: RunOptions
+
+    def inputs(self) -> list[tuple[Any, int]]:
+        """(ids, new tokens) for each prompt, then the held-out text (scored only)."""
+        return [(ids, self.new_tokens) for ids in self.encoded] + [(self.heldout, 0)]
+
+
+def _whole_reference(device: str, base_dir: Path, checkpoint: Path, asked: _Asked, bits: int | None) -> Reference:
     """The reference by transformers and PEFT with the whole model loaded on ``device`` (bitsandbytes' 4-bit or 8-bit
     base with ``bits``, on a GPU)."""
     import torch
@@ -170,17 +176,17 @@ def _whole_reference(
         device_map=device,
         load_in_4bit=bits == 4,
         load_in_8bit=bits == 8,
-        disable_mmap=not options.mmap,
+        disable_mmap=not asked.options.mmap,
     )
     try:
         model = PeftModel.from_pretrained(model, str(checkpoint)).eval()
-        results = run_model(model, [(ids, new_tokens) for ids in encoded] + [(heldout, 0)], options.batch_size)
+        results = run_model(model, asked.inputs(), asked.options.batch_size)
         with model.disable_adapter():  # the base alone on the held-out text: what the adapter changed
-            base_logits = prompt_logits(model, [heldout])[0]
+            base_logits = prompt_logits(model, [asked.heldout])[0]
     finally:
         del model
         release(device)
-    return _reference(prompts, encoded, results, heldout, base_logits, device, precision)
+    return _reference(asked.prompts, asked.encoded, results, asked.heldout, base_logits, device, precision)
 
 
 def compute_reference(
@@ -218,19 +224,16 @@ def compute_reference(
     limit = min(options.max_length, _max_positions(base_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     encoded = [fit_length(encode_prompt(tokenizer, p), new_tokens, limit, repr(p[:40])) for p in prompts]
-    heldout = heldout_ids(tokenizer, limit)
-
+    asked = _Asked(prompts, encoded, heldout_ids(tokenizer, limit), new_tokens, options)
     bits = 4 if load_in_4bit else 8 if load_in_8bit else None
 
     def work(device: str) -> Reference:
-        return _whole_reference(device, base_dir, checkpoint, prompts, encoded, heldout, new_tokens, options, bits)
+        return _whole_reference(device, base_dir, checkpoint, asked, bits)
 
     refused, reference = _not_streamed(options, base_dir, checkpoint, load_in_4bit or load_in_8bit), None
     if refused is None:
         try:
-            reference = _streamed_reference(
-                base_dir, checkpoint, prompts, encoded, heldout, new_tokens, options, base_heldout
-            )
+            reference = _streamed_reference(base_dir, checkpoint, asked, base_heldout)
         except MergeError as exc:  # an adapter feature the plan (the merge's, and so the streamed pass's) refuses
             refused = str(exc)
     if reference is None:
@@ -256,16 +259,7 @@ def _not_streamed(options: RunOptions, base_dir: Path, checkpoint: Path, bitsand
     return streamable(base_dir, read_adapter_config(checkpoint))
 
 
-def _streamed_reference(
-    base_dir: Path,
-    checkpoint: Path,
-    prompts: list[str],
-    encoded: list[Any],
-    heldout: Any,
-    new_tokens: int,
-    options: RunOptions,
-    base_heldout: Path | None = None,
-) -> Reference:
+def _streamed_reference(base_dir: Path, checkpoint: Path, asked: _Asked, base_heldout: Path | None = None) -> Reference:
     """The reference through the layer-streamed pass on the CPU (streamed.py), which agrees with PEFT's unmerged model
     to fp32 rounding, one decoder layer in memory at a time."""
     from ..merging.streamed import StreamedModel
@@ -274,15 +268,14 @@ def _streamed_reference(
     model = StreamedModel(base_dir, checkpoint)
     logger.info(i18n.ui("streamed_reference", layers=model.config.num_hidden_layers))
     logger.info(reference_line("cpu", "full"))
-    inputs = [(ids, new_tokens) for ids in encoded] + [(heldout, 0)]
     try:
-        results = run_streamed(model, inputs, options.batch_size, label=i18n.ui("label_reference"))
+        results = run_streamed(model, asked.inputs(), asked.options.batch_size, label=i18n.ui("label_reference"))
     finally:
         model.close()
-    base_logits = _shared_base_logits(base_heldout, heldout)
+    base_logits = _shared_base_logits(base_heldout, asked.heldout)
     if base_logits is None:
-        base_logits = base_heldout_logits(base_dir, heldout)
-    return _reference(prompts, encoded, results, heldout, base_logits, "cpu", "full")
+        base_logits = base_heldout_logits(base_dir, asked.heldout)
+    return _reference(asked.prompts, asked.encoded, results, asked.heldout, base_logits, "cpu", "full")
 
 
 def heldout_ids(tokenizer: Any, limit: int) -> Any:
