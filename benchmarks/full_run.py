@@ -3,6 +3,7 @@
     python benchmarks/full_run.py                       # Qwen3-4B shape: both verification runtimes (~25 min here)
     python benchmarks/full_run.py --size 8b --runtimes auto
     python benchmarks/full_run.py --size 0.6b           # quick run
+    python benchmarks/full_run.py --size 0.6b --runtimes auto --side-by-side off,on   # the reference beside or not
 
 It writes the random-weight Qwen3-shaped base (bf16, vocabulary 151936, with a tokenizer) and r=16 LoRA on all seven
 projections of benchmarks/merge_vs_peft.py as a Trainer checkpoint, then runs, each in its own process after warming
@@ -59,7 +60,7 @@ def write_run(work: Path, size: str) -> tuple[Path, Path]:
     return base, checkpoint
 
 
-def configuration(base: Path, checkpoint: Path, out: Path, runtime: str) -> str:
+def configuration(base: Path, checkpoint: Path, out: Path, runtime: str, side: str = "auto") -> str:
     return json.dumps(
         {
             "checkpoint_path": str(checkpoint),
@@ -69,6 +70,7 @@ def configuration(base: Path, checkpoint: Path, out: Path, runtime: str) -> str:
             "quantization_level": "int4",
             "run_validation_tests": True,
             "verification_runtime": runtime,
+            "steps_side_by_side": side,
         },
         indent=2,
     )
@@ -104,24 +106,29 @@ def summarize(out: Path) -> dict:
 def main() -> None:
     parser = bench_parser(__doc__, str(Path(tempfile.gettempdir()) / "model-export-full-run"))
     parser.add_argument("--runtimes", default="transformers,auto", help="verification_runtime values, in order")
+    parser.add_argument("--side-by-side", default="auto", help="steps_side_by_side values, in order (auto, on, off)")
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     base, checkpoint = write_run(work, args.size)
     exe = Path(sys.executable).with_name("model-export")
     results = {}
+    sides = args.side_by_side.split(",")
     for runtime in args.runtimes.split(","):
-        out = work / f"out-{args.size}-{runtime}"
-        shutil.rmtree(out, ignore_errors=True)
-        config = work / f"{runtime}.yaml"
-        config.write_text(configuration(base, checkpoint, out, runtime))
-        settle(base)
-        run = timed([str(exe), "run", str(config)], exit_codes=(0, 1))  # 1: an artifact failed its bounds
-        results[runtime] = {**run, **summarize(out)}
-        print(f"{runtime}: {json.dumps(results[runtime], indent=2)}", flush=True)
-        if not args.keep:
+        for side in sides:
+            name = runtime if len(sides) == 1 else f"{runtime}/{side}"
+            out = work / f"out-{args.size}-{runtime}-{side}"
             shutil.rmtree(out, ignore_errors=True)
-    summary = {"size": args.size, **{r: {k: v[k] for k in ("wall_s", "peak_rss_gib")} for r, v in results.items()}}
+            config = work / f"{runtime}-{side}.yaml"
+            config.write_text(configuration(base, checkpoint, out, runtime, side))
+            settle(base)
+            run = timed([str(exe), "run", str(config)], exit_codes=(0, 1), tree=True)  # 1: an artifact failed
+            results[name] = {**run, **summarize(out)}
+            print(f"{name}: {json.dumps(results[name], indent=2)}", flush=True)
+            if not args.keep:
+                shutil.rmtree(out, ignore_errors=True)
+    shown = ("wall_s", "peak_rss_gib", "peak_tree_rss_gib")
+    summary = {"size": args.size, **{r: {k: v[k] for k in shown} for r, v in results.items()}}
     if {"transformers", "auto"} <= set(results):
         before, after = results["transformers"], results["auto"]
         summary["peak_ratio"] = round(after["peak_rss_gib"] / before["peak_rss_gib"], 3)

@@ -149,17 +149,36 @@ def write_adapter(path: Path, base: Path, config: dict, r: int = 16, seed: int =
     ).save_pretrained(str(path))
 
 
-def timed(command: list[str], gpu: bool = False, exit_codes: tuple[int, ...] = (0,)) -> dict:
+def timed(command: list[str], gpu: bool = False, exit_codes: tuple[int, ...] = (0,), tree: bool = False) -> dict:
     """Run ``command`` in its own process; wall time and its own peak RSS (wait4 reports it per child);
-    with ``gpu``, also the peak GPU memory the process reports through BENCH_GPU_PEAK. An exit code outside
-    ``exit_codes`` stops the benchmark; another accepted one is recorded as ``exit``."""
+    with ``gpu``, also the peak GPU memory the process reports through BENCH_GPU_PEAK; with ``tree``, also the peak of
+    the summed RSS of the process and all its children at once (sampled every 0.1 s: a process beside the run counts).
+    An exit code outside ``exit_codes`` stops the benchmark; another accepted one is recorded as ``exit``."""
     import tempfile
+    import threading
 
     peak_file = Path(tempfile.mkstemp()[1])
     start = time.perf_counter()
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "BENCH_GPU_PEAK": str(peak_file)}
     )
+    tree_peak = [0]
+
+    def sample() -> None:
+        import psutil
+
+        root = psutil.Process(process.pid)
+        while process.poll() is None:
+            try:
+                rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+            except psutil.Error:
+                rss = 0
+            tree_peak[0] = max(tree_peak[0], rss)
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True) if tree else None
+    if sampler:
+        sampler.start()
     stderr = process.stderr.read().decode(errors="replace")
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
@@ -167,6 +186,9 @@ def timed(command: list[str], gpu: bool = False, exit_codes: tuple[int, ...] = (
     if code not in exit_codes:
         raise SystemExit(f"{command[0]} failed:\n{stderr[-3000:]}")
     result = {"wall_s": round(wall, 2), "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2**30, 2)}
+    if sampler:
+        sampler.join()
+        result["peak_tree_rss_gib"] = round(tree_peak[0] / 2**30, 2)
     if code:
         result["exit"] = code
     if gpu:

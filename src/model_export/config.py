@@ -387,6 +387,13 @@ class ExportConfiguration(BaseModel):
         False, description="Log 'Memory usage: used / total (percent)' lines during long steps."
     )
     memory_monitoring_interval: float = Field(5.0, gt=0, description="Seconds between memory usage lines.")
+    steps_side_by_side: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="verify:reference in a process of its own beside the merge and export (it needs only the check). "
+        "auto: when memory holds both, there are two cores or more, no GPU is used and the base's weights are 256 MiB "
+        "or more; on: whenever memory holds both; off: one step after another. A batch never does (its adapters run "
+        "side by side).",
+    )
     cleanup_temp_files: bool = Field(
         True,
         description="When a run ends, failed or not: true removes what an unfinished step was writing (*.partial "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -39,11 +40,14 @@ _OUR_HANDLER = "_model_export_handler"
 LOG_CONTEXT_ENV = "MODEL_EXPORT_LOG_CONTEXT"
 
 
-def setup_logging(level: str = "INFO", log_file: str | Path | None = None, console: bool = True) -> None:
+def setup_logging(
+    level: str = "INFO", log_file: str | Path | None = None, console: bool = True, shared_file: bool = False
+) -> None:
     """Configure the ``model_export`` logger: console (stderr) and, when given, a log file. Idempotent.
 
     In a batch's worker (MODEL_EXPORT_LOG_CONTEXT names its adapter) each console line says which adapter it is about,
-    since several adapters' lines interleave on one terminal; its log file is the adapter's own and needs no name."""
+    since several adapters' lines interleave on one terminal; its log file is the adapter's own and needs no name. A
+    process writing into another's log (``shared_file``: the reference beside a run) names itself there too."""
     logger.setLevel(level)
     for handler in [h for h in logger.handlers if getattr(h, _OUR_HANDLER, False)]:
         logger.removeHandler(handler)
@@ -58,7 +62,7 @@ def setup_logging(level: str = "INFO", log_file: str | Path | None = None, conso
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
-        handlers[-1].setFormatter(_EnglishFormatter(LOG_FORMAT))
+        handlers[-1].setFormatter(_EnglishFormatter(console_format if shared_file else LOG_FORMAT))
         handlers[-1].addFilter(_ProgressThrottle())
         handlers[-1].addFilter(_not_console_only)
     for handler in handlers:
@@ -346,3 +350,16 @@ def threads() -> int:
     processes each taking every core run far slower than each taking its share."""
     given = os.environ.get(THREADS_ENV, "")
     return int(given) if given.isdigit() and int(given) > 0 else (os.cpu_count() or 1)
+
+
+def exit_with_parent(parent: int) -> None:
+    """In each pool worker: end this process when the batch's process is gone (kill -9 leaves workers orphaned, and
+    they would go on writing for minutes); what they had done is kept in their run.json, and the rerun resumes it."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="model-export-parent-watch", daemon=True).start()

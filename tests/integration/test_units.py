@@ -1,6 +1,6 @@
-"""Issue 25 (in part): each format's export and each artifact's verification is a unit that declares the keys it
-reads; a rerun redoes only the units whose declared values or inputs changed, says why, and judges a bound change
-again from the recorded metrics without running a model."""
+"""Issue 25: each format's export and each artifact's verification is a step that declares the keys it reads; a
+rerun redoes only the steps whose declared values or inputs changed, says why, and judges a bound change again from
+the recorded metrics without running a model; the reference can run beside the merge and export."""
 
 import json
 
@@ -128,3 +128,50 @@ def test_a_verdict_file_removed_since_is_made_again(first_run, training, caplog)
     assert "verify:onnx reruns: its files changed since" in caplog.text
     assert "verify:safetensors skipped (unchanged)" in caplog.text
     assert (first_run / "verify" / "onnx.json").is_file()
+
+
+def _metrics(result):
+    keep = ("status", "max_abs_diff", "mean_kl", "top1_agreement", "perplexity")
+    return {label: {k: v.get(k) for k in keep} for label, v in result.steps["verify"]["result"]["verdicts"].items()}
+
+
+def test_the_reference_beside_the_export_gives_the_same_verdicts(training, tmp_path):
+    """steps_side_by_side: on computes verify:reference in a process of its own while the merge and export run; the
+    verify step reads it back, so every verdict is what one step after another gives. auto on the demo's tiny base
+    waits (a process costs more than its reference), and says why."""
+    pytest.importorskip("onnxruntime")
+
+    def log(name):
+        return (tmp_path / name / "export.log").read_text(encoding="utf-8")
+
+    formats = ["safetensors", "onnx"]
+    beside = run(_config(training, tmp_path / "beside", export_formats=formats, steps_side_by_side="on"))
+    assert "verify:reference runs beside the merge and export, in a process of its own: memory" in log("beside")
+    assert "verify:reference was computed beside the merge and export" in log("beside")
+    assert "[verify:reference]" in log("beside")  # the reference's own lines, from its process, in the run's log
+    record = beside.steps["verify:reference"]
+    assert not record["skipped"] and record["seconds"] > 0 and record["result"]["precision"] == "full"
+    serial = run(_config(training, tmp_path / "serial", export_formats=formats))
+    assert "verify:reference waits for the export (one step after another): the base's weights" in log("serial")
+    assert _metrics(beside) == _metrics(serial) and beside.passed is serial.passed is True
+    size = len(log("beside"))
+    again = run(_config(training, tmp_path / "beside", export_formats=formats, steps_side_by_side="on"))
+    assert "runs beside" not in log("beside")[size:] and again.steps["verify:reference"]["skipped"]  # kept
+    off = run(_config(training, tmp_path / "off", export_formats=["safetensors"], steps_side_by_side="off"))
+    assert "one step after another): steps_side_by_side: off" in log("off") and off.passed is True
+
+
+def test_a_failed_run_stops_its_reference_beside_it(training, tmp_path, monkeypatch):
+    import psutil
+
+    from model_export.pipeline import run as pipeline
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(pipeline, "merge", broken)
+    with pytest.raises(Exception, match="division by zero"):
+        run(_config(training, tmp_path / "out", export_formats=["safetensors"], steps_side_by_side="on"))
+    assert "runs beside the merge and export" in (tmp_path / "out" / "export.log").read_text(encoding="utf-8")
+    children = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
+    assert not [c for c in children if "model_export.pipeline.beside" in c]  # stopped with the run, not left running

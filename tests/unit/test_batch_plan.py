@@ -6,7 +6,8 @@ import pytest
 
 from model_export import ConfigError, ExportConfiguration
 from model_export.errors import CheckpointValidationError
-from model_export.pipeline.batch import find_adapters, is_batch, memory_per_adapter, pool_width
+from model_export.pipeline.batch import find_adapters, is_batch, pool_width
+from model_export.pipeline.preflight import memory_per_adapter
 from model_export.pipeline.validate import validate_config
 
 

@@ -67,6 +67,7 @@ KEY_EFFECTS = {
     "enable_progress_monitoring": "unit/test_cli.py::test_check_takes_its_settings_from_a_config_file",
     "memory_monitoring": "integration/test_pipeline.py::test_housekeeping_settings",
     "memory_monitoring_interval": "unit/test_keys.py::test_memory_monitoring_interval_spaces_the_lines",
+    "steps_side_by_side": "integration/test_units.py::test_the_reference_beside_the_export_gives_the_same_verdicts",
     "cleanup_temp_files": "integration/test_first_contact.py::test_cleanup_temp_files_decides_what_a_failed_step_leaves",
     "save_intermediate_results": "integration/test_first_contact.py::test_save_intermediate_results_keeps_every_run_output_even_on_failure_and_is_part_of_the_key",
     "lang": "unit/test_cli.py::test_check_takes_its_settings_from_a_config_file",

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import socket
 import sys
 import time
@@ -35,11 +34,10 @@ from ..checkpoint.adapters import BASE_DIR, BATCH_MANIFEST, TOKEN_FILE, Adapter,
 from ..config import ExportConfiguration
 from ..errors import ExportError, ResourceError, explain
 from ..files import strict_json, write_atomic
-from ..monitoring import human_bytes, logger
+from ..monitoring import exit_with_parent, human_bytes, logger
+from .preflight import GIB, memory_per_adapter
 
 __all__ = ["Adapter", "BatchResult", "find_adapters", "is_batch", "pool_width", "run", "run_batch", "BATCH_MANIFEST"]
-
-GIB = 2**30
 
 
 @dataclass
@@ -70,20 +68,6 @@ def run(config: ExportConfiguration) -> Any:
 
 
 # --- how many at once ------------------------------------------------------------------------------------------------
-
-
-def memory_per_adapter(config: ExportConfiguration, base_bytes: int) -> int:
-    """The memory one adapter's run is planned to hold at its peak, from the base's weight bytes: a process with torch
-    and transformers (about 0.6 GiB), plus the largest of what its steps hold: the streamed merge and reference (a
-    decoder layer or the embedding, at most a quarter of the weights here, in fp32: base_bytes x 2 for a bf16 base,
-    taken as base_bytes), a runtime holding a whole artifact (onnxruntime prepacks int4 graphs to 1.4x; llama.cpp and
-    transformers hold about the file), or the whole model in fp32 when verification_runtime is transformers."""
-    from ..exporters import FORMATS
-
-    params = base_bytes / 2  # bf16/fp16 bases; an fp32 base only overestimates
-    artifacts = [FORMATS[f].bytes_per_param(config, 2.0) * params * 1.4 for f in config.formats]
-    whole = 4 * params * 2 if config.verification_runtime == "transformers" else 0
-    return int(0.6 * GIB + max([base_bytes, whole, *artifacts]))
 
 
 def pool_width(adapters: int, per_adapter: int, limit: int | None = None) -> tuple[int, int, str]:
@@ -191,7 +175,7 @@ def _local(tasks: list[dict[str, Any]], width: int, record: Callable[[dict, dict
             break
         context = multiprocessing.get_context("spawn")
         fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}  # 3.10: processes are reused
-        watch = {"initializer": _exit_with_parent, "initargs": (os.getpid(),)}
+        watch = {"initializer": exit_with_parent, "initargs": (os.getpid(),)}
         with ProcessPoolExecutor(min(width, len(pending)), mp_context=context, **fresh, **watch) as pool:
             futures = {pool.submit(adapter_task, t): t for t in pending}
             for future in as_completed(futures):
@@ -206,19 +190,6 @@ def _local(tasks: list[dict[str, Any]], width: int, record: Callable[[dict, dict
                 finished.add(task["name"])
                 _announce(line)
                 record(task, line)
-
-
-def _exit_with_parent(parent: int) -> None:
-    """In each pool worker: end this process when the batch's process is gone (kill -9 leaves workers orphaned, and
-    they would go on writing for minutes); what they had done is kept in their run.json, and the rerun resumes it."""
-    import threading
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.2)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=watch, name="model-export-parent-watch", daemon=True).start()
 
 
 def _lost(task: dict[str, Any], why: str) -> dict[str, Any]:

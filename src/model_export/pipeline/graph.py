@@ -86,6 +86,7 @@ RUN_KEYS = {
     "memory_monitoring": "whether memory is sampled",
     "memory_monitoring_interval": "how often memory is logged",
     "cleanup_temp_files": "whether a failed step's partial files are removed",
+    "steps_side_by_side": "whether verify:reference runs in a process of its own beside the merge and export",
 }
 
 

@@ -1,5 +1,6 @@
-"""What a run checks before it writes anything: the disk space its artifacts need, from the base model's parameters and
-each format's bytes per parameter."""
+"""What a run plans before it writes anything: the disk space its artifacts need, from the base model's parameters and
+each format's bytes per parameter, and the memory one adapter's run holds at its peak (which a batch's pool and the
+reference beside a run are planned with)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,20 @@ def check_disk_space(config: ExportConfiguration, info: Any, out: Path, adapters
         raise ResourceError(
             "disk_too_small", path=str(out), free=human_bytes(free), need=human_bytes(total), parts=parts
         )
+
+
+GIB = 2**30
+
+
+def memory_per_adapter(config: ExportConfiguration, base_bytes: int) -> int:
+    """The memory one adapter's run is planned to hold at its peak, from the base's weight bytes: a process with torch
+    and transformers (about 0.6 GiB), plus the largest of what its steps hold: the streamed merge and reference (a
+    decoder layer or the embedding, at most a quarter of the weights here, in fp32: base_bytes x 2 for a bf16 base,
+    taken as base_bytes), a runtime holding a whole artifact (onnxruntime prepacks int4 graphs to 1.4x; llama.cpp and
+    transformers hold about the file), or the whole model in fp32 when verification_runtime is transformers."""
+    from ..exporters import FORMATS
+
+    params = base_bytes / 2  # bf16/fp16 bases; an fp32 base only overestimates
+    artifacts = [FORMATS[f].bytes_per_param(config, 2.0) * params * 1.4 for f in config.formats]
+    whole = 4 * params * 2 if config.verification_runtime == "transformers" else 0
+    return int(0.6 * GIB + max([base_bytes, whole, *artifacts]))

@@ -138,6 +138,8 @@ def _steps(state: RunState) -> None:
         from ..exporters.tensorrt_export import check_tensorrt
 
         check_tensorrt()  # no tensorrt package or no GPU: ME810 naming what is missing, before anything is written
+    if c.run_validation_tests:
+        state.beside = _reference_beside(state, checkpoint, info)
     imatrix = gptq = None
     if merged:
         if "merge" not in state.manifest.steps or state.manifest.steps["merge"].status != "done":
@@ -213,6 +215,24 @@ def _merge_and_calibrate(
     )
     imatrix = Path(calibrated["imatrix"]) if calibrated.get("imatrix") else None
     return imatrix, Path(calibrated["gptq"]["folder"]) if calibrated.get("gptq") else None
+
+
+def _reference_beside(state: RunState, checkpoint: Path, info: Any) -> Any:
+    """verify:reference started in a process of its own beside the merge and export when the memory rule allows
+    (pipeline/beside.py), unless run.json holds it unchanged; None when it waits for the verify step."""
+    from ..verify.step import REFERENCE_CACHE, reference_unit
+    from .beside import Beside, beside_rule
+
+    unit = reference_unit(state.config, state.shared, state.content)
+    earlier = state.manifest.steps.get(unit.name)
+    cache = state.out / "verify" / REFERENCE_CACHE
+    if earlier and cache.is_file() and unit.kept(earlier.unit_record(), _fingerprint([cache])):
+        return None
+    side_by_side, rule = beside_rule(state.config, info.weight_bytes, bool(state.shared))
+    logger.info(i18n.ui("beside_start" if side_by_side else "beside_not", rule=rule))
+    if not side_by_side:
+        return None
+    return Beside(state.config, state.out, checkpoint, info.path, dict(state.content))
 
 
 def _benchmark_step(state: RunState) -> None:
@@ -342,6 +362,12 @@ def _verify_step(state: RunState, checkpoint: Path, base_dir: Path) -> None:
             ran.append(name)
         state._save()
 
+    computed = {}
+    if state.beside is not None:  # verify:reference, computed beside the merge and export
+        beside, state.beside = state.beside, None
+        ready = beside.result()
+        if ready is not None:
+            computed["verify:reference"] = ready
     inputs = VerifyInputs(
         state.config,
         state.out,
@@ -354,6 +380,7 @@ def _verify_step(state: RunState, checkpoint: Path, base_dir: Path) -> None:
         earlier.result if earlier else None,
         records,
         record,
+        computed,
     )
     state.step(
         STEP_SPECS["verify"],
@@ -380,7 +407,11 @@ def _report(state: RunState, failure: ExportError | None = None) -> None:
 
 def _cleanup(state: RunState) -> None:
     """cleanup_temp_files: true removes every *.partial (what a failed or killed step was writing) when the run ends,
-    failed or not; false keeps them for debugging and says where they are."""
+    failed or not; false keeps them for debugging and says where they are. A reference still computing beside a run
+    that failed is stopped."""
+    if state.beside is not None:
+        state.beside.stop()
+        state.beside = None
     # Only inside the run's own step folders: nothing else under output_dir is the run's to delete.
     leftovers = sorted(
         p for step in STEPS if (state.out / step).is_dir() for p in (state.out / step).rglob("*.partial")

@@ -60,6 +60,7 @@ class RunState:
         self.monitor = MemoryMonitor(config.memory_monitoring_interval, enabled=config.memory_monitoring)
         self.log_file = str(config.log_file or self.out / "export.log")
         self.shared: dict[str, Any] = {}
+        self.beside: Any = None  # verify:reference computing in a process of its own (pipeline/beside.py)
 
     def _save(self) -> None:
         try:

@@ -9,6 +9,7 @@ artifact that runs again says why (``verify:gguf reruns: its inputs changed``).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from ..steps import ConfigView, StepSpec, Unit, changed_values, files_in, finger
 
 __all__ = [
     "verify_step",
+    "reference_unit",
+    "compute_cached",
     "reference_spec",
     "verify_spec",
     "verdict_counts",
@@ -95,6 +98,7 @@ class VerifyInputs:
     previous: dict[str, Any] | None = None
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     record: Callable[[str, dict[str, Any]], None] = lambda name, record: None
+    computed: dict[str, dict[str, Any]] = field(default_factory=dict)  # units computed in this run beside the export
 
 
 def verify_step(inputs: VerifyInputs, failed: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -252,28 +256,66 @@ def _run_one(
     )
 
 
+def reference_unit(config: Any, shared: dict[str, Any], upstream: dict[str, str]) -> Unit:
+    """``verify:reference``'s unit: its declared values, a batch's shared base logits (if any), check's content key."""
+    held = shared.get("base_heldout")
+    return reference_spec().unit(config, [held and fingerprint([Path(held)])], upstream)
+
+
+def compute_cached(config: Any, out: Path, checkpoint: Path, base_dir: Path, shared: dict[str, Any], unit: Unit) -> Any:
+    """Compute the reference on the keys ``verify:reference`` declares and keep it in verify/.reference.cache; returns
+    (the reference, the unit's record). Run by the verify step, or in a process of its own beside the export."""
+    import dataclasses
+
+    import torch
+
+    from .reference import RunOptions, compute_reference
+
+    c, started = reference_spec().view(config), time.monotonic()
+    held = shared.get("base_heldout")
+    reference = compute_reference(
+        base_dir,
+        checkpoint,
+        tokenizer_source([checkpoint, checkpoint.parent, base_dir]) or base_dir,
+        c.test_input_samples,
+        c.validation_new_tokens,
+        load_in_4bit=c.base_model_load_in_4bit,
+        load_in_8bit=c.base_model_load_in_8bit,
+        options=RunOptions.from_config(c),
+        base_heldout=Path(held) if held else None,
+    )
+    cache = out / "verify" / REFERENCE_CACHE
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_name(cache.name + ".partial")
+    torch.save(dataclasses.asdict(reference), partial)
+    os.replace(partial, cache)  # a process killed while writing leaves no cache that looks finished
+    record = {**unit.record(fingerprint([cache])), "seconds": round(time.monotonic() - started, 3)}
+    return reference, {**record, "precision": reference.precision}
+
+
 class _LazyReference:
-    """``verify:reference``, computed (or read back from verify/.reference.pt while its key holds) only when an
-    artifact runs."""
+    """``verify:reference``, computed (or read back from verify/.reference.cache while its key holds, or when it was
+    computed beside the export: ``inputs.computed``) only when an artifact runs."""
 
     def __init__(self, inputs: VerifyInputs) -> None:
         self.inputs = inputs
-        shared = inputs.shared.get("base_heldout")
-        self.unit = reference_spec().unit(inputs.config, [shared and fingerprint([Path(shared)])], inputs.upstream)
+        self.unit = reference_unit(inputs.config, inputs.shared, inputs.upstream)
         self.earlier = inputs.records.get(self.unit.name)
+        ready = inputs.computed.get(self.unit.name)
+        self.ready = ready if ready and ready.get("key") == self.unit.key else None
         self.reference: Any = None
         self.cache = inputs.out / "verify" / REFERENCE_CACHE
-        if self.earlier is not None:
+        if self.ready is not None:
+            inputs.record(self.unit.name, self.ready)  # computed in this run, beside the export
+        elif self.earlier is not None:
             inputs.record(self.unit.name, self.earlier)  # kept unless it runs again
-        self.precision = (self.earlier or {}).get("precision", "full")
+        self.precision = (self.ready or self.earlier or {}).get("precision", "full")
 
     def get(self) -> Any:
         if self.reference is None:
             self.reference = self._load() or self._compute()
             self.precision = self.reference.precision
-            if (
-                reference_spec().view(self.inputs.config).save_intermediate_results
-            ):  # kept whatever the verdicts, to debug a failure
+            if reference_spec().view(self.inputs.config).save_intermediate_results:  # kept to debug a failure
                 import torch
 
                 data = {k: getattr(self.reference, k) for k in ("prompts", "input_ids", "logits", "greedy")}
@@ -283,39 +325,23 @@ class _LazyReference:
     def _load(self) -> Any:
         import torch
 
-        if not self.unit.kept(self.earlier, fingerprint([self.cache])) or not self.cache.is_file():
+        record = self.ready or self.earlier
+        if not self.unit.kept(record, fingerprint([self.cache])) or not self.cache.is_file():
             return None
         from .reference import Reference
 
-        logger.info(i18n.ui("unit_kept", unit=self.unit.name))
+        if self.ready is not None:
+            logger.info(i18n.ui("unit_beside", unit=self.unit.name, seconds=self.ready.get("seconds", 0)))
+        else:
+            logger.info(i18n.ui("unit_kept", unit=self.unit.name))
         return Reference(**torch.load(self.cache, weights_only=True))  # our own file, read as data only
 
     def _compute(self) -> Any:
-        import dataclasses
-
-        import torch
-
-        from .reference import RunOptions, compute_reference
-
         if self.earlier:
             logger.info(i18n.ui("unit_reruns", unit=self.unit.name, why=self.unit.why(self.earlier)))
-        c, inputs = reference_spec().view(self.inputs.config), self.inputs
-        shared = inputs.shared.get("base_heldout")
-        started = time.monotonic()
-        reference = compute_reference(
-            inputs.base_dir,
-            inputs.checkpoint,
-            tokenizer_source([inputs.checkpoint, inputs.checkpoint.parent, inputs.base_dir]) or inputs.base_dir,
-            c.test_input_samples,
-            c.validation_new_tokens,
-            load_in_4bit=c.base_model_load_in_4bit,
-            load_in_8bit=c.base_model_load_in_8bit,
-            options=RunOptions.from_config(c),
-            base_heldout=Path(shared) if shared else None,
-        )
-        torch.save(dataclasses.asdict(reference), self.cache)
-        record = {**self.unit.record(fingerprint([self.cache])), "seconds": round(time.monotonic() - started, 3)}
-        self.inputs.record(self.unit.name, {**record, "precision": reference.precision})
+        i = self.inputs
+        reference, record = compute_cached(i.config, i.out, i.checkpoint, i.base_dir, i.shared, self.unit)
+        self.inputs.record(self.unit.name, record)
         return reference
 
     def summary(self, floor: str, earlier: dict[str, Any] | None) -> dict[str, Any]:
