@@ -80,7 +80,10 @@ def summarize(out: Path) -> dict:
     """Per step seconds and peak RSS, and per artifact verdict, from what the run wrote."""
     manifest = json.loads((out / "run.json").read_text())
     steps = {
-        name: {"seconds": step.get("seconds"), "peak_rss_gib": round((step.get("peak_rss") or 0) / GIB, 2)}
+        name: {
+            "seconds": step.get("seconds"),
+            "peak_rss_gib": round(step["peak_rss"] / GIB, 2) if step.get("peak_rss") else None,
+        }
         for name, step in manifest["steps"].items()
     }
     report = json.loads((out / "report.json").read_text())

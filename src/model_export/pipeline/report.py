@@ -16,6 +16,7 @@ from ..files import strict_json, write_atomic
 from ..monitoring import human_bytes
 from ..verify.reference import reference_line
 from .manifest import RunManifest
+from .plots import bars, logit_histogram_plot, memory_plot
 
 __all__ = ["write_report", "summary_rows", "verdict_summary", "write_batch_report"]
 
@@ -137,76 +138,6 @@ def _graph_bytes(graph: str) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
 
 
-def _bars(title: str, labels: list[str], values: list[float], fmt: Any, color: str = "#3b82f6") -> str:
-    width, row = 440, 26
-    top = max(values, default=0) or 1
-    height = 34 + row * len(labels)
-    parts = [
-        f'<svg width="{width}" height="{height}" role="img"><title>{html.escape(title)}</title>',
-        f'<text x="10" y="20" font-weight="600">{html.escape(title)}</text>',
-    ]
-    for i, (label, value) in enumerate(zip(labels, values)):
-        y = 30 + i * row
-        w = 210 * value / top
-        parts.append(
-            f'<text x="10" y="{y + 16}">{html.escape(label)}</text>'
-            f'<rect x="132" y="{y + 4}" width="{w:.1f}" height="16" fill="{color}" rx="2"/>'
-            f'<text x="{138 + w:.1f}" y="{y + 16}" class="muted">{html.escape(fmt(value))}</text>'
-        )
-    return "".join(parts) + "</svg>"
-
-
-def _histogram(title: str, verdict: dict[str, Any]) -> str:
-    """The distribution of |logit difference| of one artifact against the reference; an artifact with none to show
-    (not run, failed to run, a folder checked file by file) gets a panel that says why instead of an empty plot."""
-    histogram = verdict.get("diff_histogram") or {}
-    counts, edges = histogram.get("counts", []), histogram.get("edges", [])
-    if not any(counts):
-        if verdict.get("status") == "not_run":
-            why = i18n.ui("report_no_diffs_not_run", reason=verdict.get("reason") or "")
-        elif verdict.get("error"):
-            why = i18n.ui("report_no_diffs_failed", error=verdict["error"])
-        else:
-            why = i18n.ui("report_no_diffs_files")
-        text = html.escape(i18n.ui("report_no_diffs", why=why))
-        return f'<div class="note"><b>{html.escape(title)}</b><p class="muted">{text}</p></div>'
-    width, height = 440, 190
-    top = max(counts, default=0) or 1
-    bar = 400 / max(len(counts), 1)
-    parts = [
-        f'<svg width="{width}" height="{height}" role="img"><title>{html.escape(title)}</title>',
-        f'<text x="10" y="20" font-weight="600">{html.escape(title)}</text>',
-    ]
-    for i, count in enumerate(counts):
-        h = 120 * count / top
-        parts.append(
-            f'<rect x="{20 + i * bar:.1f}" y="{150 - h:.1f}" width="{bar - 1:.1f}" height="{h:.1f}" fill="#8b5cf6"/>'
-        )
-    if edges:
-        parts.append(
-            f'<text x="20" y="170" class="muted">0</text><text x="330" y="170" class="muted">{edges[-1]:.3g}</text>'
-            '<text x="150" y="186" class="muted">|logit difference|</text>'
-        )
-    return "".join(parts) + "</svg>"
-
-
-def _memory(samples: list[tuple[float, int]]) -> str:
-    width, height = 440, 190
-    if len(samples) < 2:
-        return ""
-    t_max = samples[-1][0] or 1
-    m_max = max(m for _, m in samples) or 1
-    points = " ".join(f"{20 + 400 * t / t_max:.1f},{150 - 120 * m / m_max:.1f}" for t, m in samples)
-    return (
-        f'<svg width="{width}" height="{height}" role="img"><title>memory</title>'
-        f'<text x="10" y="20" font-weight="600">{html.escape(i18n.ui("report_memory"))}</text>'
-        f'<polyline points="{points}" fill="none" stroke="#0ea5e9" stroke-width="2"/>'
-        f'<text x="20" y="170" class="muted">0 s</text><text x="360" y="170" class="muted">{t_max:.1f} s</text>'
-        f'<text x="24" y="46" class="muted">{html.escape(i18n.ui("report_peak", gib=m_max / 2**30))}</text>'
-        '<text x="24" y="146" class="muted">0</text></svg>'
-    )
-
-
 def _perplexities(reference: dict[str, Any], measured: list[dict[str, Any]]) -> dict[str, float]:
     """Perplexity on the held-out text: the base alone, the reference (base + adapter), then each artifact."""
     values = {i18n.ui("report_base_alone"): reference.get("base_perplexity")}
@@ -301,9 +232,14 @@ def _step_rows(steps: dict[str, Any]) -> str:
     return "".join(
         f"<tr><td{unit if ':' in name else ''}>{html.escape(name)}</td>"
         f"<td>{s.get('status')}{skipped if s.get('skipped') else ''}</td>"
-        f"<td>{s.get('seconds') or 0:.2f} s</td><td>{(s.get('peak_rss') or 0) / 2**30:.2f} GiB</td></tr>"
+        f"<td>{s.get('seconds') or 0:.2f} s</td><td>{_gib(s.get('peak_rss'))}</td></tr>"
         for name, s in steps.items()
     )
+
+
+def _gib(peak: int | None) -> str:
+    """A step's peak memory; a unit measured inside its step has none of its own (the step's row has it)."""
+    return f"{peak / 2**30:.2f} GiB" if peak else "–"
 
 
 def _plots(results: dict[str, Any], rows: list, steps: dict[str, Any], samples: list, reference: dict) -> list[str]:
@@ -311,21 +247,19 @@ def _plots(results: dict[str, Any], rows: list, steps: dict[str, Any], samples: 
     the benchmark's, each artifact's logit differences, memory."""
     top = {name: s for name, s in steps.items() if ":" not in name}
     durations = [s.get("seconds") or 0 for s in top.values()]
-    plots = [_bars(i18n.ui("report_durations"), list(top), durations, lambda v: f"{v:.2f} s", "#f59e0b")]
+    plots = [bars(i18n.ui("report_durations"), list(top), durations, lambda v: f"{v:.2f} s", "#f59e0b")]
     base_bytes = results.get("check", {}).get("base_bytes")
     if rows:
         labels = ([i18n.ui("report_base")] if base_bytes else []) + [r["format"] for r in rows]
         sizes = ([base_bytes] if base_bytes else []) + [r["bytes"] for r in rows]
-        plots.append(_bars(i18n.ui("report_sizes"), labels, sizes, human_bytes, "#10b981"))
+        plots.append(bars(i18n.ui("report_sizes"), labels, sizes, human_bytes, "#10b981"))
     ppl = _perplexities(reference, [r for r in rows if r["perplexity"] is not None])
     if len(ppl) > 1:
-        plots.append(
-            _bars(i18n.ui("report_perplexity"), list(ppl), list(ppl.values()), lambda v: f"{v:.3f}", "#8b5cf6")
-        )
+        plots.append(bars(i18n.ui("report_perplexity"), list(ppl), list(ppl.values()), lambda v: f"{v:.3f}", "#8b5cf6"))
     plots += _benchmark_plots(results)
     for fmt, verdict in results.get("verify", {}).get("verdicts", {}).items():
-        plots.append(_histogram(i18n.ui("report_diffs", format=fmt), verdict))
-    plots.append(_memory(samples))
+        plots.append(logit_histogram_plot(i18n.ui("report_diffs", format=fmt), verdict))
+    plots.append(memory_plot(samples))
     skipped_steps = [name for name, s in top.items() if s.get("skipped")]
     if skipped_steps and samples:
         note = i18n.ui("report_memory_skipped", count=len(skipped_steps), steps=", ".join(skipped_steps))
@@ -340,11 +274,9 @@ def _benchmark_plots(results: dict[str, Any]) -> list[str]:
     labels = [r["label"] for r in timings]
     speed = [r["decode_tokens_per_s"] for r in timings]
     return [
-        _bars(i18n.ui("report_decode_speed"), labels, speed, lambda v: f"{v:.1f} tok/s", "#0ea5e9"),
-        _bars(
-            i18n.ui("report_ttft"), labels, [r["ttft_s"] * 1000 for r in timings], lambda v: f"{v:.2f} ms", "#0ea5e9"
-        ),
-        _bars(i18n.ui("report_load"), labels, [r["load_s"] for r in timings], lambda v: f"{v:.2f} s", "#0ea5e9"),
+        bars(i18n.ui("report_decode_speed"), labels, speed, lambda v: f"{v:.1f} tok/s", "#0ea5e9"),
+        bars(i18n.ui("report_ttft"), labels, [r["ttft_s"] * 1000 for r in timings], lambda v: f"{v:.2f} ms", "#0ea5e9"),
+        bars(i18n.ui("report_load"), labels, [r["load_s"] for r in timings], lambda v: f"{v:.2f} s", "#0ea5e9"),
     ]
 
 
