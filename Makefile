@@ -7,12 +7,20 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,onnx,gguf,genai,quant,ray
 
-.PHONY: install demo test lint clean
+.PHONY: install golang demo test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed golang
+
+# Go's text/template renders the Ollama Modelfile as Ollama does (the GGUF's serving check). Debian's golang-go where
+# this runs as root with apt; elsewhere that check is "not run" with this reason, and its tests skip saying so.
+golang:
+	@command -v go >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y -q golang-go || { apt-get update -q && apt-get install -y -q golang-go; }; \
+	  else echo "Go not found: install golang-go for the Modelfile's serving check"; fi; }
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_SPEC)

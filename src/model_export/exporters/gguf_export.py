@@ -145,7 +145,7 @@ def export_gguf(
     finally:
         meter.close()
     os.replace(partial, path)
-    from .gguf_lora import write_modelfile
+    from .modelfile import write_modelfile
 
     modelfile = write_modelfile(out, path.name, merged)
     return {

@@ -1,5 +1,5 @@
-"""The adapter itself for llama.cpp and Ollama: a LoRA GGUF (llama.cpp's convert_lora_to_gguf layout) and the Modelfile
-that loads a GGUF (and, for a batch, its LoRA on the shared base)."""
+"""The adapter itself for llama.cpp and Ollama: a LoRA GGUF (llama.cpp's convert_lora_to_gguf layout), which a batch's
+Modelfile (modelfile.py) loads on the shared base GGUF."""
 
 from __future__ import annotations
 
@@ -12,43 +12,10 @@ import numpy as np
 
 from .. import extras
 from ..errors import ExportFormatError
-from ..files import write_atomic
 from ..quantize.gguf_types import SUPPORTED_ARCHITECTURES
 from .gguf_tensors import permute_heads, rope_heads
 
-__all__ = ["export_gguf_lora", "write_modelfile"]
-
-_CHATML = '''TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}
-{{ .Content }}<|im_end|>
-{{ end }}<|im_start|>assistant
-"""
-'''
-
-
-def write_modelfile(out: Path, gguf_name: str, merged: Path, adapter: str | None = None) -> Path | None:
-    """An Ollama Modelfile: FROM the GGUF (a file name in ``out``, or a path relative to it), ADAPTER a LoRA GGUF in
-    ``out`` when given, the ChatML template for chat templates that use it, and stop tokens."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(merged))
-    generation = merged / "generation_config.json"
-    eos = json.loads(generation.read_text(encoding="utf-8")).get("eos_token_id") if generation.is_file() else None
-    eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
-    stops = [tokenizer.convert_ids_to_tokens(i) for i in eos_ids]
-    if tokenizer.eos_token and tokenizer.eos_token not in stops:
-        stops.append(tokenizer.eos_token)
-    template = getattr(tokenizer, "chat_template", None) or ""
-    lines = [f"FROM {gguf_name if '/' in gguf_name else './' + gguf_name}\n"]
-    if adapter:
-        lines.append(f"ADAPTER ./{adapter}\n")
-    if "<|im_start|>" in template:
-        lines.append(_CHATML)
-        if "<|im_end|>" not in stops:
-            stops.append("<|im_end|>")
-    lines += [f'PARAMETER stop "{stop}"\n' for stop in stops if stop]
-    path = out / "Modelfile"
-    write_atomic(path, "".join(lines))
-    return path
+__all__ = ["export_gguf_lora"]
 
 
 def export_gguf_lora(checkpoint: str | Path, base: str | Path, out: str | Path) -> dict[str, Any]:

@@ -138,7 +138,8 @@ def _gguf_lora(checkpoint: Path, base_gguf: Path, out: Path) -> dict[str, Any]:
     """The adapter as a LoRA GGUF and an Ollama Modelfile whose FROM is the batch's base GGUF (relative, so the
     output folder can move as a whole) and whose ADAPTER is the LoRA."""
     from ..checkpoint.base_model import resolve_base_model
-    from ..exporters.gguf_lora import export_gguf_lora, write_modelfile
+    from ..exporters.gguf_lora import export_gguf_lora
+    from ..exporters.modelfile import write_modelfile
 
     base_dir = Path(json.loads((base_gguf.parent / "base.json").read_text(encoding="utf-8"))["base_dir"])
     lora = export_gguf_lora(checkpoint, resolve_base_model(str(base_dir)), out)

@@ -62,6 +62,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "status": v["status"],
                     "verified": v["status"] == "verified",
                     "reason": v.get("reason"),
+                    "serving": serving_line(v.get("serving")),
                     "runtime": v.get("runtime"),
                     "method": _method(results, fmt),
                     "peak_rss": v.get("peak_rss"),
@@ -156,12 +157,22 @@ _STATUS_CLASS = {"verified": "ok", "failed": "bad", "not_run": "warn"}
 STATUS_TEXT = {"verified": "status_verified", "failed": "status_failed", "not_run": "status_not_run"}
 
 
+def serving_line(serving: dict[str, Any] | None) -> str | None:
+    """``serving check: 3 of 4 verified; not run: Ollama's TEMPLATE (...): Go is not installed ...``."""
+    if not serving or not serving.get("checks"):
+        return None
+    checks = serving["checks"]
+    line = i18n.ui("serving_line", verified=sum(c["status"] == "verified" for c in checks), total=len(checks))
+    skipped = [f"{c['runtime']}: {c.get('reason', '')}" for c in checks if c["status"] == "not_run"]
+    return line + (i18n.ui("serving_not_run_part", what="; ".join(skipped)) if skipped else "")
+
+
 def _artifact_row(r: dict[str, Any]) -> str:
     verdict = f'<b class="{_STATUS_CLASS[r["status"]]}">{html.escape(i18n.ui(STATUS_TEXT[r["status"]]))}</b>'
     ran = r.get("runtime")
     if ran and r.get("peak_rss"):
         ran = i18n.ui("verify_peak", runtime=ran, memory=human_bytes(r["peak_rss"]))
-    for note in (r["reason"], ran):
+    for note in (r["reason"], ran, r.get("serving")):
         if note:
             verdict += f'<br><span class="muted">{html.escape(note)}</span>'
     ratio = "" if r["size_vs_base"] is None else f" ({r['size_vs_base']:.2f}×)"

@@ -67,6 +67,7 @@ class ArtifactVerdict:
     runtime: str | None = None  # what ran it, and where: "onnxruntime on cpu", "transformers (layer-streamed) on cpu"
     peak_rss: int | None = None  # this process's resident memory at its peak while the artifact was loaded and run
     rule_prefix: str = ""  # what the rule says before the bounds (a GGUF's read back): kept when judged again
+    serving: dict[str, Any] | None = None  # the serving check (verify/serving.py): chat template and stop set
     failure: ValidationError | None = field(default=None, repr=False)
     outputs: dict[str, Any] | None = field(default=None, repr=False)  # the artifact's logits and greedy tokens
 
@@ -162,10 +163,32 @@ def rejudge(recorded: dict[str, Any], bounds: Bounds, reference_precision: str, 
     names = {f.name for f in fields(ArtifactVerdict)} - {"samples", "failure", "outputs"}
     verdict = ArtifactVerdict(**{k: v for k, v in recorded.items() if k in names})
     verdict.samples = [SampleResult(**sample) for sample in recorded.get("samples", [])]
-    verdict.failure = judge(verdict, bounds, reference_precision, floor)
+    verdict.failure = judge(verdict, bounds, reference_precision, floor) or serving_failure(verdict)
     verdict.rule = verdict.rule_prefix + verdict.rule
     verdict.status = "verified" if verdict.failure is None else "failed"
     return verdict
+
+
+def serving_failure(verdict: ArtifactVerdict) -> ValidationError | None:
+    """ME607 for the first check of the verdict's serving check that failed: the runtime, and both renderings or the
+    missing stop token; None when none failed (a check that did not run is no failure)."""
+    failed = [c for c in (verdict.serving or {}).get("checks", []) if c["status"] == "failed"]
+    if not failed:
+        return None
+    check = failed[0]
+    if "expected" in check:
+        problem = i18n.ui(
+            "serving_renders",
+            number=check["conversation"],
+            roles=check["roles"],
+            expected=repr(check["expected"]),
+            got=repr(check["got"]),
+        )
+    elif "stop" in check:
+        problem = i18n.ui("serving_stop", stop=repr(check["stop"]), held=check.get("held"))
+    else:
+        problem = i18n.ui("serving_fails", reason=check.get("reason", ""))
+    return ValidationError("serving_mismatch", artifact=verdict.artifact, runtime=check["runtime"], problem=problem)
 
 
 _COARSENESS = {"full": 0, "reduced": 1, "int4": 2}

@@ -107,6 +107,7 @@ def verify_step(inputs: VerifyInputs, failed: Callable[[dict[str, Any]], None]) 
     from ..runtimes import runtime_problem
     from .artifacts import precision_of, verifiable
     from .judge import Bounds
+    from .serving import serving_inputs
 
     c, verify_dir = inputs.config, inputs.out / "verify"
     verify_dir.mkdir(exist_ok=True)
@@ -124,7 +125,7 @@ def verify_step(inputs: VerifyInputs, failed: Callable[[dict[str, Any]], None]) 
     verdicts, failures = {}, []
     for label, path in runnable:
         # whether its runtime can start here is an input too: a GGUF not run for want of llama.cpp runs once it is there
-        ran = [_artifact_files(path, inputs), floor, runtime_problem(path)]
+        ran = [_artifact_files(path, inputs), floor, runtime_problem(path), serving_inputs(path)]
         unit = verify_spec(label).unit(c, ran, upstream)
         earlier = previous.get("verdicts", {}).get(label)
         record = inputs.records.get(unit.name)
@@ -134,14 +135,8 @@ def verify_step(inputs: VerifyInputs, failed: Callable[[dict[str, Any]], None]) 
         else:
             if record:  # a first run says nothing: every unit runs
                 logger.info(i18n.ui("unit_reruns", unit=unit.name, why=unit.why(record)))
-            view = verify_spec(label).view(c)
-            if label != "peft":
-                reference.get()  # the reference's time is its own unit's, not this artifact's
-            started = time.monotonic()
-            verdict = _run_one(label, path, inputs, view, reference, Bounds.from_config(bounds), floor)
-            failure = verdict.failure
+            verdict, failure, record = _verify_now(label, path, inputs, reference, Bounds.from_config(bounds), floor)
             verdict = verdict_record(verdict, verdict_file, c.save_intermediate_results)
-            record = {"seconds": round(time.monotonic() - started, 3)}
         seconds = {"seconds": record["seconds"]} if record and "seconds" in record else {}
         unit_record = {**unit.record(fingerprint([verdict_file])), "bounds": bounds.values(), **seconds}
         inputs.record(unit.name, unit_record)
@@ -218,6 +213,34 @@ def _artifact_files(path: Path, inputs: VerifyInputs) -> list[Any]:
     if inputs.shared.get("base_gguf") and path.suffix == ".gguf":
         files.append(Path(inputs.shared["base_gguf"]))
     return fingerprint(sorted(set(files)))
+
+
+def _verify_now(
+    label: str, path: Path, inputs: VerifyInputs, reference: Any, bounds: Any, floor: str
+) -> tuple[Any, Any, dict[str, float]]:
+    """Run one artifact and its serving check now: (its verdict, its failure, its own seconds - the reference's time
+    is the reference's unit's)."""
+    if label != "peft":
+        reference.get()
+    started = time.monotonic()
+    verdict = _run_one(label, path, inputs, verify_spec(label).view(inputs.config), reference, bounds, floor)
+    _serve(verdict, path, inputs)
+    return verdict, verdict.failure, {"seconds": round(time.monotonic() - started, 3)}
+
+
+def _serve(verdict: Any, path: Path, inputs: VerifyInputs) -> None:
+    """The serving check of an artifact that ran (a GGUF, an ONNX graph, a transformers folder), against the training
+    run's tokenizer; a failure fails the artifact like a logit failure (its own failure first when it has one)."""
+    from .judge import serving_failure
+    from .serving import serving_check
+
+    if verdict.status == "not_run" or verdict.error or path.name in ADAPTER_ARTIFACTS:
+        return
+    tokenizer = tokenizer_source([inputs.checkpoint, inputs.checkpoint.parent, inputs.base_dir]) or inputs.base_dir
+    verdict.serving = serving_check(path, tokenizer)
+    failure = serving_failure(verdict)
+    if failure is not None:
+        verdict.status, verdict.failure = "failed", verdict.failure or failure
 
 
 def _run_one(

@@ -1,0 +1,140 @@
+"""Issue 26 (in part): every artifact is checked where it is served. Its runtime renders the chat template as the
+training run's tokenizer does, and its stop set holds the end-of-turn token; the Ollama Modelfile's TEMPLATE is
+carried over from the model's own template and executed by Go's text/template with Ollama's data."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from model_export import ExportConfiguration, run
+
+pytestmark = pytest.mark.integration
+
+NEEDS_GO = pytest.mark.skipif(
+    shutil.which("go") is None,
+    reason="Go renders the Modelfile as Ollama does: apt-get install golang-go (make install does it as root)",
+)
+
+# A Qwen2.5-style ChatML template whose system turn has a default prompt when the conversation brings none.
+DEFAULT_SYSTEM = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a careful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message['role'] != 'system' %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def _config(training, out, **overrides):
+    from model_export.demo.run import shipped_base
+
+    settings = {"export_formats": ["safetensors", "onnx", "gguf"], "quantization_level": "int8", **overrides}
+    return ExportConfiguration(
+        checkpoint_path=str(training), base_model_name=str(shipped_base()), output_dir=str(out), **settings
+    )
+
+
+def _base_with_template(tmp_path: Path, template: str) -> Path:
+    from model_export.demo.run import shipped_base
+
+    base = tmp_path / "base"
+    shutil.copytree(shipped_base(), base)
+    (base / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return base
+
+
+@NEEDS_GO
+def test_the_demo_is_served_as_it_was_trained_in_every_runtime(training, tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("llama_cpp")
+    result = run(_config(training, tmp_path / "out"))
+    modelfile = (tmp_path / "out" / "export" / "gguf" / "Modelfile").read_text(encoding="utf-8")
+    assert "<|im_start|>assistant\n<think>\n" in modelfile  # the Thinking template's generation prompt, carried over
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    runtimes = {}
+    for label, verdict in result.steps["verify"]["result"]["verdicts"].items():
+        assert verdict["status"] == "verified" and verdict["serving"]["status"] == "verified", label
+        assert verdict["serving"]["end_of_turn"] == "<|im_end|>"
+        runtimes[label] = [c["runtime"] for c in verdict["serving"]["checks"]]
+    assert "Ollama's TEMPLATE (Go text/template)" in runtimes["gguf"]
+    assert "llama.cpp's chat path (the GGUF's embedded template)" in runtimes["gguf"]
+    assert "onnxruntime-genai's chat template" in runtimes["onnx"]
+    assert "generation_config.json's eos_token_id" in runtimes["safetensors"]
+
+
+@NEEDS_GO
+def test_a_default_system_prompt_becomes_the_modelfiles_system_and_renders_as_in_ollama(tmp_path):
+    from transformers import AutoTokenizer
+
+    from model_export.exporters.modelfile import conversations, read_modelfile, write_modelfile
+    from model_export.verify.serving import ollama_renderings
+
+    base = _base_with_template(tmp_path, DEFAULT_SYSTEM)
+    write_modelfile(tmp_path, "model.gguf", base)
+    modelfile = read_modelfile(tmp_path / "Modelfile")
+    assert modelfile["system"] == "You are a careful assistant."
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    convs = conversations(tokenizer)
+    assert [c[0]["role"] for c in convs] == ["user", "user", "system", "system"]  # with and without a system turn
+    expected = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+    assert ollama_renderings(modelfile["template"], modelfile["system"], convs) == expected
+
+
+@NEEDS_GO
+def test_a_wrong_modelfile_template_fails_the_gguf_with_both_renderings(training, tmp_path, monkeypatch):
+    """The hand-written ChatML TEMPLATE this project used to write (no <think> in the generation prompt): Ollama would
+    render every conversation without it, and the verdict says so."""
+    pytest.importorskip("llama_cpp")
+    from model_export import ValidationError
+    from model_export.exporters import modelfile
+
+    handwritten = (
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+    )
+    monkeypatch.setattr(modelfile, "ollama_template", lambda tokenizer: (handwritten, None, "hand-written"))
+    out = tmp_path / "out"
+    with pytest.raises(ValidationError) as err:
+        run(_config(training, out, export_formats=["gguf"]))
+    message = str(err.value)
+    assert err.value.code == "ME607" and "Ollama's TEMPLATE (Go text/template)" in message
+    assert "renders conversation 1 (user) otherwise than apply_chat_template" in message
+    assert "<|im_start|>assistant\\n<think>\\n'" in message and "got '<|im_start|>user" in message  # both renderings
+    verdict = json.loads((out / "run.json").read_text())["steps"]["verify"]["result"]["verdicts"]["gguf"]
+    assert verdict["status"] == "failed" and verdict["serving"]["status"] == "failed"
+
+
+def test_an_end_of_turn_token_missing_from_the_stop_set_fails_the_artifact(training, tmp_path, monkeypatch):
+    """A genai_config.json whose eos ids leave out <|im_end|>: onnxruntime-genai would generate past the turn."""
+    pytest.importorskip("onnxruntime_genai")
+    from model_export import ValidationError
+    from model_export.exporters import onnx_export
+
+    original = onnx_export.write_genai_config
+
+    def without_end_of_turn(out, config):
+        original(out, config)
+        data = json.loads((out / "genai_config.json").read_text())
+        data["model"]["eos_token_id"] = [0]
+        (out / "genai_config.json").write_text(json.dumps(data))
+
+    monkeypatch.setattr(onnx_export, "write_genai_config", without_end_of_turn)
+    with pytest.raises(ValidationError) as err:
+        run(_config(training, tmp_path / "out", export_formats=["onnx"]))
+    assert err.value.code == "ME607" and "does not stop on the end-of-turn token 2 (it stops on [0])" in str(err.value)
+
+
+def test_without_go_the_modelfile_check_is_not_run_and_says_why(training, tmp_path, monkeypatch):
+    pytest.importorskip("llama_cpp")
+    import model_export.verify.serving as serving
+
+    real = shutil.which
+    monkeypatch.setattr(serving.shutil, "which", lambda name: None if name == "go" else real(name))
+    result = run(_config(training, tmp_path / "out", export_formats=["gguf"]))
+    verdict = result.steps["verify"]["result"]["verdicts"]["gguf"]
+    checks = {c["runtime"]: c for c in verdict["serving"]["checks"]}
+    ollama = checks["Ollama's TEMPLATE (Go text/template)"]
+    assert ollama["status"] == "not_run" and "apt-get install golang-go" in ollama["reason"]
+    assert verdict["status"] == "verified" and verdict["serving"]["status"] == "not_run"  # counted neither way
+    assert checks["llama.cpp's chat path (the GGUF's embedded template)"]["status"] == "verified"
