@@ -94,6 +94,9 @@ def test_a_sweep_folder_exports_every_run_with_the_local_pool(pooled, sweep):
         assert "reused from" in (out / f"lr-{lr}" / "export.log").read_text()
         modelfile = (out / f"lr-{lr}" / "export" / "gguf_lora" / "Modelfile").read_text()
         assert "FROM ../../../base/export/gguf/model-" in modelfile and "ADAPTER ./adapter-lora-f32.gguf" in modelfile
+        if LLAMA and shutil.which("go"):  # the LoRA's Modelfile is served as the model was trained (issue 26)
+            verdict = run_json["steps"]["verify"]["result"]["verdicts"]["gguf_lora"]
+            assert verdict["serving"]["status"] == "verified" and len(verdict["serving"]["checks"]) == 2
     assert len(list(out.glob("base/export/gguf/model-*.gguf"))) == 1
     page = (out / "report.html").read_text()
     for lr in LEARNING_RATES:

@@ -193,6 +193,8 @@ def serving_check(path: Path, tokenizer_dir: Path) -> dict[str, Any]:
     turn = end_of_turn(tokenizer)
     if path.suffix == ".gguf":
         checks = _gguf(path, convs, expected, turn) + _modelfile(path.parent, convs, expected, turn)
+    elif path.is_dir() and (path / "Modelfile").is_file():  # a batch's LoRA GGUF on the shared base, for Ollama
+        checks = _modelfile(path, convs, expected, turn)
     elif path.suffix == ".onnx":
         checks = _onnx(path, convs, expected, turn)
     elif path.is_dir() and (path / "config.json").is_file():

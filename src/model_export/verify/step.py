@@ -234,7 +234,7 @@ def _serve(verdict: Any, path: Path, inputs: VerifyInputs) -> None:
     from .judge import serving_failure
     from .serving import serving_check
 
-    if verdict.status == "not_run" or verdict.error or path.name in ADAPTER_ARTIFACTS:
+    if verdict.status == "not_run" or verdict.error or path.name == "peft":  # vLLM's LoRA folder: no chat path here
         return
     tokenizer = tokenizer_source([inputs.checkpoint, inputs.checkpoint.parent, inputs.base_dir]) or inputs.base_dir
     verdict.serving = serving_check(path, tokenizer)
