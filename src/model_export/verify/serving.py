@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -74,11 +75,11 @@ def _go_binary() -> Path | str:
         shutil.copyfile(GO_SOURCE, folder / "main.go")
         (folder / "go.mod").write_text("module ollamarender\n\ngo 1.19\n", encoding="utf-8")
         env = {"GOCACHE": str(folder / ".gocache"), "HOME": str(Path.home()), "PATH": str(Path(go).parent)}
-        done = subprocess.run(
-            [go, "build", "-o", str(binary), "."], cwd=folder, capture_output=True, text=True, env=env
-        )
+        built = folder / f"ollama-render.{os.getpid()}"  # processes building at once (a batch) each rename theirs
+        done = subprocess.run([go, "build", "-o", str(built), "."], cwd=folder, capture_output=True, text=True, env=env)
         if done.returncode:
             return i18n.ui("serving_go_failed", error=done.stderr.strip()[-300:])
+        os.replace(built, binary)
     return binary
 
 
