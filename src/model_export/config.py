@@ -2,7 +2,7 @@
 
 Field checks (types, ranges, unknown keys) happen when a configuration is built and are reported
 all at once as one ConfigError; rules that involve several fields live in
-``config_validator.validate_config``, which returns every problem instead of stopping at the first.
+``pipeline.validate.validate_config``, which returns every problem instead of stopping at the first.
 """
 
 from __future__ import annotations

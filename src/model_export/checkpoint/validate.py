@@ -336,7 +336,7 @@ def check(
     config: ExportConfiguration | None = None,
     progress: bool | None = None,
 ) -> CheckpointReport:
-    """Detect the checkpoint under ``checkpoint`` (see checkpoint_detector.detect), then validate it fully.
+    """Detect the checkpoint under ``checkpoint`` (see checkpoint.detect.detect), then validate it fully.
 
     Arguments left as None come from ``config`` (checkpoint_path, base_model_name, checkpoint_selection,
     enable_progress_monitoring, memory_monitoring). Raises CheckpointValidationError and BaseModelError.

@@ -6,7 +6,7 @@ onnxruntime-genai's builder writes them, so the graph file stays small whatever 
 tokenizer with its chat template, ``config.json`` and ``generation_config.json``.
 
 ``OnnxDecoder`` runs such a folder in onnxruntime on the CPU: the prompt, then a greedy loop that
-feeds ``present.*`` back as ``past_key_values.*``; verify.py compares it with the reference.
+feeds ``present.*`` back as ``past_key_values.*``; verify/artifacts.py compares it with the reference.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ transformers'.
     logits = model(ids).logits                        # [batch, seq, vocab], fp32
     model.generate(ids, max_new_tokens=16, do_sample=False)
 
-Which tensor is which comes from the merge's plan (merge_plan.make_plan), so the streamed model and the merge read the
+Which tensor is which comes from the merge's plan (merging.plan.make_plan), so the streamed model and the merge read the
 adapter the same way.
 """
 

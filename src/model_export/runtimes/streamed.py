@@ -1,5 +1,5 @@
-"""A model folder run through the layer-streamed forward pass (streamed.py): transformers' layers, one in memory at a
-time, on the CPU. Verification uses it for the reference and for safetensors artifacts (plain, or int8/int4
+"""A model folder run through the layer-streamed forward pass (merging/streamed.py): transformers' layers, one in
+memory at a time, on the CPU. Verification uses it for the reference and for safetensors artifacts (plain, or int8/int4
 compressed-tensors unpacked layer by layer) so that no whole model is loaded.
 
 Every forward pass reads every layer again, so the number of passes is the cost, not the number of tokens in them.

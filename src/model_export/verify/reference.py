@@ -260,8 +260,8 @@ def _not_streamed(options: RunOptions, base_dir: Path, checkpoint: Path, bitsand
 
 
 def _streamed_reference(base_dir: Path, checkpoint: Path, asked: _Asked, base_heldout: Path | None = None) -> Reference:
-    """The reference through the layer-streamed pass on the CPU (streamed.py), which agrees with PEFT's unmerged model
-    to fp32 rounding, one decoder layer in memory at a time."""
+    """The reference through the layer-streamed pass on the CPU (merging/streamed.py), which agrees with PEFT's unmerged
+    model to fp32 rounding, one decoder layer in memory at a time."""
     from ..merging.streamed import StreamedModel
     from ..runtimes.streamed import run_streamed
 
