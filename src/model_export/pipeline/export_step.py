@@ -120,7 +120,7 @@ def _export_result(state: RunState, names: list[str]) -> dict[str, Any]:
         peak_rss=max((r.peak_rss for r in records if r.peak_rss and not r.skipped), default=None),
         finished=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
-    state._save()
+    state.save()
     return result
 
 

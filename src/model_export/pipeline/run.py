@@ -220,13 +220,12 @@ def _merge_and_calibrate(
 def _reference_beside(state: RunState, checkpoint: Path, info: Any) -> Any:
     """verify:reference started in a process of its own beside the merge and export when the memory rule allows
     (pipeline/beside.py), unless run.json holds it unchanged; None when it waits for the verify step."""
-    from ..verify.step import REFERENCE_CACHE, reference_unit
+    from ..verify.step import reference_cached, reference_unit
     from .beside import Beside, beside_rule
 
     unit = reference_unit(state.config, state.shared, state.content)
     earlier = state.manifest.steps.get(unit.name)
-    cache = state.out / "verify" / REFERENCE_CACHE
-    if earlier and cache.is_file() and unit.kept(earlier.unit_record(), _fingerprint([cache])):
+    if earlier and reference_cached(unit, earlier.unit_record(), state.out):
         return None
     side_by_side, rule = beside_rule(state.config, info.weight_bytes, bool(state.shared))
     logger.info(i18n.ui("beside_start" if side_by_side else "beside_not", rule=rule))
@@ -357,10 +356,10 @@ def _verify_step(state: RunState, checkpoint: Path, base_dir: Path) -> None:
 
     def record(name: str, unit: dict[str, Any]) -> None:
         state.manifest.steps[name] = StepRecord.of_unit(unit, time.strftime("%Y-%m-%d %H:%M:%S"))
-        state.manifest.steps[name].skipped = unit is records.get(name) or unit == records.get(name)
+        state.manifest.steps[name].skipped = unit == records.get(name)
         if not state.manifest.steps[name].skipped:
             ran.append(name)
-        state._save()
+        state.save()
 
     computed = {}
     if state.beside is not None:  # verify:reference, computed beside the merge and export
@@ -389,7 +388,7 @@ def _verify_step(state: RunState, checkpoint: Path, base_dir: Path) -> None:
         always=True,
     )
     state.manifest.steps["verify"].skipped = not ran
-    state._save()
+    state.save()
 
 
 def _report(state: RunState, failure: ExportError | None = None) -> None:

@@ -62,7 +62,8 @@ class RunState:
         self.shared: dict[str, Any] = {}
         self.beside: Any = None  # verify:reference computing in a process of its own (pipeline/beside.py)
 
-    def _save(self) -> None:
+    def save(self) -> None:
+        """run.json as it stands, atomically; a full disk is ME403 naming what is free."""
         try:
             self.manifest.save(self.manifest_path)
         except OSError as exc:  # the disk filled up (or went read-only) while run.json was written
@@ -96,11 +97,11 @@ class RunState:
             self.results[name] = record.result
             return self.results[name]
         if record.status in ("done", "failed") and not always:
-            logger.info(i18n.ui("unit_reruns", unit=name, why=unit.why({"key": record.key, "values": record.values})))
+            logger.info(i18n.ui("unit_reruns", unit=name, why=unit.why(record.unit_record())))
         first_sample = len(self.monitor.samples)
         self.monitor.sample()
         self.manifest.steps[name] = record = StepRecord(status="running", key=unit.key, values=unit.declared)
-        self._save()
+        self.save()
         try:
             with timed_step(name) as timing:  # logs the step's duration, or its failure
                 result = action(spec.view(self.config))
@@ -112,7 +113,7 @@ class RunState:
             record.status, record.error, record.seconds = "failed", error.to_dict(), round(timing["seconds"], 3)
             record.result = self.results.get(name)  # what a failing step judged before it stopped (verify's verdicts)
             record.peak_rss = max((rss for _, rss in self.monitor.samples[first_sample:]), default=None)
-            self._save()
+            self.save()
             if error is exc:
                 raise
             raise error from exc
@@ -124,7 +125,7 @@ class RunState:
         record.seconds = round(timing["seconds"], 3)
         record.peak_rss = max(rss for _, rss in self.monitor.samples[first_sample:])
         record.finished = time.strftime("%Y-%m-%d %H:%M:%S")
-        self._save()
+        self.save()
         crash_point("step")
         self.results[name] = result
         return result

@@ -26,6 +26,7 @@ __all__ = [
     "verify_step",
     "reference_unit",
     "compute_cached",
+    "reference_cached",
     "reference_spec",
     "verify_spec",
     "verdict_counts",
@@ -285,6 +286,13 @@ def reference_unit(config: Any, shared: dict[str, Any], upstream: dict[str, str]
     return reference_spec().unit(config, [held and fingerprint([Path(held)])], upstream)
 
 
+def reference_cached(unit: Unit, record: dict[str, Any] | None, out: Path) -> bool:
+    """Whether verify/.reference.cache holds this reference: ``record`` (its unit's, from run.json or from the process
+    beside the export) has the unit's key and the cache file as it left it."""
+    cache = out / "verify" / REFERENCE_CACHE
+    return cache.is_file() and unit.kept(record, fingerprint([cache]))
+
+
 def compute_cached(config: Any, out: Path, checkpoint: Path, base_dir: Path, shared: dict[str, Any], unit: Unit) -> Any:
     """Compute the reference on the keys ``verify:reference`` declares and keep it in verify/.reference.cache; returns
     (the reference, the unit's record). Run by the verify step, or in a process of its own beside the export."""
@@ -348,8 +356,7 @@ class _LazyReference:
     def _load(self) -> Any:
         import torch
 
-        record = self.ready or self.earlier
-        if not self.unit.kept(record, fingerprint([self.cache])) or not self.cache.is_file():
+        if not reference_cached(self.unit, self.ready or self.earlier, self.inputs.out):
             return None
         from .reference import Reference
 
