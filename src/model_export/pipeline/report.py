@@ -15,6 +15,7 @@ from .. import i18n
 from ..files import strict_json, write_atomic
 from ..monitoring import human_bytes
 from ..verify.reference import reference_line
+from ..verify.serving import serving_line
 from .manifest import RunManifest
 from .plots import bars, logit_histogram_plot, memory_plot
 
@@ -41,12 +42,17 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     verdicts = verify.get("verdicts", {})
     base_bytes = results.get("check", {}).get("base_bytes")
     rows = []
-    for fmt, path in export.get("artifacts", {}).items():
-        # An ONNX folder holds two graphs (plain and optimized), each verified: one row each.
-        extra = [(label, v) for label, v in verdicts.items() if label.startswith(f"{fmt}-")]
+    sizes = export.get("sizes", {})
+    for fmt, path in [*export.get("artifacts", {}).items(), *_unexported(verdicts)]:
+        # An ONNX folder holds two graphs (plain and optimized), each verified: one row each; an artifact served by a
+        # server (safetensors@vllm) has a row of its own.
+        extra = [(label, v) for label, v in verdicts.items() if label.startswith((f"{fmt}-", f"{fmt}@"))]
         for label, v, where, size in [
-            (fmt, verdicts.get(fmt), path, export.get("sizes", {}).get(fmt, 0)),
-            *[(label, v, v["artifact"], _graph_bytes(v["artifact"])) for label, v in extra],
+            (fmt, verdicts.get(fmt), path, sizes.get(fmt, 0) if fmt in sizes else _folder_bytes(path)),
+            *[
+                (label, v, v["artifact"], sizes.get(fmt, 0) if "@" in label else _graph_bytes(v["artifact"]))
+                for label, v in extra
+            ],
         ]:
             if v is None:  # verification did not run this artifact at all
                 v = {
@@ -64,6 +70,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "reason": v.get("reason"),
                     "serving": serving_line(v.get("serving")),
                     "runtime": v.get("runtime"),
+                    "server": v.get("server"),
                     "method": _method(results, fmt),
                     "peak_rss": v.get("peak_rss"),
                     "rule": v.get("rule"),
@@ -79,6 +86,17 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def _unexported(verdicts: dict[str, Any]) -> list[tuple[str, str]]:
+    """What a server verified that no export wrote (``adapter@vllm``: the run's adapter as a LoRA on the base), as
+    (label, path)."""
+    return [(label, v["artifact"]) for label, v in verdicts.items() if label.startswith("adapter@")]
+
+
+def _folder_bytes(path: str) -> int:
+    folder = Path(path)
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
 def _method(results: dict[str, Any], fmt: str) -> str | None:
@@ -157,24 +175,20 @@ _STATUS_CLASS = {"verified": "ok", "failed": "bad", "not_run": "warn"}
 STATUS_TEXT = {"verified": "status_verified", "failed": "status_failed", "not_run": "status_not_run"}
 
 
-def serving_line(serving: dict[str, Any] | None) -> str | None:
-    """``serving check: 3 of 4 verified; not run: Ollama's TEMPLATE (...): Go is not installed ...``."""
-    if not serving or not serving.get("checks"):
-        return None
-    checks = serving["checks"]
-    line = i18n.ui("serving_line", verified=sum(c["status"] == "verified" for c in checks), total=len(checks))
-    skipped = [f"{c['runtime']}: {c.get('reason', '')}" for c in checks if c["status"] == "not_run"]
-    return line + (i18n.ui("serving_not_run_part", what="; ".join(skipped)) if skipped else "")
-
-
 def _artifact_row(r: dict[str, Any]) -> str:
     verdict = f'<b class="{_STATUS_CLASS[r["status"]]}">{html.escape(i18n.ui(STATUS_TEXT[r["status"]]))}</b>'
     ran = r.get("runtime")
     if ran and r.get("peak_rss"):
         ran = i18n.ui("verify_peak", runtime=ran, memory=human_bytes(r["peak_rss"]))
+    server = r.get("server") or {}
+    if ran and server.get("start_seconds") is not None:
+        memory = human_bytes(server["peak_rss"]) if server.get("peak_rss") else "?"
+        ran = i18n.ui("report_server", runtime=ran, seconds=server["start_seconds"], memory=memory)
     for note in (r["reason"], ran, r.get("serving")):
         if note:
             verdict += f'<br><span class="muted">{html.escape(note)}</span>'
+    if server.get("command"):
+        verdict += f'<br><code class="rule">{html.escape(server["command"])}</code>'
     ratio = "" if r["size_vs_base"] is None else f" ({r['size_vs_base']:.2f}×)"
     method = r.get("method")
     quantized = (

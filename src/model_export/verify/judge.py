@@ -68,6 +68,7 @@ class ArtifactVerdict:
     peak_rss: int | None = None  # this process's resident memory at its peak while the artifact was loaded and run
     rule_prefix: str = ""  # what the rule says before the bounds (a GGUF's read back): kept when judged again
     serving: dict[str, Any] | None = None  # the serving check (verify/serving.py): chat template and stop set
+    server: dict[str, Any] | None = None  # served by a server (verify/served.py): its command, start time, memory
     failure: ValidationError | None = field(default=None, repr=False)
     outputs: dict[str, Any] | None = field(default=None, repr=False)  # the artifact's logits and greedy tokens
 
@@ -211,7 +212,8 @@ def judge(
     if not suffix and _COARSENESS.get(floor, 1) > _COARSENESS.get(verdict.precision, 1):
         suffix = " (weights rounded in the merge)"
     if precision == "full":
-        verdict.rule = f"max |logit diff| <= {i18n.format_number(bounds.tolerance)}"
+        measure = "logprob" if verdict.server else "logit"  # a server gives top-k log-probabilities, not logits
+        verdict.rule = f"max |{measure} diff| <= {i18n.format_number(bounds.tolerance)}"
         if verdict.max_abs_diff > bounds.tolerance:
             return ValidationError(
                 "output_mismatch",

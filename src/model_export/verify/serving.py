@@ -27,7 +27,7 @@ from typing import Any
 from .. import i18n
 from ..exporters.modelfile import conversations, end_of_turn, read_modelfile
 
-__all__ = ["serving_check", "serving_inputs", "ollama_renderings", "GO_SOURCE"]
+__all__ = ["serving_check", "serving_inputs", "serving_line", "ollama_renderings", "GO_SOURCE"]
 
 GO_SOURCE = Path(__file__).resolve().parents[1] / "data" / "ollama_render.go"
 
@@ -205,3 +205,13 @@ def serving_check(path: Path, tokenizer_dir: Path) -> dict[str, Any]:
     statuses = {c["status"] for c in checks}
     status = "failed" if "failed" in statuses else "not_run" if "not_run" in statuses else "verified"
     return {"status": status, "checks": checks, "end_of_turn": turn[0] if turn else None}
+
+
+def serving_line(serving: dict[str, Any] | None) -> str | None:
+    """``serving check: 3 of 4 verified; not run: Ollama's TEMPLATE (...): Go is not installed ...``."""
+    if not serving or not serving.get("checks"):
+        return None
+    checks = serving["checks"]
+    line = i18n.ui("serving_line", verified=sum(c["status"] == "verified" for c in checks), total=len(checks))
+    skipped = [f"{c['runtime']}: {c.get('reason', '')}" for c in checks if c["status"] == "not_run"]
+    return line + (i18n.ui("serving_not_run_part", what="; ".join(skipped)) if skipped else "")

@@ -32,6 +32,7 @@ __all__ = [
     "verdict_counts",
     "REFERENCE_KEYS",
     "RUN_KEYS",
+    "SERVED_KEYS",
     "BOUND_KEYS",
     "ADAPTER_ARTIFACTS",
 ]
@@ -51,6 +52,7 @@ REFERENCE_KEYS = (
 )
 RUN_KEYS = ("validation_new_tokens", "max_sequence_length", "batch_size", "use_memory_mapping", "device_map")
 RUN_KEYS += ("verification_runtime", "save_intermediate_results")
+SERVED_KEYS = ("validation_new_tokens", "max_sequence_length", "vllm_python")  # what a served unit reads
 BOUND_KEYS = (
     "validation_tolerance",
     "validation_min_top1",
@@ -69,15 +71,16 @@ def reference_spec() -> StepSpec:
 
 
 def verify_spec(label: str) -> StepSpec:
-    """``verify:<artifact>``: one artifact run on the reference's inputs and judged on the bounds."""
-    from .step import BOUND_KEYS
-    from .step import RUN_KEYS as RUN_KEYS
-
+    """``verify:<artifact>``: one artifact run on the reference's inputs and judged on the bounds;
+    ``verify:<artifact>@<server>`` (verify/served.py): an artifact served by a server (``adapter@vllm``: the run's
+    adapter as a LoRA on the base, which needs only the check)."""
+    artifact, served, _ = label.partition("@")
+    export = f"export:{artifact.split('/')[0]}" if artifact != "adapter" else "check"
     return StepSpec(
         f"verify:{label}",
-        keys=RUN_KEYS,
+        keys=SERVED_KEYS if served else RUN_KEYS,
         bounds=BOUND_KEYS,
-        needs=("verify:reference", f"export:{label.split('/')[0]}"),
+        needs=("verify:reference", export),
         writes="verify",
     )
 
@@ -106,8 +109,10 @@ def verify_step(inputs: VerifyInputs, failed: Callable[[dict[str, Any]], None]) 
     """Verify every artifact; return the step's result (verdicts, counts, reference, units). ``failed(result)`` is
     called with the result before the first failure is raised (the report shows every verdict)."""
     from ..runtimes import runtime_problem
+    from ..runtimes.vllm import vllm_problem, vllm_python
     from .artifacts import precision_of, verifiable
     from .judge import Bounds
+    from .served import served_targets
     from .serving import serving_inputs
 
     c, verify_dir = inputs.config, inputs.out / "verify"
@@ -123,10 +128,13 @@ def verify_step(inputs: VerifyInputs, failed: Callable[[dict[str, Any]], None]) 
     upstream = {**inputs.upstream, "verify:reference": reference.unit.content_key}
     runnable = verifiable({f: p for f, p in inputs.artifacts.items() if f not in ADAPTER_ARTIFACTS})
     runnable += [(f, Path(inputs.artifacts[f])) for f in ADAPTER_ARTIFACTS if f in inputs.artifacts]
+    runnable += served_targets(inputs.artifacts, inputs.checkpoint, list(c.verification_servers))
     verdicts, failures = {}, []
     for label, path in runnable:
         # whether its runtime can start here is an input too: a GGUF not run for want of llama.cpp runs once it is there
         ran = [_artifact_files(path, inputs), floor, runtime_problem(path), serving_inputs(path)]
+        if "@" in label:  # whether the server can start here is an input: a unit not run reruns once it can
+            ran[2] = vllm_problem(vllm_python(c.vllm_python))
         unit = verify_spec(label).unit(c, ran, upstream)
         earlier = previous.get("verdicts", {}).get(label)
         record = inputs.records.get(unit.name)
@@ -235,8 +243,8 @@ def _serve(verdict: Any, path: Path, inputs: VerifyInputs) -> None:
     from .judge import serving_failure
     from .serving import serving_check
 
-    if verdict.status == "not_run" or verdict.error or path.name == "peft":  # vLLM's LoRA folder: no chat path here
-        return
+    if verdict.status == "not_run" or verdict.error or path.name == "peft" or verdict.server is not None:
+        return  # a PEFT folder has no chat path of its own; a server's was checked in the server
     tokenizer = tokenizer_source([inputs.checkpoint, inputs.checkpoint.parent, inputs.base_dir]) or inputs.base_dir
     verdict.serving = serving_check(path, tokenizer)
     failure = serving_failure(verdict)
@@ -252,8 +260,10 @@ def _run_one(
     from .artifacts import verify_artifact, verify_gguf, verify_gguf_lora, verify_peft_folder
     from .reference import RunOptions
 
-    options = RunOptions.from_config(c)
     new_tokens = c.validation_new_tokens
+    if "@" in label:
+        return _served(label, path, inputs, c, reference.get(), bounds, floor)
+    options = RunOptions.from_config(c)
     if label == "peft":
         return verify_peft_folder(path, inputs.checkpoint)
     if label == "gguf_lora":
@@ -277,6 +287,28 @@ def _run_one(
     run = reference.get()
     return verify_artifact(
         path, run, bounds, new_tokens=new_tokens, raise_on_failure=False, floor=floor, options=options
+    )
+
+
+def _served(label: str, path: Path, inputs: VerifyInputs, c: ConfigView, run: Any, bounds: Any, floor: str) -> Any:
+    """An artifact served by vLLM (verify/served.py), with the training run's tokenizer; the server's log in
+    verify/<label>.log."""
+    from ..runtimes.vllm import vllm_python
+    from .served import verify_served
+
+    tokenizer = tokenizer_source([inputs.checkpoint, inputs.checkpoint.parent, inputs.base_dir]) or inputs.base_dir
+    return verify_served(
+        label,
+        path,
+        run,
+        bounds,
+        base_dir=inputs.base_dir,
+        tokenizer_dir=Path(tokenizer),
+        python=vllm_python(c.vllm_python),
+        new_tokens=c.validation_new_tokens,
+        max_len=c.max_sequence_length,
+        floor=floor,
+        log=inputs.out / "verify" / f"{label}.log",
     )
 
 

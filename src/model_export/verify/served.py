@@ -1,0 +1,293 @@
+"""Verification in a server users deploy with (``verification_servers: [vllm]``): the merged safetensors folder (plain,
+or int8/int4 compressed-tensors) served by vLLM, and the adapter served unmerged as a LoRA on the base
+(``--enable-lora --lora-modules``), each judged against the same reference as every other artifact.
+
+What the server is asked, per reference input (the chat-templated prompt as token ids), in one completion request:
+the top-k log-probabilities at every prompt position (``prompt_logprobs``), the greedy continuation with the top-k at
+each generated position; the held-out text's own log-probabilities give the perplexity. Metrics on the top-k vLLM
+returns (k = 20, vLLM's default ``--max-logprobs``): top-1 agreement with the reference's argmax, KL between the
+reference and vLLM over the tokens vLLM returned (both renormalized on that shared support), the largest log-probability
+difference on them (the full-precision rule), and greedy agreement. Then the serving check, in the same server: its
+chat template rendering (``/tokenize`` with the messages) against ``apply_chat_template``, and that a generation that
+reaches the end-of-turn token stops there (the token forced by ``logit_bias``; vLLM stops on its stop set).
+
+A server that cannot start (no vLLM in the interpreter, no kernel for a quantization in its CPU build) is ``not run``
+with vLLM's own reason; an adapter vLLM refuses at start (``--lora-modules``) fails, with vLLM's reason: the user asked
+whether it can be served that way, and it cannot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .. import i18n
+from ..errors import ValidationError
+from ..monitoring import logger
+from ..runtimes import precision_of
+from .judge import ArtifactVerdict, Bounds, SampleResult, judge, not_run
+
+__all__ = ["verify_served", "served_targets", "compare_topk", "SERVERS", "TOP_K"]
+
+SERVERS = ("vllm",)
+TOP_K = 20
+_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's --max-lora-rank accepts
+
+
+def served_targets(artifacts: dict[str, str], checkpoint: Path, servers: list[str]) -> list[tuple[str, Path]]:
+    """(label, path) of what each server in ``servers`` verifies: ``safetensors@vllm`` (the safetensors artifact) and
+    the adapter as a LoRA on the base: ``peft@vllm`` (a batch's PEFT folder) or ``adapter@vllm`` (the run's
+    checkpoint)."""
+    targets: list[tuple[str, Path]] = []
+    if "vllm" in servers:
+        if "safetensors" in artifacts:
+            targets.append(("safetensors@vllm", Path(artifacts["safetensors"])))
+        if "peft" in artifacts:
+            targets.append(("peft@vllm", Path(artifacts["peft"])))
+        else:
+            targets.append(("adapter@vllm", checkpoint))
+    return targets
+
+
+def _dtype(folder: Path) -> str:
+    """The dtype a model folder's config names (what a user serves it in): float32, bfloat16 or float16."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _max_len(folder: Path, configured: int) -> int:
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return min(configured, int(config.get("max_position_embeddings") or configured))
+
+
+def _lora_rank(adapter: Path) -> int:
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    rank = max([int(config.get("r") or 8), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
+    return next((r for r in _LORA_RANKS if r >= rank), rank)
+
+
+def _server(label: str, path: Path, base_dir: Path, tokenizer: Path, python: str, max_len: int, log: Path) -> Any:
+    """The server for one unit, and the model name its requests use."""
+    from ..runtimes.vllm import VllmServer
+
+    path, base_dir, tokenizer = path.resolve(), base_dir.resolve(), tokenizer.resolve()
+    if label == "safetensors@vllm":
+        server = VllmServer(path, python=python, dtype=_dtype(path), max_len=_max_len(path, max_len), log=log)
+        return server, server.name
+    extra = {"tokenizer": tokenizer} if tokenizer != base_dir else {}
+    loras = {"adapter": path}
+    server = VllmServer(
+        base_dir,
+        python=python,
+        dtype=_dtype(base_dir),
+        max_len=_max_len(base_dir, max_len),
+        log=log,
+        loras=loras,
+        max_lora_rank=_lora_rank(path),
+        **extra,
+    )
+    return server, "adapter"
+
+
+def _top(entry: dict[str, float]) -> dict[int, float]:
+    """A logprobs dict of vLLM's (keys "token_id:N" or "N"; values a float or {"logprob": x}) as id -> logprob."""
+    found = {}
+    for key, value in entry.items():
+        token = int(str(key).rsplit(":", 1)[-1])
+        found[token] = float(value["logprob"] if isinstance(value, dict) else value)
+    return found
+
+
+def _ask(server: Any, model: str, ids: list[int], new_tokens: int) -> tuple[list[dict[int, float]], list[int]]:
+    """One completion: the top-k at each prompt position's next token (the first position's from the first generated
+    token's logprobs), and the greedy continuation."""
+    body = {"model": model, "prompt": ids, "max_tokens": new_tokens, "temperature": 0, "logprobs": TOP_K}
+    body.update(prompt_logprobs=TOP_K, return_tokens_as_token_ids=True)
+    choice = server.post("/v1/completions", body)["choices"][0]
+    prompt = [_top(entry) for entry in choice["prompt_logprobs"][1:]]
+    generated = choice["logprobs"]
+    tokens = [int(t.rsplit(":", 1)[-1]) for t in generated["tokens"]]
+    return [*prompt, _top(generated["top_logprobs"][0])], tokens
+
+
+def _heldout_perplexity(server: Any, model: str, ids: list[int]) -> float:
+    body = {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
+    choice = server.post("/v1/completions", body)["choices"][0]
+    own = [_top(entry)[token] for entry, token in zip(choice["prompt_logprobs"][1:], ids[1:])]
+    return math.exp(-sum(own) / max(len(own), 1))
+
+
+def compare_topk(
+    reference: Any, runs: list[tuple[list[dict[int, float]], list[int]]]
+) -> tuple[list[SampleResult], list[float]]:
+    """Each sample's metrics from the server's top-k at every position against the reference's full logits, and every
+    log-probability difference (for the report's histogram)."""
+    import torch
+
+    samples, differences = [], []
+    for prompt, logits, want, (positions, greedy) in zip(reference.prompts, reference.logits, reference.greedy, runs):
+        logp = logits.float().log_softmax(-1)
+        diffs, kls, top1 = [], [], []
+        for row, top in zip(logp, positions):
+            ids = torch.tensor(list(top))
+            got = torch.tensor(list(top.values()), dtype=torch.float32)
+            ours = row[ids]
+            diffs.append((got - ours).abs())
+            p, q = ours.log_softmax(-1), got.log_softmax(-1)  # both renormalized on the shared support
+            kls.append(float((p.exp() * (p - q)).sum()))
+            top1.append(float(int(ids[got.argmax()]) == int(row.argmax())))
+        every = torch.cat(diffs)
+        differences += every.tolist()
+        agree = sum(a == b for a, b in zip(want, greedy)) / max(len(want), 1)
+        samples.append(
+            SampleResult(
+                prompt,
+                float(every.max()),
+                float(every.mean()),
+                max(sum(kls) / len(kls), 0.0),
+                sum(top1) / len(top1),
+                agree,
+            )
+        )
+    return samples, differences
+
+
+def _histogram(differences: list[float], bins: int = 24) -> dict[str, list[float]]:
+    import torch
+
+    values = torch.tensor(differences, dtype=torch.float32)
+    values = values[torch.isfinite(values)]
+    top = (float(values.max()) if values.numel() else 0.0) or 1e-12
+    counts = torch.histc(values, bins=bins, min=0.0, max=top)
+    return {"edges": [top * i / bins for i in range(bins + 1)], "counts": counts.tolist()}
+
+
+def served_serving(server: Any, model: str, tokenizer_dir: Path) -> dict[str, Any]:
+    """The serving check in the server: its rendering of each conversation (``/tokenize`` with the messages) against
+    ``apply_chat_template`` token for token, and that it stops on the end-of-turn token."""
+    from transformers import AutoTokenizer
+
+    from ..exporters.modelfile import conversations, end_of_turn
+    from .serving import _check, _compare
+
+    runtime, stop_runtime = i18n.ui("serving_runtime_vllm"), i18n.ui("serving_runtime_vllm_stop")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if not getattr(tokenizer, "chat_template", None):
+        return {"status": "not_run", "reason": i18n.ui("serving_no_chat_template"), "checks": []}
+    convs = conversations(tokenizer)
+    expected = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+    got = []
+    for conversation, text in zip(convs, expected):
+        body = {"model": model, "messages": conversation, "add_generation_prompt": True}
+        ids = server.post("/tokenize", body)["tokens"]
+        same = ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+        got.append(text if same else tokenizer.decode(ids, skip_special_tokens=False))
+    checks = [_compare(runtime, convs, expected, got)]
+    turn = end_of_turn(tokenizer)
+    if turn is None:
+        checks.append(_check(stop_runtime, "not_run", reason=i18n.ui("serving_no_turn")))
+    else:
+        prompt = tokenizer(expected[0], add_special_tokens=False)["input_ids"]
+        body = {"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0, "logit_bias": {str(turn[1]): 100}}
+        choice = server.post("/v1/completions", {**body, "return_token_ids": True})["choices"][0]
+        tokens = choice.get("token_ids") or []
+        if choice["finish_reason"] == "stop" and tokens == [turn[1]]:
+            checks.append(_check(stop_runtime, "verified", stop=turn[1]))
+        else:
+            checks.append(_check(stop_runtime, "failed", stop=turn[1], held=tokens))
+    statuses = {c["status"] for c in checks}
+    status = "failed" if "failed" in statuses else "not_run" if "not_run" in statuses else "verified"
+    return {"status": status, "checks": checks, "end_of_turn": turn[0] if turn else None}
+
+
+def verify_served(
+    label: str,
+    path: Path,
+    reference: Any,
+    bounds: Bounds,
+    *,
+    base_dir: Path,
+    tokenizer_dir: Path,
+    python: str,
+    new_tokens: int,
+    max_len: int,
+    floor: str,
+    log: Path,
+) -> ArtifactVerdict:
+    """Serve ``path`` (``label``: safetensors@vllm, adapter@vllm or peft@vllm) in vLLM, run the reference's inputs and
+    the serving check through it, judge it on ``bounds`` and stop the server."""
+    from ..runtimes.vllm import ServerFailed, root_cause, unsupported, vllm_problem
+    from .judge import serving_failure
+
+    lora, path = not label.startswith("safetensors@"), path.resolve()
+    precision = precision_of(base_dir if lora else path)
+    problem = vllm_problem(python)
+    if problem is not None:
+        return not_run(path, precision, problem)
+    server, model = _server(label, path, base_dir, tokenizer_dir, python, max_len, log)
+    try:
+        with server:
+            runs = [_ask(server, model, [int(i) for i in ids], new_tokens) for ids in reference.input_ids]
+            heldout = None
+            if reference.heldout_ids is not None:
+                heldout = _heldout_perplexity(server, model, [int(i) for i in reference.heldout_ids])
+            serving = served_serving(server, model, tokenizer_dir)
+    except ServerFailed as exc:
+        missing = unsupported(log)
+        if (
+            missing is not None
+        ):  # vLLM's build has no kernel for this artifact's kind: the runtime's limit, not its fault
+            verdict = not_run(path, precision, i18n.ui("vllm_no_kernel", reason=missing, log=log))
+            verdict.server = _server_record(server, log)
+            return verdict
+        if server.start_seconds is None and not exc.lora:  # the runtime could not start: nothing known of the artifact
+            return not_run(path, precision, i18n.ui("vllm_not_started", reason=exc.reason, log=log))
+        if server.start_seconds is not None:  # the server answered, then failed on a request: its root cause
+            exc.reason = f"{exc.reason} ({root_cause(log)})"
+        verdict = ArtifactVerdict(str(path), precision, "failed", "vLLM", error=exc.reason)
+        verdict.runtime = i18n.ui("vllm_runtime", version=server.version or "?")
+        verdict.server = _server_record(server, log)
+        verdict.failure = ValidationError("inference_failed", artifact=str(path), error=exc.reason)
+        return verdict
+    samples, differences = compare_topk(reference, runs)
+    verdict = ArtifactVerdict(str(path), precision, "verified", "", samples, _histogram(differences))
+    verdict.runtime = i18n.ui("vllm_runtime", version=server.version)
+    verdict.server = _server_record(server, log)
+    verdict.perplexity, verdict.reference_perplexity = heldout, reference.heldout_perplexity
+    verdict.failure = judge(verdict, bounds, reference.precision, floor)  # on log-probabilities: verdict.server
+    verdict.rule_prefix = i18n.ui("vllm_rule", k=TOP_K)
+    verdict.rule = verdict.rule_prefix + verdict.rule
+    verdict.serving = serving
+    verdict.failure = verdict.failure or serving_failure(verdict)
+    verdict.status = "verified" if verdict.failure is None else "failed"
+    from .serving import serving_line
+
+    logger.info(
+        i18n.ui(
+            "verify_served_line",
+            artifact=f"{label} ({path})",
+            runtime=verdict.runtime,
+            serving=serving_line(serving) or "",
+            rule=verdict.rule,
+            diff=verdict.max_abs_diff,
+            kl=verdict.mean_kl,
+            top1=verdict.top1_agreement,
+            result="passed" if verdict.passed else "FAILED",
+        )
+    )
+    return verdict
+
+
+def _server_record(server: Any, log: Path) -> dict[str, Any]:
+    """What the report says of the server: the command a user would type, vLLM's version, its start time, the peak
+    resident memory of its processes, and its log."""
+    return {
+        "command": " ".join(server.command),
+        "version": server.version,
+        "start_seconds": server.start_seconds,
+        "peak_rss": server.peak_rss or None,
+        "log": str(log),
+    }
