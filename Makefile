@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,onnx,gguf,genai,quant,ray
 
-.PHONY: install golang vllm demo test lint clean
+.PHONY: install golang vllm demo test test-servers lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,8 +45,13 @@ $(VLLM_VENV)/.installed:
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/model-export demo
 
+# The first tier. The tests that start servers (vLLM, about 30 s each) are the second: make test-servers.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not server"
+	@echo "Not run here: the vLLM server tests (pytest -m server). Run: make test-servers (it runs make vllm first)"
+
+test-servers: install vllm
+	$(BIN)/python -m pytest -q -m server -rs
 
 lint: install
 	$(BIN)/ruff check src tests scripts benchmarks

@@ -32,17 +32,8 @@ QuantizationLevel = Literal["none", "bf16", "fp16", "int8", "int4"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
+_UNITS = {"b": 1, **{f"{p}b": 10 ** (3 * i) for i, p in enumerate("kmgt", 1)}}
+_UNITS.update({f"{p}ib": 2 ** (10 * i) for i, p in enumerate("kmgt", 1)})
 
 
 def _invalid(kind: str, template: str, **context: Any) -> Exception:
@@ -351,17 +342,15 @@ class ExportConfiguration(BaseModel):
     )
     verification_servers: list[Literal["vllm"]] = Field(
         [],
-        description="Servers that also verify the artifacts they serve, each started on 127.0.0.1 and stopped when "
-        "the run ends. vllm: vLLM's OpenAI-compatible server serves the safetensors artifact (merged, or int8/int4 "
-        "compressed-tensors) and the adapter unmerged as a LoRA on the base (--enable-lora --lora-modules); each is "
-        "judged on vLLM's top-20 log-probabilities against the same reference, with its chat template and stop set. "
-        "A server that cannot start here is 'not run' with its reason. Empty: none.",
+        description="Servers that also verify what they serve, started on 127.0.0.1 and stopped when the run ends. "
+        "vllm: vLLM's OpenAI server serves the safetensors artifact (merged, or int8/int4 compressed-tensors) and the "
+        "adapter as a LoRA on the base, each judged on vLLM's top-20 log-probabilities with its chat template and stop "
+        "set. A server that cannot start is 'not run' with its reason.",
     )
     vllm_python: str | None = Field(
         None,
-        description="The Python interpreter that has vLLM (vLLM pins its own torch and transformers, so it usually "
-        "has an environment of its own: make vllm builds .venv-vllm). Unset: MODEL_EXPORT_VLLM_PYTHON, else this "
-        "tool's own interpreter.",
+        description="The interpreter that has vLLM (make vllm builds .venv-vllm: vLLM pins its own torch and "
+        "transformers). Unset: MODEL_EXPORT_VLLM_PYTHON, else this tool's own interpreter.",
     )
     test_input_samples: list[str] = Field(
         default_factory=lambda: ["Hello", "简单测试", "Write a haiku about autumn."],
@@ -456,7 +445,7 @@ class ExportConfiguration(BaseModel):
             raise _invalid("me_positive", "must be larger than 0")
         return value
 
-    @field_validator("checkpoint_path", "base_model_name", "output_dir", "calibration_data", "log_file")
+    @field_validator("checkpoint_path", "base_model_name", "output_dir", "calibration_data", "log_file", "vllm_python")
     @classmethod
     def _check_path(cls, value: str | None) -> str | None:
         if value is not None and "\0" in value:  # no file system takes it; os functions would raise ValueError
@@ -466,8 +455,6 @@ class ExportConfiguration(BaseModel):
     @field_validator("quantization_keep_modules")
     @classmethod
     def _check_patterns(cls, value: list[str]) -> list[str]:
-        import re
-
         for pattern in value:
             try:
                 re.compile(pattern)
@@ -492,7 +479,7 @@ class ExportConfiguration(BaseModel):
                 raise _invalid("me_nul", "a path cannot contain a NUL character")
         return value
 
-    @field_validator("export_formats")
+    @field_validator("export_formats", "verification_servers")
     @classmethod
     def _dedupe(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))

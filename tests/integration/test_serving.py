@@ -138,3 +138,26 @@ def test_without_go_the_modelfile_check_is_not_run_and_says_why(training, tmp_pa
     assert ollama["status"] == "not_run" and "apt-get install golang-go" in ollama["reason"]
     assert verdict["status"] == "verified" and verdict["serving"]["status"] == "not_run"  # counted neither way
     assert checks["llama.cpp's chat path (the GGUF's embedded template)"]["status"] == "verified"
+
+
+def test_without_vllm_its_units_are_not_run_and_say_how_to_get_it(training, tmp_path):
+    """The tool's own interpreter has no vLLM (it pins other torch and transformers): the units vLLM would verify are
+    'not run' with the way to build its interpreter, counted neither way, and nothing is started."""
+    import sys
+
+    result = run(
+        _config(
+            training,
+            tmp_path / "out",
+            export_formats=["safetensors"],
+            quantization_level="none",
+            verification_servers=["vllm"],
+            vllm_python=sys.executable,
+        )
+    )
+    verify = result.steps["verify"]["result"]
+    for label in ("safetensors@vllm", "adapter@vllm"):
+        verdict = verify["verdicts"][label]
+        assert verdict["status"] == "not_run" and "run make vllm" in verdict["reason"], verdict
+    assert verify["verdicts"]["safetensors"]["status"] == "verified"
+    assert verify["passed"] is None and verify["counts"] == {"verified": 1, "failed": 0, "not_run": 2}

@@ -16,10 +16,12 @@ from model_export.exporters import FORMATS
 from model_export.pipeline.graph import RUN_KEYS, STEP_SPECS, StepSpec, export_spec
 from model_export.verify.step import reference_spec, verify_spec
 
+SERVED = ["safetensors@vllm", "adapter@vllm"]  # verify/served.py: what vLLM serves (verification_servers)
+
 
 def _all_specs() -> list[StepSpec]:
     specs = list(STEP_SPECS.values()) + [export_spec(fmt) for fmt in FORMATS] + [reference_spec()]
-    return specs + [verify_spec(fmt) for fmt in FORMATS]
+    return specs + [verify_spec(label) for label in [*FORMATS, *SERVED]]
 
 
 def _declared(spec: StepSpec) -> set[str]:
@@ -84,8 +86,8 @@ def _keys(config: ExportConfiguration) -> dict[str, tuple[str, str]]:
     for spec in [STEP_SPECS["benchmark"], reference_spec()]:
         unit = spec.unit(config, [], content)
         keys[spec.name], content[spec.name] = (unit.key, unit.content_key), unit.content_key
-    for fmt in FORMATS:
-        unit = verify_spec(fmt).unit(config, [], content)
+    for label in [*FORMATS, *SERVED]:
+        unit = verify_spec(label).unit(config, [], content)
         keys[unit.name] = (unit.key, unit.content_key)
     return keys
 

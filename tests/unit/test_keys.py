@@ -56,6 +56,8 @@ KEY_EFFECTS = {
     "validation_max_kl": "unit/test_keys.py::test_reduced_precision_bounds_decide_the_verdict",
     "validation_int4_min_top1": "integration/test_pipeline.py::test_the_demo_at_int4_verifies_every_artifact_on_the_int4_bounds",
     "validation_int4_max_kl": "integration/test_pipeline.py::test_the_demo_at_int4_verifies_every_artifact_on_the_int4_bounds",
+    "verification_servers": "integration/test_serving.py::test_without_vllm_its_units_are_not_run_and_say_how_to_get_it",
+    "vllm_python": "integration/test_serving.py::test_without_vllm_its_units_are_not_run_and_say_how_to_get_it",
     "verification_runtime": "integration/test_first_contact.py::test_verification_runtime_streams_the_reference_or_loads_it_whole",
     "validation_new_tokens": "integration/test_pipeline.py::test_rerun_skips_and_a_changed_setting_reruns_what_follows",
     "test_input_samples": "integration/test_first_contact.py::test_max_sequence_length_cuts_a_long_prompt_instead_of_failing_in_onnxruntime",

@@ -219,8 +219,7 @@ def verify_served(
 ) -> ArtifactVerdict:
     """Serve ``path`` (``label``: safetensors@vllm, adapter@vllm or peft@vllm) in vLLM, run the reference's inputs and
     the serving check through it, judge it on ``bounds`` and stop the server."""
-    from ..runtimes.vllm import ServerFailed, root_cause, unsupported, vllm_problem
-    from .judge import serving_failure
+    from ..runtimes.vllm import ServerFailed, vllm_problem
 
     lora, path = not label.startswith("safetensors@"), path.resolve()
     precision = precision_of(base_dir if lora else path)
@@ -236,41 +235,33 @@ def verify_served(
                 heldout = _heldout_perplexity(server, model, [int(i) for i in reference.heldout_ids])
             serving = served_serving(server, model, tokenizer_dir)
     except ServerFailed as exc:
-        missing = unsupported(log)
-        if (
-            missing is not None
-        ):  # vLLM's build has no kernel for this artifact's kind: the runtime's limit, not its fault
-            verdict = not_run(path, precision, i18n.ui("vllm_no_kernel", reason=missing, log=log))
-            verdict.server = _server_record(server, log)
-            return verdict
-        if server.start_seconds is None and not exc.lora:  # the runtime could not start: nothing known of the artifact
-            return not_run(path, precision, i18n.ui("vllm_not_started", reason=exc.reason, log=log))
-        if server.start_seconds is not None:  # the server answered, then failed on a request: its root cause
-            exc.reason = f"{exc.reason} ({root_cause(log)})"
-        verdict = ArtifactVerdict(str(path), precision, "failed", "vLLM", error=exc.reason)
-        verdict.runtime = i18n.ui("vllm_runtime", version=server.version or "?")
-        verdict.server = _server_record(server, log)
-        verdict.failure = ValidationError("inference_failed", artifact=str(path), error=exc.reason)
-        return verdict
+        return _unserved(exc, server, path, precision, log)
     samples, differences = compare_topk(reference, runs)
     verdict = ArtifactVerdict(str(path), precision, "verified", "", samples, _histogram(differences))
     verdict.runtime = i18n.ui("vllm_runtime", version=server.version)
     verdict.server = _server_record(server, log)
     verdict.perplexity, verdict.reference_perplexity = heldout, reference.heldout_perplexity
-    verdict.failure = judge(verdict, bounds, reference.precision, floor)  # on log-probabilities: verdict.server
-    verdict.rule_prefix = i18n.ui("vllm_rule", k=TOP_K)
-    verdict.rule = verdict.rule_prefix + verdict.rule
     verdict.serving = serving
-    verdict.failure = verdict.failure or serving_failure(verdict)
-    verdict.status = "verified" if verdict.failure is None else "failed"
+    _judge(label, verdict, bounds, reference.precision, floor)
+    return verdict
+
+
+def _judge(label: str, verdict: ArtifactVerdict, bounds: Bounds, reference_precision: str, floor: str) -> None:
+    """Judge a served artifact on its log-probabilities (judge reads ``verdict.server``) and its serving check, and
+    log the verdict."""
+    from .judge import serving_failure
     from .serving import serving_line
 
+    verdict.failure = judge(verdict, bounds, reference_precision, floor) or serving_failure(verdict)
+    verdict.rule_prefix = i18n.ui("vllm_rule", k=TOP_K)
+    verdict.rule = verdict.rule_prefix + verdict.rule
+    verdict.status = "verified" if verdict.failure is None else "failed"
     logger.info(
         i18n.ui(
             "verify_served_line",
-            artifact=f"{label} ({path})",
+            artifact=f"{label} ({verdict.artifact})",
             runtime=verdict.runtime,
-            serving=serving_line(serving) or "",
+            serving=serving_line(verdict.serving) or "",
             rule=verdict.rule,
             diff=verdict.max_abs_diff,
             kl=verdict.mean_kl,
@@ -278,6 +269,25 @@ def verify_served(
             result="passed" if verdict.passed else "FAILED",
         )
     )
+
+
+def _unserved(exc: Any, server: Any, path: Path, precision: str, log: Path) -> ArtifactVerdict:
+    """The verdict of a server that failed: not run when vLLM has no kernel for the artifact or could not start (the
+    runtime's limit; vLLM's root cause quoted), failed when it refused the adapter or failed on a request."""
+    from ..runtimes.vllm import root_cause, unsupported
+
+    missing = unsupported(log)
+    if missing is not None:
+        verdict = not_run(path, precision, i18n.ui("vllm_no_kernel", reason=missing, log=log))
+        verdict.server = _server_record(server, log)
+        return verdict
+    if server.start_seconds is None and not exc.lora:  # the runtime could not start: nothing known of the artifact
+        return not_run(path, precision, i18n.ui("vllm_not_started", reason=exc.reason, log=log))
+    reason = exc.reason if server.start_seconds is None else f"{exc.reason} ({root_cause(log)})"
+    verdict = ArtifactVerdict(str(path), precision, "failed", "vLLM", error=reason)
+    verdict.runtime = i18n.ui("vllm_runtime", version=server.version or "?")
+    verdict.server = _server_record(server, log)
+    verdict.failure = ValidationError("inference_failed", artifact=str(path), error=reason)
     return verdict
 
 
