@@ -159,3 +159,36 @@ def test_killing_the_run_stops_every_vllm_process(training, tmp_path):
     process.wait()
     gone, alive = psutil.wait_procs(servers, timeout=30)
     assert not alive, [p.info for p in alive]
+
+
+def test_a_batchs_adapters_are_served_in_one_vllm_server_each_on_its_own_reference(tmp_path):
+    import torch
+
+    from model_export.demo.run import shipped_base
+    from model_export.demo.tiny import build_training_run
+
+    runs = tmp_path / "runs"
+    for lr in ("1e-3", "3e-3"):
+        build_training_run(shipped_base(), runs / f"lr-{lr}", steps=10, learning_rate=float(lr))
+    out = tmp_path / "out"
+    config = _config(runs, out, batch_outputs="adapters")
+    result = run(config)
+    manifest = json.loads((out / "batch.json").read_text())
+    served = manifest["served"]["verdicts"]
+    assert set(served) == {"lr-1e-3", "lr-3e-3"} and result.passed is True
+    commands = {verdict["server"]["command"] for verdict in served.values()}
+    assert len(commands) == 1  # one server for both
+    (command,) = commands
+    assert "lr-1e-3=" in command and "lr-3e-3=" in command and "--max-loras 2" in command
+    for line in manifest["adapters"]:
+        rows = {r["format"]: r for r in line["artifacts"]}
+        assert rows["peft@vllm"]["status"] == "verified" and line["counts"]["verified"] == 2
+        assert (out / line["name"] / "verify" / "peft@vllm.json").is_file()
+        assert served[line["name"]]["max_abs_diff"] <= 1e-3
+    # each was judged on its own reference, and the two references differ far beyond the bound: the right LoRA ran
+    a, b = (torch.load(out / n / "verify" / ".reference.cache", weights_only=True) for n in ("lr-1e-3", "lr-3e-3"))
+    assert max(float((x - y).abs().max()) for x, y in zip(a["logits"], b["logits"])) > 0.1
+    assert command in (out / "report.html").read_text(encoding="utf-8")  # the aggregate report's serving command
+    run(config)  # nothing changed: the batch's vLLM verdicts are kept
+    assert json.loads((out / "batch.json").read_text())["served"] == manifest["served"]
+    assert not _vllm_processes()

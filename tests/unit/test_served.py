@@ -7,7 +7,7 @@ import torch
 
 from model_export.runtimes.vllm import root_cause, unsupported
 from model_export.verify.reference import Reference
-from model_export.verify.served import compare_topk, served_targets
+from model_export.verify.served import compare_topk, lora_folder, served_targets
 
 
 def _reference(logits: torch.Tensor) -> Reference:
@@ -80,11 +80,15 @@ def test_the_root_cause_is_vllms_first_exception_with_its_reasons(tmp_path):
     assert unsupported(log) is None and root_cause(log).startswith("ValueError: Bad config")
 
 
-def test_vllm_verifies_the_safetensors_artifact_and_the_adapter_or_a_batchs_peft_folder():
+def test_vllm_verifies_the_safetensors_artifact_and_the_adapter_in_a_run_and_a_batch_serves_its_adapters():
     checkpoint = Path("run/checkpoint-30")
     assert served_targets({"safetensors": "s", "onnx": "o"}, checkpoint, ["vllm"]) == [
         ("safetensors@vllm", Path("s")),
         ("adapter@vllm", checkpoint),
     ]
-    assert served_targets({"onnx": "o", "peft": "p"}, checkpoint, ["vllm"]) == [("peft@vllm", Path("p"))]
+    # in a batch the adapters are served together once every run is done (pipeline/batch_served.py)
+    assert served_targets({"safetensors": "s", "peft": "p"}, checkpoint, ["vllm"], in_batch=True) == [
+        ("safetensors@vllm", Path("s"))
+    ]
     assert served_targets({"safetensors": "s"}, checkpoint, []) == []
+    assert lora_folder({"peft": "p"}, checkpoint) == Path("p") and lora_folder({}, checkpoint) == checkpoint

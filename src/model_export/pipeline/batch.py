@@ -359,7 +359,12 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
             logger.info(i18n.ui("batch_pool", rule=rule))
             executor.update(width=width, threads=threads, rule=rule)
             _local(tasks, width, record)
-        data = manifest()
+        from .batch_served import serve_batch, with_served
+
+        served = serve_batch(config, base, out, lines, _previous_served(manifest_path))
+        for name, verdict in (served or {}).get("verdicts", {}).items():  # every adapter in one server, for vLLM
+            lines[name] = with_served(lines[name], verdict)
+        data = {**manifest(), **({"served": served} if served else {})}
         ordered, counts, passed = data["adapters"], data["counts"], data["passed"]
         write_atomic(manifest_path, strict_json(data))
         from .report import write_batch_report
@@ -367,6 +372,13 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
         report = write_batch_report(out, data)
         logger.info(i18n.ui("batch_done", done=counts["done"], failed=counts["failed"], report=report))
     return BatchResult(str(out), ordered, report, passed, counts)
+
+
+def _previous_served(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("served")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _previous_lines(path: Path) -> dict[str, dict[str, Any]]:

@@ -447,7 +447,10 @@ def _serving(data: dict[str, Any]) -> str:
     if not peft and not modelfiles:
         return ""
     lines = []
-    if peft:
+    served = [v for v in (data.get("served") or {}).get("verdicts", {}).values() if v.get("status") == "verified"]
+    if served:  # the command the batch's vLLM verdicts were measured with
+        lines.append(served[0]["server"]["command"])
+    elif peft:
         modules = " ".join(f"{n}={p.resolve()}" for n, p in peft)
         lines.append(f"vllm serve {data['base']} --enable-lora --max-lora-rank 64 --lora-modules {modules}")
     lines += [f"ollama create {n} -f {p.resolve()}" for n, p in modelfiles]

@@ -29,41 +29,59 @@ from ..monitoring import logger
 from ..runtimes import precision_of
 from .judge import ArtifactVerdict, Bounds, SampleResult, judge, not_run
 
-__all__ = ["verify_served", "served_targets", "compare_topk", "SERVERS", "TOP_K"]
+__all__ = [
+    "verify_served",
+    "judge_on_server",
+    "served_targets",
+    "lora_folder",
+    "lora_rank",
+    "model_dtype",
+    "served_length",
+    "unserved",
+    "server_record",
+    "compare_topk",
+    "SERVERS",
+    "TOP_K",
+]
 
 SERVERS = ("vllm",)
 TOP_K = 20
 _LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's --max-lora-rank accepts
 
 
-def served_targets(artifacts: dict[str, str], checkpoint: Path, servers: list[str]) -> list[tuple[str, Path]]:
-    """(label, path) of what each server in ``servers`` verifies: ``safetensors@vllm`` (the safetensors artifact) and
-    the adapter as a LoRA on the base: ``peft@vllm`` (a batch's PEFT folder) or ``adapter@vllm`` (the run's
-    checkpoint)."""
+def served_targets(
+    artifacts: dict[str, str], checkpoint: Path, servers: list[str], in_batch: bool = False
+) -> list[tuple[str, Path]]:
+    """(label, path) of what each server in ``servers`` verifies in one run: ``safetensors@vllm`` (the safetensors
+    artifact) and ``adapter@vllm``, the run's adapter as a LoRA on the base - except in a batch, whose adapters are
+    served together in one server once every adapter's run is done (pipeline/batch_served.py)."""
     targets: list[tuple[str, Path]] = []
     if "vllm" in servers:
         if "safetensors" in artifacts:
             targets.append(("safetensors@vllm", Path(artifacts["safetensors"])))
-        if "peft" in artifacts:
-            targets.append(("peft@vllm", Path(artifacts["peft"])))
-        else:
+        if not in_batch:
             targets.append(("adapter@vllm", checkpoint))
     return targets
 
 
-def _dtype(folder: Path) -> str:
+def lora_folder(artifacts: dict[str, str], checkpoint: Path) -> Path:
+    """What vLLM loads as the adapter: a batch's PEFT folder (export/peft) when there is one, else the checkpoint."""
+    return Path(artifacts["peft"]) if "peft" in artifacts else checkpoint
+
+
+def model_dtype(folder: Path) -> str:
     """The dtype a model folder's config names (what a user serves it in): float32, bfloat16 or float16."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
 
 
-def _max_len(folder: Path, configured: int) -> int:
+def served_length(folder: Path, configured: int) -> int:
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     return min(configured, int(config.get("max_position_embeddings") or configured))
 
 
-def _lora_rank(adapter: Path) -> int:
+def lora_rank(adapter: Path) -> int:
     config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     rank = max([int(config.get("r") or 8), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
     return next((r for r in _LORA_RANKS if r >= rank), rank)
@@ -75,18 +93,18 @@ def _server(label: str, path: Path, base_dir: Path, tokenizer: Path, python: str
 
     path, base_dir, tokenizer = path.resolve(), base_dir.resolve(), tokenizer.resolve()
     if label == "safetensors@vllm":
-        server = VllmServer(path, python=python, dtype=_dtype(path), max_len=_max_len(path, max_len), log=log)
+        server = VllmServer(path, python=python, dtype=model_dtype(path), max_len=served_length(path, max_len), log=log)
         return server, server.name
     extra = {"tokenizer": tokenizer} if tokenizer != base_dir else {}
     loras = {"adapter": path}
     server = VllmServer(
         base_dir,
         python=python,
-        dtype=_dtype(base_dir),
-        max_len=_max_len(base_dir, max_len),
+        dtype=model_dtype(base_dir),
+        max_len=served_length(base_dir, max_len),
         log=log,
         loras=loras,
-        max_lora_rank=_lora_rank(path),
+        max_lora_rank=lora_rank(path),
         **extra,
     )
     return server, "adapter"
@@ -229,17 +247,37 @@ def verify_served(
     server, model = _server(label, path, base_dir, tokenizer_dir, python, max_len, log)
     try:
         with server:
-            runs = [_ask(server, model, [int(i) for i in ids], new_tokens) for ids in reference.input_ids]
-            heldout = None
-            if reference.heldout_ids is not None:
-                heldout = _heldout_perplexity(server, model, [int(i) for i in reference.heldout_ids])
-            serving = served_serving(server, model, tokenizer_dir)
+            asked = (model, label, path, reference, tokenizer_dir, new_tokens)
+            return judge_on_server(server, *asked, bounds=bounds, floor=floor, precision=precision, log=log)
     except ServerFailed as exc:
-        return _unserved(exc, server, path, precision, log)
+        return unserved(exc, server, path, precision, log)
+
+
+def judge_on_server(
+    server: Any,
+    model: str,
+    label: str,
+    path: Path,
+    reference: Any,
+    tokenizer_dir: Path,
+    new_tokens: int,
+    *,
+    bounds: Bounds,
+    floor: str,
+    precision: str,
+    log: Path,
+) -> ArtifactVerdict:
+    """``model`` (the served model's name, or a LoRA's) in a running server: the reference's inputs, the held-out
+    text and the serving check, then judged. Raises ServerFailed when the server fails on a request."""
+    runs = [_ask(server, model, [int(i) for i in ids], new_tokens) for ids in reference.input_ids]
+    heldout = None
+    if reference.heldout_ids is not None:
+        heldout = _heldout_perplexity(server, model, [int(i) for i in reference.heldout_ids])
+    serving = served_serving(server, model, tokenizer_dir)
     samples, differences = compare_topk(reference, runs)
     verdict = ArtifactVerdict(str(path), precision, "verified", "", samples, _histogram(differences))
     verdict.runtime = i18n.ui("vllm_runtime", version=server.version)
-    verdict.server = _server_record(server, log)
+    verdict.server = server_record(server, log)
     verdict.perplexity, verdict.reference_perplexity = heldout, reference.heldout_perplexity
     verdict.serving = serving
     _judge(label, verdict, bounds, reference.precision, floor)
@@ -271,7 +309,7 @@ def _judge(label: str, verdict: ArtifactVerdict, bounds: Bounds, reference_preci
     )
 
 
-def _unserved(exc: Any, server: Any, path: Path, precision: str, log: Path) -> ArtifactVerdict:
+def unserved(exc: Any, server: Any, path: Path, precision: str, log: Path) -> ArtifactVerdict:
     """The verdict of a server that failed: not run when vLLM has no kernel for the artifact or could not start (the
     runtime's limit; vLLM's root cause quoted), failed when it refused the adapter or failed on a request."""
     from ..runtimes.vllm import root_cause, unsupported
@@ -279,19 +317,19 @@ def _unserved(exc: Any, server: Any, path: Path, precision: str, log: Path) -> A
     missing = unsupported(log)
     if missing is not None:
         verdict = not_run(path, precision, i18n.ui("vllm_no_kernel", reason=missing, log=log))
-        verdict.server = _server_record(server, log)
+        verdict.server = server_record(server, log)
         return verdict
     if server.start_seconds is None and not exc.lora:  # the runtime could not start: nothing known of the artifact
         return not_run(path, precision, i18n.ui("vllm_not_started", reason=exc.reason, log=log))
     reason = exc.reason if server.start_seconds is None else f"{exc.reason} ({root_cause(log)})"
     verdict = ArtifactVerdict(str(path), precision, "failed", "vLLM", error=reason)
     verdict.runtime = i18n.ui("vllm_runtime", version=server.version or "?")
-    verdict.server = _server_record(server, log)
+    verdict.server = server_record(server, log)
     verdict.failure = ValidationError("inference_failed", artifact=str(path), error=reason)
     return verdict
 
 
-def _server_record(server: Any, log: Path) -> dict[str, Any]:
+def server_record(server: Any, log: Path) -> dict[str, Any]:
     """What the report says of the server: the command a user would type, vLLM's version, its start time, the peak
     resident memory of its processes, and its log."""
     return {

@@ -128,7 +128,7 @@ def verify_step(inputs: VerifyInputs, failed: Callable[[dict[str, Any]], None]) 
     upstream = {**inputs.upstream, "verify:reference": reference.unit.content_key}
     runnable = verifiable({f: p for f, p in inputs.artifacts.items() if f not in ADAPTER_ARTIFACTS})
     runnable += [(f, Path(inputs.artifacts[f])) for f in ADAPTER_ARTIFACTS if f in inputs.artifacts]
-    runnable += served_targets(inputs.artifacts, inputs.checkpoint, list(c.verification_servers))
+    runnable += served_targets(inputs.artifacts, inputs.checkpoint, list(c.verification_servers), bool(inputs.shared))
     verdicts, failures = {}, []
     for label, path in runnable:
         # whether its runtime can start here is an input too: a GGUF not run for want of llama.cpp runs once it is there
