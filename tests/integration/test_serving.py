@@ -93,7 +93,7 @@ def test_a_wrong_modelfile_template_fails_the_gguf_with_both_renderings(training
     handwritten = (
         "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
     )
-    monkeypatch.setattr(modelfile, "ollama_template", lambda tokenizer: (handwritten, None, "hand-written"))
+    monkeypatch.setattr(modelfile, "ollama_template", lambda tokenizer, bos=False: (handwritten, None, "hand-written"))
     out = tmp_path / "out"
     with pytest.raises(ValidationError) as err:
         run(_config(training, out, export_formats=["gguf"]))
@@ -161,3 +161,88 @@ def test_without_vllm_its_units_are_not_run_and_say_how_to_get_it(training, tmp_
         assert verdict["status"] == "not_run" and "run make vllm" in verdict["reason"], verdict
     assert verify["verdicts"]["safetensors"]["status"] == "verified"
     assert verify["passed"] is None and verify["counts"] == {"verified": 1, "failed": 0, "not_run": 2}
+
+
+# Llama 3's form (a header per message, BOS first) and Mistral's first form ([INST] ... [/INST], no system role), on the
+# demo's vocabulary: <|im_end|> ends a turn and <|im_start|> stands for BOS.
+LLAMA3 = (
+    "{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|im_end|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+MISTRAL = (
+    "{{- bos_token }}{%- for message in messages %}{%- if message['role'] == 'user' %}"
+    "{{- '[INST] ' + message['content'] + ' [/INST]' }}{%- elif message['role'] == 'assistant' %}"
+    "{{- message['content'] + '<|im_end|>' }}{%- else %}{{ raise_exception('Only user and assistant roles') }}"
+    "{%- endif %}{%- endfor %}"
+)
+
+
+def _with_bos(base: Path) -> Path:
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.update(bos_token="<|im_start|>", add_bos_token=True)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    return base
+
+
+@NEEDS_GO
+@pytest.mark.parametrize("template", [LLAMA3, MISTRAL], ids=["llama3", "mistral"])
+def test_llama3_and_mistral_templates_are_carried_over_and_render_as_in_ollama(tmp_path, template, monkeypatch):
+    """Each message between fixed texts per role, read off the template's own renderings; the runtime's BOS (the GGUF
+    adds it) is left out of the TEMPLATE, and BOS + Ollama's rendering is what apply_chat_template renders."""
+    from transformers import AutoTokenizer
+
+    from model_export.exporters import modelfile as module
+    from model_export.exporters.modelfile import conversations, read_modelfile, write_modelfile
+    from model_export.verify.serving import ollama_renderings
+
+    base = _with_bos(_base_with_template(tmp_path, template))
+    monkeypatch.setattr(module, "runtime_bos", lambda path: "<|im_start|>")  # a GGUF that adds BOS
+    write_modelfile(tmp_path, "model.gguf", base)
+    modelfile = read_modelfile(tmp_path / "Modelfile")
+    assert modelfile["template"] is not None and not modelfile["template"].startswith("<|im_start|>")
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    convs = conversations(tokenizer)
+    expected = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+    assert all(text.startswith("<|im_start|>") for text in expected)
+    got = ollama_renderings(modelfile["template"], modelfile["system"], convs)
+    assert ["<|im_start|>" + text for text in got] == expected
+    assert 'PARAMETER stop "<|im_end|>"' in (tmp_path / "Modelfile").read_text()
+
+
+@NEEDS_GO
+def test_a_llama3_template_with_a_bos_adding_gguf_is_verified_where_ollama_serves_it(tmp_path):
+    from model_export.demo.tiny import build_training_run
+
+    base = _with_bos(_base_with_template(tmp_path, LLAMA3))
+    training = build_training_run(base, tmp_path / "llama3-finetuned", steps=10)  # its tokenizer: this template
+    for saved in training.rglob("tokenizer_config.json"):  # the Trainer's files leave add_bos_token out: put it back
+        _with_bos(saved.parent)
+    settings = {"export_formats": ["gguf"], "quantization_level": "int8"}
+    result = run(
+        ExportConfiguration(
+            checkpoint_path=str(training), base_model_name=str(base), output_dir=str(tmp_path / "out"), **settings
+        )
+    )
+    modelfile = (tmp_path / "out" / "export" / "gguf" / "Modelfile").read_text()
+    # the GGUF adds BOS itself (tokenizer.ggml.add_bos_token), so the TEMPLATE leaves it out
+    assert 'TEMPLATE """{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>' in modelfile
+    verdict = result.steps["verify"]["result"]["verdicts"]["gguf"]
+    checks = {c["runtime"]: c for c in verdict["serving"]["checks"]}
+    assert checks["Ollama's TEMPLATE (Go text/template)"]["status"] == "verified"
+    assert checks["Ollama's stop parameters"]["status"] == "verified"
+
+
+@NEEDS_GO
+def test_a_template_that_is_not_messages_between_fixed_texts_gets_no_template_and_says_why(tmp_path):
+    from model_export.exporters.modelfile import read_modelfile, write_modelfile
+
+    numbered = (  # a turn number in every message: not fixed texts, so no faithful TEMPLATE is guessed
+        "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + ' ' + loop.index|string + '\\n' + "
+        "message['content'] + '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}"
+        "{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+    write_modelfile(tmp_path, "model.gguf", _base_with_template(tmp_path, numbered))
+    modelfile = read_modelfile(tmp_path / "Modelfile")
+    text = (tmp_path / "Modelfile").read_text()
+    assert modelfile["template"] is None and "# No TEMPLATE: " in text and "Ollama chooses a template" in text

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import i18n
-from ..exporters.modelfile import conversations, end_of_turn, read_modelfile
+from ..exporters.modelfile import conversations, end_of_turn, read_modelfile, runtime_bos
 
 __all__ = ["serving_check", "serving_inputs", "serving_line", "ollama_renderings", "GO_SOURCE"]
 
@@ -115,7 +115,8 @@ def _modelfile(folder: Path, convs: list, expected: list[str], turn: Any) -> lis
     got = ollama_renderings(modelfile["template"], modelfile["system"], convs)
     if isinstance(got, str):
         return [_check(runtime, "not_run", reason=got), *checks]
-    return [_compare(runtime, convs, expected, got), *checks]
+    bos = runtime_bos(folder / modelfile["from"]) if modelfile["from"] else ""
+    return [_compare(runtime, convs, expected, [bos + text for text in got]), *checks]
 
 
 def _gguf(path: Path, convs: list, expected: list[str], turn: Any) -> list[dict[str, Any]]:
@@ -135,8 +136,9 @@ def _gguf(path: Path, convs: list, expected: list[str], turn: Any) -> list[dict[
     try:
         metadata = model.metadata
         template = metadata.get("tokenizer.chat_template")
-        eos = model.detokenize([model.token_eos()]).decode("utf-8", "replace")
-        bos = model.detokenize([model.token_bos()]).decode("utf-8", "replace") if model.token_bos() >= 0 else ""
+        # the tokens' texts as llama-cpp-python gives them to the formatter it builds from the GGUF's template
+        eos = model._model.token_get_text(model.token_eos()) if model.token_eos() != -1 else ""
+        bos = model._model.token_get_text(model.token_bos()) if model.token_bos() != -1 else ""
         vocab = llama_cpp.llama_model_get_vocab(model.model)
         eog = [t for t in {turn[1], model.token_eos()} if turn and llama_cpp.llama_vocab_is_eog(vocab, t)]
     finally:
