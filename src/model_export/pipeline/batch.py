@@ -359,11 +359,7 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
             logger.info(i18n.ui("batch_pool", rule=rule))
             executor.update(width=width, threads=threads, rule=rule)
             _local(tasks, width, record)
-        from .batch_served import serve_batch, with_served
-
-        served = serve_batch(config, base, out, lines, _previous_served(manifest_path))
-        for name, verdict in (served or {}).get("verdicts", {}).items():  # every adapter in one server, for vLLM
-            lines[name] = with_served(lines[name], verdict)
+        served = _serve(config, base, out, lines, manifest_path)
         data = {**manifest(), **({"served": served} if served else {})}
         ordered, counts, passed = data["adapters"], data["counts"], data["passed"]
         write_atomic(manifest_path, strict_json(data))
@@ -374,11 +370,21 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
     return BatchResult(str(out), ordered, report, passed, counts)
 
 
-def _previous_served(path: Path) -> dict[str, Any] | None:
+def _serve(
+    config: ExportConfiguration, base: str, out: Path, lines: dict[str, dict[str, Any]], manifest_path: Path
+) -> dict[str, Any] | None:
+    """Every done adapter in one server (verification_servers; batch_served.py), its verdict added to its line; the
+    record batch.json keeps (the earlier one while its key holds)."""
+    from .batch_served import serve_batch, with_served
+
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("served")
+        previous = json.loads(manifest_path.read_text(encoding="utf-8")).get("served")
     except (OSError, ValueError, AttributeError):
-        return None
+        previous = None
+    served = serve_batch(config, base, out, lines, previous)
+    for name, verdict in (served or {}).get("verdicts", {}).items():
+        lines[name] = with_served(lines[name], verdict)
+    return served
 
 
 def _previous_lines(path: Path) -> dict[str, dict[str, Any]]:
