@@ -360,14 +360,18 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
             executor.update(width=width, threads=threads, rule=rule)
             _local(tasks, width, record)
         served = _serve(config, base, out, lines, manifest_path)
-        data = {**manifest(), **({"served": served} if served else {})}
-        ordered, counts, passed = data["adapters"], data["counts"], data["passed"]
-        write_atomic(manifest_path, strict_json(data))
-        from .report import write_batch_report
+        return _finish(out, {**manifest(), **({"served": served} if served else {})})
 
-        report = write_batch_report(out, data)
-        logger.info(i18n.ui("batch_done", done=counts["done"], failed=counts["failed"], report=report))
-    return BatchResult(str(out), ordered, report, passed, counts)
+
+def _finish(out: Path, data: dict[str, Any]) -> BatchResult:
+    """batch.json and the aggregate report written; the batch's result."""
+    from .report import write_batch_report
+
+    write_atomic(out / BATCH_MANIFEST, strict_json(data))
+    report = write_batch_report(out, data)
+    counts = data["counts"]
+    logger.info(i18n.ui("batch_done", done=counts["done"], failed=counts["failed"], report=report))
+    return BatchResult(str(out), data["adapters"], report, data["passed"], counts)
 
 
 def _serve(
