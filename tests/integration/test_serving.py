@@ -246,3 +246,42 @@ def test_a_template_that_is_not_messages_between_fixed_texts_gets_no_template_an
     modelfile = read_modelfile(tmp_path / "Modelfile")
     text = (tmp_path / "Modelfile").read_text()
     assert modelfile["template"] is None and "# No TEMPLATE: " in text and "Ollama chooses a template" in text
+
+
+# A ChatML template that takes tools, as Qwen's do: their definitions in the system turn, each written by tojson.
+TOOLS_CHATML = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}"
+    "{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}{{- '# Tools\\n<tools>' }}{%- for tool in tools %}"
+    "{{- '\\n' }}{{- tool | tojson }}{%- endfor %}{{- '\\n</tools><|im_end|>\\n' }}{%- elif messages[0]['role'] == "
+    "'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message['role'] != 'system' %}{{- '<|im_start|>' + message['role'] + "
+    "'\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@NEEDS_GO
+def test_a_template_that_takes_tools_is_checked_with_tools_in_every_runtime(tmp_path):
+    """Conversations with tools=[a function], rendered by each runtime with the tools, against apply_chat_template;
+    Ollama's TEMPLATE writes no tools (Go's json cannot write them as tojson does): not run, saying so."""
+    pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("llama_cpp")
+    from model_export.demo.tiny import build_training_run
+
+    base = _base_with_template(tmp_path, TOOLS_CHATML)
+    training = build_training_run(base, tmp_path / "tools-finetuned", steps=10)
+    settings = {"export_formats": ["safetensors", "onnx", "gguf"], "quantization_level": "int8"}
+    out = tmp_path / "out"
+    result = run(
+        ExportConfiguration(checkpoint_path=str(training), base_model_name=str(base), output_dir=str(out), **settings)
+    )
+    verdicts = result.steps["verify"]["result"]["verdicts"]
+    tools = {}
+    for label, verdict in verdicts.items():
+        assert verdict["status"] == "verified", (label, verdict["serving"])
+        tools.update({c["runtime"]: c for c in verdict["serving"]["checks"] if c["runtime"].endswith(", with tools")})
+    for runtime in ("llama.cpp's chat path (the GGUF's embedded template)", "onnxruntime-genai's chat template"):
+        assert tools[f"{runtime}, with tools"]["status"] == "verified", tools[f"{runtime}, with tools"]
+    assert tools["the folder's own tokenizer (transformers, vLLM), with tools"]["conversations"] == 2
+    ollama = tools["Ollama's TEMPLATE (Go text/template), with tools"]
+    assert ollama["status"] == "not_run" and "Go's json" in ollama["reason"]

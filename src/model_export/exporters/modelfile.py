@@ -21,7 +21,16 @@ from typing import Any
 
 from ..files import write_atomic
 
-__all__ = ["write_modelfile", "ollama_template", "runtime_bos", "conversations", "end_of_turn", "read_modelfile"]
+__all__ = [
+    "write_modelfile",
+    "ollama_template",
+    "runtime_bos",
+    "conversations",
+    "tool_conversations",
+    "TOOL",
+    "end_of_turn",
+    "read_modelfile",
+]
 
 _PROBE = "Probe text 1"
 
@@ -39,6 +48,36 @@ def conversations(tokenizer: Any) -> list[list[dict[str, str]]]:
             chosen += [[system, user], [system, user, reply, again]]
     except Exception:  # noqa: BLE001 - a template that refuses a system message: none is checked
         pass
+    return chosen
+
+
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "The city's name"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def tool_conversations(tokenizer: Any) -> list[list[dict[str, str]]]:
+    """The conversations the serving check renders with ``tools=[TOOL]``, when the template takes tools (the tool's
+    name appears in its rendering): one user turn, and with a system message when the template renders one."""
+    user = {"role": "user", "content": "What is the weather in Paris?"}
+    system = {"role": "system", "content": "You answer in one line."}
+    chosen = []
+    for conversation in ([user], [system, user]):
+        try:
+            text = tokenizer.apply_chat_template(conversation, tools=[TOOL], tokenize=False, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 - a template that takes no tools, or no system message
+            continue
+        if "get_weather" in text and all(m["content"] in text for m in conversation):
+            chosen.append(conversation)
     return chosen
 
 

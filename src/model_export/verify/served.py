@@ -184,31 +184,32 @@ def _histogram(differences: list[float], bins: int = 24) -> dict[str, list[float
 
 
 def served_serving(server: Any, model: str, tokenizer_dir: Path) -> dict[str, Any]:
-    """The serving check in the server: its rendering of each conversation (``/tokenize`` with the messages) against
-    ``apply_chat_template`` token for token, and that it stops on the end-of-turn token."""
+    """The serving check in the server: its rendering of each conversation (``/tokenize`` with the messages, and the
+    tools when the template takes them) against ``apply_chat_template`` token for token, and that it stops on the
+    end-of-turn token."""
     from transformers import AutoTokenizer
 
-    from ..exporters.modelfile import conversations, end_of_turn
-    from .serving import _check, _compare
+    from .serving import Probes, _check
 
     runtime, stop_runtime = i18n.ui("serving_runtime_vllm"), i18n.ui("serving_runtime_vllm_stop")
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     if not getattr(tokenizer, "chat_template", None):
         return {"status": "not_run", "reason": i18n.ui("serving_no_chat_template"), "checks": []}
-    convs = conversations(tokenizer)
-    expected = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
-    got = []
-    for conversation, text in zip(convs, expected):
+    probes = Probes.of(tokenizer)
+
+    def render(conversation: list, tools: list | None) -> str:
         body = {"model": model, "messages": conversation, "add_generation_prompt": True}
-        ids = server.post("/tokenize", body)["tokens"]
+        ids = server.post("/tokenize", {**body, **({"tools": tools} if tools else {})})["tokens"]
+        text = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False, add_generation_prompt=True)
         same = ids == tokenizer(text, add_special_tokens=False)["input_ids"]
-        got.append(text if same else tokenizer.decode(ids, skip_special_tokens=False))
-    checks = [_compare(runtime, convs, expected, got)]
-    turn = end_of_turn(tokenizer)
+        return text if same else tokenizer.decode(ids, skip_special_tokens=False)
+
+    checks = probes.compare(runtime, render)
+    turn = probes.turn
     if turn is None:
         checks.append(_check(stop_runtime, "not_run", reason=i18n.ui("serving_no_turn")))
     else:
-        prompt = tokenizer(expected[0], add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(probes.expected[0], add_special_tokens=False)["input_ids"]
         body = {"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0, "logit_bias": {str(turn[1]): 100}}
         choice = server.post("/v1/completions", {**body, "return_token_ids": True})["choices"][0]
         tokens = choice.get("token_ids") or []

@@ -10,7 +10,9 @@ Runtimes and what each is asked:
 - ONNX: onnxruntime-genai's tokenizer (``apply_chat_template``) and its eos ids.
 - safetensors: the artifact's own tokenizer files (transformers) and its generation_config eos ids.
 
-A rendering that differs fails the artifact, naming the first conversation that differs and both renderings. A runtime
+Conversations: one user turn and several turns, each with a system message when the template renders one, and, when
+the template takes tools, the same with a tool definition in the request (Ollama's TEMPLATE writes no tools: that
+check is not run, saying why). A rendering that differs fails the artifact, naming the first conversation that differs and both renderings. A runtime
 that cannot start here (no Go, no llama-cpp-python) is ``not run, because ...`` and counts neither way.
 """
 
@@ -21,13 +23,14 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import i18n
-from ..exporters.modelfile import conversations, end_of_turn, read_modelfile, runtime_bos
+from ..exporters.modelfile import TOOL, conversations, end_of_turn, read_modelfile, runtime_bos, tool_conversations
 
-__all__ = ["serving_check", "serving_inputs", "serving_line", "ollama_renderings", "GO_SOURCE"]
+__all__ = ["serving_check", "serving_inputs", "serving_line", "ollama_renderings", "Probes", "GO_SOURCE"]
 
 GO_SOURCE = Path(__file__).resolve().parents[1] / "data" / "ollama_render.go"
 
@@ -38,6 +41,44 @@ def serving_inputs(path: Path) -> list[Any]:
     if path.suffix != ".gguf":
         return []
     return [shutil.which("go") is not None, hashlib.sha256(GO_SOURCE.read_bytes()).hexdigest()[:12]]
+
+
+@dataclass
+class Probes:
+    """What every runtime is asked to render, and what the training run's tokenizer renders for it: the
+    conversations, those with ``tools=[TOOL]`` (when the template takes tools), and the end-of-turn token."""
+
+    convs: list
+    expected: list[str]
+    turn: tuple[str, int] | None
+    tool_convs: list = field(default_factory=list)
+    tool_expected: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> Probes:
+        convs, tools = conversations(tokenizer), tool_conversations(tokenizer)
+
+        def render(conversation: list, **extra: Any) -> str:
+            return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True, **extra)
+
+        return cls(
+            convs,
+            [render(c) for c in convs],
+            end_of_turn(tokenizer),
+            tools,
+            [render(c, tools=[TOOL]) for c in tools],
+        )
+
+    def compare(self, runtime: str, render: Any) -> list[dict[str, Any]]:
+        """The runtime's renderings (``render(conversation, tools)``, tools None or [TOOL]) against the tokenizer's:
+        one check for the conversations, one for those with tools when there are any."""
+        checks = [_compare(runtime, self.convs, self.expected, [render(c, None) for c in self.convs])]
+        if self.tool_convs:
+            got = [render(c, [TOOL]) for c in self.tool_convs]
+            checks.append(
+                _compare(i18n.ui("serving_with_tools", runtime=runtime), self.tool_convs, self.tool_expected, got)
+            )
+        return checks
 
 
 def _check(runtime: str, status: str, **detail: Any) -> dict[str, Any]:
@@ -100,26 +141,29 @@ def ollama_renderings(template: str, system: str | None, convs: list) -> list[st
     return [r["text"] for r in renderings]
 
 
-def _modelfile(folder: Path, convs: list, expected: list[str], turn: Any) -> list[dict[str, Any]]:
+def _modelfile(folder: Path, probes: Probes) -> list[dict[str, Any]]:
     runtime = i18n.ui("serving_runtime_ollama")
     path = folder / "Modelfile"
     if not path.is_file():
         return [_check(runtime, "not_run", reason=i18n.ui("serving_no_modelfile"))]
     modelfile = read_modelfile(path)
-    checks = [_stops(i18n.ui("serving_runtime_ollama_stop"), turn, modelfile["stop"], "text")]
+    checks = [_stops(i18n.ui("serving_runtime_ollama_stop"), probes.turn, modelfile["stop"], "text")]
+    if probes.tool_convs:  # the derived TEMPLATE writes no tools: Go's json cannot write them as the template's tojson
+        reason = i18n.ui("serving_ollama_tools")
+        checks.append(_check(i18n.ui("serving_with_tools", runtime=runtime), "not_run", reason=reason))
     if modelfile["template"] is None:
         note = next(
             (line[2:].strip() for line in path.read_text(encoding="utf-8").splitlines() if line[:2] == "# "), ""
         )
         return [_check(runtime, "not_run", reason=i18n.ui("serving_no_template", note=note)), *checks]
-    got = ollama_renderings(modelfile["template"], modelfile["system"], convs)
+    got = ollama_renderings(modelfile["template"], modelfile["system"], probes.convs)
     if isinstance(got, str):
         return [_check(runtime, "not_run", reason=got), *checks]
     bos = runtime_bos(folder / modelfile["from"]) if modelfile["from"] else ""
-    return [_compare(runtime, convs, expected, [bos + text for text in got]), *checks]
+    return [_compare(runtime, probes.convs, probes.expected, [bos + text for text in got]), *checks]
 
 
-def _gguf(path: Path, convs: list, expected: list[str], turn: Any) -> list[dict[str, Any]]:
+def _gguf(path: Path, probes: Probes) -> list[dict[str, Any]]:
     """The GGUF's embedded template through llama-cpp-python's chat path, and llama.cpp's end-of-generation set."""
     from ..runtimes import runtime_problem
 
@@ -140,18 +184,18 @@ def _gguf(path: Path, convs: list, expected: list[str], turn: Any) -> list[dict[
         eos = model._model.token_get_text(model.token_eos()) if model.token_eos() != -1 else ""
         bos = model._model.token_get_text(model.token_bos()) if model.token_bos() != -1 else ""
         vocab = llama_cpp.llama_model_get_vocab(model.model)
+        turn = probes.turn
         eog = [t for t in {turn[1], model.token_eos()} if turn and llama_cpp.llama_vocab_is_eog(vocab, t)]
     finally:
         model.close()
-    stops = _stops(stop_runtime, turn, eog, "id")
+    stops = _stops(stop_runtime, probes.turn, eog, "id")
     if not template:
         return [_check(runtime, "failed", reason=i18n.ui("serving_no_embedded")), stops]
     formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos, add_generation_prompt=True)
-    got = [formatter(messages=conversation).prompt for conversation in convs]
-    return [_compare(runtime, convs, expected, got), stops]
+    return [*probes.compare(runtime, lambda c, tools: formatter(messages=c, tools=tools).prompt), stops]
 
 
-def _onnx(graph: Path, convs: list, expected: list[str], turn: Any) -> list[dict[str, Any]]:
+def _onnx(graph: Path, probes: Probes) -> list[dict[str, Any]]:
     """onnxruntime-genai's tokenizer on the folder (its chat template, its eos ids)."""
     from ..extras import import_problem
 
@@ -163,23 +207,30 @@ def _onnx(graph: Path, convs: list, expected: list[str], turn: Any) -> list[dict
     import onnxruntime_genai as og
 
     tokenizer = og.Tokenizer(og.Config(str(graph.parent)))
-    got = [tokenizer.apply_chat_template(json.dumps(c), add_generation_prompt=True) for c in convs]
+
+    def render(conversation: list, tools: list | None) -> str:
+        extra = {"tools": json.dumps(tools)} if tools else {}
+        return tokenizer.apply_chat_template(json.dumps(conversation), add_generation_prompt=True, **extra)
+
     eos = json.loads((graph.parent / "genai_config.json").read_text(encoding="utf-8"))["model"].get("eos_token_id")
     held = eos if isinstance(eos, list) else [eos]
-    return [_compare(runtime, convs, expected, got), _stops(stop_runtime, turn, held, "id")]
+    return [*probes.compare(runtime, render), _stops(stop_runtime, probes.turn, held, "id")]
 
 
-def _folder(folder: Path, convs: list, expected: list[str], turn: Any) -> list[dict[str, Any]]:
+def _folder(folder: Path, probes: Probes) -> list[dict[str, Any]]:
     """A transformers folder as a server loads it: its own tokenizer files and generation_config's eos ids."""
     from transformers import AutoTokenizer
 
     runtime, stop_runtime = i18n.ui("serving_runtime_transformers"), i18n.ui("serving_runtime_generation_config")
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    got = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+
+    def render(conversation: list, tools: list | None) -> str:
+        return tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False, add_generation_prompt=True)
+
     generation = folder / "generation_config.json"
     eos = json.loads(generation.read_text(encoding="utf-8")).get("eos_token_id") if generation.is_file() else None
     held = eos if isinstance(eos, list) else [eos] if eos is not None else []
-    return [_compare(runtime, convs, expected, got), _stops(stop_runtime, turn, held, "id")]
+    return [*probes.compare(runtime, render), _stops(stop_runtime, probes.turn, held, "id")]
 
 
 def serving_check(path: Path, tokenizer_dir: Path) -> dict[str, Any]:
@@ -191,22 +242,20 @@ def serving_check(path: Path, tokenizer_dir: Path) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     if not getattr(tokenizer, "chat_template", None):
         return {"status": "not_run", "reason": i18n.ui("serving_no_chat_template"), "checks": []}
-    convs = conversations(tokenizer)
-    expected = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
-    turn = end_of_turn(tokenizer)
+    probes = Probes.of(tokenizer)
     if path.suffix == ".gguf":
-        checks = _gguf(path, convs, expected, turn) + _modelfile(path.parent, convs, expected, turn)
+        checks = _gguf(path, probes) + _modelfile(path.parent, probes)
     elif path.is_dir() and (path / "Modelfile").is_file():  # a batch's LoRA GGUF on the shared base, for Ollama
-        checks = _modelfile(path, convs, expected, turn)
+        checks = _modelfile(path, probes)
     elif path.suffix == ".onnx":
-        checks = _onnx(path, convs, expected, turn)
+        checks = _onnx(path, probes)
     elif path.is_dir() and (path / "config.json").is_file():
-        checks = _folder(path, convs, expected, turn)
+        checks = _folder(path, probes)
     else:
         return {"status": "not_run", "reason": i18n.ui("serving_no_runtime"), "checks": []}
     statuses = {c["status"] for c in checks}
     status = "failed" if "failed" in statuses else "not_run" if "not_run" in statuses else "verified"
-    return {"status": status, "checks": checks, "end_of_turn": turn[0] if turn else None}
+    return {"status": status, "checks": checks, "end_of_turn": probes.turn[0] if probes.turn else None}
 
 
 def serving_line(serving: dict[str, Any] | None) -> str | None:
