@@ -12,8 +12,9 @@ Runtimes and what each is asked:
 
 Conversations: one user turn and several turns, each with a system message when the template renders one, and, when
 the template takes tools, the same with a tool definition in the request (Ollama's TEMPLATE writes no tools: that
-check is not run, saying why). A rendering that differs fails the artifact, naming the first conversation that differs and both renderings. A runtime
-that cannot start here (no Go, no llama-cpp-python) is ``not run, because ...`` and counts neither way.
+check is not run, saying why). A rendering that differs fails the artifact, naming the first conversation that
+differs and both renderings. A runtime that cannot start here (no Go, no llama-cpp-python) is ``not run, because
+...`` and counts neither way.
 """
 
 from __future__ import annotations
