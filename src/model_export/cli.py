@@ -277,6 +277,8 @@ def _check(args: argparse.Namespace) -> int:
         )
         if report.fit_checked:
             console.print(i18n.ui("check_fit", base=report.base_model))
+        if report.base_quantization:
+            console.print(report.base_quantization)
         for warning in report.warnings:
             console.print(Text(str(warning), style="yellow"))
 

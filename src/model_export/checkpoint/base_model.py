@@ -89,16 +89,31 @@ def local_base_dirs(name: str) -> list[Path]:
 
 
 def resolve_base_model(name: str) -> Path:
-    """The local directory of base model ``name`` (a path or a hub id). Raises BaseModelError (ME301, ME303)."""
+    """The local directory of base model ``name`` (a path or a hub id); for a bitsandbytes base, the plain base of its
+    dequantized weights (checkpoint/quantized_base.py). Raises BaseModelError (ME301, ME303, ME305)."""
     path = Path(os.path.expanduser(name))
     if path.exists():
         if not path.is_dir():
             raise BaseModelError("base_model_invalid", path=name, problem=i18n.ui("reason_not_a_dir"))
-        return path
+        return _plain(path)
     if not is_hub_id(name):
         fix = i18n.ui("fix_base_path", name=name, cwd=str(Path.cwd()))
         raise BaseModelError("base_model_not_found", name=name, reason=i18n.ui("reason_no_dir"), fix=fix)
-    return _from_hub(name)
+    return _plain(_from_hub(name))
+
+
+def _plain(path: Path) -> Path:
+    """``path`` itself, or, for a quantized base, the plain base of its dequantized weights (ME305 when its
+    quantization is not one read here)."""
+    from .quantized_base import plain_base, quantization_of, unsupported_quantization
+
+    quantization = quantization_of(path)
+    if quantization is None:
+        return path
+    method = unsupported_quantization(quantization)
+    if method is not None:
+        raise BaseModelError("base_model_quantized", path=str(path), method=method)
+    return plain_base(path, quantization)
 
 
 def _from_hub(repo_id: str) -> Path:

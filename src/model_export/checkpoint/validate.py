@@ -69,6 +69,7 @@ class CheckpointReport:
     base_model: str | None = None
     base_model_path: str | None = None
     fit_checked: bool = False
+    base_quantization: str | None = None  # a quantized base: what it is, and that it is read as its dequantized weights
     training_artifacts: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -170,10 +171,22 @@ def validate_checkpoint(
             raise BaseModelError("base_tokenizer_missing", name=base_name, path=str(base.path))
         _check_tokenizer_fits(directory, base, shapes)
         report.base_model, report.base_model_path, report.fit_checked = base_name, str(base.path), True
+        report.base_quantization = base_quantization(base.path)
     else:
         report.warnings.append(i18n.ui("warn_fit_unchecked"))
         logger.warning(report.warnings[-1])
     return report
+
+
+def base_quantization(path: Path) -> str | None:
+    """For a plain base made from a quantized one (checkpoint/quantized_base.py): ``base: bitsandbytes nf4, double
+    quantization, compute bfloat16; merged into its dequantized weights``; None for any other base."""
+    from .quantized_base import MARKER
+
+    marker = Path(path) / MARKER
+    if not marker.is_file():
+        return None
+    return i18n.ui("base_dequantized", described=json.loads(marker.read_text(encoding="utf-8"))["described"])
 
 
 def _check_tokenizer_fits(directory: Path, base: BaseModelInfo, shapes: dict) -> None:

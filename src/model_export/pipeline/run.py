@@ -25,7 +25,7 @@ from ..checkpoint.adapter_format import read_adapter_config, weights_file
 from ..checkpoint.base_model import inspect_base_model, tokenizer_source
 from ..checkpoint.detect import detect
 from ..checkpoint.loading import resolve_device
-from ..checkpoint.validate import validate_checkpoint
+from ..checkpoint.validate import base_quantization, validate_checkpoint
 from ..config import OUTPUT_STEPS, ExportConfiguration
 from ..errors import BaseModelError, ExportError, explain
 from ..merging.merger import merge, merge_settings
@@ -176,6 +176,9 @@ def _detect_and_check(state: RunState) -> tuple[Path, str, Any]:
     if not base:
         raise BaseModelError("base_model_unknown", path=str(checkpoint / "adapter_config.json"))
     info = inspect_base_model(base)
+    quantized = base_quantization(info.path)
+    if quantized:  # a QLoRA base: the merge, the reference and every artifact use its dequantized weights
+        logger.info(quantized)
     adapter = [file_sha256(weights_file(checkpoint)), _fingerprint([checkpoint / "adapter_config.json"])]
     state.step(
         STEP_SPECS["check"],

@@ -1,0 +1,240 @@
+"""Bases quantized by bitsandbytes, read as the weights a QLoRA adapter was trained against.
+
+A QLoRA run trains on a 4-bit (nf4 or fp4, with or without double quantization, any ``bnb_4bit_quant_storage``) or
+8-bit base, often a pre-quantized checkpoint (``*-bnb-4bit``). What the adapter saw is each quantized matrix
+dequantized as bitsandbytes dequantizes it; merging into the original 16-bit weights instead adds the update to
+weights the adapter never saw. So a bitsandbytes base is read as a plain base whose quantized matrices are those
+dequantized weights: written once, tensor by tensor and block by block (at most a few hundred MB in memory for any
+matrix), into a folder of its own (``plain_base``), which every step after reads like any base.
+
+Dequantization is bitsandbytes' own arithmetic, with no bitsandbytes needed:
+
+- 4-bit: each byte holds two codes, high nibble first; a value is ``quant_map[code] * absmax[block]`` in fp32,
+  rounded once to the dtype the quant state names (bf16 for a bf16 model). With double quantization the absmax are
+  themselves 8-bit: ``nested_quant_map[q] * nested_absmax[block] + nested_offset``, in fp32.
+- 8-bit (LLM.int8): ``int8 * SCB[row] * (1/127)`` in fp32, rounded to the model's dtype.
+
+tests/unit/test_quantized_base.py compares each case with bitsandbytes' ``dequantize_4bit`` and
+``int8_vectorwise_dequant`` on the CPU, bit for bit. Other quantized formats (GPTQ, AWQ, compressed-tensors, FP8)
+are refused with what is supported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .. import i18n
+from ..tensor_io import PlannedTensor, ShardWriter, read_bytes, read_header
+
+__all__ = ["quantization_of", "describe", "unsupported_quantization", "plain_base", "dequantize_4bit", "MARKER"]
+
+MARKER = "dequantized_from.json"  # in a plain base: what it was made from
+_COMPANIONS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__")
+_CHUNK = 1 << 22  # values dequantized at a time
+
+
+def quantization_of(folder: Path) -> dict[str, Any] | None:
+    """config.json's quantization_config, or None for a plain base."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        quantization = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return quantization if isinstance(quantization, dict) else None
+
+
+def unsupported_quantization(quantization: dict[str, Any]) -> str | None:
+    """The quantization method when it is not one read here (bitsandbytes 4-bit or 8-bit), else None."""
+    method = str(quantization.get("quant_method") or "unknown")
+    if method == "bitsandbytes" and (quantization.get("load_in_4bit") or quantization.get("load_in_8bit")):
+        return None
+    return method
+
+
+def describe(quantization: dict[str, Any]) -> str:
+    """``bitsandbytes nf4, double quantization, compute bfloat16`` or ``bitsandbytes 8-bit (LLM.int8)``."""
+    if quantization.get("load_in_8bit"):
+        return "bitsandbytes 8-bit (LLM.int8)"
+    words = [f"bitsandbytes {quantization.get('bnb_4bit_quant_type', 'fp4')}"]
+    if quantization.get("bnb_4bit_use_double_quant"):
+        words.append("double quantization")
+    words.append(f"compute {quantization.get('bnb_4bit_compute_dtype', 'float32')}")
+    return ", ".join(words)
+
+
+def dequantize_4bit(packed: Any, absmax: Any, code: Any, blocksize: int, shape: list[int], dtype: Any) -> Any:
+    """bitsandbytes' 4-bit dequantization: two codes per byte (high nibble first), ``code[q] * absmax[block]`` in
+    fp32, rounded once to ``dtype``; computed ``_CHUNK`` values at a time."""
+    import torch
+
+    flat = packed.reshape(-1).view(torch.uint8)
+    n = 1
+    for size in shape:
+        n *= size
+    out = torch.empty(n, dtype=dtype)
+    step = max(blocksize, _CHUNK // blocksize * blocksize)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        half = flat[start // 2 : (stop + 1) // 2]
+        codes = torch.empty(half.numel() * 2, dtype=torch.int64)
+        codes[0::2], codes[1::2] = half >> 4, half & 0xF
+        values = code[codes[: stop - start]]
+        scale = absmax[start // blocksize : (stop + blocksize - 1) // blocksize]
+        full = (stop - start) // blocksize * blocksize
+        chunk = torch.empty(stop - start, dtype=torch.float32)
+        chunk[:full] = (values[:full].view(-1, blocksize) * scale[: full // blocksize].view(-1, 1)).reshape(-1)
+        if full < stop - start:
+            chunk[full:] = values[full:] * scale[-1]
+        out[start:stop] = chunk.to(dtype)
+    return out.reshape(shape)
+
+
+def _dequantize_blockwise(quantized: Any, absmax: Any, code: Any, blocksize: int) -> Any:
+    """bitsandbytes' 8-bit blockwise dequantization (the absmax of double quantization), in fp32."""
+    import torch
+
+    values = code[quantized.reshape(-1).to(torch.int64)]
+    blocks = torch.arange(values.numel()) // blocksize
+    return values * absmax[blocks]
+
+
+class _Reader:
+    """One shard's tensors by name, as torch tensors (raw bytes read from the file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.tensors = path, read_header(path).tensors
+        self.fh = path.open("rb")
+
+    def get(self, name: str) -> Any:
+        import torch
+
+        from ..tensor_io import torch_dtype
+
+        info = self.tensors[name]
+        raw = bytearray(read_bytes(self.fh, info))
+        return (
+            torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).reshape(info.shape)
+            if raw
+            else torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+        )
+
+
+def _plain_tensors(reader: _Reader, quantization: dict[str, Any], model_dtype: str) -> list[tuple[PlannedTensor, Any]]:
+    """Every tensor of the plain base in this shard: (what it is, how to make it), companions left out."""
+    names = list(reader.tensors)
+    quantized = {n for n in names if f"{n}.absmax" in reader.tensors or n.endswith(".weight") and _scb(n) in names}
+    planned = []
+    for name in names:
+        if name in quantized:
+            planned.append(_planned_quantized(reader, name, quantization, model_dtype))
+        elif not (name.endswith(_COMPANIONS) or "quant_state" in name or name.endswith((".SCB", ".weight_format"))):
+            info = reader.tensors[name]
+            planned.append((PlannedTensor(name, info.dtype, tuple(info.shape)), lambda n=name: reader.get(n)))
+    return planned
+
+
+def _scb(weight: str) -> str:
+    return weight[: -len("weight")] + "SCB"
+
+
+def _planned_quantized(reader: _Reader, name: str, quantization: dict[str, Any], model_dtype: str) -> Any:
+    import torch
+
+    from ..tensor_io import TORCH_TO_SAFETENSORS
+
+    if quantization.get("load_in_8bit"):
+        info = reader.tensors[name]
+        dtype = getattr(torch, model_dtype)
+
+        def make() -> Any:
+            cb, scb = reader.get(name), reader.get(_scb(name)).float()
+            return (cb * scb.view(-1, 1) * 7.874015718698502e-3).to(dtype)
+
+        return PlannedTensor(name, TORCH_TO_SAFETENSORS[str(dtype).removeprefix("torch.")], tuple(info.shape)), make
+    state_name = next(n for n in reader.tensors if n.startswith(f"{name}.quant_state.bitsandbytes__"))
+    state = json.loads(bytes(reader.get(state_name).tolist()).decode("utf-8"))
+    dtype = getattr(torch, state["dtype"])
+
+    def make() -> Any:
+        absmax = reader.get(f"{name}.absmax")
+        if f"{name}.nested_absmax" in reader.tensors:
+            nested, nested_code = reader.get(f"{name}.nested_absmax").float(), reader.get(f"{name}.nested_quant_map")
+            absmax = _dequantize_blockwise(absmax, nested, nested_code.float(), state["nested_blocksize"])
+            absmax += torch.tensor(float(state["nested_offset"]), dtype=torch.float32)
+        code = reader.get(f"{name}.quant_map").float()
+        return dequantize_4bit(reader.get(name), absmax.float(), code, state["blocksize"], state["shape"], dtype)
+
+    return PlannedTensor(name, TORCH_TO_SAFETENSORS[str(dtype).removeprefix("torch.")], tuple(state["shape"])), make
+
+
+def _digest(source: Path) -> str:
+    """What the plain base is made from: the source's files (names, sizes, times) and this module's version."""
+    files = sorted(p for p in source.iterdir() if p.is_file())
+    seen = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files] + [_VERSION]
+    return hashlib.sha256(json.dumps(seen).encode()).hexdigest()[:16]
+
+
+_VERSION = 1
+
+
+def cache_root() -> Path:
+    """Where plain bases are kept: MODEL_EXPORT_CACHE, else ~/.cache/model-export."""
+    return Path(os.path.expanduser(os.environ.get("MODEL_EXPORT_CACHE") or "~/.cache/model-export"))
+
+
+def plain_base(source: Path, quantization: dict[str, Any]) -> Path:
+    """The plain base of a bitsandbytes ``source``: made once (its shards dequantized tensor by tensor, its other
+    files copied, config.json without quantization_config) into ``cache_root()/dequantized/<name>-<digest>``; kept
+    while the source is unchanged. Processes making it at once each write their own and the first rename wins."""
+    import torch
+
+    from ..monitoring import logger
+
+    target = cache_root() / "dequantized" / f"{source.name}-{_digest(source)}"
+    if (target / MARKER).is_file():
+        return target
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    model_dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    logger.info(i18n.ui("dequantizing_base", described=describe(quantization), source=source, target=target))
+    weight_map = {}
+    for shard in sorted(source.glob("*.safetensors")):
+        reader = _Reader(shard)
+        try:
+            planned = _plain_tensors(reader, quantization, model_dtype)
+            writer = ShardWriter(partial / shard.name, [p for p, _ in planned])
+            try:
+                for _, make in planned:
+                    tensor = make().contiguous()
+                    writer.write(tensor.view(-1).view(torch.uint8).numpy())
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+        finally:
+            reader.fh.close()
+        weight_map.update({p.name: shard.name for p, _ in planned})
+    for extra in source.iterdir():
+        if extra.is_file() and not extra.name.endswith(".safetensors") and extra.name != "model.safetensors.index.json":
+            shutil.copy2(extra, partial / extra.name)
+    config.pop("quantization_config", None)
+    (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if (source / "model.safetensors.index.json").is_file():
+        index = {"metadata": {}, "weight_map": weight_map}
+        (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    record = {"source": str(source), "quantization": quantization, "described": describe(quantization)}
+    (partial / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    try:
+        os.replace(partial, target)
+    except OSError:  # another process finished first: theirs is the same
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
