@@ -111,3 +111,14 @@ def test_the_run_names_the_base_and_verifies_every_format_from_it(qlora, tmp_pat
         "(what the adapter was trained against)"
     )
     assert "bitsandbytes nf4, double quantization" in (out / "export.log").read_text()
+
+
+def test_a_16bit_base_for_a_qlora_adapter_is_named_as_the_other_road(qlora):
+    from model_export import check
+    from model_export.demo.run import shipped_base
+
+    _, adapter, _ = qlora
+    report = check(str(adapter), str(shipped_base()))
+    assert report.base_quantization is None
+    (warning,) = [w for w in report.warnings if "16-bit base" in w]
+    assert "bitsandbytes nf4, double quantization" in warning and "never saw" in warning
