@@ -47,12 +47,18 @@ FOUR_BIT = [
 ]
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [{"load_in_4bit": True, "bnb_4bit_compute_dtype": torch.bfloat16, **s} for s in FOUR_BIT] + [{"load_in_8bit": True}],
-    ids=lambda s: "8bit" if "load_in_8bit" in s else f"{s['bnb_4bit_quant_type']}-"
-    f"{'dq' if s['bnb_4bit_use_double_quant'] else 'sq'}-{str(s['bnb_4bit_quant_storage'])[6:]}",
-)
+CASES = [{"load_in_4bit": True, "bnb_4bit_compute_dtype": torch.bfloat16, **s} for s in FOUR_BIT]
+CASES.append({"load_in_8bit": True})
+
+
+def _case(s: dict) -> str:
+    if "load_in_8bit" in s:
+        return "8bit"
+    double = "dq" if s["bnb_4bit_use_double_quant"] else "sq"
+    return f"{s['bnb_4bit_quant_type']}-{double}-{str(s['bnb_4bit_quant_storage'])[6:]}"
+
+
+@pytest.mark.parametrize("settings", CASES, ids=_case)
 def test_the_plain_base_is_bitsandbytes_dequantization_bit_for_bit(tmp_path, monkeypatch, settings):
     from safetensors import safe_open
 
