@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .config_problems import problems_from_pydantic, unknown_key_problem
 from .errors import ConfigError
+from .files import parse_size
 
 __all__ = ["ExportConfiguration", "parse_size", "EXPORT_FORMATS"]
 
@@ -31,27 +32,12 @@ GGUFTensorType = Literal[
 QuantizationLevel = Literal["none", "bf16", "fp16", "int8", "int4"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, **{f"{p}b": 10 ** (3 * i) for i, p in enumerate("kmgt", 1)}}
-_UNITS.update({f"{p}ib": 2 ** (10 * i) for i, p in enumerate("kmgt", 1)})
-
 
 def _invalid(kind: str, template: str, **context: Any) -> Exception:
     """A field's problem as pydantic reports it, with a type of ours that the catalogue translates (``pydantic``)."""
     from pydantic_core import PydanticCustomError
 
     return PydanticCustomError(kind, template, context)
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from an int or a text such as ``5GB``, ``500MB`` or ``2GiB`` (as transformers' max_shard_size)."""
-    if isinstance(value, int):
-        return value
-    match = _SIZE.match(str(value))
-    if not match:
-        raise ValueError(f"not a size: {value!r} (write e.g. 5GB, 500MB or 2GiB)")
-    number, unit = match.groups()
-    return int(float(number) * _UNITS[(unit or "B").lower()])
 
 
 def default_dynamic_axes() -> dict[str, dict[int, str]]:
@@ -119,6 +105,19 @@ class ExportConfiguration(BaseModel):
     base_model_load_in_8bit: bool = Field(
         False,
         description="Load the base model in 8-bit (bitsandbytes, needs a GPU) for reference and verification runs.",
+    )
+    base_model_quantization: dict[str, Any] | None = Field(
+        None,
+        description="How the adapter's training quantized a 16-bit base (QLoRA with load_in_4bit), in transformers' "
+        "BitsAndBytesConfig field names, e.g. {load_in_4bit: true, bnb_4bit_quant_type: nf4, "
+        "bnb_4bit_use_double_quant: true}: the base is quantized so by bitsandbytes and the adapter merged into its "
+        "dequantized weights (merge_into). A bitsandbytes base needs none: its own quantization_config says.",
+    )
+    merge_into: Literal["auto", "dequantized", "original"] = Field(
+        "auto",
+        description="For a QLoRA adapter: dequantized merges into the weights it was trained against (a quantized "
+        "base's, or the base quantized as base_model_quantization says); original into the 16-bit weights as they "
+        "are. auto: dequantized when the base is quantized or base_model_quantization is set.",
     )
     device_map: Literal["cpu", "cuda", "auto"] = Field(
         "auto", description="Where models run: cpu, cuda, or auto (the GPU when there is one, else the CPU)."

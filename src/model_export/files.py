@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_atomic", "strict_json", "finite"]
+__all__ = ["write_atomic", "strict_json", "finite", "parse_size"]
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -37,3 +38,19 @@ def strict_json(data: Any) -> str:
     """JSON that every parser accepts: NaN and infinities become null (json.dumps would write NaN, which is not
     JSON)."""
     return json.dumps(finite(data), indent=2, default=str, allow_nan=False)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, **{f"{p}b": 10 ** (3 * i) for i, p in enumerate("kmgt", 1)}}
+_UNITS.update({f"{p}ib": 2 ** (10 * i) for i, p in enumerate("kmgt", 1)})
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a text such as ``5GB``, ``500MB`` or ``2GiB`` (as transformers' max_shard_size)."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"not a size: {value!r} (write e.g. 5GB, 500MB or 2GiB)")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "B").lower()])

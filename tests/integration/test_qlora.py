@@ -3,6 +3,7 @@ base quantized to nf4 with double quantization by bitsandbytes on the CPU (what 
 *-bnb-4bit checkpoint leaves); the merge, the reference and every artifact read that base's dequantized weights."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +123,63 @@ def test_a_16bit_base_for_a_qlora_adapter_is_named_as_the_other_road(qlora):
     assert report.base_quantization is None
     (warning,) = [w for w in report.warnings if "16-bit base" in w]
     assert "bitsandbytes nf4, double quantization" in warning and "never saw" in warning
+
+
+def test_a_16bit_base_with_the_training_quantization_stated_merges_as_the_quantized_base_does(
+    qlora, tmp_path, monkeypatch
+):
+    """base_model_quantization: the 16-bit base quantized by bitsandbytes as the training did, then dequantized: the
+    same merge, tensor for tensor, as from the quantized base itself; merge_into: original keeps the 16-bit weights."""
+    import shutil
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from model_export.demo.run import shipped_base
+
+    monkeypatch.setenv("MODEL_EXPORT_CACHE", str(tmp_path / "cache"))
+    base, adapter, _ = qlora
+    bf16 = tmp_path / "base-bf16"  # the 16-bit base the quantized one was made from
+    AutoModelForCausalLM.from_pretrained(str(shipped_base()), dtype=torch.bfloat16).save_pretrained(bf16)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(shipped_base() / name, bf16 / name)
+    stated = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+    common = {"checkpoint_path": str(adapter), "export_formats": ["safetensors"], "run_validation_tests": False}
+    runs = {
+        "quantized": {"base_model_name": str(base)},
+        "stated": {"base_model_name": str(bf16), "base_model_quantization": stated},
+        "original": {"base_model_name": str(bf16), "base_model_quantization": stated, "merge_into": "original"},
+    }
+    merged = {}
+    for name, settings in runs.items():
+        result = run(ExportConfiguration(output_dir=str(tmp_path / name), **common, **settings))
+        merged[name] = safe_open(str(Path(result.steps["merge"]["result"]["output_dir"]) / "model.safetensors"), "pt")
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(merged["stated"].get_tensor(key), merged["quantized"].get_tensor(key))
+    assert not torch.equal(merged["original"].get_tensor(key), merged["quantized"].get_tensor(key))
+    assert all(
+        torch.equal(merged["stated"].get_tensor(k), merged["quantized"].get_tensor(k)) for k in merged["stated"].keys()
+    )
+
+
+def test_merge_into_original_on_a_quantized_base_says_the_16bit_weights_are_not_there(qlora, tmp_path, monkeypatch):
+    from model_export import BaseModelError
+
+    monkeypatch.setenv("MODEL_EXPORT_CACHE", str(tmp_path / "cache"))
+    base, adapter, _ = qlora
+    config = ExportConfiguration(
+        checkpoint_path=str(adapter), base_model_name=str(base), output_dir=str(tmp_path / "o"), merge_into="original"
+    )
+    with pytest.raises(BaseModelError) as err:
+        run(config)
+    assert err.value.code == "ME306" and "original 16-bit weights are not in it" in str(err.value)
+
+
+def test_a_stated_quantization_is_checked_with_the_rest(tmp_path):
+    from model_export import validate_config
+
+    problems = validate_config(
+        {"checkpoint_path": str(tmp_path), "base_model_quantization": {"load_in_4bit": True, "bits": 3}}, inputs=False
+    )
+    (problem,) = [p for p in problems if p.key == "base_model_quantization"]
+    assert "load_in_4bit" in str(problem.fix) or "load_in_4bit" in str(problem)

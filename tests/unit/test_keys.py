@@ -56,6 +56,8 @@ KEY_EFFECTS = {
     "validation_max_kl": "unit/test_keys.py::test_reduced_precision_bounds_decide_the_verdict",
     "validation_int4_min_top1": "integration/test_pipeline.py::test_the_demo_at_int4_verifies_every_artifact_on_the_int4_bounds",
     "validation_int4_max_kl": "integration/test_pipeline.py::test_the_demo_at_int4_verifies_every_artifact_on_the_int4_bounds",
+    "base_model_quantization": "integration/test_qlora.py::test_a_16bit_base_with_the_training_quantization_stated_merges_as_the_quantized_base_does",
+    "merge_into": "integration/test_qlora.py::test_merge_into_original_on_a_quantized_base_says_the_16bit_weights_are_not_there",
     "verification_servers": "integration/test_serving.py::test_without_vllm_its_units_are_not_run_and_say_how_to_get_it",
     "vllm_python": "integration/test_serving.py::test_without_vllm_its_units_are_not_run_and_say_how_to_get_it",
     "verification_runtime": "integration/test_first_contact.py::test_verification_runtime_streams_the_reference_or_loads_it_whole",

@@ -21,6 +21,7 @@ are refused with what is supported.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -31,7 +32,27 @@ from typing import Any
 from .. import i18n
 from ..tensor_io import PlannedTensor, ShardWriter, read_bytes, read_header
 
-__all__ = ["quantization_of", "describe", "unsupported_quantization", "plain_base", "dequantize_4bit", "MARKER"]
+__all__ = [
+    "quantization_of",
+    "describe",
+    "unsupported_quantization",
+    "plain_base",
+    "quantized_as_trained",
+    "dequantize_4bit",
+    "MARKER",
+    "STATED_KEYS",
+]
+
+# base_model_quantization's keys: BitsAndBytesConfig's names for what a QLoRA training run quantized
+STATED_KEYS = (
+    "load_in_4bit",
+    "load_in_8bit",
+    "bnb_4bit_quant_type",
+    "bnb_4bit_use_double_quant",
+    "bnb_4bit_compute_dtype",
+    "bnb_4bit_quant_storage",
+    "llm_int8_skip_modules",
+)
 
 MARKER = "dequantized_from.json"  # in a plain base: what it was made from
 _COMPANIONS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__")
@@ -174,6 +195,20 @@ def _planned_quantized(reader: _Reader, name: str, quantization: dict[str, Any],
     return PlannedTensor(name, TORCH_TO_SAFETENSORS[str(dtype).removeprefix("torch.")], tuple(state["shape"])), make
 
 
+def _write_shard(path: Path, planned: list[tuple[PlannedTensor, Any]]) -> None:
+    """One shard of a plain base: each tensor made (``make()``) and written in turn, the file renamed when whole."""
+    import torch
+
+    writer = ShardWriter(path, [p for p, _ in planned])
+    try:
+        for _, make in planned:
+            writer.write(make().contiguous().view(-1).view(torch.uint8).numpy())
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
 def _digest(source: Path) -> str:
     """What the plain base is made from: the source's files (names, sizes, times) and this module's version."""
     files = sorted(p for p in source.iterdir() if p.is_file())
@@ -193,7 +228,6 @@ def plain_base(source: Path, quantization: dict[str, Any]) -> Path:
     """The plain base of a bitsandbytes ``source``: made once (its shards dequantized tensor by tensor, its other
     files copied, config.json without quantization_config) into ``cache_root()/dequantized/<name>-<digest>``; kept
     while the source is unchanged. Processes making it at once each write their own and the first rename wins."""
-    import torch
 
     from ..monitoring import logger
 
@@ -211,15 +245,7 @@ def plain_base(source: Path, quantization: dict[str, Any]) -> Path:
         reader = _Reader(shard)
         try:
             planned = _plain_tensors(reader, quantization, model_dtype)
-            writer = ShardWriter(partial / shard.name, [p for p, _ in planned])
-            try:
-                for _, make in planned:
-                    tensor = make().contiguous()
-                    writer.write(tensor.view(-1).view(torch.uint8).numpy())
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
+            _write_shard(partial / shard.name, planned)
         finally:
             reader.fh.close()
         weight_map.update({p.name: shard.name for p, _ in planned})
@@ -232,6 +258,82 @@ def plain_base(source: Path, quantization: dict[str, Any]) -> Path:
         index = {"metadata": {}, "weight_map": weight_map}
         (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     record = {"source": str(source), "quantization": quantization, "described": describe(quantization)}
+    (partial / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    try:
+        os.replace(partial, target)
+    except OSError:  # another process finished first: theirs is the same
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def _quantized_names(reader: _Reader, skip: list[str]) -> set[str]:
+    """The weights transformers quantizes when it loads a model with a BitsAndBytesConfig: every linear layer's (a
+    2-D ``.weight``) but the embeddings, lm_head and llm_int8_skip_modules."""
+    kept = ("embed_tokens", "lm_head", "wte", "wpe", *skip)
+    return {
+        name
+        for name, info in reader.tensors.items()
+        if name.endswith(".weight") and len(info.shape) == 2 and not any(k in name for k in kept)
+    }
+
+
+def _as_trained(bnb: Any, stated: dict[str, Any], weight: Any) -> Any:
+    """``weight`` quantized by bitsandbytes as ``stated`` says and dequantized again, in its own dtype."""
+    import torch
+
+    if stated.get("load_in_8bit"):
+        quantized, scale, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16))
+        return bnb.functional.int8_vectorwise_dequant(quantized, scale).to(weight.dtype)
+    packed, state = bnb.functional.quantize_4bit(
+        weight,
+        blocksize=64,
+        compress_statistics=bool(stated.get("bnb_4bit_use_double_quant")),
+        quant_type=str(stated.get("bnb_4bit_quant_type") or "fp4"),
+        quant_storage=getattr(torch, str(stated.get("bnb_4bit_quant_storage") or "uint8")),
+    )
+    return bnb.functional.dequantize_4bit(packed, state)
+
+
+def quantized_as_trained(source: Path, stated: dict[str, Any]) -> Path:
+    """The plain base a QLoRA run on the 16-bit ``source`` trained against: each linear layer's weight quantized by
+    bitsandbytes as ``stated`` (BitsAndBytesConfig's names: what transformers does at load_in_4bit / load_in_8bit)
+    and dequantized again, the rest as stored; made once into the cache like plain_base. Needs bitsandbytes (its own
+    quantization, on the CPU)."""
+
+    from ..extras import require
+    from ..monitoring import logger
+
+    bnb = require("bitsandbytes", "merging into the weights a QLoRA adapter was trained against")
+    quantization = {"quant_method": "bitsandbytes", **stated}
+    digest = hashlib.sha256(json.dumps([_digest(source), stated], sort_keys=True).encode()).hexdigest()[:16]
+    target = cache_root() / "dequantized" / f"{source.name}-as-trained-{digest}"
+    if (target / MARKER).is_file():
+        return target
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    logger.info(i18n.ui("dequantizing_base", described=describe(quantization), source=source, target=target))
+    as_trained = functools.partial(_as_trained, bnb, stated)
+    for shard in sorted(source.glob("*.safetensors")):
+        reader = _Reader(shard)
+        try:
+            quantized = _quantized_names(reader, list(stated.get("llm_int8_skip_modules") or []))
+            planned = [
+                (
+                    PlannedTensor(n, i.dtype, tuple(i.shape)),
+                    (lambda n=n, r=reader: as_trained(r.get(n)))
+                    if n in quantized
+                    else (lambda n=n, r=reader: r.get(n)),
+                )
+                for n, i in reader.tensors.items()
+            ]
+            _write_shard(partial / shard.name, planned)
+        finally:
+            reader.fh.close()
+    for extra in source.iterdir():
+        if extra.is_file() and not extra.name.endswith(".safetensors"):
+            shutil.copy2(extra, partial / extra.name)
+    record = {"source": str(source), "quantization": quantization, "described": describe(quantization), "stated": True}
     (partial / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     try:
         os.replace(partial, target)

@@ -31,7 +31,12 @@ STEP_SPECS: dict[str, StepSpec] = {
     spec.name: spec
     for spec in (
         StepSpec("detect", keys=("checkpoint_path", "checkpoint_selection"), writes="detect"),
-        StepSpec("check", keys=("base_model_name",), needs=("detect",), reads=("enable_progress_monitoring",)),
+        StepSpec(
+            "check",
+            keys=("base_model_name", "base_model_quantization", "merge_into"),  # which weights the merge reads
+            needs=("detect",),
+            reads=("enable_progress_monitoring",),
+        ),
         StepSpec(
             "merge",
             keys=("quantization_level", "compress_weights", "remove_training_artifacts", "device_map"),

@@ -160,6 +160,26 @@ def _steps(state: RunState) -> None:
     _report(state)
 
 
+def _merged_into(c: ExportConfiguration, base: str) -> str:
+    """The base the run merges into (merge_into): a quantized base is read as its dequantized weights already
+    (checkpoint/quantized_base.py); a 16-bit base with base_model_quantization is quantized and dequantized as the
+    training did, unless merge_into is original. ME306 for merge_into original on a quantized base, ME307 for
+    dequantized with nothing quantized."""
+    from ..checkpoint.base_model import resolve_base_model
+    from ..checkpoint.quantized_base import MARKER, quantized_as_trained
+
+    path = resolve_base_model(base)
+    if (path / MARKER).is_file():
+        if c.merge_into == "original":
+            raise BaseModelError("base_not_original", path=base)
+        return base
+    if c.base_model_quantization and c.merge_into != "original":
+        return str(quantized_as_trained(path, c.base_model_quantization))
+    if c.merge_into == "dequantized":  # asked for, with nothing quantized to merge into
+        raise BaseModelError("base_not_quantized", path=base)
+    return base
+
+
 def _detect_and_check(state: RunState) -> tuple[Path, str, Any]:
     """detect (which checkpoint) and check (the adapter against its base): the checkpoint, the base, its inspection."""
     c = state.config
@@ -175,6 +195,7 @@ def _detect_and_check(state: RunState) -> tuple[Path, str, Any]:
     base = c.base_model_name or read_adapter_config(checkpoint).get("base_model_name_or_path")
     if not base:
         raise BaseModelError("base_model_unknown", path=str(checkpoint / "adapter_config.json"))
+    base = _merged_into(c, base)
     info = inspect_base_model(base)
     quantized = base_quantization(info.path)
     if quantized:  # a QLoRA base: the merge, the reference and every artifact use its dequantized weights

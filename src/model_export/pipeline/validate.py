@@ -98,6 +98,21 @@ def _load_in_bits(config: ExportConfiguration) -> list[ConfigProblem]:
     return []
 
 
+def _trained_quantization(config: ExportConfiguration) -> list[ConfigProblem]:
+    """base_model_quantization in BitsAndBytesConfig's names, 4-bit or 8-bit (checkpoint/quantized_base.py)."""
+    from ..checkpoint.quantized_base import STATED_KEYS
+
+    stated = config.base_model_quantization
+    if stated is None:
+        return []
+    unknown = sorted(set(stated) - set(STATED_KEYS))
+    four, eight = bool(stated.get("load_in_4bit")), bool(stated.get("load_in_8bit"))
+    if unknown or four == eight or stated.get("bnb_4bit_quant_type", "nf4") not in ("nf4", "fp4"):
+        known = ", ".join(STATED_KEYS)
+        return [ConfigProblem("base_model_quantization", "stated_quantization", {"keys": known})]
+    return []
+
+
 def _quantization(config: ExportConfiguration) -> list[ConfigProblem]:
     level = config.quantization_level
     return [
@@ -447,6 +462,7 @@ def _check_base(name: str) -> None:
 
 _RULES = (
     _load_in_bits,
+    _trained_quantization,
     _quantization,
     _opset,
     _dynamic_axes,
