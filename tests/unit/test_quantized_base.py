@@ -92,7 +92,7 @@ def test_the_plain_base_is_bitsandbytes_dequantization_bit_for_bit(tmp_path, mon
 
 def test_what_is_found_is_named_and_other_quantizations_are_refused(tmp_path):
     from model_export import BaseModelError
-    from model_export.checkpoint.base_model import resolve_base_model
+    from model_export.checkpoint.base_model import inspect_base_model, refuse_quantized, resolve_base_model
     from model_export.demo.run import shipped_base
 
     settings = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
@@ -104,7 +104,8 @@ def test_what_is_found_is_named_and_other_quantizations_are_refused(tmp_path):
     shutil.copytree(shipped_base(), awq)
     config = json.loads((awq / "config.json").read_text())
     (awq / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "awq", "bits": 4}}))
+    assert resolve_base_model(str(awq)) == awq  # left as it is (our compressed-tensors artifacts are read so)
     with pytest.raises(BaseModelError) as err:
-        resolve_base_model(str(awq))
+        refuse_quantized(inspect_base_model(str(awq)))
     assert err.value.code == "ME305" and "quantized with awq" in str(err.value)
     assert "bitsandbytes 4-bit (nf4 or fp4" in err.value.hint()

@@ -103,17 +103,24 @@ def resolve_base_model(name: str) -> Path:
 
 
 def _plain(path: Path) -> Path:
-    """``path`` itself, or, for a quantized base, the plain base of its dequantized weights (ME305 when its
-    quantization is not one read here)."""
+    """``path`` itself, or, for a bitsandbytes base, the plain base of its dequantized weights. Other quantized
+    folders are left as they are (the layer-streamed runtime reads our compressed-tensors artifacts): a merge or a
+    check refuses them as a base (refuse_quantized)."""
     from .quantized_base import plain_base, quantization_of, unsupported_quantization
 
     quantization = quantization_of(path)
-    if quantization is None:
+    if quantization is None or unsupported_quantization(quantization) is not None:
         return path
-    method = unsupported_quantization(quantization)
-    if method is not None:
-        raise BaseModelError("base_model_quantized", path=str(path), method=method)
     return plain_base(path, quantization)
+
+
+def refuse_quantized(info: BaseModelInfo) -> None:
+    """ME305 for a base whose quantization is not read here (GPTQ, AWQ, compressed-tensors, FP8): its weights are not
+    the matrices an adapter adds to."""
+    quantization = info.config.get("quantization_config")
+    if isinstance(quantization, dict):
+        method = str(quantization.get("quant_method") or "unknown")
+        raise BaseModelError("base_model_quantized", path=str(info.path), method=method)
 
 
 def _from_hub(repo_id: str) -> Path:

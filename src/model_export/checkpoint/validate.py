@@ -32,7 +32,7 @@ from .adapter_format import (
     quick_check,
     read_adapter_config,
 )
-from .base_model import TOKENIZER_FILES, BaseModelInfo, inspect_base_model, tokenizer_source
+from .base_model import TOKENIZER_FILES, BaseModelInfo, inspect_base_model, refuse_quantized, tokenizer_source
 from .hf_layout import TOKENIZER_SET
 
 if TYPE_CHECKING:
@@ -167,6 +167,7 @@ def validate_checkpoint(
     base_name = base_model or config.get("base_model_name_or_path")
     if base_name:
         base = inspect_base_model(base_name)
+        refuse_quantized(base)
         _check_fit(shapes, modules, config, base)
         if not base.has_tokenizer and not _has_tokenizer(directory):
             raise BaseModelError("base_tokenizer_missing", name=base_name, path=str(base.path))

@@ -23,7 +23,13 @@ from typing import Any, BinaryIO
 
 from .. import i18n
 from ..checkpoint.adapter_format import ADAPTER_CONFIG, read_adapter_config
-from ..checkpoint.base_model import BaseModelInfo, inspect_base_model, local_base_dirs, resolve_base_model
+from ..checkpoint.base_model import (
+    BaseModelInfo,
+    inspect_base_model,
+    local_base_dirs,
+    refuse_quantized,
+    resolve_base_model,
+)
 from ..checkpoint.detect import detect
 from ..checkpoint.hf_layout import (
     copy_generation_config,
@@ -120,6 +126,7 @@ def merge(
         if validate:  # the pipeline's check step has done it already
             validate_checkpoint(checkpoint, base, progress=False)
         info = inspect_base_model(base)
+        refuse_quantized(info)
         plan, adapter_file = adapter_plan(checkpoint, adapter_config, info, dtype, compress_weights)
         stem, suffix, index_name = FORMATS[format]
         shards = plan_shards([t.planned for t in plan.tensors], parse_size(max_shard_size), stem, suffix)

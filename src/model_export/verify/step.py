@@ -238,13 +238,14 @@ def _verify_now(
 
 
 def _serve(verdict: Any, path: Path, inputs: VerifyInputs) -> None:
-    """The serving check of an artifact that ran (a GGUF, an ONNX graph, a transformers folder), against the training
-    run's tokenizer; a failure fails the artifact like a logit failure (its own failure first when it has one)."""
+    """The serving check of an artifact (a GGUF, an ONNX graph, a transformers folder), against the training run's
+    tokenizer, also when its own runtime could not run it (a GGUF without llama-cpp-python: its Modelfile still renders
+    in Go); a failure fails the artifact like a logit failure (its own failure first when it has one)."""
     from .judge import serving_failure
     from .serving import serving_check
 
-    if verdict.status == "not_run" or verdict.error or path.name == "peft" or verdict.server is not None:
-        return  # a PEFT folder has no chat path of its own; a server's was checked in the server
+    if verdict.error or path.name == "peft" or verdict.server is not None:
+        return  # one that failed to load; a PEFT folder has no chat path of its own; a server's was checked in it
     tokenizer = tokenizer_source([inputs.checkpoint, inputs.checkpoint.parent, inputs.base_dir]) or inputs.base_dir
     verdict.serving = serving_check(path, tokenizer)
     failure = serving_failure(verdict)
