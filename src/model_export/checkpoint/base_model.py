@@ -114,13 +114,14 @@ def _plain(path: Path) -> Path:
     return plain_base(path, quantization)
 
 
-def refuse_quantized(info: BaseModelInfo) -> None:
-    """ME305 for a base whose quantization is not read here (GPTQ, AWQ, compressed-tensors, FP8): its weights are not
-    the matrices an adapter adds to."""
+def refuse_quantized(info: BaseModelInfo) -> BaseModelInfo:
+    """``info`` of a base an adapter can be merged into; ME305 for a base whose quantization is not read here (GPTQ,
+    AWQ, compressed-tensors, FP8): its weights are not the matrices an adapter adds to."""
     quantization = info.config.get("quantization_config")
     if isinstance(quantization, dict):
         method = str(quantization.get("quant_method") or "unknown")
         raise BaseModelError("base_model_quantized", path=str(info.path), method=method)
+    return info
 
 
 def _from_hub(repo_id: str) -> Path:

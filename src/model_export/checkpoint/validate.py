@@ -166,8 +166,7 @@ def validate_checkpoint(
     _check_root_files(directory.parent)
     base_name = base_model or config.get("base_model_name_or_path")
     if base_name:
-        base = inspect_base_model(base_name)
-        refuse_quantized(base)
+        base = refuse_quantized(inspect_base_model(base_name))
         _check_fit(shapes, modules, config, base)
         if not base.has_tokenizer and not _has_tokenizer(directory):
             raise BaseModelError("base_tokenizer_missing", name=base_name, path=str(base.path))

@@ -125,8 +125,7 @@ def merge(
     with MemoryMonitor(enabled=memory_monitoring) as monitor:
         if validate:  # the pipeline's check step has done it already
             validate_checkpoint(checkpoint, base, progress=False)
-        info = inspect_base_model(base)
-        refuse_quantized(info)
+        info = refuse_quantized(inspect_base_model(base))
         plan, adapter_file = adapter_plan(checkpoint, adapter_config, info, dtype, compress_weights)
         stem, suffix, index_name = FORMATS[format]
         shards = plan_shards([t.planned for t in plan.tensors], parse_size(max_shard_size), stem, suffix)
