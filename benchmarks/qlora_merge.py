@@ -21,7 +21,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from merge_vs_peft import bench_parser, child, qwen3_config, settle, target_line, timed, write_adapter, write_base
+from merge_vs_peft import (
+    bench_parser,
+    qwen3_config,
+    run_captured,
+    settle,
+    target_line,
+    timed,
+    write_adapter,
+    write_base,
+)
 
 TARGETS = {"wall_vs_16bit": 1.5, "peak_rss_gib": 1.0}
 
@@ -34,6 +43,11 @@ config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4b
 model = AutoModelForCausalLM.from_pretrained(source, quantization_config=config, dtype=torch.bfloat16, device_map="cpu")
 model.save_pretrained(out)
 """
+
+
+def child(*args: str) -> str:
+    """A step of this script in a child process, so that this parent stays small (see merge_vs_peft.child)."""
+    return run_captured([sys.executable, __file__, *args])
 
 
 def main() -> None:

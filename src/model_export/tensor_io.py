@@ -245,7 +245,12 @@ class ShardWriter:
     """
 
     def __init__(
-        self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None, queue_chunks: int = 8
+        self,
+        path: Path,
+        tensors: list[PlannedTensor],
+        metadata: dict[str, str] | None = None,
+        queue_chunks: int = 8,
+        hashed: bool = True,
     ) -> None:
         import hashlib
         import queue
@@ -254,6 +259,7 @@ class ShardWriter:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.expected = sum(t.nbytes for t in tensors)
+        self.hashed = hashed  # false: close() returns no digest (a cache file nothing checks against its hash)
         self.written = 0
         self._hash = hashlib.sha256()
         self._fh = self.partial.open("wb")
@@ -281,7 +287,8 @@ class ShardWriter:
     def _hash_loop(self) -> None:
         while (item := self._hash_queue.get()) is not None:
             data, release = item
-            self._hash.update(data)
+            if self.hashed:
+                self._hash.update(data)
             if release is not None:
                 release()
 
