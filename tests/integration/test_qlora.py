@@ -183,3 +183,34 @@ def test_a_stated_quantization_is_checked_with_the_rest(tmp_path):
     )
     (problem,) = [p for p in problems if p.key == "base_model_quantization"]
     assert "load_in_4bit" in str(problem.fix) or "load_in_4bit" in str(problem)
+
+
+def test_the_report_says_what_merging_into_the_16bit_weights_would_cost(qlora, tmp_path, monkeypatch):
+    """The stated road: the reference is the adapter on the dequantized weights; the same adapter on the 16-bit
+    weights as they are is measured against it (KL, top-1, perplexity) and shown."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from model_export.demo.run import shipped_base
+
+    monkeypatch.setenv("MODEL_EXPORT_CACHE", str(tmp_path / "cache"))
+    _, adapter, _ = qlora
+    bf16 = tmp_path / "base-bf16"
+    AutoModelForCausalLM.from_pretrained(str(shipped_base()), dtype=torch.bfloat16).save_pretrained(bf16)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(shipped_base() / name, bf16 / name)
+    stated = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+    out = tmp_path / "out"
+    result = run(
+        ExportConfiguration(
+            checkpoint_path=str(adapter),
+            base_model_name=str(bf16),
+            base_model_quantization=stated,
+            output_dir=str(out),
+            export_formats=["safetensors"],
+        )
+    )
+    other = result.steps["verify"]["result"]["reference"]["other_road"]
+    assert other["base"] == str(bf16) and other["mean_kl"] > 0 and 0 < other["top1"] <= 1 and other["perplexity"] > 1
+    assert "Merged into the 16-bit weights of" in (out / "report.html").read_text(encoding="utf-8")

@@ -132,7 +132,7 @@ def _dequantize_blockwise(quantized: Any, absmax: Any, code: Any, blocksize: int
 
 
 class _Reader:
-    """One shard's tensors by name, as torch tensors (raw bytes read from the file)."""
+    """One shard's tensors by name, as torch tensors (raw bytes read from the file), whole or in row chunks."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.tensors = path, read_header(path).tensors
@@ -151,6 +151,12 @@ class _Reader:
             else torch.empty(info.shape, dtype=torch_dtype(info.dtype))
         )
 
+    def chunks(self, name: str) -> Any:
+        """A tensor copied as stored, 16 MB of rows at a time (an embedding is never whole in memory)."""
+        from ..tensor_io import torch_row_chunks
+
+        return torch_row_chunks(self.fh, self.tensors[name], 16 << 20)
+
 
 def _plain_tensors(reader: _Reader, quantization: dict[str, Any], model_dtype: str) -> list[tuple[PlannedTensor, Any]]:
     """Every tensor of the plain base in this shard: (what it is, how to make it), companions left out."""
@@ -162,7 +168,7 @@ def _plain_tensors(reader: _Reader, quantization: dict[str, Any], model_dtype: s
             planned.append(_planned_quantized(reader, name, quantization, model_dtype))
         elif not (name.endswith(_COMPANIONS) or "quant_state" in name or name.endswith((".SCB", ".weight_format"))):
             info = reader.tensors[name]
-            planned.append((PlannedTensor(name, info.dtype, tuple(info.shape)), lambda n=name: reader.get(n)))
+            planned.append((PlannedTensor(name, info.dtype, tuple(info.shape)), lambda n=name: reader.chunks(n)))
     return planned
 
 
@@ -201,13 +207,16 @@ def _planned_quantized(reader: _Reader, name: str, quantization: dict[str, Any],
 
 
 def _write_shard(path: Path, planned: list[tuple[PlannedTensor, Any]]) -> None:
-    """One shard of a plain base: each tensor made (``make()``) and written in turn, the file renamed when whole."""
+    """One shard of a plain base: each tensor made (``make()``: the tensor, or its row chunks) and written in turn, the
+    file renamed when whole."""
     import torch
 
     writer = ShardWriter(path, [p for p, _ in planned], hashed=False)
     try:
         for _, make in planned:
-            writer.write(make().contiguous().view(-1).view(torch.uint8).numpy())
+            made = make()
+            for part in [made] if isinstance(made, torch.Tensor) else made:
+                writer.write(part.contiguous().view(-1).view(torch.uint8).numpy())
         writer.close()
     except BaseException:
         writer.abort()
@@ -328,7 +337,7 @@ def quantized_as_trained(source: Path, stated: dict[str, Any]) -> Path:
                     PlannedTensor(n, i.dtype, tuple(i.shape)),
                     (lambda n=n, r=reader: as_trained(r.get(n)))
                     if n in quantized
-                    else (lambda n=n, r=reader: r.get(n)),
+                    else (lambda n=n, r=reader: r.chunks(n)),
                 )
                 for n, i in reader.tensors.items()
             ]

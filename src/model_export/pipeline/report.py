@@ -230,6 +230,8 @@ def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, fail
             "report_ppl_line", base=f"{reference['base_perplexity']:.3f}", reference=f"{reference['perplexity']:.3f}"
         )
         ppl_line = f'<p class="muted">{html.escape(text)}</p>'
+    if reference.get("other_road"):
+        ppl_line += f'<p class="muted">{html.escape(i18n.ui("other_road_line", **reference["other_road"]))}</p>'
     t = lambda key: html.escape(i18n.ui(key))  # noqa: E731
     columns = "".join(f"<th>{html.escape(c)}</th>" for c in i18n.ui("report_columns").split(";"))
     step_columns = "".join(f"<th>{html.escape(c)}</th>" for c in i18n.ui("report_step_columns").split(";"))

@@ -45,6 +45,7 @@ class Reference:
     base_perplexity: float | None = None  # the base alone (adapter disabled) on the held-out text
     heldout_entropy: float | None = None  # mean entropy (nats) of the next-token distributions on the held-out text
     base_entropy: float | None = None
+    other_road: dict | None = None  # a QLoRA adapter: how far merging into the 16-bit weights lands (other_road)
 
 
 HELDOUT_TOKENS = 256
@@ -390,3 +391,31 @@ def _max_positions(model_dir: Path) -> int:
         return int(config.get("max_position_embeddings") or 2**31)
     except (OSError, ValueError, TypeError, AttributeError):
         return 2**31
+
+
+def other_road(base_dir: Path, checkpoint: Path, tokenizer_dir: Path, reference: Reference, options: RunOptions) -> Any:
+    """For a QLoRA adapter merged into the dequantized weights of a 16-bit base quantized as its training did
+    (base_model_quantization): the same adapter on the 16-bit weights as they are, judged against the reference (mean
+    KL, top-1 agreement, perplexity on the held-out text) - what merging into the original weights would cost. None
+    for any other base (a pre-quantized base holds no 16-bit weights to compare)."""
+    import torch
+
+    from ..checkpoint.quantized_base import MARKER
+
+    marker = Path(base_dir) / MARKER
+    record = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
+    if not record.get("stated"):
+        return None
+    source = Path(record["source"])
+    other = compute_reference(source, checkpoint, tokenizer_dir, reference.prompts, 1, options=options)
+    kls, top1 = [], []
+    for ours, theirs in zip(reference.logits, other.logits):
+        p, q = ours.float().log_softmax(-1), theirs.float().log_softmax(-1)
+        kls.append(float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1).mean()))
+        top1.append(float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()))
+    return {
+        "base": str(source),
+        "mean_kl": sum(kls) / len(kls),
+        "top1": sum(top1) / len(top1),
+        "perplexity": other.heldout_perplexity,
+    }

@@ -333,7 +333,7 @@ def compute_cached(config: Any, out: Path, checkpoint: Path, base_dir: Path, sha
 
     import torch
 
-    from .reference import RunOptions, compute_reference
+    from .reference import RunOptions, compute_reference, other_road
 
     c, started = reference_spec().view(config), time.monotonic()
     held = shared.get("base_heldout")
@@ -348,6 +348,10 @@ def compute_cached(config: Any, out: Path, checkpoint: Path, base_dir: Path, sha
         options=RunOptions.from_config(c),
         base_heldout=Path(held) if held else None,
     )
+    tokenizer = tokenizer_source([checkpoint, checkpoint.parent, base_dir]) or base_dir
+    reference.other_road = other_road(base_dir, checkpoint, tokenizer, reference, RunOptions.from_config(c))
+    if reference.other_road:
+        logger.info(i18n.ui("other_road_line", **reference.other_road))
     cache = out / "verify" / REFERENCE_CACHE
     cache.parent.mkdir(parents=True, exist_ok=True)
     partial = cache.with_name(cache.name + ".partial")
@@ -420,4 +424,5 @@ class _LazyReference:
             # on the held-out text: what the adapter changed, beside which each artifact's perplexity reads
             "perplexity": r.heldout_perplexity,
             "base_perplexity": r.base_perplexity,
+            "other_road": r.other_road,  # a QLoRA adapter: merged into the 16-bit weights instead
         }
