@@ -112,6 +112,7 @@ def test_the_run_names_the_base_and_verifies_every_format_from_it(qlora, tmp_pat
         "(what the adapter was trained against)"
     )
     assert "bitsandbytes nf4, double quantization" in (out / "export.log").read_text()
+    assert "merged into its dequantized weights" in (out / "report.html").read_text(encoding="utf-8")
 
 
 def test_a_16bit_base_for_a_qlora_adapter_is_named_as_the_other_road(qlora):

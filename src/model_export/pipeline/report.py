@@ -240,12 +240,16 @@ def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, fail
     )
     selected = html.escape(str(detection.get("selected", "?")))
     base = html.escape(str(check.get("base_model", "?")))
+    # a QLoRA base: what it is and which weights the adapter was merged into
+    quantized = (
+        f'<p class="muted">{html.escape(check["base_quantization"])}</p>' if check.get("base_quantization") else ""
+    )
     return f"""<!doctype html><html lang="{i18n.current_language()}"><head><meta charset="utf-8">
 <title>model-export report</title>
 <style>{_CSS}</style></head><body><h1>model-export report</h1>
 <div class="banner {banner_class}">{html.escape(str(banner_text))}</div>
 <p class="muted">{t("report_checkpoint")} <code>{selected}</code> · {t("report_base")}
-<code>{base}</code> · LoRA r={check.get("rank", "?")}, alpha={check.get("lora_alpha", "?")}{where}</p>
+<code>{base}</code> · LoRA r={check.get("rank", "?")}, alpha={check.get("lora_alpha", "?")}{where}</p>{quantized}
 <h2>{t("report_artifacts")}</h2><table class="artifacts"><tr>{columns}</tr>{table}</table>{ppl_line}{warnings}
 <h2>{t("report_plots")}</h2><div class="grid">{"".join(plots)}</div>
 <h2>{t("report_steps")}</h2><table><tr>{step_columns}</tr>{_step_rows(steps)}</table>
