@@ -109,3 +109,39 @@ def test_what_is_found_is_named_and_other_quantizations_are_refused(tmp_path):
         refuse_quantized(inspect_base_model(str(awq)))
     assert err.value.code == "ME305" and "quantized with awq" in str(err.value)
     assert "bitsandbytes 4-bit (nf4 or fp4" in err.value.hint()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+        {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+        {"load_in_8bit": True},
+    ],
+    ids=["nf4-dq", "fp4", "8bit"],
+)
+def test_a_stated_quantization_gives_the_weights_transformers_quantizes_at_load(tmp_path, monkeypatch, settings):
+    """base_model_quantization on the 16-bit base: each matrix as transformers' load_in_4bit / load_in_8bit
+    quantizes it, dequantized by bitsandbytes; everything else as stored."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from model_export.checkpoint.quantized_base import quantized_as_trained
+    from model_export.demo.run import shipped_base
+
+    monkeypatch.setenv("MODEL_EXPORT_CACHE", str(tmp_path / "cache"))
+    bf16 = tmp_path / "base-bf16"
+    AutoModelForCausalLM.from_pretrained(str(shipped_base()), dtype=torch.bfloat16).save_pretrained(bf16)
+    model = quantized_base(tmp_path / "quantized", bnb_4bit_compute_dtype=torch.bfloat16, **settings)
+    plain = quantized_as_trained(bf16, settings)
+    with safe_open(str(plain / "model.safetensors"), "pt") as ours:
+        for name, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            kind = type(weight).__name__
+            if kind == "Params4bit":
+                theirs = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+            elif kind == "Int8Params":
+                theirs = bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB).to(torch.bfloat16)
+            else:
+                continue
+            assert torch.equal(_bits(ours.get_tensor(f"{name}.weight")), _bits(theirs.contiguous())), name
