@@ -114,6 +114,8 @@ _THIRD_PARTY = (
     "datasets",
     "urllib3",
     "filelock",
+    "bitsandbytes",  # at import, on CPUs with AVX512-BF16: "Failed to load CPU gemm_4bit_forward from kernels-community"
+    "kernels",
 )
 
 
