@@ -114,7 +114,7 @@ _THIRD_PARTY = (
     "datasets",
     "urllib3",
     "filelock",
-    "bitsandbytes",  # at import, on CPUs with AVX512-BF16: "Failed to load CPU gemm_4bit_forward from kernels-community"
+    "bitsandbytes",  # at import, on AVX512-BF16 CPUs: "Failed to load CPU gemm_4bit_forward from kernels-community"
     "kernels",
 )
 
