@@ -132,11 +132,19 @@ def _dequantize_blockwise(quantized: Any, absmax: Any, code: Any, blocksize: int
 
 
 class _Reader:
-    """One shard's tensors by name, as torch tensors (raw bytes read from the file), whole or in row chunks."""
+    """One shard's tensors by name, as torch tensors (raw bytes read from the file), whole or in row chunks; its reads
+    are serialized (tensors are made on several threads, and a read is a seek then a read on one file handle)."""
 
     def __init__(self, path: Path) -> None:
+        import threading
+
         self.path, self.tensors = path, read_header(path).tensors
         self.fh = path.open("rb")
+        self.lock = threading.Lock()
+
+    def _bytes(self, name: str, start: int | None = None, stop: int | None = None) -> bytearray:
+        with self.lock:
+            return bytearray(read_bytes(self.fh, self.tensors[name], start, stop))
 
     def get(self, name: str) -> Any:
         import torch
@@ -144,18 +152,28 @@ class _Reader:
         from ..tensor_io import torch_dtype
 
         info = self.tensors[name]
-        raw = bytearray(read_bytes(self.fh, info))
-        return (
-            torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).reshape(info.shape)
-            if raw
-            else torch.empty(info.shape, dtype=torch_dtype(info.dtype))
-        )
+        raw = self._bytes(name)
+        dtype = torch_dtype(info.dtype)
+        return torch.frombuffer(raw, dtype=dtype).reshape(info.shape) if raw else torch.empty(info.shape, dtype=dtype)
 
     def chunks(self, name: str) -> Any:
         """A tensor copied as stored, 16 MB of rows at a time (an embedding is never whole in memory)."""
-        from ..tensor_io import torch_row_chunks
+        import math
 
-        return torch_row_chunks(self.fh, self.tensors[name], 16 << 20)
+        import torch
+
+        from ..tensor_io import torch_dtype
+
+        info = self.tensors[name]
+        if len(info.shape) < 2:
+            yield self.get(name)
+            return
+        row = math.prod(info.shape[1:])
+        step = max(1, (16 << 20) // max(1, row * 4))
+        for start in range(0, info.shape[0], step):
+            stop = min(info.shape[0], start + step)
+            raw = self._bytes(name, start, stop)
+            yield torch.frombuffer(raw, dtype=torch_dtype(info.dtype)).view(stop - start, *info.shape[1:])
 
 
 def _plain_tensors(reader: _Reader, quantization: dict[str, Any], model_dtype: str) -> list[tuple[PlannedTensor, Any]]:
@@ -207,16 +225,26 @@ def _planned_quantized(reader: _Reader, name: str, quantization: dict[str, Any],
 
 
 def _write_shard(path: Path, planned: list[tuple[PlannedTensor, Any]]) -> None:
-    """One shard of a plain base: each tensor made (``make()``: the tensor, or its row chunks) and written in turn, the
-    file renamed when whole."""
+    """One shard of a plain base: each tensor made (``make()``: the tensor, or its row chunks) and written in order,
+    the next ones made meanwhile on the other cores (torch and numpy release the GIL); the file renamed when whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
+
+    from ..monitoring import threads
 
     writer = ShardWriter(path, [p for p, _ in planned], hashed=False)
     try:
-        for _, make in planned:
-            made = make()
-            for part in [made] if isinstance(made, torch.Tensor) else made:
-                writer.write(part.contiguous().view(-1).view(torch.uint8).numpy())
+        with ThreadPoolExecutor(max_workers=max(1, min(threads(), 4))) as pool:
+            ahead = max(1, min(threads(), 4))  # tensors being made at once: a few hundred MB at most
+            made = [pool.submit(make) for _, make in planned[:ahead]]
+            for index in range(len(planned)):
+                result = made[index].result()
+                if index + ahead < len(planned):
+                    made.append(pool.submit(planned[index + ahead][1]))
+                for part in [result] if isinstance(result, torch.Tensor) else result:
+                    writer.write(part.contiguous().view(-1).view(torch.uint8).numpy())
+                made[index] = None
         writer.close()
     except BaseException:
         writer.abort()
