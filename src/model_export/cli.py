@@ -253,6 +253,8 @@ def _detect(args: argparse.Namespace) -> int:
 
     def human(console: Console) -> None:  # skipped candidates were logged (stderr) by detect, each once
         console.print(i18n.ui("detected", path=result.selected))
+        if result.trained_on:  # a QLoRA adapter: which base it was trained on
+            console.print(i18n.ui("detect_trained_on", named=result.trained_on))
 
     _emit(args, result.to_dict(), human)
     return 0

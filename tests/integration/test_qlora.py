@@ -215,3 +215,12 @@ def test_the_report_says_what_merging_into_the_16bit_weights_would_cost(qlora, t
     other = result.steps["verify"]["result"]["reference"]["other_road"]
     assert other["base"] == str(bf16) and other["mean_kl"] > 0 and 0 < other["top1"] <= 1 and other["perplexity"] > 1
     assert "Merged into the 16-bit weights of" in (out / "report.html").read_text(encoding="utf-8")
+
+
+def test_detect_names_the_quantized_base_the_adapter_was_trained_on(qlora, capsys):
+    from model_export.cli import main
+
+    _, adapter, _ = qlora
+    assert main(["detect", str(adapter)]) == 0
+    out = capsys.readouterr().out
+    assert "trained on a quantized base:" in out and "bitsandbytes nf4, double quantization" in out

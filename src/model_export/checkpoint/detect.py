@@ -45,12 +45,24 @@ class Detection:
     def path(self) -> Path:
         return Path(self.selected)
 
+    @property
+    def trained_on(self) -> str | None:
+        """The quantized base adapter_config.json names, with what it is (a QLoRA adapter), else None."""
+        from .adapter_format import read_adapter_config
+        from .validate import quantized_name
+
+        try:
+            return quantized_name(read_adapter_config(self.path).get("base_model_name_or_path"))
+        except Exception:  # noqa: BLE001 - an unreadable config is check's to report, not detect's
+            return None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "root": self.root,
             "selection": self.selection,
             "selected": self.selected,
             "candidates": [vars(c) for c in self.candidates],
+            "trained_on": self.trained_on,
         }
 
 

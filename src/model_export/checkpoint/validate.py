@@ -173,7 +173,7 @@ def validate_checkpoint(
         _check_tokenizer_fits(directory, base, shapes)
         report.base_model, report.base_model_path, report.fit_checked = base_name, str(base.path), True
         report.base_quantization = base_quantization(base.path)
-        trained_on = _quantized_name(config.get("base_model_name_or_path"))
+        trained_on = quantized_name(config.get("base_model_name_or_path"))
         if trained_on and report.base_quantization is None:  # a QLoRA adapter given a 16-bit base
             report.warnings.append(i18n.ui("warn_trained_quantized", named=trained_on, given=base_name))
             logger.warning(report.warnings[-1])
@@ -183,7 +183,7 @@ def validate_checkpoint(
     return report
 
 
-def _quantized_name(named: str | None) -> str | None:
+def quantized_name(named: str | None) -> str | None:
     """``named`` (adapter_config.json's base) with what it is, when it is a quantized base: a local folder whose
     config.json says bitsandbytes, or a hub name that says it (``...-bnb-4bit``); else None."""
     from .quantized_base import describe, quantization_of
