@@ -49,7 +49,7 @@ class Detection:
     def trained_on(self) -> str | None:
         """The quantized base adapter_config.json names, with what it is (a QLoRA adapter), else None."""
         from .adapter_format import read_adapter_config
-        from .validate import quantized_name
+        from .quantized_base import quantized_name
 
         try:
             return quantized_name(read_adapter_config(self.path).get("base_model_name_or_path"))

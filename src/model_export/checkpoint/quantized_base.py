@@ -38,6 +38,7 @@ __all__ = [
     "unsupported_quantization",
     "plain_base",
     "quantized_as_trained",
+    "quantized_name",
     "dequantize_4bit",
     "MARKER",
     "STATED_KEYS",
@@ -382,3 +383,16 @@ def quantized_as_trained(source: Path, stated: dict[str, Any]) -> Path:
     except OSError:  # another process finished first: theirs is the same
         shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+def quantized_name(named: str | None) -> str | None:
+    """``named`` (adapter_config.json's base) with what it is, when it is a quantized base: a local folder whose
+    config.json says bitsandbytes, or a hub name that says it (``...-bnb-4bit``); else None."""
+    if not named:
+        return None
+    folder = Path(os.path.expanduser(named))
+    quantization = quantization_of(folder) if folder.is_dir() else None
+    if quantization and quantization.get("quant_method") == "bitsandbytes":
+        return f"{named} ({describe(quantization)})"
+    lowered = named.lower()
+    return f"{named} (bitsandbytes)" if "bnb-4bit" in lowered or "bnb-8bit" in lowered else None

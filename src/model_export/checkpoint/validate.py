@@ -10,7 +10,6 @@ config.json and safetensors headers).
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from .adapter_format import (
 )
 from .base_model import TOKENIZER_FILES, BaseModelInfo, inspect_base_model, refuse_quantized, tokenizer_source
 from .hf_layout import TOKENIZER_SET
+from .quantized_base import quantized_name
 
 if TYPE_CHECKING:
     from ..config import ExportConfiguration
@@ -181,21 +181,6 @@ def validate_checkpoint(
         report.warnings.append(i18n.ui("warn_fit_unchecked"))
         logger.warning(report.warnings[-1])
     return report
-
-
-def quantized_name(named: str | None) -> str | None:
-    """``named`` (adapter_config.json's base) with what it is, when it is a quantized base: a local folder whose
-    config.json says bitsandbytes, or a hub name that says it (``...-bnb-4bit``); else None."""
-    from .quantized_base import describe, quantization_of
-
-    if not named:
-        return None
-    folder = Path(os.path.expanduser(named))
-    quantization = quantization_of(folder) if folder.is_dir() else None
-    if quantization and quantization.get("quant_method") == "bitsandbytes":
-        return f"{named} ({describe(quantization)})"
-    lowered = named.lower()
-    return f"{named} (bitsandbytes)" if "bnb-4bit" in lowered or "bnb-8bit" in lowered else None
 
 
 def base_quantization(path: Path) -> str | None:
