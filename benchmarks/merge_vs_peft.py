@@ -149,8 +149,22 @@ def write_adapter(path: Path, base: Path, config: dict, r: int = 16, seed: int =
     ).save_pretrained(str(path))
 
 
+# Starts the measured command and reports its wait4 peak RSS (KiB) on stderr's last line. The measured process is
+# forked from this small launcher, never from the benchmark: on Linux a child's ru_maxrss includes the high-water RSS
+# its parent had at fork (a parent that once held 1 GB made `python3 -c pass` report 1038 MB), so a benchmark that
+# wrote a base itself would inflate every figure it measured directly.
+_LAUNCHER = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(child.pid, 0)
+sys.stderr.write("\\nLAUNCHER-MAXRSS-KIB %d\\n" % usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def timed(command: list[str], gpu: bool = False, exit_codes: tuple[int, ...] = (0,), tree: bool = False) -> dict:
-    """Run ``command`` in its own process; wall time and its own peak RSS (wait4 reports it per child);
+    """Run ``command`` in its own process; wall time and its own peak RSS (wait4, read by a small launcher process
+    that starts it, so the benchmark's own memory never counts);
     with ``gpu``, also the peak GPU memory the process reports through BENCH_GPU_PEAK; with ``tree``, also the peak of
     the summed RSS of the process and all its children at once (sampled every 0.1 s: a process beside the run counts).
     An exit code outside ``exit_codes`` stops the benchmark; another accepted one is recorded as ``exit``."""
@@ -160,7 +174,10 @@ def timed(command: list[str], gpu: bool = False, exit_codes: tuple[int, ...] = (
     peak_file = Path(tempfile.mkstemp()[1])
     start = time.perf_counter()
     process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "BENCH_GPU_PEAK": str(peak_file)}
+        [sys.executable, "-c", _LAUNCHER, *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "BENCH_GPU_PEAK": str(peak_file)},
     )
     tree_peak = [0]
 
@@ -180,12 +197,13 @@ def timed(command: list[str], gpu: bool = False, exit_codes: tuple[int, ...] = (
     if sampler:
         sampler.start()
     stderr = process.stderr.read().decode(errors="replace")
-    _, status, usage = os.wait4(process.pid, 0)
+    _, status, _ = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     code = os.waitstatus_to_exitcode(status)
     if code not in exit_codes:
         raise SystemExit(f"{command[0]} failed:\n{stderr[-3000:]}")
-    result = {"wall_s": round(wall, 2), "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2**30, 2)}
+    maxrss = int(stderr.rsplit("LAUNCHER-MAXRSS-KIB ", 1)[1].split()[0])
+    result = {"wall_s": round(wall, 2), "peak_rss_gib": round(maxrss * 1024 / 2**30, 2)}
     if sampler:
         sampler.join()
         result["peak_tree_rss_gib"] = round(tree_peak[0] / 2**30, 2)
