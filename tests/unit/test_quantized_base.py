@@ -35,6 +35,17 @@ def quantized_base(folder, **settings):
     return model
 
 
+def bitsandbytes_dequantized(weight):
+    """A quantized weight of a model transformers loaded with bitsandbytes, as bitsandbytes itself dequantizes it on
+    the CPU (8-bit in the model's bf16); None for a weight that is not quantized."""
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    if kind == "Int8Params":
+        return bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB).to(torch.bfloat16)
+    return None
+
+
 def _bits(t):
     return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype])
 
@@ -73,12 +84,8 @@ def test_the_plain_base_is_bitsandbytes_dequantization_bit_for_bit(tmp_path, mon
         assert all(ours.get_tensor(k).dtype in (torch.bfloat16, torch.float32) for k in ours.keys())  # no uint8/int8
         for name, module in model.named_modules():
             weight = getattr(module, "weight", None)
-            kind = type(weight).__name__
-            if kind == "Params4bit":
-                theirs = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-            elif kind == "Int8Params":
-                theirs = bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB).to(torch.bfloat16)
-            else:
+            theirs = bitsandbytes_dequantized(weight)
+            if theirs is None:
                 if weight is not None and f"{name}.weight" in ours.keys():  # not quantized: as stored
                     assert torch.equal(_bits(ours.get_tensor(f"{name}.weight")), _bits(weight.data.contiguous()))
                 continue
@@ -136,12 +143,7 @@ def test_a_stated_quantization_gives_the_weights_transformers_quantizes_at_load(
     plain = quantized_as_trained(bf16, settings)
     with safe_open(str(plain / "model.safetensors"), "pt") as ours:
         for name, module in model.named_modules():
-            weight = getattr(module, "weight", None)
-            kind = type(weight).__name__
-            if kind == "Params4bit":
-                theirs = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-            elif kind == "Int8Params":
-                theirs = bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB).to(torch.bfloat16)
-            else:
+            theirs = bitsandbytes_dequantized(getattr(module, "weight", None))
+            if theirs is None:
                 continue
             assert torch.equal(_bits(ours.get_tensor(f"{name}.weight")), _bits(theirs.contiguous())), name

@@ -271,23 +271,30 @@ def plain_base(source: Path, quantization: dict[str, Any]) -> Path:
     """The plain base of a bitsandbytes ``source``: made once (its shards dequantized tensor by tensor, its other
     files copied, config.json without quantization_config) into ``cache_root()/dequantized/<name>-<digest>``; kept
     while the source is unchanged. Processes making it at once each write their own and the first rename wins."""
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    model_dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    target = cache_root() / "dequantized" / f"{source.name}-{_digest(source)}"
+    return _build(target, source, quantization, lambda reader: _plain_tensors(reader, quantization, model_dtype))
 
+
+def _build(target: Path, source: Path, quantization: dict[str, Any], plan: Any, stated: bool = False) -> Path:
+    """``target``, made once from ``source``: each shard written as ``plan(reader)`` lays it out (PlannedTensor, how to
+    make it), the other files copied, config.json without quantization_config, the index's map rewritten, and the
+    MARKER saying what it was made from; written under a name of this process's and renamed when whole (a process
+    that finds another's finished keeps that one)."""
     from ..monitoring import logger
 
-    target = cache_root() / "dequantized" / f"{source.name}-{_digest(source)}"
     if (target / MARKER).is_file():
         return target
     partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
-    model_dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     logger.info(i18n.ui("dequantizing_base", described=describe(quantization), source=source, target=target))
     weight_map = {}
     for shard in sorted(source.glob("*.safetensors")):
         reader = _Reader(shard)
         try:
-            planned = _plain_tensors(reader, quantization, model_dtype)
+            planned = plan(reader)
             _write_shard(partial / shard.name, planned)
         finally:
             reader.fh.close()
@@ -295,12 +302,14 @@ def plain_base(source: Path, quantization: dict[str, Any]) -> Path:
     for extra in source.iterdir():
         if extra.is_file() and not extra.name.endswith(".safetensors") and extra.name != "model.safetensors.index.json":
             shutil.copy2(extra, partial / extra.name)
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     config.pop("quantization_config", None)
     (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if (source / "model.safetensors.index.json").is_file():
         index = {"metadata": {}, "weight_map": weight_map}
         (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     record = {"source": str(source), "quantization": quantization, "described": describe(quantization)}
+    record.update({"stated": True} if stated else {})
     (partial / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     try:
         os.replace(partial, target)
@@ -342,47 +351,25 @@ def quantized_as_trained(source: Path, stated: dict[str, Any]) -> Path:
     bitsandbytes as ``stated`` (BitsAndBytesConfig's names: what transformers does at load_in_4bit / load_in_8bit)
     and dequantized again, the rest as stored; made once into the cache like plain_base. Needs bitsandbytes (its own
     quantization, on the CPU)."""
-
     from ..extras import require
-    from ..monitoring import logger
 
     bnb = require("bitsandbytes", "merging into the weights a QLoRA adapter was trained against")
-    quantization = {"quant_method": "bitsandbytes", **stated}
     digest = hashlib.sha256(json.dumps([_digest(source), stated], sort_keys=True).encode()).hexdigest()[:16]
     target = cache_root() / "dequantized" / f"{source.name}-as-trained-{digest}"
-    if (target / MARKER).is_file():
-        return target
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    logger.info(i18n.ui("dequantizing_base", described=describe(quantization), source=source, target=target))
     as_trained = functools.partial(_as_trained, bnb, stated)
-    for shard in sorted(source.glob("*.safetensors")):
-        reader = _Reader(shard)
-        try:
-            quantized = _quantized_names(reader, list(stated.get("llm_int8_skip_modules") or []))
-            planned = [
-                (
-                    PlannedTensor(n, i.dtype, tuple(i.shape)),
-                    (lambda n=n, r=reader: as_trained(r.get(n)))
-                    if n in quantized
-                    else (lambda n=n, r=reader: r.chunks(n)),
-                )
-                for n, i in reader.tensors.items()
-            ]
-            _write_shard(partial / shard.name, planned)
-        finally:
-            reader.fh.close()
-    for extra in source.iterdir():
-        if extra.is_file() and not extra.name.endswith(".safetensors"):
-            shutil.copy2(extra, partial / extra.name)
-    record = {"source": str(source), "quantization": quantization, "described": describe(quantization), "stated": True}
-    (partial / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    try:
-        os.replace(partial, target)
-    except OSError:  # another process finished first: theirs is the same
-        shutil.rmtree(partial, ignore_errors=True)
-    return target
+    skip = list(stated.get("llm_int8_skip_modules") or [])
+
+    def plan(reader: _Reader) -> list[tuple[PlannedTensor, Any]]:
+        quantized = _quantized_names(reader, skip)
+        return [
+            (
+                PlannedTensor(n, i.dtype, tuple(i.shape)),
+                (lambda n=n: as_trained(reader.get(n))) if n in quantized else (lambda n=n: reader.chunks(n)),
+            )
+            for n, i in reader.tensors.items()
+        ]
+
+    return _build(target, source, {"quant_method": "bitsandbytes", **stated}, plan, stated=True)
 
 
 def quantized_name(named: str | None) -> str | None:
