@@ -91,10 +91,10 @@ def _judge_all(config: Any, base: Path, entries: list[dict[str, Any]], python: s
     import torch
 
     from ..runtimes import precision_of
-    from ..runtimes.vllm import ServerFailed, VllmServer, vllm_problem
+    from ..runtimes.vllm import ServerFailed, vllm_problem
     from ..verify.judge import Bounds, not_run
     from ..verify.reference import Reference
-    from ..verify.served import judge_on_server, lora_rank, model_dtype, served_length, unserved
+    from ..verify.served import judge_on_server, lora_server, unserved
 
     precision = precision_of(base)
     problem = vllm_problem(python)
@@ -103,20 +103,8 @@ def _judge_all(config: Any, base: Path, entries: list[dict[str, Any]], python: s
     if not entries:
         return {}
     tokenizer = entries[0]["tokenizer"]
-    server = VllmServer(
-        base.resolve(),
-        python=python,
-        dtype=model_dtype(base),
-        max_len=served_length(base, config.max_sequence_length),
-        log=log,
-        loras={e["name"]: e["folder"] for e in entries},
-        max_lora_rank=max(lora_rank(e["folder"]) for e in entries),
-        **(
-            {"tokenizer": Path(tokenizer).resolve()}
-            if tokenizer and Path(tokenizer).resolve() != base.resolve()
-            else {}
-        ),
-    )
+    loras = {e["name"]: e["folder"] for e in entries}
+    server = lora_server(base, loras, Path(tokenizer) if tokenizer else None, python, config.max_sequence_length, log)
     verdicts = {}
     try:
         with server:

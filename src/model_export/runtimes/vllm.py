@@ -12,6 +12,7 @@ on two cores, and the same outputs (the kernels are the same; compilation fuses 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -86,8 +87,10 @@ def vllm_python(configured: str | None) -> str:
     return configured or os.environ.get(VLLM_PYTHON_ENV) or sys.executable
 
 
+@functools.cache
 def vllm_problem(python: str) -> str | None:
-    """Why vLLM's server cannot start from ``python`` (no such interpreter, or vLLM not installed in it), or None."""
+    """Why vLLM's server cannot start from ``python`` (no such interpreter, or vLLM not installed in it), or None; asked
+    once per interpreter and process (each unit's key and each unit's run ask it)."""
     if not Path(python).exists():
         return i18n.ui("vllm_no_python", python=python)
     probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 3)"

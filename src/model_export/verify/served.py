@@ -35,6 +35,7 @@ __all__ = [
     "served_targets",
     "lora_folder",
     "lora_rank",
+    "lora_server",
     "model_dtype",
     "served_length",
     "unserved",
@@ -91,23 +92,32 @@ def _server(label: str, path: Path, base_dir: Path, tokenizer: Path, python: str
     """The server for one unit, and the model name its requests use."""
     from ..runtimes.vllm import VllmServer
 
-    path, base_dir, tokenizer = path.resolve(), base_dir.resolve(), tokenizer.resolve()
     if label == "safetensors@vllm":
+        path = path.resolve()
         server = VllmServer(path, python=python, dtype=model_dtype(path), max_len=served_length(path, max_len), log=log)
         return server, server.name
-    extra = {"tokenizer": tokenizer} if tokenizer != base_dir else {}
-    loras = {"adapter": path}
-    server = VllmServer(
+    return lora_server(base_dir, {"adapter": path}, tokenizer, python, max_len, log), "adapter"
+
+
+def lora_server(
+    base_dir: Path, loras: dict[str, Path], tokenizer: Path | None, python: str, max_len: int, log: Path
+) -> Any:
+    """vLLM serving ``base_dir`` with each of ``loras`` (name -> PEFT folder) as a LoRA, at the largest rank among
+    them; with ``--tokenizer`` when the training tokenizer is not the base's own folder."""
+    from ..runtimes.vllm import VllmServer
+
+    base_dir = base_dir.resolve()
+    extra = {"tokenizer": tokenizer.resolve()} if tokenizer and tokenizer.resolve() != base_dir else {}
+    return VllmServer(
         base_dir,
         python=python,
         dtype=model_dtype(base_dir),
         max_len=served_length(base_dir, max_len),
         log=log,
-        loras=loras,
-        max_lora_rank=lora_rank(path),
+        loras={name: folder.resolve() for name, folder in loras.items()},
+        max_lora_rank=max(lora_rank(folder) for folder in loras.values()),
         **extra,
     )
-    return server, "adapter"
 
 
 def _top(entry: dict[str, float]) -> dict[int, float]:
