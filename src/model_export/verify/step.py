@@ -246,7 +246,7 @@ def _serve(verdict: Any, path: Path, inputs: VerifyInputs) -> None:
 
     if verdict.error or path.name == "peft" or verdict.server is not None:
         return  # one that failed to load; a PEFT folder has no chat path of its own; a server's was checked in it
-    tokenizer = tokenizer_source([inputs.checkpoint, inputs.checkpoint.parent, inputs.base_dir]) or inputs.base_dir
+    tokenizer = training_tokenizer(inputs.checkpoint, inputs.base_dir)
     verdict.serving = serving_check(path, tokenizer)
     failure = serving_failure(verdict)
     if failure is not None:
@@ -297,7 +297,7 @@ def _served(label: str, path: Path, inputs: VerifyInputs, c: ConfigView, run: An
     from ..runtimes.vllm import vllm_python
     from .served import verify_served
 
-    tokenizer = tokenizer_source([inputs.checkpoint, inputs.checkpoint.parent, inputs.base_dir]) or inputs.base_dir
+    tokenizer = training_tokenizer(inputs.checkpoint, inputs.base_dir)
     return verify_served(
         label,
         path,
@@ -311,6 +311,11 @@ def _served(label: str, path: Path, inputs: VerifyInputs, c: ConfigView, run: An
         floor=floor,
         log=inputs.out / "verify" / f"{label}.log",
     )
+
+
+def training_tokenizer(checkpoint: Path, base_dir: Path) -> Path:
+    """The tokenizer the training run used: the checkpoint's, the Trainer output's, else the base's."""
+    return tokenizer_source([checkpoint, checkpoint.parent, base_dir]) or base_dir
 
 
 def reference_unit(config: Any, shared: dict[str, Any], upstream: dict[str, str]) -> Unit:
@@ -337,10 +342,11 @@ def compute_cached(config: Any, out: Path, checkpoint: Path, base_dir: Path, sha
 
     c, started = reference_spec().view(config), time.monotonic()
     held = shared.get("base_heldout")
+    tokenizer = training_tokenizer(checkpoint, base_dir)
     reference = compute_reference(
         base_dir,
         checkpoint,
-        tokenizer_source([checkpoint, checkpoint.parent, base_dir]) or base_dir,
+        tokenizer,
         c.test_input_samples,
         c.validation_new_tokens,
         load_in_4bit=c.base_model_load_in_4bit,
@@ -348,7 +354,6 @@ def compute_cached(config: Any, out: Path, checkpoint: Path, base_dir: Path, sha
         options=RunOptions.from_config(c),
         base_heldout=Path(held) if held else None,
     )
-    tokenizer = tokenizer_source([checkpoint, checkpoint.parent, base_dir]) or base_dir
     reference.other_road = other_road(base_dir, checkpoint, tokenizer, reference, RunOptions.from_config(c))
     if reference.other_road:
         logger.info(i18n.ui("other_road_line", **reference.other_road))
