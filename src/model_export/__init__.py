@@ -4,30 +4,55 @@ The public API mirrors the CLI: each subcommand calls the function of the same n
 Heavy backends (torch, onnx, gguf) are imported only when a stage needs them.
 """
 
-from .checkpoint.base_model import BaseModelInfo, inspect_base_model, resolve_base_model
-from .checkpoint.detect import CheckpointDetector, Detection, detect
-from .checkpoint.validate import CheckpointReport, check, validate_checkpoint
-from .config import ExportConfiguration
-from .config_file import init_config, load_config
-from .config_problems import ConfigProblem
+import importlib as _importlib
+
+# A function that shares its module's name is bound now: once the submodule is imported, the package's attribute
+# would otherwise be the module, not the function.
 from .doctor import DoctorReport, doctor
-from .errors import (
-    BaseModelError,
-    CheckpointValidationError,
-    ConfigError,
-    ExportError,
-    ExportFormatError,
-    MergeError,
-    MissingDependencyError,
-    ResourceError,
-    ValidationError,
-)
-from .i18n import set_language
-from .merging.merger import MergeResult, ModelMerger, merge
-from .pipeline.batch import BatchResult, run, run_batch
-from .pipeline.run import run_adapter
-from .pipeline.state import RunResult
-from .pipeline.validate import check_config, validate_config
+
+# Each public name and the module it lives in, imported when first asked for (PEP 562): a command imports what it
+# runs and no more (``model-export merge`` never imports the pipeline, transformers or onnx).
+_EXPORTS = {
+    "checkpoint.base_model": ("BaseModelInfo", "inspect_base_model", "resolve_base_model"),
+    "checkpoint.detect": ("CheckpointDetector", "Detection", "detect"),
+    "checkpoint.validate": ("CheckpointReport", "check", "validate_checkpoint"),
+    "config": ("ExportConfiguration",),
+    "config_file": ("init_config", "load_config"),
+    "config_problems": ("ConfigProblem",),
+    "errors": (
+        "BaseModelError",
+        "CheckpointValidationError",
+        "ConfigError",
+        "ExportError",
+        "ExportFormatError",
+        "MergeError",
+        "MissingDependencyError",
+        "ResourceError",
+        "ValidationError",
+    ),
+    "i18n": ("set_language",),
+    "merging.merger": ("MergeResult", "ModelMerger", "merge"),
+    "pipeline.batch": ("BatchResult", "run", "run_batch"),
+    "pipeline.run": ("run_adapter",),
+    "pipeline.state": ("RunResult",),
+    "pipeline.validate": ("check_config", "validate_config"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+_WHERE.update(DoctorReport="doctor", doctor="doctor")
+
+
+def __getattr__(name: str) -> object:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'model_export' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})
+
 
 __version__ = "0.1.0"
 

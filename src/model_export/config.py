@@ -11,10 +11,9 @@ import re
 from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from .config_problems import problems_from_pydantic, unknown_key_problem
-from .errors import ConfigError
+from .config_problems import ReportedModel
 from .files import parse_size
 
 __all__ = ["ExportConfiguration", "parse_size", "EXPORT_FORMATS"]
@@ -50,7 +49,7 @@ def default_dynamic_axes() -> dict[str, dict[int, str]]:
     }
 
 
-class ExportConfiguration(BaseModel):
+class ExportConfiguration(ReportedModel):
     """Every setting of an export run. Keys are the ones the troubleshooting guide uses."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -337,7 +336,19 @@ class ExportConfiguration(BaseModel):
         "loading. Where streaming does not cover a model, transformers runs and the log says why.",
     )
     validation_new_tokens: int = Field(
-        16, ge=1, description="Tokens generated greedily per sample to compare generations."
+        16,
+        ge=1,
+        description="Tokens the reference generates greedily per sample. Every artifact is then judged in one pass "
+        "over the prompt and these tokens (teacher-forced): KL and top-1 at every position, and its greedy agreement "
+        "read along the reference's tokens up to its first different choice.",
+    )
+    max_memory: int | str = Field(
+        "auto",
+        description="Memory the layer-streamed reference may keep its widened (fp32) layers in between passes, so "
+        "that its greedy decoding reads only the layers that do not fit: auto (the memory available when the "
+        "reference starts, less a quarter and at least 2 GiB; in a batch on the local pool, each adapter's even "
+        "share beyond its planned peak; on Ray, 0), a size (e.g. 6GiB, 500MB), or 0 to read every layer "
+        "on every pass. The results are the same either way; only time and memory change.",
     )
     verification_servers: list[Literal["vllm"]] = Field(
         [],
@@ -411,43 +422,28 @@ class ExportConfiguration(BaseModel):
         None, description="Message language: en or zh; empty: from the locale (zh_* gives zh)."
     )
 
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except pydantic.ValidationError as exc:
-            raise ConfigError(
-                "config_invalid", problems=problems_from_pydantic(exc, list(type(self).model_fields)), where=""
-            ) from None
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        try:
-            super().__setattr__(name, value)
-        except pydantic.ValidationError as exc:
-            raise ConfigError(
-                "config_invalid", problems=problems_from_pydantic(exc, list(type(self).model_fields)), where=""
-            ) from None
-        except (AttributeError, ValueError) as exc:  # unknown attribute
-            if name in type(self).model_fields:
-                raise
-            raise ConfigError(
-                "config_invalid", problems=[unknown_key_problem(name, list(type(self).model_fields))], where=""
-            ) from exc
-
-    @field_validator("max_shard_size")
+    @field_validator("max_shard_size", "max_memory")
     @classmethod
-    def _check_size(cls, value: str) -> str:
+    def _check_size(cls, value: int | str, info: pydantic.ValidationInfo) -> int | str:
+        if info.field_name == "max_memory" and str(value).strip().lower() == "auto":
+            return "auto"
         try:
             size = parse_size(value)
         except ValueError:
             raise _invalid("me_size", "not a size (write e.g. 5GB, 500MB or 2GiB)") from None
-        if size <= 0:
+        if info.field_name == "max_memory" and size < 0:
+            raise _invalid("me_not_negative", "must be 0 or more")
+        if info.field_name == "max_shard_size" and size <= 0:
             raise _invalid("me_positive", "must be larger than 0")
         return value
 
-    @field_validator("checkpoint_path", "base_model_name", "output_dir", "calibration_data", "log_file", "vllm_python")
+    @field_validator(
+        "checkpoint_path", "base_model_name", "output_dir", "calibration_data", "log_file", "vllm_python", "adapters"
+    )
     @classmethod
-    def _check_path(cls, value: str | None) -> str | None:
-        if value is not None and "\0" in value:  # no file system takes it; os functions would raise ValueError
+    def _check_path(cls, value: Any) -> Any:
+        paths = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        if any(path is not None and "\0" in path for path in paths):  # no file system takes it (os raises)
             raise _invalid("me_nul", "a path cannot contain a NUL character")
         return value
 
@@ -468,14 +464,6 @@ class ExportConfiguration(BaseModel):
     def _check_group(cls, value: int | None) -> int | None:
         if value is not None and (value < 16 or value & (value - 1)):
             raise _invalid("me_group", "must be a power of two from 16 (16, 32, 64, 128, ...)")
-        return value
-
-    @field_validator("adapters")
-    @classmethod
-    def _check_adapters(cls, value: list[str] | dict[str, str]) -> list[str] | dict[str, str]:
-        for path in value.values() if isinstance(value, dict) else value:
-            if "\0" in path:
-                raise _invalid("me_nul", "a path cannot contain a NUL character")
         return value
 
     @field_validator("export_formats", "verification_servers")

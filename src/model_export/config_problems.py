@@ -10,8 +10,9 @@ from typing import Any
 import pydantic
 
 from . import i18n
+from .errors import ConfigError
 
-__all__ = ["ConfigProblem", "unknown_key_problem", "problems_from_pydantic"]
+__all__ = ["ConfigProblem", "ReportedModel", "unknown_key_problem", "problems_from_pydantic"]
 
 
 @dataclass
@@ -62,3 +63,30 @@ def problems_from_pydantic(exc: pydantic.ValidationError, known: list[str]) -> l
         else:
             problems.append(ConfigProblem(key, "field_invalid", {"problem": i18n.Foreign.pydantic(err)}))
     return problems
+
+
+class ReportedModel(pydantic.BaseModel):
+    """A pydantic model whose problems, when it is built or assigned, are one ConfigError listing them all (unknown
+    keys included)."""
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except pydantic.ValidationError as exc:
+            raise ConfigError(
+                "config_invalid", problems=problems_from_pydantic(exc, list(type(self).model_fields)), where=""
+            ) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except pydantic.ValidationError as exc:
+            raise ConfigError(
+                "config_invalid", problems=problems_from_pydantic(exc, list(type(self).model_fields)), where=""
+            ) from None
+        except (AttributeError, ValueError) as exc:  # unknown attribute
+            if name in type(self).model_fields:
+                raise
+            raise ConfigError(
+                "config_invalid", problems=[unknown_key_problem(name, list(type(self).model_fields))], where=""
+            ) from exc

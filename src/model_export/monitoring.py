@@ -344,6 +344,9 @@ def timed_step(step: str) -> Iterator[dict]:
 
 
 THREADS_ENV = "MODEL_EXPORT_THREADS"
+# A batch's share of memory for each adapter's streamed reference to keep resident (max_memory auto): set by the local
+# pool for each task (its adapters side by side must not each take most of the machine), 0 on Ray.
+RESIDENT_ENV = "MODEL_EXPORT_RESIDENT_MEMORY"
 
 
 def threads() -> int:

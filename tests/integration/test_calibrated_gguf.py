@@ -9,6 +9,7 @@ import pytest
 
 from model_export import ExportConfiguration, run
 from model_export.errors import ConfigError
+from tests.reference import DEMO_INT4_BOUNDS
 
 pytestmark = pytest.mark.integration
 gguf = pytest.importorskip("gguf")
@@ -137,6 +138,7 @@ def test_demo_int4_safetensors_by_gptq_loads_in_transformers_and_verifies(traini
             quantization_method=method,
             gptq_act_order=act_order,
             run_validation_tests=method == "auto" and not act_order,
+            **DEMO_INT4_BOUNDS,  # what int4 costs the demo's tiny model (tests/reference.py)
         )
         result = run(config)
         details = result.steps["export"]["result"]["details"]["safetensors"]
@@ -301,6 +303,7 @@ def test_quantization_symmetric_decides_zero_points(training, tmp_path):
             calibration_data=None,
             quantization_symmetric=symmetric,
             onnx_optimize_graph=False,
+            **DEMO_INT4_BOUNDS,
         )
         result = run(config)
         assert all(v["status"] == "verified" for v in result.steps["verify"]["result"]["verdicts"].values())

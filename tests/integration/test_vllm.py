@@ -72,7 +72,8 @@ def test_the_merged_model_and_the_adapter_as_a_lora_are_verified_in_vllms_server
         assert verdict["runtime"].startswith("vLLM 0.") and verdict["rule"].startswith("vLLM, top-20 log-probabilities")
         # fp32 served in fp32: vLLM's log-probabilities within the full-precision bound, its greedy tokens the same
         assert verdict["max_abs_diff"] <= 1e-3 and verdict["top1_agreement"] == 1.0
-        assert all(sample["greedy_agreement"] == 1.0 for sample in verdict["samples"])
+        generated = [sample for sample in verdict["samples"] if sample["greedy_agreement"] is not None]
+        assert generated and all(sample["greedy_agreement"] == 1.0 for sample in generated)
         assert abs(verdict["perplexity"] - verdict["reference_perplexity"]) < 1e-2 * verdict["reference_perplexity"]
         server = verdict["server"]
         assert server["start_seconds"] > 0 and server["peak_rss"] > 100 << 20 and Path(server["log"]).is_file()

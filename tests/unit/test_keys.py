@@ -61,6 +61,7 @@ KEY_EFFECTS = {
     "verification_servers": "integration/test_serving.py::test_without_vllm_its_units_are_not_run_and_say_how_to_get_it",
     "vllm_python": "integration/test_serving.py::test_without_vllm_its_units_are_not_run_and_say_how_to_get_it",
     "verification_runtime": "integration/test_first_contact.py::test_verification_runtime_streams_the_reference_or_loads_it_whole",
+    "max_memory": "unit/test_teacher_forced.py::test_max_memory_keeps_the_references_layers_and_changes_nothing_else",
     "validation_new_tokens": "integration/test_pipeline.py::test_rerun_skips_and_a_changed_setting_reruns_what_follows",
     "test_input_samples": "integration/test_first_contact.py::test_max_sequence_length_cuts_a_long_prompt_instead_of_failing_in_onnxruntime",
     "run_benchmarks": "integration/test_pipeline.py::test_benchmark_step_and_command_compare_every_artifact",

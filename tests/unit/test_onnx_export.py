@@ -326,3 +326,40 @@ def test_an_opset_too_low_for_the_backend_is_a_config_error(backend, opset, mini
         check_config(config)
     assert f"onnx_opset_version {opset} is too low" in str(caught.value) and f"at least {minimum}" in str(caught.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_without_token_ids_takes_the_tokenizers_and_genai_loads_it(tiny_base, tmp_path):
+    """A base whose config.json names no eos or bos (the benchmarks' random bases): genai_config.json takes the
+    tokenizer's ids, since onnxruntime-genai refuses a null ("Expected a number but saw a null")."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    config = json.loads((base / "config.json").read_text())
+    config.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    (base / "config.json").write_text(json.dumps(config))
+    (base / "generation_config.json").unlink(missing_ok=True)
+    export_onnx(base, tmp_path / "out", backend="builder", level="none", opset=17, dynamic_axes=AXES, optimize=False)
+    model = json.loads((tmp_path / "out" / "genai_config.json").read_text())["model"]
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    assert model["eos_token_id"] == tokenizer.eos_token_id is not None
+    assert None not in (model["bos_token_id"], model["pad_token_id"])
+    og = pytest.importorskip("onnxruntime_genai")
+    og.Tokenizer(og.Config(str(tmp_path / "out")))  # loads: no null id
+
+
+def test_a_folder_genai_cannot_load_fails_its_serving_check_with_genais_words(tiny_base, tmp_path):
+    """The serving check of a graph whose genai_config.json onnxruntime-genai refuses: failed (a user's genai cannot
+    serve it either), quoting genai, rather than an exception that stops verification."""
+    pytest.importorskip("onnxruntime_genai")
+    from model_export.verify.serving import serving_check
+
+    export_onnx(tiny_base, tmp_path, backend="builder", level="none", opset=17, dynamic_axes=AXES, optimize=False)
+    genai = json.loads((tmp_path / "genai_config.json").read_text())
+    genai["model"]["bos_token_id"] = None
+    (tmp_path / "genai_config.json").write_text(json.dumps(genai))
+    result = serving_check(tmp_path / "model.onnx", tiny_base)
+    assert result["status"] == "failed"
+    assert all(c["status"] == "failed" and "bos_token_id" in c["reason"] for c in result["checks"])

@@ -111,7 +111,8 @@ def test_the_reference_falls_back_to_the_cpu_and_equals_the_cpu_reference(tiny_b
         fallen = compute_reference(tiny_base, adapter, tiny_base, ["Hello"], 4, device_map="auto", load_in_4bit=True)
     assert "falling back to the CPU" in caplog.text and "base_model_load_in_4bit needs a CUDA GPU" in caplog.text
     assert (fallen.device, fallen.precision) == ("cpu", "full")  # on the CPU bitsandbytes is not used: full precision
-    assert torch.equal(fallen.logits[0], cpu.logits[0]) and fallen.greedy == cpu.greedy
+    # the CPU reference here is layer-streamed (its sequences packed in one pass), the fallen one PEFT's whole model
+    assert float((fallen.logits[0] - cpu.logits[0]).abs().max()) <= 1e-5 and fallen.greedy == cpu.greedy
 
 
 def test_a_4bit_reference_holds_every_artifact_to_the_4bit_bounds():
@@ -202,9 +203,9 @@ def test_an_out_of_memory_while_verifying_is_the_machines_fault_not_the_artifact
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", load)
     _pretend_cuda(monkeypatch)
     with pytest.raises(ResourceError) as err:
-        verify_artifact(tiny_base, reference, new_tokens=2, device_map="cuda", raise_on_failure=False)
+        verify_artifact(tiny_base, reference, device_map="cuda", raise_on_failure=False)
     assert err.value.code == "ME401"
     _pretend_cuda(monkeypatch)
     with caplog.at_level("WARNING", logger="model_export"):
-        verdict = verify_artifact(tiny_base, reference, new_tokens=2, device_map="auto", raise_on_failure=False)
+        verdict = verify_artifact(tiny_base, reference, device_map="auto", raise_on_failure=False)
     assert verdict.error is None and "falling back to the CPU" in caplog.text

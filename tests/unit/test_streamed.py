@@ -148,32 +148,98 @@ def _passes(streamed):
     return count
 
 
-@pytest.mark.parametrize("guess", ["none", "right", "wrong", "half"])
-def test_drafted_decoding_keeps_the_models_own_greedy_tokens(tiny_base, tmp_path, guess):
-    """A draft of each continuation (verification passes the reference's) changes how many passes decoding takes,
-    never the tokens: each continuation is the one PEFT's model generates alone, and with a right draft one pass gives
-    every prompt's logits and continuation."""
-    from model_export.runtimes.hf import greedy
-    from model_export.runtimes.streamed import run_streamed
+SEQUENCES = [
+    torch.tensor([1, 5, 9, 22]),
+    torch.tensor([3, 17, 40, 7, 7, 2, 11]),
+    torch.tensor([9]),
+    torch.tensor([9, 9]),
+]
 
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        {},
+        {"target_modules": ["k_proj", "v_proj", "down_proj"], "use_dora": True},
+        {"target_modules": ["q_proj", "embed_tokens", "lm_head"]},
+    ],
+    ids=["plain", "dora", "embeddings-and-head"],
+)
+def test_packed_scoring_is_each_sequence_alone_in_one_pass(tiny_base, tmp_path, lora):
+    """Every sequence packed in one pass (no padding between them) gets the logits PEFT's model gives it alone; the
+    ones asked for without the adapter get what PEFT's disable_adapter gives, in the same pass."""
+    from model_export.runtimes.streamed import score_streamed
+
+    adapter = build_adapter(tiny_base, tmp_path / "adapter", **lora)
+    reference, streamed = peft_reference(tiny_base, adapter), StreamedModel(tiny_base, adapter)
+    passes = _passes(streamed)
+    got = score_streamed(streamed, SEQUENCES + SEQUENCES[:2], base_alone={4, 5})
+    assert passes[0] == 1
+    with torch.no_grad():
+        for ids, logits in zip(SEQUENCES, got[:4]):
+            assert float((reference(ids[None]).logits[0] - logits).abs().max()) <= 1e-5
+        with reference.disable_adapter():
+            for ids, logits in zip(SEQUENCES[:2], got[4:]):
+                base = reference(ids[None]).logits[0]
+                assert float((base - logits).abs().max()) <= 1e-5
+    assert float((got[0] - got[4]).abs().max()) > 1e-4  # the adapter changes something, so the check above bites
+    streamed.close()
+
+
+def test_rows_hold_at_most_the_pack_size(tiny_base, tmp_path, monkeypatch):
+    from model_export.runtimes import streamed as module
+
+    monkeypatch.setattr(module, "PACK_TOKENS", 8)
+    assert module.pack([4, 7, 1, 2, 9, 3]) == [[0], [1, 2], [3], [4], [5]]
     adapter = build_adapter(tiny_base, tmp_path / "adapter")
     reference, streamed = peft_reference(tiny_base, adapter), StreamedModel(tiny_base, adapter)
-    inputs = [(torch.tensor([1, 5, 9, 22]), 8), (torch.tensor([3, 17, 40, 7, 7, 2, 11]), 8), (torch.tensor([9, 9]), 5)]
-    inputs.append((torch.tensor([4, 8, 15, 16, 23, 42, 4, 8]), 0))  # scored only, like the held-out text
-    expected = [greedy(reference, ids, count) for ids, count in inputs]
-    drafts = {
-        "none": None,
-        "right": expected,
-        "wrong": [[(t + 1) % 100 for t in tokens] for tokens in expected],
-        "half": [tokens[: len(tokens) // 2] + [0] * 8 for tokens in expected],
-    }[guess]
-    passes = _passes(streamed)
-    got = run_streamed(streamed, inputs, batch_size=1, drafts=drafts)
-    for (ids, _), want, (logits, tokens) in zip(inputs, expected, got):
-        assert tokens == want
-        with torch.no_grad():
+    got = module.score_streamed(streamed, SEQUENCES)
+    with torch.no_grad():
+        for ids, logits in zip(SEQUENCES, got):
             assert float((reference(ids[None]).logits[0] - logits).abs().max()) <= 1e-5
-    if guess == "right":
-        assert passes[0] == 2  # prompts and continuations in one pass, the scored text in another
-    else:
-        assert passes[0] <= 1 + 8 + 1  # never more than a pass per token (the first from the prompt pass), + scoring
+    streamed.close()
+
+
+def _reads(streamed):
+    """A counter of the decoder layers a StreamedModel reads from its files."""
+    count = [0]
+    read = streamed._read_layer
+
+    def counted(*args):
+        count[0] += 1
+        return read(*args)
+
+    streamed._read_layer = counted
+    return count
+
+
+@pytest.mark.parametrize("budget", ["one layer", "everything"])
+def test_resident_layers_give_identical_results_with_fewer_reads(tiny_base, tmp_path, budget):
+    """max_memory keeps widened layers between passes: greedy decoding and scoring give bit for bit what reading
+    every layer on every pass gives, and the layers kept are read once."""
+    from model_export.runtimes.streamed import greedy_lockstep, score_streamed
+
+    adapter = build_adapter(tiny_base, tmp_path / "adapter")
+    layers = StreamedModel(tiny_base, adapter)
+    one = sum(p.numel() * 4 for p in layers.model.model.layers[0].parameters())
+    layers.close()
+    limit = {"one layer": one, "everything": 1 << 30}[budget]
+    results, reads = {}, {}
+    for name, max_memory in (("streamed", 0), ("resident", limit)):
+        model = StreamedModel(tiny_base, adapter, max_memory=max_memory)
+        count = _reads(model)
+        tokens = greedy_lockstep(model, SEQUENCES[:2], 6, set())
+        logits = score_streamed(model, SEQUENCES)
+        results[name], reads[name] = (tokens, logits), count[0]
+        kept = len(model.resident)
+        model.close()
+    assert results["streamed"][0] == results["resident"][0]
+    assert all(torch.equal(a, b) for a, b in zip(results["streamed"][1], results["resident"][1]))
+    total = layers.config.num_hidden_layers
+    assert kept == (1 if budget == "one layer" else total)
+    passes = reads["streamed"] // total  # 6 decoding passes and the scoring pass
+    assert passes == 7
+    # the layers kept are read once, the others on every pass (the read ahead of a next pass that never comes is
+    # not made when no layer is left to read)
+    saved = reads["streamed"] - kept * (passes - 1)
+    assert saved - 1 <= reads["resident"] <= saved

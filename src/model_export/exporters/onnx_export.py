@@ -163,13 +163,14 @@ def write_genai_config(out: Path, config: dict[str, Any]) -> None:
     past = [i for i in graph.input if i.name.startswith("past_key_values.")]
     dims = past[0].type.tensor_type.shape.dim
     heads = config["num_attention_heads"]
-    eos = config.get("eos_token_id")
     generation = config_file(out / "generation_config.json")
-    eos = generation.get("eos_token_id", eos)
-    context = int(config.get("max_position_embeddings", 4096))
-    first_eos = eos[0] if isinstance(eos, list) and eos else eos
+    eos = generation.get("eos_token_id", config.get("eos_token_id"))
     bos = config.get("bos_token_id")
     pad = generation.get("pad_token_id", config.get("pad_token_id"))
+    if eos is None or pad is None:  # a config that names none: the tokenizer's (genai_config takes no null)
+        eos, pad = _tokenizer_ids(out, eos, pad)
+    context = int(config.get("max_position_embeddings", 4096))
+    first_eos = eos[0] if isinstance(eos, list) and eos else eos
     genai = {
         "model": {
             "bos_token_id": first_eos if bos is None else bos,
@@ -203,6 +204,20 @@ def write_genai_config(out: Path, config: dict[str, Any]) -> None:
         "search": {**_GREEDY_SEARCH, "max_length": context},
     }
     write_atomic(out / "genai_config.json", json.dumps(genai, indent=2) + "\n")
+
+
+def _tokenizer_ids(folder: Path, eos: Any, pad: Any) -> tuple[Any, Any]:
+    """The end-of-sequence and padding ids the folder's tokenizer names, where the model's configs name none
+    (onnxruntime-genai refuses a genai_config.json with a null id: "Expected a number but saw a null")."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        return eos, pad
+    eos = tokenizer.eos_token_id if eos is None else eos
+    pad = tokenizer.pad_token_id if pad is None else pad
+    return eos, pad
 
 
 def _export(ctx: ExportContext) -> dict[str, Any]:

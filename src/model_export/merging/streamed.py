@@ -10,7 +10,12 @@ tokens) in place of the base's. The embedding reads only the rows asked for; the
 layers run in transformers' own code, so attention, rotary embeddings, masks, the KV cache and ``generate`` are
 transformers'.
 
-    model = StreamedModel(base_dir, checkpoint)      # (Qwen3, Qwen2, Llama, Mistral)
+Two things make repeated passes cheap. ``max_memory`` keeps widened layers (then the head) resident, in order, up to
+that many bytes, so a decoding step reads only the rest: the reference's greedy decoding then costs compute, not reads.
+``adapter_mask`` ([batch, seq] booleans, None for everywhere) says at which positions the adapter applies, so the base
+alone and base + adapter go through the same pass (the reference scores the held-out text both ways at once).
+
+    model = StreamedModel(base_dir, checkpoint, max_memory=8 << 30)      # (Qwen3, Qwen2, Llama, Mistral)
     logits = model(ids).logits                        # [batch, seq, vocab], fp32
     model.generate(ids, max_new_tokens=16, do_sample=False)
 
@@ -141,12 +146,23 @@ def _lora_delta(lora: Any, x: Any):
     return torch.nn.functional.linear(torch.nn.functional.linear(x, A), B) * lora.scaling
 
 
+def _masked(owner: Any, changed: Any, unchanged: Any):
+    """``changed`` where the owner's adapter_mask applies the adapter (everywhere when it is None), else
+    ``unchanged``: the base alone at those positions, as PEFT's disable_adapter computes it."""
+    import torch
+
+    mask = owner.adapter_mask
+    if mask is None:
+        return changed
+    return torch.where(mask.reshape(*mask.shape, *([1] * (changed.dim() - mask.dim()))), changed, unchanged)
+
+
 class StreamedModel:
     """base + adapter with the LoRA unmerged in fp32, one decoder layer materialized at a time (see the module doc).
 
     Calls go to the transformers model (``model(ids)``, ``model.generate``); ``close()`` releases the files."""
 
-    def __init__(self, base_dir: str | Path, checkpoint: str | Path | None = None) -> None:
+    def __init__(self, base_dir: str | Path, checkpoint: str | Path | None = None, max_memory: int = 0) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -176,6 +192,9 @@ class StreamedModel:
         self._hooks = []
         self.on_layer: Any = None  # called after each decoder layer has run (progress)
         self._layers_run = 0
+        self.adapter_mask: Any = None  # [batch, seq] booleans: where the adapter applies (None: everywhere)
+        # Widened layers kept between passes, in order, up to max_memory bytes (then the head): see the module doc.
+        self.max_memory, self.resident, self.resident_bytes = max(int(max_memory), 0), {}, 0
         # The next layer is read and widened by a thread of its own while this one computes (its own file handles:
         # the main thread reads embedding rows and head blocks meanwhile): two layers in memory at most.
         from concurrent.futures import ThreadPoolExecutor
@@ -202,10 +221,14 @@ class StreamedModel:
             for name, module in layer.named_modules():
                 planned = self.tensors.get(f"{prefix}.{name}.weight")
                 if isinstance(module, torch.nn.Linear) and planned is not None and planned.lora is not None:
-                    self._hooks.append(module.register_forward_hook(_lora_hook(planned.lora)))
+                    self._hooks.append(module.register_forward_hook(_lora_hook(self, planned.lora)))
 
     def _loader(self, index: int):
         def load(layer: Any, args: Any) -> None:
+            if index in self.resident:
+                for name, tensor in self.resident[index].items():
+                    _set(layer, name, tensor)
+                return
             ahead, self._next = self._next, None
             if ahead is not None and ahead[0] == index:
                 weights = ahead[1].result()
@@ -215,10 +238,27 @@ class StreamedModel:
                 weights = self._read_layer(index, self.reader)
             for name, tensor in weights.items():
                 _set(layer, name, tensor)
-            following = (index + 1) % len(self._layer_params)  # after the last layer, the next pass's first
-            self._next = (following, self._ahead.submit(self._read_layer, following, self._ahead_reader))
+            self._keep(index, weights)
+            following = self._following(index)  # the next layer not resident (after the last, the next pass's first)
+            if following is not None:
+                self._next = (following, self._ahead.submit(self._read_layer, following, self._ahead_reader))
 
         return load
+
+    def _keep(self, index: int, weights: dict[str, Any]) -> None:
+        """Keep a layer's widened weights between passes while they fit in max_memory."""
+        size = sum(t.numel() * t.element_size() for t in weights.values())
+        if self.resident_bytes + size <= self.max_memory:
+            self.resident[index] = weights
+            self.resident_bytes += size
+
+    def _following(self, index: int) -> int | None:
+        count = len(self._layer_params)
+        for step in range(1, count + 1):
+            candidate = (index + step) % count
+            if candidate not in self.resident:
+                return candidate
+        return None
 
     def _read_layer(self, index: int, reader: _Reader) -> dict[str, Any]:
         return {name: self._weight(f"model.layers.{index}.{name}", reader) for name in self._layer_params[index]}
@@ -272,6 +312,8 @@ class StreamedModel:
         self._ahead.shutdown(wait=True)
         self.reader.close()
         self._ahead_reader.close()
+        self.resident.clear()
+        self.model.lm_head.resident = None
 
 
 def _set(module: Any, name: str, tensor: Any) -> None:
@@ -283,9 +325,10 @@ def _set(module: Any, name: str, tensor: Any) -> None:
     module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
 
 
-def _lora_hook(lora: Any):
+def _lora_hook(owner: StreamedModel, lora: Any):
     """PEFT's unmerged LoRA on a linear layer whose base weight (and bias) has just run: add scaling * B (A x) and the
-    lora bias; for DoRA, rescale by magnitude / ||W + scaling B A|| as PEFT's DoRA layer does."""
+    lora bias; for DoRA, rescale by magnitude / ||W + scaling B A|| as PEFT's DoRA layer does (where the owner's
+    adapter_mask applies the adapter)."""
     import torch
 
     def hook(module: Any, args: Any, output: Any) -> Any:
@@ -295,12 +338,12 @@ def _lora_hook(lora: Any):
             weight = module.weight + lora.scaling * (B @ A)
             scale = torch.from_numpy(lora.magnitude).float().reshape(-1) / weight.norm(p=2, dim=1)
             base = output - module.bias if module.bias is not None else output
-            output = output + (scale - 1) * base + scale * delta
+            changed = output + (scale - 1) * base + scale * delta
         else:
-            output = output + delta
+            changed = output + delta
         if lora.bias is not None:
-            output = output + torch.from_numpy(lora.bias).float()
-        return output
+            changed = changed + torch.from_numpy(lora.bias).float()
+        return _masked(owner, changed, output)
 
     return hook
 
@@ -328,7 +371,7 @@ def _embedding_module(owner: StreamedModel, name: str):
             lora = self.planned.lora
             if lora is not None:
                 A, B = torch.from_numpy(lora.A).float(), torch.from_numpy(lora.B).float()
-                out = out + torch.nn.functional.embedding(ids, A.T) @ B.T * lora.scaling
+                out = _masked(owner, out + torch.nn.functional.embedding(ids, A.T) @ B.T * lora.scaling, out)
             return out
 
     return StreamedEmbedding()
@@ -338,23 +381,31 @@ def _head_module(owner: StreamedModel, name: str):
     import torch
 
     class StreamedHead(torch.nn.Module):
-        """hidden @ W.T in blocks of rows read from disk; the head's LoRA (when it has one) added unmerged."""
+        """hidden @ W.T in blocks of rows read from disk (or whole, kept resident when max_memory has room after the
+        layers); the head's LoRA (when it has one) added unmerged."""
 
         def __init__(self) -> None:
             super().__init__()
             self.planned = owner.tensors[name]
             self.lora = owner.tensors["lm_head.weight"].lora if "lm_head.weight" in owner.tensors else None
+            self.resident: Any = None
 
         def forward(self, hidden: Any) -> Any:
             rows, width = self.planned.shape
-            step = max(1, HEAD_BLOCK_BYTES // (4 * width))
-            blocks = [
-                torch.nn.functional.linear(hidden, owner.reader.read(self.planned, start, min(rows, start + step)))
-                for start in range(0, rows, step)
-            ]
-            logits = torch.cat(blocks, dim=-1)
+            if self.resident is None and owner.resident_bytes + rows * width * 4 <= owner.max_memory:
+                self.resident = owner.reader.read(self.planned)
+                owner.resident_bytes += rows * width * 4
+            if self.resident is not None:
+                logits = torch.nn.functional.linear(hidden, self.resident)
+            else:
+                step = max(1, HEAD_BLOCK_BYTES // (4 * width))
+                blocks = [
+                    torch.nn.functional.linear(hidden, owner.reader.read(self.planned, start, min(rows, start + step)))
+                    for start in range(0, rows, step)
+                ]
+                logits = torch.cat(blocks, dim=-1)
             if self.lora is not None:
-                logits = logits + _lora_delta(self.lora, hidden)
+                logits = _masked(owner, logits + _lora_delta(self.lora, hidden), logits)
             return logits
 
     return StreamedHead()

@@ -70,6 +70,16 @@ def run(config: ExportConfiguration) -> Any:
 # --- how many at once ------------------------------------------------------------------------------------------------
 
 
+def resident_share(width: int, per_adapter: int) -> int:
+    """What each of ``width`` adapters side by side may keep resident in its streamed reference (max_memory auto):
+    its even share of the available memory less 1 GiB, beyond the ``per_adapter`` its run is planned to hold. On Ray
+    the tasks land on machines this process cannot see: 0 (every layer read on every pass)."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    return max(int((available - GIB) // max(width, 1)) - per_adapter, 0)
+
+
 def pool_width(adapters: int, per_adapter: int, limit: int | None = None) -> tuple[int, int, str]:
     """(processes, threads per process, the rule in words): as many processes as the available memory holds at
     ``per_adapter`` each with 1 GiB kept free, at most one per core, at most ``limit`` and the number of adapters;
@@ -110,6 +120,10 @@ def adapter_task(task: dict[str, Any]) -> dict[str, Any]:
 
             os.environ[THREADS_ENV] = str(threads)
             torch.set_num_threads(threads)
+        if "resident" in task:  # this process's share of memory for its reference to keep resident (max_memory auto)
+            from ..monitoring import RESIDENT_ENV
+
+            os.environ[RESIDENT_ENV] = str(task["resident"])
         if task.get("lang"):
             i18n.set_language(task["lang"])
         from ..monitoring import LOG_CONTEXT_ENV
@@ -340,6 +354,7 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
         width, threads, rule = pool_width(len(adapters), per_adapter, config.max_parallel_adapters)
         lines: dict[str, dict[str, Any]] = {}
         common = {"shared": shared, "token": token, "token_file": str((out / TOKEN_FILE).resolve()), "threads": threads}
+        common["resident"] = 0 if config.executor == "ray" else resident_share(width, per_adapter)
         tasks = _tasks(config, adapters, out, base, previous, lines, common)
         if tasks and config.batch_outputs != "adapters":  # all of them must fit, before any starts (adapter files: MBs)
             check_disk_space(config, info, out, adapters=len(tasks))

@@ -23,7 +23,7 @@ from ..steps import fingerprint, key_hash
 __all__ = ["serve_batch", "with_served"]
 
 LABEL = "peft@vllm"
-_READS = ("validation_new_tokens", "max_sequence_length", "vllm_python")
+_READS = ("max_sequence_length", "vllm_python")
 
 
 def _entries(out: Path, lines: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -114,7 +114,6 @@ def _judge_all(config: Any, base: Path, entries: list[dict[str, Any]], python: s
                 verdict = judge_on_server(
                     server,
                     *asked,
-                    config.validation_new_tokens,
                     bounds=Bounds.from_config(config),
                     floor=precision,
                     precision=precision,

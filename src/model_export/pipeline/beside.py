@@ -36,7 +36,6 @@ def beside_rule(config: Any, weight_bytes: int, in_batch: bool) -> tuple[bool, s
     import psutil
 
     from ..checkpoint.loading import resolve_device
-    from .preflight import memory_per_adapter
 
     mode = config.steps_side_by_side
     if mode == "off":
@@ -50,9 +49,7 @@ def beside_rule(config: Any, weight_bytes: int, in_batch: bool) -> tuple[bool, s
         return False, i18n.ui("beside_rule_cores", cores=cores)
     if mode == "auto" and weight_bytes < SMALL_BASE:
         return False, i18n.ui("beside_rule_small", size=human_bytes(weight_bytes), threshold=human_bytes(SMALL_BASE))
-    whole = config.verification_runtime == "transformers" or config.base_model_load_in_4bit
-    reference = int(0.6 * GIB + (4 * weight_bytes if whole else weight_bytes))
-    run = memory_per_adapter(config, weight_bytes)
+    reference, run = _needs(config, weight_bytes)
     available = psutil.virtual_memory().available
     fits = available - GIB >= reference + run
     words = dict(available=human_bytes(available), reference=human_bytes(reference), run=human_bytes(run))
@@ -60,12 +57,35 @@ def beside_rule(config: Any, weight_bytes: int, in_batch: bool) -> tuple[bool, s
     return fits, i18n.ui("beside_rule_memory", verdict=verdict, **words)
 
 
+def _needs(config: Any, weight_bytes: int) -> tuple[int, int]:
+    """(what the reference's process needs: 0.6 GiB for torch and transformers plus the base's weight bytes streamed,
+    or the whole model in fp32 twice over for transformers; the run's own planned peak)."""
+    from .preflight import memory_per_adapter
+
+    whole = config.verification_runtime == "transformers" or config.base_model_load_in_4bit
+    return int(0.6 * GIB + (4 * weight_bytes if whole else weight_bytes)), memory_per_adapter(config, weight_bytes)
+
+
+def resident_beside(config: Any, weight_bytes: int) -> int:
+    """What the reference beside the run may keep resident (max_memory auto): the memory available less 1 GiB, the
+    run's planned peak and the reference's own streaming needs (the side-by-side rule's figures), so that the two
+    together stay within what the rule allowed."""
+    import psutil
+
+    reference, run = _needs(config, weight_bytes)
+    return max(int(psutil.virtual_memory().available - GIB - run - reference), 0)
+
+
 class Beside:
     """verify:reference computing in a process of its own; ``result()`` waits for its record (None when it did not
     finish: the verify step computes it then), ``stop()`` ends it (a run that fails or is interrupted)."""
 
-    def __init__(self, config: Any, out: Path, checkpoint: Path, base_dir: Path, upstream: dict[str, str]) -> None:
+    def __init__(
+        self, config: Any, out: Path, checkpoint: Path, base_dir: Path, upstream: dict[str, str], weight_bytes: int = 0
+    ) -> None:
         import subprocess
+
+        from ..monitoring import RESIDENT_ENV
 
         folder = out / "verify"
         folder.mkdir(parents=True, exist_ok=True)
@@ -82,6 +102,7 @@ class Beside:
             "lang": i18n.current_language(),
         }
         env = {**os.environ, "MODEL_EXPORT_LOG_CONTEXT": "verify:reference"}
+        env[RESIDENT_ENV] = str(resident_beside(config, weight_bytes))  # max_memory auto, beside the run
         command = [sys.executable, "-m", "model_export.pipeline.beside", json.dumps(job)]
         self.process = subprocess.Popen(command, env=env)  # its log lines go to the console and the run's log
 

@@ -230,6 +230,15 @@ def _html(manifest: dict[str, Any], results: dict[str, Any], samples: list, fail
             "report_ppl_line", base=f"{reference['base_perplexity']:.3f}", reference=f"{reference['perplexity']:.3f}"
         )
         ppl_line = f'<p class="muted">{html.escape(text)}</p>'
+    if reference.get("judged"):
+        judged = reference["judged"]
+        text = i18n.ui(
+            "report_judged",
+            prompts=judged["prompts"],
+            tokens=max(judged["greedy_tokens"], default=0),
+            heldout=judged["heldout_tokens"],
+        )
+        ppl_line += f'<p class="muted">{html.escape(text)}</p>'
     if reference.get("other_road"):
         ppl_line += f'<p class="muted">{html.escape(i18n.ui("other_road_line", **reference["other_road"]))}</p>'
     t = lambda key: html.escape(i18n.ui(key))  # noqa: E731

@@ -255,7 +255,7 @@ def _reference_beside(state: RunState, checkpoint: Path, info: Any) -> Any:
     logger.info(i18n.ui("beside_start" if side_by_side else "beside_not", rule=rule))
     if not side_by_side:
         return None
-    return Beside(state.config, state.out, checkpoint, info.path, dict(state.content))
+    return Beside(state.config, state.out, checkpoint, info.path, dict(state.content), info.weight_bytes)
 
 
 def _benchmark_step(state: RunState) -> None:

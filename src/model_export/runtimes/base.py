@@ -14,14 +14,13 @@ __all__ = ["Runtime", "threads", "THREADS_ENV"]
 class Runtime:
     """An artifact loaded in the runtime a user deploys it with.
 
-    ``run(inputs, batch_size, drafts)``: for each (token ids, new tokens), the prompt's logits (fp32 torch tensor [len,
-    vocab]) and the greedy continuation (stopping after an end-of-sequence token); ``drafts`` (verification passes the
-    reference's greedy tokens) is a guess of each continuation that a runtime may check several tokens at a time (the
-    layer-streamed one does); the result is the runtime's own greedy tokens whatever the guess.
+    ``score(sequences, batch_size)``: the logits (fp32 torch tensor [len, vocab]) at every position of each sequence
+    of token ids, each from an empty context: verification runs each artifact once over the reference's own tokens
+    (teacher-forced), and reads its greedy agreement off the same logits.
     ``timed(ids, new_tokens, batch)``: seconds to the first token and for ``new_tokens`` more, decoding with the cache.
     ``tokenize(prompt)``: the runtime's own ids for a chat-templated prompt, or None when the artifact's Hugging Face
     tokenizer applies. ``close()`` frees it.
-    The default methods drive a decoder with ``generate`` and ``forward`` (onnxruntime, TensorRT).
+    The default methods drive a decoder with ``prompt`` and ``forward`` (onnxruntime, TensorRT).
     """
 
     name = "runtime"
@@ -31,13 +30,10 @@ class Runtime:
     decoder: Any = None
     path: Path
 
-    def run(
-        self, inputs: list[tuple[Any, int]], batch_size: int = 1, drafts: list[list[int]] | None = None
-    ) -> list[tuple[Any, list[int]]]:
+    def score(self, sequences: list[Any], batch_size: int = 1) -> list[Any]:
         import torch
 
-        runs = [self.decoder.generate([int(i) for i in ids], count) for ids, count in inputs]
-        return [(torch.from_numpy(logits).float(), tokens) for logits, tokens in runs]
+        return [torch.from_numpy(self.decoder.prompt([int(i) for i in ids])[0]).float() for ids in sequences]
 
     def timed(self, ids: list[int], new_tokens: int, batch: int = 1) -> tuple[float, float]:
         import numpy as np

@@ -10,7 +10,7 @@ from typing import Any
 from ..monitoring import logger
 from .base import Runtime
 
-__all__ = ["TransformersRuntime", "prompt_logits", "greedy", "run_model"]
+__all__ = ["TransformersRuntime", "prompt_logits", "greedy"]
 
 
 def prompt_logits(model: Any, inputs: list[Any], batch_size: int = 1) -> list[Any]:
@@ -53,12 +53,6 @@ def greedy(model: Any, input_ids: Any, new_tokens: int) -> list[int]:
     return out[0, input_ids.numel() :].tolist()
 
 
-def run_model(model: Any, inputs: list[tuple[Any, int]], batch_size: int = 1) -> list[tuple[Any, list[int]]]:
-    """Prompt logits (batched) and greedy continuations of a transformers model for ``(ids, new_tokens)`` inputs."""
-    logits = prompt_logits(model, [ids for ids, _ in inputs], batch_size)
-    return [(got, greedy(model, ids, count)) for got, (ids, count) in zip(logits, inputs)]
-
-
 class TransformersRuntime(Runtime):
     """A model folder loaded by transformers (weights memory-mapped unless ``mmap`` is false) on ``device``."""
 
@@ -82,10 +76,8 @@ class TransformersRuntime(Runtime):
         if self.device == "cuda":  # CUDA runs asynchronously: a timer stops only when the GPU has finished
             self.torch.cuda.synchronize()
 
-    def run(
-        self, inputs: list[tuple[Any, int]], batch_size: int = 1, drafts: list[list[int]] | None = None
-    ) -> list[tuple[Any, list[int]]]:
-        return run_model(self.model, inputs, batch_size)
+    def score(self, sequences: list[Any], batch_size: int = 1) -> list[Any]:
+        return prompt_logits(self.model, sequences, batch_size)
 
     def timed(self, ids: list[int], new_tokens: int, batch: int = 1) -> tuple[float, float]:
         torch = self.torch

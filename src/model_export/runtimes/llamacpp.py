@@ -109,12 +109,11 @@ def _verifier(artifact: Path, longest: int) -> Any:
 
 
 def _generate(llm: Any, tokens: list[int], new_tokens: int) -> tuple[Any, list[int]]:
-    """One input from an empty context: its prompt logits, then greedy tokens (stopping after end-of-sequence)."""
+    """One input from an empty context: its prompt logits, then greedy tokens (stopping after end-of-sequence); the
+    tests compare llama.cpp's generation with transformers' with it."""
     import numpy as np
 
-    llm.reset()
-    llm.eval(tokens)
-    logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    logits = _scores(llm, tokens)
     generated, last, eos = [], logits[-1], llm.token_eos()
     for _ in range(new_tokens):
         token = int(last.argmax())
@@ -124,6 +123,15 @@ def _generate(llm: Any, tokens: list[int], new_tokens: int) -> tuple[Any, list[i
         llm.eval([token])
         last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
     return logits, generated
+
+
+def _scores(llm: Any, tokens: list[int]) -> Any:
+    """One sequence from an empty context: the logits at every position."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(tokens)
+    return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
 
 class LlamaCppRuntime(Runtime):
@@ -138,17 +146,14 @@ class LlamaCppRuntime(Runtime):
 
         self.path, self.device, self._llm = Path(path), "cpu", None
 
-    def run(
-        self, inputs: list[tuple[Any, int]], batch_size: int = 1, drafts: list[list[int]] | None = None
-    ) -> list[tuple[Any, list[int]]]:
+    def score(self, sequences: list[Any], batch_size: int = 1) -> list[Any]:
         import torch
 
-        llm = _verifier(self.path, max(ids.numel() + count for ids, count in inputs))
+        llm = _verifier(self.path, max(ids.numel() for ids in sequences))
         try:
-            runs = [_generate(llm, [int(i) for i in ids], count) for ids, count in inputs]
+            return [torch.from_numpy(_scores(llm, [int(i) for i in ids])) for ids in sequences]
         finally:
             llm.close()
-        return [(torch.from_numpy(logits), tokens) for logits, tokens in runs]
 
     @property
     def llm(self) -> Any:

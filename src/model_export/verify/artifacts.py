@@ -1,10 +1,13 @@
 """Verification: every artifact against the unmerged reference (base + adapter through PEFT, in fp32).
 
-For each test input (formatted with the model's chat template) the reference's logits and greedy
-continuation are computed first and kept; the reference model is then released before any
-artifact is loaded, so two full models are never in memory at once. Per artifact and sample:
-max and mean absolute logit difference, KL divergence from the reference, top-1 agreement, and
-agreement of greedy generation.
+For each test input (formatted with the model's chat template) the reference's greedy continuation
+and its logits over the prompt and those tokens are computed first and kept; the reference model is
+then released before any artifact is loaded, so two full models are never in memory at once. Each
+artifact is run once over the reference's own tokens (teacher-forced, all samples in one pass where
+its runtime batches): per sample, max and mean absolute logit difference, KL divergence from the
+reference and top-1 agreement at every position, and greedy agreement read off the same logits
+(the artifact's own choice along the reference's tokens, up to its first different one), as
+llama.cpp's perplexity --kl-divergence judges a quantized file in one pass over the same text.
 
 Pass rules fit the precision. A full-precision (fp32) artifact must stay within
 ``validation_tolerance`` of the reference's logits. A reduced-precision artifact (bf16, fp16,
@@ -29,6 +32,7 @@ from ..runtimes import precision_of
 from .judge import (
     ArtifactVerdict,
     Bounds,
+    along,
     compare,
     judge,
     logit_histogram,
@@ -50,21 +54,18 @@ __all__ = [
 def _run_artifact(
     artifact: Path,
     reference: Reference,
-    new_tokens: int,
     options: RunOptions = RunOptions(),
     ran_in: list | None = None,
-) -> list[tuple[Any, list[int]]]:
-    """Prompt logits and greedy tokens of the artifact for every reference input, in its runtime (runtime_for:
-    transformers placed by ``options.device_map``, onnxruntime, llama.cpp, TensorRT), then the held-out text's logits
-    (no generation). The runtime that ran it is appended to ``ran_in``."""
+) -> list[Any]:
+    """The artifact's logits at every position of what the reference scored (each prompt with the reference's tokens,
+    then the held-out text), in its runtime (runtime_for: transformers placed by ``options.device_map``, onnxruntime,
+    llama.cpp, TensorRT). The runtime that ran it is appended to ``ran_in``."""
     from ..checkpoint.loading import on_device
     from ..runtimes import runtime_for, runtime_name
 
-    inputs = [(ids, new_tokens) for ids in reference.input_ids]
-    if reference.heldout_ids is not None:
-        inputs.append((reference.heldout_ids, 0))
+    sequences = reference.sequences()
 
-    def work(device: str) -> list[tuple[Any, list[int]]]:
+    def work(device: str) -> list[Any]:
         runtime = runtime_for(artifact, device, mmap=options.mmap, streamed=options.runtime != "transformers")
         if ran_in is not None:
             ran_in.append(f"{runtime.name} on {runtime.device}")
@@ -73,13 +74,12 @@ def _run_artifact(
                 "verify_running",
                 artifact=artifact,
                 runtime=runtime.name,
-                samples=len(inputs),
-                tokens=sum(int(ids.numel()) for ids, _ in inputs),
-                new=new_tokens,
+                samples=len(sequences),
+                tokens=sum(int(ids.numel()) for ids in sequences),
             )
         )
         try:
-            return runtime.run(inputs, options.batch_size, reference.greedy)  # no draft for the held-out text
+            return runtime.score(sequences, options.batch_size)
         finally:
             runtime.close()
             release(device)
@@ -95,7 +95,6 @@ def verify_gguf(
     reference: Reference,
     bounds: Bounds = Bounds(),
     *,
-    new_tokens: int,
     floor: str = "full",
     options: RunOptions = RunOptions(),
     imatrix: Path | None = None,
@@ -119,7 +118,6 @@ def verify_gguf(
         lambda: precision_of(artifact),
         reference,
         bounds,
-        new_tokens=new_tokens,
         floor=lambda precision: floor,
         options=options,
         ran="{read}, llama.cpp: ",
@@ -134,7 +132,6 @@ def _read_back_then_run(
     reference: Reference,
     bounds: Bounds,
     *,
-    new_tokens: int,
     floor: Callable[[str], str],
     options: RunOptions,
     ran: str,
@@ -161,7 +158,6 @@ def _read_back_then_run(
             artifact,
             reference,
             bounds,
-            new_tokens=new_tokens,
             raise_on_failure=False,
             floor=floor(precision),
             options=options,
@@ -178,18 +174,22 @@ def _read_back_then_run(
 
 
 def _measured(artifact: Path, reference: Reference, runs: list, precision: str) -> ArtifactVerdict:
-    """The artifact's runs compared with the reference, sample by sample, and its perplexity on the held-out text (the
-    last run, when the reference has one); not judged yet."""
+    """The artifact's logits compared with the reference's, sample by sample, and its perplexity on the held-out text
+    (the last, when the reference has one); not judged yet."""
     import torch
 
     heldout_logits = None
     if reference.heldout_ids is not None:
-        heldout_logits, runs = runs[-1][0], runs[:-1]
-    logits = [r[0].to(torch.float32) for r in runs]
-    samples = compare(reference, logits, [r[1] for r in runs])
+        heldout_logits, runs = runs[-1].to(torch.float32), runs[:-1]
+    logits = [r.to(torch.float32) for r in runs]
+    greedy = [
+        along(ids.numel() - 1, want, got.argmax(-1).tolist())
+        for ids, want, got in zip(reference.input_ids, reference.greedy, logits)
+    ]
+    samples = compare(reference, logits, greedy, heldout_logits)
     for sample in samples:
         logger.debug(
-            "%s, sample %r: max |logit diff| %.3g, KL %.3g, top-1 %.3f, greedy %.3f",
+            "%s, sample %r: max |logit diff| %.3g, KL %.3g, top-1 %.3f, greedy %s",
             artifact.name,
             sample.prompt[:40],
             sample.max_abs_diff,
@@ -197,8 +197,9 @@ def _measured(artifact: Path, reference: Reference, runs: list, precision: str) 
             sample.top1_agreement,
             sample.greedy_agreement,
         )
-    verdict = ArtifactVerdict(str(artifact), precision, "verified", "", samples, logit_histogram(reference, logits))
-    verdict.outputs = {"logits": logits, "greedy": [r[1] for r in runs]}
+    histogram = logit_histogram(reference, logits, heldout_logits)
+    verdict = ArtifactVerdict(str(artifact), precision, "verified", "", samples, histogram)
+    verdict.outputs = {"logits": logits, "greedy": greedy}
     if heldout_logits is not None:
         verdict.perplexity = perplexity(heldout_logits, reference.heldout_ids)
         verdict.reference_perplexity = reference.heldout_perplexity
@@ -210,7 +211,6 @@ def verify_artifact(
     reference: Reference,
     bounds: Bounds = Bounds(),
     *,
-    new_tokens: int,
     raise_on_failure: bool = True,
     device_map: str | None = None,
     floor: str = "full",
@@ -235,7 +235,7 @@ def verify_artifact(
         options = options.placed(device_map)
         ran_in: list[str] = []
         with MemoryMonitor(enabled=False, sample_every=0.1) as memory:
-            runs = _run_artifact(artifact, reference, new_tokens, options, ran_in)
+            runs = _run_artifact(artifact, reference, options, ran_in)
         gc.collect()
     except (ResourceError, MemoryError, KeyboardInterrupt):  # the machine's fault or the user's, not the artifact's
         raise
@@ -307,7 +307,6 @@ def verify_gguf_lora(
     reference: Reference,
     bounds: Bounds = Bounds(),
     *,
-    new_tokens: int,
     options: RunOptions = RunOptions(),
 ) -> ArtifactVerdict:
     """A LoRA GGUF with its Modelfile: read back against the adapter (every A and scaled B), then run in llama.cpp on
@@ -322,7 +321,6 @@ def verify_gguf_lora(
         lambda: "full",
         reference,
         bounds,
-        new_tokens=new_tokens,
         floor=lambda precision: precision,
         options=options,
         ran="read back ({tensors} LoRA tensors), llama.cpp on the base GGUF: ",

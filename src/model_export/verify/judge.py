@@ -17,7 +17,17 @@ from ..monitoring import logger
 from ..runtimes import precision_of
 from .reference import Reference
 
-__all__ = ["Bounds", "SampleResult", "ArtifactVerdict", "judge", "rejudge", "not_run", "coarsest", "readback_words"]
+__all__ = [
+    "Bounds",
+    "SampleResult",
+    "ArtifactVerdict",
+    "judge",
+    "rejudge",
+    "not_run",
+    "coarsest",
+    "readback_words",
+    "along",
+]
 
 
 @dataclass(frozen=True)
@@ -48,7 +58,7 @@ class SampleResult:
     mean_abs_diff: float
     kl: float
     top1_agreement: float
-    greedy_agreement: float
+    greedy_agreement: float | None  # None for the held-out text, which is scored, not generated
 
 
 @dataclass
@@ -118,13 +128,39 @@ def not_run(artifact: str | Path, precision: str, reason: str, rule: str = "") -
     return ArtifactVerdict(str(artifact), precision, "not_run", rule, reason=reason)
 
 
-def compare(reference: Reference, logits: list[Any], greedy: list[list[int]]) -> list[SampleResult]:
+def along(start: int, want: list[int], chosen: list[int]) -> list[int]:
+    """An artifact's own greedy tokens along the reference's ``want`` (which follow position ``start``), from its
+    choice at each position (``chosen``, teacher-forced): up to and including the first that differs from the
+    reference's token - after it, the artifact would have gone its own way."""
+    tokens = []
+    for mine, theirs in zip(chosen[start : start + len(want)], want):
+        tokens.append(int(mine))
+        if mine != theirs:
+            break
+    return tokens
+
+
+HELDOUT_SAMPLE = "(held-out text)"  # the held-out text's row among the samples (it has no greedy agreement)
+
+
+def _pairs(reference: Reference, logits: list[Any], heldout: Any) -> list[tuple[str, Any, Any]]:
+    """(sample, the reference's logits, the artifact's) for each prompt and, when both have it, the held-out text."""
+    pairs = list(zip(reference.prompts, reference.logits, logits))
+    if heldout is not None and reference.heldout_logits is not None:
+        pairs.append((HELDOUT_SAMPLE, reference.heldout_logits, heldout))
+    return pairs
+
+
+def compare(
+    reference: Reference, logits: list[Any], greedy: list[list[int]], heldout: Any = None
+) -> list[SampleResult]:
+    """Each sample's metrics at every position: each prompt with the reference's tokens (and its greedy agreement),
+    then the held-out text (``heldout``: the artifact's logits on it)."""
     import torch
 
     samples = []
-    for prompt, ref, got, ref_tokens, tokens in zip(
-        reference.prompts, reference.logits, logits, reference.greedy, greedy
-    ):
+    wanted = [*zip(reference.greedy, greedy), (None, None)]
+    for (prompt, ref, got), (ref_tokens, tokens) in zip(_pairs(reference, logits, heldout), wanted):
         diff = (got - ref).abs()
         kl = (
             torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none")
@@ -132,17 +168,21 @@ def compare(reference: Reference, logits: list[Any], greedy: list[list[int]]) ->
             .mean()
         )
         top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean()
-        agree = sum(a == b for a, b in zip(ref_tokens, tokens)) / max(len(ref_tokens), 1)
+        agree = None
+        if ref_tokens is not None:  # the held-out text is scored, not generated
+            agree = sum(a == b for a, b in zip(ref_tokens, tokens)) / max(len(ref_tokens), 1)
         samples.append(
             SampleResult(prompt, float(diff.max()), float(diff.mean()), max(float(kl), 0.0), float(top1), agree)
         )
     return samples
 
 
-def logit_histogram(reference: Reference, logits: list[Any], bins: int = 24) -> dict[str, list[float]]:
+def logit_histogram(
+    reference: Reference, logits: list[Any], heldout: Any = None, bins: int = 24
+) -> dict[str, list[float]]:
     import torch
 
-    diffs = torch.cat([(got - ref).abs().flatten() for ref, got in zip(reference.logits, logits)])
+    diffs = torch.cat([(got - ref).abs().flatten() for _, ref, got in _pairs(reference, logits, heldout)])
     diffs = diffs[
         torch.isfinite(diffs)
     ]  # an artifact with inf/NaN logits fails on its metrics; the plot shows the rest

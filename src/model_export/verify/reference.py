@@ -1,9 +1,12 @@
 """The reference every artifact is judged against: the base with the adapter, unmerged, on the prompts and the
 held-out text.
 
-Layer-streamed by default (one decoder layer in memory at a time, the adapter applied as PEFT applies it), or loaded
-whole by transformers and PEFT (verification_runtime: transformers, or 4-bit/8-bit loading); the base alone on the
-held-out text gives the perplexity the adapter changed."""
+The reference generates its greedy continuation of each prompt, then scores every prompt followed by its own tokens in
+one pass (teacher-forced), with the held-out text and the base alone on it: each artifact is later run once over
+exactly those tokens and compared position by position. Layer-streamed by default (the adapter applied as PEFT applies
+it; widened layers kept in memory up to max_memory, so decoding costs compute rather than reads), or loaded whole by
+transformers and PEFT (verification_runtime: transformers, or 4-bit/8-bit loading); the base alone on the held-out text
+gives the perplexity the adapter changed."""
 
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ __all__ = [
 class Reference:
     prompts: list[str]
     input_ids: list[Any]  # one 1-D LongTensor per prompt
-    logits: list[Any]  # fp32 logits per prompt, [seq, vocab]
+    logits: list[Any]  # fp32 logits per prompt over the prompt and its greedy tokens but the last, [seq, vocab]
     greedy: list[list[int]]
     heldout_ids: Any = None  # the bundled held-out text, tokenized (1-D LongTensor)
     heldout_perplexity: float | None = None
@@ -46,6 +49,21 @@ class Reference:
     heldout_entropy: float | None = None  # mean entropy (nats) of the next-token distributions on the held-out text
     base_entropy: float | None = None
     other_road: dict | None = None  # a QLoRA adapter: how far merging into the 16-bit weights lands (other_road)
+    heldout_logits: Any = None  # fp32 logits on the held-out text: artifacts are judged there too
+
+    def sequences(self) -> list[Any]:
+        """What every artifact scores, in one pass: each prompt followed by the reference's greedy tokens but the last
+        (the logits at its last position predict that one), then the held-out text."""
+        scored = [teacher_forced(ids, tokens) for ids, tokens in zip(self.input_ids, self.greedy)]
+        return scored + ([self.heldout_ids] if self.heldout_ids is not None else [])
+
+
+def teacher_forced(ids: Any, tokens: list[int]) -> Any:
+    """A prompt followed by its continuation but the last token: the logits at each of its positions predict the next
+    prompt token or continuation token."""
+    import torch
+
+    return torch.cat([ids, torch.tensor(tokens[:-1], dtype=torch.long)])
 
 
 HELDOUT_TOKENS = 256
@@ -100,26 +118,52 @@ def fit_length(ids: Any, new_tokens: int, max_length: int, label: str) -> Any:
 class RunOptions:
     """How models run in verification: ``batch_size`` sequences per forward pass (batch_size), sequences cut to
     ``max_length`` tokens with the generated ones (max_sequence_length), weight files memory-mapped or read whole
-    (use_memory_mapping), on ``device_map``."""
+    (use_memory_mapping), on ``device_map``; the streamed reference keeps ``max_memory`` of widened layers."""
 
     batch_size: int = 1
     max_length: int = 2048
     mmap: bool = True
     device_map: str = "cpu"
     runtime: str = "auto"  # verification_runtime: auto, streamed, transformers
+    max_memory: int | str = 0  # what the streamed reference keeps resident (max_memory: auto, a size, 0)
 
     @classmethod
-    def from_config(cls, config: Any) -> RunOptions:
-        return cls(
-            config.batch_size,
-            config.max_sequence_length,
-            config.use_memory_mapping,
-            config.device_map,
-            config.verification_runtime,
+    def from_config(cls, config: Any, reference: bool = False) -> RunOptions:
+        """How an artifact runs (batch_size, use_memory_mapping, device_map, verification_runtime); for the reference
+        also how long its sequences may be (max_sequence_length) and what it keeps resident (max_memory)."""
+        options = cls(
+            batch_size=config.batch_size,
+            mmap=config.use_memory_mapping,
+            device_map=config.device_map,
+            runtime=config.verification_runtime,
         )
+        if reference:
+            options = replace(options, max_length=config.max_sequence_length, max_memory=config.max_memory)
+        return options
 
     def placed(self, device_map: str | None) -> RunOptions:
         return self if device_map is None else replace(self, device_map=device_map)
+
+
+MARGIN = 2 << 30  # max_memory auto: what stays free besides a quarter of the available memory
+
+
+def memory_budget(setting: int | str) -> int:
+    """Bytes the streamed reference may keep resident: max_memory as a size, or auto: in a batch's adapter, its share
+    (RESIDENT_ENV); else the memory available now less a quarter of it and at least 2 GiB."""
+    if str(setting).strip().lower() != "auto":
+        from ..files import parse_size
+
+        return parse_size(setting)
+    from ..monitoring import RESIDENT_ENV
+
+    share = os.environ.get(RESIDENT_ENV, "")
+    if share.isdigit():
+        return int(share)
+    import psutil
+
+    available = psutil.virtual_memory().available
+    return max(available - max(available // 4, MARGIN), 0)
 
 
 def reference_line(device: str, precision: str) -> str:
@@ -152,9 +196,9 @@ class _Asked:
     new_tokens: int
     options: RunOptions
 
-    def inputs(self) -> list[tuple[Any, int]]:
-        """(ids, new tokens) for each prompt, then the held-out text (scored only)."""
-        return [(ids, self.new_tokens) for ids in self.encoded] + [(self.heldout, 0)]
+    def scored(self, greedy: list[list[int]]) -> list[Any]:
+        """Each prompt with its greedy tokens but the last, then the held-out text."""
+        return [teacher_forced(ids, tokens) for ids, tokens in zip(self.encoded, greedy)] + [self.heldout]
 
 
 def _whole_reference(device: str, base_dir: Path, checkpoint: Path, asked: _Asked, bits: int | None) -> Reference:
@@ -164,7 +208,7 @@ def _whole_reference(device: str, base_dir: Path, checkpoint: Path, asked: _Aske
     from peft import PeftModel
 
     from ..checkpoint.loading import load_model
-    from ..runtimes.hf import prompt_logits, run_model
+    from ..runtimes.hf import greedy, prompt_logits
 
     if bits and device != "cuda":  # fell back to the CPU after a CUDA out-of-memory
         logger.warning(i18n.ui("bits_without_cuda", bits=bits))
@@ -181,13 +225,14 @@ def _whole_reference(device: str, base_dir: Path, checkpoint: Path, asked: _Aske
     )
     try:
         model = PeftModel.from_pretrained(model, str(checkpoint)).eval()
-        results = run_model(model, asked.inputs(), asked.options.batch_size)
+        tokens = [greedy(model, ids, asked.new_tokens) for ids in asked.encoded]
+        logits = prompt_logits(model, asked.scored(tokens), asked.options.batch_size)
         with model.disable_adapter():  # the base alone on the held-out text: what the adapter changed
             base_logits = prompt_logits(model, [asked.heldout])[0]
     finally:
         del model
         release(device)
-    return _reference(asked.prompts, asked.encoded, results, asked.heldout, base_logits, device, precision)
+    return _reference(asked, tokens, logits, base_logits, device, precision)
 
 
 def compute_reference(
@@ -262,21 +307,40 @@ def _not_streamed(options: RunOptions, base_dir: Path, checkpoint: Path, bitsand
 
 def _streamed_reference(base_dir: Path, checkpoint: Path, asked: _Asked, base_heldout: Path | None = None) -> Reference:
     """The reference through the layer-streamed pass on the CPU (merging/streamed.py), which agrees with PEFT's unmerged
-    model to fp32 rounding, one decoder layer in memory at a time."""
+    model to fp32 rounding: the prompts decoded together (one pass per token, the layers that fit in max_memory kept
+    between passes), then one pass over every prompt with its tokens, the held-out text and (unless a batch's base/
+    has it) the base alone on the held-out text."""
     from ..merging.streamed import StreamedModel
-    from ..runtimes.streamed import run_streamed
+    from ..monitoring import human_bytes
+    from ..runtimes.streamed import greedy_lockstep, score_streamed
 
-    model = StreamedModel(base_dir, checkpoint)
-    logger.info(i18n.ui("streamed_reference", layers=model.config.num_hidden_layers))
+    budget = memory_budget(asked.options.max_memory)
+    model = StreamedModel(base_dir, checkpoint, max_memory=budget)
+    layers = model.config.num_hidden_layers
+    logger.info(i18n.ui("streamed_reference", layers=layers, budget=human_bytes(budget)))
     logger.info(reference_line("cpu", "full"))
+    label = i18n.ui("label_reference")
+    base_logits = _shared_base_logits(base_heldout, asked.heldout)
     try:
-        results = run_streamed(model, asked.inputs(), asked.options.batch_size, label=i18n.ui("label_reference"))
+        tokens = greedy_lockstep(model, asked.encoded, asked.new_tokens, model.eos_ids, label=label)
+        scored = asked.scored(tokens) + ([asked.heldout] if base_logits is None else [])
+        logits = score_streamed(model, scored, base_alone={len(asked.encoded) + 1}, label=label)
+        head = i18n.ui("streamed_resident_head") if model.model.lm_head.resident is not None else ""
+        logger.info(
+            i18n.ui(
+                "streamed_resident",
+                kept=len(model.resident),
+                layers=layers,
+                head=head,
+                memory=human_bytes(model.resident_bytes),
+                passes=max(len(t) for t in tokens) + 1,
+            )
+        )
     finally:
         model.close()
-    base_logits = _shared_base_logits(base_heldout, asked.heldout)
     if base_logits is None:
-        base_logits = base_heldout_logits(base_dir, asked.heldout)
-    return _reference(asked.prompts, asked.encoded, results, asked.heldout, base_logits, "cpu", "full")
+        base_logits = logits.pop()
+    return _reference(asked, tokens, logits, base_logits, "cpu", "full")
 
 
 def heldout_ids(tokenizer: Any, limit: int) -> Any:
@@ -293,11 +357,11 @@ def base_heldout_logits(base_dir: Path, heldout: Any, save_to: Path | None = Non
     """The base alone on the held-out text (what an adapter changed is measured against it), layer-streamed; saved
     with its token ids to ``save_to`` when given (a batch's base/, for every adapter's reference)."""
     from ..merging.streamed import StreamedModel
-    from ..runtimes.streamed import run_streamed
+    from ..runtimes.streamed import score_streamed
 
     base = StreamedModel(base_dir)
     try:
-        logits = run_streamed(base, [(heldout, 0)], label=i18n.ui("label_base"))[0][0]
+        logits = score_streamed(base, [heldout], label=i18n.ui("label_base"))[0]
     finally:
         base.close()
     if save_to is not None:
@@ -324,30 +388,24 @@ def _shared_base_logits(path: Path | None, heldout: Any) -> Any:
 
 
 def _reference(
-    prompts: list[str],
-    encoded: list[Any],
-    results: list[Any],
-    heldout: Any,
-    base_logits: Any,
-    device: str,
-    precision: str,
+    asked: _Asked, tokens: list[list[int]], logits: list[Any], base_logits: Any, device: str, precision: str
 ) -> Reference:
-    """The Reference from the runs of every prompt and, last, of the held-out text (logits only), and the base's
-    held-out logits."""
-    heldout_logits = results[-1][0]
-    runs = results[:-1]
+    """The Reference from the greedy tokens of every prompt, the logits of what was scored (every prompt with its
+    tokens, then the held-out text), and the base's held-out logits."""
+    heldout_logits = logits[-1]
     return Reference(
-        prompts,
-        encoded,
-        [r[0] for r in runs],
-        [r[1] for r in runs],
-        heldout,
-        perplexity(heldout_logits, heldout),
+        asked.prompts,
+        asked.encoded,
+        logits[:-1],
+        tokens,
+        asked.heldout,
+        perplexity(heldout_logits, asked.heldout),
         device,
         precision,
-        perplexity(base_logits, heldout),
+        perplexity(base_logits, asked.heldout),
         entropy(heldout_logits),
         entropy(base_logits),
+        heldout_logits=heldout_logits,
     )
 
 
@@ -409,7 +467,8 @@ def other_road(base_dir: Path, checkpoint: Path, tokenizer_dir: Path, reference:
     source = Path(record["source"])
     other = compute_reference(source, checkpoint, tokenizer_dir, reference.prompts, 1, options=options)
     kls, top1 = [], []
-    for ours, theirs in zip(reference.logits, other.logits):
+    for ids, full, short in zip(reference.input_ids, reference.logits, other.logits):  # the prompts' positions
+        ours, theirs = full[: ids.numel()], short[: ids.numel()]
         p, q = ours.float().log_softmax(-1), theirs.float().log_softmax(-1)
         kls.append(float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1).mean()))
         top1.append(float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()))

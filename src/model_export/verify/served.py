@@ -2,12 +2,14 @@
 or int8/int4 compressed-tensors) served by vLLM, and the adapter served unmerged as a LoRA on the base
 (``--enable-lora --lora-modules``), each judged against the same reference as every other artifact.
 
-What the server is asked, per reference input (the chat-templated prompt as token ids), in one completion request:
-the top-k log-probabilities at every prompt position (``prompt_logprobs``), the greedy continuation with the top-k at
-each generated position; the held-out text's own log-probabilities give the perplexity. Metrics on the top-k vLLM
-returns (k = 20, vLLM's default ``--max-logprobs``): top-1 agreement with the reference's argmax, KL between the
-reference and vLLM over the tokens vLLM returned (both renormalized on that shared support), the largest log-probability
-difference on them (the full-precision rule), and greedy agreement. Then the serving check, in the same server: its
+What the server is asked, per reference input (the chat-templated prompt followed by the reference's greedy tokens, as
+token ids: teacher-forced, as every artifact is judged), in one completion request of one token: the top-k
+log-probabilities at every position (``prompt_logprobs``, and ``logprobs`` for the last); the held-out text is asked
+the same way (its positions join the metrics, and its own tokens' log-probabilities, which vLLM returns beside the
+top-k, give the perplexity). Metrics on the top-k vLLM returns (k = 20, vLLM's default ``--max-logprobs``):
+top-1 agreement with the reference's argmax, KL between the reference and vLLM over the tokens vLLM returned (both
+renormalized on that shared support), the largest log-probability difference on them (the full-precision rule), and
+greedy agreement read off vLLM's top token along the reference's tokens. Then the serving check, in the same server: its
 chat template rendering (``/tokenize`` with the messages) against ``apply_chat_template``, and that a generation that
 reaches the end-of-turn token stops there (the token forced by ``logit_bias``; vLLM stops on its stop set).
 
@@ -129,34 +131,38 @@ def _top(entry: dict[str, float]) -> dict[int, float]:
     return found
 
 
-def _ask(server: Any, model: str, ids: list[int], new_tokens: int) -> tuple[list[dict[int, float]], list[int]]:
-    """One completion: the top-k at each prompt position's next token (the first position's from the first generated
-    token's logprobs), and the greedy continuation."""
-    body = {"model": model, "prompt": ids, "max_tokens": new_tokens, "temperature": 0, "logprobs": TOP_K}
+def _ask(server: Any, model: str, ids: list[int]) -> list[dict[int, float]]:
+    """One completion of one token: the top-k of the next token at every position of ``ids`` (the last position's
+    from the generated token's logprobs)."""
+    body = {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": TOP_K}
     body.update(prompt_logprobs=TOP_K, return_tokens_as_token_ids=True)
     choice = server.post("/v1/completions", body)["choices"][0]
     prompt = [_top(entry) for entry in choice["prompt_logprobs"][1:]]
-    generated = choice["logprobs"]
-    tokens = [int(t.rsplit(":", 1)[-1]) for t in generated["tokens"]]
-    return [*prompt, _top(generated["top_logprobs"][0])], tokens
+    return [*prompt, _top(choice["logprobs"]["top_logprobs"][0])]
 
 
-def _heldout_perplexity(server: Any, model: str, ids: list[int]) -> float:
-    body = {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}
-    choice = server.post("/v1/completions", body)["choices"][0]
-    own = [_top(entry)[token] for entry, token in zip(choice["prompt_logprobs"][1:], ids[1:])]
+def _perplexity(positions: list[dict[int, float]], ids: list[int]) -> float:
+    """exp of the mean negative log-probability of each next token, from the server's entries (vLLM returns each
+    prompt token's own log-probability beside the top-k)."""
+    own = [top[token] for top, token in zip(positions, ids[1:])]
     return math.exp(-sum(own) / max(len(own), 1))
 
 
 def compare_topk(
-    reference: Any, runs: list[tuple[list[dict[int, float]], list[int]]]
+    reference: Any, runs: list[list[dict[int, float]]], heldout: list[dict[int, float]] | None = None
 ) -> tuple[list[SampleResult], list[float]]:
-    """Each sample's metrics from the server's top-k at every position against the reference's full logits, and every
+    """Each sample's metrics from the server's top-k at every position against the reference's full logits (each
+    prompt with the reference's tokens, then the held-out text when ``heldout`` and the reference have it), and every
     log-probability difference (for the report's histogram)."""
     import torch
 
+    from .judge import HELDOUT_SAMPLE, along
+
+    rows = list(zip(reference.prompts, reference.input_ids, reference.logits, reference.greedy, runs))
+    if heldout is not None and reference.heldout_logits is not None:
+        rows.append((HELDOUT_SAMPLE, None, reference.heldout_logits, None, heldout))
     samples, differences = [], []
-    for prompt, logits, want, (positions, greedy) in zip(reference.prompts, reference.logits, reference.greedy, runs):
+    for prompt, prompt_ids, logits, want, positions in rows:
         logp = logits.float().log_softmax(-1)
         diffs, kls, top1 = [], [], []
         for row, top in zip(logp, positions):
@@ -169,7 +175,11 @@ def compare_topk(
             top1.append(float(int(ids[got.argmax()]) == int(row.argmax())))
         every = torch.cat(diffs)
         differences += every.tolist()
-        agree = sum(a == b for a, b in zip(want, greedy)) / max(len(want), 1)
+        agree = None
+        if want is not None:
+            chosen = [max(top, key=top.get) for top in positions]
+            greedy = along(prompt_ids.numel() - 1, want, chosen)
+            agree = sum(a == b for a, b in zip(want, greedy)) / max(len(want), 1)
         samples.append(
             SampleResult(
                 prompt,
@@ -241,7 +251,6 @@ def verify_served(
     base_dir: Path,
     tokenizer_dir: Path,
     python: str,
-    new_tokens: int,
     max_len: int,
     floor: str,
     log: Path,
@@ -258,7 +267,7 @@ def verify_served(
     server, model = _server(label, path, base_dir, tokenizer_dir, python, max_len, log)
     try:
         with server:
-            asked = (model, label, path, reference, tokenizer_dir, new_tokens)
+            asked = (model, label, path, reference, tokenizer_dir)
             return judge_on_server(server, *asked, bounds=bounds, floor=floor, precision=precision, log=log)
     except ServerFailed as exc:
         return unserved(exc, server, path, precision, log)
@@ -271,7 +280,6 @@ def judge_on_server(
     path: Path,
     reference: Any,
     tokenizer_dir: Path,
-    new_tokens: int,
     *,
     bounds: Bounds,
     floor: str,
@@ -280,16 +288,16 @@ def judge_on_server(
 ) -> ArtifactVerdict:
     """``model`` (the served model's name, or a LoRA's) in a running server: the reference's inputs, the held-out
     text and the serving check, then judged. Raises ServerFailed when the server fails on a request."""
-    runs = [_ask(server, model, [int(i) for i in ids], new_tokens) for ids in reference.input_ids]
-    heldout = None
-    if reference.heldout_ids is not None:
-        heldout = _heldout_perplexity(server, model, [int(i) for i in reference.heldout_ids])
+    runs = [_ask(server, model, [int(i) for i in ids]) for ids in reference.sequences()]
+    heldout = runs.pop() if reference.heldout_ids is not None else None
     serving = served_serving(server, model, tokenizer_dir)
-    samples, differences = compare_topk(reference, runs)
+    samples, differences = compare_topk(reference, runs, heldout)
     verdict = ArtifactVerdict(str(path), precision, "verified", "", samples, _histogram(differences))
     verdict.runtime = i18n.ui("vllm_runtime", version=server.version)
     verdict.server = server_record(server, log)
-    verdict.perplexity, verdict.reference_perplexity = heldout, reference.heldout_perplexity
+    if heldout is not None:
+        verdict.perplexity = _perplexity(heldout, [int(i) for i in reference.heldout_ids])
+    verdict.reference_perplexity = reference.heldout_perplexity
     verdict.serving = serving
     _judge(label, verdict, bounds, reference.precision, floor)
     return verdict

@@ -207,7 +207,11 @@ def _onnx(graph: Path, probes: Probes) -> list[dict[str, Any]]:
         return [_check(runtime, "not_run", reason=reason), _check(stop_runtime, "not_run", reason=reason)]
     import onnxruntime_genai as og
 
-    tokenizer = og.Tokenizer(og.Config(str(graph.parent)))
+    try:
+        tokenizer = og.Tokenizer(og.Config(str(graph.parent)))
+    except Exception as exc:  # noqa: BLE001 - genai cannot read the folder: a user's genai cannot serve it either
+        reason = i18n.ui("serving_genai_refuses", error=str(exc)[:300])
+        return [_check(runtime, "failed", reason=reason), _check(stop_runtime, "failed", reason=reason)]
 
     def render(conversation: list, tools: list | None) -> str:
         extra = {"tools": json.dumps(tools)} if tools else {}

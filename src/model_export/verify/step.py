@@ -50,9 +50,11 @@ REFERENCE_KEYS = (
     "base_model_load_in_4bit",
     "base_model_load_in_8bit",
 )
-RUN_KEYS = ("validation_new_tokens", "max_sequence_length", "batch_size", "use_memory_mapping", "device_map")
-RUN_KEYS += ("verification_runtime", "save_intermediate_results")
-SERVED_KEYS = ("validation_new_tokens", "max_sequence_length", "vllm_python")  # what a served unit reads
+# An artifact runs on the reference's own tokens: what they are (validation_new_tokens, max_sequence_length) reaches it
+# through the reference's content key.
+RUN_KEYS = ("batch_size", "use_memory_mapping", "device_map", "verification_runtime", "save_intermediate_results")
+SERVED_KEYS = ("max_sequence_length", "vllm_python")  # what a served unit reads (the server's longest sequence)
+METHOD = "teacher-forced"  # how the reference's logits are made and artifacts are run (an older cache is not reused)
 BOUND_KEYS = (
     "validation_tolerance",
     "validation_min_top1",
@@ -66,7 +68,11 @@ REFERENCE_CACHE = ".reference.cache"  # torch.save of the Reference (not a .pt: 
 def reference_spec() -> StepSpec:
     """``verify:reference``: the base with the adapter, unmerged, on the prompts and the held-out text."""
     return StepSpec(
-        "verify:reference", keys=REFERENCE_KEYS, reads=("save_intermediate_results",), needs=("check",), writes="verify"
+        "verify:reference",
+        keys=REFERENCE_KEYS,
+        reads=("save_intermediate_results", "max_memory"),  # max_memory changes time and memory, not the results
+        needs=("check",),
+        writes="verify",
     )
 
 
@@ -132,7 +138,7 @@ def verify_step(inputs: VerifyInputs, failed: Callable[[dict[str, Any]], None]) 
     verdicts, failures = {}, []
     for label, path in runnable:
         # whether its runtime can start here is an input too: a GGUF not run for want of llama.cpp runs once it is there
-        ran = [_artifact_files(path, inputs), floor, runtime_problem(path), serving_inputs(path)]
+        ran = [_artifact_files(path, inputs), floor, runtime_problem(path), serving_inputs(path), METHOD]
         if "@" in label:  # whether the server can start here is an input: a unit not run reruns once it can
             ran[2] = vllm_problem(vllm_python(c.vllm_python))
         unit = verify_spec(label).unit(c, ran, upstream)
@@ -261,7 +267,6 @@ def _run_one(
     from .artifacts import verify_artifact, verify_gguf, verify_gguf_lora, verify_peft_folder
     from .reference import RunOptions
 
-    new_tokens = c.validation_new_tokens
     if "@" in label:
         return _served(label, path, inputs, c, reference.get(), bounds, floor)
     options = RunOptions.from_config(c)
@@ -270,9 +275,7 @@ def _run_one(
     if label == "gguf_lora":
         artifact = path / "adapter-lora-f32.gguf"
         run = reference.get()
-        return verify_gguf_lora(
-            artifact, inputs.checkpoint, inputs.base_dir, run, bounds, new_tokens=new_tokens, options=options
-        )
+        return verify_gguf_lora(artifact, inputs.checkpoint, inputs.base_dir, run, bounds, options=options)
     if label == "gguf":
         imatrix = inputs.details.get("gguf", {}).get("imatrix")
         return verify_gguf(
@@ -280,15 +283,12 @@ def _run_one(
             inputs.out / "merge",
             reference.get(),
             bounds,
-            new_tokens=new_tokens,
             floor=floor,
             options=options,
             imatrix=Path(imatrix) if imatrix else None,
         )
     run = reference.get()
-    return verify_artifact(
-        path, run, bounds, new_tokens=new_tokens, raise_on_failure=False, floor=floor, options=options
-    )
+    return verify_artifact(path, run, bounds, raise_on_failure=False, floor=floor, options=options)
 
 
 def _served(label: str, path: Path, inputs: VerifyInputs, c: ConfigView, run: Any, bounds: Any, floor: str) -> Any:
@@ -306,7 +306,6 @@ def _served(label: str, path: Path, inputs: VerifyInputs, c: ConfigView, run: An
         base_dir=inputs.base_dir,
         tokenizer_dir=Path(tokenizer),
         python=vllm_python(c.vllm_python),
-        new_tokens=c.validation_new_tokens,
         max_len=c.max_sequence_length,
         floor=floor,
         log=inputs.out / "verify" / f"{label}.log",
@@ -321,7 +320,7 @@ def training_tokenizer(checkpoint: Path, base_dir: Path) -> Path:
 def reference_unit(config: Any, shared: dict[str, Any], upstream: dict[str, str]) -> Unit:
     """``verify:reference``'s unit: its declared values, a batch's shared base logits (if any), check's content key."""
     held = shared.get("base_heldout")
-    return reference_spec().unit(config, [held and fingerprint([Path(held)])], upstream)
+    return reference_spec().unit(config, [held and fingerprint([Path(held)]), METHOD], upstream)
 
 
 def reference_cached(unit: Unit, record: dict[str, Any] | None, out: Path) -> bool:
@@ -351,10 +350,10 @@ def compute_cached(config: Any, out: Path, checkpoint: Path, base_dir: Path, sha
         c.validation_new_tokens,
         load_in_4bit=c.base_model_load_in_4bit,
         load_in_8bit=c.base_model_load_in_8bit,
-        options=RunOptions.from_config(c),
+        options=RunOptions.from_config(c, reference=True),
         base_heldout=Path(held) if held else None,
     )
-    reference.other_road = other_road(base_dir, checkpoint, tokenizer, reference, RunOptions.from_config(c))
+    reference.other_road = other_road(base_dir, checkpoint, tokenizer, reference, RunOptions.from_config(c, True))
     if reference.other_road:
         logger.info(i18n.ui("other_road_line", **reference.other_road))
     cache = out / "verify" / REFERENCE_CACHE
@@ -430,4 +429,9 @@ class _LazyReference:
             "perplexity": r.heldout_perplexity,
             "base_perplexity": r.base_perplexity,
             "other_road": r.other_road,  # a QLoRA adapter: merged into the 16-bit weights instead
+            "judged": {  # how every artifact was run: once over these tokens (teacher-forced)
+                "prompts": len(r.input_ids),
+                "greedy_tokens": [len(tokens) for tokens in r.greedy],
+                "heldout_tokens": int(r.heldout_ids.numel()) if r.heldout_ids is not None else 0,
+            },
         }
