@@ -113,6 +113,7 @@ def merge(
     Raises CheckpointValidationError, BaseModelError, MergeError (ME701-ME705) and ResourceError.
     """
     start = time.perf_counter()
+    _import_beside("torch")  # the update math's; its import (1.4 s here) overlaps the checks and the plan
     if format not in FORMATS or dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise MergeError(
             "merge_bad_option",
@@ -152,6 +153,17 @@ def merge(
             write_atomic(out / STATE_FILE, json.dumps(state, indent=2))
     result.seconds, result.peak_rss = time.perf_counter() - start, monitor.peak_rss
     return result
+
+
+def _import_beside(name: str) -> None:
+    """Import ``name`` in a thread of its own while this one goes on (import locks keep the two consistent; the
+    thread is not a daemon, so a run that fails early waits for it rather than exiting mid-import)."""
+    import importlib
+    import sys
+    import threading
+
+    if name not in sys.modules:
+        threading.Thread(target=importlib.import_module, args=(name,), name=f"import {name}").start()
 
 
 @contextlib.contextmanager
