@@ -115,11 +115,8 @@ def merge(
     start = time.perf_counter()
     _import_beside("torch")  # the update math's; its import (1.4 s here) overlaps the checks and the plan
     if format not in FORMATS or dtype not in ("auto", "bf16", "fp16", "fp32"):
-        raise MergeError(
-            "merge_bad_option",
-            option="format" if format not in FORMATS else "dtype",
-            value=format if format not in FORMATS else dtype,
-        )
+        option, value = ("format", format) if format not in FORMATS else ("dtype", dtype)
+        raise MergeError("merge_bad_option", option=option, value=value)
     checkpoint, adapter_config, base = _inputs(adapter, base, selection)
     out = Path(out)
     _refuse_inputs_as_output(out, checkpoint, resolve_base_model(base), *local_base_dirs(base))
