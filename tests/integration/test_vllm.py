@@ -114,7 +114,6 @@ def test_a_wrong_chat_template_in_the_served_folder_fails_with_both_renderings(s
         base_dir=shipped_base(),
         tokenizer_dir=out / "export" / "safetensors",  # the training run's template
         python=PYTHON,
-        new_tokens=4,
         max_len=512,
         floor="full",
         log=tmp_path / "server.log",
