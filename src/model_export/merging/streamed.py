@@ -247,10 +247,15 @@ class StreamedModel:
 
     def _keep(self, index: int, weights: dict[str, Any]) -> None:
         """Keep a layer's widened weights between passes while they fit in max_memory."""
-        size = sum(t.numel() * t.element_size() for t in weights.values())
-        if self.resident_bytes + size <= self.max_memory:
+        if self.admit(sum(t.numel() * t.element_size() for t in weights.values())):
             self.resident[index] = weights
-            self.resident_bytes += size
+
+    def admit(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit in max_memory beside what is kept; if so they are counted as kept."""
+        if self.resident_bytes + size > self.max_memory:
+            return False
+        self.resident_bytes += size
+        return True
 
     def _following(self, index: int) -> int | None:
         count = len(self._layer_params)
@@ -392,9 +397,8 @@ def _head_module(owner: StreamedModel, name: str):
 
         def forward(self, hidden: Any) -> Any:
             rows, width = self.planned.shape
-            if self.resident is None and owner.resident_bytes + rows * width * 4 <= owner.max_memory:
+            if self.resident is None and owner.admit(rows * width * 4):
                 self.resident = owner.reader.read(self.planned)
-                owner.resident_bytes += rows * width * 4
             if self.resident is not None:
                 logits = torch.nn.functional.linear(hidden, self.resident)
             else:

@@ -13,6 +13,8 @@ number of tokens in them:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +57,28 @@ def pack(lengths: list[int], capacity: int | None = None) -> list[list[int]]:
     return rows
 
 
+@contextlib.contextmanager
+def _progress(model: Any, label: str, passes: int) -> Iterator[None]:
+    """Progress of ``passes`` passes of a StreamedModel, counted per decoder layer run; complete at the end (decoding
+    that stops early at end-of-sequence makes fewer passes)."""
+    from ..monitoring import Progress
+
+    meter = Progress(i18n.ui("progress_streamed", what=label), passes * model.config.num_hidden_layers, step=5)
+    model.on_layer = lambda: meter.advance(1)
+    try:
+        yield
+    finally:
+        model.on_layer = None
+        meter.advance(meter.total - meter.done)
+        meter.close()
+
+
 def score_streamed(model: Any, sequences: list[Any], base_alone: set[int] = frozenset(), label: str = "") -> list[Any]:
     """The logits (fp32, [len, vocab]) at every position of each sequence, all in one pass of a StreamedModel (see the
     module doc); the sequences in ``base_alone`` without the adapter."""
     import torch
 
-    from ..monitoring import Progress, logger
+    from ..monitoring import logger
 
     lengths = [int(ids.numel()) for ids in sequences]
     rows = pack(lengths)
@@ -78,16 +96,13 @@ def score_streamed(model: Any, sequences: list[Any], base_alone: set[int] = froz
             where[i] = (r, offset)
             offset += lengths[i]
         positions[r, offset:] = torch.arange(width - offset)  # the padding: a sequence of its own, never read
-    meter = Progress(i18n.ui("progress_streamed", what=label), model.config.num_hidden_layers, step=5)
-    model.on_layer = lambda: meter.advance(1)
     model.adapter_mask = None if bool(adapter.all()) else adapter
     logger.debug("forward pass: %d sequences packed in %d rows of %d tokens", len(sequences), len(rows), width)
     try:
-        with torch.no_grad():
+        with _progress(model, label, 1), torch.no_grad():
             logits = model(ids, position_ids=positions, use_cache=False).logits
     finally:
-        model.on_layer, model.adapter_mask = None, None
-        meter.close()
+        model.adapter_mask = None
     return [logits[where[i][0], where[i][1] : where[i][1] + lengths[i]].float().clone() for i in range(len(sequences))]
 
 
@@ -98,28 +113,14 @@ def greedy_lockstep(model: Any, inputs: list[Any], new_tokens: int, eos: set[int
     token for all."""
     import torch
 
-    from ..monitoring import Progress
-
     length = max(ids.numel() for ids in inputs)
     pad = model.config.pad_token_id or 0
     batch = torch.full((len(inputs), length), pad, dtype=torch.long)
     mask = torch.zeros(len(inputs), length, dtype=torch.long)
     for row, ids in enumerate(inputs):
         batch[row, length - ids.numel() :], mask[row, length - ids.numel() :] = ids, 1
-    meter = None
-    if hasattr(model, "on_layer"):
-        meter = Progress(i18n.ui("progress_streamed", what=label), new_tokens * model.config.num_hidden_layers, step=5)
-        model.on_layer = lambda: meter.advance(1)
-    try:
-        with torch.no_grad():
-            out = model.generate(
-                batch, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
-            )
-    finally:
-        if meter is not None:
-            model.on_layer = None
-            meter.advance(meter.total - meter.done)  # stopped early at end-of-sequence: done all the same
-            meter.close()
+    with _progress(model, label, new_tokens), torch.no_grad():
+        out = model.generate(batch, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
     continuations = []
     for row in out[:, length:].tolist():
         stop = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))

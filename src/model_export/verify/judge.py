@@ -140,6 +140,12 @@ def along(start: int, want: list[int], chosen: list[int]) -> list[int]:
     return tokens
 
 
+def agreement(want: list[int], tokens: list[int]) -> float:
+    """Greedy agreement: the share of the reference's tokens ``want`` that ``tokens`` (an artifact's, along them)
+    matches position by position."""
+    return sum(a == b for a, b in zip(want, tokens)) / max(len(want), 1)
+
+
 HELDOUT_SAMPLE = "(held-out text)"  # the held-out text's row among the samples (it has no greedy agreement)
 
 
@@ -168,9 +174,7 @@ def compare(
             .mean()
         )
         top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean()
-        agree = None
-        if ref_tokens is not None:  # the held-out text is scored, not generated
-            agree = sum(a == b for a, b in zip(ref_tokens, tokens)) / max(len(ref_tokens), 1)
+        agree = None if ref_tokens is None else agreement(ref_tokens, tokens)  # the held-out text is not generated
         samples.append(
             SampleResult(prompt, float(diff.max()), float(diff.mean()), max(float(kl), 0.0), float(top1), agree)
         )

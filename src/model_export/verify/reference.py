@@ -52,18 +52,18 @@ class Reference:
     heldout_logits: Any = None  # fp32 logits on the held-out text: artifacts are judged there too
 
     def sequences(self) -> list[Any]:
-        """What every artifact scores, in one pass: each prompt followed by the reference's greedy tokens but the last
-        (the logits at its last position predict that one), then the held-out text."""
-        scored = [teacher_forced(ids, tokens) for ids, tokens in zip(self.input_ids, self.greedy)]
-        return scored + ([self.heldout_ids] if self.heldout_ids is not None else [])
+        """What every artifact scores, in one pass (scored_sequences)."""
+        return scored_sequences(self.input_ids, self.greedy, self.heldout_ids)
 
 
-def teacher_forced(ids: Any, tokens: list[int]) -> Any:
-    """A prompt followed by its continuation but the last token: the logits at each of its positions predict the next
-    prompt token or continuation token."""
+def scored_sequences(input_ids: list[Any], greedy: list[list[int]], heldout: Any) -> list[Any]:
+    """Each prompt followed by its greedy tokens but the last (the logits at each position predict the next prompt or
+    continuation token, the last one's the last greedy token), then the held-out text when there is one: what the
+    reference scores and every artifact is run on."""
     import torch
 
-    return torch.cat([ids, torch.tensor(tokens[:-1], dtype=torch.long)])
+    scored = [torch.cat([ids, torch.tensor(tokens[:-1], dtype=torch.long)]) for ids, tokens in zip(input_ids, greedy)]
+    return scored + ([heldout] if heldout is not None else [])
 
 
 HELDOUT_TOKENS = 256
@@ -197,8 +197,8 @@ class _Asked:
     options: RunOptions
 
     def scored(self, greedy: list[list[int]]) -> list[Any]:
-        """Each prompt with its greedy tokens but the last, then the held-out text."""
-        return [teacher_forced(ids, tokens) for ids, tokens in zip(self.encoded, greedy)] + [self.heldout]
+        """Each prompt with its greedy tokens but the last, then the held-out text (scored_sequences)."""
+        return scored_sequences(self.encoded, greedy, self.heldout)
 
 
 def _whole_reference(device: str, base_dir: Path, checkpoint: Path, asked: _Asked, bits: int | None) -> Reference:
@@ -323,8 +323,12 @@ def _streamed_reference(base_dir: Path, checkpoint: Path, asked: _Asked, base_he
     base_logits = _shared_base_logits(base_heldout, asked.heldout)
     try:
         tokens = greedy_lockstep(model, asked.encoded, asked.new_tokens, model.eos_ids, label=label)
-        scored = asked.scored(tokens) + ([asked.heldout] if base_logits is None else [])
-        logits = score_streamed(model, scored, base_alone={len(asked.encoded) + 1}, label=label)
+        scored = asked.scored(tokens)
+        base_alone = set()
+        if base_logits is None:  # the base alone on the held-out text, in the same pass
+            base_alone.add(len(scored))
+            scored.append(asked.heldout)
+        logits = score_streamed(model, scored, base_alone=base_alone, label=label)
         head = i18n.ui("streamed_resident_head") if model.model.lm_head.resident is not None else ""
         logger.info(
             i18n.ui(

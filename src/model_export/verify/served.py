@@ -156,7 +156,7 @@ def compare_topk(
     log-probability difference (for the report's histogram)."""
     import torch
 
-    from .judge import HELDOUT_SAMPLE, along
+    from .judge import HELDOUT_SAMPLE, agreement, along
 
     rows = list(zip(reference.prompts, reference.input_ids, reference.logits, reference.greedy, runs))
     if heldout is not None and reference.heldout_logits is not None:
@@ -178,8 +178,7 @@ def compare_topk(
         agree = None
         if want is not None:
             chosen = [max(top, key=top.get) for top in positions]
-            greedy = along(prompt_ids.numel() - 1, want, chosen)
-            agree = sum(a == b for a, b in zip(want, greedy)) / max(len(want), 1)
+            agree = agreement(want, along(prompt_ids.numel() - 1, want, chosen))
         samples.append(
             SampleResult(
                 prompt,
