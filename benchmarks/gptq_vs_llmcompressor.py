@@ -2,6 +2,7 @@
 
     python benchmarks/gptq_vs_llmcompressor.py
     python benchmarks/gptq_vs_llmcompressor.py --model /tmp/model-export-quality/model   # a trained model's layers
+    python benchmarks/gptq_vs_llmcompressor.py --size 0.6b      # every matrix of two layers of the 0.6B shape
 
 llm-compressor pins transformers <= 5.17 and compressed-tensors 0.19, so it cannot be installed beside this project;
 its GPTQ kernel (``llmcompressor/modifiers/gptq/gptq_quantize.py`` and ``helpers.py``) only needs torch and
@@ -12,7 +13,10 @@ with activation order (llm-compressor's ``actorder: weight``), and each one's ti
 
 Layers: three random ones with correlated inputs (the unit tests' shape, 96 x 256), and with ``--model`` every
 matrix of the first decoder layer of a saved model, with inputs from 16 x 256 tokens of text (the stdlib source the
-quality benchmark trains on).
+quality benchmark trains on). With ``--size``, every matrix of decoder layers 0 and 14 of the random-weight Qwen3 shape
+of benchmarks/merge_vs_peft.py (written once into the work folder), on the default calibration's 16 x 256 tokens
+(random ids, as benchmarks/calibration_cost.py): both implementations timed on the same matrices, one after the
+other in this process (each inverts its own Hessian, as llm-compressor does per module), and the per-layer totals.
 """
 
 from __future__ import annotations
@@ -76,36 +80,57 @@ def random_layers() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     return layers
 
 
-def model_layers(model_dir: Path) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+def model_layers(model_dir: Path, samples: list[list[int]] | None = None, layers: tuple[int, ...] = (0,)) -> list:
+    """Every matrix of the given decoder layers of a saved model, with the Hessian sum of its inputs on ``samples``
+    (by default 16 x 256 tokens of the quality benchmark's text)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from quant_quality import SEQ, calibration_file
+    if samples is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from quant_quality import SEQ, calibration_file
 
-    from model_export.quantize.calibration import calibration_samples
+        from model_export.quantize.calibration import calibration_samples
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    samples = calibration_samples(calibration_file(model_dir, Path(tempfile.mkdtemp())), tokenizer, 16, SEQ).samples
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        text = calibration_file(model_dir, Path(tempfile.mkdtemp()))
+        samples = calibration_samples(text, tokenizer, 16, SEQ).samples
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    hessians, hooks = {}, []
-    for name, module in model.model.layers[0].named_modules():
-        if isinstance(module, torch.nn.Linear):
+    hessians, found = {}, []
+    for index in layers:
+        for name, module in model.model.layers[index].named_modules():
+            if isinstance(module, torch.nn.Linear):
 
-            def record(module, args, name=name):
-                x = args[0].reshape(-1, args[0].shape[-1])
-                hessians[name] = hessians.get(name, 0) + x.T @ x
+                def record(module, args, key=f"layer {index} {name}"):
+                    x = args[0].reshape(-1, args[0].shape[-1])
+                    hessians[key] = hessians.get(key, 0) + x.T @ x
 
-            hooks.append(module.register_forward_pre_hook(record))
+                module.register_forward_pre_hook(record)
+                found.append((f"layer {index} {name}", module))
     with torch.no_grad():
-        model(torch.tensor(samples))
-    modules = dict(model.model.layers[0].named_modules())
-    return [(f"layer 0 {n}", modules[n].weight.detach().clone(), h) for n, h in hessians.items()]
+        model.model(torch.tensor(samples))  # the decoder only: the head is not quantized
+    return [(key, module.weight.detach().clone(), hessians[key]) for key, module in found]
+
+
+def shape_layers(size: str, work: Path) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Layers 0 and the middle one of the random-weight shape, on the default calibration's token count."""
+    import random
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from merge_vs_peft import SHAPES, write_base
+
+    base = work / f"base-{size}"
+    if not base.is_dir():
+        write_base(base, size)
+    random.seed(0)
+    samples = [[random.randrange(1000, 100000) for _ in range(256)] for _ in range(16)]
+    return model_layers(base, samples, (0, SHAPES[size]["num_hidden_layers"] // 2))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "model-export-gptq"))
     parser.add_argument("--model", help="a saved model folder: also its first decoder layer's matrices")
+    parser.add_argument("--size", help="a shape of benchmarks/merge_vs_peft.py (0.6b): two of its layers, timed")
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -117,6 +142,9 @@ def main() -> None:
     from model_export.quantize.gptq import gptq, rtn
 
     layers = random_layers() + (model_layers(Path(args.model)) if args.model else [])
+    shaped = shape_layers(args.size, work) if args.size else []
+    layers += shaped
+    timed_only = {label for label, _, _ in shaped}  # onnxruntime's float64 numpy loop is left out at these widths
     rows = []
     for label, weight, hessian in layers:
         for act_order in (False, True):
@@ -151,7 +179,7 @@ def main() -> None:
                 "ours_s": round(ours_s, 3),
                 "llm_compressor_s": round(theirs_s, 3),
             }
-            if not act_order:
+            if not act_order and label not in timed_only:
                 q = onnxruntime_gptq(
                     weight.T.double().numpy().copy(),
                     hessian.double().numpy().copy(),
@@ -167,6 +195,12 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     ratios = [r["ours_vs_llm_compressor"] for r in rows]
     summary = {"llm_compressor": wheel, "worst_ratio": max(ratios), "best_ratio": min(ratios)}
+    for act_order in (False, True):  # per decoder layer of the shape: the sum over its seven matrices
+        for index in sorted({r["layer"].split()[1] for r in rows if r["layer"].startswith("layer ")}):
+            mine = [r for r in rows if r["layer"].startswith(f"layer {index} ") and r["act_order"] == act_order]
+            ours, theirs = sum(r["ours_s"] for r in mine), sum(r["llm_compressor_s"] for r in mine)
+            key = f"layer {index}{', act order' if act_order else ''}"
+            summary[key] = {"ours_s": round(ours, 2), "llm_compressor_s": round(theirs, 2), "ratio": ours / theirs}
     print(json.dumps(summary))
     (work / "gptq.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
 

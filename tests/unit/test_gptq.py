@@ -103,3 +103,74 @@ def test_scales_are_exact_in_the_checkpoints_dtype():
     weight, x = layer(4)
     levels, scales = gptq(weight, x.T @ x, group_size=128, dtype=torch.bfloat16)
     assert torch.equal(scales, scales.to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize(
+    "case", ["plain", "act order", "a dead input", "a singular Hessian"], ids=lambda case: case.replace(" ", "-")
+)
+def test_the_error_gptq_reports_is_its_output_error(case):
+    """The output error GPTQ reports comes from its own loss (the squared scaled errors, minus the dampening's share),
+    with no product with H: it equals ||X (W - Q)^T||^2 computed from the inputs, with act order, an input never seen
+    (a zero column of X) and a Hessian that needs more dampening than asked to be inverted."""
+    from model_export.quantize.gptq import _gptq, hessian_inverse
+
+    weight, x = layer(5)
+    damp = 0.01
+    if case == "a dead input":
+        x[:, 7] = 0
+    if case == "a singular Hessian":
+        x, damp = x[:64], 0.0  # 64 tokens for 256 inputs: rank 64, and no dampening asked
+    inverse = hessian_inverse(x.T @ x, act_order=case == "act order", damp=damp)
+    levels, scales, error = _gptq(weight, inverse, 128, 128, None)
+    assert inverse.damping > 0  # asked for, or (singular Hessian) added until it could be inverted
+    direct = float(((x @ (weight - dequantized(levels, scales, 128)).T) ** 2).sum())
+    assert error == pytest.approx(direct, rel=1e-4)
+    public = gptq(weight, x.T @ x, group_size=128, act_order=case == "act order", damp=damp)
+    assert torch.equal(levels, public[0]) and torch.equal(scales, public[1])
+
+
+def test_one_calibration_pass_is_gptq_on_each_matrix(tiny_base, tmp_path):
+    """calibrate_gptq's single pass (the layer-streamed model, one inverse per input that several matrices read, errors
+    from GPTQ's loss and the layer's outputs) writes what gptq() gives each matrix on the Hessian of its inputs in
+    transformers, and reports the mean of their output errors, GPTQ's and round-to-nearest's."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    from model_export.quantize.gptq import GptqLayers, calibrate_gptq
+
+    samples = [[(7 * i + 13 * j) % 300 + 5 for j in range(48)] for i in range(4)]
+    stats = calibrate_gptq(tiny_base, samples, tmp_path / "gptq", group_size=32)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
+    hessians, weights = {}, {}
+    for index, decoder in enumerate(model.model.layers):
+        for name, module in decoder.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                key = f"model.layers.{index}.{name}"
+                weights[key] = module.weight.detach()
+                module.register_forward_pre_hook(
+                    lambda m, args, key=key: hessians.__setitem__(
+                        key, args[0].reshape(-1, args[0].shape[-1]).T @ args[0].reshape(-1, args[0].shape[-1])
+                    )
+                )
+    with torch.no_grad():
+        model.model(torch.tensor(samples))
+    written, errors = GptqLayers(tmp_path / "gptq"), []
+    for key, weight in weights.items():
+        hessian = hessians[key]
+        levels, scales = gptq(weight, hessian, group_size=32, dtype=torch.float32)  # the base's dtype
+        got_levels, got_scales = written.levels(key)
+        assert torch.equal(got_scales, scales)
+        assert float((got_levels != levels).float().mean()) < 0.002, key  # float32 sums in another order
+        energy = float(((weight @ hessian) * weight).sum())
+        errors.append(
+            [
+                float(((delta @ hessian) * delta).sum()) / energy
+                for delta in (
+                    weight - dequantized(levels, scales, 32),
+                    weight - dequantized(*rtn(weight, 32, torch.float32), 32),
+                )
+            ]
+        )
+    assert stats["matrices"] == len(weights)
+    assert stats["output_error"] == pytest.approx(sum(e for e, _ in errors) / len(errors), rel=1e-3)
+    assert stats["output_error_rtn"] == pytest.approx(sum(e for _, e in errors) / len(errors), rel=1e-3)

@@ -196,10 +196,14 @@ class StreamedModel:
         # Widened layers kept between passes, in order, up to max_memory bytes (then the head): see the module doc.
         self.max_memory, self.resident, self.resident_bytes = max(int(max_memory), 0), {}, 0
         # The next layer is read and widened by a thread of its own while this one computes (its own file handles:
-        # the main thread reads embedding rows and head blocks meanwhile): two layers in memory at most.
+        # the main thread reads embedding rows and head blocks meanwhile): two layers in memory at most. The thread
+        # widens on one core: a second thread with a team of its own would leave more OpenMP threads than cores, and
+        # libgomp then stops spinning between parallel regions, making the main thread's small ops (GPTQ's column
+        # loop: 2.5x) wait for a wake-up each.
         from concurrent.futures import ThreadPoolExecutor
 
-        self._ahead, self._ahead_reader, self._next = ThreadPoolExecutor(1, "layer-reader"), _Reader(), None
+        reader = ThreadPoolExecutor(1, "layer-reader", initializer=torch.set_num_threads, initargs=(1,))
+        self._ahead, self._ahead_reader, self._next = reader, _Reader(), None
         self._layer_params = [[name for name, _ in layer.named_parameters()] for layer in model.model.layers]
         self._bind(model)
 

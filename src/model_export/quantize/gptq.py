@@ -16,9 +16,18 @@ inputs the result is llm-compressor's (benchmarks/gptq_vs_llmcompressor.py).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["GPTQ_MAX_TOKENS", "GptqLayers", "calibrate_gptq", "gptq", "group_scales", "rtn"]
+__all__ = [
+    "GPTQ_MAX_TOKENS",
+    "GptqLayers",
+    "HessianInverse",
+    "calibrate_gptq",
+    "gptq",
+    "group_scales",
+    "hessian_inverse",
+    "rtn",
+]
 
 LEVELS = (-8, 7)
 
@@ -60,55 +69,92 @@ def gptq(
     damp: float = 0.01,
     block: int = 128,
     dtype: Any = None,
+    inverse: HessianInverse | None = None,
 ) -> tuple[Any, Any]:
-    """GPTQ levels and scales of an [out, in] weight, given the [in, in] Hessian sum of its inputs' outer products.
+    """GPTQ levels and scales of an [out, in] weight, given the [in, in] Hessian sum of its inputs' outer products
+    (or ``inverse``, what hessian_inverse made of it: matrices that read the same input share it).
 
     Returns (levels int8 [out, in] in [-8, 7], scales [out, in / group_size] float32, exact in ``dtype``)."""
+    inverse = inverse or hessian_inverse(hessian, act_order=act_order, damp=damp)
+    return _gptq(weight, inverse, group_size, block, dtype)[:2]
+
+
+def _gptq(weight: Any, inverse: HessianInverse, group_size: int, block: int, dtype: Any) -> tuple[Any, Any, float]:
+    """gptq's levels and scales, and ||X (W - Q)^T||^2 on the calibration inputs, which the algorithm gives for free.
+
+    The columns are worked on as rows of the transposed weight, so that each column's rounding, its error and the
+    rank-1 update of the block's remaining columns run over contiguous memory (about five times faster than on the
+    strided columns, the same arithmetic). The sum of the squared scaled errors is the quadratic error under the
+    dampened Hessian H + lambda I (the OBS identity: each step's loss is exactly what it adds), so without the
+    dampening the output error is that sum minus lambda ||W - Q||^2: no product with H (test_gptq checks it)."""
     import torch
 
+    hinv, order, dead, damping = inverse
     w = weight.float().clone()
-    h = hessian.float().clone()
-    columns = w.shape[1]
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
     w[:, dead] = 0
     scales = group_scales(w, group_size, dtype)  # static groups: the scales of the weights before any rounding
-    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(columns)
-    w, h = w[:, order], h[order][:, order]
-    column_scales = scales.repeat_interleave(group_size, dim=1)[:, order]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(columns)
-    hinv = _inverse_cholesky(h)
-    levels = torch.zeros_like(w)
+    rows = w[:, order].T.contiguous()  # [in, out]: row j is column order[j]
+    row_scales = scales.repeat_interleave(group_size, dim=1)[:, order].T.contiguous()
+    levels = torch.empty_like(rows)
+    columns, loss = rows.shape[0], 0.0
     for start in range(0, columns, block):
         stop = min(start + block, columns)
-        chunk = w[:, start:stop].clone()
-        errors = torch.zeros_like(chunk)
-        inv = hinv[start:stop, start:stop]
-        for i in range(stop - start):
-            scale = column_scales[:, start + i]
-            q = _round(chunk[:, i], scale)
-            levels[:, start + i] = q
-            error = (chunk[:, i] - q * scale) / inv[i, i]
-            chunk[:, i:] -= error[:, None] * inv[i, i:][None, :]
-            errors[:, i] = error
-        w[:, stop:] -= errors @ hinv[start:stop, stop:]
-    restore = torch.argsort(order)
-    return levels[:, restore].to(torch.int8), scales
+        chunk, inv = rows[start:stop], hinv[start:stop, start:stop]
+        errors = torch.empty_like(chunk)
+        views = zip(chunk.unbind(), row_scales[start:stop].unbind(), levels[start:stop].unbind(), errors.unbind())
+        for i, (row, scale, q, error) in enumerate(views):
+            torch.div(row, scale, out=q).round_().clamp_(*LEVELS)
+            torch.sub(row, torch.mul(q, scale, out=error), out=error).div_(inv[i, i])
+            chunk[i + 1 :].addr_(inv[i, i + 1 :], error, alpha=-1)
+        loss += float(errors.square().sum(dtype=torch.float64))
+        rows[stop:].addmm_(hinv[start:stop, stop:].T, errors, alpha=-1)
+    levels = levels.T[:, torch.argsort(order)].contiguous()
+    delta = w - levels * scales.repeat_interleave(group_size, dim=1)
+    return levels.to(torch.int8), scales, max(loss - damping * float(delta.square().sum(dtype=torch.float64)), 0.0)
 
 
-def _inverse_cholesky(h: Any) -> Any:
-    """The upper Cholesky factor of H^-1 (what GPTQ's updates read), with more dampening if H is not positive
-    definite in float32."""
+class HessianInverse(NamedTuple):
+    """What GPTQ reads of a Hessian: the upper Cholesky factor of its dampened inverse (in ``order``), the column
+    order (decreasing diagonal with act_order) and the dead inputs (zero diagonal: never seen in calibration)."""
+
+    factor: Any
+    order: Any
+    dead: Any
+    damping: float  # lambda: what was added to the diagonal before inverting
+
+
+def hessian_inverse(hessian: Any, *, act_order: bool = False, damp: float = 0.01) -> HessianInverse:
+    """The Hessian's part of GPTQ, computed once for every matrix that reads the same input."""
     import torch
 
-    extra = 0.0
+    h = hessian.float().clone()
+    columns = h.shape[0]
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(columns)
+    if act_order:
+        h = h[order][:, order]
+    damping = damp * float(torch.mean(torch.diag(h)))
+    h.diagonal().add_(damping)
+    factor, added = _inverse_cholesky(h)
+    return HessianInverse(factor, order, dead, damping + added)
+
+
+def _inverse_cholesky(h: Any) -> tuple[Any, float]:
+    """The upper Cholesky factor U of H^-1 (H^-1 = U^T U, what GPTQ's updates read), with more dampening if H is not
+    positive definite in float32 (returned: the dampening added). One factorisation and one triangular inverse: with
+    J the reversal, J H J = L L^T gives H = R R^T with R = J L J upper, so H^-1 = (R^-1)^T R^-1 and U = R^-1 =
+    J L^-1 J."""
+    import torch
+
+    flipped, added = h.flip(0, 1), 0.0  # the reversal keeps the diagonal on the diagonal
     for _ in range(6):
-        try:
-            factor = torch.linalg.cholesky(h + extra * torch.eye(h.shape[0]))
-            inverse = torch.cholesky_inverse(factor)
-            return torch.linalg.cholesky(inverse, upper=True)
-        except torch.linalg.LinAlgError:
-            extra = max(extra * 10, 1e-6 * float(torch.mean(torch.diag(h))))
+        lower, info = torch.linalg.cholesky_ex(flipped)
+        if int(info) == 0:
+            return torch.linalg.solve_triangular(lower, torch.eye(h.shape[0]), upper=False).flip(0, 1), added
+        more = max(added * 9, 1e-6 * float(torch.mean(torch.diag(h))))  # the total dampening added grows tenfold
+        flipped.diagonal().add_(more)
+        added += more
     raise ValueError("the Hessian is not positive definite even with dampening")
 
 
@@ -183,6 +229,7 @@ class _Pass:
             for index, layer in enumerate(self.layers)
         }
         self.hessians: dict[str, Any] = {}
+        self.energies: dict[str, float] = {}
         self.squares: dict[str, Any] = {}
         self.shared: dict[int, tuple[Any, Any, Any]] = {}
         self.errors: list[tuple[float, float]] = []
@@ -194,7 +241,9 @@ class _Pass:
         for index, layer in enumerate(self.layers):
             for name, module in layer.named_modules():
                 if isinstance(module, torch.nn.Linear):
-                    handles.append(module.register_forward_pre_hook(self.before(f"model.layers.{index}.{name}")))
+                    full = f"model.layers.{index}.{name}"
+                    handles.append(module.register_forward_pre_hook(self.before(full)))
+                    handles.append(module.register_forward_hook(self.after(full)))
             handles.append(layer.register_forward_hook(lambda layer, args, output, index=index: self.quantize(index)))
         return handles
 
@@ -214,6 +263,15 @@ class _Pass:
 
         return hook
 
+    def after(self, name: str) -> Any:
+        """||X W^T||^2 read off the matrix's own output (the output errors' denominator, without a product with H)."""
+        import torch
+
+        def hook(module: Any, args: Any, output: Any) -> None:
+            self.energies[name] = float(torch.linalg.vector_norm(output.detach())) ** 2
+
+        return hook
+
     def quantize(self, index: int) -> None:
         """Layer ``index`` has run: each of its matrices by GPTQ on its Hessian, packed as compressed-tensors writes
         int4, into out_dir/layer-N.safetensors."""
@@ -224,14 +282,18 @@ class _Pass:
         from ..tensor_io import torch_dtype
 
         self.shared.clear()
-        tensors, group_size = {}, self.group_size
+        tensors, group_size, inverses = {}, self.group_size, {}
         for name in self.linear[index]:
             weight = self.model._weight(f"{name}.weight")
             dtype = torch_dtype(self.model.tensors[f"{name}.weight"].dtype)
             hessian = self.hessians.pop(name)
-            levels, scales = gptq(weight, hessian, group_size=group_size, act_order=self.act_order, dtype=dtype)
-            rounded = _output_error(weight, *rtn(weight, group_size, dtype), hessian, group_size)
-            self.errors.append((_output_error(weight, levels, scales, hessian, group_size), rounded))
+            if id(hessian) not in inverses:  # q/k/v and gate/up read the same input: one inverse each
+                inverses[id(hessian)] = (hessian, hessian_inverse(hessian, act_order=self.act_order))
+            inverse = inverses[id(hessian)][1]
+            levels, scales, error = _gptq(weight, inverse, group_size, 128, dtype)
+            energy = self.energies.pop(name)
+            rounded = _output_error(weight, hessian, rtn(weight, group_size, dtype), group_size)
+            self.errors.append((error / energy, rounded / energy) if energy > 0 else (0.0, 0.0))
             tensors[f"{name}.weight_packed"] = pack_to_int32(levels, 4)
             tensors[f"{name}.weight_scale"] = scales.to(dtype)
             tensors[f"{name}.weight_shape"] = torch.tensor(tuple(weight.shape))
@@ -240,13 +302,11 @@ class _Pass:
             self.on_layer(index + 1, len(self.layers))
 
 
-def _output_error(weight: Any, levels: Any, scales: Any, hessian: Any, group_size: int) -> float:
-    """||X (W - Q)^T||^2 / ||X W^T||^2 on the calibration inputs, from their Hessian sum H = X^T X."""
-
+def _output_error(weight: Any, hessian: Any, quantized: tuple[Any, Any], group_size: int) -> float:
+    """||X (W - Q)^T||^2 on the calibration inputs, from their Hessian sum H = X^T X, for (levels, scales)."""
+    levels, scales = quantized
     delta = weight - levels.float() * scales.repeat_interleave(group_size, dim=1)
-    num = float(((delta @ hessian) * delta).sum())
-    den = float(((weight @ hessian) * weight).sum())
-    return num / den if den > 0 else 0.0
+    return float(((delta @ hessian) * delta).sum())
 
 
 class GptqLayers:
