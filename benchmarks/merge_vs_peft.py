@@ -112,6 +112,8 @@ def write_base(path: Path, size: str) -> None:
     config = qwen3_config(size)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     build_tokenizer(path)
+    # as every Qwen3 base ships it: generation stops on the chat's end-of-turn token (<|im_end|>, id 2 here)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "pad_token_id": 0}, indent=2))
     generator = torch.Generator().manual_seed(0)
     shapes = dict(tensor_shapes(config))
     shards = plan_shards([PlannedTensor(n, "BF16", s) for n, s in shapes.items()], 3_000_000_000)

@@ -90,14 +90,17 @@ def test_a_sweep_folder_exports_every_run_with_the_local_pool(pooled, sweep):
         run_json = json.loads((out / f"lr-{lr}" / "run.json").read_text())
         assert run_json["steps"]["detect"]["result"]["selected"].endswith(f"lr-{lr}/checkpoint-10")
         assert (out / f"lr-{lr}" / "report.html").is_file()
-        # the base alone on the held-out text was computed once, in base/, and reused by every reference
-        assert "reused from" in (out / f"lr-{lr}" / "export.log").read_text()
+        # the references of all three were computed in one layer-streamed pass in base/, and taken by each run
+        log = (out / f"lr-{lr}" / "export.log").read_text()
+        assert "Reference taken from the batch's shared pass" in log and "Reference streamed layer by layer" not in log
         modelfile = (out / f"lr-{lr}" / "export" / "gguf_lora" / "Modelfile").read_text()
         assert "FROM ../../../base/export/gguf/model-" in modelfile and "ADAPTER ./adapter-lora-f32.gguf" in modelfile
         if LLAMA and shutil.which("go"):  # the LoRA's Modelfile is served as the model was trained (issue 26)
             verdict = run_json["steps"]["verify"]["result"]["verdicts"]["gguf_lora"]
             assert verdict["serving"]["status"] == "verified" and len(verdict["serving"]["checks"]) == 2
     assert len(list(out.glob("base/export/gguf/model-*.gguf"))) == 1
+    shared = json.loads((out / "base" / "run.json").read_text())["steps"]["verify:references"]
+    assert shared["status"] == "done" and len(shared["result"]["files"]) == 3 and not shared["result"]["left"]
     page = (out / "report.html").read_text()
     for lr in LEARNING_RATES:
         assert f'<a href="lr-{lr}/report.html">lr-{lr}</a>' in page

@@ -173,7 +173,7 @@ def test_packed_scoring_is_each_sequence_alone_in_one_pass(tiny_base, tmp_path, 
     adapter = build_adapter(tiny_base, tmp_path / "adapter", **lora)
     reference, streamed = peft_reference(tiny_base, adapter), StreamedModel(tiny_base, adapter)
     passes = _passes(streamed)
-    got = score_streamed(streamed, SEQUENCES + SEQUENCES[:2], base_alone={4, 5})
+    got = score_streamed(streamed, SEQUENCES + SEQUENCES[:2], [0, 0, 0, 0, -1, -1])
     assert passes[0] == 1
     with torch.no_grad():
         for ids, logits in zip(SEQUENCES, got[:4]):
@@ -243,3 +243,65 @@ def test_resident_layers_give_identical_results_with_fewer_reads(tiny_base, tmp_
     # not made when no layer is left to read)
     saved = reads["streamed"] - kept * (passes - 1)
     assert saved - 1 <= reads["resident"] <= saved
+
+
+def test_several_adapters_share_one_pass(tiny_base, tmp_path):
+    """A StreamedModel of several adapters on one base (a batch's references): each sequence scored with the adapter
+    its number names, or the base alone (-1), gets what PEFT's model of that adapter gives it alone, in one pass (each
+    layer read once for all of them); decoded together, each input gets that adapter's own greedy tokens. The adapters
+    differ in kind: plain; DoRA; rsLoRA of another rank on other modules."""
+    from model_export.runtimes.streamed import greedy_lockstep, score_streamed
+
+    variants = [
+        {},
+        {"target_modules": ["k_proj", "v_proj", "down_proj"], "use_dora": True},
+        {"target_modules": ["q_proj", "down_proj"], "use_rslora": True, "r": 2},
+    ]
+    adapters = [build_adapter(tiny_base, tmp_path / f"a{k}", seed=k + 3, **v) for k, v in enumerate(variants)]
+    shared = StreamedModel(tiny_base, adapters)
+    passes, reads = _passes(shared), _reads(shared)
+    sequences = [s for s in SEQUENCES[:3] for _ in range(3)] + SEQUENCES[:1]
+    numbers = [0, 1, 2] * 3 + [-1]
+    got = score_streamed(shared, sequences, numbers)
+    assert passes[0] == 1 and reads[0] <= shared.config.num_hidden_layers + 1  # + the next pass's first, read ahead
+    inputs = [SEQUENCES[1], SEQUENCES[0], SEQUENCES[1], SEQUENCES[3]]
+    decoded = greedy_lockstep(shared, inputs, 6, set(), adapters=[0, 1, 2, 2])
+    shared.close()
+    with torch.no_grad():
+        for k, adapter in enumerate(adapters):
+            reference = peft_reference(tiny_base, adapter)
+            for ids, number, logits in zip(sequences, numbers, got):
+                if number == k:
+                    assert float((reference(ids[None]).logits[0] - logits).abs().max()) <= 1e-5, (k, ids)
+            for ids, number, tokens in zip(inputs, [0, 1, 2, 2], decoded):
+                if number == k:
+                    alone = reference.generate(ids[None], max_new_tokens=6, do_sample=False, pad_token_id=0)
+                    assert alone[0, ids.numel() :].tolist() == tokens, (k, ids)
+            if k == 0:
+                with reference.disable_adapter():
+                    base = reference(sequences[-1][None]).logits[0]
+                assert float((base - got[-1]).abs().max()) <= 1e-5
+    assert float((got[0] - got[1]).abs().max()) > 1e-4  # the adapters differ, so the checks above bite
+
+
+def test_adapters_with_tensors_of_their_own_do_not_share_a_pass(tiny_base, tmp_path):
+    """An adapter that saves whole tensors in place of the base's (modules_to_save) or unties the head cannot run on
+    the base's own layers beside others: refused, and named so by shares_base."""
+    from model_export.checkpoint.adapter_format import read_adapter_config
+    from model_export.checkpoint.base_model import inspect_base_model
+    from model_export.merging.plan import adapter_plan, make_plan
+    from model_export.merging.streamed import shares_base
+
+    plain = build_adapter(tiny_base, tmp_path / "plain")
+    saved = build_adapter(tiny_base, tmp_path / "saved", target_modules=["q_proj"], modules_to_save=["lm_head"])
+    head = build_adapter(tiny_base, tmp_path / "head", target_modules=["q_proj", "lm_head"])
+    info = inspect_base_model(str(tiny_base))
+    base = make_plan({}, {}, {}, info, "fp32", False)
+
+    def plan(path):
+        return adapter_plan(path, read_adapter_config(path), info, "fp32", False)[0]
+
+    assert shares_base(plan(plain), base)
+    assert not shares_base(plan(saved), base) and not shares_base(plan(head), base)
+    with pytest.raises(ValueError, match="shares_base"):
+        StreamedModel(tiny_base, [plain, saved])

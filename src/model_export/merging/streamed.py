@@ -12,8 +12,11 @@ transformers'.
 
 Two things make repeated passes cheap. ``max_memory`` keeps widened layers (then the head) resident, in order, up to
 that many bytes, so a decoding step reads only the rest: the reference's greedy decoding then costs compute, not reads.
-``adapter_mask`` ([batch, seq] booleans, None for everywhere) says at which positions the adapter applies, so the base
-alone and base + adapter go through the same pass (the reference scores the held-out text both ways at once).
+``adapter_index`` (adapter numbers broadcast to [batch, seq], -1 for the base alone; None: the adapter everywhere) says
+which adapter applies at which position, so the base alone and base + adapter go through the same pass (the reference
+scores the held-out text both ways at once), and so do several adapters on one base (``StreamedModel(base, [a, b])``:
+a batch's references, each base layer read once for all of them; adapters that replace base tensors - saved whole
+modules, added tokens, an untied head - cannot share the base's layers, see ``shares_base``).
 
     model = StreamedModel(base_dir, checkpoint, max_memory=8 << 30)      # (Qwen3, Qwen2, Llama, Mistral)
     logits = model(ids).logits                        # [batch, seq, vocab], fp32
@@ -30,7 +33,7 @@ from typing import Any
 
 from .. import i18n
 
-__all__ = ["StreamedModel", "SUPPORTED", "streamable", "trim_heap"]
+__all__ = ["StreamedModel", "SUPPORTED", "shares_base", "streamable", "trim_heap"]
 
 SUPPORTED = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
 HEAD_BLOCK_BYTES = 64 << 20  # the head's rows multiplied at a time, as fp32
@@ -146,15 +149,32 @@ def _lora_delta(lora: Any, x: Any):
     return torch.nn.functional.linear(torch.nn.functional.linear(x, A), B) * lora.scaling
 
 
-def _masked(owner: Any, changed: Any, unchanged: Any):
-    """``changed`` where the owner's adapter_mask applies the adapter (everywhere when it is None), else
-    ``unchanged``: the base alone at those positions, as PEFT's disable_adapter computes it."""
-    import torch
+def _adapted(owner: Any, loras: list[tuple[int, Any]], output: Any, change: Any) -> Any:
+    """``output`` changed by each of ``loras`` ((adapter number, update) pairs) where the owner's adapter_index selects
+    that adapter: ``change(lora, pick)`` gives the changed values at the positions ``pick`` selects from a [batch, seq,
+    ...] tensor. With no index the first adapter applies everywhere (one adapter's model); -1 is the base alone, as
+    PEFT's disable_adapter computes it."""
+    index = owner.adapter_index
+    if index is None:
+        return change(loras[0][1], lambda t: t) if loras[0][0] == 0 else output
+    result = output.clone()
+    numbers = index.expand(output.shape[:2])
+    for number, lora in loras:
+        where = numbers == number
+        if bool(where.any()):
+            result[where] = change(lora, lambda t, where=where: t[where])
+    return result
 
-    mask = owner.adapter_mask
-    if mask is None:
-        return changed
-    return torch.where(mask.reshape(*mask.shape, *([1] * (changed.dim() - mask.dim()))), changed, unchanged)
+
+def shares_base(plan: Any, base: Any) -> bool:
+    """Whether an adapter's plan runs on the base's own tensors (its LoRA updates aside), so that it can share a
+    layer-streamed pass with other adapters: no whole tensor of its own in place of the base's, no untied head."""
+    mine = {t.name: t for t in plan.tensors}
+    return (
+        not plan.untied
+        and mine.keys() == {t.name for t in base.tensors}
+        and all(mine[t.name].source_file == t.source_file and mine[t.name].shape == t.shape for t in base.tensors)
+    )
 
 
 class StreamedModel:
@@ -162,7 +182,9 @@ class StreamedModel:
 
     Calls go to the transformers model (``model(ids)``, ``model.generate``); ``close()`` releases the files."""
 
-    def __init__(self, base_dir: str | Path, checkpoint: str | Path | None = None, max_memory: int = 0) -> None:
+    def __init__(
+        self, base_dir: str | Path, checkpoint: str | Path | list[Any] | None = None, max_memory: int = 0
+    ) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -171,11 +193,19 @@ class StreamedModel:
         from .plan import adapter_plan, make_plan
 
         info = inspect_base_model(str(base_dir))
-        if checkpoint is None:
-            plan = make_plan({}, {}, {}, info, dtype="fp32", compress_weights=False)
-        else:
-            plan, _ = adapter_plan(Path(checkpoint), read_adapter_config(Path(checkpoint)), info, "fp32", False)
+        several = isinstance(checkpoint, (list, tuple))
+        checkpoints = list(checkpoint) if several else [] if checkpoint is None else [checkpoint]
+        plans = [adapter_plan(Path(c), read_adapter_config(Path(c)), info, "fp32", False)[0] for c in checkpoints]
+        plan = plans[0] if len(plans) == 1 and not several else make_plan({}, {}, {}, info, "fp32", False)
+        if several and not all(shares_base(p, plan) for p in plans):
+            raise ValueError("adapters that replace base tensors cannot share one layer-streamed pass (shares_base)")
         self.tensors = {t.name: t for t in plan.tensors}
+        # each tensor's LoRA updates: (adapter number, update), the number adapter_index selects it by
+        self.loras: dict[str, list[tuple[int, Any]]] = {}
+        for number, adapter in enumerate(plans):
+            for tensor in adapter.tensors:
+                if tensor.lora is not None:
+                    self.loras.setdefault(tensor.name, []).append((number, tensor.lora))
         self.scheme = _scheme(info.config["quantization_config"]) if "quantization_config" in info.config else None
         config = AutoConfig.from_pretrained(str(base_dir))
         if self.scheme is not None:  # the layers are built plain; their weights are unpacked as each layer runs
@@ -192,7 +222,7 @@ class StreamedModel:
         self._hooks = []
         self.on_layer: Any = None  # called after each decoder layer has run (progress)
         self._layers_run = 0
-        self.adapter_mask: Any = None  # [batch, seq] booleans: where the adapter applies (None: everywhere)
+        self.adapter_index: Any = None  # adapter numbers broadcast to [batch, seq], -1 the base (None: adapter 0)
         # Widened layers kept between passes, in order, up to max_memory bytes (then the head): see the module doc.
         self.max_memory, self.resident, self.resident_bytes = max(int(max_memory), 0), {}, 0
         # The next layer is read and widened by a thread of its own while this one computes (its own file handles:
@@ -223,9 +253,9 @@ class StreamedModel:
             self._hooks.append(layer.register_forward_pre_hook(self._loader(index)))
             self._hooks.append(layer.register_forward_hook(self._unloader()))
             for name, module in layer.named_modules():
-                planned = self.tensors.get(f"{prefix}.{name}.weight")
-                if isinstance(module, torch.nn.Linear) and planned is not None and planned.lora is not None:
-                    self._hooks.append(module.register_forward_hook(_lora_hook(self, planned.lora)))
+                loras = self.loras.get(f"{prefix}.{name}.weight")
+                if isinstance(module, torch.nn.Linear) and loras:
+                    self._hooks.append(module.register_forward_hook(_lora_hook(self, loras)))
 
     def _loader(self, index: int):
         def load(layer: Any, args: Any) -> None:
@@ -334,25 +364,27 @@ def _set(module: Any, name: str, tensor: Any) -> None:
     module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
 
 
-def _lora_hook(owner: StreamedModel, lora: Any):
+def _lora_hook(owner: StreamedModel, loras: list[tuple[int, Any]]):
     """PEFT's unmerged LoRA on a linear layer whose base weight (and bias) has just run: add scaling * B (A x) and the
-    lora bias; for DoRA, rescale by magnitude / ||W + scaling B A|| as PEFT's DoRA layer does (where the owner's
-    adapter_mask applies the adapter)."""
+    lora bias; for DoRA, rescale by magnitude / ||W + scaling B A|| as PEFT's DoRA layer does (each adapter where the
+    owner's adapter_index selects it)."""
     import torch
 
     def hook(module: Any, args: Any, output: Any) -> Any:
-        delta = _lora_delta(lora, args[0])
-        if lora.magnitude is not None:
-            A, B = torch.from_numpy(lora.A).float(), torch.from_numpy(lora.B).float()
-            weight = module.weight + lora.scaling * (B @ A)
-            scale = torch.from_numpy(lora.magnitude).float().reshape(-1) / weight.norm(p=2, dim=1)
-            base = output - module.bias if module.bias is not None else output
-            changed = output + (scale - 1) * base + scale * delta
-        else:
-            changed = output + delta
-        if lora.bias is not None:
-            changed = changed + torch.from_numpy(lora.bias).float()
-        return _masked(owner, changed, output)
+        def change(lora: Any, pick: Any) -> Any:
+            out = pick(output)
+            delta = _lora_delta(lora, pick(args[0]))
+            if lora.magnitude is not None:
+                A, B = torch.from_numpy(lora.A).float(), torch.from_numpy(lora.B).float()
+                weight = module.weight + lora.scaling * (B @ A)
+                scale = torch.from_numpy(lora.magnitude).float().reshape(-1) / weight.norm(p=2, dim=1)
+                base = out - module.bias if module.bias is not None else out
+                changed = out + (scale - 1) * base + scale * delta
+            else:
+                changed = out + delta
+            return changed + torch.from_numpy(lora.bias).float() if lora.bias is not None else changed
+
+        return _adapted(owner, loras, output, change)
 
     return hook
 
@@ -377,11 +409,15 @@ def _embedding_module(owner: StreamedModel, name: str):
             unique, inverse = torch.unique(flat, return_inverse=True)
             rows = torch.stack([owner.reader.read(self.planned, int(i), int(i) + 1)[0] for i in unique])
             out = rows[inverse].reshape(*ids.shape, self.embedding_dim)
-            lora = self.planned.lora
-            if lora is not None:
+            loras = owner.loras.get(name)
+            if not loras:
+                return out
+
+            def change(lora: Any, pick: Any) -> Any:
                 A, B = torch.from_numpy(lora.A).float(), torch.from_numpy(lora.B).float()
-                out = _masked(owner, out + torch.nn.functional.embedding(ids, A.T) @ B.T * lora.scaling, out)
-            return out
+                return pick(out) + torch.nn.functional.embedding(pick(ids), A.T) @ B.T * lora.scaling
+
+            return _adapted(owner, loras, out, change)
 
     return StreamedEmbedding()
 
@@ -396,7 +432,7 @@ def _head_module(owner: StreamedModel, name: str):
         def __init__(self) -> None:
             super().__init__()
             self.planned = owner.tensors[name]
-            self.lora = owner.tensors["lm_head.weight"].lora if "lm_head.weight" in owner.tensors else None
+            self.loras = owner.loras.get("lm_head.weight")
             self.resident: Any = None
 
         def forward(self, hidden: Any) -> Any:
@@ -412,8 +448,10 @@ def _head_module(owner: StreamedModel, name: str):
                     for start in range(0, rows, step)
                 ]
                 logits = torch.cat(blocks, dim=-1)
-            if self.lora is not None:
-                logits = _masked(owner, logits + _lora_delta(self.lora, hidden), logits)
-            return logits
+            if not self.loras:
+                return logits
+            return _adapted(
+                owner, self.loras, logits, lambda lora, pick: pick(logits) + _lora_delta(lora, pick(hidden))
+            )
 
     return StreamedHead()

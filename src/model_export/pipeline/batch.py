@@ -301,6 +301,20 @@ def _adapter_config(config: ExportConfiguration, adapter: Adapter, out: Path) ->
     return data
 
 
+def _checkpoints(config: ExportConfiguration, adapters: list[Adapter]) -> list[Path]:
+    """The checkpoint each adapter's run will select (its detect step), for the references made in one pass; an
+    adapter whose checkpoint cannot be found is left to its run, which says why."""
+    from ..checkpoint.detect import detect
+
+    found = []
+    for adapter in adapters:
+        try:
+            found.append(Path(detect(adapter.path, config.checkpoint_selection).selected).resolve())
+        except ExportError:
+            continue
+    return found
+
+
 def _done(out: Path, line: dict[str, Any] | None, key: str) -> bool:
     """Recorded done with this key, its run.json still says every step is done, and every file its steps wrote is
     as they left it (name, size, time, sampled bytes: the check a run makes before skipping a step)."""
@@ -332,8 +346,8 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
     base = shared_base(config, adapters)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from .batch_base import prepare_base
     from .preflight import check_disk_space
-    from .run import prepare_base
     from .state import output_lock
 
     with output_lock(out):
@@ -344,7 +358,7 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
         start = time.time()
         if Path(os.path.expanduser(base)).is_dir():
             base = str(Path(os.path.expanduser(base)).resolve())
-        shared = prepare_base(config, base, out.resolve() / BASE_DIR)
+        shared = prepare_base(config, base, out.resolve() / BASE_DIR, _checkpoints(config, adapters))
         token = secrets.token_hex(8)
         write_atomic(out / TOKEN_FILE, token)
         from ..checkpoint.base_model import inspect_base_model

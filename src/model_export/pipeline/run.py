@@ -35,14 +35,14 @@ from ..steps import ConfigView
 from ..steps import files_in as _files
 from ..steps import fingerprint as _fingerprint
 from ..tensor_io import file_sha256
-from .export_step import base_gguf, export_step
-from .graph import STEP_SPECS, StepSpec, export_spec
+from .export_step import export_step
+from .graph import STEP_SPECS
 from .manifest import MANIFEST, StepRecord
 from .preflight import check_disk_space
 from .state import RunResult, RunState, output_lock
 from .validate import check_config
 
-__all__ = ["run_adapter", "prepare_base", "RunResult", "MANIFEST", "STEPS"]
+__all__ = ["run_adapter", "RunResult", "MANIFEST", "STEPS"]
 
 STEPS = OUTPUT_STEPS
 
@@ -82,50 +82,6 @@ def run_adapter(config: ExportConfiguration, shared: dict[str, Any] | None = Non
         verify.get("passed"),
         verify.get("counts", {}),
     )
-
-
-def prepare_base(config: ExportConfiguration, base: str, folder: Path) -> dict[str, Any]:
-    """What a batch makes once for all its adapters, under output_dir/base/ (its own run.json; resumed as a run's
-    steps are): the base alone on the held-out text, which every adapter's layer-streamed reference reuses, and, when
-    the batch asks for the adapters themselves (batch_outputs adapters or both) with gguf, the base's GGUF that each
-    adapter's LoRA GGUF and Modelfile load on. Returns what each adapter's run is given (run_adapter's ``shared``)."""
-    c = config
-    info = inspect_base_model(base)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = RunState(ExportConfiguration(**{**c.model_dump(mode="json"), "output_dir": str(folder), "adapters": []}))
-    state.manifest.config = {"base": str(info.path), "batch_outputs": c.batch_outputs}
-    shared: dict[str, Any] = {"outputs": c.batch_outputs, "base": str(info.path)}
-    if c.batch_outputs != "merged" and "gguf" in c.formats:
-        result = state.step(
-            export_spec("gguf"),
-            [str(info.path), _fingerprint(info.shards)],
-            lambda view: base_gguf(view, info.path, folder / "export"),
-            outputs=lambda result: _files(result.get("folder")),
-        )
-        shared["base_gguf"] = result["path"]
-    if c.run_validation_tests and c.verification_runtime != "transformers":
-        from ..verify.reference import base_heldout_logits, heldout_ids
-
-        path = folder / "verify" / "base-heldout.pt"
-
-        def heldout() -> dict[str, Any]:
-            from transformers import AutoTokenizer
-
-            from ..verify.reference import _max_positions
-
-            tokenizer = AutoTokenizer.from_pretrained(str(info.path))
-            ids = heldout_ids(tokenizer, min(c.max_sequence_length, _max_positions(info.path)))
-            base_heldout_logits(info.path, ids, save_to=path)
-            return {"path": str(path), "tokens": int(ids.numel())}
-
-        state.step(
-            StepSpec("verify:heldout", keys=("max_sequence_length",)),
-            [str(info.path), _fingerprint(info.shards)],
-            lambda view: heldout(),
-            outputs=lambda result: [Path(result["path"])] if result.get("path") else [],
-        )
-        shared["base_heldout"] = str(path)
-    return shared
 
 
 def _steps(state: RunState) -> None:

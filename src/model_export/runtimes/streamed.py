@@ -7,8 +7,10 @@ number of tokens in them:
 
 - ``score_streamed`` puts every sequence it is given in one pass: packed one after another in rows (each its own
   positions from 0, so transformers' masks keep them apart, as for padding-free training), no padding between them;
-  ``base_alone`` names sequences run without the adapter in the same pass (the reference's base on the held-out text);
-- ``greedy_lockstep`` decodes several sequences together with the KV cache, one pass per token for all.
+  ``adapters`` says which adapter each sequence runs with (-1: none, the reference's base on the held-out text; a
+  StreamedModel of several adapters: a batch's references in one pass);
+- ``greedy_lockstep`` decodes several sequences together with the KV cache, one pass per token for all (each with
+  its adapter, likewise).
 """
 
 from __future__ import annotations
@@ -73,9 +75,9 @@ def _progress(model: Any, label: str, passes: int) -> Iterator[None]:
         meter.close()
 
 
-def score_streamed(model: Any, sequences: list[Any], base_alone: set[int] = frozenset(), label: str = "") -> list[Any]:
+def score_streamed(model: Any, sequences: list[Any], adapters: list[int] | None = None, label: str = "") -> list[Any]:
     """The logits (fp32, [len, vocab]) at every position of each sequence, all in one pass of a StreamedModel (see the
-    module doc); the sequences in ``base_alone`` without the adapter."""
+    module doc); sequence i with adapter ``adapters[i]`` (-1: the base alone; None: adapter 0 for all)."""
     import torch
 
     from ..monitoring import logger
@@ -85,32 +87,34 @@ def score_streamed(model: Any, sequences: list[Any], base_alone: set[int] = froz
     width = max(sum(lengths[i] for i in row) for row in rows)
     ids = torch.full((len(rows), width), model.config.pad_token_id or 0, dtype=torch.long)
     positions = torch.zeros(len(rows), width, dtype=torch.long)
-    adapter = torch.ones(len(rows), width, dtype=torch.bool)
+    adapter = torch.zeros(len(rows), width, dtype=torch.long)
     where = {}
     for r, row in enumerate(rows):
         offset = 0
         for i in row:
             ids[r, offset : offset + lengths[i]] = sequences[i]
             positions[r, offset : offset + lengths[i]] = torch.arange(lengths[i])
-            adapter[r, offset : offset + lengths[i]] = i not in base_alone
+            adapter[r, offset : offset + lengths[i]] = adapters[i] if adapters is not None else 0
             where[i] = (r, offset)
             offset += lengths[i]
         positions[r, offset:] = torch.arange(width - offset)  # the padding: a sequence of its own, never read
-    model.adapter_mask = None if bool(adapter.all()) else adapter
+    model.adapter_index = None if adapters is None else adapter
     logger.debug("forward pass: %d sequences packed in %d rows of %d tokens", len(sequences), len(rows), width)
     try:
         with _progress(model, label, 1), torch.no_grad():
             logits = model(ids, position_ids=positions, use_cache=False).logits
     finally:
-        model.adapter_mask = None
+        model.adapter_index = None
     return [logits[where[i][0], where[i][1] : where[i][1] + lengths[i]].float().clone() for i in range(len(sequences))]
 
 
-def greedy_lockstep(model: Any, inputs: list[Any], new_tokens: int, eos: set[int], label: str = "") -> list[list[int]]:
+def greedy_lockstep(
+    model: Any, inputs: list[Any], new_tokens: int, eos: set[int], label: str = "", adapters: list[int] | None = None
+) -> list[list[int]]:
     """Greedy continuations of several sequences decoded together (left-padded under an attention mask), each cut
-    after its first end-of-sequence token as a lone run stops there. For a model whose every forward pass costs the
-    same whatever the batch (the layer-streamed one reads every layer it does not keep per pass), this is one pass per
-    token for all."""
+    after its first end-of-sequence token as a lone run stops there; input i with adapter ``adapters[i]`` (None: adapter
+    0 for all). For a model whose every forward pass costs the same whatever the batch (the layer-streamed one reads
+    every layer it does not keep per pass), this is one pass per token for all."""
     import torch
 
     length = max(ids.numel() for ids in inputs)
@@ -119,8 +123,14 @@ def greedy_lockstep(model: Any, inputs: list[Any], new_tokens: int, eos: set[int
     mask = torch.zeros(len(inputs), length, dtype=torch.long)
     for row, ids in enumerate(inputs):
         batch[row, length - ids.numel() :], mask[row, length - ids.numel() :] = ids, 1
-    with _progress(model, label, new_tokens), torch.no_grad():
-        out = model.generate(batch, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+    model.adapter_index = None if adapters is None else torch.tensor(adapters, dtype=torch.long)[:, None]
+    try:
+        with _progress(model, label, new_tokens), torch.no_grad():
+            out = model.generate(
+                batch, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
+            )
+    finally:
+        model.adapter_index = None
     continuations = []
     for row in out[:, length:].tolist():
         stop = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))

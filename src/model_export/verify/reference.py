@@ -247,11 +247,14 @@ def compute_reference(
     load_in_8bit: bool = False,
     options: RunOptions = RunOptions(),
     base_heldout: Path | None = None,
+    shared: Any = None,
 ) -> Reference:
     """Logits and greedy tokens of base + adapter through PEFT, unmerged, in fp32; the model is released after.
 
     ``base_heldout`` is a file of base_heldout_logits (a batch makes it once for all its adapters): the base alone on
-    the held-out text, reused by the layer-streamed reference when its token ids are this tokenizer's.
+    the held-out text, reused by the layer-streamed reference when its token ids are this tokenizer's. ``shared``, given
+    what is asked (the prompts' and held-out text's ids, the new tokens), returns the reference a batch made for this
+    adapter in its one pass for all (references.take_shared) when it was made from the same, else None.
 
     ``options.device_map`` places it (cpu, cuda, auto: the GPU when there is one, the CPU after a CUDA out-of-memory);
     ``load_in_4bit`` / ``load_in_8bit`` load the base through bitsandbytes on the GPU (then the reference itself is
@@ -277,7 +280,9 @@ def compute_reference(
         return _whole_reference(device, base_dir, checkpoint, asked, bits)
 
     refused, reference = _not_streamed(options, base_dir, checkpoint, load_in_4bit or load_in_8bit), None
-    if refused is None:
+    if refused is None and shared is not None:
+        reference = shared(asked)
+    if refused is None and reference is None:
         try:
             reference = _streamed_reference(base_dir, checkpoint, asked, base_heldout)
         except MergeError as exc:  # an adapter feature the plan (the merge's, and so the streamed pass's) refuses
@@ -324,11 +329,11 @@ def _streamed_reference(base_dir: Path, checkpoint: Path, asked: _Asked, base_he
     try:
         tokens = greedy_lockstep(model, asked.encoded, asked.new_tokens, model.eos_ids, label=label)
         scored = asked.scored(tokens)
-        base_alone = set()
+        adapters = None
         if base_logits is None:  # the base alone on the held-out text, in the same pass
-            base_alone.add(len(scored))
+            adapters = [0] * len(scored) + [-1]
             scored.append(asked.heldout)
-        logits = score_streamed(model, scored, base_alone=base_alone, label=label)
+        logits = score_streamed(model, scored, adapters, label=label)
         head = i18n.ui("streamed_resident_head") if model.model.lm_head.resident is not None else ""
         logger.info(
             i18n.ui(

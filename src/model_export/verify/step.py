@@ -352,6 +352,7 @@ def compute_cached(config: Any, out: Path, checkpoint: Path, base_dir: Path, sha
         load_in_8bit=c.base_model_load_in_8bit,
         options=RunOptions.from_config(c, reference=True),
         base_heldout=Path(held) if held else None,
+        shared=_shared(shared.get("references"), checkpoint, base_dir),
     )
     reference.other_road = other_road(base_dir, checkpoint, tokenizer, reference, RunOptions.from_config(c, True))
     if reference.other_road:
@@ -363,6 +364,16 @@ def compute_cached(config: Any, out: Path, checkpoint: Path, base_dir: Path, sha
     os.replace(partial, cache)  # a process killed while writing leaves no cache that looks finished
     record = {**unit.record(fingerprint([cache])), "seconds": round(time.monotonic() - started, 3)}
     return reference, {**record, "precision": reference.precision}
+
+
+def _shared(folder: str | None, checkpoint: Path, base_dir: Path) -> Any:
+    """compute_reference's ``shared``: the reference a batch made in its one pass for all adapters, when it was made
+    from what this run asks (None without a batch's folder)."""
+    if not folder:
+        return None
+    from .references import take_shared
+
+    return lambda asked: take_shared(folder, checkpoint, base_dir, asked)
 
 
 class _LazyReference:

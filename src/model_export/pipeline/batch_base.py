@@ -1,0 +1,111 @@
+"""What a batch makes once for all its adapters, under output_dir/base/ (batch.py calls prepare_base before any
+adapter's run starts; its steps are resumed as a run's are): the base's GGUF for the adapters served unmerged, the
+base alone on the held-out text, and the references of the adapters that can share one layer-streamed pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .. import i18n
+from ..checkpoint.adapter_format import weights_file
+from ..checkpoint.base_model import inspect_base_model
+from ..checkpoint.validate import base_quantization
+from ..config import ExportConfiguration
+from ..monitoring import logger
+from ..steps import files_in as _files
+from ..steps import fingerprint as _fingerprint
+from ..tensor_io import file_sha256
+from .export_step import base_gguf
+from .graph import StepSpec, export_spec
+from .state import RunState
+
+__all__ = ["prepare_base"]
+
+
+def prepare_base(
+    config: ExportConfiguration, base: str, folder: Path, checkpoints: list[Path] | None = None
+) -> dict[str, Any]:
+    """What a batch makes once for all its adapters, under output_dir/base/ (its own run.json; resumed as a run's
+    steps are): the base alone on the held-out text, which every adapter's layer-streamed reference reuses; the
+    references of the adapters (``checkpoints``) that can share one layer-streamed pass (verify/references.py), which
+    their runs take instead of computing their own; and, when the batch asks for the adapters themselves
+    (batch_outputs adapters or both) with gguf, the base's GGUF that each adapter's LoRA GGUF and Modelfile load on.
+    Returns what each adapter's run is given (run_adapter's ``shared``)."""
+    c = config
+    info = inspect_base_model(base)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = RunState(ExportConfiguration(**{**c.model_dump(mode="json"), "output_dir": str(folder), "adapters": []}))
+    state.manifest.config = {"base": str(info.path), "batch_outputs": c.batch_outputs}
+    shared: dict[str, Any] = {"outputs": c.batch_outputs, "base": str(info.path)}
+    if c.batch_outputs != "merged" and "gguf" in c.formats:
+        result = state.step(
+            export_spec("gguf"),
+            [str(info.path), _fingerprint(info.shards)],
+            lambda view: base_gguf(view, info.path, folder / "export"),
+            outputs=lambda result: _files(result.get("folder")),
+        )
+        shared["base_gguf"] = result["path"]
+    if c.run_validation_tests and c.verification_runtime != "transformers":
+        shared.update(_shared_verification(state, info, folder / "verify", checkpoints or []))
+    return shared
+
+
+def _shared_verification(state: RunState, info: Any, folder: Path, checkpoints: list[Path]) -> dict[str, Any]:
+    """prepare_base's verification steps: ``verify:heldout`` (the base alone on the held-out text) and, for two
+    adapters or more on a base that is not quantized, ``verify:references`` (their references in one pass)."""
+    from ..verify.reference import _max_positions, base_heldout_logits, heldout_ids
+    from ..verify.step import METHOD
+
+    c, path = state.config, folder / "base-heldout.pt"
+    limit = min(c.max_sequence_length, _max_positions(info.path))
+
+    def heldout() -> dict[str, Any]:
+        from transformers import AutoTokenizer
+
+        ids = heldout_ids(AutoTokenizer.from_pretrained(str(info.path)), limit)
+        base_heldout_logits(info.path, ids, save_to=path)
+        return {"path": str(path), "tokens": int(ids.numel())}
+
+    base = [str(info.path), _fingerprint(info.shards)]
+    state.step(
+        StepSpec("verify:heldout", keys=("max_sequence_length",)),
+        base,
+        lambda view: heldout(),
+        outputs=lambda result: [Path(result["path"])] if result.get("path") else [],
+    )
+    shared = {"base_heldout": str(path)}
+    if len(checkpoints) < 2 or base_quantization(info.path):
+        return shared
+    references = folder / "references"
+    adapters = [[str(p), file_sha256(weights_file(p)), _fingerprint([p / "adapter_config.json"])] for p in checkpoints]
+    try:
+        _references_step(state, info, [*base, adapters, _fingerprint([path]), METHOD], checkpoints, path, references)
+    except Exception as exc:  # only a saving lost: each adapter's run computes its own reference, as it would alone
+        logger.warning(i18n.ui("shared_references_failed", error=f"{type(exc).__name__}: {exc}"))
+        return shared
+    return {**shared, "references": str(references)}
+
+
+def _references_step(
+    state: RunState, info: Any, inputs: list[Any], checkpoints: list[Path], heldout: Path, references: Path
+) -> None:
+    from ..verify.reference import RunOptions
+    from ..verify.references import shared_references
+    from ..verify.step import REFERENCE_KEYS, training_tokenizer
+
+    state.step(
+        StepSpec("verify:references", keys=REFERENCE_KEYS, reads=("max_memory",)),
+        inputs,
+        lambda view: shared_references(
+            info.path,
+            checkpoints,
+            [training_tokenizer(c, info.path) for c in checkpoints],
+            view.test_input_samples,
+            view.validation_new_tokens,
+            RunOptions.from_config(view, reference=True),
+            heldout,
+            references,
+        ),
+        outputs=lambda result: [Path(f) for f in result.get("files", [])],
+    )

@@ -1,0 +1,79 @@
+"""A batch's references in one layer-streamed pass (verify/references.py): each adapter's reference is what it gets
+computed alone (compute_reference), and a run takes it only when it was made from exactly what the run asks."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from model_export.demo.tiny import build_adapter
+from model_export.verify.reference import RunOptions, compute_reference
+from model_export.verify.references import shared_path, shared_references, take_shared
+
+PROMPTS = ["Hello", "Write a haiku about autumn."]
+
+
+def take(folder, checkpoint, base):
+    """compute_reference's ``shared`` as a run's verify step gives it."""
+    return lambda asked: take_shared(folder, checkpoint, base, asked)
+
+
+@pytest.fixture(scope="module")
+def made(tiny_base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("shared")
+    adapters = [
+        build_adapter(tiny_base, root / "plain", seed=3),
+        build_adapter(tiny_base, root / "dora", seed=4, target_modules=["k_proj", "down_proj"], use_dora=True),
+        build_adapter(tiny_base, root / "saved", seed=5, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    ]
+    tokenizers = [tiny_base] * len(adapters)
+    result = shared_references(tiny_base, adapters, tokenizers, PROMPTS, 5, RunOptions(), None, root / "references")
+    return adapters, result, root / "references"
+
+
+def test_each_shared_reference_is_the_reference_computed_alone(tiny_base, made):
+    adapters, result, folder = made
+    assert len(result["files"]) == 2  # the adapter with a tensor of its own is left to its run, with why
+    assert list(result["left"]) == [str(adapters[2])] and "modules_to_save" in result["left"][str(adapters[2])]
+    for adapter in adapters[:2]:
+        alone = compute_reference(tiny_base, adapter, tiny_base, PROMPTS, 5)
+        saved = torch.load(shared_path(folder, adapter), weights_only=True)["reference"]
+        assert saved["greedy"] == alone.greedy
+        for ours, theirs in zip(saved["logits"], alone.logits):
+            assert float((ours - theirs).abs().max()) <= 1e-5
+        assert float((saved["heldout_logits"] - alone.heldout_logits).abs().max()) <= 1e-5
+        assert saved["heldout_perplexity"] == pytest.approx(alone.heldout_perplexity, rel=1e-5)
+        assert saved["base_perplexity"] == pytest.approx(alone.base_perplexity, rel=1e-5)
+        taken = compute_reference(tiny_base, adapter, tiny_base, PROMPTS, 5, shared=take(folder, adapter, tiny_base))
+        assert taken.greedy == alone.greedy and torch.equal(taken.logits[0], saved["logits"][0])
+
+
+def test_a_run_asking_otherwise_computes_its_own(tiny_base, made, tmp_path, caplog):
+    """Other prompts, another number of new tokens or other adapter weights than the shared pass was made from: not
+    taken (the run computes its own)."""
+    adapters, _, folder = made
+    caplog.set_level("INFO", logger="model_export")
+    compute_reference(tiny_base, adapters[0], tiny_base, PROMPTS, 5, shared=take(folder, adapters[0], tiny_base))
+    assert "Reference taken from the batch's shared pass" in caplog.text
+    for prompts, new_tokens in ((["Hello"], 5), (PROMPTS, 3)):
+        caplog.clear()
+        compute_reference(
+            tiny_base, adapters[0], tiny_base, prompts, new_tokens, shared=take(folder, adapters[0], tiny_base)
+        )
+        assert "Reference taken" not in caplog.text and "Reference streamed layer by layer" in caplog.text
+    changed = tmp_path / "changed"
+    shutil.copytree(adapters[0], changed)
+    config = json.loads((changed / "adapter_config.json").read_text())
+    (changed / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 16}))
+    shutil.copy(shared_path(folder, adapters[0]), shared_path(folder, changed))  # as if made for this path
+    caplog.clear()
+    compute_reference(tiny_base, changed, tiny_base, PROMPTS, 5, shared=take(folder, changed, tiny_base))
+    assert "Reference taken" not in caplog.text
+
+
+def test_fewer_than_two_adapters_share_nothing(tiny_base, made, tmp_path):
+    adapters, _, _ = made
+    result = shared_references(tiny_base, adapters[:1], [tiny_base], PROMPTS, 5, RunOptions(), None, tmp_path / "r")
+    assert result == {"files": [], "left": {}} and not (tmp_path / "r").exists()
+    assert take_shared(tmp_path / "r", adapters[0], tiny_base, None) is None
