@@ -101,13 +101,22 @@ def test_untied_heads_and_biases_are_written(untied_base, tmp_path, tmp_path_fac
     assert types["blk.0.attn_q.bias"] == "F32" and types["blk.0.attn_q.weight"] == "Q4_0"
 
 
-def test_a_damaged_file_fails_the_read_back(tiny_base, tmp_path):
-    info = export_gguf(tiny_base, tmp_path, gguf_type="q8_0")
+@pytest.mark.parametrize("gguf_type,where", [("q8_0", 100), ("f32", 100), ("f32", -3)])
+def test_a_damaged_file_fails_the_read_back(tiny_base, tmp_path, gguf_type, where, monkeypatch):
+    """A flipped byte is found: in a quantized tensor by encoding the merge again, in a tensor stored in the merge's
+    own type (f32 from this fp32 base) by comparing the bytes, chunk by chunk (here 256 bytes at a time, so the last
+    chunk is checked as well as the first)."""
+    from model_export.exporters import gguf_readback
+
+    monkeypatch.setattr(gguf_readback, "_COMPARE_BYTES", 256)
+    info = export_gguf(tiny_base, tmp_path, gguf_type=gguf_type)
+    assert read_back(info["path"], tiny_base)["tensors"] == 24
     reader = gguf.GGUFReader(info["path"])
-    offset = next(t.data_offset for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
-    del reader
+    tensor = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    offset = tensor.data_offset + (where if where >= 0 else int(tensor.n_bytes) + where)
+    del reader, tensor
     data = bytearray(open(info["path"], "rb").read())
-    data[offset + 100] ^= 0xFF
+    data[offset] ^= 0xFF
     open(info["path"], "wb").write(bytes(data))
     with pytest.raises(ExportFormatError) as caught:
         read_back(info["path"], tiny_base)
