@@ -2,6 +2,7 @@
 
     python benchmarks/batch.py                      # Qwen3-0.6B shape, 8 adapters (~40 min here)
     python benchmarks/batch.py --adapters 2 --size 0.6b --modes separate,local
+    python benchmarks/batch.py --adapters 2 --size 4b --modes local --formats safetensors
 
 It writes the random-weight Qwen3-shaped base (bf16, benchmarks/merge_vs_peft.py) once and N r=16 LoRA adapters on all
 seven projections (different seeds), each as a Trainer run folder (run-K/checkpoint-30), then runs, each timed from
@@ -12,10 +13,10 @@ the outside with the page cache warm:
     ray        the same with executor: ray (a local Ray instance started by the run)
     adapters   the batch with batch_outputs: adapters (base GGUF once + per adapter a LoRA GGUF and a PEFT folder)
 
-Every mode uses export_formats [safetensors, gguf] at the base's precision and verifies every artifact. It prints the
-wall time, the peak of the summed resident memory of the whole process tree (sampled every 0.2 s: a pool's two
-workers and Ray's processes count together), the artifacts verified, and each batch's ratio to the separate runs'
-total (target: <= 0.5) with the machine's memory as the RSS limit.
+Every mode uses export_formats [safetensors, gguf] (or --formats) at the base's precision and verifies every artifact.
+It prints the wall time, the peak of the summed resident memory of the whole process tree (sampled every 0.2 s: a
+pool's two workers and Ray's processes count together), the artifacts verified, and each batch's ratio to the separate
+runs' total (target: <= 0.5) with the machine's memory as the RSS limit.
 """
 
 from __future__ import annotations
@@ -91,9 +92,12 @@ def timed_tree(command: list[str], log: Path) -> dict:
     return {"wall_s": round(time.perf_counter() - start, 2), "peak_gib": round(peak / 2**30, 2), "exit": code}
 
 
+FORMATS = ["safetensors", "gguf"]
+
+
 def write_config(path: Path, **settings) -> Path:
     base = {
-        "export_formats": ["safetensors", "gguf"],
+        "export_formats": FORMATS,
         "run_validation_tests": True,
         **settings,
     }
@@ -163,7 +167,11 @@ def main() -> None:
     parser.set_defaults(size="0.6b")
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument(
+        "--formats", default=",".join(FORMATS), help="export_formats (4B: safetensors alone fits the disk)"
+    )
     args = parser.parse_args()
+    FORMATS[:] = args.formats.split(",")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     base, sweep = write_sweep(work, args.size, args.adapters)
@@ -178,7 +186,7 @@ def main() -> None:
             subprocess.run(["rm", "-rf", str(work / f"out-{mode}")], check=True)
     results = {mode: results[mode] for mode in MODES if mode in results}
     limit = psutil.virtual_memory().total / 2**30
-    print(f"\n{args.adapters} adapters, Qwen3-{args.size} shape, export_formats [safetensors, gguf], verified")
+    print(f"\n{args.adapters} adapters, Qwen3-{args.size} shape, export_formats {FORMATS}, verified")
     print(f"{'mode':<10} {'wall s':>9} {'peak GiB':>9} {'ratio':>7}  artifacts (verified/failed/not run)")
     separate = results.get("separate", {}).get("wall_s")
     for mode, r in results.items():
