@@ -80,22 +80,6 @@ def resident_share(width: int, per_adapter: int) -> int:
     return max(int((available - GIB) // max(width, 1)) - per_adapter, 0)
 
 
-def share_references(info: Any, resident: int) -> bool:
-    """Whether the batch computes its adapters' references in one layer-streamed pass (verify/references.py), said in
-    the log: when an adapter's run could not keep the whole base resident in its reference (``resident``, its share
-    of memory for that, below the base's weights widened to fp32), each reference alone would read the layers it
-    cannot keep on every pass, and one pass for all reads them once (4B, two adapters: 220 s against 360 s); when it
-    can, the references cost arithmetic, the same in one pass or in one per adapter, and the runs compute them side by
-    side (0.6B, eight adapters: 408.6 s against 402.6 s, docs/benchmarks.md)."""
-    import math
-
-    widened = sum(math.prod(t.shape) for t in info.tensors.values()) * 4
-    together = widened > resident
-    words = dict(widened=human_bytes(widened), resident=human_bytes(resident))
-    logger.info(i18n.ui("batch_references_together" if together else "batch_references_apart", **words))
-    return together
-
-
 def pool_width(adapters: int, per_adapter: int, limit: int | None = None) -> tuple[int, int, str]:
     """(processes, threads per process, the rule in words): as many processes as the available memory holds at
     ``per_adapter`` each with 1 GiB kept free, at most one per core, at most ``limit`` and the number of adapters;
@@ -317,20 +301,6 @@ def _adapter_config(config: ExportConfiguration, adapter: Adapter, out: Path) ->
     return data
 
 
-def _checkpoints(config: ExportConfiguration, adapters: list[Adapter]) -> list[Path]:
-    """The checkpoint each adapter's run will select (its detect step), for the references made in one pass; an
-    adapter whose checkpoint cannot be found is left to its run, which says why."""
-    from ..checkpoint.detect import detect
-
-    found = []
-    for adapter in adapters:
-        try:
-            found.append(Path(detect(adapter.path, config.checkpoint_selection).selected).resolve())
-        except ExportError:
-            continue
-    return found
-
-
 def _done(out: Path, line: dict[str, Any] | None, key: str) -> bool:
     """Recorded done with this key, its run.json still says every step is done, and every file its steps wrote is
     as they left it (name, size, time, sampled bytes: the check a run makes before skipping a step)."""
@@ -362,7 +332,7 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
     base = shared_base(config, adapters)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from .batch_base import prepare_base
+    from .batch_base import adapter_checkpoints, prepare_base, share_references
     from .preflight import check_disk_space
     from .state import output_lock
 
@@ -380,9 +350,10 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
         per_adapter = memory_per_adapter(config, info.weight_bytes)
         width, threads, rule = pool_width(len(adapters), per_adapter, config.max_parallel_adapters)
         resident = 0 if config.executor == "ray" else resident_share(width, per_adapter)
-        together = config.run_validation_tests and share_references(info, resident)
+        # on Ray the driver holds no model (its tasks run where the cluster has room): each task computes its own
+        together = config.run_validation_tests and config.executor != "ray" and share_references(info, resident)
         shared = prepare_base(
-            config, base, out.resolve() / BASE_DIR, _checkpoints(config, adapters) if together else []
+            config, base, out.resolve() / BASE_DIR, adapter_checkpoints(config, adapters) if together else []
         )
         token = secrets.token_hex(8)
         write_atomic(out / TOKEN_FILE, token)
