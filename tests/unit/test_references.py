@@ -77,3 +77,24 @@ def test_fewer_than_two_adapters_share_nothing(tiny_base, made, tmp_path):
     result = shared_references(tiny_base, adapters[:1], [tiny_base], PROMPTS, 5, RunOptions(), None, tmp_path / "r")
     assert result == {"files": [], "left": {}} and not (tmp_path / "r").exists()
     assert take_shared(tmp_path / "r", adapters[0], tiny_base, None) is None
+
+
+def test_references_scored_in_several_passes_are_the_same(tiny_base, made, tmp_path, monkeypatch):
+    """Where the adapters' logits would not fit SCORE_BYTES in one scoring pass they are scored in several (here one
+    adapter per pass): each reference is what the one pass made."""
+    from model_export.verify import references
+
+    adapters, _, folder = made
+    monkeypatch.setattr(references, "SCORE_BYTES", 1)
+    passes = []
+    score = references._score
+    monkeypatch.setattr(references, "_score", lambda model, group, *a: passes.append(group) or score(model, group, *a))
+    tokenizers = [tiny_base] * 2
+    result = shared_references(tiny_base, adapters[:2], tokenizers, PROMPTS, 5, RunOptions(), None, tmp_path / "r")
+    assert passes == [[0], [1]] and len(result["files"]) == 2
+    for adapter in adapters[:2]:
+        split = torch.load(shared_path(tmp_path / "r", adapter), weights_only=True)["reference"]
+        whole = torch.load(shared_path(folder, adapter), weights_only=True)["reference"]
+        assert split["greedy"] == whole["greedy"]
+        for a, b in zip(split["logits"] + [split["heldout_logits"]], whole["logits"] + [whole["heldout_logits"]]):
+            assert float((a - b).abs().max()) <= 1e-5

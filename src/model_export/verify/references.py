@@ -118,18 +118,15 @@ SCORE_BYTES = 1 << 30  # the logits one scoring pass of the shared references ma
 
 def _groups(asks: list[Any], tokens: list[list[list[int]]], vocab: int) -> list[list[int]]:
     """The adapters scored together, in order: as many as keep their logits (every position of every sequence, the
-    held-out text twice for the base alone) under SCORE_BYTES, at least one."""
-    groups: list[list[int]] = []
-    used = 0
-    for k, asked in enumerate(asks):
-        positions = sum(int(s.numel()) for s in asked.scored(tokens[k])) + int(asked.heldout.numel())
-        size = positions * vocab * 4 * 2
-        if not groups or used + size > SCORE_BYTES:
-            groups.append([])
-            used = 0
-        groups[-1].append(k)
-        used += size
-    return groups
+    held-out text twice for the base alone, each value and its copy) under SCORE_BYTES, at least one (the packing of
+    sequences into a scoring pass's rows, runtimes.streamed.pack, applied to adapters and bytes)."""
+    from ..runtimes.streamed import pack
+
+    sizes = [
+        (sum(int(s.numel()) for s in asked.scored(tokens[k])) + int(asked.heldout.numel())) * vocab * 4 * 2
+        for k, asked in enumerate(asks)
+    ]
+    return pack(sizes, SCORE_BYTES)
 
 
 def _score(model: Any, group: list[int], asks: list[Any], tokens: list[Any], held: Path | None, label: str) -> dict:
