@@ -121,7 +121,7 @@ def test_the_error_gptq_reports_is_its_output_error(case):
     if case == "a singular Hessian":
         x, damp = x[:64], 0.0  # 64 tokens for 256 inputs: rank 64, and no dampening asked
     inverse = hessian_inverse(x.T @ x, act_order=case == "act order", damp=damp)
-    levels, scales, error = _gptq(weight, inverse, 128, 128, None)
+    levels, scales, error = _gptq(weight, inverse, 128, None)
     assert inverse.damping > 0  # asked for, or (singular Hessian) added until it could be inverted
     direct = float(((x @ (weight - dequantized(levels, scales, 128)).T) ** 2).sum())
     assert error == pytest.approx(direct, rel=1e-4)

@@ -151,13 +151,13 @@ def _check_bytes(path: Any, name: str, data: np.ndarray, source: Source, fh: Any
     size = row_bytes(source.info) if source.info.shape else source.info.nbytes
     rows = source.info.shape[0] if source.info.shape else 1
     step = max(1, _COMPARE_BYTES // max(size, 1))
-    same = data.size == source.info.nbytes
-    for start in range(0, rows, step) if same else ():
-        merged = np.frombuffer(read_bytes(fh, source.info, start, min(rows, start + step)), np.uint8)
-        same = np.array_equal(data[start * size : start * size + merged.size], merged)
-        if not same:
-            break
-    if not same:
+    chunks = (
+        (start, np.frombuffer(read_bytes(fh, source.info, start, min(rows, start + step)), np.uint8))
+        for start in range(0, rows, step)
+    )
+    if data.size != source.info.nbytes or not all(
+        np.array_equal(data[start * size : start * size + merged.size], merged) for start, merged in chunks
+    ):
         raise ExportFormatError("gguf_readback_failed", path=str(path), detail=f"{name} differs from the merge")
 
 

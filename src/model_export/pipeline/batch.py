@@ -350,8 +350,7 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
         per_adapter = memory_per_adapter(config, info.weight_bytes)
         width, threads, rule = pool_width(len(adapters), per_adapter, config.max_parallel_adapters)
         resident = 0 if config.executor == "ray" else resident_share(width, per_adapter)
-        # on Ray the driver holds no model (its tasks run where the cluster has room): each task computes its own
-        together = config.run_validation_tests and config.executor != "ray" and share_references(info, resident)
+        together = share_references(config, info, resident, len(adapters))
         shared = prepare_base(
             config, base, out.resolve() / BASE_DIR, adapter_checkpoints(config, adapters) if together else []
         )

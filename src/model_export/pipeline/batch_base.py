@@ -112,15 +112,19 @@ def _references_step(
     )
 
 
-def share_references(info: Any, resident: int) -> bool:
+def share_references(config: ExportConfiguration, info: Any, resident: int, adapters: int) -> bool:
     """Whether the batch computes its adapters' references in one layer-streamed pass (verify/references.py), said in
-    the log: when an adapter's run could not keep the whole base resident in its reference (``resident``, its share
-    of memory for that, below the base's weights widened to fp32), each reference alone would read the layers it
-    cannot keep on every pass, and one pass for all reads them once (4B, two adapters: 220 s against 360 s); when it
-    can, the references cost arithmetic, the same in one pass or in one per adapter, and the runs compute them side by
-    side (0.6B, eight adapters: 408.6 s against 402.6 s, docs/benchmarks.md)."""
+    the log. Never without verification, for one adapter (no reads to share), or on Ray (the driver holds no model:
+    its tasks run where the cluster has room, each computing its own). Otherwise when an adapter's run could not keep
+    the whole base resident in its reference (``resident``, its share of memory for that, below the base's weights
+    widened to fp32): each reference alone would read the layers it cannot keep on every pass, and one pass for all
+    reads them once (4B, two adapters: 220 s against 360 s); when it can, the references cost arithmetic, the same in
+    one pass or in one per adapter, and the runs compute them side by side (0.6B, eight adapters: 408.6 s against
+    402.6 s, docs/benchmarks.md)."""
     import math
 
+    if not config.run_validation_tests or config.executor == "ray" or adapters < 2:
+        return False
     widened = sum(math.prod(t.shape) for t in info.tensors.values()) * 4
     together = widened > resident
     words = dict(widened=human_bytes(widened), resident=human_bytes(resident))

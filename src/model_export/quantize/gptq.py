@@ -76,10 +76,12 @@ def gptq(
 
     Returns (levels int8 [out, in] in [-8, 7], scales [out, in / group_size] float32, exact in ``dtype``)."""
     inverse = inverse or hessian_inverse(hessian, act_order=act_order, damp=damp)
-    return _gptq(weight, inverse, group_size, block, dtype)[:2]
+    return _gptq(weight, inverse, group_size, dtype, block)[:2]
 
 
-def _gptq(weight: Any, inverse: HessianInverse, group_size: int, block: int, dtype: Any) -> tuple[Any, Any, float]:
+def _gptq(
+    weight: Any, inverse: HessianInverse, group_size: int, dtype: Any, block: int = 128
+) -> tuple[Any, Any, float]:
     """gptq's levels and scales, and ||X (W - Q)^T||^2 on the calibration inputs, which the algorithm gives for free.
 
     The columns are worked on as rows of the transposed weight, so that each column's rounding, its error and the
@@ -290,7 +292,7 @@ class _Pass:
             if id(hessian) not in inverses:  # q/k/v and gate/up read the same input: one inverse each
                 inverses[id(hessian)] = (hessian, hessian_inverse(hessian, act_order=self.act_order))
             inverse = inverses[id(hessian)][1]
-            levels, scales, error = _gptq(weight, inverse, group_size, 128, dtype)
+            levels, scales, error = _gptq(weight, inverse, group_size, dtype)
             energy = self.energies.pop(name)
             rounded = _output_error(weight, hessian, rtn(weight, group_size, dtype), group_size)
             self.errors.append((error / energy, rounded / energy) if energy > 0 else (0.0, 0.0))

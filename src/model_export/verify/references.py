@@ -43,18 +43,16 @@ def _adapter_digest(checkpoint: Path) -> str:
     return file_sha256(weights_file(Path(checkpoint))) + hashlib.sha256(config).hexdigest()[:16]
 
 
-def _left_out(base_dir: Path, checkpoint: Path, options: Any) -> str | None:
+def _left_out(base_dir: Path, checkpoint: Path, options: Any, info: Any, base_plan: Any) -> str | None:
     """Why this adapter's reference cannot be in the shared pass (None when it can): among others, whatever its run's
-    check step would refuse it for (its run then says so)."""
+    check step would refuse it for (its run then says so). ``info`` and ``base_plan``: the base's, made once."""
     from ..checkpoint.adapter_format import read_adapter_config
-    from ..checkpoint.base_model import inspect_base_model
     from ..checkpoint.validate import validate_checkpoint
     from ..errors import ExportError
-    from ..merging.plan import adapter_plan, make_plan
+    from ..merging.plan import adapter_plan
     from ..merging.streamed import shares_base
     from .reference import _not_streamed
 
-    info = inspect_base_model(str(base_dir))
     try:
         validate_checkpoint(checkpoint, str(base_dir), progress=False)
         why = _not_streamed(options, base_dir, checkpoint, False)
@@ -63,7 +61,7 @@ def _left_out(base_dir: Path, checkpoint: Path, options: Any) -> str | None:
         plan, _ = adapter_plan(checkpoint, read_adapter_config(checkpoint), info, "fp32", False)
     except ExportError as exc:
         return str(exc)
-    return None if shares_base(plan, make_plan({}, {}, {}, info, "fp32", False)) else i18n.ui("shared_own_tensors")
+    return None if shares_base(plan, base_plan) else i18n.ui("shared_own_tensors")
 
 
 def shared_references(
@@ -80,11 +78,15 @@ def shared_references(
     scored together (and the base alone on the held-out text, unless ``base_heldout`` has it) in as few passes as keep
     the logits under SCORE_BYTES; each saved to shared_path(folder, checkpoint). Returns what was made: the files, and
     each adapter left to its run with why."""
+    from ..checkpoint.base_model import inspect_base_model
+    from ..merging.plan import make_plan
     from ..merging.streamed import StreamedModel
     from ..runtimes.streamed import greedy_lockstep
     from .reference import memory_budget
 
-    left = {str(c): why for c in checkpoints if (why := _left_out(base_dir, c, options)) is not None}
+    info = inspect_base_model(str(base_dir))
+    plan = make_plan({}, {}, {}, info, "fp32", False)
+    left = {str(c): why for c in checkpoints if (why := _left_out(base_dir, c, options, info, plan)) is not None}
     tokenizer = {str(c): t for c, t in zip(checkpoints, tokenizers)}
     taken = [c for c in checkpoints if str(c) not in left]
     if len(taken) < 2:
@@ -189,13 +191,13 @@ def _save(folder: Path, checkpoint: Path, base_dir: Path, new_tokens: int, refer
 
 def take_shared(folder: str | Path | None, checkpoint: Path, base_dir: Path, asked: Any) -> Any:
     """The batch's reference of ``checkpoint`` when one was made from exactly what ``asked`` asks (else None)."""
-    if folder is None or not shared_path(folder, checkpoint).is_file():
+    path = shared_path(folder, checkpoint) if folder is not None else None
+    if path is None or not path.is_file():
         return None
     import torch
 
     from .reference import Reference
 
-    path = shared_path(folder, checkpoint)
     saved = torch.load(path, weights_only=True)  # our own file, read as data only
     made, data = saved["made"], saved["reference"]
     same = (
