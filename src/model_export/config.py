@@ -77,8 +77,9 @@ class ExportConfiguration(ReportedModel):
         "merged",
         description="A batch's artifacts: 'merged' (each adapter merged into export_formats, as a single run), "
         "'adapters' (the base converted once under output_dir/base/, and per adapter only what loads on it: a PEFT "
-        "folder for vLLM's --lora-modules, and with gguf a LoRA GGUF and an Ollama Modelfile whose ADAPTER line "
-        "points at the base GGUF), or 'both'.",
+        "folder for vLLM's --lora-modules, with gguf a LoRA GGUF and an Ollama Modelfile whose ADAPTER line "
+        "points at the base GGUF, and with onnx an .onnx_adapter for onnxruntime-genai on the base graph, which takes "
+        "LoRA inputs for every module the batch's adapters target), or 'both'.",
     )
     executor: Literal["local", "ray"] = Field(
         "local",
@@ -290,6 +291,13 @@ class ExportConfiguration(ReportedModel):
         False,
         description="Also write the adapter alone as a GGUF LoRA (adapter-lora-f32.gguf) for llama.cpp's --lora "
         "on a GGUF of the base model; PEFT's scaling (rsLoRA, rank and alpha patterns) is carried exactly.",
+    )
+    onnx_adapter: bool = Field(
+        False,
+        description="Also write the base model as an ONNX graph that takes LoRA inputs and the adapter as an "
+        ".onnx_adapter (export/onnx_adapter), which onnxruntime-genai serves unmerged (og.Adapters, "
+        "set_active_adapter); verified in onnxruntime-genai with the adapter active. Needs onnx in export_formats; a "
+        "batch with batch_outputs adapters or both writes them for every adapter without it.",
     )
     onnx_dynamic_axes: dict[str, dict[int, str]] | None = Field(
         default_factory=default_dynamic_axes,

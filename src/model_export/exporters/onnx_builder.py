@@ -126,6 +126,7 @@ def build_onnx(
     gptq: str | Path | None = None,
     keep: list[str] | None = None,
     symmetric: bool = False,
+    lora: dict[str, Any] | None = None,
 ) -> BuildResult:
     """Write ``out/model.onnx`` and ``out/model.onnx.data`` from the merged safetensors folder ``merged``.
 
@@ -145,12 +146,13 @@ def build_onnx(
     graph = Graph(data, opset)
     io_dtype = np.float16 if weight_type == "fp16" else np.float32
     linear = Linear(
-        graph, weights, weight_type, block_size, accuracy_level, gptq_layers(gptq), keeper(keep, spec), symmetric
+        graph, weights, weight_type, block_size, accuracy_level, gptq_layers(gptq), keeper(keep, spec), symmetric, lora
     )
     try:
         axes = _axes(dynamic_axes, spec)
         logits = _decoder(graph, weights, spec, linear, merged, io_dtype)
         inputs, outputs = _io(spec, axes, logits, helper.np_dtype_to_tensor_dtype(np.dtype(io_dtype)))
+        inputs += graph.inputs
     finally:
         weights.close()
         data.close()
@@ -342,12 +344,21 @@ def _mlp(graph: Graph, weights: Weights, spec: _Spec, linear: Linear, hidden: st
 
 
 def _embedding(graph: Graph, weights: Weights, spec: _Spec, linear: Linear, ids: str, dtype) -> str:
-    """Gather rows of the embedding. A tied quantized model gathers from the head's blocks (GatherBlockQuantized),
-    so the matrix is stored once, quantized, as onnxruntime-genai does; otherwise the embedding is float."""
+    """Gather rows of the embedding (and add an adapter's, where the graph takes one). A tied quantized model gathers
+    from the head's blocks (GatherBlockQuantized), so the matrix is stored once, quantized, as onnxruntime-genai does;
+    otherwise the embedding is float."""
     embed = "model.embed_tokens.weight"
     if not (spec.tied and linear.weight_type in ("int8", "int4")) or linear.keep(embed):
         graph.copy(weights, embed, dtype)
-        return graph.op("Gather", [embed, ids], "/model/embed_tokens", axis=0)
+        rows = graph.op("Gather", [embed, ids], "/model/embed_tokens", axis=0)
+    else:
+        rows = _gathered_blocks(graph, spec, linear, ids)
+    return linear.adapted(ids, embed, "/model/embed_tokens", rows)
+
+
+def _gathered_blocks(graph: Graph, spec: _Spec, linear: Linear, ids: str) -> str:
+    """Rows of the tied head's int8/int4 blocks, as float."""
+    embed = "model.embed_tokens.weight"
     bits = 4 if linear.weight_type == "int4" else 8
     k_blocks = -(-spec.hidden // linear.block_size)
     flat = graph.op(
@@ -373,10 +384,14 @@ def _embedding(graph: Graph, weights: Weights, spec: _Spec, linear: Linear, ids:
 
 
 def _lm_head(graph: Graph, linear: Linear, hidden: str, spec: _Spec) -> str:
-    """Tied float heads reuse the embedding's initializer (Gemm transB=1); quantized heads get their own blocks."""
+    """Tied float heads reuse the embedding's initializer (Gemm transB=1); quantized heads get their own blocks. An
+    adapter's head LoRA is added to either (its inputs are named for lm_head, tied or not)."""
     if spec.tied and (linear.weight_type in ("fp32", "fp16") or linear.keep("model.embed_tokens.weight")):
-        return graph.op("Gemm", [hidden, "model.embed_tokens.weight"], "/lm_head/gemm", transB=1)
-    source = "model.embed_tokens.weight" if spec.tied else "lm_head.weight"
-    if linear.weight_type in ("fp32", "fp16") or linear.keep(source):
-        return linear(hidden, source, "/lm_head/gemm")
-    return linear.quantized(hidden, source, "/lm_head/matmul")
+        head = graph.op("Gemm", [hidden, "model.embed_tokens.weight"], "/lm_head/gemm", transB=1)
+    else:
+        source = "model.embed_tokens.weight" if spec.tied else "lm_head.weight"
+        if linear.weight_type in ("fp32", "fp16") or linear.keep(source):
+            head = linear(hidden, source, "/lm_head/gemm", lora=False)
+        else:
+            head = linear.quantized(hidden, source, "/lm_head/matmul")
+    return linear.adapted(hidden, "lm_head.weight", "/lm_head", head)

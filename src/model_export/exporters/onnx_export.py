@@ -17,14 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from .. import extras
-from ..checkpoint.hf_layout import copy_tokenizer
+from ..checkpoint.hf_layout import copy_generation_config, copy_tokenizer
 from ..errors import ExportFormatError
 from ..files import write_atomic
 from ..monitoring import logger
+from ..runtimes.genai import LORA_FILE
 from ..runtimes.ort import OnnxDecoder, config_file
 from .base import ExportContext, ExportFormat
 
-__all__ = ["export_onnx", "choose_backend", "onnx_weight_type", "OnnxDecoder", "MODEL_FILE", "OPTIMIZED_FILE"]
+__all__ = [
+    "export_onnx",
+    "choose_backend",
+    "onnx_weight_type",
+    "onnx_settings",
+    "base_graph",
+    "OnnxDecoder",
+    "MODEL_FILE",
+    "OPTIMIZED_FILE",
+]
 
 MODEL_FILE = "model.onnx"
 OPTIMIZED_FILE = "model.optimized.onnx"
@@ -71,8 +81,11 @@ def export_onnx(
     gptq: str | Path | None = None,
     keep: list[str] | None = None,
     symmetric: bool = False,
+    lora: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Export the merged model in ``merged`` to an ONNX folder ``out``; return what was written.
+    """Export the merged model in ``merged`` to an ONNX folder ``out``; return what was written. With ``lora``
+    (onnx_lora.lora_targets), ``merged`` is the base and the graph takes an adapter's A and B for those modules
+    (our builder only).
 
     Raises MissingDependencyError without the onnx extra, ExportFormatError / OnnxExportError when the export fails.
     """
@@ -82,26 +95,24 @@ def export_onnx(
     chosen = choose_backend(backend, merged)
     weight_type = onnx_weight_type(level, merged)
     logger.info("ONNX export: backend %s, weights %s, opset %d", chosen, weight_type, opset)
-    kwargs = dict(
-        weight_type=weight_type,
-        opset=opset,
-        block_size=block_size,
-        accuracy_level=accuracy_level,
-        dynamic_axes=dynamic_axes,
-    )
+    kwargs = dict(weight_type=weight_type, opset=opset, block_size=block_size, accuracy_level=accuracy_level)
+    kwargs["dynamic_axes"] = dynamic_axes
     with_gptq = gptq is not None and weight_type == "int4" and chosen == "builder"
     if chosen == "builder":
         from .onnx_builder import build_onnx
 
-        build_onnx(merged, out, **kwargs, gptq=gptq if with_gptq else None, keep=keep, symmetric=symmetric)
+        build_onnx(merged, out, **kwargs, gptq=gptq if with_gptq else None, keep=keep, symmetric=symmetric, lora=lora)
+    elif lora:
+        raise ExportFormatError("onnx_adapter_backend", backend=chosen)
     else:
         from .onnx_torch import export_torch
 
         export_torch(merged, out, **kwargs)
-    for name in ("config.json", "generation_config.json"):
-        if (merged / name).is_file():
-            shutil.copyfile(merged / name, out / name)
-    copy_tokenizer(out, [merged, *(tokenizer_dirs or [])])
+    if (merged / "config.json").is_file():
+        shutil.copyfile(merged / "config.json", out / "config.json")
+    sources = [*(tokenizer_dirs or []), merged]  # a base graph for adapters: the training run's tokenizer first
+    copy_generation_config(out, sources)
+    copy_tokenizer(out, sources)
     write_genai_config(out, _config(merged))
     files = [MODEL_FILE]
     if optimize:
@@ -111,6 +122,17 @@ def export_onnx(
     if weight_type in ("int8", "int4"):
         details["method"] = "gptq" if with_gptq else "round-to-nearest"
     return details
+
+
+def base_graph(base_dir: Path, out: Path, targets: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """The base model as an ONNX graph (our builder; ``settings`` as onnx_settings gives them) that takes LoRA inputs
+    for ``targets`` (onnx_lora.lora_targets), with its genai_config.json, tokenizer and lora.json; one graph, no
+    optimized copy (a second base to keep in step with the adapters)."""
+    details = export_onnx(base_dir, out, **{**settings, "optimize": False}, lora=targets)
+    dtype = "float16" if details["weight_type"] == "fp16" else "float32"
+    data = {"dtype": dtype, "targets": {name: [t.kind, t.rows, t.cols] for name, t in targets.items()}}
+    write_atomic(out / LORA_FILE, json.dumps(data, indent=2) + "\n")
+    return {**details, "lora_targets": len(targets)}
 
 
 def _config(folder: Path) -> dict[str, Any]:
@@ -220,23 +242,24 @@ def _tokenizer_ids(folder: Path, eos: Any, pad: Any) -> tuple[Any, Any]:
     return eos, pad
 
 
-def _export(ctx: ExportContext) -> dict[str, Any]:
-    c = ctx.config
-    details = export_onnx(
-        ctx.merged,
-        ctx.out,
+def onnx_settings(c: Any) -> dict[str, Any]:
+    """export_onnx's settings from the configuration: the keys FORMAT declares but onnx_optimize_graph (a base graph
+    for adapters is written without the optimized copy)."""
+    return dict(
         backend=c.onnx_backend,
         level=c.quantization_level,
         opset=c.onnx_opset_version,
         dynamic_axes=c.onnx_dynamic_axes,
-        optimize=c.onnx_optimize_graph,
         block_size=c.onnx_block_size,
         accuracy_level=c.onnx_accuracy_level,
-        gptq=ctx.gptq,
         keep=c.quantization_keep_modules,
         symmetric=bool(c.quantization_symmetric),  # unset: asymmetric blocks, as onnxruntime-genai's builder writes
     )
-    return details
+
+
+def _export(ctx: ExportContext) -> dict[str, Any]:
+    c = ctx.config
+    return export_onnx(ctx.merged, ctx.out, **onnx_settings(c), optimize=c.onnx_optimize_graph, gptq=ctx.gptq)
 
 
 def _runnables(folder: Path) -> list[tuple[str, Path]]:

@@ -108,6 +108,7 @@ class Graph:
         self.data, self.opset = data, opset
         self.nodes: list[Any] = []
         self.initializers: list[Any] = []
+        self.inputs: list[Any] = []  # inputs beyond the decoder's own (an adapter's LoRA A and B)
         self.constants: dict[tuple, str] = {}
 
     def op(

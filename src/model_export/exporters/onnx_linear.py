@@ -24,8 +24,10 @@ class Linear:
         gptq: Any = None,
         keep: Any = None,
         symmetric: bool = False,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         self.graph, self.weights, self.weight_type = graph, weights, weight_type
+        self.lora = lora or {}  # onnx_lora.LoraTarget by base tensor: the modules that take an adapter's A and B
         self.symmetric = symmetric  # blocks without zero points (MatMulNBits then centres on 2**(bits-1))
         self.block_size, self.accuracy_level = block_size, accuracy_level
         self.keep = keep or (lambda tensor: False)  # quantization_keep_modules: float Gemm instead of blocks
@@ -35,12 +37,29 @@ class Linear:
     def float_weight(self, tensor: str) -> str:
         return self.graph.copy(self.weights, tensor, self.float_dtype)
 
-    def __call__(self, x: str, tensor: str, name: str, bias: str | None = None) -> str:
+    def __call__(self, x: str, tensor: str, name: str, bias: str | None = None, lora: bool = True) -> str:
         if self.weight_type in ("fp32", "fp16") or self.keep(tensor):
             inputs = [x, self.float_weight(tensor)] + ([self.float_weight(bias)] if bias else [])
-            return self.graph.op("Gemm", inputs, name, transB=1)
-        out = self.quantized(x, tensor, name)
-        return self.graph.op("Add", [out, self.float_weight(bias)], f"{name}/bias") if bias else out
+            out = self.graph.op("Gemm", inputs, name, transB=1)
+        else:
+            out = self.quantized(x, tensor, name)
+            out = self.graph.op("Add", [out, self.float_weight(bias)], f"{name}/bias") if bias else out
+        return self.adapted(x, tensor, name, out) if lora else out
+
+    def adapted(self, x: str, tensor: str, name: str, out: str) -> str:
+        """``out`` plus x·A·B where the graph takes an adapter for ``tensor`` (onnx_lora: A and B are inputs, of rank 0
+        while no adapter is active); an embedding's A is gathered by the token ids ``x``."""
+        from .onnx_lora import lora_inputs
+
+        target = self.lora.get(tensor)
+        if target is None:
+            return out
+        a, b = lora_inputs(self.graph, tensor.removesuffix(".weight"), target, self.float_dtype)
+        if target.kind == "embedding":
+            low = self.graph.op("Gather", [a, x], f"{name}/lora_A", axis=0)
+        else:
+            low = self.graph.op("MatMul", [x, a], f"{name}/lora_A")
+        return self.graph.op("Add", [out, self.graph.op("MatMul", [low, b], f"{name}/lora_B")], f"{name}/lora")
 
     def from_gptq(self, x: str, tensor: str, name: str) -> str:
         """GPTQ's symmetric int4 levels and scales as MatMulNBits blocks (one block per GPTQ group, the default zero

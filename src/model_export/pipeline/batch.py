@@ -351,9 +351,9 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
         width, threads, rule = pool_width(len(adapters), per_adapter, config.max_parallel_adapters)
         resident = 0 if config.executor == "ray" else resident_share(width, per_adapter)
         together = share_references(config, info, resident, len(adapters))
-        shared = prepare_base(
-            config, base, out.resolve() / BASE_DIR, adapter_checkpoints(config, adapters) if together else []
-        )
+        graph = config.batch_outputs != "merged" and "onnx" in config.formats  # a base graph for every adapter's LoRA
+        checkpoints = adapter_checkpoints(config, adapters) if together or graph else []
+        shared = prepare_base(config, base, out.resolve() / BASE_DIR, checkpoints, together)
         token = secrets.token_hex(8)
         write_atomic(out / TOKEN_FILE, token)
         lines: dict[str, dict[str, Any]] = {}

@@ -17,7 +17,7 @@ from ..monitoring import human_bytes, logger
 from ..steps import files_in as _files
 from ..steps import fingerprint as _fingerprint
 from ..tensor_io import file_sha256
-from .export_step import base_gguf
+from .export_step import base_gguf, base_onnx, onnx_adapter_spec
 from .graph import StepSpec, export_spec
 from .state import RunState
 
@@ -25,15 +25,21 @@ __all__ = ["adapter_checkpoints", "prepare_base", "share_references"]
 
 
 def prepare_base(
-    config: ExportConfiguration, base: str, folder: Path, checkpoints: list[Path] | None = None
+    config: ExportConfiguration,
+    base: str,
+    folder: Path,
+    checkpoints: list[Path] | None = None,
+    together: bool = False,
 ) -> dict[str, Any]:
     """What a batch makes once for all its adapters, under output_dir/base/ (its own run.json; resumed as a run's
-    steps are): the base alone on the held-out text, which every adapter's layer-streamed reference reuses; the
-    references of the adapters (``checkpoints``) that can share one layer-streamed pass (verify/references.py), which
-    their runs take instead of computing their own; and, when the batch asks for the adapters themselves
-    (batch_outputs adapters or both) with gguf, the base's GGUF that each adapter's LoRA GGUF and Modelfile load on.
-    Returns what each adapter's run is given (run_adapter's ``shared``)."""
-    c = config
+    steps are): the base alone on the held-out text, which every adapter's layer-streamed reference reuses; with
+    ``together``, the references of the adapters (``checkpoints``, the one each run selects) in one layer-streamed
+    pass (verify/references.py), which their runs take instead of computing their own; and, when the batch asks for
+    the adapters themselves (batch_outputs adapters or both), what they load on: with gguf the base's GGUF that each
+    adapter's LoRA GGUF and Modelfile load on, with onnx the base graph that takes every adapter's LoRA inputs
+    (judged alone in onnxruntime-genai on the held-out text). Returns what each adapter's run is given
+    (run_adapter's ``shared``)."""
+    c, checkpoints = config, checkpoints or []
     info = inspect_base_model(base)
     folder.mkdir(parents=True, exist_ok=True)
     state = RunState(ExportConfiguration(**{**c.model_dump(mode="json"), "output_dir": str(folder), "adapters": []}))
@@ -47,9 +53,58 @@ def prepare_base(
             outputs=lambda result: _files(result.get("folder")),
         )
         shared["base_gguf"] = result["path"]
-    if c.run_validation_tests and c.verification_runtime != "transformers":
-        shared.update(_shared_verification(state, info, folder / "verify", checkpoints or []))
+    if c.batch_outputs != "merged" and "onnx" in c.formats:
+        shared["base_onnx"] = _base_onnx(state, info, folder / "export", checkpoints)
+    if c.run_validation_tests and (c.verification_runtime != "transformers" or "base_onnx" in shared):
+        shared.update(_shared_verification(state, info, folder / "verify", checkpoints if together else []))
+        if "base_onnx" in shared:
+            shared["base_onnx_verdict"] = _judge_base_onnx(state, Path(shared["base_onnx"]), folder / "verify")
     return shared
+
+
+def _base_onnx(state: RunState, info: Any, export: Path, checkpoints: list[Path]) -> str:
+    """``export:onnx`` of the base: the graph with LoRA inputs for every module the batch's adapters target
+    (exporters/onnx_lora.py), the tokenizer of the first adapter's training run; its folder."""
+    from ..exporters.onnx_lora import lora_targets
+
+    targets = lora_targets(checkpoints, info.path)
+    result = state.step(
+        onnx_adapter_spec("export:onnx"),
+        [str(info.path), _fingerprint(info.shards), [[name, *vars(t).values()] for name, t in targets.items()]],
+        lambda view: base_onnx(view, info.path, targets, checkpoints[:1], export),
+        outputs=lambda result: _files(result.get("folder")),
+    )
+    return result["folder"]
+
+
+def _judge_base_onnx(state: RunState, graph: Path, folder: Path) -> dict[str, Any]:
+    """``verify:onnx`` of the base: its graph in onnxruntime-genai with no adapter active, on the held-out text,
+    against the base alone (verify:heldout's logits); its verdict, also in verify/onnx.json."""
+    from ..verify.step import BOUND_KEYS, verdict_record
+
+    heldout = folder / "base-heldout.pt"
+
+    def judge(view: Any) -> dict[str, Any]:
+        import torch
+
+        from ..runtimes import precision_of
+        from ..verify.artifacts import verify_artifact
+        from ..verify.judge import Bounds
+        from ..verify.reference import Reference, perplexity
+
+        saved = torch.load(heldout, weights_only=True)  # our own file, read as data only
+        reference = Reference([], [], [], [], heldout_ids=saved["ids"], heldout_logits=saved["logits"])
+        reference.heldout_perplexity = perplexity(saved["logits"], saved["ids"])
+        bounds = Bounds.from_config(view)
+        verdict = verify_artifact(graph, reference, bounds, raise_on_failure=False, floor=precision_of(graph))
+        return verdict_record(verdict, folder / "onnx.json", False)
+
+    return state.step(
+        StepSpec("verify:onnx", keys=BOUND_KEYS),
+        [_fingerprint(_files(str(graph))), _fingerprint([heldout])],
+        judge,
+        outputs=lambda result: [folder / "onnx.json"],
+    )
 
 
 def _shared_verification(state: RunState, info: Any, folder: Path, checkpoints: list[Path]) -> dict[str, Any]:

@@ -51,6 +51,20 @@ def base_gguf(c: ExportConfiguration, base_dir: Path, export: Path) -> dict[str,
     return {**_into_folder(target, write), "folder": str(target)}
 
 
+def base_onnx(
+    c: ConfigView, base_dir: Path, targets: dict[str, Any], checkpoints: list[Path], export: Path
+) -> dict[str, Any]:
+    """A batch's base as an ONNX graph that takes its adapters' LoRA inputs (``targets``), in export/onnx, with the
+    tokenizer of the training run of ``checkpoints`` (the first adapter's) before the base's."""
+    from ..exporters.onnx_export import base_graph, onnx_settings
+    from ..exporters.onnx_lora import training_dirs
+
+    dirs = training_dirs(checkpoints[0]) if checkpoints else []
+    target = export / "onnx"
+    write = lambda partial: base_graph(base_dir, partial, targets, {**onnx_settings(c), "tokenizer_dirs": dirs})  # noqa: E731
+    return {**_into_folder(target, write), "folder": str(target)}
+
+
 def export_step(
     state: RunState, checkpoint: Path, base: str, imatrix: Path | None, gptq: Path | None, *, merged: bool
 ) -> dict[str, Any]:
@@ -77,6 +91,7 @@ def export_step(
             gguf = Path(state.shared["base_gguf"])
             spec = StepSpec("export:gguf_lora", needs=("check",))
             units.append((spec, [str(gguf), _fingerprint([gguf])], lambda view, p: _gguf_lora(checkpoint, gguf, p)))
+    units += _onnx_adapter(state, checkpoint, base)
     names = [spec.name for spec, _, _ in units]
     state.drop(*[n for n in state.manifest.steps if n.startswith("export:") and n not in names])
     for spec, inputs, write in units:
@@ -122,6 +137,43 @@ def _export_result(state: RunState, names: list[str]) -> dict[str, Any]:
     )
     state.save()
     return result
+
+
+def onnx_adapter_spec(name: str = "export:onnx_adapter") -> StepSpec:
+    """A base graph with LoRA inputs (the ONNX keys but the optimized copy's): ``export:onnx_adapter`` of a single
+    run (the graph and its adapter in one folder), or a batch base's ``export:onnx``."""
+    keys = tuple(k for k in export_spec("onnx").keys if k != "onnx_optimize_graph")
+    return StepSpec(name, keys=keys, needs=("check",), writes=f"export/{name.split(':')[1]}")
+
+
+def _onnx_adapter(state: RunState, checkpoint: Path, base: str) -> list[tuple[StepSpec, list[Any], Callable]]:
+    """The adapter for onnxruntime-genai, unmerged (exporters/onnx_lora.py): in a batch that asks for the adapters
+    with onnx, an .onnx_adapter for the batch's base graph; in a single run with onnx_adapter, the base graph that
+    takes it and the adapter, in one folder."""
+    from ..exporters.onnx_lora import adapter_files
+    from ..runtimes.genai import LORA_FILE
+
+    c = state.config
+    if state.shared.get("base_onnx"):
+        graph = Path(state.shared["base_onnx"])
+        spec = StepSpec("export:onnx_adapter", needs=("check",))
+        inputs = [str(graph), _fingerprint([graph / LORA_FILE])]
+        return [(spec, inputs, lambda view, partial: adapter_files(checkpoint, graph, partial))]
+    if state.shared or not (c.onnx_adapter and "onnx" in c.formats):
+        return []
+
+    def write(view: ConfigView, partial: Path) -> dict[str, Any]:
+        from ..checkpoint.base_model import resolve_base_model
+        from ..exporters.onnx_export import base_graph, onnx_settings
+        from ..exporters.onnx_lora import lora_targets, training_dirs
+
+        base_dir = Path(resolve_base_model(base))
+        targets = lora_targets([checkpoint], base_dir)
+        settings = {**onnx_settings(view), "tokenizer_dirs": training_dirs(checkpoint)}
+        details = base_graph(base_dir, partial, targets, settings)
+        return {**details, **adapter_files(checkpoint, partial, partial)}
+
+    return [(onnx_adapter_spec(), [], write)]
 
 
 def _peft_folder(checkpoint: Path, out: Path) -> dict[str, Any]:

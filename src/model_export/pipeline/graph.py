@@ -79,6 +79,8 @@ RUN_KEYS = {
     "output_dir": "where every step writes",
     "export_formats": "which export:<format> steps exist",
     "export_onnx": "adds or removes export:onnx",
+    "onnx_adapter": "adds export:onnx_adapter (the base graph that takes LoRA inputs, and the .onnx_adapter) and its "
+    "verify unit",
     "run_validation_tests": "whether the verify steps exist",
     "verification_servers": "which verify:<artifact>@<server> units exist (the artifacts a server verifies)",
     "run_benchmarks": "whether the benchmark step exists",

@@ -317,7 +317,7 @@ def _batch(config: ExportConfiguration) -> list[ConfigProblem]:
     """A batch's keys: artifacts that cannot be written per adapter on a shared base, a Ray executor without Ray."""
     problems = []
     if config.batch_outputs == "adapters":
-        alone = [f for f in config.formats if f not in ("safetensors", "gguf")]
+        alone = [f for f in config.formats if f not in ("safetensors", "gguf", "onnx")]
         if alone:
             problems.append(ConfigProblem("batch_outputs", "batch_outputs_merged_only", {"formats": ", ".join(alone)}))
     if config.executor == "ray" and not extras.is_available("ray"):
@@ -389,6 +389,8 @@ def _format_keys(config: ExportConfiguration) -> list[ConfigProblem]:
     for key in ("gguf_output_type", "gguf_token_embedding_type"):
         if getattr(config, key) is not None and "gguf" not in config.formats:
             problems.append(ConfigProblem(key, "key_without_format", {"format": "gguf"}))
+    if config.onnx_adapter and "onnx" not in config.formats:
+        problems.append(ConfigProblem("onnx_adapter", "key_without_format", {"format": "onnx"}))
     return problems
 
 

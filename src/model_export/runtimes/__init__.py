@@ -1,5 +1,5 @@
 """The runtimes: the one place that knows which runtime runs an artifact and how (transformers, onnxruntime,
-llama.cpp, TensorRT). Verification and the benchmark call ``runtime_for(path)`` and use its small API
+onnxruntime-genai, llama.cpp, TensorRT). Verification and the benchmark call ``runtime_for(path)`` and use its small API
 (runtimes/base.py); ``precision_of(path)`` says what precision an artifact's weights are stored in."""
 
 from __future__ import annotations
@@ -19,8 +19,18 @@ __all__ = [
     "runnables_in",
 ]
 
-_BY_SUFFIX = {".onnx": "onnxruntime", ".gguf": "llama.cpp", ".engine": "tensorrt"}
-_MODULE = {"onnxruntime": "onnxruntime", "llama.cpp": "llama_cpp", "tensorrt": "tensorrt"}
+_BY_SUFFIX = {
+    ".onnx": "onnxruntime",
+    ".onnx_adapter": "onnxruntime-genai",
+    ".gguf": "llama.cpp",
+    ".engine": "tensorrt",
+}
+_MODULE = {
+    "onnxruntime": "onnxruntime",
+    "onnxruntime-genai": "onnxruntime_genai",
+    "llama.cpp": "llama_cpp",
+    "tensorrt": "tensorrt",
+}
 
 
 def runtime_problem(path: str | Path) -> str | None:
@@ -34,8 +44,14 @@ def runtime_problem(path: str | Path) -> str | None:
 
 
 def runtime_name(path: str | Path) -> str:
-    """transformers for a model folder; onnxruntime for a graph, llama.cpp for a GGUF, TensorRT for an engine."""
-    return _BY_SUFFIX.get(Path(path).suffix, "transformers")
+    """transformers for a model folder; onnxruntime for a graph, llama.cpp for a GGUF, TensorRT for an engine;
+    onnxruntime-genai for an .onnx_adapter (on its base graph) and for a base graph's folder that takes adapters."""
+    from .genai import LORA_FILE
+
+    path = Path(path)
+    if path.is_dir() and (path / LORA_FILE).is_file():
+        return "onnxruntime-genai"
+    return _BY_SUFFIX.get(path.suffix, "transformers")
 
 
 def runtime_for(
@@ -59,6 +75,10 @@ def runtime_for(
         from .llamacpp import LlamaCppRuntime
 
         return LlamaCppRuntime(path)
+    if name == "onnxruntime-genai":
+        from .genai import GenaiRuntime
+
+        return GenaiRuntime(path)
     if name == "tensorrt":
         from .tensorrt import TensorRTRuntime
 
@@ -98,9 +118,14 @@ def runnables_in(target: str | Path) -> list[tuple[str, Path]]:
 
 
 def tokenizer_folder(path: str | Path) -> Path:
-    """Where the Hugging Face tokenizer of an artifact is: the folder itself, or the folder of a graph or engine."""
-    path = Path(path)
-    return path.parent if runtime_name(path) != "transformers" else path
+    """Where the Hugging Face tokenizer of an artifact is: the folder itself, the folder of a graph or engine, or an
+    adapter's base graph folder."""
+    path, name = Path(path), runtime_name(path)
+    if name == "onnxruntime-genai":
+        from .genai import genai_folder
+
+        return genai_folder(path)[0]
+    return path.parent if name != "transformers" else path
 
 
 def precision_of(artifact: str | Path) -> str:
@@ -109,6 +134,10 @@ def precision_of(artifact: str | Path) -> str:
     from ..tensor_io import read_header
 
     artifact, name = Path(artifact), runtime_name(artifact)
+    if name == "onnxruntime-genai":  # an adapter is as precise as the base graph it runs on
+        from .genai import genai_folder
+
+        artifact, name = genai_folder(artifact)[0] / "model.onnx", "onnxruntime"
     if name == "llama.cpp":
         import gguf
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from .. import i18n
 from ..exporters.modelfile import TOOL, conversations, end_of_turn, read_modelfile, runtime_bos, tool_conversations
+from ..runtimes.genai import PAIR_FILE
 
 __all__ = ["serving_check", "serving_inputs", "serving_line", "ollama_renderings", "Probes", "GO_SOURCE"]
 
@@ -222,6 +223,19 @@ def _onnx(graph: Path, probes: Probes) -> list[dict[str, Any]]:
     return [*probes.compare(runtime, render), _stops(stop_runtime, probes.turn, held, "id")]
 
 
+def _onnx_adapter(pair: Path, probes: Probes) -> list[dict[str, Any]]:
+    """An adapter's base graph, through the same onnxruntime-genai tokenizer (the adapter changes no template)."""
+    from ..errors import ExportError
+    from ..runtimes.genai import adapter_base
+
+    try:
+        base = adapter_base(pair)
+    except ExportError as exc:
+        runtime, stop_runtime = i18n.ui("serving_runtime_genai"), i18n.ui("serving_runtime_genai_stop")
+        return [_check(runtime, "failed", reason=str(exc)), _check(stop_runtime, "failed", reason=str(exc))]
+    return _onnx(base / "model.onnx", probes)
+
+
 def _folder(folder: Path, probes: Probes) -> list[dict[str, Any]]:
     """A transformers folder as a server loads it: its own tokenizer files and generation_config's eos ids."""
     from transformers import AutoTokenizer
@@ -254,6 +268,8 @@ def serving_check(path: Path, tokenizer_dir: Path) -> dict[str, Any]:
         checks = _modelfile(path, probes)
     elif path.suffix == ".onnx":
         checks = _onnx(path, probes)
+    elif path.is_dir() and (path / PAIR_FILE).is_file():  # an .onnx_adapter: served by genai on its base graph
+        checks = _onnx_adapter(path / PAIR_FILE, probes)
     elif path.is_dir() and (path / "config.json").is_file():
         checks = _folder(path, probes)
     else:

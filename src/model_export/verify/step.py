@@ -37,7 +37,7 @@ __all__ = [
     "ADAPTER_ARTIFACTS",
 ]
 
-ADAPTER_ARTIFACTS = ("peft", "gguf_lora")  # a batch's per-adapter files, loaded on its shared base
+ADAPTER_ARTIFACTS = ("peft", "gguf_lora", "onnx_adapter")  # per-adapter files, loaded on a base (a batch's shared one)
 # What the reference reads; what running an artifact on the reference's inputs reads; the bounds that judge it.
 REFERENCE_KEYS = (
     "test_input_samples",
@@ -222,12 +222,26 @@ def _artifact_files(path: Path, inputs: VerifyInputs) -> list[Any]:
     """Fingerprints of what running an artifact reads: a folder's files, or a graph or GGUF file with what lies beside
     it (external data, genai_config.json, the tokenizer, a Modelfile), and a LoRA GGUF's base GGUF."""
     if path.is_dir():
-        return fingerprint(files_in(str(path)))
+        return fingerprint(files_in(str(path)) + _base_graph_files(path))
     others = tuple(p.name for p in path.parent.iterdir() if p.suffix in (".onnx", ".gguf") and p != path)
     files = [p for p in files_in(str(path.parent)) if p.name.startswith(path.name) or not p.name.startswith(others)]
     if inputs.shared.get("base_gguf") and path.suffix == ".gguf":
         files.append(Path(inputs.shared["base_gguf"]))
     return fingerprint(sorted(set(files)))
+
+
+def _base_graph_files(folder: Path) -> list[Path]:
+    """An .onnx_adapter's base graph when it lies elsewhere (a batch's base/export/onnx): what running it reads."""
+    from ..errors import ExportError
+    from ..runtimes.genai import PAIR_FILE, adapter_base
+
+    if not (folder / PAIR_FILE).is_file():
+        return []
+    try:
+        base = adapter_base(folder / PAIR_FILE)
+    except ExportError:  # the adapter cannot run: its verdict says why
+        return []
+    return [] if base == folder.resolve() else files_in(str(base))
 
 
 def _verify_now(
@@ -276,6 +290,13 @@ def _run_one(
         artifact = path / "adapter-lora-f32.gguf"
         run = reference.get()
         return verify_gguf_lora(artifact, inputs.checkpoint, inputs.base_dir, run, bounds, options=options)
+    if label == "onnx_adapter":  # in onnxruntime-genai, active on its base graph: as precise as that graph
+        from ..runtimes import precision_of
+        from ..runtimes.genai import ADAPTER_FILE
+
+        artifact, run = path / ADAPTER_FILE, reference.get()
+        adapter_floor = precision_of(artifact) if artifact.is_file() else floor
+        return verify_artifact(artifact, run, bounds, raise_on_failure=False, floor=adapter_floor, options=options)
     if label == "gguf":
         imatrix = inputs.details.get("gguf", {}).get("imatrix")
         return verify_gguf(
