@@ -11,12 +11,18 @@ the outside with the page cache warm:
     separate   one `model-export run` per adapter, one after the other (what a user scripts today)
     local      one `model-export run` of the sweep folder: the batch, local pool, batch_outputs merged
     ray        the same with executor: ray (a local Ray instance started by the run)
-    adapters   the batch with batch_outputs: adapters (base GGUF once + per adapter a LoRA GGUF and a PEFT folder)
+    adapters   the batch with batch_outputs: adapters (the base converted once: with gguf its GGUF, with onnx its graph
+               that takes LoRA inputs; per adapter a PEFT folder, a LoRA GGUF and Modelfile, an .onnx_adapter)
 
-Every mode uses export_formats [safetensors, gguf] (or --formats) at the base's precision and verifies every artifact.
-It prints the wall time, the peak of the summed resident memory of the whole process tree (sampled every 0.2 s: a
-pool's two workers and Ray's processes count together), the artifacts verified, and each batch's ratio to the separate
-runs' total (target: <= 0.5) with the machine's memory as the RSS limit.
+Every mode uses export_formats [safetensors, gguf] (or --formats) at the base's precision and verifies every artifact;
+ONNX without the optimized copy (onnx_optimize_graph false: eight merged copies of both graphs would not fit the disk,
+and a base graph for adapters is written as one graph). It prints the wall time, the peak of the summed resident
+memory of the whole process tree (sampled every 0.2 s: a pool's two workers and Ray's processes count together), the
+disk the mode wrote (everything, and the artifacts alone: export/ folders and, for adapters, the base's), the artifacts
+verified, and each batch's ratio to the separate runs' total (target: <= 0.5) with the machine's memory as the RSS
+limit.
+
+    python benchmarks/batch.py --size 0.6b --modes local,adapters --formats onnx   # issue 29: adapters vs merged
 """
 
 from __future__ import annotations
@@ -99,6 +105,7 @@ def write_config(path: Path, **settings) -> Path:
     base = {
         "export_formats": FORMATS,
         "run_validation_tests": True,
+        "onnx_optimize_graph": False,
         **settings,
     }
     path.write_text(json.dumps(base, indent=1))
@@ -135,6 +142,7 @@ def run_mode(mode: str, base: Path, sweep: Path, work: Path, adapters: int) -> d
             for status, n in verdicts(out / f"run-{k}").items():
                 counts[status] = counts.get(status, 0) + n
         return {
+            **disk(out),
             "wall_s": round(sum(r["wall_s"] for r in results), 2),
             "peak_gib": max(r["peak_gib"] for r in results),
             "exit": max(r["exit"] for r in results),
@@ -149,8 +157,20 @@ def run_mode(mode: str, base: Path, sweep: Path, work: Path, adapters: int) -> d
     config = write_config(work / f"{mode}.json", **settings)
     result = timed_tree([CLI, "run", str(config)], work / f"{mode}.log")
     batch = json.loads((out / "batch.json").read_text())
-    result.update(artifacts=verdicts(out), executor=batch["executor"], base_s=_base_seconds(out))
+    result.update(artifacts=verdicts(out), executor=batch["executor"], base_s=_base_seconds(out), **disk(out))
     return result
+
+
+def disk(out: Path) -> dict[str, float]:
+    """GB the mode wrote under ``out``: every file, and the artifacts alone (every export/ folder, the base's too)."""
+
+    def size(files) -> float:
+        return round(sum(f.stat().st_size for f in files if f.is_file()) / 1e9, 3)
+
+    return {
+        "disk_gb": size(out.rglob("*")),
+        "artifacts_gb": size(f for e in out.glob("**/export") for f in e.rglob("*")),
+    }
 
 
 def _base_seconds(out: Path) -> float:
@@ -187,14 +207,17 @@ def main() -> None:
     results = {mode: results[mode] for mode in MODES if mode in results}
     limit = psutil.virtual_memory().total / 2**30
     print(f"\n{args.adapters} adapters, Qwen3-{args.size} shape, export_formats {FORMATS}, verified")
-    print(f"{'mode':<10} {'wall s':>9} {'peak GiB':>9} {'ratio':>7}  artifacts (verified/failed/not run)")
+    print(
+        f"{'mode':<10} {'wall s':>9} {'peak GiB':>9} {'ratio':>7} {'disk GB':>8} {'artifacts GB':>12}  "
+        "verified/failed/not run"
+    )
     separate = results.get("separate", {}).get("wall_s")
     for mode, r in results.items():
         ratio = f"{r['wall_s'] / separate:.2f}" if separate else "-"
         a = r["artifacts"]
         print(
-            f"{mode:<10} {r['wall_s']:>9.1f} {r['peak_gib']:>9.2f} {ratio:>7}  "
-            f"{a['verified']}/{a['failed']}/{a['not_run']}"
+            f"{mode:<10} {r['wall_s']:>9.1f} {r['peak_gib']:>9.2f} {ratio:>7} {r.get('disk_gb', 0):>8.2f} "
+            f"{r.get('artifacts_gb', 0):>12.2f}  {a['verified']}/{a['failed']}/{a['not_run']}"
         )
     for mode, r in results.items():
         if mode != "separate" and separate:
@@ -203,6 +226,14 @@ def main() -> None:
                 f"target {mode}: wall {r['wall_s'] / separate:.2f}x the separate runs (<= {TARGET_RATIO}), peak "
                 f"{r['peak_gib']:.2f} GiB (<= {limit:.1f}): {'met' if met else 'NOT met'}"
             )
+
+    merged, alone = results.get("local"), results.get("adapters")
+    if merged and alone and merged.get("artifacts_gb"):  # issue 29: the adapters on one base against merged copies
+        print(
+            f"adapters vs merged copies (local): wall {alone['wall_s'] / merged['wall_s']:.2f}x, artifacts on disk "
+            f"{alone['artifacts_gb'] / merged['artifacts_gb']:.3f}x, everything written "
+            f"{alone['disk_gb'] / merged['disk_gb']:.3f}x"
+        )
 
 
 if __name__ == "__main__":
