@@ -19,7 +19,7 @@ STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "di
 def print_batch(console: Console, result: Any) -> None:
     """A batch's summary: one row per adapter (its status, artifacts verified / failed / not run, time), then the
     banner and where the aggregate report is."""
-    from .pipeline.report import batch_banner
+    from .pipeline.batch_report import batch_banner
 
     table = Table(title="model-export batch")
     for column in i18n.ui("cols_batch").split(";"):

@@ -95,8 +95,13 @@ def test_the_memory_planned_per_adapter_grows_with_the_base_and_the_formats(tmp_
 
 
 def test_batch_keys_are_checked(tmp_path):
-    problems = validate_config(config(tmp_path, batch_outputs="adapters", export_formats=["onnx", "gguf"]))
-    assert [p.key for p in problems] == ["batch_outputs"] and "onnx" in problems[0].message()
+    problems = validate_config(config(tmp_path, batch_outputs="adapters", export_formats=["pytorch", "gguf"]))
+    assert [p.key for p in problems] == ["batch_outputs"] and "pytorch" in problems[0].message()
+    # onnx has its adapters on a base graph (an .onnx_adapter each); onnx_adapter alone needs onnx
+    accepted = validate_config(config(tmp_path, batch_outputs="adapters", export_formats=["onnx", "gguf"]))
+    assert "batch_outputs" not in [p.key for p in accepted]
+    problems = validate_config(config(tmp_path, export_formats=["gguf"], onnx_adapter=True))
+    assert [p.key for p in problems] == ["onnx_adapter"] and "export_formats has no onnx" in problems[0].message()
 
 
 def test_a_ray_cluster_that_cannot_be_reached_is_explained(tmp_path, monkeypatch):

@@ -49,6 +49,7 @@ KEY_EFFECTS = {
     "gguf_output_type": "unit/test_kquants.py::test_output_and_token_embedding_types_as_llama_quantize_sets_them",
     "gguf_token_embedding_type": "unit/test_kquants.py::test_output_and_token_embedding_types_as_llama_quantize_sets_them",
     "gguf_lora_adapter": "integration/test_pipeline.py::test_gguf_in_the_pipeline_is_read_back_and_reported",
+    "onnx_adapter": "integration/test_onnx_adapters.py::test_a_single_run_with_onnx_adapter_ships_the_adapter_on_its_base_graph",
     "onnx_dynamic_axes": "unit/test_onnx_export.py::test_exporter_failures_become_the_guides_errors",
     "run_validation_tests": "integration/test_pipeline.py::test_housekeeping_settings",
     "validation_tolerance": "integration/test_pipeline.py::test_a_broken_artifact_fails_verification_with_the_guides_message",

@@ -130,7 +130,8 @@ def base_graph(base_dir: Path, out: Path, targets: dict[str, Any], settings: dic
     optimized copy (a second base to keep in step with the adapters)."""
     details = export_onnx(base_dir, out, **{**settings, "optimize": False}, lora=targets)
     dtype = "float16" if details["weight_type"] == "fp16" else "float32"
-    data = {"dtype": dtype, "targets": {name: [t.kind, t.rows, t.cols] for name, t in targets.items()}}
+    data = {"dtype": dtype, "base_model": str(Path(base_dir).resolve())}
+    data["targets"] = {name: [t.kind, t.rows, t.cols] for name, t in targets.items()}
     write_atomic(out / LORA_FILE, json.dumps(data, indent=2) + "\n")
     return {**details, "lora_targets": len(targets)}
 

@@ -15,6 +15,7 @@ patterns), in the graph's float type. What is not a low-rank update of the base'
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "PAIR_FILE",
     "LoraTarget",
     "adapter_problems",
+    "check_servable",
     "lora_targets",
     "write_onnx_adapter",
     "adapter_files",
@@ -73,7 +75,7 @@ def lora_inputs(graph: Any, module: str, target: LoraTarget, dtype: Any) -> tupl
     return names
 
 
-def _modules(checkpoint: Path) -> tuple[dict[str, Any], list[str]]:
+def _modules(checkpoint: Path, base_dir: Path) -> tuple[dict[str, Any], list[str]]:
     """The adapter's LoRA updates by module (merging.plan.lora_modules) and why it cannot be served this way."""
     from ..checkpoint.adapter_format import load_adapter_state, read_adapter_config
     from ..errors import MergeError
@@ -91,14 +93,49 @@ def _modules(checkpoint: Path) -> tuple[dict[str, Any], list[str]]:
         problems.append("DoRA (a magnitude per output column)")
     if any(m.bias is not None for m in modules.values()):
         problems.append("lora_bias")
-    if full:
-        problems.append(f"whole tensors of its own (modules_to_save or added tokens: {', '.join(sorted(full)[:3])})")
+    own = _own_tensors(full, base_dir)
+    if own:
+        problems.append(f"whole tensors of its own (modules_to_save or added tokens: {', '.join(own[:3])})")
     return modules, problems
 
 
-def adapter_problems(checkpoint: Path) -> list[str]:
+def _own_tensors(full: dict[str, Any], base_dir: Path) -> list[str]:
+    """The adapter's whole tensors that are not the base's: PEFT saves the embedding layers it targets
+    (save_embedding_layers) even when training left them as they were; those equal to the base's add nothing."""
+    import torch
+
+    from ..checkpoint.adapter_format import parse_adapter_key
+    from ..checkpoint.base_model import inspect_base_model
+    from ..tensor_io import torch_row_chunks
+
+    base = inspect_base_model(str(base_dir))
+    own = []
+    for key, (entry, file) in sorted(full.items()):
+        name = parse_adapter_key(key)[0]
+        if name == "lm_head.weight" and name not in base.tensors:  # a tied head: the embedding's matrix
+            name = "model.embed_tokens.weight"
+        theirs = base.tensors.get(name)
+        if theirs is None or tuple(theirs.shape) != tuple(entry.shape):
+            own.append(key)
+            continue
+        with io.BytesIO(bytes(entry.raw)) if file is None else open(file, "rb") as a, open(base.files[name], "rb") as b:
+            chunks = zip(torch_row_chunks(a, entry, 64 << 20), torch_row_chunks(b, theirs, 64 << 20))
+            if not all(torch.equal(x.float(), y.float()) for x, y in chunks):
+                own.append(key)
+    return own
+
+
+def adapter_problems(checkpoint: Path, base_dir: Path) -> list[str]:
     """What in the adapter is not a low-rank update of the base's matrices (empty when it can be an .onnx_adapter)."""
-    return _modules(Path(checkpoint))[1]
+    return _modules(Path(checkpoint), Path(base_dir))[1]
+
+
+def check_servable(checkpoint: Path, base_dir: Path) -> None:
+    """Raise ExportFormatError (ME813) naming what in the adapter cannot be an .onnx_adapter, before a base graph is
+    written for it."""
+    problems = adapter_problems(checkpoint, base_dir)
+    if problems:
+        raise ExportFormatError("onnx_adapter_unsupported", what="; ".join(problems))
 
 
 def lora_targets(checkpoints: list[Path], base_dir: Path) -> dict[str, LoraTarget]:
@@ -110,7 +147,7 @@ def lora_targets(checkpoints: list[Path], base_dir: Path) -> dict[str, LoraTarge
     tensors = inspect_base_model(str(base_dir)).tensors
     targets: dict[str, LoraTarget] = {}
     for checkpoint in checkpoints:
-        modules, problems = _modules(Path(checkpoint))
+        modules, problems = _modules(Path(checkpoint), Path(base_dir))
         if problems:
             continue
         for module, update in modules.items():
@@ -123,13 +160,15 @@ def lora_targets(checkpoints: list[Path], base_dir: Path) -> dict[str, LoraTarge
     return dict(sorted(targets.items()))
 
 
-def write_onnx_adapter(checkpoint: Path, targets: dict[str, LoraTarget], out: Path, dtype: str) -> dict[str, Any]:
+def write_onnx_adapter(
+    checkpoint: Path, targets: dict[str, LoraTarget], out: Path, dtype: str, base_dir: Path
+) -> dict[str, Any]:
     """The adapter as ``out`` (an .onnx_adapter file) for a base graph with LoRA inputs for ``targets``, in the
     graph's float type (``float32`` or ``float16``). Raises ExportFormatError when the adapter is not a plain LoRA on
     the base's matrices, or targets a module the base graph has no input for."""
     import onnxruntime as ort
 
-    modules, problems = _modules(Path(checkpoint))
+    modules, problems = _modules(Path(checkpoint), Path(base_dir))
     if problems:
         raise ExportFormatError("onnx_adapter_unsupported", what="; ".join(problems))
     parameters, ranks = {}, {}
@@ -181,16 +220,17 @@ def training_dirs(checkpoint: Path) -> list[Path]:
     return [Path(checkpoint), Path(checkpoint).parent]
 
 
-def read_targets(folder: Path) -> tuple[dict[str, LoraTarget], str]:
-    """(the LoRA targets, the float type) of a base graph's folder."""
+def read_targets(folder: Path) -> tuple[dict[str, LoraTarget], str, Path]:
+    """(the LoRA targets, the float type, the base model's folder) of a base graph's folder."""
     data = json.loads((Path(folder) / LORA_FILE).read_text(encoding="utf-8"))
-    return {name: LoraTarget(*entry) for name, entry in data["targets"].items()}, data["dtype"]
+    targets = {name: LoraTarget(*entry) for name, entry in data["targets"].items()}
+    return targets, data["dtype"], Path(data["base_model"])
 
 
 def adapter_files(checkpoint: Path, base_folder: Path, out: Path) -> dict[str, Any]:
     """The adapter as ``out/adapter.onnx_adapter`` for the base graph in ``base_folder``, and onnx_adapter.json
     naming that base (relative to ``out``'s final place: ``out`` may be a partial folder beside it)."""
-    targets, dtype = read_targets(base_folder)
-    details = write_onnx_adapter(checkpoint, targets, out / ADAPTER_FILE, dtype)
+    targets, dtype, base_dir = read_targets(base_folder)
+    details = write_onnx_adapter(checkpoint, targets, out / ADAPTER_FILE, dtype, base_dir)
     write_pair(out, base_folder, targets)
     return {**details, "base": str(base_folder)}

@@ -384,7 +384,7 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
 
 def _finish(out: Path, data: dict[str, Any]) -> BatchResult:
     """batch.json and the aggregate report written; the batch's result."""
-    from .report import write_batch_report
+    from .batch_report import write_batch_report
 
     write_atomic(out / BATCH_MANIFEST, strict_json(data))
     report = write_batch_report(out, data)
@@ -456,6 +456,9 @@ def _batch_manifest(
     """batch.json: every adapter's line in the batch's order (pending until it finishes), counts and the verdict."""
     ordered = [lines.get(a.name) or {"name": a.name, "path": a.path, "status": "pending"} for a in adapters]
     counts = _counts(ordered)
+    verdict = shared.get("base_onnx_verdict")  # the base graph judged alone counts as one of the batch's artifacts
+    if verdict:
+        counts[{"failed": "artifacts_failed"}.get(verdict["status"], verdict["status"])] += 1
     passed = False if counts["failed"] or counts["artifacts_failed"] else True
     if passed and (counts["not_run"] or counts["done"] < len(adapters)):
         passed = None

@@ -73,6 +73,10 @@ def artifacts_of(target: str | Path) -> list[tuple[str, Path]]:
         found = verifiable({f: p for f, p in artifacts.items() if f in FORMATS})
         if "gguf_lora" in artifacts:  # a batch adapter's LoRA GGUF, run on the base GGUF its Modelfile names
             found.append(("gguf_lora", Path(artifacts["gguf_lora"]) / "adapter-lora-f32.gguf"))
+        if "onnx_adapter" in artifacts:  # an .onnx_adapter, active on its base graph in onnxruntime-genai
+            from ..runtimes.genai import ADAPTER_FILE
+
+            found.append(("onnx_adapter", Path(artifacts["onnx_adapter"]) / ADAPTER_FILE))
         return found  # a PEFT folder is files for vLLM, not a model to time alone
     if (target / "batch.json").is_file():  # a batch: every adapter's run, labelled with its name
         runs = sorted(p.parent for p in target.glob("*/run.json") if p.parent.name != "base")
