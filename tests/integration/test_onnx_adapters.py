@@ -123,3 +123,14 @@ def test_a_single_run_with_onnx_adapter_ships_the_adapter_on_its_base_graph(runs
     steps = json.loads((out / "run.json").read_text())["steps"]
     assert "export:onnx_adapter" not in steps and "verify:onnx_adapter" not in steps
     assert steps["export:onnx"]["skipped"]
+
+
+def test_onnx_adapter_in_a_merged_batch_adds_the_adapters_on_one_base_graph(runs, tmp_path):
+    out = tmp_path / "out"
+    result = run(_config(runs, out, onnx_adapter=True, onnx_optimize_graph=False))  # batch_outputs: merged
+    assert result.passed is True
+    graphs = sorted(str(p.relative_to(out)) for p in out.rglob("model.onnx"))
+    assert graphs == ["base/export/onnx/model.onnx", "run-1/export/onnx/model.onnx", "run-2/export/onnx/model.onnx"]
+    for line in result.adapters:
+        rows = {row["format"]: row["status"] for row in line["artifacts"]}
+        assert rows == {"onnx": "verified", "onnx_adapter": "verified"}  # no PEFT folder: the batch is merged

@@ -332,7 +332,7 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
     base = shared_base(config, adapters)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from .batch_base import adapter_checkpoints, prepare_base, share_references
+    from .batch_base import adapter_checkpoints, onnx_adapters, prepare_base, share_references
     from .preflight import check_disk_space
     from .state import output_lock
 
@@ -351,7 +351,7 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
         width, threads, rule = pool_width(len(adapters), per_adapter, config.max_parallel_adapters)
         resident = 0 if config.executor == "ray" else resident_share(width, per_adapter)
         together = share_references(config, info, resident, len(adapters))
-        graph = config.batch_outputs != "merged" and "onnx" in config.formats  # a base graph for every adapter's LoRA
+        graph = onnx_adapters(config)  # a base graph for every adapter's LoRA inputs
         checkpoints = adapter_checkpoints(config, adapters) if together or graph else []
         shared = prepare_base(config, base, out.resolve() / BASE_DIR, checkpoints, together)
         token = secrets.token_hex(8)
