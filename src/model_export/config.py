@@ -296,8 +296,8 @@ class ExportConfiguration(ReportedModel):
         False,
         description="Also write the base model as an ONNX graph that takes LoRA inputs and the adapter as an "
         ".onnx_adapter (export/onnx_adapter), which onnxruntime-genai serves unmerged (og.Adapters, "
-        "set_active_adapter); verified in onnxruntime-genai with the adapter active. Needs onnx in export_formats. In a "
-        "batch the base graph is written once (output_dir/base/export/onnx) for every adapter's .onnx_adapter; "
+        "set_active_adapter); verified in onnxruntime-genai with the adapter active. Needs onnx in export_formats. "
+        "In a batch the base graph is written once (output_dir/base/export/onnx) for every adapter's .onnx_adapter; "
         "batch_outputs adapters or both with onnx write them without this key.",
     )
     onnx_dynamic_axes: dict[str, dict[int, str]] | None = Field(
