@@ -59,10 +59,12 @@ def base_onnx(
     from ..exporters.onnx_export import base_graph, onnx_settings
     from ..exporters.onnx_lora import training_dirs
 
-    dirs = training_dirs(checkpoints[0]) if checkpoints else []
+    settings = {**onnx_settings(c), "tokenizer_dirs": training_dirs(checkpoints[0]) if checkpoints else []}
     target = export / "onnx"
-    write = lambda partial: base_graph(base_dir, partial, targets, {**onnx_settings(c), "tokenizer_dirs": dirs})  # noqa: E731
-    return {**_into_folder(target, write), "folder": str(target)}
+    return {
+        **_into_folder(target, lambda partial: base_graph(base_dir, partial, targets, settings)),
+        "folder": str(target),
+    }
 
 
 def export_step(
