@@ -102,6 +102,12 @@ def test_batch_keys_are_checked(tmp_path):
     assert "batch_outputs" not in [p.key for p in accepted]
     problems = validate_config(config(tmp_path, export_formats=["gguf"], onnx_adapter=True))
     assert [p.key for p in problems] == ["onnx_adapter"] and "export_formats has no onnx" in problems[0].message()
+    # onnxruntime-genai appends a whole prompt: a base graph fixed at one token per call could not take one
+    for settings in ({"onnx_adapter": True}, {"batch_outputs": "both"}):
+        problems = validate_config(config(tmp_path, export_formats=["onnx"], onnx_dynamic_axes=None, **settings))
+        assert [p.key for p in problems] == ["onnx_dynamic_axes"] and "whole prompt" in problems[0].message()
+    merged = validate_config(config(tmp_path, export_formats=["onnx"], onnx_dynamic_axes=None))
+    assert "onnx_dynamic_axes" not in [p.key for p in merged]  # onnxruntime runs a merged graph a token at a time
 
 
 def test_a_ray_cluster_that_cannot_be_reached_is_explained(tmp_path, monkeypatch):
