@@ -105,9 +105,11 @@ def _judge_base_onnx(state: RunState, graph: Path, folder: Path) -> dict[str, An
         verdict = verify_artifact(graph, reference, bounds, raise_on_failure=False, floor=precision_of(graph))
         return verdict_record(verdict, folder / "onnx.json", False)
 
-    return state.step(
+    from ..runtimes import runtime_problem
+
+    return state.step(  # whether genai can start here is an input: a verdict not run is run once it can
         StepSpec("verify:onnx", keys=BOUND_KEYS),
-        [_fingerprint(_files(str(graph))), _fingerprint([heldout])],
+        [_fingerprint(_files(str(graph))), _fingerprint([heldout]), runtime_problem(graph)],
         judge,
         outputs=lambda result: [folder / "onnx.json"],
     )
