@@ -78,6 +78,22 @@ def test_adapters_of_other_ranks_and_targets_load_on_one_graph_unpadded(tiny_bas
     assert len(stored) == 2 * 2 * 2 and {v.shape()[1] for k, v in stored.items() if k.endswith("lora_A")} == {2}
     for adapter, file in zip([small, large], files):
         assert (_genai(file) - unmerged_logits(tiny_base, adapter, IDS)[0]).abs().max() < 1e-4
+    # as a server holds them: both loaded on one model, a generator per request with its own adapter active
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(graph))
+    adapters = og.Adapters(model)
+    for name, file in zip(["small", "large"], files):
+        adapters.load(str(file), name)
+    for name, adapter in [("large", large), ("small", small), ("large", large)]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=IDS.shape[1] + 1)
+        generator = og.Generator(model, params)
+        generator.set_active_adapter(adapters, name)
+        generator.append_tokens(IDS.numpy().astype(np.int32))
+        got = torch.from_numpy(np.array(generator.get_output("logits"), dtype=np.float32))[0]
+        assert (got - unmerged_logits(tiny_base, adapter, IDS)[0]).abs().max() < 1e-4
 
 
 def test_an_fp16_graph_takes_an_fp16_adapter(tiny_base, tmp_path):
