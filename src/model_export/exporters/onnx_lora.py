@@ -108,6 +108,8 @@ def _own_tensors(full: dict[str, Any], base_dir: Path) -> list[str]:
     from ..checkpoint.base_model import inspect_base_model
     from ..tensor_io import torch_row_chunks
 
+    if not full:
+        return []
     base = inspect_base_model(str(base_dir))
     own = []
     for key, (entry, file) in sorted(full.items()):
