@@ -49,6 +49,27 @@ def test_every_type_reads_back_equal_to_the_merge(tiny_base, tmp_path, gguf_type
     assert max(checked["max_abs_diff_by_type"].values()) <= bound[gguf_type]
 
 
+@pytest.mark.parametrize("gguf_type", ["f32", "bf16", "q8_0", "q4_k_m"])
+def test_our_header_reader_sees_what_gguf_s_reader_sees(tiny_base, adapter, tmp_path, gguf_type):
+    """runtimes/gguf_file.py (read without building every field) against gguf's own GGUFReader: every tensor's name,
+    type, shape and data array, every metadata key and the scalar and string values, of a model and a LoRA GGUF."""
+    from model_export.exporters.gguf_lora import export_gguf_lora
+    from model_export.runtimes.gguf_file import read_gguf
+
+    files = [export_gguf(tiny_base, tmp_path / "model", gguf_type=gguf_type)["path"]]
+    files.append(export_gguf_lora(adapter, tiny_base, tmp_path / "lora")["path"])
+    for path in files:
+        ours, theirs = read_gguf(path), gguf.GGUFReader(path)
+        assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+        for mine, reference in zip(ours.tensors, theirs.tensors):
+            assert mine.tensor_type == reference.tensor_type and mine.shape == tuple(int(d) for d in reference.shape)
+            assert mine.data.dtype == reference.data.dtype and np.array_equal(mine.data, reference.data)
+        assert set(ours.fields) == set(theirs.fields) - {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
+        for key, value in ours.fields.items():
+            expected = field(theirs, key)
+            assert value == (len(expected) if isinstance(expected, list) else expected), key
+
+
 def test_metadata_and_tokenizer_as_llama_cpp_expects(tmp_path):
     from transformers import AutoTokenizer
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import ExportFormatError
 from ..quantize.gguf_types import SUPPORTED_ARCHITECTURES, encode_rows, importance_for
+from ..runtimes.gguf_file import read_gguf
 from .gguf_lora import lora_b
 from .gguf_tensors import ROPE_FREQS, Source, float_chunks, gguf_sources, rope_freq_table
 
@@ -47,19 +48,6 @@ def _checked_rows(source: Source, ttype: str, fh) -> Iterator[tuple[int | None, 
         yield start, values.reshape(take, *source.shape[1:]).numpy()
 
 
-def _release_pages(reader: Any) -> None:
-    """Drop the GGUF file's pages read so far from this process's resident memory (they stay in the page cache):
-    reading a 2 GB file back must not leave 2 GB resident."""
-    import mmap
-
-    mapped = getattr(getattr(reader, "data", None), "_mmap", None)
-    if mapped is not None and hasattr(mapped, "madvise"):
-        try:
-            mapped.madvise(mmap.MADV_DONTNEED)
-        except (OSError, ValueError):
-            pass
-
-
 def read_back(
     gguf_path: str | Path, merged: str | Path, imatrix: Mapping[str, np.ndarray] | None = None
 ) -> dict[str, Any]:
@@ -73,7 +61,7 @@ def read_back(
     import gguf
 
     merged = Path(merged)
-    reader = gguf.GGUFReader(str(gguf_path))
+    reader = read_gguf(gguf_path)
     config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
     arch = getattr(gguf.MODEL_ARCH, SUPPORTED_ARCHITECTURES[(config.get("architectures") or ["?"])[0]])
     sources = {s.target: s for s in gguf_sources(merged, arch, config)}
@@ -96,11 +84,11 @@ def read_back(
         for target, source in sources.items():
             fh = handles.get(source.path) or handles.setdefault(source.path, open(source.path, "rb"))  # noqa: SIM115
             _check_tensor(gguf, gguf_path, stored[target], source, fh, importance_for_target(imatrix, target), worst)
-            _release_pages(reader)
+            reader.release()  # reading a 2 GB file back must not leave 2 GB resident (the pages stay cached)
     finally:
         for fh in handles.values():
             fh.close()
-    fields = {f.name for f in reader.fields.values()}
+    fields = set(reader.fields)
     for key in ("general.architecture", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"):
         if key not in fields:
             raise ExportFormatError("gguf_readback_failed", path=str(gguf_path), detail=f"metadata {key} is missing")
@@ -177,7 +165,7 @@ def read_back_lora(gguf_path: str | Path, checkpoint: str | Path, base: str | Pa
         getattr(gguf.MODEL_ARCH, SUPPORTED_ARCHITECTURES[arch_name]), config["num_hidden_layers"]
     )
     modules = lora_modules(read_adapter_config(checkpoint), load_adapter_state(checkpoint)[0])
-    stored = {t.name: np.asarray(t.data).astype(np.float32) for t in gguf.GGUFReader(str(gguf_path)).tensors}
+    stored = {t.name: np.asarray(t.data).astype(np.float32) for t in read_gguf(gguf_path).tensors}
     expected = {}
     for module, update in modules.items():
         target = names.get_name(module + ".weight", try_suffixes=(".weight",))

@@ -139,12 +139,11 @@ def precision_of(artifact: str | Path) -> str:
 
         artifact, name = genai_folder(artifact)[0] / "model.onnx", "onnxruntime"
     if name == "llama.cpp":
-        import gguf
-
+        from .gguf_file import read_gguf
         from .llamacpp import gguf_pair
 
         artifact = gguf_pair(artifact)[0]  # a LoRA adapter runs on its base GGUF: the base's types bound it
-        types = {t.tensor_type.name for t in gguf.GGUFReader(str(artifact)).tensors}
+        types = {t.tensor_type.name for t in read_gguf(artifact).tensors}
         if types == {"F32"}:
             return "full"
         return "int4" if any(t.startswith(("Q2", "Q3", "Q4", "Q5")) for t in types) else "reduced"

@@ -16,13 +16,11 @@ def gguf_pair(artifact: Path) -> tuple[Path, Path | None]:
     """(model, LoRA adapter or None) for a GGUF: a model file stands alone; a LoRA adapter GGUF (general.type adapter)
     runs on the base its folder's Ollama Modelfile names (FROM, relative to the Modelfile, and ADAPTER naming this
     file), as Ollama reads it. Raises ExportFormatError when the Modelfile is missing or does not name them."""
-    import gguf
-
     from ..errors import ExportFormatError
+    from .gguf_file import read_gguf
 
     artifact = Path(artifact)
-    field = gguf.GGUFReader(str(artifact)).get_field("general.type")
-    if field is None or field.contents() != "adapter":
+    if read_gguf(artifact).fields.get("general.type") != "adapter":
         return artifact, None
     modelfile = artifact.parent / "Modelfile"
     lines = modelfile.read_text(encoding="utf-8").splitlines() if modelfile.is_file() else []
