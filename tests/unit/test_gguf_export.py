@@ -68,6 +68,14 @@ def test_our_header_reader_sees_what_gguf_s_reader_sees(tiny_base, adapter, tmp_
         for key, value in ours.fields.items():
             expected = field(theirs, key)
             assert value == (len(expected) if isinstance(expected, list) else expected), key
+        if "tokenizer.ggml.tokens" in ours.fields:
+            tokens = field(theirs, "tokenizer.ggml.tokens")
+            assert [ours.string_item("tokenizer.ggml.tokens", i) for i in (0, 7, len(tokens) - 1)] == [
+                tokens[0],
+                tokens[7],
+                tokens[-1],
+            ]
+            assert ours.string_item("tokenizer.ggml.tokens", len(tokens)) is None
 
 
 def test_metadata_and_tokenizer_as_llama_cpp_expects(tmp_path):

@@ -165,57 +165,6 @@ def _as_ollama(found: dict[str, Any], system: str | None, messages: list[dict[st
     return bos + found["head"][len(bos) :] + body + found["generation"]
 
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def _gguf_values(path: Path, wanted: tuple[str, ...]) -> dict[str, Any]:
-    """The scalar metadata ``wanted`` of a GGUF file, and ``tokenizer.ggml.tokens`` as the offsets of its strings, read
-    straight from the header (gguf's GGUFReader builds every field: 7.5 s for a 151936-token vocabulary)."""
-    import mmap
-    import struct
-
-    found: dict[str, Any] = {}
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        if data[:4] != b"GGUF":
-            return found
-        (count,) = struct.unpack_from("<Q", data, 16)
-        at = 24
-
-        def string(at: int) -> tuple[bytes, int]:
-            (length,) = struct.unpack_from("<Q", data, at)
-            return data[at + 8 : at + 8 + length], at + 8 + length
-
-        for _ in range(count):
-            key, at = string(at)
-            (kind,) = struct.unpack_from("<I", data, at)
-            at += 4
-            name = key.decode("utf-8", "replace")
-            if kind == 8:
-                value, at = string(at)
-                found[name] = value
-            elif kind == 9:
-                (item, items) = struct.unpack_from("<IQ", data, at)
-                at += 12
-                if item == 8:
-                    offsets = []
-                    for _ in range(items):
-                        offsets.append(at)
-                        at += 8 + struct.unpack_from("<Q", data, at)[0]
-                    if name == "tokenizer.ggml.tokens":
-                        found[name] = offsets
-                else:
-                    at += items * struct.calcsize(_SCALARS[item])
-            else:
-                (found[name],) = struct.unpack_from(_SCALARS[kind], data, at)
-                at += struct.calcsize(_SCALARS[kind])
-            if all(w in found for w in wanted) and "tokenizer.ggml.tokens" in found:
-                break
-        tokens, bos = found.get("tokenizer.ggml.tokens"), found.get("tokenizer.ggml.bos_token_id")
-        if tokens is not None and bos is not None and 0 <= int(bos) < len(tokens):
-            found["bos_text"] = string(tokens[int(bos)])[0].decode("utf-8", "replace")
-    return found
-
-
 def runtime_bos(gguf_path: Path) -> str:
     """The BOS token's text when llama.cpp (and Ollama, which runs it) adds BOS to every prompt it tokenizes with this
     GGUF, else empty: what the model reads is that BOS, then the rendered template. The GGUF's
@@ -223,8 +172,14 @@ def runtime_bos(gguf_path: Path) -> str:
     llama-cpp-python is installed; else none."""
     if not gguf_path.is_file():
         return ""
-    values = _gguf_values(gguf_path, ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.bos_token_id"))
-    said, text = values.get("tokenizer.ggml.add_bos_token"), values.get("bos_text")
+    from ..runtimes.gguf_file import read_gguf
+
+    try:
+        values = read_gguf(gguf_path)
+    except ValueError:  # not a GGUF this reads: nothing is known of its BOS
+        return ""
+    said, bos = values.fields.get("tokenizer.ggml.add_bos_token"), values.fields.get("tokenizer.ggml.bos_token_id")
+    text = None if bos is None else values.string_item("tokenizer.ggml.tokens", int(bos))
     if text is None:
         return ""
     if said is not None:

@@ -37,17 +37,27 @@ class GGUFTensor:
 
 class GGUFFile:
     """``fields``: every metadata key with its value (scalars and strings; an array's value is its length), and
-    ``tensors`` in file order. ``release()`` drops the pages read so far from this process's resident memory."""
+    ``tensors`` in file order. ``string_item(key, i)`` reads one string of an array of strings (the vocabulary's
+    ``tokenizer.ggml.tokens``); ``release()`` drops the pages read so far from this process's resident memory."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         with open(self.path, "rb") as fh:
             self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            self.fields, self.tensors = _parse(self._map, self.path)
+            self.fields, self.tensors, self._arrays = _parse(self._map, self.path)
         except Exception:
             self._map.close()
             raise
+
+    def string_item(self, key: str, index: int) -> str | None:
+        """Item ``index`` of the array of strings ``key``, or None when there is no such item."""
+        kind, at = self._arrays.get(key, (None, 0))
+        if kind != _STRING or not 0 <= index < self.fields[key]:
+            return None
+        for _ in range(index):
+            at += 8 + struct.unpack_from("<Q", self._map, at)[0]
+        return _string(self._map, at)[0].decode("utf-8", "replace")
 
     def release(self) -> None:
         if hasattr(self._map, "madvise"):
@@ -62,7 +72,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
     return GGUFFile(path)
 
 
-def _parse(data: mmap.mmap, path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
+def _parse(data: mmap.mmap, path: Path) -> tuple[dict[str, Any], list[GGUFTensor], dict[str, tuple[int, int]]]:
     import gguf
 
     if data[:4] != b"GGUF":
@@ -70,11 +80,14 @@ def _parse(data: mmap.mmap, path: Path) -> tuple[dict[str, Any], list[GGUFTensor
     version, tensor_count, kv_count = struct.unpack_from("<IQQ", data, 4)
     if version < 2:
         raise ValueError(f"{path}: GGUF version {version} is not read here (2 or later)")
-    at, fields = 24, {}
+    at, fields, arrays = 24, {}, {}
     for _ in range(kv_count):
-        key, at = _string(data, at)
+        raw, at = _string(data, at)
+        key = raw.decode("utf-8", "replace")
         (kind,) = struct.unpack_from("<I", data, at)
-        fields[key.decode("utf-8", "replace")], at = _value(data, at + 4, kind)
+        if kind == _ARRAY:  # where its items start, for string_item
+            arrays[key] = (struct.unpack_from("<I", data, at + 4)[0], at + 16)
+        fields[key], at = _value(data, at + 4, kind)
     entries = []
     for _ in range(tensor_count):
         name, at = _string(data, at)
@@ -85,7 +98,7 @@ def _parse(data: mmap.mmap, path: Path) -> tuple[dict[str, Any], list[GGUFTensor
         entries.append((name.decode("utf-8"), tuple(int(d) for d in shape), gguf.GGMLQuantizationType(kind), offset))
     alignment = int(fields.get("general.alignment", 32))
     start = -(-at // alignment) * alignment
-    return fields, [_tensor(data, start, *entry) for entry in entries]
+    return fields, [_tensor(data, start, *entry) for entry in entries], arrays
 
 
 def _tensor(data: mmap.mmap, start: int, name: str, shape: tuple[int, ...], ttype: Any, offset: int) -> GGUFTensor:
@@ -119,8 +132,8 @@ def _value(data: mmap.mmap, at: int, kind: int) -> tuple[Any, int]:
         at += 12
         if item in _SCALARS:
             return items, at + items * struct.calcsize(_SCALARS[item])
-        for _ in range(items):
-            _, at = _value(data, at, item)
+        for _ in range(items):  # strings (the vocabulary) are stepped over, not decoded
+            at = at + 8 + struct.unpack_from("<Q", data, at)[0] if item == _STRING else _value(data, at, item)[1]
         return items, at
     (value,) = struct.unpack_from(_SCALARS[kind], data, at)
     return value, at + struct.calcsize(_SCALARS[kind])
