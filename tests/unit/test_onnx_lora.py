@@ -127,6 +127,9 @@ def test_what_is_not_a_lora_on_the_base_s_matrices_is_refused_with_the_reason(ti
         _trained_whole_tensors(adapter)
     assert any(named in problem for problem in adapter_problems(adapter, tiny_base))
     assert lora_targets([adapter], tiny_base) == {}  # left out of the base graph's union: its run says why
+    with pytest.raises(ExportFormatError) as alone:  # a single run's own base graph: refused before it is written
+        lora_targets([adapter], tiny_base, refuse=True)
+    assert alone.value.code == "ME813" and named in str(alone.value)
     plain = build_adapter(tiny_base, tmp_path / "plain", seed=8)
     graph, _ = _serve(tiny_base, [plain], tmp_path)
     with pytest.raises(ExportFormatError) as err:

@@ -31,7 +31,6 @@ __all__ = [
     "PAIR_FILE",
     "LoraTarget",
     "adapter_problems",
-    "check_servable",
     "lora_targets",
     "write_onnx_adapter",
     "adapter_files",
@@ -132,24 +131,19 @@ def adapter_problems(checkpoint: Path, base_dir: Path) -> list[str]:
     return _modules(Path(checkpoint), Path(base_dir))[1]
 
 
-def check_servable(checkpoint: Path, base_dir: Path) -> None:
-    """Raise ExportFormatError (ME813) naming what in the adapter cannot be an .onnx_adapter, before a base graph is
-    written for it."""
-    problems = adapter_problems(checkpoint, base_dir)
-    if problems:
-        raise ExportFormatError("onnx_adapter_unsupported", what="; ".join(problems))
-
-
-def lora_targets(checkpoints: list[Path], base_dir: Path) -> dict[str, LoraTarget]:
+def lora_targets(checkpoints: list[Path], base_dir: Path, refuse: bool = False) -> dict[str, LoraTarget]:
     """The union of the modules the adapters target, by base tensor name (``model.layers.0.self_attn.q_proj.weight``;
     a tied head's is ``lm_head.weight`` although the base stores it as the embedding) with their kind and shape;
-    adapters that cannot be served this way are left out (their runs say why)."""
+    adapters that cannot be served this way are left out (their runs say why), or, with ``refuse`` (one adapter's
+    own base graph, before it is written), refused: ExportFormatError ME813 naming why."""
     from ..checkpoint.base_model import inspect_base_model
 
     tensors = inspect_base_model(str(base_dir)).tensors
     targets: dict[str, LoraTarget] = {}
     for checkpoint in checkpoints:
         modules, problems = _modules(Path(checkpoint), Path(base_dir))
+        if problems and refuse:
+            raise ExportFormatError("onnx_adapter_unsupported", what="; ".join(problems))
         if problems:
             continue
         for module, update in modules.items():

@@ -167,11 +167,10 @@ def _onnx_adapter(state: RunState, checkpoint: Path, base: str) -> list[tuple[St
     def write(view: ConfigView, partial: Path) -> dict[str, Any]:
         from ..checkpoint.base_model import resolve_base_model
         from ..exporters.onnx_export import base_graph, onnx_settings
-        from ..exporters.onnx_lora import check_servable, lora_targets, training_dirs
+        from ..exporters.onnx_lora import lora_targets, training_dirs
 
         base_dir = Path(resolve_base_model(base))
-        check_servable(checkpoint, base_dir)  # before the base graph is written for it
-        targets = lora_targets([checkpoint], base_dir)
+        targets = lora_targets([checkpoint], base_dir, refuse=True)  # refused before its base graph is written
         settings = {**onnx_settings(view), "tokenizer_dirs": training_dirs(checkpoint)}
         details = base_graph(base_dir, partial, targets, settings)
         return {**details, **adapter_files(checkpoint, partial, partial)}
