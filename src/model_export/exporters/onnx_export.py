@@ -21,7 +21,6 @@ from ..checkpoint.hf_layout import copy_generation_config, copy_tokenizer
 from ..errors import ExportFormatError
 from ..files import write_atomic
 from ..monitoring import logger
-from ..runtimes.genai import LORA_FILE
 from ..runtimes.ort import OnnxDecoder, config_file
 from .base import ExportContext, ExportFormat
 
@@ -128,11 +127,10 @@ def base_graph(base_dir: Path, out: Path, targets: dict[str, Any], settings: dic
     """The base model as an ONNX graph (our builder; ``settings`` as onnx_settings gives them) that takes LoRA inputs
     for ``targets`` (onnx_lora.lora_targets), with its genai_config.json, tokenizer and lora.json; one graph, no
     optimized copy (a second base to keep in step with the adapters)."""
+    from .onnx_lora import write_targets
+
     details = export_onnx(base_dir, out, **{**settings, "optimize": False}, lora=targets)
-    dtype = "float16" if details["weight_type"] == "fp16" else "float32"
-    data = {"dtype": dtype, "base_model": str(Path(base_dir).resolve())}
-    data["targets"] = {name: [t.kind, t.rows, t.cols] for name, t in targets.items()}
-    write_atomic(out / LORA_FILE, json.dumps(data, indent=2) + "\n")
+    write_targets(out, targets, "float16" if details["weight_type"] == "fp16" else "float32", base_dir)
     return {**details, "lora_targets": len(targets)}
 
 

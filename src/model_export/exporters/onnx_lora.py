@@ -34,6 +34,7 @@ __all__ = [
     "lora_targets",
     "write_onnx_adapter",
     "adapter_files",
+    "write_targets",
     "LORA_FILE",
 ]
 
@@ -214,6 +215,16 @@ def training_dirs(checkpoint: Path) -> list[Path]:
     """Where a base graph takes its tokenizer and generation config from before the base's: the training run's, as
     the merge does."""
     return [Path(checkpoint), Path(checkpoint).parent]
+
+
+def write_targets(folder: Path, targets: dict[str, LoraTarget], dtype: str, base_dir: Path) -> None:
+    """lora.json in a base graph's folder: the modules that take LoRA inputs, their float type and the base model's
+    folder (an adapter's whole tensors are compared with it)."""
+    from ..files import write_atomic
+
+    data = {"dtype": dtype, "base_model": str(Path(base_dir).resolve())}
+    data["targets"] = {name: [t.kind, t.rows, t.cols] for name, t in targets.items()}
+    write_atomic(Path(folder) / LORA_FILE, json.dumps(data, indent=2) + "\n")
 
 
 def read_targets(folder: Path) -> tuple[dict[str, LoraTarget], str, Path]:
