@@ -106,6 +106,41 @@ def test_mixtures_are_byte_identical_to_llama_model_quantize(k_model, tmp_path, 
     assert [n for n in ours if ours[n][1] != theirs[n][1]] == []
 
 
+@pytest.mark.parametrize(
+    "gguf_type, with_imatrix", [("q4_k_m", True), ("q4_k_m", False), ("q3_k_s", True), ("q5_0", True), ("q8_0", False)]
+)
+def test_our_quantizers_write_the_file_llama_cpp_s_quantizer_writes(
+    k_model, tmp_path, monkeypatch, gguf_type, with_imatrix
+):
+    """Where the llamacpp extra is installed the export encodes with llama.cpp's ggml_quantize_chunk (faster); without
+    it with our numpy K-quants and gguf.quants. Both give the same file, and each says which one wrote it; the read
+    back (which encodes the merge again) passes either way."""
+    pytest.importorskip("llama_cpp")
+    from model_export.quantize import ggml_quants
+
+    base, _, imatrix = k_model[True]
+    imatrix = imatrix if with_imatrix else None
+    fast = export_gguf(base, tmp_path / "ggml", gguf_type=gguf_type, imatrix=imatrix)
+    monkeypatch.setattr(ggml_quants, "_LOADED", [None])  # as on a machine without llama-cpp-python
+    ours = export_gguf(base, tmp_path / "numpy", gguf_type=gguf_type, imatrix=imatrix)
+    assert fast["quantizer"].startswith("llama.cpp (llama-cpp-python ") and ours["quantizer"] == "model-export (numpy)"
+    with open(fast["path"], "rb") as a, open(ours["path"], "rb") as b:
+        assert a.read() == b.read()
+    assert read_back(ours["path"], base, imatrix)["tensors"] == len(gguf.GGUFReader(ours["path"]).tensors)
+
+
+def test_llama_cpp_s_quantizer_is_refused_rows_it_would_abort_on():
+    pytest.importorskip("llama_cpp")
+    from model_export.quantize.ggml_quants import ggml_quantize as ours
+
+    rows = awkward_rows()
+    assert np.array_equal(ours(rows, "q4_k", importance(768)), ggml_quantize(rows, "q4_k", importance(768)))
+    with pytest.raises(ValueError, match="whole 256-value blocks"):
+        ours(rows[:, :300], "q4_k")  # ggml asserts (and ends the process) on a partial block
+    with pytest.raises(ValueError, match="768 columns but 700 importances"):
+        ours(rows, "q4_k", np.ones(700, dtype=np.float32))
+
+
 def test_q4_k_m_gives_more_bits_where_llama_cpp_does(k_model, tmp_path):
     base, _, _ = k_model[False]
     types = {n: t for n, (t, _) in stored(export_gguf(base, tmp_path, gguf_type="q4_k_m")["path"]).items()}

@@ -27,6 +27,7 @@ from .. import extras, i18n
 from ..checkpoint.hf_layout import rope_parameters
 from ..errors import ExportFormatError
 from ..monitoring import Progress
+from ..quantize.ggml_quants import quantizer
 from ..quantize.gguf_types import (
     FILE_TYPES,
     K_MIXTURES,
@@ -154,6 +155,7 @@ def export_gguf(
         "tensors": len(sources) + (rope_freqs is not None),
         "modelfile": str(modelfile) if modelfile else None,
         "types": {t: sum(1 for v in types.values() if v == t) for t in sorted(set(types.values()))},
+        "quantizer": quantizer() if set(types.values()) - {"f32", "f16", "bf16"} else None,
     }
 
 

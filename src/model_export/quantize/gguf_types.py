@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .ggml_quants import GGML_TYPES, ggml_library, ggml_quantize
 from .kquants import K_TYPES, LEGACY_BYTES, QK_K
 from .kquants import quantize as k_quantize
 
@@ -180,8 +181,8 @@ _K_POOL: list[Any] = []
 
 
 def _k_pool() -> Any:
-    """Threads for the K-quants, one per core this process may use: numpy releases the GIL inside each operation,
-    so row chunks quantize side by side."""
+    """Threads for the K-quants, one per core this process may use: numpy releases the GIL inside each operation
+    and ctypes for llama.cpp's call, so row chunks quantize side by side."""
     if not _K_POOL:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -194,20 +195,28 @@ def _k_pool() -> Any:
 
 
 def encode_rows(values: np.ndarray, ttype: str, importance: np.ndarray | None = None) -> np.ndarray:
-    """Float32 rows in GGUF type ``ttype``: f32/f16 by cast, K-quants by our kquants (with the tensor's importance
-    per column when an importance matrix has it), the legacy types through gguf.quants (llama.cpp's quantizers)."""
+    """Float32 rows in GGUF type ``ttype``: f32/f16 by cast; the quantized types by llama.cpp's own quantizer where
+    the llamacpp extra installed it (ggml_quants.py), else K-quants by our kquants (with the tensor's importance per
+    column when an importance matrix has it) and the legacy types through gguf.quants: the same bytes either way."""
     import gguf
 
     if ttype == "f32":
         return values
     if ttype == "f16":
         return values.astype(np.float16)
+    if ggml_library() is not None and ttype in GGML_TYPES:
+        return _in_chunks(values, lambda part: ggml_quantize(part, ttype, importance))
     if ttype in K_TYPES or (importance is not None and ttype in LEGACY_BYTES):
-        rows = values.reshape(-1, values.shape[-1])
-        step = max(1, K_CHUNK_VALUES // rows.shape[1])
-        parts = [rows[i : i + step] for i in range(0, len(rows), step)]
-        return np.concatenate(list(_k_pool().map(lambda part: k_quantize(part, ttype, importance), parts)))
+        return _in_chunks(values, lambda part: k_quantize(part, ttype, importance))
     return gguf.quants.quantize(values, getattr(gguf.GGMLQuantizationType, ttype.upper()))
+
+
+def _in_chunks(values: np.ndarray, encode: Any) -> np.ndarray:
+    """``encode`` over row chunks of about K_CHUNK_VALUES values, side by side on the K-quant threads."""
+    rows = values.reshape(-1, values.shape[-1])
+    step = max(1, K_CHUNK_VALUES // rows.shape[1])
+    parts = [rows[i : i + step] for i in range(0, len(rows), step)]
+    return np.concatenate(list(_k_pool().map(encode, parts)))
 
 
 def importance_for(imatrix: Mapping[str, np.ndarray] | None, target: str, ttype: str) -> np.ndarray | None:
