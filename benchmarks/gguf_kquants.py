@@ -4,7 +4,9 @@
     python benchmarks/gguf_kquants.py --size 4b
 
 The random-weight Qwen3-shaped model of benchmarks/merge_vs_peft.py (bf16, tied, vocabulary 151936) stands for a merged
-model. Ours: ``export_gguf(merged, out, gguf_type="q4_k_m")`` (our numpy K-quants, no compiler). Theirs, as a user of
+model. Ours: ``export_gguf(merged, out, gguf_type="q4_k_m")``, twice: with our numpy K-quants (what every install
+without llama.cpp runs, no compiler) and with llama.cpp's ggml_quantize_chunk (what the export calls where the
+``llamacpp`` extra is installed, quantize/ggml_quants.py). Theirs, as a user of
 llama.cpp does it: a bf16 GGUF first, then llama.cpp's quantizer to Q4_K_M (``llama_model_quantize``, what
 ``llama-quantize`` runs, from the libllama the ``llamacpp`` extra built) on both cores. llama.cpp's own
 ``convert_hf_to_gguf.py`` refuses this model's tokenizer (a BPE trained here, whose pre-tokenizer hash it does not
@@ -38,8 +40,12 @@ export_gguf(sys.argv[1], sys.argv[2], gguf_type="bf16")
 
 OURS = """
 import sys
+from model_export.quantize import ggml_quants
+if sys.argv[3] == "numpy":
+    ggml_quants._LOADED.append(None)  # as without llama-cpp-python
 from model_export.exporters.gguf_export import export_gguf
-export_gguf(sys.argv[1], sys.argv[2], gguf_type="q4_k_m")
+quantizer = export_gguf(sys.argv[1], sys.argv[2], gguf_type="q4_k_m")["quantizer"]
+assert quantizer.startswith("llama.cpp") == (sys.argv[3] == "ggml"), quantizer
 """
 
 QUANTIZE = """
@@ -79,27 +85,35 @@ def main() -> None:
         write_base(base, args.size)
     settle(base)
     ours_dir, bf16, theirs = work / "ours", work / "bf16.gguf", work / "theirs-q4_k_m.gguf"
-    ours = timed([sys.executable, "-c", OURS, str(base), str(ours_dir)])
+    ours = timed([sys.executable, "-c", OURS, str(base), str(ours_dir), "numpy"])
+    ours_ggml = timed([sys.executable, "-c", OURS, str(base), str(work / "ours-ggml"), "ggml"])
     convert = timed([sys.executable, "-c", TO_BF16, str(base), str(work / "bf16")])
     (work / "bf16" / "model-bf16.gguf").replace(bf16)
     quantize = timed([sys.executable, "-c", QUANTIZE, str(bf16), str(theirs)])
     same, total = same_tensors(ours_dir / "model-q4_k_m.gguf", theirs)
+    same_ggml, _ = same_tensors(work / "ours-ggml" / "model-q4_k_m.gguf", theirs)
     llama_wall = convert["wall_s"] + quantize["wall_s"]
     results = {
         "size": args.size,
         "ours": ours,
+        "ours_with_llama_cpp_quantizer": ours_ggml,
         "bf16_gguf_for_llama_cpp": convert,
         "llama_cpp_quantize_q4_k_m": quantize,
         "llama_cpp_wall_s": round(llama_wall, 2),
         "wall_vs_llama_cpp": round(ours["wall_s"] / llama_wall, 3),
         "identical_tensors": f"{same}/{total}",
+        "with_llama_cpp_quantizer_wall_vs_llama_cpp": round(ours_ggml["wall_s"] / llama_wall, 3),
+        "with_llama_cpp_quantizer_identical_tensors": f"{same_ggml}/{total}",
     }
     print(json.dumps(results, indent=2))
     print(f"wall vs llama.cpp: {results['wall_vs_llama_cpp']} {target_line(results['wall_vs_llama_cpp'], 1.0, 'x')}")
     print(f"peak RSS: {ours['peak_rss_gib']} GiB {target_line(ours['peak_rss_gib'], 1.5, ' GiB')}")
+    ratio = results["with_llama_cpp_quantizer_wall_vs_llama_cpp"]
+    print(f"with llama.cpp's quantizer: {ratio} {target_line(ratio, 1.0, 'x')}, {ours_ggml['peak_rss_gib']} GiB")
     (work / f"kquants-{args.size}.json").write_text(json.dumps(results, indent=2))
     if not args.keep:
         shutil.rmtree(ours_dir, ignore_errors=True)
+        shutil.rmtree(work / "ours-ggml", ignore_errors=True)
         for path in (bf16, theirs):
             path.unlink(missing_ok=True)
 
