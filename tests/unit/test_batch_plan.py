@@ -1,13 +1,14 @@
 """Planning a batch (batch.py): which folders are adapters, their names, how many run at once, the config rules."""
 
 import json
+import math
 
 import pytest
 
 from model_export import ConfigError, ExportConfiguration
 from model_export.errors import CheckpointValidationError
 from model_export.pipeline.batch import find_adapters, is_batch, pool_width
-from model_export.pipeline.preflight import memory_per_adapter
+from model_export.pipeline.preflight import GIB, memory_before_verify, memory_per_adapter
 from model_export.pipeline.validate import validate_config
 
 
@@ -92,6 +93,37 @@ def test_the_memory_planned_per_adapter_grows_with_the_base_and_the_formats(tmp_
         config(tmp_path, export_formats=["safetensors"], verification_runtime="transformers"), 2 * 10**9
     )
     assert 2 * 10**9 < small < whole and whole >= 8 * 10**9  # the fp32 model twice when loaded whole
+
+
+def test_what_a_run_holds_beside_its_reference_is_planned_without_the_verify_step(tmp_path):
+    """The reference beside a run shares memory with the merge, calibration and export only (the verify step waits
+    for its process to end): planned from two of the largest tensor or decoder layer in fp32, not from the verify
+    step's runtimes; the ONNX export's torch backend instantiates the whole model, so it plans that."""
+    from safetensors import safe_open
+
+    from model_export.checkpoint.base_model import inspect_base_model
+    from model_export.demo.tiny import build_base_model
+
+    base = build_base_model(tmp_path / "base", hidden_size=256, num_hidden_layers=4, tie_word_embeddings=False)
+    info = inspect_base_model(str(base))
+    sizes = {}  # each decoder layer's parameters together, every other tensor alone
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        for name in f.keys():
+            key = ".".join(name.split(".")[:3]) if ".layers." in name else name
+            sizes[key] = sizes.get(key, 0) + math.prod(f.get_slice(name).get_shape())
+    assert len(sizes) == 4 + 3  # four layers; the embedding, the untied head and the final norm
+    params = sum(sizes.values())
+
+    plain = config(tmp_path, export_formats=["safetensors", "gguf"], quantization_level="int8")
+    assert memory_before_verify(plain, info) == int(0.6 * GIB + 8 * max(sizes.values()))
+    whole = plain.model_copy(update={"verification_runtime": "transformers"})
+    assert (
+        memory_before_verify(whole, info)
+        == memory_before_verify(plain, info)
+        < memory_per_adapter(whole, info.weight_bytes)
+    )
+    torch_onnx = config(tmp_path, export_formats=["onnx"], onnx_backend="torch", onnx_optimize_graph=False)
+    assert memory_before_verify(torch_onnx, info) == int(0.6 * GIB + 4 * params)
 
 
 def test_batch_keys_are_checked(tmp_path):

@@ -3,8 +3,9 @@ calibration and the export run, in a process of its own.
 
 The memory rule, written once (``beside_rule``): side by side when the memory available at the start, less 1 GiB,
 holds the reference's process (0.6 GiB for torch and transformers, plus what the reference holds: about the base's
-weight bytes for the layer-streamed pass, the whole model in fp32 twice over for transformers) beside the run's own
-planned peak (preflight.memory_per_adapter, the figure a batch plans each adapter's process with). Also: two cores or
+weight bytes for the layer-streamed pass, the whole model in fp32 twice over for transformers) beside what the run
+is planned to hold until its verify step (preflight.memory_before_verify: the merge, calibration and export; the
+verify step first waits for the reference's process to end, so its runtimes never run beside it). Also: two cores or
 more
 (each side gets half), no GPU (the two would share its memory), not inside a batch (its adapters already run side by
 side), and with ``steps_side_by_side: auto`` a base of 256 MiB of weights or more (below that its reference takes less
@@ -31,7 +32,7 @@ SMALL_BASE = 256 << 20  # base weights under this: a process costs more than the
 _RESULT = ".reference.beside.json"
 
 
-def beside_rule(config: Any, weight_bytes: int, in_batch: bool) -> tuple[bool, str]:
+def beside_rule(config: Any, info: Any, in_batch: bool) -> tuple[bool, str]:
     """(whether verify:reference runs beside the merge and export, the rule in words)."""
     import psutil
 
@@ -47,9 +48,10 @@ def beside_rule(config: Any, weight_bytes: int, in_batch: bool) -> tuple[bool, s
     cores = os.cpu_count() or 1
     if cores < 2:
         return False, i18n.ui("beside_rule_cores", cores=cores)
-    if mode == "auto" and weight_bytes < SMALL_BASE:
-        return False, i18n.ui("beside_rule_small", size=human_bytes(weight_bytes), threshold=human_bytes(SMALL_BASE))
-    reference, run = _needs(config, weight_bytes)
+    if mode == "auto" and info.weight_bytes < SMALL_BASE:
+        size, threshold = human_bytes(info.weight_bytes), human_bytes(SMALL_BASE)
+        return False, i18n.ui("beside_rule_small", size=size, threshold=threshold)
+    reference, run = _needs(config, info)
     available = psutil.virtual_memory().available
     fits = available - GIB >= reference + run
     words = dict(available=human_bytes(available), reference=human_bytes(reference), run=human_bytes(run))
@@ -57,22 +59,23 @@ def beside_rule(config: Any, weight_bytes: int, in_batch: bool) -> tuple[bool, s
     return fits, i18n.ui("beside_rule_memory", verdict=verdict, **words)
 
 
-def _needs(config: Any, weight_bytes: int) -> tuple[int, int]:
+def _needs(config: Any, info: Any) -> tuple[int, int]:
     """(what the reference's process needs: 0.6 GiB for torch and transformers plus the base's weight bytes streamed,
-    or the whole model in fp32 twice over for transformers; the run's own planned peak)."""
-    from .preflight import memory_per_adapter
+    or the whole model in fp32 twice over for transformers; what the run plans to hold until its verify step)."""
+    from .preflight import memory_before_verify
 
     whole = config.verification_runtime == "transformers" or config.base_model_load_in_4bit
-    return int(0.6 * GIB + (4 * weight_bytes if whole else weight_bytes)), memory_per_adapter(config, weight_bytes)
+    weight_bytes = info.weight_bytes
+    return int(0.6 * GIB + (4 * weight_bytes if whole else weight_bytes)), memory_before_verify(config, info)
 
 
-def resident_beside(config: Any, weight_bytes: int) -> int:
-    """What the reference beside the run may keep resident (max_memory auto): the memory available less 1 GiB, the
-    run's planned peak and the reference's own streaming needs (the side-by-side rule's figures), so that the two
-    together stay within what the rule allowed."""
+def resident_beside(config: Any, info: Any) -> int:
+    """What the reference beside the run may keep resident (max_memory auto): the memory available less 1 GiB, what
+    the run plans to hold until its verify step and the reference's own streaming needs (the side-by-side rule's
+    figures), so that the two together stay within what the rule allowed."""
     import psutil
 
-    reference, run = _needs(config, weight_bytes)
+    reference, run = _needs(config, info)
     return max(int(psutil.virtual_memory().available - GIB - run - reference), 0)
 
 
@@ -80,9 +83,7 @@ class Beside:
     """verify:reference computing in a process of its own; ``result()`` waits for its record (None when it did not
     finish: the verify step computes it then), ``stop()`` ends it (a run that fails or is interrupted)."""
 
-    def __init__(
-        self, config: Any, out: Path, checkpoint: Path, base_dir: Path, upstream: dict[str, str], weight_bytes: int = 0
-    ) -> None:
+    def __init__(self, config: Any, out: Path, checkpoint: Path, info: Any, upstream: dict[str, str]) -> None:
         import subprocess
 
         from ..monitoring import RESIDENT_ENV
@@ -95,14 +96,14 @@ class Beside:
             "config": config.model_dump(mode="json"),
             "out": str(out),
             "checkpoint": str(checkpoint),
-            "base_dir": str(base_dir),
+            "base_dir": str(info.path),
             "upstream": upstream,
             "threads": max(1, (os.cpu_count() or 2) // 2),
             "parent": os.getpid(),
             "lang": i18n.current_language(),
         }
         env = {**os.environ, "MODEL_EXPORT_LOG_CONTEXT": "verify:reference"}
-        env[RESIDENT_ENV] = str(resident_beside(config, weight_bytes))  # max_memory auto, beside the run
+        env[RESIDENT_ENV] = str(resident_beside(config, info))  # max_memory auto, beside the run
         command = [sys.executable, "-m", "model_export.pipeline.beside", json.dumps(job)]
         self.process = subprocess.Popen(command, env=env)  # its log lines go to the console and the run's log
 

@@ -207,11 +207,11 @@ def _reference_beside(state: RunState, checkpoint: Path, info: Any) -> Any:
     earlier = state.manifest.steps.get(unit.name)
     if earlier and reference_cached(unit, earlier.unit_record(), state.out):
         return None
-    side_by_side, rule = beside_rule(state.config, info.weight_bytes, bool(state.shared))
+    side_by_side, rule = beside_rule(state.config, info, bool(state.shared))
     logger.info(i18n.ui("beside_start" if side_by_side else "beside_not", rule=rule))
     if not side_by_side:
         return None
-    return Beside(state.config, state.out, checkpoint, info.path, dict(state.content), info.weight_bytes)
+    return Beside(state.config, state.out, checkpoint, info, dict(state.content))
 
 
 def _benchmark_step(state: RunState) -> None:
