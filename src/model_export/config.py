@@ -356,7 +356,8 @@ class ExportConfiguration(ReportedModel):
         description="Memory the layer-streamed reference may keep its widened (fp32) layers in between passes, so "
         "that its greedy decoding reads only the layers that do not fit: auto (the memory available when the "
         "reference starts, less a quarter and at least 2 GiB; in a batch on the local pool, each adapter's even "
-        "share beyond its planned peak; on Ray, 0), a size (e.g. 6GiB, 500MB), or 0 to read every layer "
+        "share beyond its planned peak; beside the merge and export (steps_side_by_side), what they and the "
+        "reference's own streaming leave; on Ray, 0), a size (e.g. 6GiB, 500MB), or 0 to read every layer "
         "on every pass. The results are the same either way; only time and memory change.",
     )
     verification_servers: list[Literal["vllm"]] = Field(
