@@ -98,11 +98,13 @@ def test_the_memory_planned_per_adapter_grows_with_the_base_and_the_formats(tmp_
 def test_what_a_run_holds_beside_its_reference_is_planned_without_the_verify_step(tmp_path):
     """The reference beside a run shares memory with the merge, calibration and export only (the verify step waits
     for its process to end): planned from two of the largest tensor or decoder layer in fp32, not from the verify
-    step's runtimes; the ONNX export's torch backend instantiates the whole model, so it plans that."""
+    step's runtimes; the ONNX export's torch backend instantiates the whole model, so it plans that. The streamed
+    reference beside it is planned the same way (what it keeps resident comes on top, within max_memory)."""
     from safetensors import safe_open
 
     from model_export.checkpoint.base_model import inspect_base_model
     from model_export.demo.tiny import build_base_model
+    from model_export.pipeline.beside import _needs
 
     base = build_base_model(tmp_path / "base", hidden_size=256, num_hidden_layers=4, tie_word_embeddings=False)
     info = inspect_base_model(str(base))
@@ -116,12 +118,12 @@ def test_what_a_run_holds_beside_its_reference_is_planned_without_the_verify_ste
 
     plain = config(tmp_path, export_formats=["safetensors", "gguf"], quantization_level="int8")
     assert memory_before_verify(plain, info) == int(0.6 * GIB + 8 * max(sizes.values()))
-    whole = plain.model_copy(update={"verification_runtime": "transformers"})
-    assert (
-        memory_before_verify(whole, info)
-        == memory_before_verify(plain, info)
-        < memory_per_adapter(whole, info.weight_bytes)
-    )
+    # the layer-streamed reference itself: two layers in fp32 beside what it keeps resident; loaded whole, fp32 twice
+    assert _needs(plain, info) == (memory_before_verify(plain, info), memory_before_verify(plain, info))
+    whole_reference = plain.model_copy(update={"verification_runtime": "transformers"})
+    assert _needs(whole_reference, info)[0] == int(0.6 * GIB + 4 * info.weight_bytes)
+    assert memory_before_verify(whole_reference, info) == memory_before_verify(plain, info)  # its runtime: later
+    assert memory_before_verify(plain, info) < memory_per_adapter(whole_reference, info.weight_bytes)
     torch_onnx = config(tmp_path, export_formats=["onnx"], onnx_backend="torch", onnx_optimize_graph=False)
     assert memory_before_verify(torch_onnx, info) == int(0.6 * GIB + 4 * params)
 

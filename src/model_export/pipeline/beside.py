@@ -2,11 +2,11 @@
 calibration and the export run, in a process of its own.
 
 The memory rule, written once (``beside_rule``): side by side when the memory available at the start, less 1 GiB,
-holds the reference's process (0.6 GiB for torch and transformers, plus what the reference holds: about the base's
-weight bytes for the layer-streamed pass, the whole model in fp32 twice over for transformers) beside what the run
-is planned to hold until its verify step (preflight.memory_before_verify: the merge, calibration and export; the
-verify step first waits for the reference's process to end, so its runtimes never run beside it). Also: two cores or
-more
+holds the reference's process (0.6 GiB for torch and transformers, plus what the reference holds: two of the base's
+largest layer in fp32 for the layer-streamed pass, the whole model in fp32 twice over for transformers) beside what
+the run is planned to hold until its verify step (preflight.memory_before_verify: the merge, calibration and export;
+the verify step first waits for the reference's process to end, so its runtimes never run beside it); what is left
+the reference may keep resident (max_memory auto). Also: two cores or more
 (each side gets half), no GPU (the two would share its memory), not inside a batch (its adapters already run side by
 side), and with ``steps_side_by_side: auto`` a base of 256 MiB of weights or more (below that its reference takes less
 than the two seconds a process takes to start). The reference's process computes exactly what the verify step would
@@ -60,13 +60,14 @@ def beside_rule(config: Any, info: Any, in_batch: bool) -> tuple[bool, str]:
 
 
 def _needs(config: Any, info: Any) -> tuple[int, int]:
-    """(what the reference's process needs: 0.6 GiB for torch and transformers plus the base's weight bytes streamed,
-    or the whole model in fp32 twice over for transformers; what the run plans to hold until its verify step)."""
-    from .preflight import memory_before_verify
+    """(what the reference's process needs besides the layers it keeps resident: 0.6 GiB for torch and transformers
+    plus a layer-streamed pass, or the whole model in fp32 twice over for transformers; what the run plans to hold
+    until its verify step)."""
+    from .preflight import memory_before_verify, streamed_peak
 
     whole = config.verification_runtime == "transformers" or config.base_model_load_in_4bit
-    weight_bytes = info.weight_bytes
-    return int(0.6 * GIB + (4 * weight_bytes if whole else weight_bytes)), memory_before_verify(config, info)
+    reference = 4 * info.weight_bytes if whole else streamed_peak(info)
+    return int(0.6 * GIB + reference), memory_before_verify(config, info)
 
 
 def resident_beside(config: Any, info: Any) -> int:
