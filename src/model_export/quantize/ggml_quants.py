@@ -19,21 +19,8 @@ import numpy as np
 
 __all__ = ["ggml_library", "ggml_quantize", "quantizer"]
 
-# llama.cpp's ggml_type for the types we write (the same numbers as gguf.GGMLQuantizationType: a GGUF stores them)
-GGML_TYPES = {
-    "q4_0": 2,
-    "q4_1": 3,
-    "q5_0": 6,
-    "q5_1": 7,
-    "q8_0": 8,
-    "q2_k": 10,
-    "q3_k": 11,
-    "q4_k": 12,
-    "q5_k": 13,
-    "q6_k": 14,
-}
-_BLOCKS = {"q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24), "q8_0": (32, 34)}
-_BLOCKS.update({"q2_k": (256, 84), "q3_k": (256, 110), "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210)})
+# the types llama.cpp's quantizer encodes here (their ggml_type numbers and block sizes: gguf's, as a GGUF has them)
+GGML_TYPES = frozenset({"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"})
 _LIBRARY = {"darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}.get(sys.platform, "libggml-base.so")
 _LOADED: list[ctypes.CDLL | None] = []
 
@@ -58,8 +45,13 @@ def ggml_library() -> ctypes.CDLL | None:
             try:
                 lib = ctypes.CDLL(str(path))
                 lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-                lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 2, *[ctypes.c_int64] * 3]
-                lib.ggml_quantize_chunk.argtypes += [ctypes.c_void_p]
+                # (type, src, dst, start, nrows, n_per_row, imatrix)
+                lib.ggml_quantize_chunk.argtypes = [
+                    ctypes.c_int,
+                    *[ctypes.c_void_p] * 2,
+                    *[ctypes.c_int64] * 3,
+                    ctypes.c_void_p,
+                ]
             except (OSError, AttributeError):  # a broken or foreign build: our own quantizers do the work
                 lib = None
         _LOADED.append(lib)
@@ -82,12 +74,15 @@ def ggml_quantize(rows: np.ndarray, ttype: str, importance: np.ndarray | None = 
     """Float32 rows [n, columns] in ``ttype`` (uint8 [n, row bytes]) by llama.cpp's ggml_quantize_chunk, with one
     importance per column where given (llama.cpp's quant_weights). Needs ggml_library(); the columns must be whole
     blocks (checked here: ggml would abort the process)."""
+    import gguf
+
     lib = ggml_library()
     if lib is None:
         raise RuntimeError("llama.cpp's libggml-base is not installed")
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     count, columns = rows.shape
-    block, size = _BLOCKS[ttype]
+    qtype = getattr(gguf.GGMLQuantizationType, ttype.upper())
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
     if columns % block:
         raise ValueError(f"{ttype} needs rows of whole {block}-value blocks, not {columns} values")
     if importance is not None:
@@ -96,7 +91,7 @@ def ggml_quantize(rows: np.ndarray, ttype: str, importance: np.ndarray | None = 
             raise ValueError(f"{columns} columns but {importance.size} importances")
     out = np.empty((count, columns // block * size), dtype=np.uint8)
     weights = None if importance is None else importance.ctypes.data
-    written = lib.ggml_quantize_chunk(GGML_TYPES[ttype], rows.ctypes.data, out.ctypes.data, 0, count, columns, weights)
+    written = lib.ggml_quantize_chunk(int(qtype), rows.ctypes.data, out.ctypes.data, 0, count, columns, weights)
     if written != out.size:  # a bug or a foreign ggml, not a user error
         raise AssertionError(f"ggml_quantize_chunk wrote {written} bytes, {out.size} expected")
     return out
