@@ -35,10 +35,18 @@ __all__ = [
     "write_onnx_adapter",
     "adapter_files",
     "write_targets",
+    "onnx_adapters",
     "LORA_FILE",
 ]
 
 RANK_AXIS = "lora_r"
+
+
+def onnx_adapters(config: Any) -> bool:
+    """Whether a run writes adapters for onnxruntime-genai (a base graph with LoRA inputs, an .onnx_adapter per
+    adapter): with onnx, when it asks for onnx_adapter or, in a batch, for the adapters themselves (batch_outputs
+    adapters or both)."""
+    return "onnx" in config.formats and (config.batch_outputs != "merged" or config.onnx_adapter)
 
 
 @dataclass(frozen=True)

@@ -332,7 +332,8 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
     base = shared_base(config, adapters)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from .batch_base import adapter_checkpoints, onnx_adapters, prepare_base, share_references
+    from ..exporters.onnx_lora import onnx_adapters
+    from .batch_base import adapter_checkpoints, prepare_base, share_references
     from .preflight import check_disk_space
     from .state import output_lock
 

@@ -13,6 +13,7 @@ from ..checkpoint.base_model import inspect_base_model
 from ..checkpoint.validate import base_quantization
 from ..config import ExportConfiguration
 from ..errors import ExportError
+from ..exporters.onnx_lora import onnx_adapters
 from ..monitoring import human_bytes, logger
 from ..steps import files_in as _files
 from ..steps import fingerprint as _fingerprint
@@ -21,7 +22,7 @@ from .export_step import base_gguf, base_onnx, onnx_adapter_spec
 from .graph import StepSpec, export_spec
 from .state import RunState
 
-__all__ = ["adapter_checkpoints", "onnx_adapters", "prepare_base", "share_references"]
+__all__ = ["adapter_checkpoints", "prepare_base", "share_references"]
 
 
 def prepare_base(
@@ -53,19 +54,13 @@ def prepare_base(
             outputs=lambda result: _files(result.get("folder")),
         )
         shared["base_gguf"] = result["path"]
-    if onnx_adapters(c):
+    if onnx_adapters(c):  # a base graph once for every adapter's .onnx_adapter
         shared["base_onnx"] = _base_onnx(state, info, folder / "export", checkpoints)
     if c.run_validation_tests and (c.verification_runtime != "transformers" or "base_onnx" in shared):
         shared.update(_shared_verification(state, info, folder / "verify", checkpoints if together else []))
         if "base_onnx" in shared:
             shared["base_onnx_verdict"] = _judge_base_onnx(state, Path(shared["base_onnx"]), folder / "verify")
     return shared
-
-
-def onnx_adapters(config: ExportConfiguration) -> bool:
-    """Whether the batch writes its adapters for onnxruntime-genai (a base graph once, an .onnx_adapter each): with
-    onnx, when it asks for the adapters themselves (batch_outputs adapters or both) or for onnx_adapter."""
-    return "onnx" in config.formats and (config.batch_outputs != "merged" or config.onnx_adapter)
 
 
 def _base_onnx(state: RunState, info: Any, export: Path, checkpoints: list[Path]) -> str:

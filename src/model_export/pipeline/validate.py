@@ -391,8 +391,9 @@ def _format_keys(config: ExportConfiguration) -> list[ConfigProblem]:
             problems.append(ConfigProblem(key, "key_without_format", {"format": "gguf"}))
     if config.onnx_adapter and "onnx" not in config.formats:
         problems.append(ConfigProblem("onnx_adapter", "key_without_format", {"format": "onnx"}))
-    genai = "onnx" in config.formats and (config.onnx_adapter or config.batch_outputs != "merged")
-    if genai and 1 not in (config.onnx_dynamic_axes or {}).get("input_ids", {}):
+    from ..exporters.onnx_lora import onnx_adapters
+
+    if onnx_adapters(config) and 1 not in (config.onnx_dynamic_axes or {}).get("input_ids", {}):
         problems.append(ConfigProblem("onnx_dynamic_axes", "genai_needs_prompt_axis"))
     return problems
 
