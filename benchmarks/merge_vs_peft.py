@@ -229,9 +229,27 @@ def warm(path: Path) -> None:
                 pass
 
 
-def settle(base: Path) -> None:
+def settle(base: Path, recycle: int = 0) -> None:
+    """Flush dirty pages and warm the base; with ``recycle``, also touch and free that many bytes of memory (in a
+    process of its own) just before the next tool starts. On this VM the first touch of a guest page the host has not
+    backed costs far more than reusing a freed one: writing 1.2 GB into new page cache took 3.7 s of CPU with
+    never-touched memory and 0.3 s right after numpy had touched and freed 3 GB (1.5-2.0 s when 5 s passed between the
+    two: the VM hands freed memory back). Without it, each tool's writes cost what the VM's state at that moment makes
+    them cost."""
     subprocess.run(["sync"], check=True)
     warm(base)
+    if recycle:
+        # numpy's large arrays ask for transparent huge pages; memory touched by b"1" * n did not help (3.6 s again)
+        subprocess.run([sys.executable, "-c", f"import numpy; numpy.ones({int(recycle)}, numpy.uint8)"], check=True)
+
+
+def recycle_bytes(base: Path) -> int:
+    """What settle recycles before each tool: three times the base's bytes (its output, PEFT's model and margin), at
+    most the available memory less 2 GiB."""
+    import psutil
+
+    size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+    return max(0, min(3 * size, psutil.virtual_memory().available - (2 << 30)))
 
 
 def agreement(ours: Path, peft: Path, sample: int = 12) -> int:
@@ -285,6 +303,9 @@ def main() -> None:
     parser = bench_parser(__doc__, "/tmp/model-export-bench")
     parser.add_argument("--skip-peft", action="store_true", help="only copy and model-export (no PEFT run)")
     parser.add_argument(
+        "--no-recycle", action="store_true", help="do not touch and free memory before each tool (see settle)"
+    )
+    parser.add_argument(
         "--device",
         choices=["cpu", "cuda"],
         default="cpu",
@@ -312,12 +333,14 @@ def main() -> None:
         f"{sum(f.stat().st_size for f in base.glob('*.safetensors')) / 1e9:.2f} GB"
     )
     results = {}
-    # Each tool starts with the base in the page cache and no dirty pages waiting (sync, untimed); none of
-    # them syncs its own output, as cp and save_pretrained do not.
-    warm(base)
+    # Each tool starts with the base in the page cache, no dirty pages waiting (sync, untimed) and, unless --no-recycle,
+    # memory freed just before (settle); none of them syncs its own output, as cp and save_pretrained do not.
+    recycle = 0 if args.no_recycle else recycle_bytes(base)
+    results["recycled_gb"] = round(recycle / 1e9, 2)
+    settle(base, recycle)
     (work / "copy").mkdir()
     results["copy"] = timed(["sh", "-c", f"cp {base}/*.safetensors {work / 'copy'}/"])
-    settle(base)
+    settle(base, recycle)
     merge_cli = [
         sys.executable,
         "-m",
@@ -333,12 +356,12 @@ def main() -> None:
     results["model-export"] = timed(merge_cli + ["--out", str(work / "ours"), "--device", "cpu"])
     gpu = args.device == "cuda"
     if gpu:
-        settle(base)
+        settle(base, recycle)
         results["model-export-cuda"] = timed(
             [sys.executable, "-c", OURS_GPU_SCRIPT, str(adapter), str(base), str(work / "ours-cuda")], gpu=True
         )
     if not args.skip_peft:
-        settle(base)
+        settle(base, recycle)
         results["peft"] = timed(
             [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(work / "peft"), args.device], gpu=gpu
         )
@@ -355,7 +378,8 @@ def main() -> None:
 
 def report(results: dict) -> None:
     ours, copy = results["model-export"], results["copy"]
-    print(f"\n{'tool':<20}{'wall (s)':>10}{'peak RSS (GiB)':>16}{'peak GPU (GiB)':>16}")
+    print(f"\nmemory touched and freed before each tool: {results.get('recycled_gb', 0)} GB")
+    print(f"{'tool':<20}{'wall (s)':>10}{'peak RSS (GiB)':>16}{'peak GPU (GiB)':>16}")
     for name in ("peft", "model-export", "model-export-cuda", "copy"):
         if name in results:
             r = results[name]

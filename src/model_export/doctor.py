@@ -6,20 +6,14 @@ checkpoint integrity, and whether the model hub can be reached (skipped in offli
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
 import os
 import platform
 import shutil
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-from packaging.requirements import Requirement
-from packaging.version import InvalidVersion, Version
 
 from . import extras, i18n
 from .checkpoint.base_model import inspect_base_model, is_offline
@@ -60,6 +54,10 @@ class DoctorReport:
 
 def _minimums() -> dict[str, str]:
     """Lowest versions from model-export's own requirements (pyproject.toml), keyed by lower-case name."""
+    import importlib.metadata as metadata
+
+    from packaging.requirements import Requirement
+
     try:
         requirements = metadata.requires("model-export") or []
     except metadata.PackageNotFoundError:
@@ -74,6 +72,10 @@ def _minimums() -> dict[str, str]:
 
 
 def _package(name: str, minimum: str | None, optional_extra: str | None) -> Check:
+    import importlib.metadata as metadata
+
+    from packaging.version import InvalidVersion, Version
+
     try:
         version = metadata.version(name)
     except metadata.PackageNotFoundError:
@@ -148,6 +150,9 @@ def _disk(output_dir: str, model_bytes: int | None) -> Check:
 def _hub() -> Check:
     if is_offline():
         return Check("hub", "skip", i18n.ui("doctor_offline"))
+    import urllib.error
+    import urllib.request
+
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     try:
         urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=3)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["as_float", "nonfinite_count", "NUMPY_DTYPES"]
+__all__ = ["as_float", "narrow_into", "nonfinite_count", "widen_into", "NUMPY_DTYPES"]
 
 NUMPY_DTYPES = {
     "F64": np.float64,
@@ -44,3 +44,36 @@ def nonfinite_count(buffer, dtype: str) -> int:
     if dtype not in ("F64", "F32", "F16"):
         return 0
     return int(np.count_nonzero(~np.isfinite(np.frombuffer(buffer, dtype=NUMPY_DTYPES[dtype]))))
+
+
+def widen_into(buffer, dtype: str, out: np.ndarray) -> np.ndarray:
+    """Raw float bytes (F64, F32, F16, BF16) widened (F64: rounded) into the float32 array ``out``, shaped like it."""
+    if dtype == "BF16":
+        bits = np.frombuffer(buffer, dtype=np.uint16).reshape(out.shape)
+        np.left_shift(bits, 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(out, np.frombuffer(buffer, dtype=NUMPY_DTYPES[dtype]).reshape(out.shape), casting="same_kind")
+    return out
+
+
+def narrow_into(x: np.ndarray, dtype: str, out, scratch: np.ndarray) -> None:
+    """float32 ``x`` rounded to ``dtype`` (F32, F16, BF16) into the bytes ``out``, as torch rounds: to nearest, ties
+    to even; a bf16 NaN becomes 0x7FC0. ``x`` is consumed (its bits change); ``scratch``: uint32, as many as ``x``."""
+    if dtype == "F32":
+        np.copyto(np.frombuffer(out, dtype=np.float32, count=x.size).reshape(x.shape), x)
+        return
+    if dtype == "F16":
+        np.copyto(np.frombuffer(out, dtype=np.float16, count=x.size).reshape(x.shape), x, casting="same_kind")
+        return
+    if dtype != "BF16":
+        raise ValueError(f"cannot round float32 to {dtype}")
+    target = np.frombuffer(out, dtype=np.uint16, count=x.size).reshape(x.shape)
+    nan = np.isnan(x) if np.isnan(x.max()) else None  # a NaN anywhere makes the maximum NaN: one pass, no mask
+    bits, carry = x.view(np.uint32), scratch.reshape(x.shape)
+    np.right_shift(bits, 16, out=carry)  # ties go to the even result: add 0x7FFF plus the bit that stays lowest
+    carry &= 1
+    carry += 0x7FFF
+    bits += carry
+    np.copyto(target, bits.view(np.uint16)[..., 1::2])  # the upper halves (little-endian)
+    if nan is not None:
+        target[nan] = 0x7FC0

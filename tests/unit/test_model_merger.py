@@ -260,6 +260,48 @@ def test_a_damaged_shard_is_rewritten(tiny_base, adapter, tmp_path):
     assert tree_digest(tmp_path / "out") == reference
 
 
+@pytest.mark.parametrize("targets", [["q_proj", "down_proj"], ["v_proj", "embed_tokens"]])
+def test_rows_shared_between_threads_give_the_same_bytes(tiny_base, tmp_path, monkeypatch, targets):
+    """Each chunk's rows split between three threads, a row at a time (every chunk, however small), write the file
+    one thread writes in blocks of the usual size."""
+    from model_export.merging import arithmetic, merger
+
+    adapter = build_adapter(tiny_base, tmp_path / "adapter", target_modules=targets)
+    monkeypatch.setattr(merger, "_cores", lambda: 1)
+    merge(adapter, str(tiny_base), tmp_path / "one")
+    monkeypatch.setattr(merger, "_cores", lambda: 3)
+    monkeypatch.setattr(arithmetic, "SPLIT_ELEMS", 1)
+    monkeypatch.setattr(arithmetic, "BLOCK_ELEMS", 1)
+    split = []
+    original = arithmetic.Workspace.run
+    monkeypatch.setattr(arithmetic.Workspace, "run", lambda self, jobs: split.append(len(jobs)) or original(self, jobs))
+    merge(adapter, str(tiny_base), tmp_path / "three")
+    assert max(split) == 3
+    assert tree_digest(tmp_path / "one") == tree_digest(tmp_path / "three")
+    reference = load_dir(peft_merge(tiny_base, adapter, tmp_path / "peft"))
+    merged = load_dir(tmp_path / "three")
+    assert all(max_ulp(merged[name], tensor) <= 1 for name, tensor in reference.items())
+
+
+def test_merging_imports_neither_torch_nor_transformers(tiny_base, adapter, tmp_path):
+    """A LoRA merge on the CPU runs in numpy: torch's import alone was 1.4 s of a 5 s merge at the 0.6B shape."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom model_export import merge\nmerge(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'onnx') if m in sys.modules))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(adapter), str(tiny_base), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def test_unsupported_adapters_are_refused_before_writing(tiny_base, tmp_path):
     adapter = build_adapter(tiny_base, tmp_path / "adapter", target_modules=["q_proj"])
     config = json.loads((adapter / "adapter_config.json").read_text())

@@ -217,7 +217,7 @@ def _write_shards(out: Path, shards: list[Any], by_name: dict[str, Any], compres
     pending: dict[str, Any] = {}
     try:
         for shard in shards:
-            writer = ShardWriter(out / shard.filename, shard.tensors, {"format": "pt"})
+            writer = ShardWriter(out / shard.filename, shard.tensors, {"format": "pt"}, hashed=False)
             for tensor in shard.tensors:
                 weight_map[tensor.name] = shard.filename
                 data = pending.pop(tensor.name, None)
