@@ -54,10 +54,10 @@ class Workspace:
         import queue
 
         self._floats: dict[str, Any] = {}
-        self._read = bytearray()
+        self._read = np.empty(0, np.uint8)
         self._free: queue.Queue = queue.Queue()
         for _ in range(pool_size):
-            self._free.put(bytearray())
+            self._free.put(np.empty(0, np.uint8))
         self.lanes = max(1, lanes)
         self._helpers: Any = None
 
@@ -92,17 +92,17 @@ class Workspace:
         """Rows ``start:stop`` of ``info``'s tensor, into the reused read buffer."""
         length = tensor_range(info, start, stop)[1]
         if len(self._read) < length:
-            self._read = bytearray(length)
+            self._read = np.empty(length, np.uint8)
         return read_bytes(fh, info, start, stop, into=self._read)
 
-    def out_buffer(self, length: int) -> bytearray:
+    def out_buffer(self, length: int) -> np.ndarray:
         """A pooled buffer of at least ``length`` bytes; blocks while every buffer waits to be written."""
         buffer = self._free.get()
         if len(buffer) < length:
-            buffer = bytearray(length)
+            buffer = np.empty(length, np.uint8)  # not zero-filled: every byte handed out is written first
         return buffer
 
-    def release(self, buffer: bytearray) -> None:
+    def release(self, buffer: np.ndarray) -> None:
         self._free.put(buffer)
 
 
