@@ -328,6 +328,33 @@ def tiny_model(tiny_base, folder, arch, rope="default"):
     return folder
 
 
+@pytest.mark.parametrize("arch, dtype", [("qwen3", "bfloat16"), ("llama", "bfloat16"), ("llama", "float32")])
+def test_a_type_that_stores_the_merge_s_own_bytes_writes_the_file_widening_writes(
+    tiny_base, tmp_path, monkeypatch, arch, dtype
+):
+    """bf16 into bf16 (and f32 into f32) copies the merge's bytes, Llama's q/k rows reordered per head as they are:
+    the same file, byte for byte, as widening every tensor to float32 and encoding it again."""
+    from transformers import AutoModelForCausalLM
+
+    from model_export.exporters import gguf_export
+
+    folder = tiny_model(tiny_base, tmp_path / "model", arch)
+    if dtype == "bfloat16":  # the merge's dtype: its tensors and its config.json
+        AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).save_pretrained(str(folder))
+    gguf_type = {"bfloat16": "bf16", "float32": "f32"}[dtype]
+    copies, stored_chunks = [], gguf_export.stored_chunks
+    monkeypatch.setattr(
+        gguf_export, "stored_chunks", lambda source, fh: copies.append(source.name) or stored_chunks(source, fh)
+    )
+    copied = export_gguf(folder, tmp_path / "copied", gguf_type=gguf_type)["path"]
+    assert "model.layers.0.self_attn.q_proj.weight" in copies and "model.embed_tokens.weight" in copies
+    monkeypatch.setattr(gguf_export, "STORED_AS", {})
+    widened = export_gguf(folder, tmp_path / "widened", gguf_type=gguf_type)["path"]
+    assert Path(copied).read_bytes() == Path(widened).read_bytes()
+    types = {t.tensor_type.name.lower() for t in gguf.GGUFReader(copied).tensors}
+    assert gguf_type in types
+
+
 @pytest.mark.parametrize(
     "arch, rope", [("llama", "default"), ("llama", "llama3"), ("llama", "linear"), ("llama", "yarn"), ("qwen3", "yarn")]
 )

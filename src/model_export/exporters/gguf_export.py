@@ -45,7 +45,16 @@ from ..quantize.gguf_types import (
 )
 from ..quantize.kquants import LEGACY_BYTES
 from .base import ExportContext, ExportFormat
-from .gguf_tensors import ROPE_FREQS, Chunks, Source, float_chunks, gguf_sources, rope_freq_table
+from .gguf_tensors import (
+    ROPE_FREQS,
+    STORED_AS,
+    Chunks,
+    Source,
+    float_chunks,
+    gguf_sources,
+    rope_freq_table,
+    stored_chunks,
+)
 
 __all__ = ["export_gguf", "FORMAT"]
 
@@ -79,6 +88,8 @@ def _tensor_type(source: Source, gguf_type: str, model: TypePlan) -> str:
 
 def _encoded(source: Source, ttype: str, fh, importance: np.ndarray | None = None) -> Iterator[np.ndarray]:
     """The tensor in GGUF type ``ttype``, in row chunks."""
+    if STORED_AS.get(ttype) == source.info.dtype:
+        return stored_chunks(source, fh)
     return (encode_rows(values, ttype, importance) for values in float_chunks(source, fh))
 
 

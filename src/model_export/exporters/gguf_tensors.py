@@ -14,7 +14,7 @@ from ..checkpoint.hf_layout import rope_inv_freq, rope_parameters
 from ..errors import ExportFormatError
 from ..faults import crash_point
 from ..quantize.gguf_types import SUPPORTED_ARCHITECTURES
-from ..tensor_io import read_header, torch_row_chunks
+from ..tensor_io import read_bytes, read_header, row_bytes, torch_row_chunks
 
 _CHUNK_BYTES = 64 << 20
 
@@ -91,6 +91,24 @@ def float_chunks(source: Source, fh) -> Iterator[np.ndarray]:
         return
     for values in chunks:
         yield values if source.shape else values.reshape(1)
+
+
+# GGUF tensor types whose bytes are those of a safetensors dtype: a merged tensor of that dtype is written as it is
+STORED_AS = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
+
+
+def stored_chunks(source: Source, fh) -> Iterator[np.ndarray]:
+    """The merged tensor's own bytes in row chunks, for a GGUF type that stores them unchanged (STORED_AS): a bf16
+    merge written as a bf16 GGUF was widened to float32 and rounded back, an identity that took most of the 0.6B
+    shape's export; rows reordered per head move as they are."""
+    info = source.info
+    if not info.shape or source.heads:
+        whole = np.frombuffer(read_bytes(fh, info), np.uint8)
+        yield permute_heads(whole.reshape(info.shape[0], -1), source.heads) if source.heads else whole
+        return
+    rows, step = info.shape[0], max(1, _CHUNK_BYTES // max(row_bytes(info), 1))
+    for start in range(0, rows, step):
+        yield np.frombuffer(read_bytes(fh, info, start, min(rows, start + step)), np.uint8)
 
 
 ROPE_FREQS = "rope_freqs.weight"
