@@ -267,9 +267,9 @@ def test_rows_shared_between_threads_give_the_same_bytes(tiny_base, tmp_path, mo
     from model_export.merging import arithmetic, merger
 
     adapter = build_adapter(tiny_base, tmp_path / "adapter", target_modules=targets)
-    monkeypatch.setattr(merger, "_cores", lambda: 1)
+    monkeypatch.setattr(merger, "threads", lambda: 1)
     merge(adapter, str(tiny_base), tmp_path / "one")
-    monkeypatch.setattr(merger, "_cores", lambda: 3)
+    monkeypatch.setattr(merger, "threads", lambda: 3)
     monkeypatch.setattr(arithmetic, "SPLIT_ELEMS", 1)
     monkeypatch.setattr(arithmetic, "BLOCK_ELEMS", 1)
     split = []
@@ -277,6 +277,9 @@ def test_rows_shared_between_threads_give_the_same_bytes(tiny_base, tmp_path, mo
     monkeypatch.setattr(arithmetic.Workspace, "run", lambda self, jobs: split.append(len(jobs)) or original(self, jobs))
     merge(adapter, str(tiny_base), tmp_path / "three")
     assert max(split) == 3
+    import threading
+
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("merge")]  # the helpers are shut down
     assert tree_digest(tmp_path / "one") == tree_digest(tmp_path / "three")
     reference = load_dir(peft_merge(tiny_base, adapter, tmp_path / "peft"))
     merged = load_dir(tmp_path / "three")

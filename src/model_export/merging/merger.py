@@ -43,7 +43,7 @@ from ..config import parse_size
 from ..errors import BaseModelError, MergeError
 from ..faults import crash_point
 from ..files import write_atomic
-from ..monitoring import MemoryMonitor, Progress, logger
+from ..monitoring import MemoryMonitor, Progress, logger, threads
 from ..tensor_io import (
     SafetensorsFormatError,
     ShardPlan,
@@ -158,14 +158,8 @@ def merge(
     return result
 
 
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _compute_threads():
-    """The merge is a pipeline: numpy computes on every core (each chunk's rows split between the workspace's lanes)
+    """The merge is a pipeline: numpy computes on its cores (each chunk's rows split between the workspace's lanes)
     while the shard writer's two threads write and hash. BLAS threads of its own on top oversubscribe the cores
     (OpenBLAS's threads wait busily: on 2 cores a 0.6B merge took 4.3-5.3 s with two BLAS threads, 3.2-3.8 s with one),
     so BLAS keeps to one thread per lane."""
@@ -263,7 +257,7 @@ class _Sources:
 
     def __init__(self) -> None:
         self._files: dict[Path, BinaryIO] = {}
-        self.workspace = Workspace(lanes=_cores())
+        self.workspace = Workspace(lanes=threads())  # a batch's share of the cores, else every core
 
     def __enter__(self) -> _Sources:
         return self
@@ -271,6 +265,7 @@ class _Sources:
     def __exit__(self, *exc: object) -> None:
         for fh in self._files.values():
             fh.close()
+        self.workspace.close()  # its helper threads
 
     def get(self, path: Path) -> BinaryIO:
         if path not in self._files:
