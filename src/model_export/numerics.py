@@ -57,23 +57,25 @@ def widen_into(buffer, dtype: str, out: np.ndarray) -> np.ndarray:
 
 
 def narrow_into(x: np.ndarray, dtype: str, out, scratch: np.ndarray) -> None:
-    """float32 ``x`` rounded to ``dtype`` (F32, F16, BF16) into the bytes ``out``, as torch rounds: to nearest, ties
-    to even; a bf16 NaN becomes 0x7FC0. ``x`` is consumed (its bits change); ``scratch``: uint32, as many as ``x``."""
+    """float32 ``x`` (contiguous, any shape) rounded to ``dtype`` (F32, F16, BF16) into the bytes ``out``, as torch
+    rounds: to nearest, ties to even; a bf16 NaN becomes 0x7FC0. ``x`` is consumed (its bits change); ``scratch``:
+    uint32, at least as many as ``x``."""
+    x = x.reshape(-1)
     if dtype == "F32":
-        np.copyto(np.frombuffer(out, dtype=np.float32, count=x.size).reshape(x.shape), x)
+        np.copyto(np.frombuffer(out, dtype=np.float32, count=x.size), x)
         return
     if dtype == "F16":
-        np.copyto(np.frombuffer(out, dtype=np.float16, count=x.size).reshape(x.shape), x, casting="same_kind")
+        np.copyto(np.frombuffer(out, dtype=np.float16, count=x.size), x, casting="same_kind")
         return
     if dtype != "BF16":
         raise ValueError(f"cannot round float32 to {dtype}")
-    target = np.frombuffer(out, dtype=np.uint16, count=x.size).reshape(x.shape)
+    target = np.frombuffer(out, dtype=np.uint16, count=x.size)
     nan = np.isnan(x) if np.isnan(x.max()) else None  # a NaN anywhere makes the maximum NaN: one pass, no mask
-    bits, carry = x.view(np.uint32), scratch.reshape(x.shape)
+    bits, carry = x.view(np.uint32), scratch[: x.size]
     np.right_shift(bits, 16, out=carry)  # ties go to the even result: add 0x7FFF plus the bit that stays lowest
     carry &= 1
     carry += 0x7FFF
     bits += carry
-    np.copyto(target, bits.view(np.uint16)[..., 1::2])  # the upper halves (little-endian)
+    np.copyto(target, bits.view(np.uint16)[1::2])  # the upper halves (little-endian)
     if nan is not None:
         target[nan] = 0x7FC0

@@ -40,3 +40,12 @@ def test_nan_stays_nan(dtype):
     narrow_into(values.copy(), dtype, out, np.empty(values.size, np.uint32))
     back = widen_into(out, dtype, np.empty(values.size, np.float32))
     assert np.array_equal(np.isnan(back), np.isnan(values)) and list(back[[1, 3]]) == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_a_scalar_rounds_as_an_array_does(dtype):
+    value = np.array(1.00390625 + 2**-10, np.float32)  # not representable in bf16: rounds
+    out = bytearray(4)
+    narrow_into(value.copy(), dtype, out, np.empty(1, np.uint32))
+    expected = torch.tensor([float(value)]).to(TORCH[dtype]).view(torch.uint8).numpy().tobytes()
+    assert bytes(out[: len(expected)]) == expected
