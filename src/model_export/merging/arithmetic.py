@@ -28,7 +28,7 @@ from .. import i18n
 from ..checkpoint.adapter_format import MemoryTensor
 from ..monitoring import logger
 from ..numerics import narrow_into, widen_into
-from ..tensor_io import read_bytes, tensor_range
+from ..tensor_io import DTYPE_SIZES, read_bytes, tensor_range
 
 __all__ = ["merged_chunks", "MemoryTensor", "Workspace", "CHUNK_BYTES"]
 
@@ -40,8 +40,6 @@ BLOCK_ELEMS = 1 << 17
 # embedding columns differed in fp32 from the whole product, while blocks of 8 to 128 matched it bit for bit
 MIN_BLOCK_ROWS = 32
 SPLIT_ELEMS = 1 << 18  # smaller chunks are not worth handing rows to another thread
-_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
-_ITEMSIZE_IN = {"F64": 8, **_ITEMSIZE}
 
 
 class Workspace:
@@ -136,7 +134,7 @@ def merged_chunks(
         if not floating or not len(raw):  # integer buffers (and empty tensors) are copied as they are
             yield _pooled(workspace, raw)
             continue
-        length = (stop - start) * row_elems * _ITEMSIZE[tensor.dtype]
+        length = (stop - start) * row_elems * DTYPE_SIZES[tensor.dtype]
         buffer = workspace.out_buffer(length)
         out, rows = memoryview(buffer)[:length], stop - start
         whole = _whole_tensor(tensor.lora)
@@ -173,8 +171,8 @@ def _merge_rows(
     """Rows ``start:stop`` of ``tensor`` merged from the chunk's bytes ``raw`` (rows from ``first``) into ``out``."""
     shape = (stop - start, *tensor.shape[1:]) if tensor.shape else ()
     numel, row_elems = math.prod(shape), math.prod(tensor.shape[1:]) if tensor.shape else 1
-    source_row = _ITEMSIZE_IN[tensor.source.dtype] * row_elems
-    out_row = _ITEMSIZE[tensor.dtype] * row_elems
+    source_row = DTYPE_SIZES[tensor.source.dtype] * row_elems
+    out_row = DTYPE_SIZES[tensor.dtype] * row_elems
     rows_in = raw[(start - first) * source_row : (stop - first) * source_row]
     weight = widen_into(rows_in, tensor.source.dtype, workspace.floats(f"weight{lane}", numel).reshape(shape))
     if tensor.lora is not None:
