@@ -27,13 +27,9 @@ NUMPY_DTYPES = {
 
 def as_float(buffer, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     """A private, writable float array (float64 for F64, float32 otherwise) from raw little-endian bytes."""
-    if dtype == "BF16":
-        bits = np.frombuffer(buffer, dtype=np.uint16).astype(np.uint32)
-        bits <<= 16
-        return bits.view(np.float32).reshape(shape)
-    raw = np.frombuffer(buffer, dtype=NUMPY_DTYPES[dtype])
-    work = np.float64 if dtype == "F64" else np.float32
-    return raw.astype(work).reshape(shape)  # astype always copies
+    if dtype == "F64":
+        return np.frombuffer(buffer, dtype=np.float64).reshape(shape).copy()
+    return widen_into(buffer, dtype, np.empty(shape, dtype=np.float32))
 
 
 def nonfinite_count(buffer, dtype: str) -> int:
