@@ -32,6 +32,7 @@ __all__ = [
     "plan_shards",
     "header_bytes",
     "ShardWriter",
+    "byte_row_chunks",
     "file_checksum",
     "file_sha256",
 ]
@@ -400,20 +401,27 @@ def read_bytes(
     return buffer
 
 
+def byte_row_chunks(fh: BinaryIO, info: TensorInfo, max_bytes: int, value_bytes: int | None = None):
+    """(shape, raw bytes) of a tensor, whole rows at a time, each chunk at most ``max_bytes`` at ``value_bytes`` a
+    value (its stored size unless given: 4 for chunks widened to float32 afterwards); a 0-d tensor comes whole."""
+    if not info.shape:
+        yield (), read_bytes(fh, info)
+        return
+    rows, row_shape = info.shape[0], tuple(info.shape[1:])
+    step = max(1, max_bytes // max(1, (value_bytes or DTYPE_SIZES[info.dtype]) * math.prod(row_shape)))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        yield (stop - start, *row_shape), read_bytes(fh, info, start, stop)
+
+
 def torch_row_chunks(fh: BinaryIO, info: TensorInfo, max_bytes: int):
     """A tensor as torch tensors in its stored dtype, whole rows at a time, each at most ``max_bytes`` once widened to
     float32 (a 0-d tensor comes whole). The exporters convert or quantize these without holding the tensor."""
     import torch
 
     dtype = torch_dtype(info.dtype)
-    if not info.shape:
-        yield torch.frombuffer(read_bytes(fh, info), dtype=dtype).view(())
-        return
-    rows, row_shape = info.shape[0], tuple(info.shape[1:])
-    step = max(1, max_bytes // (4 * math.prod(row_shape)))
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        yield torch.frombuffer(read_bytes(fh, info, start, stop), dtype=dtype).view((stop - start, *row_shape))
+    for shape, raw in byte_row_chunks(fh, info, max_bytes, 4):
+        yield torch.frombuffer(raw, dtype=dtype).view(shape)
 
 
 def torch_dtype(name: str):

@@ -14,7 +14,7 @@ from ..checkpoint.hf_layout import rope_inv_freq, rope_parameters
 from ..errors import ExportFormatError
 from ..faults import crash_point
 from ..quantize.gguf_types import SUPPORTED_ARCHITECTURES
-from ..tensor_io import read_bytes, read_header, row_bytes, torch_row_chunks
+from ..tensor_io import byte_row_chunks, read_bytes, read_header, torch_row_chunks
 
 _CHUNK_BYTES = 64 << 20
 
@@ -102,13 +102,12 @@ def stored_chunks(source: Source, fh) -> Iterator[np.ndarray]:
     merge written as a bf16 GGUF was widened to float32 and rounded back, an identity that took most of the 0.6B
     shape's export; rows reordered per head move as they are."""
     info = source.info
-    if not info.shape or source.heads:
+    if source.heads:
         whole = np.frombuffer(read_bytes(fh, info), np.uint8)
-        yield permute_heads(whole.reshape(info.shape[0], -1), source.heads) if source.heads else whole
+        yield permute_heads(whole.reshape(info.shape[0], -1), source.heads)
         return
-    rows, step = info.shape[0], max(1, _CHUNK_BYTES // max(row_bytes(info), 1))
-    for start in range(0, rows, step):
-        yield np.frombuffer(read_bytes(fh, info, start, min(rows, start + step)), np.uint8)
+    for _, raw in byte_row_chunks(fh, info, _CHUNK_BYTES):
+        yield np.frombuffer(raw, np.uint8)
 
 
 ROPE_FREQS = "rope_freqs.weight"
