@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["as_float", "narrow_into", "nonfinite_count", "widen_into", "NUMPY_DTYPES"]
+__all__ = ["as_float", "narrow_into", "nonfinite_count", "widen_into", "FLOAT_DTYPES", "NUMPY_DTYPES"]
 
 NUMPY_DTYPES = {
     "F64": np.float64,
@@ -23,6 +23,7 @@ NUMPY_DTYPES = {
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # what widen_into widens
 
 
 def as_float(buffer, dtype: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import i18n
+from .reader import TRIM_EVERY, TensorReader, trim_heap
 
 __all__ = ["StreamedModel", "SUPPORTED", "shares_base", "streamable", "trim_heap"]
 
@@ -74,71 +75,6 @@ def _scheme(quantization: Any):
     if list(scheme.targets) != ["Linear"] or scheme.weights is None or scheme.input_activations is not None:
         raise ValueError(f"compressed-tensors targets {scheme.targets}")
     return scheme
-
-
-TRIM_EVERY = 8  # decoder layers run between two returns of freed heap memory to the system
-
-
-def trim_heap() -> None:
-    """Give the heap's free memory back to the system (glibc's malloc_trim; nothing elsewhere). Each layer allocates
-    and frees tens to hundreds of MB of different sizes; glibc raises its mmap threshold after such frees, so later ones
-    come from the heap and stay resident when freed: without this the streamed pass grew by about a layer's weights per
-    pass (0.6B shape: 1.9 GB resident after five passes, 1.1 GB with a trim every eight layers, no slower)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
-
-
-class _Reader:
-    """Reads base (or adapter) tensors, whole or by rows, as fp32 torch tensors."""
-
-    def __init__(self) -> None:
-        self._files: dict[Path, Any] = {}
-
-    def read(self, planned: Any, start: int | None = None, stop: int | None = None):
-        """The tensor, or its rows ``start:stop``, as fp32 (torch widens bf16 several times faster than numpy does)."""
-        import torch
-
-        return self.native(planned, start, stop).to(torch.float32)
-
-    def native(self, planned: Any, start: int | None = None, stop: int | None = None):
-        """The tensor, or its rows, in its stored dtype (packed int32 weights, their scales and shapes)."""
-        import torch
-
-        from ..tensor_io import torch_dtype
-
-        rows = tuple(planned.shape) if start is None else (stop - start, *planned.shape[1:])
-        raw = self._bytes(planned, start, stop)
-        return torch.frombuffer(raw, dtype=torch_dtype(planned.source.dtype)).reshape(rows)
-
-    def _bytes(self, planned: Any, start: int | None, stop: int | None):
-        from ..checkpoint.adapter_format import MemoryTensor
-        from ..tensor_io import read_bytes, tensor_range
-
-        source = planned.source
-        if isinstance(source, MemoryTensor):
-            offset, length = tensor_range(source, start, stop)
-            return bytearray(source.raw[offset : offset + length])
-        path = planned.source_file
-        if path not in self._files:
-            self._files[path] = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open for the model's life
-        return read_bytes(self._files[path], source, start, stop)
-
-    def close(self) -> None:
-        for fh in self._files.values():
-            fh.close()
-        self._files.clear()
 
 
 def _lora_delta(lora: Any, x: Any):
@@ -216,7 +152,7 @@ class StreamedModel:
         config._attn_implementation = "sdpa"
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        self.model, self.config, self.reader = model.eval(), config, _Reader()
+        self.model, self.config, self.reader = model.eval(), config, TensorReader()
         eos = model.generation_config.eos_token_id if model.generation_config else config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self._hooks = []
@@ -233,8 +169,12 @@ class StreamedModel:
         from concurrent.futures import ThreadPoolExecutor
 
         reader = ThreadPoolExecutor(1, "layer-reader", initializer=torch.set_num_threads, initargs=(1,))
-        self._ahead, self._ahead_reader, self._next = reader, _Reader(), None
-        self._layer_params = [[name for name, _ in layer.named_parameters()] for layer in model.model.layers]
+        self._ahead, self._ahead_reader, self._next = reader, TensorReader(), None
+        self._layer_params = [{name: p.shape for name, p in layer.named_parameters()} for layer in model.model.layers]
+        # Two sets of fp32 buffers the layers not kept resident are widened into, in turn (one computes while the
+        # reader thread fills the other): new memory for every layer on every pass cost more than the widening itself.
+        self._slots: list[dict[str, Any]] = [{}, {}]
+        self._turn = 0
         self._bind(model)
 
     # ---- wiring ------------------------------------------------------------------------------------------
@@ -264,25 +204,45 @@ class StreamedModel:
                     _set(layer, name, tensor)
                 return
             ahead, self._next = self._next, None
-            if ahead is not None and ahead[0] == index:
-                weights = ahead[1].result()
+            if ahead is not None and ahead[0] != index:  # a layer read for a pass that did not come
+                weights, kept = ahead[1].result(), ahead[2]
+                if kept:
+                    self.resident[ahead[0]] = weights
+                ahead = None
+            if ahead is None:
+                kept = self._admit_layer(index)
+                weights = self._read_layer(index, self.reader, self._buffers(index, kept))
             else:
-                if ahead is not None:
-                    ahead[1].result()  # a layer read for a pass that did not come: wait, then drop it
-                weights = self._read_layer(index, self.reader)
+                weights, kept = ahead[1].result(), ahead[2]
             for name, tensor in weights.items():
                 _set(layer, name, tensor)
-            self._keep(index, weights)
+            if kept:
+                self.resident[index] = weights
             following = self._following(index)  # the next layer not resident (after the last, the next pass's first)
             if following is not None:
-                self._next = (following, self._ahead.submit(self._read_layer, following, self._ahead_reader))
+                kept = self._admit_layer(following)
+                buffers = self._buffers(following, kept)
+                read = self._ahead.submit(self._read_layer, following, self._ahead_reader, buffers)
+                self._next = (following, read, kept)
 
         return load
 
-    def _keep(self, index: int, weights: dict[str, Any]) -> None:
-        """Keep a layer's widened weights between passes while they fit in max_memory."""
-        if self.admit(sum(t.numel() * t.element_size() for t in weights.values())):
-            self.resident[index] = weights
+    def _admit_layer(self, index: int) -> bool:
+        """Whether a layer's widened weights are kept between passes: while they fit in max_memory (in order)."""
+        return self.admit(sum(4 * shape.numel() for shape in self._layer_params[index].values()))
+
+    def _buffers(self, index: int, kept: bool) -> dict[str, Any] | None:
+        """Where a layer's weights are widened: None (new memory, kept resident) or the next set of buffers in turn,
+        made (on this thread) the first time a shape is asked for."""
+        if kept:
+            return None
+        import torch
+
+        slot, self._turn = self._slots[self._turn], 1 - self._turn
+        for name, shape in self._layer_params[index].items():
+            if name not in slot or slot[name].shape != shape:
+                slot[name] = torch.empty(shape, dtype=torch.float32)
+        return slot
 
     def admit(self, size: int) -> bool:
         """Whether ``size`` more bytes fit in max_memory beside what is kept; if so they are counted as kept."""
@@ -299,16 +259,18 @@ class StreamedModel:
                 return candidate
         return None
 
-    def _read_layer(self, index: int, reader: _Reader) -> dict[str, Any]:
-        return {name: self._weight(f"model.layers.{index}.{name}", reader) for name in self._layer_params[index]}
+    def _read_layer(self, index: int, reader: TensorReader, buffers: dict[str, Any] | None) -> dict[str, Any]:
+        names = self._layer_params[index]
+        return {name: self._weight(f"model.layers.{index}.{name}", reader, (buffers or {}).get(name)) for name in names}
 
-    def _weight(self, name: str, reader: _Reader | None = None):
-        """A parameter as fp32: read and widened, or for a compressed-tensors layer unpacked and dequantized by
-        compressed-tensors itself (its ``decompress``, the code transformers runs) from the packed weight and scale."""
-        reader = reader or self.reader
-        planned = self.tensors.get(name)
+    def _weight(self, name: str, reader: TensorReader | None = None, out: Any = None):
+        """A parameter as fp32: read and widened (into ``out`` when given), or for a compressed-tensors layer unpacked
+        and dequantized by compressed-tensors itself (its ``decompress``, the code transformers runs) from the packed
+        weight and scale."""
+        reader, planned = reader or self.reader, self.tensors.get(name)
         if planned is not None or self.scheme is None or not name.endswith(".weight"):
-            return reader.read(planned if planned is not None else self.tensors[name])
+            planned = planned if planned is not None else self.tensors[name]
+            return reader.read(planned) if out is None else reader.into(planned, out)
         from compressed_tensors.compressors import PackedQuantizationCompressor
 
         stem = name.removesuffix(".weight")
@@ -352,7 +314,8 @@ class StreamedModel:
         self.reader.close()
         self._ahead_reader.close()
         self.resident.clear()
-        self.model.lm_head.resident = None
+        self._slots = [{}, {}]
+        self.model.lm_head.resident = self.model.lm_head.block = None
 
 
 def _set(module: Any, name: str, tensor: Any) -> None:
@@ -434,6 +397,7 @@ def _head_module(owner: StreamedModel, name: str):
             self.planned = owner.tensors[name]
             self.loras = owner.loras.get("lm_head.weight")
             self.resident: Any = None
+            self.block: Any = None  # the rows read at a time when not resident, kept between passes
 
         def forward(self, hidden: Any) -> Any:
             rows, width = self.planned.shape
@@ -442,11 +406,14 @@ def _head_module(owner: StreamedModel, name: str):
             if self.resident is not None:
                 logits = torch.nn.functional.linear(hidden, self.resident)
             else:
-                step = max(1, HEAD_BLOCK_BYTES // (4 * width))
-                blocks = [
-                    torch.nn.functional.linear(hidden, owner.reader.read(self.planned, start, min(rows, start + step)))
-                    for start in range(0, rows, step)
-                ]
+                step = min(rows, max(1, HEAD_BLOCK_BYTES // (4 * width)))
+                if self.block is None or self.block.shape != (step, width):
+                    self.block = torch.empty((step, width), dtype=torch.float32)
+                blocks = []
+                for start in range(0, rows, step):
+                    stop = min(rows, start + step)
+                    weight = owner.reader.into(self.planned, self.block[: stop - start], start, stop)
+                    blocks.append(torch.nn.functional.linear(hidden, weight))
                 logits = torch.cat(blocks, dim=-1)
             if not self.loras:
                 return logits
