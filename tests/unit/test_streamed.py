@@ -1,6 +1,8 @@
 """The layer-streamed forward pass computes what PEFT's unmerged model computes (issue 16): logits within 1e-5 in fp32
 and the same greedy tokens, on tiny models of each architecture and each adapter variant the merge supports."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -243,6 +245,55 @@ def test_resident_layers_give_identical_results_with_fewer_reads(tiny_base, tmp_
     # not made when no layer is left to read)
     saved = reads["streamed"] - kept * (passes - 1)
     assert saved - 1 <= reads["resident"] <= saved
+
+
+def test_layers_not_kept_are_widened_into_two_buffers_in_turn(tiny_base, tmp_path):
+    """With nothing resident every layer is read on every pass, into one of two fp32 buffers kept for the model's life,
+    in turn (one computes while the reader thread fills the other), not into new memory each time; the results are
+    PEFT's (checked above and in the resident test, which streams the same way)."""
+    from model_export.runtimes.streamed import greedy_lockstep
+
+    model = StreamedModel(tiny_base, build_adapter(tiny_base, tmp_path / "adapter"), max_memory=0)
+    where, read = [], model._read_layer
+
+    def recorded(index, reader, buffers):
+        weights = read(index, reader, buffers)
+        where.append(weights["self_attn.q_proj.weight"].data_ptr())
+        return weights
+
+    model._read_layer = recorded
+    greedy_lockstep(model, SEQUENCES[:2], 4, set())
+    model.close()
+    assert len(where) >= 4 * model.config.num_hidden_layers
+    assert len(set(where)) == 2
+    assert all(a != b for a, b in zip(where, where[1:]))
+
+
+def _mapped(path):
+    """(whether ``path`` is mapped into this process, kB of it resident) from /proc/self/smaps."""
+    mapped, resident, inside = False, 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and fields[0][0] in "0123456789abcdef":
+            inside = len(fields) >= 6 and fields[-1] == str(path)
+            mapped = mapped or inside
+        elif inside and fields[:1] == ["Rss:"]:
+            resident += int(fields[1])
+    return mapped, resident
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_a_pass_leaves_none_of_the_base_s_pages_resident(tiny_base):
+    """Layers are widened straight from a mapping of the base's file, and its pages are released after each read: once
+    a pass is over the file is mapped but none of it counts toward this process's resident memory."""
+    model = StreamedModel(tiny_base)
+    with torch.no_grad():
+        model(IDS)
+    files = sorted(Path(tiny_base).glob("*.safetensors"))
+    states = [_mapped(path.resolve()) for path in files]
+    model.close()
+    assert files and all(mapped for mapped, _ in states)
+    assert [resident for _, resident in states] == [0] * len(files)
 
 
 def test_several_adapters_share_one_pass(tiny_base, tmp_path):
