@@ -170,3 +170,42 @@ def test_runtimes_take_the_share_of_the_cores_a_batch_gives_them(monkeypatch):
     assert threads() == 2
     monkeypatch.setenv(THREADS_ENV, "none")
     assert threads() == 8
+
+
+def test_max_memory_auto_keeps_resident_only_what_the_run_s_plan_leaves(tmp_path, monkeypatch):
+    """With max_memory auto the streamed reference never takes a run above its plan (memory_per_adapter, what a pool is
+    sized by), however much memory is free: in the verify step it keeps at most the plan less its own process and
+    streaming; beside the export, less what the export holds too (at the 4B shape: nothing). A size keeps its meaning;
+    the share a batch or the run gave the reference's process (RESIDENT_ENV) is taken as given."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    from model_export.checkpoint.base_model import inspect_base_model
+    from model_export.demo.tiny import build_base_model
+    from model_export.monitoring import RESIDENT_ENV
+    from model_export.pipeline.beside import _needs, resident_beside
+    from model_export.pipeline.preflight import resident_cap
+    from model_export.verify.reference import memory_budget
+
+    free = SimpleNamespace(available=1 << 40)  # a machine with 1 TiB free: only the plan limits
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
+    monkeypatch.delenv(RESIDENT_ENV, raising=False)
+    plain = config(tmp_path, export_formats=["safetensors", "gguf"], quantization_level="int8")
+    base = build_base_model(tmp_path / "base", hidden_size=256, num_hidden_layers=4, tie_word_embeddings=False)
+    layers = {f"model.layers.{k}.mlp.{p}.weight": SimpleNamespace(numel=2560 * 9728) for k in range(36) for p in "ab"}
+    shape_4b = SimpleNamespace(  # the 4B shape's decoder layers and tied embedding, bf16 (headers only)
+        tensors={"model.embed_tokens.weight": SimpleNamespace(numel=151936 * 2560), **layers},
+        weight_bytes=2 * (151936 * 2560 + 72 * 2560 * 9728),
+        path=base,
+    )
+    for info in (inspect_base_model(str(base)), shape_4b):
+        plan, (reference, run) = memory_per_adapter(plain, info.weight_bytes), _needs(plain, info)
+        cap = resident_cap(plain, info)
+        assert reference + cap == plan  # the verify step's reference fills the plan, no more
+        assert memory_budget("auto", cap) == cap < memory_budget("auto")  # the free memory alone would allow more
+        assert run + reference + resident_beside(plain, info) <= max(plan, run + reference)
+    assert resident_beside(plain, shape_4b) == 0 < resident_cap(plain, shape_4b)
+    assert memory_budget("6GiB", 0) == 6 * GIB and memory_budget(0, 10**9) == 0
+    monkeypatch.setenv(RESIDENT_ENV, "12345")
+    assert memory_budget("auto", 0) == 12345

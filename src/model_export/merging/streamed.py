@@ -2,13 +2,13 @@
 
 Verification needs the logits and greedy continuation of base + adapter (what PEFT's unmerged model computes). Loading
 that model whole costs 4 bytes per parameter in fp32 (16 GB at 4B). Here transformers builds the model on the meta
-device (no memory), and hooks around each decoder layer read that layer's tensors from the base's safetensors (through
-the page cache, explicit reads, no whole-model copy) into fp32 just before it runs and drop them after. The LoRA
-updates are applied unmerged, as PEFT's layers do: ``W x + b + scaling * B (A x)`` (rsLoRA, rank and alpha patterns,
-lora bias), DoRA as PEFT computes it, LoRA on embeddings, and whole tensors the adapter saved (modules_to_save, added
-tokens) in place of the base's. The embedding reads only the rows asked for; the head multiplies in row blocks. The
-layers run in transformers' own code, so attention, rotary embeddings, masks, the KV cache and ``generate`` are
-transformers'.
+device (no memory), and hooks around each decoder layer widen that layer's tensors from the base's safetensors (a
+mapping of the file whose pages are released after each read: merging/reader.py) into fp32 just before it runs; a
+layer not kept goes into one of two buffers reused in turn. The LoRA updates are applied unmerged, as PEFT's layers do:
+``W x + b + scaling * B (A x)`` (rsLoRA, rank and alpha patterns, lora bias), DoRA as PEFT computes it, LoRA on
+embeddings, and whole tensors the adapter saved (modules_to_save, added tokens) in place of the base's. The embedding
+reads only the rows asked for; the head multiplies in row blocks. The layers run in transformers' own code, so
+attention, rotary embeddings, masks, the KV cache and ``generate`` are transformers'.
 
 Two things make repeated passes cheap. ``max_memory`` keeps widened layers (then the head) resident, in order, up to
 that many bytes, so a decoding step reads only the rest: the reference's greedy decoding then costs compute, not reads.

@@ -35,7 +35,7 @@ from ..config import ExportConfiguration
 from ..errors import ExportError, ResourceError, explain
 from ..files import strict_json, write_atomic
 from ..monitoring import exit_with_parent, human_bytes, logger
-from .preflight import GIB, memory_per_adapter
+from .preflight import GIB, memory_per_adapter, resident_cap
 
 __all__ = ["Adapter", "BatchResult", "find_adapters", "is_batch", "pool_width", "run", "run_batch", "BATCH_MANIFEST"]
 
@@ -70,14 +70,16 @@ def run(config: ExportConfiguration) -> Any:
 # --- how many at once ------------------------------------------------------------------------------------------------
 
 
-def resident_share(width: int, per_adapter: int) -> int:
+def resident_share(width: int, per_adapter: int, cap: int | None = None) -> int:
     """What each of ``width`` adapters side by side may keep resident in its streamed reference (max_memory auto):
-    its even share of the available memory less 1 GiB, beyond the ``per_adapter`` its run is planned to hold. On Ray
+    its even share of the available memory less 1 GiB, beyond the ``per_adapter`` its run is planned to hold, and at
+    most ``cap`` (preflight.resident_cap: what that plan leaves beside the reference's own needs). On Ray
     the tasks land on machines this process cannot see: 0 (every layer read on every pass)."""
     import psutil
 
     available = psutil.virtual_memory().available
-    return max(int((available - GIB) // max(width, 1)) - per_adapter, 0)
+    share = max(int((available - GIB) // max(width, 1)) - per_adapter, 0)
+    return share if cap is None else min(share, max(cap, 0))
 
 
 def pool_width(adapters: int, per_adapter: int, limit: int | None = None) -> tuple[int, int, str]:
@@ -350,7 +352,7 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
         info = inspect_base_model(base)
         per_adapter = memory_per_adapter(config, info.weight_bytes)
         width, threads, rule = pool_width(len(adapters), per_adapter, config.max_parallel_adapters)
-        resident = 0 if config.executor == "ray" else resident_share(width, per_adapter)
+        resident = 0 if config.executor == "ray" else resident_share(width, per_adapter, resident_cap(config, info))
         together = share_references(config, info, resident, len(adapters))
         graph = onnx_adapters(config)  # a base graph for every adapter's LoRA inputs
         checkpoints = adapter_checkpoints(config, adapters) if together or graph else []

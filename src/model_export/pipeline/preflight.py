@@ -74,6 +74,16 @@ def streamed_peak(info: Any) -> int:
     return 2 * 4 * max(sizes.values(), default=0)
 
 
+def resident_cap(config: ExportConfiguration, info: Any) -> int:
+    """The most the streamed reference keeps resident under ``max_memory: auto``: what the run's plan already counts on
+    holding at its peak (memory_per_adapter, its largest step) beyond the reference's own process and streaming, so that
+    a default run holds no more than it plans for. Resident layers save the widening on later passes but cost the first
+    touch of new memory, and the reader thread widens the next layer while one computes: at the 4B shape 14.5 GB kept
+    made the run 17 s faster (464.0 s against 480.9 s, docs/benchmarks.md). Beside the export, what the export holds
+    is taken off this too (pipeline/beside.py)."""
+    return max(memory_per_adapter(config, info.weight_bytes) - int(0.6 * GIB) - streamed_peak(info), 0)
+
+
 def memory_before_verify(config: ExportConfiguration, info: Any) -> int:
     """The memory a run is planned to hold before its verify step: the merge, the calibration and the export, beside
     which verify:reference may compute (the verify step starts after the reference's process has ended, so its

@@ -327,6 +327,7 @@ def _verify_step(state: RunState, checkpoint: Path, base_dir: Path) -> None:
     its units (a bound change re-judges a kept verdict without running a model); it counts as skipped when every unit
     was kept."""
     from ..verify.step import VerifyInputs, verify_step
+    from .preflight import resident_cap
 
     export = state.results["export"]
     earlier = state.manifest.steps.get("verify")
@@ -360,6 +361,7 @@ def _verify_step(state: RunState, checkpoint: Path, base_dir: Path) -> None:
         records,
         record,
         computed,
+        resident_cap(state.config, inspect_base_model(str(base_dir))),
     )
     state.step(
         STEP_SPECS["verify"],

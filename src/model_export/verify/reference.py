@@ -126,6 +126,7 @@ class RunOptions:
     device_map: str = "cpu"
     runtime: str = "auto"  # verification_runtime: auto, streamed, transformers
     max_memory: int | str = 0  # what the streamed reference keeps resident (max_memory: auto, a size, 0)
+    resident_cap: int | None = None  # auto at most this: what the run's memory plan leaves (preflight.resident_cap)
 
     @classmethod
     def from_config(cls, config: Any, reference: bool = False) -> RunOptions:
@@ -148,9 +149,10 @@ class RunOptions:
 MARGIN = 2 << 30  # max_memory auto: what stays free besides a quarter of the available memory
 
 
-def memory_budget(setting: int | str) -> int:
-    """Bytes the streamed reference may keep resident: max_memory as a size, or auto: in a batch's adapter, its share
-    (RESIDENT_ENV); else the memory available now less a quarter of it and at least 2 GiB."""
+def memory_budget(setting: int | str, cap: int | None = None) -> int:
+    """Bytes the streamed reference may keep resident: max_memory as a size, or auto: in a batch's adapter or beside
+    the export, the share it was given (RESIDENT_ENV); else the memory available now less a quarter of it and at least
+    2 GiB, and at most ``cap`` (what the run's memory plan leaves: preflight.resident_cap)."""
     if str(setting).strip().lower() != "auto":
         from ..files import parse_size
 
@@ -163,7 +165,8 @@ def memory_budget(setting: int | str) -> int:
     import psutil
 
     available = psutil.virtual_memory().available
-    return max(available - max(available // 4, MARGIN), 0)
+    budget = max(available - max(available // 4, MARGIN), 0)
+    return budget if cap is None else min(budget, max(cap, 0))
 
 
 def reference_line(device: str, precision: str) -> str:
@@ -319,7 +322,7 @@ def _streamed_reference(base_dir: Path, checkpoint: Path, asked: _Asked, base_he
     from ..monitoring import human_bytes
     from ..runtimes.streamed import greedy_lockstep, score_streamed
 
-    budget = memory_budget(asked.options.max_memory)
+    budget = memory_budget(asked.options.max_memory, asked.options.resident_cap)
     model = StreamedModel(base_dir, checkpoint, max_memory=budget)
     layers = model.config.num_hidden_layers
     logger.info(i18n.ui("streamed_reference", layers=layers, budget=human_bytes(budget)))

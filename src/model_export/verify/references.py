@@ -94,7 +94,7 @@ def shared_references(
     asks = [_asked(base_dir, tokenizer[str(c)], prompts, new_tokens, options) for c in taken]
     logger.info(i18n.ui("shared_references", count=len(taken)))
     label = i18n.ui("label_references", count=len(taken))
-    model = StreamedModel(base_dir, taken, max_memory=memory_budget(options.max_memory))
+    model = StreamedModel(base_dir, taken, max_memory=memory_budget(options.max_memory, options.resident_cap))
     try:
         numbers = [k for k, asked in enumerate(asks) for _ in asked.encoded]
         inputs = [ids for asked in asks for ids in asked.encoded]

@@ -109,6 +109,7 @@ class VerifyInputs:
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     record: Callable[[str, dict[str, Any]], None] = lambda name, record: None
     computed: dict[str, dict[str, Any]] = field(default_factory=dict)  # units computed in this run beside the export
+    resident_cap: int | None = None  # max_memory auto at most this (the run's memory plan: preflight.resident_cap)
 
 
 def verify_step(inputs: VerifyInputs, failed: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -351,9 +352,12 @@ def reference_cached(unit: Unit, record: dict[str, Any] | None, out: Path) -> bo
     return cache.is_file() and unit.kept(record, fingerprint([cache]))
 
 
-def compute_cached(config: Any, out: Path, checkpoint: Path, base_dir: Path, shared: dict[str, Any], unit: Unit) -> Any:
+def compute_cached(
+    config: Any, out: Path, checkpoint: Path, base_dir: Path, shared: dict[str, Any], unit: Unit, cap: int | None = None
+) -> Any:
     """Compute the reference on the keys ``verify:reference`` declares and keep it in verify/.reference.cache; returns
-    (the reference, the unit's record). Run by the verify step, or in a process of its own beside the export."""
+    (the reference, the unit's record). Run by the verify step, or in a process of its own beside the export. ``cap``:
+    what max_memory auto may keep resident at most (RunOptions.resident_cap)."""
     import dataclasses
 
     import torch
@@ -371,7 +375,7 @@ def compute_cached(config: Any, out: Path, checkpoint: Path, base_dir: Path, sha
         c.validation_new_tokens,
         load_in_4bit=c.base_model_load_in_4bit,
         load_in_8bit=c.base_model_load_in_8bit,
-        options=RunOptions.from_config(c, reference=True),
+        options=dataclasses.replace(RunOptions.from_config(c, reference=True), resident_cap=cap),
         base_heldout=Path(held) if held else None,
         shared=_shared(shared.get("references"), checkpoint, base_dir),
     )
@@ -443,7 +447,9 @@ class _LazyReference:
         if self.earlier:
             logger.info(i18n.ui("unit_reruns", unit=self.unit.name, why=self.unit.why(self.earlier)))
         i = self.inputs
-        reference, record = compute_cached(i.config, i.out, i.checkpoint, i.base_dir, i.shared, self.unit)
+        reference, record = compute_cached(
+            i.config, i.out, i.checkpoint, i.base_dir, i.shared, self.unit, i.resident_cap
+        )
         self.inputs.record(self.unit.name, record)
         return reference
 
