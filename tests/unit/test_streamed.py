@@ -269,6 +269,31 @@ def test_layers_not_kept_are_widened_into_two_buffers_in_turn(tiny_base, tmp_pat
     assert all(a != b for a, b in zip(where, where[1:]))
 
 
+def test_a_head_read_in_blocks_gives_what_peft_gives(tiny_base, tmp_path, monkeypatch):
+    """A head not kept resident is multiplied in blocks of rows, the next block widened by the reader thread into the
+    second of two buffers while one multiplies: with blocks of 7 rows (the last one short) the logits are PEFT's, for a
+    tied head and for a head with a LoRA of its own, bit for bit those of the head multiplied whole."""
+    from model_export.merging import streamed
+
+    variants = [{}, {"target_modules": ["q_proj", "lm_head"]}]
+    for k, lora in enumerate(variants):
+        adapter = build_adapter(tiny_base, tmp_path / f"a{k}", **lora)
+        whole = StreamedModel(tiny_base, adapter, max_memory=1 << 30)
+        with torch.no_grad():
+            expected = whole(IDS).logits
+        whole.close()
+        width = whole.model.lm_head.planned.shape[1]
+        monkeypatch.setattr(streamed, "HEAD_BLOCK_BYTES", 4 * width * 7)
+        model = StreamedModel(tiny_base, adapter, max_memory=0)
+        assert model.model.lm_head.planned.shape[0] % 7 != 0  # a short last block
+        assert_same(peft_reference(tiny_base, adapter), model)
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, expected)
+        assert len(model.model.lm_head.blocks) == 2
+        model.close()
+        monkeypatch.undo()
+
+
 def _mapped(path):
     """(whether ``path`` is mapped into this process, kB of it resident) from /proc/self/smaps."""
     mapped, resident, inside = False, 0, False

@@ -315,7 +315,7 @@ class StreamedModel:
         self._ahead_reader.close()
         self.resident.clear()
         self._slots = [{}, {}]
-        self.model.lm_head.resident = self.model.lm_head.block = None
+        self.model.lm_head.resident, self.model.lm_head.blocks = None, []
 
 
 def _set(module: Any, name: str, tensor: Any) -> None:
@@ -390,14 +390,15 @@ def _head_module(owner: StreamedModel, name: str):
 
     class StreamedHead(torch.nn.Module):
         """hidden @ W.T in blocks of rows read from disk (or whole, kept resident when max_memory has room after the
-        layers); the head's LoRA (when it has one) added unmerged."""
+        layers); the head's LoRA (when it has one) added unmerged. The reader thread widens the next block into the
+        second of two kept buffers while this one multiplies."""
 
         def __init__(self) -> None:
             super().__init__()
             self.planned = owner.tensors[name]
             self.loras = owner.loras.get("lm_head.weight")
             self.resident: Any = None
-            self.block: Any = None  # the rows read at a time when not resident, kept between passes
+            self.blocks: list[Any] = []  # two buffers of the rows read at a time when not resident, used in turn
 
         def forward(self, hidden: Any) -> Any:
             rows, width = self.planned.shape
@@ -406,19 +407,28 @@ def _head_module(owner: StreamedModel, name: str):
             if self.resident is not None:
                 logits = torch.nn.functional.linear(hidden, self.resident)
             else:
-                step = min(rows, max(1, HEAD_BLOCK_BYTES // (4 * width)))
-                if self.block is None or self.block.shape != (step, width):
-                    self.block = torch.empty((step, width), dtype=torch.float32)
-                blocks = []
-                for start in range(0, rows, step):
-                    stop = min(rows, start + step)
-                    weight = owner.reader.into(self.planned, self.block[: stop - start], start, stop)
-                    blocks.append(torch.nn.functional.linear(hidden, weight))
-                logits = torch.cat(blocks, dim=-1)
+                logits = torch.cat(list(self._blocks(hidden, rows, width)), dim=-1)
             if not self.loras:
                 return logits
             return _adapted(
                 owner, self.loras, logits, lambda lora, pick: pick(logits) + _lora_delta(lora, pick(hidden))
             )
+
+        def _blocks(self, hidden: Any, rows: int, width: int):
+            step = min(rows, max(1, HEAD_BLOCK_BYTES // (4 * width)))
+            if not self.blocks or self.blocks[0].shape != (step, width):
+                self.blocks = [torch.empty((step, width), dtype=torch.float32) for _ in range(2)]
+            starts = range(0, rows, step)
+
+            def widen(k: int) -> Any:  # on the reader thread, with its own reader
+                start, stop = starts[k], min(rows, starts[k] + step)
+                return owner._ahead_reader.into(self.planned, self.blocks[k % 2][: stop - start], start, stop)
+
+            pending = owner._ahead.submit(widen, 0)
+            for k in range(len(starts)):
+                weight = pending.result()
+                if k + 1 < len(starts):  # the other buffer: the block before it has been multiplied
+                    pending = owner._ahead.submit(widen, k + 1)
+                yield torch.nn.functional.linear(hidden, weight)
 
     return StreamedHead()

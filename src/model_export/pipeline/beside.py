@@ -73,15 +73,17 @@ def _needs(config: Any, info: Any) -> tuple[int, int]:
 def resident_beside(config: Any, info: Any) -> int:
     """What the reference beside the run may keep resident (max_memory auto): the memory available less 1 GiB, what
     the run plans to hold until its verify step and the reference's own streaming needs (the side-by-side rule's
-    figures), so that the two together stay within what the rule allowed; and no more than the run's plan leaves
-    beside the export (preflight.resident_cap less what the export holds: at the 4B shape, nothing)."""
+    figures), so that the two together stay within what the rule allowed; for a base too large to keep whole cheaply,
+    no more than the run's plan leaves beside the export (preflight.resident_cap less what the export holds: at the 4B
+    shape, nothing)."""
     import psutil
 
     from .preflight import resident_cap
 
     reference, run = _needs(config, info)
     available = int(psutil.virtual_memory().available - GIB - run - reference)
-    return max(min(available, resident_cap(config, info) - run), 0)
+    cap = resident_cap(config, info)
+    return max(available if cap is None else min(available, cap - run), 0)
 
 
 class Beside:

@@ -109,7 +109,7 @@ class VerifyInputs:
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     record: Callable[[str, dict[str, Any]], None] = lambda name, record: None
     computed: dict[str, dict[str, Any]] = field(default_factory=dict)  # units computed in this run beside the export
-    resident_cap: int | None = None  # max_memory auto at most this (the run's memory plan: preflight.resident_cap)
+    resident_cap: int | None = None  # max_memory auto at most this (preflight.resident_cap; None: no limit)
 
 
 def verify_step(inputs: VerifyInputs, failed: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
