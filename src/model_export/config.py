@@ -358,7 +358,7 @@ class ExportConfiguration(ReportedModel):
         "reference starts, less a quarter and at least 2 GiB; in a batch on the local pool, each adapter's even "
         "share beyond its planned peak; beside the merge and export (steps_side_by_side), what they and the "
         "reference's own streaming leave; on Ray, 0; and never more than the run's memory plan leaves beside the "
-        "reference's own process and streaming when the base's widened weights take more than a tenth of the "
+        "reference's own process and streaming when the base's widened weights take more than a quarter of the "
         "available memory: at the 4B shape on 24 GiB, nothing beside the export), a size (e.g. 6GiB, 500MB), or 0 to "
         "read every layer on every pass. The results are the same either way; only time and memory change.",
     )

@@ -173,7 +173,7 @@ def test_runtimes_take_the_share_of_the_cores_a_batch_gives_them(monkeypatch):
 
 
 def test_max_memory_auto_keeps_a_large_base_within_the_run_s_plan(tmp_path, monkeypatch):
-    """With max_memory auto a base whose widened weights take more than a tenth of the available memory is kept only
+    """With max_memory auto a base whose widened weights take more than a quarter of the available memory is kept only
     as far as the run's plan allows (memory_per_adapter, what a pool is sized by): in the verify step at most the plan
     less the reference's own process and streaming; beside the export, less what the export holds too (at the 4B shape
     on this machine's 24 GiB: nothing). A smaller base is limited by the available memory alone. A size keeps its

@@ -74,19 +74,20 @@ def streamed_peak(info: Any) -> int:
     return 2 * 4 * max(sizes.values(), default=0)
 
 
-SMALL_SHARE = 10  # a base whose widened weights take at most 1/SMALL_SHARE of the available memory is kept whole
+SMALL_SHARE = 4  # a base whose widened weights take at most 1/SMALL_SHARE of the available memory is kept whole
 
 
 def resident_cap(config: ExportConfiguration, info: Any) -> int | None:
     """The most the streamed reference keeps resident under ``max_memory: auto``, or None for no limit but the memory
-    available. A base whose weights widened to fp32 take at most a tenth of the memory available is kept whole (its
+    available. A base whose weights widened to fp32 take at most a quarter of the memory available is kept whole (its
     reference is short and on the run's critical path: at the 0.6B shape, 2.4 GB resident made a run 44-46 s against
-    50-52 s). A larger one keeps what the run's plan already counts on holding at its peak (memory_per_adapter, its
-    largest step) beyond the reference's own process and streaming, so that such a run holds no more than it plans
-    for; beside the export, what the export holds is taken off too (pipeline/beside.py). Resident layers save the
-    widening on later passes but cost the first touch of new memory, and the reader thread widens the next layer while
-    one computes: at the 4B shape 14.5 GB kept made the run 17 s faster (464.0 s against 480.9 s) and its peak three
-    times higher (docs/benchmarks.md)."""
+    50-52 s; a tenth of this machine's 19-24 GB available was too close to those 2.4 GB to decide the same way twice).
+    A larger one keeps what the run's plan already counts on holding at its peak (memory_per_adapter, its largest step)
+    beyond the reference's own process and streaming, so that such a run holds no more than it plans for; beside the
+    export, what the export holds is taken off too (pipeline/beside.py). Resident layers save the widening on later
+    passes but cost the first touch of new memory, and the reader thread widens the next layer while one computes: at
+    the 4B shape 14.5 GB kept made the run 17 s faster (464.0 s against 480.9 s) and its peak three times higher
+    (docs/benchmarks.md)."""
     import psutil
 
     if 4 * sum(tensor.numel for tensor in info.tensors.values()) <= psutil.virtual_memory().available // SMALL_SHARE:
