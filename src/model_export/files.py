@@ -54,3 +54,20 @@ def parse_size(value: int | str) -> int:
         raise ValueError(f"not a size: {value!r} (write e.g. 5GB, 500MB or 2GiB)")
     number, unit = match.groups()
     return int(float(number) * _UNITS[(unit or "B").lower()])
+
+
+def torch_save(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)``, with a write the disk could not hold raised as the OSError it is (ENOSPC), so the run
+    says the disk is full (ME403) instead of calling it its own fault: torch reports a short write as a RuntimeError
+    ("unexpected pos"). What was written of the file is removed."""
+    import errno
+
+    import torch
+
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        if "unexpected pos" not in str(exc):
+            raise
+        Path(path).unlink(missing_ok=True)
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: writing {path} stopped short") from exc

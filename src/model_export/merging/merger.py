@@ -42,7 +42,7 @@ from ..checkpoint.validate import validate_checkpoint
 from ..config import parse_size
 from ..errors import BaseModelError, MergeError
 from ..faults import crash_point
-from ..files import write_atomic
+from ..files import torch_save, write_atomic
 from ..monitoring import MemoryMonitor, Progress, logger, threads
 from ..tensor_io import (
     SafetensorsFormatError,
@@ -307,7 +307,7 @@ def _pytorch_shard(path: Path, tensors: list[OutputTensor], sources: _Sources, d
         )
         crash_point("tensor")
     partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
+    torch_save(state, partial)
     partial.replace(path)
     return file_checksum(path)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from .. import i18n
 from ..errors import MergeError, ValidationError
+from ..files import torch_save
 from ..monitoring import logger
 
 __all__ = [
@@ -377,11 +378,9 @@ def base_heldout_logits(base_dir: Path, heldout: Any, save_to: Path | None = Non
     finally:
         base.close()
     if save_to is not None:
-        import torch
-
         save_to.parent.mkdir(parents=True, exist_ok=True)
         partial = save_to.with_name(save_to.name + ".partial")
-        torch.save({"ids": heldout, "logits": logits}, partial)
+        torch_save({"ids": heldout, "logits": logits}, partial)
         os.replace(partial, save_to)
     return logits
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from .. import i18n
 from ..errors import ValidationError
+from ..files import torch_save
 from ..monitoring import logger
 from .reference import check_reference
 
@@ -178,13 +179,12 @@ def _asked(base_dir: Path, tokenizer_dir: Path, prompts: list[str], new_tokens: 
 
 
 def _save(folder: Path, checkpoint: Path, base_dir: Path, new_tokens: int, reference: Any) -> Path:
-    import torch
 
     path = shared_path(folder, checkpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
     made = {"base": str(base_dir), "adapter": _adapter_digest(checkpoint), "new_tokens": new_tokens}
     partial = path.with_name(path.name + ".partial")
-    torch.save({"made": made, "reference": dataclasses.asdict(reference)}, partial)
+    torch_save({"made": made, "reference": dataclasses.asdict(reference)}, partial)
     os.replace(partial, path)
     return path
 

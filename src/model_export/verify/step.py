@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import i18n
 from ..checkpoint.base_model import tokenizer_source
-from ..files import strict_json, write_atomic
+from ..files import strict_json, torch_save, write_atomic
 from ..monitoring import logger
 from ..steps import ConfigView, StepSpec, Unit, changed_values, files_in, fingerprint
 
@@ -185,9 +185,7 @@ def verdict_record(verdict: Any, path: Path, intermediate: bool) -> dict[str, An
     data = verdict.to_dict()
     write_atomic(path, strict_json(data))
     if intermediate and verdict.outputs is not None:
-        import torch
-
-        torch.save(verdict.outputs, path.with_suffix(".pt"))
+        torch_save(verdict.outputs, path.with_suffix(".pt"))
     return data
 
 
@@ -360,8 +358,6 @@ def compute_cached(
     what max_memory auto may keep resident at most (RunOptions.resident_cap)."""
     import dataclasses
 
-    import torch
-
     from .reference import RunOptions, compute_reference, other_road
 
     c, started = reference_spec().view(config), time.monotonic()
@@ -385,7 +381,7 @@ def compute_cached(
     cache = out / "verify" / REFERENCE_CACHE
     cache.parent.mkdir(parents=True, exist_ok=True)
     partial = cache.with_name(cache.name + ".partial")
-    torch.save(dataclasses.asdict(reference), partial)
+    torch_save(dataclasses.asdict(reference), partial)
     os.replace(partial, cache)  # a process killed while writing leaves no cache that looks finished
     record = {**unit.record(fingerprint([cache])), "seconds": round(time.monotonic() - started, 3)}
     return reference, {**record, "precision": reference.precision}
@@ -424,10 +420,8 @@ class _LazyReference:
             self.reference = self._load() or self._compute()
             self.precision = self.reference.precision
             if reference_spec().view(self.inputs.config).save_intermediate_results:  # kept to debug a failure
-                import torch
-
                 data = {k: getattr(self.reference, k) for k in ("prompts", "input_ids", "logits", "greedy")}
-                torch.save(data, self.cache.parent / "reference.pt")
+                torch_save(data, self.cache.parent / "reference.pt")
         return self.reference
 
     def _load(self) -> Any:
