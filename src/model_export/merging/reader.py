@@ -60,7 +60,7 @@ class TensorReader:
         """The tensor, or its rows, widened into the fp32 tensor ``out`` (contiguous, of their shape); returns it."""
         from ..checkpoint.adapter_format import MemoryTensor
         from ..numerics import FLOAT_DTYPES, widen_into
-        from ..tensor_io import tensor_range
+        from ..tensor_io import SafetensorsFormatError, tensor_range
 
         source = planned.source
         mapping = None
@@ -73,12 +73,14 @@ class TensorReader:
         import numpy as np
 
         offset, length = tensor_range(source, start, stop)
+        if offset + length > len(mapping):  # as read_bytes says it (the file changed since its header was read)
+            raise SafetensorsFormatError(f"tensor {source.name!r}: the file ended before its data did")
         if length:
             widen_into(np.frombuffer(mapping, dtype=np.uint8, count=length, offset=offset), source.dtype, out.numpy())
             # the kernel maps the page cache around a fault in aligned windows (fault-around, 64 KiB by default):
             # release every aligned WINDOW the range touched, not only its own pages (a test checks none stay)
-            start, stop = offset - offset % WINDOW, min(-(-(offset + length) // WINDOW) * WINDOW, len(mapping))
-            mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            first, last = offset - offset % WINDOW, min(-(-(offset + length) // WINDOW) * WINDOW, len(mapping))
+            mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
         return out
 
     def _mapping(self, path: Path) -> Any:
