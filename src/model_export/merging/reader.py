@@ -36,6 +36,11 @@ def trim_heap() -> None:
 _malloc_trim: Any = None
 
 
+def _rows(planned: Any, start: int | None, stop: int | None) -> tuple[int, ...]:
+    """The shape of a tensor, or of its rows ``start:stop``."""
+    return tuple(planned.shape) if start is None else (stop - start, *planned.shape[1:])
+
+
 class TensorReader:
     """Reads base (or adapter) tensors, whole or by rows, as fp32 torch tensors.
 
@@ -53,8 +58,7 @@ class TensorReader:
         """The tensor, or its rows ``start:stop``, as a new fp32 tensor."""
         import torch
 
-        rows = tuple(planned.shape) if start is None else (stop - start, *planned.shape[1:])
-        return self.into(planned, torch.empty(rows, dtype=torch.float32), start, stop)
+        return self.into(planned, torch.empty(_rows(planned, start, stop), dtype=torch.float32), start, stop)
 
     def into(self, planned: Any, out: Any, start: int | None = None, stop: int | None = None):
         """The tensor, or its rows, widened into the fp32 tensor ``out`` (contiguous, of their shape); returns it."""
@@ -105,9 +109,8 @@ class TensorReader:
 
         from ..tensor_io import torch_dtype
 
-        rows = tuple(planned.shape) if start is None else (stop - start, *planned.shape[1:])
         raw = self._bytes(planned, start, stop)
-        return torch.frombuffer(raw, dtype=torch_dtype(planned.source.dtype)).reshape(rows)
+        return torch.frombuffer(raw, dtype=torch_dtype(planned.source.dtype)).reshape(_rows(planned, start, stop))
 
     def _bytes(self, planned: Any, start: int | None, stop: int | None):
         from ..checkpoint.adapter_format import MemoryTensor

@@ -20,6 +20,7 @@ from ..steps import fingerprint as _fingerprint
 from ..tensor_io import file_sha256
 from .export_step import base_gguf, base_onnx, onnx_adapter_spec
 from .graph import StepSpec, export_spec
+from .preflight import widened_bytes
 from .state import RunState
 
 __all__ = ["adapter_checkpoints", "prepare_base", "share_references"]
@@ -179,11 +180,9 @@ def share_references(config: ExportConfiguration, info: Any, resident: int, adap
     reads them once (4B, two adapters: 220 s against 360 s); when it can, the references cost arithmetic, the same in
     one pass or in one per adapter, and the runs compute them side by side (0.6B, eight adapters: 408.6 s against
     402.6 s, docs/benchmarks.md)."""
-    import math
-
     if not config.run_validation_tests or config.executor == "ray" or adapters < 2:
         return False
-    widened = sum(math.prod(t.shape) for t in info.tensors.values()) * 4
+    widened = widened_bytes(info)
     together = widened > resident
     words = dict(widened=human_bytes(widened), resident=human_bytes(resident))
     logger.info(i18n.ui("batch_references_together" if together else "batch_references_apart", **words))

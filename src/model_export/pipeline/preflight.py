@@ -77,6 +77,11 @@ def streamed_peak(info: Any) -> int:
 SMALL_SHARE = 4  # a base whose widened weights take at most 1/SMALL_SHARE of the available memory is kept whole
 
 
+def widened_bytes(info: Any) -> int:
+    """The base's weights widened to fp32: what a streamed reference holds with every layer and the head kept."""
+    return 4 * sum(tensor.numel for tensor in info.tensors.values())
+
+
 def resident_cap(config: ExportConfiguration, info: Any) -> int | None:
     """The most the streamed reference keeps resident under ``max_memory: auto``, or None for no limit but the memory
     available. A base whose weights widened to fp32 take at most a quarter of the memory available is kept whole (its
@@ -90,7 +95,7 @@ def resident_cap(config: ExportConfiguration, info: Any) -> int | None:
     (docs/benchmarks.md)."""
     import psutil
 
-    if 4 * sum(tensor.numel for tensor in info.tensors.values()) <= psutil.virtual_memory().available // SMALL_SHARE:
+    if widened_bytes(info) <= psutil.virtual_memory().available // SMALL_SHARE:
         return None
     return max(memory_per_adapter(config, info.weight_bytes) - int(0.6 * GIB) - streamed_peak(info), 0)
 

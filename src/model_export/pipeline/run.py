@@ -105,7 +105,7 @@ def _steps(state: RunState) -> None:
         state.drop("merge", "calibrate")
     export_step(state, checkpoint, base, imatrix, gptq, merged=merged)
     if c.run_validation_tests:
-        _verify_step(state, checkpoint, info.path)
+        _verify_step(state, checkpoint, info)
     else:
         state.drop("verify")
         state.results["verify"] = {"skipped": i18n.ui("reason_validation_off")}
@@ -321,7 +321,7 @@ def _calibrate(state: RunState, view: ConfigView, calibration: Any) -> dict[str,
     return result
 
 
-def _verify_step(state: RunState, checkpoint: Path, base_dir: Path) -> None:
+def _verify_step(state: RunState, checkpoint: Path, info: Any) -> None:
     """verify: ``verify:reference`` and one ``verify:<artifact>`` per artifact (verify/step.py), each recorded in
     run.json as a step of its own and kept while unchanged; the step ``verify`` holds the verdicts. It always looks at
     its units (a bound change re-judges a kept verdict without running a model); it counts as skipped when every unit
@@ -352,7 +352,7 @@ def _verify_step(state: RunState, checkpoint: Path, base_dir: Path) -> None:
         state.config,
         state.out,
         checkpoint,
-        base_dir,
+        info.path,
         export["artifacts"],
         export.get("details", {}),
         dict(state.content),
@@ -361,7 +361,7 @@ def _verify_step(state: RunState, checkpoint: Path, base_dir: Path) -> None:
         records,
         record,
         computed,
-        resident_cap(state.config, inspect_base_model(str(base_dir))),
+        resident_cap(state.config, info),
     )
     state.step(
         STEP_SPECS["verify"],
