@@ -353,7 +353,7 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
         per_adapter = memory_per_adapter(config, info.weight_bytes)
         width, threads, rule = pool_width(len(adapters), per_adapter, config.max_parallel_adapters)
         resident = 0 if config.executor == "ray" else resident_share(width, per_adapter, resident_cap(config, info))
-        together = share_references(config, info, resident, len(adapters))
+        together = share_references(config, info, len(adapters))
         graph = onnx_adapters(config)  # a base graph for every adapter's LoRA inputs
         checkpoints = adapter_checkpoints(config, adapters) if together or graph else []
         shared = prepare_base(config, base, out.resolve() / BASE_DIR, checkpoints, together)
