@@ -103,3 +103,26 @@ def test_max_memory_takes_auto_a_size_or_zero():
         with pytest.raises(ConfigError) as err:
             ExportConfiguration(max_memory=wrong)
         assert "max_memory" in str(err.value)
+
+
+def test_the_difference_histogram_counts_what_numpy_counts_and_leaves_out_what_is_not_finite():
+    """The report's histogram of |artifact - reference| over every position and token: numpy's histogram of the same
+    differences (bins from 0 to the largest); an artifact with NaN or inf logits is plotted on its finite ones."""
+    import numpy as np
+
+    from model_export.verify.judge import logit_histogram
+    from model_export.verify.reference import Reference
+
+    torch.manual_seed(0)
+    ref = [torch.randn(5, 50), torch.randn(7, 50)]
+    reference = Reference(["a"], [torch.zeros(3, dtype=torch.long)], ref[:1], [[1]], ref[1], 1.0, "cpu", "full")
+    reference.heldout_logits = ref[1]
+    got = [r + 0.1 * torch.randn_like(r) for r in ref]
+    diffs = np.concatenate([(g - r).abs().numpy().ravel() for g, r in zip(got, ref)])
+    expected, edges = np.histogram(diffs, bins=24, range=(0.0, float(diffs.max())))
+    histogram = logit_histogram(reference, got[:1], got[1])
+    assert histogram["counts"] == expected.tolist() and histogram["edges"] == pytest.approx(edges.tolist())
+    got[1][2, 3], got[0][0, 0] = float("nan"), float("inf")
+    finite = np.delete(diffs, [0, 5 * 50 + 2 * 50 + 3])
+    expected, _ = np.histogram(finite, bins=24, range=(0.0, float(finite.max())))
+    assert logit_histogram(reference, got[:1], got[1])["counts"] == expected.tolist()

@@ -186,12 +186,11 @@ def logit_histogram(
 ) -> dict[str, list[float]]:
     import torch
 
-    diffs = torch.cat([(got - ref).abs().flatten() for _, ref, got in _pairs(reference, logits, heldout)])
-    diffs = diffs[
-        torch.isfinite(diffs)
-    ]  # an artifact with inf/NaN logits fails on its metrics; the plot shows the rest
-    top = (float(diffs.max()) if diffs.numel() else 0.0) or 1e-12
-    counts = torch.histc(diffs, bins=bins, min=0.0, max=top)
+    diffs = [(got - ref).abs() for _, ref, got in _pairs(reference, logits, heldout)]
+    if not all(bool(torch.isfinite(d.max())) for d in diffs if d.numel()):  # a NaN or inf: the plot shows the rest
+        diffs = [d[torch.isfinite(d)] for d in diffs]  # (the artifact fails on its metrics)
+    top = max((float(d.max()) for d in diffs if d.numel()), default=0.0) or 1e-12
+    counts = sum((torch.histc(d, bins=bins, min=0.0, max=top).double() for d in diffs), torch.zeros(bins).double())
     return {"edges": [top * i / bins for i in range(bins + 1)], "counts": counts.tolist()}
 
 
