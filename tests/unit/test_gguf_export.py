@@ -439,3 +439,17 @@ def test_llama_cpp_extra_buffers_are_off_on_an_amx_cpu_unless_asked(monkeypatch)
     monkeypatch.setenv(llamacpp.EXTRA_BUFFERS_ENV, "1")
     llamacpp.load_llama(model_path="x")
     assert seen[1].use_extra_bufts is True and real is not None
+
+
+def test_llama_cpp_maps_a_file_unless_it_repacks_its_quantized_weights(tiny_base, tmp_path, monkeypatch):
+    """Mapped, a GGUF just written is read from the page cache; read into llama.cpp's own memory where its CPU
+    kernels repack quantized blocks (extra buffers on), since the mapped pages stayed resident beside the copy."""
+    from model_export.runtimes import llamacpp
+
+    for gguf_type in ("bf16", "q8_0"):
+        export_gguf(tiny_base, tmp_path / gguf_type, gguf_type=gguf_type)
+    bf16, q8_0 = tmp_path / "bf16" / "model-bf16.gguf", tmp_path / "q8_0" / "model-q8_0.gguf"
+    monkeypatch.setenv(llamacpp.EXTRA_BUFFERS_ENV, "1")
+    assert llamacpp.mapped(bf16) is True and llamacpp.mapped(q8_0) is False
+    monkeypatch.setenv(llamacpp.EXTRA_BUFFERS_ENV, "0")
+    assert llamacpp.mapped(bf16) is True and llamacpp.mapped(q8_0) is True
