@@ -98,3 +98,27 @@ def test_references_scored_in_several_passes_are_the_same(tiny_base, made, tmp_p
         assert split["greedy"] == whole["greedy"]
         for a, b in zip(split["logits"] + [split["heldout_logits"]], whole["logits"] + [whole["heldout_logits"]]):
             assert float((a - b).abs().max()) <= 1e-5
+
+
+def test_a_pass_of_one_adapter_s_sequences_gives_what_it_gives_alone(tiny_base, tmp_path, monkeypatch):
+    """In a batch the base's held-out logits come from base/ and each scoring pass holds one adapter's sequences (the
+    logits of several would pass SCORE_BYTES at a real shape): every position of such a pass is that adapter's, and
+    its reference is still the one computed alone."""
+    from transformers import AutoTokenizer
+
+    from model_export.verify import references
+    from model_export.verify.reference import _max_positions, base_heldout_logits, heldout_ids
+
+    monkeypatch.setattr(references, "SCORE_BYTES", 1)
+    adapters = [build_adapter(tiny_base, tmp_path / f"a{k}", seed=7 + k) for k in range(2)]
+    limit = min(RunOptions().max_length, _max_positions(tiny_base))
+    held = tmp_path / "base-heldout.pt"
+    base_heldout_logits(tiny_base, heldout_ids(AutoTokenizer.from_pretrained(str(tiny_base)), limit), save_to=held)
+    made = shared_references(tiny_base, adapters, [tiny_base] * 2, PROMPTS, 5, RunOptions(), held, tmp_path / "refs")
+    assert len(made["files"]) == 2
+    for adapter in adapters:
+        alone = compute_reference(tiny_base, adapter, tiny_base, PROMPTS, 5)
+        saved = torch.load(shared_path(tmp_path / "refs", adapter), weights_only=True)["reference"]
+        assert saved["greedy"] == alone.greedy
+        for ours, theirs in zip([*saved["logits"], saved["heldout_logits"]], [*alone.logits, alone.heldout_logits]):
+            assert float((ours - theirs).abs().max()) <= 1e-5

@@ -86,20 +86,39 @@ def _lora_delta(lora: Any, x: Any):
 
 
 def _adapted(owner: Any, loras: list[tuple[int, Any]], output: Any, change: Any) -> Any:
-    """``output`` changed by each of ``loras`` ((adapter number, update) pairs) where the owner's adapter_index selects
-    that adapter: ``change(lora, pick)`` gives the changed values at the positions ``pick`` selects from a [batch, seq,
-    ...] tensor. With no index the first adapter applies everywhere (one adapter's model); -1 is the base alone, as
-    PEFT's disable_adapter computes it."""
+    """``output`` (the module's own new result) changed by each of ``loras`` ((adapter number, update) pairs) where the
+    owner's adapter_index selects that adapter: ``change(lora, pick)`` gives the changed values at the positions
+    ``pick`` selects from a [batch, seq, ...] tensor, written back in place. With no index the first adapter applies
+    everywhere (one adapter's model); -1 is the base alone, as PEFT's disable_adapter computes it."""
     index = owner.adapter_index
     if index is None:
         return change(loras[0][1], lambda t: t) if loras[0][0] == 0 else output
-    result = output.clone()
-    numbers = index.expand(output.shape[:2])
+    output = output.contiguous()
     for number, lora in loras:
-        where = numbers == number
-        if bool(where.any()):
-            result[where] = change(lora, lambda t, where=where: t[where])
-    return result
+        where = _positions(owner, index, output.shape[:2]).get(number)
+        if where is None:
+            continue
+        if where is _EVERY:  # one adapter at every position (a scoring pass of one adapter's sequences)
+            output = change(lora, lambda t: t)
+            continue
+        changed = change(lora, lambda t, where=where: t.flatten(0, 1).index_select(0, where))
+        output.flatten(0, 1).index_copy_(0, where, changed)
+    return output
+
+
+_EVERY = object()
+
+
+def _positions(owner: Any, index: Any, shape: Any) -> dict[int, Any]:
+    """Each adapter number's flat positions in ``index`` broadcast to ``shape`` (_EVERY when it is the only one),
+    worked out once per pass and shape (the selection keeps its index alive, so ``is`` cannot match a new one)."""
+    held = owner._positions
+    if held is None or held[0] is not index or held[1] != tuple(shape):
+        numbers = index.expand(shape).flatten()
+        found = numbers.unique().tolist()
+        where = {n: _EVERY if len(found) == 1 else (numbers == n).nonzero().squeeze(1) for n in found}
+        owner._positions = held = (index, tuple(shape), where)
+    return held[2]
 
 
 def shares_base(plan: Any, base: Any) -> bool:
@@ -159,6 +178,7 @@ class StreamedModel:
         self.on_layer: Any = None  # called after each decoder layer has run (progress)
         self._layers_run = 0
         self.adapter_index: Any = None  # adapter numbers broadcast to [batch, seq], -1 the base (None: adapter 0)
+        self._positions: Any = None  # each adapter's positions in adapter_index (_positions)
         # Widened layers kept between passes, in order, up to max_memory bytes (then the head): see the module doc.
         self.max_memory, self.resident, self.resident_bytes = max(int(max_memory), 0), {}, 0
         # The next layer is read and widened by a thread of its own while this one computes (its own file handles:
