@@ -357,10 +357,14 @@ def threads() -> int:
     return int(given) if given.isdigit() and int(given) > 0 else (os.cpu_count() or 1)
 
 
-def exit_with_parent(parent: int) -> None:
-    """In each pool worker: end this process when the batch's process is gone (kill -9 leaves workers orphaned, and
-    they would go on writing for minutes); what they had done is kept in their run.json, and the rerun resumes it."""
+def exit_with_parent(parent: int | None = None) -> None:
+    """In each pool worker and the reference's process beside a run: end this process when its parent is gone (kill -9
+    leaves workers orphaned, and they would go on writing for minutes); what they had done is kept in their run.json,
+    and the rerun resumes it. ``parent``: the process not to outlive (default: this one's parent now; a pool worker's
+    is the pool's fork server, which ends when the batch's process does)."""
     import threading
+
+    parent = parent or os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -213,3 +213,31 @@ def test_max_memory_auto_keeps_a_large_base_within_the_run_s_plan(tmp_path, monk
     assert memory_budget("6GiB", 0) == 6 * GIB and memory_budget(0, 10**9) == 0
     monkeypatch.setenv(RESIDENT_ENV, "12345")
     assert memory_budget("auto", 0) == 12345
+
+
+def _pool_probe() -> tuple[bool, bool, int]:
+    import os
+    import sys
+
+    return "torch" in sys.modules, "transformers.models.qwen3.modeling_qwen3" in sys.modules, os.getppid()
+
+
+def test_the_pool_s_processes_start_with_torch_and_the_base_s_modelling_imported():
+    """The local pool's processes fork from a server that imported torch, transformers and the base's modelling
+    module once (pipeline/pool.py), so an adapter's process does not import them again; stopping the server ends it."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    import psutil
+
+    from model_export.pipeline import pool
+
+    context = pool.start_server("qwen3")
+    try:
+        with ProcessPoolExecutor(1, mp_context=context) as executor:
+            torch_there, modelling_there, parent = executor.submit(_pool_probe).result()
+        assert torch_there and modelling_there and parent != os.getpid()  # forked from the server, not from us
+        assert "forkserver" in " ".join(psutil.Process(parent).cmdline())
+    finally:
+        pool.stop_server()
+    assert not psutil.pid_exists(parent) or psutil.Process(parent).status() == psutil.STATUS_ZOMBIE

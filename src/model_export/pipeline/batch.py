@@ -177,23 +177,34 @@ def _artifacts(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def _local(tasks: list[dict[str, Any]], width: int, record: Callable[[dict, dict], None]) -> None:
-    """Each task in a fresh process (spawned: no forked torch state; one task per process, so each adapter's memory
-    goes back when it ends), ``record(task, line)`` as each finishes. A process killed mid-task (out of memory,
-    kill -9) breaks the pool: the tasks it had not finished run again once in a new pool, resuming their steps from
-    their run.json."""
-    import multiprocessing
+def _local(
+    tasks: list[dict[str, Any]], width: int, record: Callable[[dict, dict], None], model_type: str | None = None
+) -> None:
+    """Each task in a process of its own (pool.py: forked from a server that imported torch and transformers once;
+    one per task, so each adapter's memory goes back when it ends), ``record(task, line)`` as each finishes."""
+    from .pool import start_server, stop_server
+
+    fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}  # 3.10: processes are reused
+    options = {"mp_context": start_server(model_type), "initializer": exit_with_parent, **fresh}
+    try:
+        _attempts(tasks, width, record, options)
+    finally:
+        stop_server()
+
+
+def _attempts(tasks: list[dict[str, Any]], width: int, record: Callable[[dict, dict], None], options: dict) -> None:
+    """_local's pool; a process killed mid-task (out of memory, kill -9) breaks it, and the tasks it had not finished
+    run again once in a new pool, resuming their steps from their run.json."""
+    from .pool import task_in_batch_env
 
     finished: set[str] = set()
     for attempt in range(2):
         pending = [t for t in tasks if t["name"] not in finished]
         if not pending:
             break
-        context = multiprocessing.get_context("spawn")
-        fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}  # 3.10: processes are reused
-        watch = {"initializer": exit_with_parent, "initargs": (os.getpid(),)}
-        with ProcessPoolExecutor(min(width, len(pending)), mp_context=context, **fresh, **watch) as pool:
-            futures = {pool.submit(adapter_task, t): t for t in pending}
+        with ProcessPoolExecutor(min(width, len(pending)), **options) as pool:
+            batch_env = (dict(os.environ), os.getcwd())
+            futures = {pool.submit(task_in_batch_env, *batch_env, adapter_task, t): t for t in pending}
             for future in as_completed(futures):
                 task = futures[future]
                 try:
@@ -380,7 +391,7 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
         elif tasks:
             logger.info(i18n.ui("batch_pool", rule=rule))
             executor.update(width=width, threads=threads, rule=rule)
-            _local(tasks, width, record)
+            _local(tasks, width, record, info.config.get("model_type"))
         served = _serve(config, base, out, lines, manifest_path)
         return _finish(out, {**manifest(), **({"served": served} if served else {})})
 
