@@ -453,3 +453,17 @@ def test_llama_cpp_maps_a_file_unless_it_repacks_its_quantized_weights(tiny_base
     assert llamacpp.mapped(bf16) is True and llamacpp.mapped(q8_0) is False
     monkeypatch.setenv(llamacpp.EXTRA_BUFFERS_ENV, "0")
     assert llamacpp.mapped(bf16) is True and llamacpp.mapped(q8_0) is True
+
+
+def test_llama_cpp_evaluates_a_batch_on_the_threads_it_was_given(monkeypatch):
+    """llama-cpp-python evaluates a prompt on every core unless told (n_threads_batch): a batch's worker given one
+    core must not spin two."""
+    from model_export.runtimes import llamacpp
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    seen = []
+    monkeypatch.setattr(llama_cpp, "Llama", lambda **kw: seen.append(kw))
+    monkeypatch.setenv("MODEL_EXPORT_THREADS", "1")
+    llamacpp.load_llama(model_path="x", n_threads=llamacpp.threads())
+    llamacpp.load_llama(model_path="x", vocab_only=True)
+    assert [kw["n_threads_batch"] for kw in seen] == [1, 1]
