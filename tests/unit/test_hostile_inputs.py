@@ -342,3 +342,27 @@ def test_a_full_disk_while_run_json_is_saved_is_explained(adapter, tiny_base, tm
             )
         )
     assert err.value.code == "ME403" and "run.json" in str(err.value)
+
+
+def test_a_cache_saved_without_crcs_loads_the_same_and_artifacts_keep_theirs(tmp_path):
+    """The run's caches (references, logits) skip the zip's CRC32s, which only slowed their writing; torch.load reads
+    them back equal. Anything else keeps them (zipfile checks them), and torch's setting is left as it was."""
+    import zipfile
+
+    import torch
+
+    from model_export.files import torch_save
+
+    pytest.importorskip("torch.utils.serialization")
+    from torch.utils.serialization import config
+
+    data = {"logits": torch.randn(64, 300), "ids": torch.arange(7)}
+    before = config.save.compute_crc32
+    torch_save(data, tmp_path / "cache.pt", crc=False)
+    torch_save(data, tmp_path / "kept.pt")
+    assert config.save.compute_crc32 == before
+    for name in ("cache.pt", "kept.pt"):
+        loaded = torch.load(tmp_path / name, weights_only=True)
+        assert all(torch.equal(loaded[k], v) for k, v in data.items())
+    assert zipfile.ZipFile(tmp_path / "kept.pt").testzip() is None
+    assert zipfile.ZipFile(tmp_path / "cache.pt").testzip() is not None  # the CRCs were left out

@@ -380,7 +380,7 @@ def base_heldout_logits(base_dir: Path, heldout: Any, save_to: Path | None = Non
     if save_to is not None:
         save_to.parent.mkdir(parents=True, exist_ok=True)
         partial = save_to.with_name(save_to.name + ".partial")
-        torch_save({"ids": heldout, "logits": logits}, partial)
+        torch_save({"ids": heldout, "logits": logits}, partial, crc=False)
         os.replace(partial, save_to)
     return logits
 

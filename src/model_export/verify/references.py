@@ -184,7 +184,7 @@ def _save(folder: Path, checkpoint: Path, base_dir: Path, new_tokens: int, refer
     path.parent.mkdir(parents=True, exist_ok=True)
     made = {"base": str(base_dir), "adapter": _adapter_digest(checkpoint), "new_tokens": new_tokens}
     partial = path.with_name(path.name + ".partial")
-    torch_save({"made": made, "reference": dataclasses.asdict(reference)}, partial)
+    torch_save({"made": made, "reference": dataclasses.asdict(reference)}, partial, crc=False)
     os.replace(partial, path)
     return path
 
