@@ -5,8 +5,8 @@ forkserver: the server is a fresh interpreter that imports the modules and runs 
 llama.cpp's is copied into a fork. Each adapter still gets a process of its own (its memory goes back when it ends),
 which ends when the batch's process is gone (the server ends with the batch, monitoring.exit_with_parent).
 
-Each batch starts its own server when it starts (its imports run while the batch does its base work) and ends it
-after its pool: the server, and so every process forked from it, writes to the batch's console and has the batch's
+Each batch starts its own server when its pool starts (the first processes wait for its imports, once) and ends it
+after the pool: the server, and so every process forked from it, writes to the batch's console and has the batch's
 environment of that moment. Each task also takes the batch's environment and working directory of the moment it was
 submitted (what is read from the environment at call time sees it: threads, fault points; what a library read once at
 its import is the server's). Where forkserver is missing (Windows), processes are spawned and import everything
