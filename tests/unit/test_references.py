@@ -81,21 +81,29 @@ def test_fewer_than_two_adapters_share_nothing(tiny_base, made, tmp_path):
 
 def test_references_scored_in_several_passes_are_the_same(tiny_base, made, tmp_path, monkeypatch):
     """Where the adapters' logits would not fit SCORE_BYTES in one scoring pass they are scored in several (here one
-    adapter per pass): each reference is what the one pass made."""
+    adapter per pass): each reference is what the one pass made. The base alone on the held-out text is scored in the
+    first pass only; the second takes its perplexity and entropy from it."""
+    from model_export.runtimes import streamed
     from model_export.verify import references
 
     adapters, _, folder = made
     monkeypatch.setattr(references, "SCORE_BYTES", 1)
-    passes = []
-    score = references._score
+    passes, owners = [], []
+    score, score_streamed = references._score, streamed.score_streamed
     monkeypatch.setattr(references, "_score", lambda model, group, *a: passes.append(group) or score(model, group, *a))
+    monkeypatch.setattr(
+        streamed, "score_streamed", lambda m, s, o, **k: owners.append(o) or score_streamed(m, s, o, **k)
+    )
     tokenizers = [tiny_base] * 2
     result = shared_references(tiny_base, adapters[:2], tokenizers, PROMPTS, 5, RunOptions(), None, tmp_path / "r")
     assert passes == [[0], [1]] and len(result["files"]) == 2
+    assert [-1 in o for o in owners] == [True, False]
     for adapter in adapters[:2]:
         split = torch.load(shared_path(tmp_path / "r", adapter), weights_only=True)["reference"]
         whole = torch.load(shared_path(folder, adapter), weights_only=True)["reference"]
         assert split["greedy"] == whole["greedy"]
+        assert split["base_perplexity"] == pytest.approx(whole["base_perplexity"], rel=1e-5)
+        assert split["base_entropy"] == pytest.approx(whole["base_entropy"], rel=1e-5)
         for a, b in zip(split["logits"] + [split["heldout_logits"]], whole["logits"] + [whole["heldout_logits"]]):
             assert float((a - b).abs().max()) <= 1e-5
 

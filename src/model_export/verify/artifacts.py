@@ -40,6 +40,7 @@ from .judge import (
     precision_or_unknown,
     readback_words,
 )
+from .measures import top1
 from .reference import Reference, RunOptions, perplexity, release
 
 __all__ = [
@@ -183,7 +184,7 @@ def _measured(artifact: Path, reference: Reference, runs: list, precision: str) 
         heldout_logits, runs = runs[-1].to(torch.float32), runs[:-1]
     logits = [r.to(torch.float32) for r in runs]
     greedy = [
-        along(ids.numel() - 1, want, got.argmax(-1).tolist())
+        along(ids.numel() - 1, want, top1(got).tolist())
         for ids, want, got in zip(reference.input_ids, reference.greedy, logits)
     ]
     samples = compare(reference, logits, greedy, heldout_logits)

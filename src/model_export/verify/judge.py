@@ -160,38 +160,28 @@ def _pairs(reference: Reference, logits: list[Any], heldout: Any) -> list[tuple[
 def compare(
     reference: Reference, logits: list[Any], greedy: list[list[int]], heldout: Any = None
 ) -> list[SampleResult]:
-    """Each sample's metrics at every position: each prompt with the reference's tokens (and its greedy agreement),
-    then the held-out text (``heldout``: the artifact's logits on it)."""
-    import torch
+    """Each sample's metrics at every position (measures.differences): each prompt with the reference's tokens (and
+    its greedy agreement), then the held-out text (``heldout``: the artifact's logits on it)."""
+    from .measures import differences
 
     samples = []
     wanted = [*zip(reference.greedy, greedy), (None, None)]
     for (prompt, ref, got), (ref_tokens, tokens) in zip(_pairs(reference, logits, heldout), wanted):
-        diff = (got - ref).abs()
-        kl = (
-            torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none")
-            .sum(-1)
-            .mean()
-        )
-        top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean()
+        largest, mean, kl, top1 = differences(ref, got)
         agree = None if ref_tokens is None else agreement(ref_tokens, tokens)  # the held-out text is not generated
-        samples.append(
-            SampleResult(prompt, float(diff.max()), float(diff.mean()), max(float(kl), 0.0), float(top1), agree)
-        )
+        samples.append(SampleResult(prompt, largest, mean, max(kl, 0.0), top1, agree))
     return samples
 
 
 def logit_histogram(
     reference: Reference, logits: list[Any], heldout: Any = None, bins: int = 24
 ) -> dict[str, list[float]]:
-    import torch
+    """The report's histogram of |artifact - reference| over every position and token of every sample (measures.
+    histogram: a NaN or inf difference is left out, the artifact failing on its metrics)."""
+    from .measures import histogram
 
-    diffs = [(got - ref).abs() for _, ref, got in _pairs(reference, logits, heldout)]
-    if not all(bool(torch.isfinite(d.max())) for d in diffs if d.numel()):  # a NaN or inf: the plot shows the rest
-        diffs = [d[torch.isfinite(d)] for d in diffs]  # (the artifact fails on its metrics)
-    top = max((float(d.max()) for d in diffs if d.numel()), default=0.0) or 1e-12
-    counts = sum((torch.histc(d, bins=bins, min=0.0, max=top).double() for d in diffs), torch.zeros(bins).double())
-    return {"edges": [top * i / bins for i in range(bins + 1)], "counts": counts.tolist()}
+    top, counts = histogram([(ref, got) for _, ref, got in _pairs(reference, logits, heldout)], bins)
+    return {"edges": [top * i / bins for i in range(bins + 1)], "counts": counts}
 
 
 def precision_or_unknown(artifact: Path) -> str:

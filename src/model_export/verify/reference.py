@@ -14,7 +14,7 @@ import gc
 import json
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from .. import i18n
 from ..errors import MergeError, ValidationError
 from ..files import torch_save
 from ..monitoring import logger
+from .measures import all_finite, entropy, perplexity
 
 __all__ = [
     "Reference",
@@ -52,6 +53,10 @@ class Reference:
     other_road: dict | None = None  # a QLoRA adapter: how far merging into the 16-bit weights lands (other_road)
     heldout_logits: Any = None  # fp32 logits on the held-out text: artifacts are judged there too
 
+    def to_dict(self) -> dict[str, Any]:
+        """Its fields as they are (dataclasses.asdict would deep-copy every tensor: 390 MB at the 0.6B shape)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     def sequences(self) -> list[Any]:
         """What every artifact scores, in one pass (scored_sequences)."""
         return scored_sequences(self.input_ids, self.greedy, self.heldout_ids)
@@ -75,21 +80,6 @@ def heldout_text() -> str:
     from importlib import resources
 
     return resources.files("model_export").joinpath("data", "heldout.txt").read_text(encoding="utf-8")
-
-
-def perplexity(logits: Any, ids: Any) -> float:
-    """exp of the mean negative log-likelihood of each next token."""
-    import torch
-
-    nll = torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:].long())
-    return float(torch.exp(nll))
-
-
-def entropy(logits: Any) -> float:
-    """Mean entropy, in nats, of the next-token distributions: log(vocabulary size) for a uniform guess."""
-
-    logp = logits.float().log_softmax(-1)
-    return float(-(logp.exp() * logp).nan_to_num().sum(-1).mean())
 
 
 def encode_prompt(tokenizer: Any, prompt: str):
@@ -236,7 +226,7 @@ def _whole_reference(device: str, base_dir: Path, checkpoint: Path, asked: _Aske
     finally:
         del model
         release(device)
-    return _reference(asked, tokens, logits, base_logits, device, precision)
+    return _reference(asked, tokens, logits, base_measures(base_logits, asked.heldout), device, precision)
 
 
 def compute_reference(
@@ -353,7 +343,7 @@ def _streamed_reference(base_dir: Path, checkpoint: Path, asked: _Asked, base_he
         model.close()
     if base_logits is None:
         base_logits = logits.pop()
-    return _reference(asked, tokens, logits, base_logits, "cpu", "full")
+    return _reference(asked, tokens, logits, base_measures(base_logits, asked.heldout), "cpu", "full")
 
 
 def heldout_ids(tokenizer: Any, limit: int) -> Any:
@@ -398,11 +388,16 @@ def _shared_base_logits(path: Path | None, heldout: Any) -> Any:
     return saved["logits"]
 
 
+def base_measures(base_logits: Any, heldout: Any) -> tuple[float, float]:
+    """(perplexity, entropy) of the base alone on the held-out text, from its logits there: what an adapter changed."""
+    return perplexity(base_logits, heldout), entropy(base_logits)
+
+
 def _reference(
-    asked: _Asked, tokens: list[list[int]], logits: list[Any], base_logits: Any, device: str, precision: str
+    asked: _Asked, tokens: list[list[int]], logits: list[Any], base: tuple[float, float], device: str, precision: str
 ) -> Reference:
     """The Reference from the greedy tokens of every prompt, the logits of what was scored (every prompt with its
-    tokens, then the held-out text), and the base's held-out logits."""
+    tokens, then the held-out text), and the base's measures on the held-out text (base_measures)."""
     heldout_logits = logits[-1]
     return Reference(
         asked.prompts,
@@ -413,9 +408,9 @@ def _reference(
         perplexity(heldout_logits, asked.heldout),
         device,
         precision,
-        perplexity(base_logits, asked.heldout),
+        base[0],
         entropy(heldout_logits),
-        entropy(base_logits),
+        base[1],
         heldout_logits=heldout_logits,
     )
 
@@ -427,10 +422,8 @@ def check_reference(reference: Reference, checkpoint: Path) -> None:
     2% of log(vocabulary size), or a perplexity at or above the vocabulary size, where the base alone is clearly better
     (entropy below 90% of that bound, perplexity below the vocabulary size). A base that is itself no better than chance
     (a randomly initialized test model) is not judged this way."""
-    import torch
-
     vocab = reference.logits[0].shape[-1] if reference.logits else 0
-    if not all(bool(torch.isfinite(logits).all()) for logits in reference.logits):
+    if not all(all_finite(logits) for logits in reference.logits):
         raise ValidationError("reference_broken", checkpoint=str(checkpoint), problem=i18n.ui("reference_nonfinite"))
     if not vocab or reference.base_entropy is None or reference.heldout_entropy is None:
         return

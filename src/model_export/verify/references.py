@@ -15,7 +15,6 @@ its run; with fewer than two left there is nothing to share and nothing is writt
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -102,8 +101,9 @@ def shared_references(
         decoded = greedy_lockstep(model, inputs, new_tokens, model.eos_ids, label, adapters=numbers)
         tokens = [[t for t, n in zip(decoded, numbers) if n == k] for k in range(len(asks))]
         files = []
+        bases: dict[bytes, tuple[float, float]] = {}
         for group in _groups(asks, tokens, model.config.vocab_size):
-            references = _score(model, group, asks, tokens, base_heldout, label)
+            references = _score(model, group, asks, tokens, base_heldout, label, bases)
             for k, reference in references.items():
                 try:  # a reference that cannot vouch for anything is not kept: its run says why
                     check_reference(reference, taken[k])
@@ -132,13 +132,14 @@ def _groups(asks: list[Any], tokens: list[list[list[int]]], vocab: int) -> list[
     return pack(sizes, SCORE_BYTES)
 
 
-def _score(model: Any, group: list[int], asks: list[Any], tokens: list[Any], held: Path | None, label: str) -> dict:
+def _score(
+    model: Any, group: list[int], asks: list[Any], tokens: list[Any], held: Path | None, label: str, bases: dict
+) -> dict:
     """The references of the adapters in ``group`` from one scoring pass of their sequences (each prompt with its
-    tokens, the held-out text, and the base alone on it where no shared file has it)."""
-    import torch
-
+    tokens, the held-out text, and the base alone on it where no shared file has it). ``bases``: the base's measures
+    on each held-out text (reference.base_measures), by its token ids, taken once for the whole pass."""
     from ..runtimes.streamed import score_streamed
-    from .reference import _reference, _shared_base_logits
+    from .reference import _reference, _shared_base_logits, base_measures
 
     scored, owners, spans, alone = [], [], {}, {}
     for k in group:
@@ -146,24 +147,30 @@ def _score(model: Any, group: list[int], asks: list[Any], tokens: list[Any], hel
         spans[k] = (len(scored), len(scored) + len(sequences))
         scored += sequences
         owners += [k] * len(sequences)
-    base: dict[int, Any] = {}
     for k in group:  # the base alone on each held-out text: from the shared file, or once in this pass
-        same = next((j for j in base if torch.equal(asks[j].heldout, asks[k].heldout)), None)
-        if same is not None:
-            base[k], alone[k] = base[same], alone.get(same)
+        key = _ids_key(asks[k].heldout)
+        if key in bases or key in alone:
             continue
-        base[k] = _shared_base_logits(held, asks[k].heldout)
-        if base[k] is None:
-            alone[k] = len(scored)
+        base_logits = _shared_base_logits(held, asks[k].heldout)
+        if base_logits is not None:
+            bases[key] = base_measures(base_logits, asks[k].heldout)
+        else:
+            alone[key] = (len(scored), asks[k].heldout)
             scored.append(asks[k].heldout)
             owners.append(-1)
     logits = score_streamed(model, scored, owners, label=label)
+    for key, (row, ids) in alone.items():
+        bases[key] = base_measures(logits[row], ids)
     references = {}
     for k in group:
         start, stop = spans[k]
-        below = base[k] if base[k] is not None else logits[alone[k]]
-        references[k] = _reference(asks[k], tokens[k], logits[start:stop], below, "cpu", "full")
+        base = bases[_ids_key(asks[k].heldout)]
+        references[k] = _reference(asks[k], tokens[k], logits[start:stop], base, "cpu", "full")
     return references
+
+
+def _ids_key(ids: Any) -> bytes:
+    return ids.numpy().tobytes()
 
 
 def _asked(base_dir: Path, tokenizer_dir: Path, prompts: list[str], new_tokens: int, options: Any) -> Any:
@@ -184,7 +191,7 @@ def _save(folder: Path, checkpoint: Path, base_dir: Path, new_tokens: int, refer
     path.parent.mkdir(parents=True, exist_ok=True)
     made = {"base": str(base_dir), "adapter": _adapter_digest(checkpoint), "new_tokens": new_tokens}
     partial = path.with_name(path.name + ".partial")
-    torch_save({"made": made, "reference": dataclasses.asdict(reference)}, partial, crc=False)
+    torch_save({"made": made, "reference": reference.to_dict()}, partial, crc=False)
     os.replace(partial, path)
     return path
 

@@ -381,7 +381,7 @@ def compute_cached(
     cache = out / "verify" / REFERENCE_CACHE
     cache.parent.mkdir(parents=True, exist_ok=True)
     partial = cache.with_name(cache.name + ".partial")
-    torch_save(dataclasses.asdict(reference), partial, crc=False)
+    torch_save(reference.to_dict(), partial, crc=False)
     os.replace(partial, cache)  # a process killed while writing leaves no cache that looks finished
     record = {**unit.record(fingerprint([cache])), "seconds": round(time.monotonic() - started, 3)}
     return reference, {**record, "precision": reference.precision}
