@@ -215,16 +215,25 @@ def test_max_memory_auto_keeps_a_large_base_within_the_run_s_plan(tmp_path, monk
     assert memory_budget("auto", 0) == 12345
 
 
-def _pool_probe() -> tuple[bool, bool, int]:
+def _pool_probe(_task=None) -> tuple[bool, bool, int]:
     import os
     import sys
 
     return "torch" in sys.modules, "transformers.models.qwen3.modeling_qwen3" in sys.modules, os.getppid()
 
 
+def _collector_probe(_task) -> tuple[int, int]:
+    """(objects frozen out of the collector's reach, objects it still tracks) in a pool task."""
+    import gc
+
+    return gc.get_freeze_count(), len(gc.get_objects())
+
+
 def test_the_pool_s_processes_start_with_torch_and_the_base_s_modelling_imported():
     """The local pool's processes fork from a server that imported torch, transformers and the base's modelling
-    module once (pipeline/pool.py), so an adapter's process does not import them again; stopping the server ends it."""
+    module once (pipeline/pool.py), so an adapter's process does not import them again; a task runs with what the
+    process inherited frozen out of the collector's reach (gc.collect does not walk torch's and transformers'
+    objects); leaving the server ends it."""
     import os
     from concurrent.futures import ProcessPoolExecutor
 
@@ -232,12 +241,12 @@ def test_the_pool_s_processes_start_with_torch_and_the_base_s_modelling_imported
 
     from model_export.pipeline import pool
 
-    context = pool.start_server("qwen3")
-    try:
+    with pool.server("qwen3") as context:
         with ProcessPoolExecutor(1, mp_context=context) as executor:
             torch_there, modelling_there, parent = executor.submit(_pool_probe).result()
+            probe = executor.submit(pool.task_in_batch_env, dict(os.environ), os.getcwd(), _collector_probe, 0)
+            frozen, tracked = probe.result()
         assert torch_there and modelling_there and parent != os.getpid()  # forked from the server, not from us
         assert "forkserver" in " ".join(psutil.Process(parent).cmdline())
-    finally:
-        pool.stop_server()
+        assert frozen > 10 * tracked, (frozen, tracked)
     assert not psutil.pid_exists(parent) or psutil.Process(parent).status() == psutil.STATUS_ZOMBIE

@@ -35,7 +35,7 @@ from ..config import ExportConfiguration
 from ..errors import ExportError, ResourceError, explain
 from ..files import strict_json, write_atomic
 from ..monitoring import exit_with_parent, human_bytes, logger
-from .preflight import GIB, memory_per_adapter, resident_cap
+from .preflight import memory_per_adapter, pool_width, resident_cap, resident_share
 
 __all__ = ["Adapter", "BatchResult", "find_adapters", "is_batch", "pool_width", "run", "run_batch", "BATCH_MANIFEST"]
 
@@ -65,43 +65,6 @@ def run(config: ExportConfiguration) -> Any:
     from .run import run_adapter
 
     return run_batch(config) if is_batch(config) else run_adapter(config)
-
-
-# --- how many at once ------------------------------------------------------------------------------------------------
-
-
-def resident_share(width: int, per_adapter: int, cap: int | None = None) -> int:
-    """What each of ``width`` adapters side by side may keep resident in its streamed reference (max_memory auto):
-    its even share of the available memory less 1 GiB, beyond the ``per_adapter`` its run is planned to hold, and at
-    most ``cap`` (preflight.resident_cap: what that plan leaves beside the reference's own needs). On Ray
-    the tasks land on machines this process cannot see: 0 (every layer read on every pass)."""
-    import psutil
-
-    available = psutil.virtual_memory().available
-    share = max(int((available - GIB) // max(width, 1)) - per_adapter, 0)
-    return share if cap is None else min(share, max(cap, 0))
-
-
-def pool_width(adapters: int, per_adapter: int, limit: int | None = None) -> tuple[int, int, str]:
-    """(processes, threads per process, the rule in words): as many processes as the available memory holds at
-    ``per_adapter`` each with 1 GiB kept free, at most one per core, at most ``limit`` and the number of adapters;
-    the cores are shared out evenly as threads."""
-    import psutil
-
-    cores = os.cpu_count() or 1
-    available = psutil.virtual_memory().available
-    by_memory = max(1, int((available - GIB) // max(per_adapter, 1)))
-    width = max(1, min(by_memory, cores, adapters, limit or adapters))
-    rule = (
-        f"{width} = min(memory {human_bytes(available)} - 1 GiB over {human_bytes(per_adapter)} per adapter "
-        f"= {by_memory}, cores {cores}, adapters {adapters}"
-        + (f", max_parallel_adapters {limit}" if limit else "")
-        + f"); {max(1, cores // width)} thread(s) each"
-    )
-    return width, max(1, cores // width), rule
-
-
-# --- one adapter, wherever it runs -----------------------------------------------------------------------------------
 
 
 def adapter_task(task: dict[str, Any]) -> dict[str, Any]:
@@ -177,19 +140,12 @@ def _artifacts(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def _local(
-    tasks: list[dict[str, Any]], width: int, record: Callable[[dict, dict], None], model_type: str | None = None
-) -> None:
-    """Each task in a process of its own (pool.py: forked from a server that imported torch and transformers once;
-    one per task, so each adapter's memory goes back when it ends), ``record(task, line)`` as each finishes."""
-    from .pool import start_server, stop_server
-
+def _local(tasks: list[dict[str, Any]], width: int, record: Callable[[dict, dict], None], context: Any) -> None:
+    """Each task in a process of its own (pool.py: forked from a server that imported torch and transformers once,
+    ``context``; one per task, so each adapter's memory goes back when it ends), ``record(task, line)`` as each
+    finishes."""
     fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}  # 3.10: processes are reused
-    options = {"mp_context": start_server(model_type), "initializer": exit_with_parent, **fresh}
-    try:
-        _attempts(tasks, width, record, options)
-    finally:
-        stop_server()
+    _attempts(tasks, width, record, {"mp_context": context, "initializer": exit_with_parent, **fresh})
 
 
 def _attempts(tasks: list[dict[str, Any]], width: int, record: Callable[[dict, dict], None], options: dict) -> None:
@@ -337,7 +293,12 @@ def _done(out: Path, line: dict[str, Any] | None, key: str) -> bool:
 def run_batch(config: ExportConfiguration) -> BatchResult:
     """Export every adapter of the batch; see the module's docstring. Raises ConfigError before writing anything when
     names collide or the adapters are not on one base; one adapter's failure is recorded in batch.json and its row."""
+    from contextlib import nullcontext
+
+    from ..checkpoint.base_model import inspect_base_model
     from ..monitoring import setup_logging
+    from .pool import server
+    from .state import output_lock
     from .validate import check_config
 
     check_config(config)
@@ -345,55 +306,66 @@ def run_batch(config: ExportConfiguration) -> BatchResult:
     base = shared_base(config, adapters)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from ..exporters.onnx_lora import onnx_adapters
-    from .batch_base import adapter_checkpoints, prepare_base, share_references
-    from .preflight import check_disk_space
-    from .state import output_lock
-
     with output_lock(out):
         setup_logging(config.log_level, config.log_file or out / "export.log")
         manifest_path = out / BATCH_MANIFEST
-        previous = _previous_lines(manifest_path)
         logger.info(i18n.ui("batch_start", count=len(adapters), base=base, executor=config.executor))
         start = time.time()
         if Path(os.path.expanduser(base)).is_dir():
             base = str(Path(os.path.expanduser(base)).resolve())
-        from ..checkpoint.base_model import inspect_base_model
-
         info = inspect_base_model(base)
-        per_adapter = memory_per_adapter(config, info.weight_bytes)
-        width, threads, rule = pool_width(len(adapters), per_adapter, config.max_parallel_adapters)
-        resident = 0 if config.executor == "ray" else resident_share(width, per_adapter, resident_cap(config, info))
-        together = share_references(config, info, len(adapters))
-        graph = onnx_adapters(config)  # a base graph for every adapter's LoRA inputs
-        checkpoints = adapter_checkpoints(config, adapters) if together or graph else []
-        shared = prepare_base(config, base, out.resolve() / BASE_DIR, checkpoints, together)
-        token = secrets.token_hex(8)
-        write_atomic(out / TOKEN_FILE, token)
-        lines: dict[str, dict[str, Any]] = {}
-        common = {"shared": shared, "token": token, "token_file": str((out / TOKEN_FILE).resolve()), "threads": threads}
-        common["resident"] = resident
-        tasks = _tasks(config, adapters, out, base, previous, lines, common)
-        if tasks and config.batch_outputs != "adapters":  # all of them must fit, before any starts (adapter files: MBs)
-            check_disk_space(config, info, out, adapters=len(tasks))
-        executor: dict[str, Any] = {"name": config.executor, "memory_per_adapter": per_adapter}
-
-        def manifest() -> dict[str, Any]:
-            return _batch_manifest(base, shared, executor, start, adapters, lines)
-
-        def record(task: dict[str, Any], line: dict[str, Any]) -> None:
-            """Each adapter's line as it finishes: a run killed now keeps what was done (its rerun skips it)."""
-            lines[task["name"]] = {**line, "key": task["key"], "path": task["path"]}
-            write_atomic(manifest_path, strict_json(manifest()))
-
-        if tasks and config.executor == "ray":
-            executor.update(_ray(tasks, per_adapter, record))
-        elif tasks:
-            logger.info(i18n.ui("batch_pool", rule=rule))
-            executor.update(width=width, threads=threads, rule=rule)
-            _local(tasks, width, record, info.config.get("model_type"))
+        # the local pool's fork server starts now: its imports overlap the base's work, not the first adapters'
+        local = config.executor != "ray"
+        with server(info.config.get("model_type")) if local else nullcontext() as context:
+            lines, data = _base_and_adapters(config, adapters, base, info, start, context)
         served = _serve(config, base, out, lines, manifest_path)
-        return _finish(out, {**manifest(), **({"served": served} if served else {})})
+        return _finish(out, {**data(), **({"served": served} if served else {})})
+
+
+def _base_and_adapters(
+    config: ExportConfiguration, adapters: list[Adapter], base: str, info: Any, start: float, context: Any
+) -> tuple[dict[str, dict[str, Any]], Callable[[], dict[str, Any]]]:
+    """run_batch's work: the base's (prepare_base), then each adapter's run not already done, in the local pool
+    (``context``: its processes' multiprocessing context) or on Ray, its line recorded in batch.json as it finishes.
+    Returns every adapter's line so far and what makes batch.json of them."""
+    from ..exporters.onnx_lora import onnx_adapters
+    from .batch_base import adapter_checkpoints, prepare_base, share_references
+    from .preflight import check_disk_space
+
+    out, manifest_path = Path(config.output_dir), Path(config.output_dir) / BATCH_MANIFEST
+    previous = _previous_lines(manifest_path)
+    per_adapter = memory_per_adapter(config, info.weight_bytes)
+    width, threads, rule = pool_width(len(adapters), per_adapter, config.max_parallel_adapters)
+    resident = 0 if config.executor == "ray" else resident_share(width, per_adapter, resident_cap(config, info))
+    together = share_references(config, info, len(adapters))
+    graph = onnx_adapters(config)  # a base graph for every adapter's LoRA inputs
+    checkpoints = adapter_checkpoints(config, adapters) if together or graph else []
+    shared = prepare_base(config, base, out.resolve() / BASE_DIR, checkpoints, together)
+    token = secrets.token_hex(8)
+    write_atomic(out / TOKEN_FILE, token)
+    lines: dict[str, dict[str, Any]] = {}
+    common = {"shared": shared, "token": token, "token_file": str((out / TOKEN_FILE).resolve()), "threads": threads}
+    common["resident"] = resident
+    tasks = _tasks(config, adapters, out, base, previous, lines, common)
+    if tasks and config.batch_outputs != "adapters":  # all of them must fit, before any starts (adapter files: MBs)
+        check_disk_space(config, info, out, adapters=len(tasks))
+    executor: dict[str, Any] = {"name": config.executor, "memory_per_adapter": per_adapter}
+
+    def manifest() -> dict[str, Any]:
+        return _batch_manifest(base, shared, executor, start, adapters, lines)
+
+    def record(task: dict[str, Any], line: dict[str, Any]) -> None:
+        """Each adapter's line as it finishes: a run killed now keeps what was done (its rerun skips it)."""
+        lines[task["name"]] = {**line, "key": task["key"], "path": task["path"]}
+        write_atomic(manifest_path, strict_json(manifest()))
+
+    if tasks and config.executor == "ray":
+        executor.update(_ray(tasks, per_adapter, record))
+    elif tasks:
+        logger.info(i18n.ui("batch_pool", rule=rule))
+        executor.update(width=width, threads=threads, rule=rule)
+        _local(tasks, width, record, context)
+    return lines, manifest
 
 
 def _finish(out: Path, data: dict[str, Any]) -> BatchResult:

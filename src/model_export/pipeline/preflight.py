@@ -1,10 +1,11 @@
 """What a run plans before it writes anything: the disk space its artifacts need, from the base model's parameters and
 each format's bytes per parameter, and the memory one adapter's run holds at its peak (which a batch's pool and the
-reference beside a run are planned with)."""
+reference beside a run are planned with), and how many adapters a batch runs side by side."""
 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -119,3 +120,37 @@ def memory_before_verify(config: ExportConfiguration, info: Any) -> int:
         if choose_backend(config.onnx_backend, info.path) == "torch":
             holds.append(4 * params)
     return int(0.6 * GIB + max(holds))
+
+
+def resident_share(width: int, per_adapter: int, cap: int | None = None) -> int:
+    """What each of ``width`` adapters side by side may keep resident in its streamed reference (max_memory auto):
+    its even share of the available memory less 1 GiB, beyond the ``per_adapter`` its run is planned to hold, and at
+    most ``cap`` (preflight.resident_cap: what that plan leaves beside the reference's own needs). On Ray
+    the tasks land on machines this process cannot see: 0 (every layer read on every pass)."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    share = max(int((available - GIB) // max(width, 1)) - per_adapter, 0)
+    return share if cap is None else min(share, max(cap, 0))
+
+
+def pool_width(adapters: int, per_adapter: int, limit: int | None = None) -> tuple[int, int, str]:
+    """(processes, threads per process, the rule in words): as many processes as the available memory holds at
+    ``per_adapter`` each with 1 GiB kept free, at most one per core, at most ``limit`` and the number of adapters;
+    the cores are shared out evenly as threads."""
+    import psutil
+
+    cores = os.cpu_count() or 1
+    available = psutil.virtual_memory().available
+    by_memory = max(1, int((available - GIB) // max(per_adapter, 1)))
+    width = max(1, min(by_memory, cores, adapters, limit or adapters))
+    rule = (
+        f"{width} = min(memory {human_bytes(available)} - 1 GiB over {human_bytes(per_adapter)} per adapter "
+        f"= {by_memory}, cores {cores}, adapters {adapters}"
+        + (f", max_parallel_adapters {limit}" if limit else "")
+        + f"); {max(1, cores // width)} thread(s) each"
+    )
+    return width, max(1, cores // width), rule
+
+
+# --- one adapter, wherever it runs -----------------------------------------------------------------------------------
