@@ -130,3 +130,36 @@ def test_a_pass_of_one_adapter_s_sequences_gives_what_it_gives_alone(tiny_base, 
         assert saved["greedy"] == alone.greedy
         for ours, theirs in zip([*saved["logits"], saved["heldout_logits"]], [*alone.logits, alone.heldout_logits]):
             assert float((ours - theirs).abs().max()) <= 1e-5
+
+
+def test_the_pass_keeps_the_base_alone_on_the_base_s_held_out_ids(tiny_base, tmp_path, monkeypatch):
+    """Given the base's held-out ids and no file holding them, the pass scores the base alone on them once (with the
+    adapters' sequences) and saves it where the batch's verify:heldout finds it: what the base alone gives there."""
+    from transformers import AutoTokenizer
+
+    from model_export.runtimes import streamed
+    from model_export.verify.reference import _max_positions, _shared_base_logits, base_heldout_logits, heldout_ids
+
+    adapters = [build_adapter(tiny_base, tmp_path / f"a{k}", seed=11 + k) for k in range(2)]
+    limit = min(RunOptions().max_length, _max_positions(tiny_base))
+    ids = heldout_ids(AutoTokenizer.from_pretrained(str(tiny_base)), limit)
+    owners, score_streamed = [], streamed.score_streamed
+    monkeypatch.setattr(
+        streamed, "score_streamed", lambda m, s, o, **k: owners.append(o) or score_streamed(m, s, o, **k)
+    )
+    held = tmp_path / "base" / "base-heldout.pt"
+    made = shared_references(
+        tiny_base, adapters, [tiny_base] * 2, PROMPTS, 5, RunOptions(), held, tmp_path / "refs", base_ids=ids
+    )
+    assert len(made["files"]) == 2 and sum(o.count(-1) for o in owners) == 1
+    monkeypatch.setattr(streamed, "score_streamed", score_streamed)
+    kept = _shared_base_logits(held, ids)
+    assert kept is not None and float((kept - base_heldout_logits(tiny_base, ids)).abs().max()) <= 1e-5
+    monkeypatch.setattr(
+        streamed, "score_streamed", lambda m, s, o, **k: owners.append(o) or score_streamed(m, s, o, **k)
+    )
+    owners.clear()  # made already: read, not scored again
+    shared_references(
+        tiny_base, adapters, [tiny_base] * 2, PROMPTS, 5, RunOptions(), held, tmp_path / "r2", base_ids=ids
+    )
+    assert sum(o.count(-1) for o in owners) == 0

@@ -112,44 +112,50 @@ def _judge_base_onnx(state: RunState, graph: Path, folder: Path) -> dict[str, An
 
 
 def _shared_verification(state: RunState, info: Any, folder: Path, checkpoints: list[Path]) -> dict[str, Any]:
-    """prepare_base's verification steps: ``verify:heldout`` (the base alone on the held-out text) and, for two
-    adapters or more on a base that is not quantized, ``verify:references`` (their references in one pass)."""
-    from ..verify.reference import _max_positions, base_heldout_logits, heldout_ids
+    """prepare_base's verification steps: for two adapters or more on a base that is not quantized,
+    ``verify:references`` (their references in one pass, which scores the base alone on the held-out text as well),
+    then ``verify:heldout`` (the base alone on the held-out text: base-heldout.pt, as that pass left it or computed
+    now)."""
+    from transformers import AutoTokenizer
+
+    from ..verify.reference import _max_positions, _shared_base_logits, base_heldout_logits, heldout_ids
     from ..verify.step import METHOD
 
     c, path = state.config, folder / "base-heldout.pt"
     limit = min(c.max_sequence_length, _max_positions(info.path))
+    ids = heldout_ids(AutoTokenizer.from_pretrained(str(info.path)), limit)
+    base = [str(info.path), _fingerprint(info.shards)]
+    shared: dict[str, Any] = {}
+    if len(checkpoints) >= 2 and not base_quantization(info.path):
+        references = folder / "references"
+        adapters = [
+            [str(p), file_sha256(weights_file(p)), _fingerprint([p / "adapter_config.json"])] for p in checkpoints
+        ]
+        try:
+            _references_step(state, info, [*base, adapters, METHOD], checkpoints, (path, ids), references)
+            shared["references"] = str(references)
+        except Exception as exc:  # only a saving lost: each adapter's run computes its own reference, as it would alone
+            logger.warning(i18n.ui("shared_references_failed", error=f"{type(exc).__name__}: {exc}"))
 
     def heldout() -> dict[str, Any]:
-        from transformers import AutoTokenizer
-
-        ids = heldout_ids(AutoTokenizer.from_pretrained(str(info.path)), limit)
-        base_heldout_logits(info.path, ids, save_to=path)
+        if _shared_base_logits(path, ids) is None:  # not left by the references pass
+            base_heldout_logits(info.path, ids, save_to=path)
         return {"path": str(path), "tokens": int(ids.numel())}
 
-    base = [str(info.path), _fingerprint(info.shards)]
     state.step(
         StepSpec("verify:heldout", keys=("max_sequence_length",)),
         base,
         lambda view: heldout(),
         outputs=lambda result: [Path(result["path"])] if result.get("path") else [],
     )
-    shared = {"base_heldout": str(path)}
-    if len(checkpoints) < 2 or base_quantization(info.path):
-        return shared
-    references = folder / "references"
-    adapters = [[str(p), file_sha256(weights_file(p)), _fingerprint([p / "adapter_config.json"])] for p in checkpoints]
-    try:
-        _references_step(state, info, [*base, adapters, _fingerprint([path]), METHOD], checkpoints, path, references)
-    except Exception as exc:  # only a saving lost: each adapter's run computes its own reference, as it would alone
-        logger.warning(i18n.ui("shared_references_failed", error=f"{type(exc).__name__}: {exc}"))
-        return shared
-    return {**shared, "references": str(references)}
+    return {"base_heldout": str(path), **shared}
 
 
 def _references_step(
-    state: RunState, info: Any, inputs: list[Any], checkpoints: list[Path], heldout: Path, references: Path
+    state: RunState, info: Any, inputs: list[Any], checkpoints: list[Path], base: tuple[Path, Any], references: Path
 ) -> None:
+    """``verify:references``: shared_references, keeping the base alone on ``base`` (base-heldout.pt, the base's
+    held-out ids) where the pass scores it."""
     from ..verify.reference import RunOptions
     from ..verify.references import shared_references
     from ..verify.step import REFERENCE_KEYS, training_tokenizer
@@ -164,8 +170,9 @@ def _references_step(
             view.test_input_samples,
             view.validation_new_tokens,
             RunOptions.from_config(view, reference=True),
-            heldout,
+            base[0],
             references,
+            base_ids=base[1],
         ),
         outputs=lambda result: [Path(f) for f in result.get("files", [])],
     )

@@ -368,11 +368,16 @@ def base_heldout_logits(base_dir: Path, heldout: Any, save_to: Path | None = Non
     finally:
         base.close()
     if save_to is not None:
-        save_to.parent.mkdir(parents=True, exist_ok=True)
-        partial = save_to.with_name(save_to.name + ".partial")
-        torch_save({"ids": heldout, "logits": logits}, partial, crc=False)
-        os.replace(partial, save_to)
+        save_base_logits(save_to, heldout, logits)
     return logits
+
+
+def save_base_logits(path: Path, heldout: Any, logits: Any) -> None:
+    """The base alone on the held-out text, with its token ids, where a batch keeps it (base/verify/base-heldout.pt)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch_save({"ids": heldout, "logits": logits}, partial, crc=False)
+    os.replace(partial, path)
 
 
 def _shared_base_logits(path: Path | None, heldout: Any) -> Any:

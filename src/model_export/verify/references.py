@@ -73,11 +73,14 @@ def shared_references(
     options: Any,
     base_heldout: Path | None,
     folder: Path,
+    base_ids: Any = None,
 ) -> dict[str, Any]:
     """Every eligible adapter's reference from one greedy decoding of all their prompts together, then their sequences
-    scored together (and the base alone on the held-out text, unless ``base_heldout`` has it) in as few passes as keep
-    the logits under SCORE_BYTES; each saved to shared_path(folder, checkpoint). Returns what was made: the files, and
-    each adapter left to its run with why."""
+    scored together (and the base alone on each held-out text, unless ``base_heldout`` has it) in as few passes as
+    keep the logits under SCORE_BYTES; each saved to shared_path(folder, checkpoint). With ``base_ids`` (the held-out
+    ids of the base's own tokenizer) the base alone on them is scored in the first pass too, unless ``base_heldout``
+    has it, and saved there: the batch's verify:heldout then finds it made (and lists it as its own). Returns what was
+    made: the references' files, and each adapter left to its run with why."""
     from ..checkpoint.base_model import inspect_base_model
     from ..merging.plan import make_plan
     from ..merging.streamed import StreamedModel
@@ -102,8 +105,9 @@ def shared_references(
         tokens = [[t for t, n in zip(decoded, numbers) if n == k] for k in range(len(asks))]
         files = []
         bases: dict[bytes, tuple[float, float]] = {}
+        keep = (base_heldout, base_ids) if base_heldout is not None and base_ids is not None else None
         for group in _groups(asks, tokens, model.config.vocab_size):
-            references = _score(model, group, asks, tokens, base_heldout, label, bases)
+            references = _score(model, group, asks, tokens, base_heldout, label, bases, keep)
             for k, reference in references.items():
                 try:  # a reference that cannot vouch for anything is not kept: its run says why
                     check_reference(reference, taken[k])
@@ -133,13 +137,21 @@ def _groups(asks: list[Any], tokens: list[list[list[int]]], vocab: int) -> list[
 
 
 def _score(
-    model: Any, group: list[int], asks: list[Any], tokens: list[Any], held: Path | None, label: str, bases: dict
+    model: Any,
+    group: list[int],
+    asks: list[Any],
+    tokens: list[Any],
+    held: Path | None,
+    label: str,
+    bases: dict,
+    keep: tuple[Path, Any] | None = None,
 ) -> dict:
     """The references of the adapters in ``group`` from one scoring pass of their sequences (each prompt with its
     tokens, the held-out text, and the base alone on it where no shared file has it). ``bases``: the base's measures
-    on each held-out text (reference.base_measures), by its token ids, taken once for the whole pass."""
+    on each held-out text (reference.base_measures), by its token ids, taken once for the whole pass. ``keep``: (path,
+    ids) of the base alone to score here too, unless measured already, and save to the path."""
     from ..runtimes.streamed import score_streamed
-    from .reference import _reference, _shared_base_logits, base_measures
+    from .reference import _reference, _shared_base_logits, base_measures, save_base_logits
 
     scored, owners, spans, alone = [], [], {}, {}
     for k in group:
@@ -147,20 +159,23 @@ def _score(
         spans[k] = (len(scored), len(scored) + len(sequences))
         scored += sequences
         owners += [k] * len(sequences)
-    for k in group:  # the base alone on each held-out text: from the shared file, or once in this pass
-        key = _ids_key(asks[k].heldout)
+    heldouts = [asks[k].heldout for k in group] + ([keep[1]] if keep is not None else [])
+    for ids in heldouts:  # the base alone on each held-out text: from the shared file, or once in this pass
+        key = _ids_key(ids)
         if key in bases or key in alone:
             continue
-        base_logits = _shared_base_logits(held, asks[k].heldout)
+        base_logits = _shared_base_logits(held, ids)
         if base_logits is not None:
-            bases[key] = base_measures(base_logits, asks[k].heldout)
+            bases[key] = base_measures(base_logits, ids)
         else:
-            alone[key] = (len(scored), asks[k].heldout)
-            scored.append(asks[k].heldout)
+            alone[key] = (len(scored), ids)
+            scored.append(ids)
             owners.append(-1)
     logits = score_streamed(model, scored, owners, label=label)
     for key, (row, ids) in alone.items():
         bases[key] = base_measures(logits[row], ids)
+        if keep is not None and key == _ids_key(keep[1]):
+            save_base_logits(keep[0], ids, logits[row])
     references = {}
     for k in group:
         start, stop = spans[k]
