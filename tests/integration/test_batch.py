@@ -12,6 +12,7 @@ import pytest
 
 from model_export import BatchResult, ConfigError, ExportConfiguration, extras, run
 from model_export.cli import main
+from model_export.verify.references import load_reference, shared_path
 
 pytestmark = pytest.mark.integration
 
@@ -93,11 +94,20 @@ def test_a_sweep_folder_exports_every_run_with_the_local_pool(pooled, sweep):
         # every adapter's reference was computed once, in base/'s one pass for all of them, and taken from there
         log = (out / f"lr-{lr}" / "export.log").read_text()
         assert "Reference taken from the batch's shared pass" in log and "Reference streamed layer by layer" not in log
+        selected = Path(run_json["steps"]["detect"]["result"]["selected"])  # its run's cache is that file, linked
+        cache = out / f"lr-{lr}" / "verify" / ".reference.cache"
+        assert os.path.samefile(cache, shared_path(out / "base" / "verify" / "references", selected))
+        assert load_reference(cache).greedy and load_reference(cache).kept_in is None
         modelfile = (out / f"lr-{lr}" / "export" / "gguf_lora" / "Modelfile").read_text()
         assert "FROM ../../../base/export/gguf/model-" in modelfile and "ADAPTER ./adapter-lora-f32.gguf" in modelfile
         if LLAMA and shutil.which("go"):  # the LoRA's Modelfile is served as the model was trained (issue 26)
             verdict = run_json["steps"]["verify"]["result"]["verdicts"]["gguf_lora"]
             assert verdict["serving"]["status"] == "verified" and len(verdict["serving"]["checks"]) == 2
+    # the base alone on the held-out text was scored in the shared pass: verify:heldout, after it, found it made
+    lines = (out / "export.log").read_text().splitlines()
+    after = [i for i, line in enumerate(lines) if "Step verify:references finished" in line][0]
+    heldout = [i for i, line in enumerate(lines) if "Step verify:heldout finished" in line][0]
+    assert after < heldout and any("base-heldout.pt" in line for line in lines[after:heldout])
     assert len(list(out.glob("base/export/gguf/model-*.gguf"))) == 1
     step = json.loads((out / "base" / "run.json").read_text())["steps"]["verify:references"]
     assert step["status"] == "done" and len(step["result"]["files"]) == 3 and not step["result"]["left"]

@@ -19,6 +19,7 @@ import pytest
 
 from model_export import ExportConfiguration, run
 from model_export.runtimes.vllm import VLLM_PYTHON_ENV, vllm_problem
+from model_export.verify.references import load_reference
 
 pytestmark = [pytest.mark.integration, pytest.mark.server]
 
@@ -94,18 +95,15 @@ def test_the_merged_model_and_the_adapter_as_a_lora_are_verified_in_vllms_server
 def test_a_wrong_chat_template_in_the_served_folder_fails_with_both_renderings(served, tmp_path):
     import shutil
 
-    import torch
-
     from model_export.demo.run import shipped_base
     from model_export.verify.judge import Bounds
-    from model_export.verify.reference import Reference
     from model_export.verify.served import verify_served
 
     out, _ = served
     folder = tmp_path / "served"
     shutil.copytree(out / "export" / "safetensors", folder)
     (folder / "chat_template.jinja").write_text(HANDWRITTEN, encoding="utf-8")
-    reference = Reference(**torch.load(out / "verify" / ".reference.cache", weights_only=True))
+    reference = load_reference(out / "verify" / ".reference.cache")
     verdict = verify_served(
         "safetensors@vllm",
         folder,
@@ -162,7 +160,6 @@ def test_killing_the_run_stops_every_vllm_process(training, tmp_path):
 
 
 def test_a_batchs_adapters_are_served_in_one_vllm_server_each_on_its_own_reference(tmp_path):
-    import torch
 
     from model_export.demo.run import shipped_base
     from model_export.demo.tiny import build_training_run
@@ -186,8 +183,8 @@ def test_a_batchs_adapters_are_served_in_one_vllm_server_each_on_its_own_referen
         assert (out / line["name"] / "verify" / "peft@vllm.json").is_file()
         assert served[line["name"]]["max_abs_diff"] <= 1e-3
     # each was judged on its own reference, and the two references differ far beyond the bound: the right LoRA ran
-    a, b = (torch.load(out / n / "verify" / ".reference.cache", weights_only=True) for n in ("lr-1e-3", "lr-3e-3"))
-    assert max(float((x - y).abs().max()) for x, y in zip(a["logits"], b["logits"])) > 0.1
+    a, b = (load_reference(out / n / "verify" / ".reference.cache") for n in ("lr-1e-3", "lr-3e-3"))
+    assert max(float((x - y).abs().max()) for x, y in zip(a.logits, b.logits)) > 0.1
     assert command in (out / "report.html").read_text(encoding="utf-8")  # the aggregate report's serving command
     run(config)  # nothing changed: the batch's vLLM verdicts are kept
     assert json.loads((out / "batch.json").read_text())["served"] == manifest["served"]

@@ -88,12 +88,11 @@ def _bounds(config: Any) -> list[float]:
 def _judge_all(config: Any, base: Path, entries: list[dict[str, Any]], python: str, log: Path) -> dict[str, Any]:
     """One server, every adapter: each adapter's verdict (as a dict), or each not run / failed when the server could
     not start or failed."""
-    import torch
 
     from ..runtimes import precision_of
     from ..runtimes.vllm import ServerFailed, vllm_problem
     from ..verify.judge import Bounds, not_run
-    from ..verify.reference import Reference
+    from ..verify.references import load_reference
     from ..verify.served import judge_on_server, lora_server, unserved
 
     precision = precision_of(base)
@@ -109,7 +108,7 @@ def _judge_all(config: Any, base: Path, entries: list[dict[str, Any]], python: s
     try:
         with server:
             for e in entries:
-                reference = Reference(**torch.load(e["cache"], weights_only=True))  # our own file, read as data only
+                reference = load_reference(e["cache"])
                 asked = (e["name"], LABEL, e["folder"], reference, Path(e["tokenizer"] or base))
                 verdict = judge_on_server(
                     server,

@@ -14,7 +14,7 @@ import gc
 import json
 import math
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +52,11 @@ class Reference:
     base_entropy: float | None = None
     other_road: dict | None = None  # a QLoRA adapter: how far merging into the 16-bit weights lands (other_road)
     heldout_logits: Any = None  # fp32 logits on the held-out text: artifacts are judged there too
+    kept_in: Any = field(default=None, repr=False, compare=False)  # a batch's file it was read from, not saved with it
 
     def to_dict(self) -> dict[str, Any]:
         """Its fields as they are (dataclasses.asdict would deep-copy every tensor: 390 MB at the 0.6B shape)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "kept_in"}
 
     def sequences(self) -> list[Any]:
         """What every artifact scores, in one pass (scored_sequences)."""

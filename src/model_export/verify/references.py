@@ -26,7 +26,7 @@ from ..files import torch_save
 from ..monitoring import logger
 from .reference import check_reference
 
-__all__ = ["shared_path", "shared_references", "take_shared"]
+__all__ = ["load_reference", "shared_path", "shared_references", "take_shared"]
 
 
 def shared_path(folder: str | Path, checkpoint: str | Path) -> Path:
@@ -232,4 +232,17 @@ def take_shared(folder: str | Path | None, checkpoint: Path, base_dir: Path, ask
     if not same:
         return None
     logger.info(i18n.ui("shared_reference_taken", path=path))
-    return Reference(**data)
+    reference = Reference(**data)
+    reference.kept_in = path  # the run's cache of it can be this very file (step.compute_cached)
+    return reference
+
+
+def load_reference(path: Path) -> Any:
+    """The Reference in a file a run keeps it in (verify/.reference.cache): saved by the run, or the batch's file of
+    it, which the cache is a link to."""
+    import torch
+
+    from .reference import Reference
+
+    saved = torch.load(path, weights_only=True)  # our own file, read as data only
+    return Reference(**(saved["reference"] if "made" in saved else saved))
