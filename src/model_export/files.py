@@ -10,10 +10,19 @@ import json
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_atomic", "strict_json", "finite", "parse_size"]
+__all__ = ["write_atomic", "strict_json", "finite", "parse_size", "link_or_copy", "torch_save"]
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """``dst`` as a hard link to ``src`` (no bytes written), or a copy of it where the link cannot be made."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

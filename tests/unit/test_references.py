@@ -163,3 +163,28 @@ def test_the_pass_keeps_the_base_alone_on_the_base_s_held_out_ids(tiny_base, tmp
         tiny_base, adapters, [tiny_base] * 2, PROMPTS, 5, RunOptions(), held, tmp_path / "r2", base_ids=ids
     )
     assert sum(o.count(-1) for o in owners) == 0
+
+
+def test_a_run_keeps_a_taken_reference_as_a_link_to_the_batch_s_file_or_a_copy(made, tmp_path, monkeypatch):
+    """The run's cache of a reference taken from the batch is that file, hard-linked; where the link cannot be made
+    (another filesystem), a copy; load_reference reads both as the reference."""
+    import os
+
+    from model_export.verify.references import load_reference
+    from model_export.verify.step import _keep
+
+    adapters, _, folder = made
+    shared = shared_path(folder, adapters[0])
+    reference = load_reference(shared)
+    reference.kept_in = shared
+    _keep(reference, tmp_path / "linked")
+    assert os.path.samefile(tmp_path / "linked", shared)
+
+    def no_link(src, dst):
+        raise OSError("cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    _keep(reference, tmp_path / "copied")
+    assert not os.path.samefile(tmp_path / "copied", shared)
+    copied = load_reference(tmp_path / "copied")
+    assert copied.greedy == reference.greedy and torch.equal(copied.logits[0], reference.logits[0])

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from typing import Any
 
+from ..files import link_or_copy
 from .base import ExportContext, ExportFormat
 
 __all__ = ["FORMAT"]
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def export(ctx: ExportContext) -> dict[str, Any]:
@@ -34,7 +27,7 @@ def export(ctx: ExportContext) -> dict[str, Any]:
             keep=ctx.config.quantization_keep_modules,
             symmetric=ctx.config.quantization_symmetric is not False,  # unset: symmetric, as W4A16/W8A16 serve
         )
-    shutil.copytree(ctx.merged, ctx.out, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(".*"))
+    shutil.copytree(ctx.merged, ctx.out, copy_function=link_or_copy, ignore=shutil.ignore_patterns(".*"))
     return {}
 
 

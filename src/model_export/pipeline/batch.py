@@ -67,6 +67,9 @@ def run(config: ExportConfiguration) -> Any:
     return run_batch(config) if is_batch(config) else run_adapter(config)
 
 
+# --- one adapter, wherever it runs -----------------------------------------------------------------------------------
+
+
 def adapter_task(task: dict[str, Any]) -> dict[str, Any]:
     """Run one adapter's pipeline (in a pool process or a Ray worker) and return its line of batch.json; never raises
     for the adapter's own failures, which are recorded."""

@@ -151,6 +151,3 @@ def pool_width(adapters: int, per_adapter: int, limit: int | None = None) -> tup
         + f"); {max(1, cores // width)} thread(s) each"
     )
     return width, max(1, cores // width), rule
-
-
-# --- one adapter, wherever it runs -----------------------------------------------------------------------------------

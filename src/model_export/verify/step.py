@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import i18n
 from ..checkpoint.base_model import tokenizer_source
-from ..files import strict_json, torch_save, write_atomic
+from ..files import link_or_copy, strict_json, torch_save, write_atomic
 from ..monitoring import logger
 from ..steps import ConfigView, StepSpec, Unit, changed_values, files_in, fingerprint
 
@@ -389,15 +389,12 @@ def compute_cached(
 
 def _keep(reference: Any, path: Path) -> None:
     """The reference saved to ``path``; one taken whole from a batch's file is that file, hard-linked (390 MB not
-    written again at the 0.6B shape), or saved where the link cannot be made."""
-    if reference.kept_in is not None and reference.other_road is None:
-        try:
-            path.unlink(missing_ok=True)
-            os.link(reference.kept_in, path)
-            return
-        except OSError:
-            pass
-    torch_save(reference.to_dict(), path, crc=False)
+    written again at the 0.6B shape) or copied where the link cannot be made (load_reference reads either form)."""
+    if reference.kept_in is None or reference.other_road is not None:
+        torch_save(reference.to_dict(), path, crc=False)
+        return
+    path.unlink(missing_ok=True)  # a partial file a killed run left
+    link_or_copy(reference.kept_in, path)
 
 
 def _shared(folder: str | None, checkpoint: Path, base_dir: Path) -> Any:
