@@ -340,12 +340,18 @@ def test_a_tensor_past_the_end_of_its_file_is_named(tmp_path):
     reader.close()
 
 
-def test_several_adapters_share_one_pass(tiny_base, tmp_path):
+def test_several_adapters_share_one_pass(tiny_base, tmp_path, monkeypatch):
     """A StreamedModel of several adapters on one base (a batch's references): each sequence scored with the adapter
     its number names, or the base alone (-1), gets what PEFT's model of that adapter gives it alone, in one pass (each
     layer read once for all of them); decoded together, each input gets that adapter's own greedy tokens. The adapters
-    differ in kind: plain; DoRA; rsLoRA of another rank on other modules."""
+    differ in kind: plain; DoRA; rsLoRA of another rank on other modules. Where only plain ones share a layer (q_proj)
+    their updates are made in one stacked pair of products (merging.unmerged.stacked), in the scoring pass and in each
+    decoding step; elsewhere each adapter's positions are changed on their own."""
+    from model_export.merging import unmerged
     from model_export.runtimes.streamed import greedy_lockstep, score_streamed
+
+    together, stacked = [], unmerged.stacked
+    monkeypatch.setattr(unmerged, "stacked", lambda *a: together.append(stacked(*a)) or together[-1])
 
     variants = [
         {},
@@ -377,6 +383,8 @@ def test_several_adapters_share_one_pass(tiny_base, tmp_path):
                     base = reference(sequences[-1][None]).logits[0]
                 assert float((base - got[-1]).abs().max()) <= 1e-5
     assert float((got[0] - got[1]).abs().max()) > 1e-4  # the adapters differ, so the checks above bite
+    made = [t for t in together if t is not None]
+    assert made and len(made) < len(together)  # the stacked form was taken on q_proj, not where DoRA runs beside it
 
 
 def test_adapters_with_tensors_of_their_own_do_not_share_a_pass(tiny_base, tmp_path):

@@ -5,9 +5,10 @@ that model whole costs 4 bytes per parameter in fp32 (16 GB at 4B). Here transfo
 device (no memory), and hooks around each decoder layer widen that layer's tensors from the base's safetensors (a
 mapping of the file whose pages are released after each read: merging/reader.py) into fp32 just before it runs; a
 layer not kept goes into one of two buffers reused in turn. The LoRA updates are applied unmerged, as PEFT's layers do:
-``W x + b + scaling * B (A x)`` (rsLoRA, rank and alpha patterns, lora bias), DoRA as PEFT computes it, LoRA on
-embeddings, and whole tensors the adapter saved (modules_to_save, added tokens) in place of the base's. The embedding
-reads only the rows asked for; the head multiplies in row blocks. The layers run in transformers' own code, so
+``W x + b + scaling * B (A x)`` (rsLoRA, rank and alpha patterns, lora bias), DoRA as PEFT computes it (for one
+adapter or several side by side: merging/unmerged.py), LoRA on embeddings, and whole tensors the adapter saved
+(modules_to_save, added tokens) in place of the base's. The embedding reads only the rows asked for; the head
+multiplies in row blocks. The layers run in transformers' own code, so
 attention, rotary embeddings, masks, the KV cache and ``generate`` are transformers'.
 
 Two things make repeated passes cheap. ``max_memory`` keeps widened layers (then the head) resident, in order, up to
@@ -33,6 +34,7 @@ from typing import Any
 
 from .. import i18n
 from .reader import TRIM_EVERY, TensorReader, trim_heap
+from .unmerged import adapted, lora_delta, lora_hook
 
 __all__ = ["StreamedModel", "SUPPORTED", "shares_base", "streamable", "trim_heap"]
 
@@ -75,50 +77,6 @@ def _scheme(quantization: Any):
     if list(scheme.targets) != ["Linear"] or scheme.weights is None or scheme.input_activations is not None:
         raise ValueError(f"compressed-tensors targets {scheme.targets}")
     return scheme
-
-
-def _lora_delta(lora: Any, x: Any):
-    """scaling * B (A x) (+ the lora bias), PEFT's unmerged update of a linear layer, in fp32."""
-    import torch
-
-    A, B = torch.from_numpy(lora.A).float(), torch.from_numpy(lora.B).float()
-    return torch.nn.functional.linear(torch.nn.functional.linear(x, A), B) * lora.scaling
-
-
-def _adapted(owner: Any, loras: list[tuple[int, Any]], output: Any, change: Any) -> Any:
-    """``output`` (the module's own new result) changed by each of ``loras`` ((adapter number, update) pairs) where the
-    owner's adapter_index selects that adapter: ``change(lora, pick)`` gives the changed values at the positions
-    ``pick`` selects from a [batch, seq, ...] tensor, written back in place. With no index the first adapter applies
-    everywhere (one adapter's model); -1 is the base alone, as PEFT's disable_adapter computes it."""
-    index = owner.adapter_index
-    if index is None:
-        return change(loras[0][1], lambda t: t) if loras[0][0] == 0 else output
-    output = output.contiguous()
-    for number, lora in loras:
-        where = _positions(owner, index, output.shape[:2]).get(number)
-        if where is None:
-            continue
-        if where is _EVERY:  # one adapter at every position (a scoring pass of one adapter's sequences)
-            output = change(lora, lambda t: t)
-            continue
-        changed = change(lora, lambda t, where=where: t.flatten(0, 1).index_select(0, where))
-        output.flatten(0, 1).index_copy_(0, where, changed)
-    return output
-
-
-_EVERY = object()
-
-
-def _positions(owner: Any, index: Any, shape: Any) -> dict[int, Any]:
-    """Each adapter number's flat positions in ``index`` broadcast to ``shape`` (_EVERY when it is the only one),
-    worked out once per pass and shape (the selection keeps its index alive, so ``is`` cannot match a new one)."""
-    held = owner._positions
-    if held is None or held[0] is not index or held[1] != tuple(shape):
-        numbers = index.expand(shape).flatten()
-        found = numbers.unique().tolist()
-        where = {n: _EVERY if len(found) == 1 else (numbers == n).nonzero().squeeze(1) for n in found}
-        owner._positions = held = (index, tuple(shape), where)
-    return held[2]
 
 
 def shares_base(plan: Any, base: Any) -> bool:
@@ -178,7 +136,8 @@ class StreamedModel:
         self.on_layer: Any = None  # called after each decoder layer has run (progress)
         self._layers_run = 0
         self.adapter_index: Any = None  # adapter numbers broadcast to [batch, seq], -1 the base (None: adapter 0)
-        self._positions: Any = None  # each adapter's positions in adapter_index (_positions)
+        self._positions: Any = None  # each adapter's positions in adapter_index (unmerged.positions)
+        self._stacked: Any = None  # several adapters' LoRA matrices stacked for this pass (unmerged.stacked)
         # Widened layers kept between passes, in order, up to max_memory bytes (then the head): see the module doc.
         self.max_memory, self.resident, self.resident_bytes = max(int(max_memory), 0), {}, 0
         # The next layer is read and widened by a thread of its own while this one computes (its own file handles:
@@ -215,7 +174,7 @@ class StreamedModel:
             for name, module in layer.named_modules():
                 loras = self.loras.get(f"{prefix}.{name}.weight")
                 if isinstance(module, torch.nn.Linear) and loras:
-                    self._hooks.append(module.register_forward_hook(_lora_hook(self, loras)))
+                    self._hooks.append(module.register_forward_hook(lora_hook(self, loras)))
 
     def _loader(self, index: int):
         def load(layer: Any, args: Any) -> None:
@@ -334,7 +293,7 @@ class StreamedModel:
         self.reader.close()
         self._ahead_reader.close()
         self.resident.clear()
-        self._slots = [{}, {}]
+        self._slots, self._stacked, self._positions = [{}, {}], None, None
         self.model.lm_head.resident, self.model.lm_head.blocks = None, []
 
 
@@ -345,31 +304,6 @@ def _set(module: Any, name: str, tensor: Any) -> None:
     for part in path:
         module = getattr(module, part)
     module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
-
-
-def _lora_hook(owner: StreamedModel, loras: list[tuple[int, Any]]):
-    """PEFT's unmerged LoRA on a linear layer whose base weight (and bias) has just run: add scaling * B (A x) and the
-    lora bias; for DoRA, rescale by magnitude / ||W + scaling B A|| as PEFT's DoRA layer does (each adapter where the
-    owner's adapter_index selects it)."""
-    import torch
-
-    def hook(module: Any, args: Any, output: Any) -> Any:
-        def change(lora: Any, pick: Any) -> Any:
-            out = pick(output)
-            delta = _lora_delta(lora, pick(args[0]))
-            if lora.magnitude is not None:
-                A, B = torch.from_numpy(lora.A).float(), torch.from_numpy(lora.B).float()
-                weight = module.weight + lora.scaling * (B @ A)
-                scale = torch.from_numpy(lora.magnitude).float().reshape(-1) / weight.norm(p=2, dim=1)
-                base = out - module.bias if module.bias is not None else out
-                changed = out + (scale - 1) * base + scale * delta
-            else:
-                changed = out + delta
-            return changed + torch.from_numpy(lora.bias).float() if lora.bias is not None else changed
-
-        return _adapted(owner, loras, output, change)
-
-    return hook
 
 
 def _embedding_module(owner: StreamedModel, name: str):
@@ -400,7 +334,7 @@ def _embedding_module(owner: StreamedModel, name: str):
                 A, B = torch.from_numpy(lora.A).float(), torch.from_numpy(lora.B).float()
                 return pick(out) + torch.nn.functional.embedding(pick(ids), A.T) @ B.T * lora.scaling
 
-            return _adapted(owner, loras, out, change)
+            return adapted(owner, loras, out, change)
 
     return StreamedEmbedding()
 
@@ -430,9 +364,7 @@ def _head_module(owner: StreamedModel, name: str):
                 logits = torch.cat(list(self._blocks(hidden, rows, width)), dim=-1)
             if not self.loras:
                 return logits
-            return _adapted(
-                owner, self.loras, logits, lambda lora, pick: pick(logits) + _lora_delta(lora, pick(hidden))
-            )
+            return adapted(owner, self.loras, logits, lambda lora, pick: pick(logits) + lora_delta(lora, pick(hidden)))
 
         def _blocks(self, hidden: Any, rows: int, width: int):
             step = min(rows, max(1, HEAD_BLOCK_BYTES // (4 * width)))
