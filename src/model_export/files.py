@@ -25,6 +25,35 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def copy_range(src: Any, dst: Any, start: int, nbytes: int) -> bool:
+    """``nbytes`` of the open file ``src`` from offset ``start`` written at the open file ``dst``'s position, which
+    then moves past them, by the kernel (os.copy_file_range): page to page, never through this process's memory. A
+    bf16 GGUF of the 0.6B shape's 1.19 GB merge took 1.8-4.8 s to write through 64 MB reads here (each read new memory
+    the kernel must fault in and fill), 0.4 s this way. False, with ``dst`` where it was, where the kernel or the
+    filesystems cannot (no copy_file_range, another filesystem, a file that ends early): the caller then writes the
+    bytes itself. A full disk is raised as the OSError it is."""
+    import errno
+
+    copy = getattr(os, "copy_file_range", None)
+    if copy is None:
+        return False
+    dst.flush()
+    at, done = dst.tell(), 0
+    try:
+        while done < nbytes:
+            step = copy(src.fileno(), dst.fileno(), nbytes - done, start + done, at + done)
+            if step <= 0:  # the source ends before its header said: let the caller's read say so
+                raise OSError(errno.EIO, "copy_file_range copied nothing")
+            done += step
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        dst.seek(at)
+        return False
+    dst.seek(at + nbytes)
+    return True
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """``data`` into ``path`` under a temporary name, renamed when complete."""
     partial = path.with_name(path.name + ".partial")

@@ -328,31 +328,96 @@ def tiny_model(tiny_base, folder, arch, rope="default"):
     return folder
 
 
-@pytest.mark.parametrize("arch, dtype", [("qwen3", "bfloat16"), ("llama", "bfloat16"), ("llama", "float32")])
+@pytest.mark.parametrize(
+    "arch, dtype, kernel",
+    [
+        ("qwen3", "bfloat16", True),
+        ("qwen3", "bfloat16", False),
+        ("llama", "bfloat16", True),
+        ("llama", "float32", True),
+    ],
+)
 def test_a_type_that_stores_the_merge_s_own_bytes_writes_the_file_widening_writes(
-    tiny_base, tmp_path, monkeypatch, arch, dtype
+    tiny_base, tmp_path, monkeypatch, arch, dtype, kernel
 ):
     """bf16 into bf16 (and f32 into f32) copies the merge's bytes, Llama's q/k rows reordered per head as they are:
-    the same file, byte for byte, as widening every tensor to float32 and encoding it again."""
+    the same file, byte for byte, as widening every tensor to float32 and encoding it again. A tensor whose rows stay
+    in place is copied file to file by the kernel (copy_file_range); where the kernel refuses (another filesystem:
+    EXDEV) its bytes are read and written instead."""
+    import errno
+
     from transformers import AutoModelForCausalLM
 
-    from model_export.exporters import gguf_export
+    from model_export.exporters import gguf_export, gguf_tensors
 
     folder = tiny_model(tiny_base, tmp_path / "model", arch)
     if dtype == "bfloat16":  # the merge's dtype: its tensors and its config.json
         AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).save_pretrained(str(folder))
     gguf_type = {"bfloat16": "bf16", "float32": "f32"}[dtype]
-    copies, stored_chunks = [], gguf_export.stored_chunks
+    if not kernel:
+
+        def refused(*args):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr("os.copy_file_range", refused, raising=False)
+    copies, kernel_copies, stored_chunks, copy_range = [], [], gguf_export.stored_chunks, gguf_tensors.copy_range
+    monkeypatch.setattr(gguf_export, "stored_chunks", lambda src, fh: _chunks_read(src, fh, copies, stored_chunks))
     monkeypatch.setattr(
-        gguf_export, "stored_chunks", lambda source, fh: copies.append(source.name) or stored_chunks(source, fh)
+        gguf_tensors, "copy_range", lambda *a: kernel_copies.append(copy_range(*a)) or kernel_copies[-1]
     )
     copied = export_gguf(folder, tmp_path / "copied", gguf_type=gguf_type)["path"]
-    assert "model.layers.0.self_attn.q_proj.weight" in copies and "model.embed_tokens.weight" in copies
+    assert kernel_copies and all(kernel_copies) == kernel and any(kernel_copies) == kernel
+    q, embedding = "model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"
+    read = {q, embedding} & set(copies)  # Llama's q rows are reordered, so read whatever the kernel can do
+    assert read == ({q} if arch == "llama" else set()) | (set() if kernel else {embedding, q})
     monkeypatch.setattr(gguf_export, "STORED_AS", {})
     widened = export_gguf(folder, tmp_path / "widened", gguf_type=gguf_type)["path"]
     assert Path(copied).read_bytes() == Path(widened).read_bytes()
     types = {t.tensor_type.name.lower() for t in gguf.GGUFReader(copied).tensors}
     assert gguf_type in types
+
+
+def _chunks_read(source, fh, names, stored_chunks):
+    """stored_chunks, noting each tensor whose chunks are actually read."""
+    for chunk in stored_chunks(source, fh):
+        names.append(source.name)
+        yield chunk
+
+
+def test_a_kernel_copy_moves_the_file_s_position_or_leaves_it_for_the_caller(tmp_path, monkeypatch):
+    """files.copy_range: the bytes asked for, at the destination's position, in as many calls as the kernel takes;
+    False with the position unchanged where copy_file_range is missing or refuses; a full disk raised, not hidden."""
+    import errno
+    import os
+
+    from model_export.files import copy_range
+
+    source = tmp_path / "source"
+    source.write_bytes(bytes(range(256)) * 4)
+    calls, kernel = [], os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: calls.append(a) or kernel(*a[:2], min(a[2], 100), *a[3:]))
+    with open(source, "rb") as src, open(tmp_path / "out", "wb") as dst:
+        dst.write(b"head")
+        assert copy_range(src, dst, 10, 500) and dst.tell() == 504 and len(calls) == 5
+        dst.write(b"tail")
+    assert (tmp_path / "out").read_bytes() == b"head" + source.read_bytes()[10:510] + b"tail"
+    for failure, raised in ((errno.EXDEV, False), (errno.ENOSPC, True)):
+
+        def refuse(*args, failure=failure):
+            raise OSError(failure, os.strerror(failure))
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+        with open(source, "rb") as src, open(tmp_path / "out", "wb") as dst:
+            dst.write(b"head")
+            if raised:
+                with pytest.raises(OSError) as caught:
+                    copy_range(src, dst, 0, 10)
+                assert caught.value.errno == errno.ENOSPC
+            else:
+                assert not copy_range(src, dst, 0, 10) and dst.tell() == 4
+    monkeypatch.delattr(os, "copy_file_range")
+    with open(source, "rb") as src, open(tmp_path / "out", "wb") as dst:
+        assert not copy_range(src, dst, 0, 10) and dst.tell() == 0
 
 
 @pytest.mark.parametrize(

@@ -206,7 +206,9 @@ def _tensor_data(
             fh = handles.get(source.path) or handles.setdefault(source.path, open(source.path, "rb"))  # noqa: SIM115
             ttype = types[source.name]
             importance = importance_for(imatrix, source.target, ttype)
-            writer.write_tensor_data(Chunks(type_nbytes(source.shape, ttype), _encoded(source, ttype, fh, importance)))
+            stored = (fh, source.info) if STORED_AS.get(ttype) == source.info.dtype and not source.heads else None
+            chunks = _encoded(source, ttype, fh, importance)
+            writer.write_tensor_data(Chunks(type_nbytes(source.shape, ttype), chunks, stored))
             meter.advance(source.info.nbytes)
     finally:
         for fh in handles.values():

@@ -13,6 +13,7 @@ import numpy as np
 from ..checkpoint.hf_layout import rope_inv_freq, rope_parameters
 from ..errors import ExportFormatError
 from ..faults import crash_point
+from ..files import copy_range
 from ..quantize.gguf_types import SUPPORTED_ARCHITECTURES
 from ..tensor_io import byte_row_chunks, read_bytes, read_header, torch_row_chunks
 
@@ -65,18 +66,21 @@ def gguf_sources(merged: Path, arch: Any, config: dict[str, Any]) -> list[Source
 
 
 class Chunks:
-    """A tensor that GGUFWriter.write_tensor_data can write (it asks for nbytes and tofile) without holding it whole."""
+    """A tensor that GGUFWriter.write_tensor_data can write (it asks for nbytes and tofile) without holding it whole.
+    ``stored``: (open file, TensorInfo) of a merged tensor whose bytes are the GGUF's as they are (STORED_AS, rows in
+    place), copied file to file by the kernel (files.copy_range); the chunks are written where it cannot."""
 
-    def __init__(self, nbytes: int, chunks: Iterator[np.ndarray]) -> None:
-        self.nbytes, self.chunks = nbytes, chunks
+    def __init__(self, nbytes: int, chunks: Iterator[np.ndarray], stored: tuple[Any, Any] | None = None) -> None:
+        self.nbytes, self.chunks, self.stored = nbytes, chunks, stored
 
     def tofile(self, fout) -> None:
-        written = 0
-        for chunk in self.chunks:
-            fout.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
-            written += chunk.nbytes
-        if written != self.nbytes:  # a bug, not a user error
-            raise AssertionError(f"wrote {written} bytes, declared {self.nbytes}")
+        if self.stored is None or not copy_range(self.stored[0], fout, self.stored[1].start, self.nbytes):
+            written = 0
+            for chunk in self.chunks:
+                fout.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+                written += chunk.nbytes
+            if written != self.nbytes:  # a bug, not a user error
+                raise AssertionError(f"wrote {written} bytes, declared {self.nbytes}")
         crash_point("export_tensor")
 
 
