@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from .files import write_sliced
+
 __all__ = [
     "input_file",
     "SafetensorsFormatError",
@@ -280,7 +282,7 @@ class ShardWriter:
         while (item := self._queue.get()) is not None:
             if self._error is None:
                 try:
-                    self._fh.write(item[0])
+                    write_sliced(self._fh, item[0])
                 except BaseException as exc:  # noqa: BLE001 - reported to the caller by write/close
                     self._error = exc
             self._hash_queue.put(item)

@@ -366,3 +366,39 @@ def test_a_cache_saved_without_crcs_loads_the_same_and_artifacts_keep_theirs(tmp
         assert all(torch.equal(loaded[k], v) for k, v in data.items())
     assert zipfile.ZipFile(tmp_path / "kept.pt").testzip() is None
     assert zipfile.ZipFile(tmp_path / "cache.pt").testzip() is not None  # the CRCs were left out
+
+
+def test_large_writes_reach_the_kernel_in_slices_and_read_back_whole(tmp_path, monkeypatch):
+    """files.write_sliced hands the file WRITE_BYTES at a time (64 MB writes cost the kernel several times the system
+    time here: docs/benchmarks.md); a merge's shard (tensor_io.ShardWriter) and a torch file (files.torch_save) are
+    written through it, and what is read back is what was given."""
+    import torch
+    from safetensors.torch import load_file
+
+    from model_export import files, tensor_io
+    from model_export.tensor_io import PlannedTensor, ShardWriter
+
+    class Recorded:
+        def __init__(self):
+            self.sizes, self.data = [], bytearray()
+
+        def write(self, data):
+            self.sizes.append(len(data))
+            self.data += data
+
+    monkeypatch.setattr(files, "WRITE_BYTES", 1000)
+    recorded, data = Recorded(), bytes(range(256)) * 20
+    files.write_sliced(recorded, data)
+    assert recorded.sizes == [1000] * 5 + [120] and bytes(recorded.data) == data
+    values, sliced, write_sliced = torch.arange(5000, dtype=torch.float32), [], files.write_sliced
+    spy = lambda fh, data: sliced.append(memoryview(data).nbytes) or write_sliced(fh, data)  # noqa: E731
+    monkeypatch.setattr(files, "write_sliced", spy)
+    monkeypatch.setattr(tensor_io, "write_sliced", spy)
+    files.torch_save({"values": values}, tmp_path / "x.pt")
+    assert torch.equal(torch.load(tmp_path / "x.pt", weights_only=True)["values"], values)
+    assert max(sliced) >= values.nbytes  # the tensor's record went through it whole
+    sliced.clear()
+    writer = ShardWriter(tmp_path / "x.safetensors", [PlannedTensor("values", "F32", (5000,))])
+    writer.write(values.numpy().tobytes())
+    writer.close()
+    assert torch.equal(load_file(tmp_path / "x.safetensors")["values"], values) and values.nbytes in sliced

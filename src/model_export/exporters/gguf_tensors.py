@@ -13,7 +13,7 @@ import numpy as np
 from ..checkpoint.hf_layout import rope_inv_freq, rope_parameters
 from ..errors import ExportFormatError
 from ..faults import crash_point
-from ..files import copy_range
+from ..files import copy_range, write_sliced
 from ..quantize.gguf_types import SUPPORTED_ARCHITECTURES
 from ..tensor_io import byte_row_chunks, read_bytes, read_header, torch_row_chunks
 
@@ -77,7 +77,7 @@ class Chunks:
         if self.stored is None or not copy_range(self.stored[0], fout, self.stored[1].start, self.nbytes):
             written = 0
             for chunk in self.chunks:
-                fout.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+                write_sliced(fout, np.ascontiguousarray(chunk))
                 written += chunk.nbytes
             if written != self.nbytes:  # a bug, not a user error
                 raise AssertionError(f"wrote {written} bytes, declared {self.nbytes}")
