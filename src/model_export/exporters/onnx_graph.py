@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import i18n
 from ..faults import crash_point
+from ..files import write_sliced
 from ..monitoring import Progress
 from ..tensor_io import read_header, torch_row_chunks
 
@@ -83,7 +84,7 @@ class DataFile:
         start = self.offset = self.offset + pad
         for chunk in chunks:
             data = np.ascontiguousarray(chunk, dtype=dtype)
-            self.fh.write(memoryview(data).cast("B"))
+            write_sliced(self.fh, data)
             self.offset += data.nbytes
         length = self.offset - start
         if length != expected:  # a bug, not a user error: never write a tensor that lies about its size
