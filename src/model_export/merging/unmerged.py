@@ -56,6 +56,8 @@ def positions(owner: Any, index: Any, shape: Any) -> dict[int, Any]:
     """Each adapter number's flat positions in ``index`` broadcast to ``shape`` (EVERY when it is the only one),
     worked out once per pass and shape (the selection keeps its index alive, so ``is`` cannot match a new one)."""
     held = owner._positions
+    if held is not None and held[0] is not index:  # a new pass: the last one's stacked matrices are let go
+        owner._stacked = None
     if held is None or held[0] is not index or held[1] != tuple(shape):
         numbers = index.expand(shape).flatten()
         found = numbers.unique().tolist()
@@ -76,7 +78,7 @@ def stacked(owner: Any, loras: list[tuple[int, Any]], x: Any, output: Any) -> An
     held = owner._positions
     key = tuple((n, lora.A.shape[0]) for n, lora in present)  # the adapters and their ranks
     cache = owner._stacked if owner._stacked is not None and owner._stacked[0] is owner.adapter_index else None
-    if cache is None:  # a new pass: the stacked matrices of the last one are let go
+    if cache is None:
         owner._stacked = cache = (owner.adapter_index, {})
     if (id(loras), key) not in cache[1]:
         A = torch.cat([torch.from_numpy(lora.A).float() for _, lora in present])
