@@ -28,14 +28,15 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
 WRITE_BYTES = 1 << 20
 
 
-def write_sliced(fh: Any, data: Any) -> None:
+def write_sliced(fh: Any, data: Any) -> int:
     """``fh.write(data)`` one WRITE_BYTES slice at a time. The kernel took 0.74-6.7 s (typically 1.5-4 s) of system
     time to take the 0.6B shape's 1.19 GB into the page cache in 64 MB writes from one reused buffer, 0.52-0.96 s in
     1 MB writes (4 MB: 0.54-1.4 s), alternated over six rounds here (docs/benchmarks.md): the merge's chunks and a
-    GGUF's are tens of MB each, a reference's logits one record of 390 MB."""
+    GGUF's are tens of MB each, a reference's logits one record of 390 MB. Returns the bytes written."""
     view = memoryview(data).cast("B")
     for start in range(0, len(view), WRITE_BYTES):
         fh.write(view[start : start + WRITE_BYTES])
+    return len(view)
 
 
 def copy_range(src: Any, dst: Any, start: int, nbytes: int) -> bool:
@@ -114,8 +115,7 @@ class _Sliced:
         self.fh = fh
 
     def write(self, data: Any) -> int:
-        write_sliced(self.fh, data)
-        return memoryview(data).nbytes
+        return write_sliced(self.fh, data)
 
     def flush(self) -> None:
         self.fh.flush()

@@ -367,9 +367,9 @@ def test_several_adapters_share_one_pass(tiny_base, tmp_path, monkeypatch):
     assert passes[0] == 1 and reads[0] <= shared.config.num_hidden_layers + 1  # + the next pass's first, read ahead
     inputs = [SEQUENCES[1], SEQUENCES[0], SEQUENCES[1], SEQUENCES[3]]
     decoded = greedy_lockstep(shared, inputs, 6, set(), adapters=[0, 1, 2, 2])
-    assert shared._stacked is not None
+    assert shared._stacked
     score_streamed(shared, sequences[:1], [0])  # the next pass lets the decoding's stacked matrices go
-    assert shared._stacked is None
+    assert not shared._stacked
     shared.close()
     with torch.no_grad():
         for k, adapter in enumerate(adapters):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +86,13 @@ def _tensor_type(source: Source, gguf_type: str, model: TypePlan) -> str:
     return gguf_type if columns % block_values(gguf_type) == 0 else "f16"
 
 
-def _encoded(source: Source, ttype: str, fh, importance: np.ndarray | None = None) -> Iterator[np.ndarray]:
-    """The tensor in GGUF type ``ttype``, in row chunks."""
+def _encoded(source: Source, ttype: str, fh, importance: np.ndarray | None = None) -> Chunks:
+    """The tensor in GGUF type ``ttype``, in row chunks; one stored as the merge's own bytes with its rows in place is
+    copied file to file where the kernel can (Chunks' ``stored``)."""
+    nbytes = type_nbytes(source.shape, ttype)
     if STORED_AS.get(ttype) == source.info.dtype:
-        return stored_chunks(source, fh)
-    return (encode_rows(values, ttype, importance) for values in float_chunks(source, fh))
+        return Chunks(nbytes, stored_chunks(source, fh), None if source.heads else (fh, source.info))
+    return Chunks(nbytes, (encode_rows(values, ttype, importance) for values in float_chunks(source, fh)))
 
 
 def _model(
@@ -206,9 +208,7 @@ def _tensor_data(
             fh = handles.get(source.path) or handles.setdefault(source.path, open(source.path, "rb"))  # noqa: SIM115
             ttype = types[source.name]
             importance = importance_for(imatrix, source.target, ttype)
-            stored = (fh, source.info) if STORED_AS.get(ttype) == source.info.dtype and not source.heads else None
-            chunks = _encoded(source, ttype, fh, importance)
-            writer.write_tensor_data(Chunks(type_nbytes(source.shape, ttype), chunks, stored))
+            writer.write_tensor_data(_encoded(source, ttype, fh, importance))
             meter.advance(source.info.nbytes)
     finally:
         for fh in handles.values():

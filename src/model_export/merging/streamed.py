@@ -137,7 +137,7 @@ class StreamedModel:
         self._layers_run = 0
         self.adapter_index: Any = None  # adapter numbers broadcast to [batch, seq], -1 the base (None: adapter 0)
         self._positions: Any = None  # each adapter's positions in adapter_index (unmerged.positions)
-        self._stacked: Any = None  # several adapters' LoRA matrices stacked for this pass (unmerged.stacked)
+        self._stacked: dict = {}  # several adapters' LoRA matrices stacked for this pass (unmerged.stacked)
         # Widened layers kept between passes, in order, up to max_memory bytes (then the head): see the module doc.
         self.max_memory, self.resident, self.resident_bytes = max(int(max_memory), 0), {}, 0
         # The next layer is read and widened by a thread of its own while this one computes (its own file handles:
@@ -293,7 +293,7 @@ class StreamedModel:
         self.reader.close()
         self._ahead_reader.close()
         self.resident.clear()
-        self._slots, self._stacked, self._positions = [{}, {}], None, None
+        self._slots, self._stacked, self._positions = [{}, {}], {}, None
         self.model.lm_head.resident, self.model.lm_head.blocks = None, []
 
 

@@ -57,7 +57,7 @@ def positions(owner: Any, index: Any, shape: Any) -> dict[int, Any]:
     worked out once per pass and shape (the selection keeps its index alive, so ``is`` cannot match a new one)."""
     held = owner._positions
     if held is not None and held[0] is not index:  # a new pass: the last one's stacked matrices are let go
-        owner._stacked = None
+        owner._stacked = {}
     if held is None or held[0] is not index or held[1] != tuple(shape):
         numbers = index.expand(shape).flatten()
         found = numbers.unique().tolist()
@@ -77,15 +77,12 @@ def stacked(owner: Any, loras: list[tuple[int, Any]], x: Any, output: Any) -> An
         return None
     held = owner._positions
     key = tuple((n, lora.A.shape[0]) for n, lora in present)  # the adapters and their ranks
-    cache = owner._stacked if owner._stacked is not None and owner._stacked[0] is owner.adapter_index else None
-    if cache is None:
-        owner._stacked = cache = (owner.adapter_index, {})
-    if (id(loras), key) not in cache[1]:
+    if (id(loras), key) not in owner._stacked:  # kept for this pass (positions lets them go at the next)
         A = torch.cat([torch.from_numpy(lora.A).float() for _, lora in present])
         B = torch.cat([torch.from_numpy(lora.B).float() * lora.scaling for _, lora in present], dim=1)
         owner_of = torch.cat([torch.full((lora.A.shape[0],), n) for n, lora in present])
-        cache[1][(id(loras), key)] = (A, B, owner_of)
-    A, B, owner_of = cache[1][(id(loras), key)]
+        owner._stacked[(id(loras), key)] = (A, B, owner_of)
+    A, B, owner_of = owner._stacked[(id(loras), key)]
     masks = held[4]
     if key not in masks:
         masks[key] = (held[3][:, None] == owner_of[None, :]).float()

@@ -94,12 +94,10 @@ def shared_references(
     taken = [c for c in checkpoints if str(c) not in left]
     if len(taken) < 2:
         return {"files": [], "left": left}
-    by_tokenizer: dict[Path, Any] = {}  # a sweep's adapters mostly share the base's tokenizer: loaded once, not N times
-    for c in taken:
-        where = Path(tokenizer[str(c)]).resolve()
-        if where not in by_tokenizer:
-            by_tokenizer[where] = _asked(base_dir, where, prompts, new_tokens, options)
-    asks = [by_tokenizer[Path(tokenizer[str(c)]).resolve()] for c in taken]
+    # each adapter's tokenizer folder, a sweep's mostly the base's: each folder loaded once, not once per adapter
+    folders = [Path(tokenizer[str(c)]).resolve() for c in taken]
+    by_folder = {f: _asked(base_dir, f, prompts, new_tokens, options) for f in dict.fromkeys(folders)}
+    asks = [by_folder[f] for f in folders]
     logger.info(i18n.ui("shared_references", count=len(taken)))
     label = i18n.ui("label_references", count=len(taken))
     model = StreamedModel(base_dir, taken, max_memory=memory_budget(options.max_memory, options.resident_cap))
